@@ -1,0 +1,223 @@
+//! GGUF files: the model config and tokenizer from the metadata, and `import_gguf`, which
+//! writes a Hugging Face directory (safetensors, config.json, tokenizer.json,
+//! tokenizer_config.json, ember-manifest.json) from a GGUF file.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::chat::{ChatTemplateField, SpecialToken, TokenizerConfig};
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{LoadError, Result};
+use crate::manifest::Manifest;
+use crate::model::unpermute_qk;
+use crate::weights::{check_tensors, expected_tensors, GgufWeights, WeightSource};
+
+fn md<'a>(ct: &'a Content, key: &str) -> Result<&'a Value> {
+    ct.metadata
+        .get(key)
+        .ok_or_else(|| LoadError::BadConfig(format!("GGUF metadata has no `{key}`")))
+}
+
+fn md_u32(ct: &Content, key: &str) -> Result<u32> {
+    md(ct, key)?.to_u32().map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}")))
+}
+
+fn md_f32(ct: &Content, key: &str) -> Result<f32> {
+    md(ct, key)?.to_f32().map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}")))
+}
+
+fn md_str<'a>(ct: &'a Content, key: &str) -> Result<&'a str> {
+    md(ct, key)?
+        .to_string()
+        .map(String::as_str)
+        .map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}")))
+}
+
+fn md_strings(ct: &Content, key: &str) -> Result<Vec<String>> {
+    let values = md(ct, key)?.to_vec().map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}")))?;
+    values
+        .iter()
+        .map(|v| v.to_string().cloned().map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}"))))
+        .collect()
+}
+
+/// The model config from GGUF metadata.
+pub fn gguf_config(ct: &Content) -> Result<ModelConfig> {
+    let arch = md_str(ct, "general.architecture")?;
+    let architecture = match arch {
+        "llama" => Architecture::Llama,
+        "mistral" => Architecture::Mistral,
+        other => return Err(LoadError::UnsupportedArchitecture(format!("GGUF `{other}`"))),
+    };
+    let k = |s: &str| format!("{arch}.{s}");
+    let heads = md_u32(ct, &k("attention.head_count"))? as usize;
+    let hidden = md_u32(ct, &k("embedding_length"))? as usize;
+    let vocab_size = match md_u32(ct, &k("vocab_size")) {
+        Ok(v) => v as usize,
+        Err(_) => md(ct, "tokenizer.ggml.tokens")?.to_vec().map(Vec::len).unwrap_or(0),
+    };
+    let cfg = ModelConfig {
+        architecture,
+        hidden_size: hidden,
+        intermediate_size: md_u32(ct, &k("feed_forward_length"))? as usize,
+        num_hidden_layers: md_u32(ct, &k("block_count"))? as usize,
+        num_attention_heads: heads,
+        num_key_value_heads: md_u32(ct, &k("attention.head_count_kv")).map(|v| v as usize).unwrap_or(heads),
+        head_dim: md_u32(ct, &k("attention.key_length")).map(|v| v as usize).unwrap_or(hidden / heads.max(1)),
+        vocab_size,
+        rms_norm_eps: md_f32(ct, &k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f64,
+        rope_theta: md_f32(ct, &k("rope.freq_base")).unwrap_or(10000.0) as f64,
+        rope_scaling: None,
+        max_position_embeddings: md_u32(ct, &k("context_length")).map(|v| v as usize).unwrap_or(4096),
+        sliding_window: md_u32(ct, &k("attention.sliding_window")).ok().map(|v| v as usize),
+        tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
+        bos_token_id: md_u32(ct, "tokenizer.ggml.bos_token_id").ok(),
+        eos_token_ids: md_u32(ct, "tokenizer.ggml.eos_token_id").ok().into_iter().collect(),
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// llama.cpp's pre-tokenizer regexes, by the name GGUF stores in `tokenizer.ggml.pre`.
+const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Builds a `tokenizers` tokenizer from GGUF's byte-level BPE metadata (GPT-2 style vocab
+/// and merges). SentencePiece GGUF vocabularies are not rebuilt: ship a tokenizer.json.
+pub fn gguf_tokenizer(ct: &Content) -> Result<Tokenizer> {
+    let model = md_str(ct, "tokenizer.ggml.model")?;
+    if model != "gpt2" {
+        return Err(LoadError::Tokenizer(format!(
+            "GGUF tokenizer model `{model}` is not rebuilt by Ember; put the model's tokenizer.json next to the .gguf file"
+        )));
+    }
+    let tokens = md_strings(ct, "tokenizer.ggml.tokens")?;
+    let merges: Vec<(String, String)> = md_strings(ct, "tokenizer.ggml.merges")?
+        .into_iter()
+        .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+        .collect();
+    let types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| LoadError::BadConfig(format!("GGUF token types: {e}")))?
+            .iter()
+            .map(|t| t.to_i32().unwrap_or(1))
+            .collect(),
+        None => vec![1; tokens.len()],
+    };
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| LoadError::Tokenizer(format!("GGUF BPE vocabulary: {e}")))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    let pre = md_str(ct, "tokenizer.ggml.pre").unwrap_or("default");
+    let split = |re: &str| -> Result<PreTokenizerWrapper> {
+        let s = Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| LoadError::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
+        Ok(s.into())
+    };
+    let byte_level = ByteLevel::new(false, true, false);
+    let pre_tokenizer: PreTokenizerWrapper = match pre {
+        // SmolLM splits every digit on its own before the GPT-2 rules.
+        "smollm" => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
+        "llama3" | "llama-bpe" => Sequence::new(vec![split(LLAMA3_SPLIT)?, byte_level.into()]).into(),
+        _ => Sequence::new(vec![split(GPT2_SPLIT)?, byte_level.into()]).into(),
+    };
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    tokenizer.with_post_processor(Some(ByteLevel::new(false, true, false)));
+    // Control (3) and user-defined (4) tokens must never be split by the BPE.
+    let specials: Vec<AddedToken> = tokens
+        .iter()
+        .zip(&types)
+        .filter(|(_, t)| **t == 3 || **t == 4)
+        .map(|(tok, t)| AddedToken::from(tok.clone(), *t == 3))
+        .collect();
+    tokenizer
+        .add_special_tokens(specials)
+        .map_err(|e| LoadError::Tokenizer(format!("GGUF special tokens: {e}")))?;
+    Ok(tokenizer)
+}
+
+/// `tokenizer_config.json` equivalent from GGUF metadata.
+pub fn gguf_tokenizer_config(ct: &Content) -> TokenizerConfig {
+    let tokens = md_strings(ct, "tokenizer.ggml.tokens").unwrap_or_default();
+    let token = |key: &str| {
+        md_u32(ct, key).ok().and_then(|id| tokens.get(id as usize)).map(|t| SpecialToken::Text(t.clone()))
+    };
+    TokenizerConfig {
+        chat_template: md_str(ct, "tokenizer.chat_template").ok().map(|t| ChatTemplateField::One(t.to_string())),
+        bos_token: token("tokenizer.ggml.bos_token_id"),
+        eos_token: token("tokenizer.ggml.eos_token_id"),
+    }
+}
+
+/// Options for [`import_gguf`].
+#[derive(Debug, Clone, Copy)]
+pub struct ImportOptions {
+    /// The dtype of the written safetensors.
+    pub dtype: DType,
+}
+
+/// Converts a GGUF Llama file into a Hugging Face directory: dequantized weights under HF
+/// names with q/k rows back in HF order, config.json, tokenizer files and a manifest.
+pub fn import_gguf(gguf: &Path, out_dir: &Path, opts: ImportOptions) -> Result<Manifest> {
+    let bytes = std::fs::read(gguf).map_err(|e| LoadError::io(gguf, e))?;
+    let name = gguf.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let weights = GgufWeights::new(&name, &bytes)?;
+    let cfg = gguf_config(&weights.content)?;
+    check_tensors(&weights, &cfg)?;
+    let tokenizer = gguf_tokenizer(&weights.content)?;
+    let tok_cfg = gguf_tokenizer_config(&weights.content);
+    std::fs::create_dir_all(out_dir).map_err(|e| LoadError::io(out_dir, e))?;
+
+    let cpu = Device::Cpu;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut names: Vec<String> = expected_tensors(&cfg).into_iter().map(|(n, _)| n).collect();
+    if weights.shape("rope_freqs.weight").is_some() {
+        names.push("rope_freqs.weight".into());
+    }
+    for hf in names {
+        let mut t = weights.tensor(&hf, DType::F32, &cpu)?;
+        if hf.ends_with("self_attn.q_proj.weight") {
+            t = unpermute_qk(&t, cfg.num_attention_heads)?;
+        } else if hf.ends_with("self_attn.k_proj.weight") {
+            t = unpermute_qk(&t, cfg.num_key_value_heads)?;
+        }
+        tensors.insert(hf, t.to_dtype(opts.dtype)?);
+    }
+    let st_path = out_dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &st_path)?;
+
+    let dtype_name = match opts.dtype {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
+    };
+    write_json(&out_dir.join("config.json"), &cfg.to_hf(dtype_name))?;
+    write_json(&out_dir.join("tokenizer_config.json"), &tok_cfg)?;
+    let tok_path = out_dir.join("tokenizer.json");
+    tokenizer
+        .save(&tok_path, false)
+        .map_err(|e| LoadError::Tokenizer(format!("writing {}: {e}", tok_path.display())))?;
+    Manifest::write_for_dir(out_dir)
+}
+
+fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| LoadError::BadJson {
+        file: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    std::fs::write(path, text + "\n").map_err(|e| LoadError::io(path, e))
+}

@@ -1,0 +1,31 @@
+//! Model loading for Ember: model references (a local directory, a `.gguf` file,
+//! `s3://bucket/prefix`), fetching (parallel ranged GETs, progress, ETag cache, SHA-256
+//! manifest), parsing config, tokenizer and chat template, and building one Llama/Mistral
+//! model for every weight format on the chosen device.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), ember_model_loader::LoadError> {
+//! use ember_model_loader::{load, LoadOptions, ModelRef};
+//! let reference: ModelRef = "/models/smollm2-135m".parse()?;
+//! let loaded = load(&reference, &LoadOptions::default()).await?;
+//! println!("{} layers", loaded.config().num_hidden_layers);
+//! # Ok(()) }
+//! ```
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod files;
+pub mod gguf;
+pub mod loader;
+pub mod manifest;
+pub mod model;
+pub mod s3;
+pub mod weights;
+
+pub use chat::{ChatTemplate, Message};
+pub use config::{Architecture, ModelConfig};
+pub use error::LoadError;
+pub use loader::{load, select_device, DTypeChoice, DeviceChoice, LoadOptions, LoadedModel, ModelRef};
+pub use model::{Model, SeqCache};
+pub use s3::FetchOptions;

@@ -1,0 +1,248 @@
+//! From a model reference to a built model: resolve, fetch, verify, parse, check, build.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use tokenizers::Tokenizer;
+
+use crate::chat::{tokenizer_from_bytes, ChatTemplate, TokenizerConfig};
+use crate::config::{HfConfig, ModelConfig};
+use crate::error::{LoadError, Result};
+use crate::files::{local_files, ModelFiles};
+use crate::gguf::{gguf_config, gguf_tokenizer, gguf_tokenizer_config};
+use crate::model::Model;
+use crate::s3::{self, FetchOptions};
+use crate::weights::{check_tensors, GgufWeights, SafetensorsWeights, WeightSource};
+
+/// Where a model is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelRef {
+    /// A Hugging Face style directory, or a single `.gguf` file.
+    Local(PathBuf),
+    /// `s3://bucket/prefix` (a folder of files) or `s3://bucket/key.gguf`.
+    S3 { bucket: String, prefix: String },
+}
+
+impl std::str::FromStr for ModelRef {
+    type Err = LoadError;
+    fn from_str(s: &str) -> Result<Self> {
+        if s.starts_with("s3://") {
+            let (bucket, prefix) = s3::parse_s3_url(s).ok_or_else(|| LoadError::BadReference(s.into()))?;
+            return Ok(Self::S3 { bucket, prefix });
+        }
+        if s.is_empty() || s.contains("://") {
+            return Err(LoadError::BadReference(s.into()));
+        }
+        Ok(Self::Local(PathBuf::from(s)))
+    }
+}
+
+impl std::fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local(p) => write!(f, "{}", p.display()),
+            Self::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+/// The device to run on, as the user asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = LoadError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+                Some(n) => Ok(Self::Cuda(n)),
+                None => Err(LoadError::Device(format!("unknown device `{s}`: use cpu, cuda or cuda:N"))),
+            },
+        }
+    }
+}
+
+/// The one place a device is chosen. Asking for CUDA from a build without it is an error
+/// that says how to get it, never a panic.
+pub fn select_device(choice: DeviceChoice) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda(ordinal) => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(LoadError::Device(
+                    "this ember was built without CUDA support: rebuild with `--features cuda` (see examples/local-gpu), or use --device cpu".into(),
+                ));
+            }
+            Device::new_cuda(ordinal).map_err(|e| LoadError::Device(format!("CUDA device {ordinal} is not usable: {e}")))
+        }
+    }
+}
+
+/// Weight precision for safetensors models; GGUF models keep their quantization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeChoice {
+    /// f32 on the CPU, bf16 on CUDA.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    BF16,
+}
+
+impl std::str::FromStr for DTypeChoice {
+    type Err = LoadError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            "bf16" => Ok(Self::BF16),
+            _ => Err(LoadError::BadConfig(format!("unknown dtype `{s}`: use auto, f32, f16 or bf16"))),
+        }
+    }
+}
+
+impl DTypeChoice {
+    pub fn resolve(self, device: &Device) -> DType {
+        match self {
+            Self::Auto if device.is_cuda() => DType::BF16,
+            Self::Auto | Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::BF16 => DType::BF16,
+        }
+    }
+}
+
+/// Everything [`load`] needs besides the reference.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub device: DeviceChoice,
+    pub dtype: DTypeChoice,
+    pub fetch: FetchOptions,
+    /// AWS configuration for `s3://` references; required for them.
+    pub aws: Option<aws_config::SdkConfig>,
+}
+
+/// Where the time of a load went.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct LoadTimings {
+    pub fetch_s: f64,
+    pub verify_s: f64,
+    pub build_s: f64,
+}
+
+/// A model ready to generate with.
+pub struct LoadedModel {
+    pub name: String,
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
+    pub verified: bool,
+    pub timings: LoadTimings,
+}
+
+impl LoadedModel {
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+}
+
+/// Fetches the files of a model reference.
+pub async fn fetch_files(reference: &ModelRef, opts: &LoadOptions) -> Result<ModelFiles> {
+    match reference {
+        ModelRef::Local(path) => local_files(path),
+        ModelRef::S3 { bucket, prefix } => {
+            let sdk = opts.aws.as_ref().ok_or_else(|| {
+                LoadError::BadConfig("an s3:// model needs AWS configuration (region, credentials, optional --endpoint-url)".into())
+            })?;
+            s3::fetch(&s3::client(sdk), bucket, prefix, &opts.fetch).await
+        }
+    }
+}
+
+/// Loads a model: fetch, verify against the manifest, check tensors, build on the device.
+pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedModel> {
+    let device = select_device(opts.device)?;
+    let t0 = Instant::now();
+    let files = fetch_files(reference, opts).await?;
+    let fetch_s = t0.elapsed();
+    let name = model_name(reference);
+    let dtype = opts.dtype.resolve(&device);
+    // Hashing and building are CPU-bound: keep them off the async runtime's threads.
+    tokio::task::spawn_blocking(move || build(name, &files, dtype, &device, fetch_s))
+        .await
+        .map_err(|e| LoadError::BadConfig(format!("model build task failed: {e}")))?
+}
+
+/// Builds a model from fetched files (blocking).
+pub fn build(name: String, files: &ModelFiles, dtype: DType, device: &Device, fetch_s: Duration) -> Result<LoadedModel> {
+    let t1 = Instant::now();
+    let verified = files.verify()?;
+    let verify_s = t1.elapsed();
+    let t2 = Instant::now();
+    let gguf = files.names().find(|n| n.ends_with(".gguf")).map(str::to_string);
+    let (model, tokenizer, tok_cfg) = match gguf {
+        Some(gguf_name) => {
+            let weights = GgufWeights::new(&gguf_name, files.require(&gguf_name)?)?;
+            let cfg = gguf_config(&weights.content)?;
+            let tokenizer = match files.get("tokenizer.json") {
+                Some(b) => tokenizer_from_bytes(b)?,
+                None => gguf_tokenizer(&weights.content)?,
+            };
+            let tok_cfg = match files.get("tokenizer_config.json") {
+                Some(b) => TokenizerConfig::from_json(&String::from_utf8_lossy(b))?,
+                None => gguf_tokenizer_config(&weights.content),
+            };
+            (build_model(&weights, &cfg, dtype, device)?, tokenizer, tok_cfg)
+        }
+        None => {
+            let cfg = HfConfig::from_json(&String::from_utf8_lossy(files.require("config.json")?))?.into_config()?;
+            let tokenizer = tokenizer_from_bytes(files.require("tokenizer.json")?)?;
+            let tok_cfg = match files.get("tokenizer_config.json") {
+                Some(b) => TokenizerConfig::from_json(&String::from_utf8_lossy(b))?,
+                None => TokenizerConfig::default(),
+            };
+            let shards: Vec<(&str, &[u8])> = files
+                .files
+                .iter()
+                .filter(|(n, _)| n.ends_with(".safetensors"))
+                .map(|(n, b)| (n.as_str(), &**b))
+                .collect();
+            if shards.is_empty() {
+                return Err(LoadError::MissingFile { model: files.origin.clone(), file: "model.safetensors".into() });
+            }
+            let weights = SafetensorsWeights::new(&shards)?;
+            (build_model(&weights, &cfg, dtype, device)?, tokenizer, tok_cfg)
+        }
+    };
+    let chat_template = ChatTemplate::new(&tok_cfg)?;
+    let timings = LoadTimings {
+        fetch_s: fetch_s.as_secs_f64(),
+        verify_s: verify_s.as_secs_f64(),
+        build_s: t2.elapsed().as_secs_f64(),
+    };
+    tracing::info!(model = %name, verified, ?timings, "model loaded");
+    Ok(LoadedModel { name, model, tokenizer, chat_template, verified, timings })
+}
+
+fn build_model(weights: &dyn WeightSource, cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Model> {
+    check_tensors(weights, cfg)?;
+    Model::load(weights, cfg, dtype, device)
+}
+
+/// The model's short name: the last path component, without `.gguf`.
+pub fn model_name(reference: &ModelRef) -> String {
+    let full = match reference {
+        ModelRef::Local(p) => p.to_string_lossy().trim_end_matches('/').to_string(),
+        ModelRef::S3 { prefix, bucket } => if prefix.is_empty() { bucket.clone() } else { prefix.clone() },
+    };
+    let last = full.rsplit('/').next().unwrap_or(&full);
+    last.trim_end_matches(".gguf").to_string()
+}

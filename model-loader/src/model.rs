@@ -1,0 +1,283 @@
+//! One Llama/Mistral model for every weight format: linear layers are `QMatMul`s, which hold
+//! either a quantized GGUF tensor or a dense float tensor. The model is immutable; each
+//! sequence's keys and values live in its own [`SeqCache`], so one loaded model can serve
+//! many sequences.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::config::{Llama3RopeScaling, ModelConfig};
+use crate::error::Result;
+use crate::weights::WeightSource;
+
+struct Layer {
+    input_norm: Tensor,
+    q: QMatMul,
+    k: QMatMul,
+    v: QMatMul,
+    o: QMatMul,
+    post_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+/// A built model on one device.
+pub struct Model {
+    cfg: ModelConfig,
+    embed: QMatMul,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    rope_interleaved: bool,
+    dtype: DType,
+    device: Device,
+}
+
+/// The keys and values one sequence has seen so far.
+#[derive(Debug, Clone, Default)]
+pub struct SeqCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl SeqCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tokens already in the cache (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Model {
+    /// Builds the model. Call [`crate::weights::check_tensors`] first for a clear error on a
+    /// checkpoint that does not match the config.
+    pub fn load(source: &dyn WeightSource, cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        // Quantized matmuls take f32 activations.
+        let act = if source.rope_interleaved() { DType::F32 } else { dtype };
+        let embed = source.matmul("model.embed_tokens.weight", act, device)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            source.matmul("lm_head.weight", act, device)?
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let m = |n: &str| source.matmul(&format!("{p}.{n}.weight"), act, device);
+            layers.push(Layer {
+                input_norm: source.tensor(&format!("{p}.input_layernorm.weight"), act, device)?,
+                q: m("self_attn.q_proj")?,
+                k: m("self_attn.k_proj")?,
+                v: m("self_attn.v_proj")?,
+                o: m("self_attn.o_proj")?,
+                post_norm: source.tensor(&format!("{p}.post_attention_layernorm.weight"), act, device)?,
+                gate: m("mlp.gate_proj")?,
+                up: m("mlp.up_proj")?,
+                down: m("mlp.down_proj")?,
+            });
+        }
+        let norm = source.tensor("model.norm.weight", act, device)?;
+        let rope_factors = match source.shape("rope_freqs.weight") {
+            Some(_) => Some(source.tensor("rope_freqs.weight", DType::F32, device)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let (cos, sin) = rope_tables(cfg, rope_factors.as_deref(), act, device)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            rope_interleaved: source.rope_interleaved(),
+            dtype: act,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype activations run in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Runs `tokens` (the next tokens of one sequence) through the model, appending their keys
+    /// and values to `cache`, and returns the f32 logits of the last token.
+    pub fn forward(&self, tokens: &[u32], cache: &mut SeqCache) -> Result<Tensor> {
+        let t = tokens.len();
+        let start = cache.len;
+        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed.embedding(&ids)?.to_dtype(self.dtype)?;
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
+        let mask = self.mask(start, t)?;
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
+            let attn = self.attention(layer, &h, &cos, &sin, mask.as_ref(), kv)?;
+            x = (x + attn)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
+            let mlp = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            x = (x + layer.down.forward(&mlp)?)?;
+        }
+        cache.len += t;
+        let last = x.narrow(1, t - 1, 1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        let logits = self.lm_head.forward(&last)?;
+        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let heads = |w: &QMatMul, n: usize| -> Result<Tensor> {
+            Ok(w.forward(x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let rope = |x: Tensor| -> Result<Tensor> {
+            Ok(if self.rope_interleaved {
+                candle_nn::rotary_emb::rope_i(&x, cos, sin)?
+            } else {
+                candle_nn::rotary_emb::rope(&x, cos, sin)?
+            })
+        };
+        let q = rope(heads(&layer.q, nh)?)?;
+        let k = rope(heads(&layer.k, nkv)?)?;
+        let v = heads(&layer.v, nkv)?;
+        let (k, v) = match kv.take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        let k = repeat_kv(&k, nh / nkv)?;
+        let v = repeat_kv(&v, nh / nkv)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Scores and softmax in f32 whatever the weights are: half precision here changes
+        // greedy answers.
+        let mut scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let y = probs.matmul(&v.contiguous()?)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(layer.o.forward(&y)?)
+    }
+
+    /// Additive mask for `t` new tokens after `start` cached ones: causal, and limited to the
+    /// sliding window where the model has one. None when nothing needs masking.
+    fn mask(&self, start: usize, t: usize) -> Result<Option<Tensor>> {
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        let total = start + t;
+        if t == 1 && total <= window {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; t * total];
+        for i in 0..t {
+            let pos = start + i;
+            for j in 0..total {
+                if j > pos || pos - j >= window {
+                    m[i * total + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (t, total), &self.device)?))
+    }
+}
+
+fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, n_kv, s, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.expand((b, n_kv, n_rep, s, d))?.reshape((b, n_kv * n_rep, s, d))?)
+}
+
+/// Inverse frequencies of the rotary embedding, with Llama 3 scaling or GGUF `rope_freqs`.
+pub fn inv_freqs(cfg: &ModelConfig, rope_factors: Option<&[f32]>) -> Vec<f64> {
+    let d = cfg.head_dim;
+    let mut f: Vec<f64> = (0..d / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64))
+        .collect();
+    if let Some(factors) = rope_factors {
+        for (f, k) in f.iter_mut().zip(factors) {
+            *f /= *k as f64;
+        }
+    } else if let Some(s) = &cfg.rope_scaling {
+        f = f.into_iter().map(|f| llama3_scale(f, s)).collect();
+    }
+    f
+}
+
+fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
+    let old = s.original_max_position_embeddings as f64;
+    let low_wavelen = old / s.low_freq_factor;
+    let high_wavelen = old / s.high_freq_factor;
+    let wavelen = 2.0 * std::f64::consts::PI / freq;
+    if wavelen < high_wavelen {
+        freq
+    } else if wavelen > low_wavelen {
+        freq / s.factor
+    } else {
+        let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * freq / s.factor + smooth * freq
+    }
+}
+
+fn rope_tables(cfg: &ModelConfig, factors: Option<&[f32]>, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let freqs = inv_freqs(cfg, factors);
+    let n = cfg.max_position_embeddings;
+    let half = freqs.len();
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for f in &freqs {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    let cos = Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// Undoes llama.cpp's reordering of q/k projection rows (`heads` is the number of heads of
+/// that projection): llama.cpp pairs rotary dimensions as neighbours, Hugging Face as halves.
+pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let hd = out / heads;
+    Ok(w.reshape((heads, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+}
+
+/// The token with the highest logit; ties go to the lowest id, as in `torch.argmax`.
+pub fn argmax(logits: &Tensor) -> Result<u32> {
+    Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?)
+}

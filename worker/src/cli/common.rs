@@ -1,0 +1,81 @@
+//! Options shared by the subcommands that load a model.
+
+use std::path::PathBuf;
+
+use aws_config::BehaviorVersion;
+use ember_model_loader::{DTypeChoice, DeviceChoice, FetchOptions, LoadOptions, ModelRef};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// The model: a local directory, a .gguf file, or s3://bucket/prefix.
+    #[arg(long, env = "EMBER_MODEL")]
+    pub model: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "EMBER_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Weight precision for safetensors models: auto (f32 on CPU, bf16 on CUDA), f32, f16, bf16.
+    #[arg(long, env = "EMBER_DTYPE", default_value = "auto")]
+    pub dtype: String,
+    #[command(flatten)]
+    pub fetch: FetchArgs,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct FetchArgs {
+    /// S3-compatible endpoint (for example a local server); AWS's own when unset.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub endpoint_url: Option<String>,
+    /// Where downloaded models are cached, keyed by ETag (none when unset).
+    #[arg(long, env = "EMBER_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Size of each ranged GET, in MiB.
+    #[arg(long, env = "EMBER_PART_SIZE_MB", default_value_t = 16)]
+    pub part_size_mb: usize,
+    /// Ranged GETs in flight at once.
+    #[arg(long, env = "EMBER_FETCH_CONCURRENCY", default_value_t = 8)]
+    pub fetch_concurrency: usize,
+    /// Hide the download progress bar.
+    #[arg(long, env = "EMBER_NO_PROGRESS")]
+    pub no_progress: bool,
+}
+
+impl ModelArgs {
+    pub fn reference(&self) -> anyhow::Result<ModelRef> {
+        Ok(self.model.parse()?)
+    }
+
+    pub async fn load_options(&self) -> anyhow::Result<LoadOptions> {
+        let reference = self.reference()?;
+        let aws = match reference {
+            ModelRef::S3 { .. } => Some(self.fetch.aws_config().await),
+            ModelRef::Local(_) => None,
+        };
+        Ok(LoadOptions {
+            device: self.device.parse::<DeviceChoice>()?,
+            dtype: self.dtype.parse::<DTypeChoice>()?,
+            fetch: self.fetch.options(),
+            aws,
+        })
+    }
+}
+
+impl FetchArgs {
+    pub fn options(&self) -> FetchOptions {
+        FetchOptions {
+            part_size: self.part_size_mb.max(1) << 20,
+            concurrency: self.fetch_concurrency.max(1),
+            cache_dir: self.cache_dir.clone(),
+            progress: !self.no_progress,
+        }
+    }
+
+    /// AWS configuration from the standard environment, with the endpoint override.
+    pub async fn aws_config(&self) -> aws_config::SdkConfig {
+        let region = aws_config::meta::region::RegionProviderChain::default_provider().or_else("us-east-1");
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region);
+        if let Some(url) = &self.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        loader.load().await
+    }
+}

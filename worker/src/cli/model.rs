@@ -1,0 +1,58 @@
+//! `ember model ...`: import a GGUF as a Hugging Face directory, write a manifest.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::DType;
+use clap::Subcommand;
+use ember_model_loader::gguf::{import_gguf, ImportOptions};
+use ember_model_loader::manifest::Manifest;
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Convert a GGUF Llama file into a Hugging Face directory (safetensors, config.json,
+    /// tokenizer.json, tokenizer_config.json, ember-manifest.json).
+    ImportGguf {
+        /// The .gguf file.
+        file: PathBuf,
+        /// The directory to write.
+        out_dir: PathBuf,
+        /// Precision of the written weights: f32, f16 or bf16.
+        #[arg(long, env = "EMBER_IMPORT_DTYPE", default_value = "f32")]
+        dtype: String,
+    },
+    /// Write ember-manifest.json (SHA-256 and size of every file) into a model directory.
+    Manifest {
+        /// The model directory.
+        dir: PathBuf,
+    },
+}
+
+pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
+    match cmd {
+        ModelCommand::ImportGguf { file, out_dir, dtype } => {
+            let dtype = match dtype.as_str() {
+                "f32" => DType::F32,
+                "f16" => DType::F16,
+                "bf16" => DType::BF16,
+                other => anyhow::bail!("unknown --dtype `{other}`: use f32, f16 or bf16"),
+            };
+            let out = out_dir.clone();
+            let manifest = tokio::task::spawn_blocking(move || import_gguf(&file, &out, ImportOptions { dtype }))
+                .await
+                .context("import task failed")??;
+            for (name, d) in &manifest.files {
+                println!("{:>12}  {}  {}", d.size, d.sha256, out_dir.join(name).display());
+            }
+            Ok(())
+        }
+        ModelCommand::Manifest { dir } => {
+            if !dir.is_dir() {
+                anyhow::bail!("`{}` is not a directory: give the model's directory", dir.display());
+            }
+            let manifest = Manifest::write_for_dir(&dir)?;
+            println!("wrote {} entries to {}", manifest.files.len(), dir.join(ember_model_loader::manifest::MANIFEST_FILE).display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! The worker's error type, each error labelled and classed retryable or terminal: the class
+//! decides between redelivery and the dead-letter queue.
+
+use ember_model_loader::LoadError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid sampling settings: {0}")]
+    InvalidSampling(String),
+    #[error("the prompt has {prompt_tokens} tokens but the model's context is {context} tokens: shorten the prompt")]
+    PromptTooLong { prompt_tokens: usize, context: usize },
+    #[error("the prompt is empty: give at least one message or some prompt text")]
+    EmptyPrompt,
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("numerical error: {0}")]
+    NumericalError(String),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("model execution failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl EngineError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::InvalidSampling(_) => "invalid_sampling",
+            Self::PromptTooLong { .. } => "prompt_too_long",
+            Self::EmptyPrompt => "empty_prompt",
+            Self::Tokenizer(_) => "tokenizer",
+            Self::NumericalError(_) => "numerical_error",
+            Self::Load(e) => e.label(),
+            Self::Candle(_) => "model_execution",
+        }
+    }
+
+    /// Whether running the same work again could succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Load(e) => e.is_retryable(),
+            // Out of memory on a device surfaces as a candle error: worth another try.
+            Self::Candle(_) => true,
+            _ => false,
+        }
+    }
+}

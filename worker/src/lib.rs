@@ -1,0 +1,24 @@
+//! Ember's worker: the generation engine and the `ember` command line.
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! use ember_model_loader::{load, LoadOptions, Message};
+//! use ember_worker::engine::{Engine, GenerateRequest, Prompt, SamplingParams};
+//! let engine = Engine::new(load(&"/models/smollm2".parse()?, &LoadOptions::default()).await?);
+//! let done = engine.generate(&GenerateRequest {
+//!     prompt: Prompt::Chat(vec![Message::new("user", "What is the capital of France?")]),
+//!     max_tokens: 32,
+//!     sampling: SamplingParams::default(),
+//!     stop: vec![],
+//! })?;
+//! println!("{}", done.text);
+//! # Ok(()) }
+//! ```
+
+pub mod cli;
+pub mod engine;
+pub mod error;
+pub mod openai;
+pub mod telemetry;
+
+pub use error::EngineError;

@@ -1,0 +1,36 @@
+//! Structured logs on stderr: JSON in Lambda (or when asked), human-readable elsewhere.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use tracing_subscriber::EnvFilter;
+
+static PROCESS_START: OnceLock<Instant> = OnceLock::new();
+
+/// Marks the process start; call first thing in `main`.
+pub fn mark_process_start() {
+    let _ = PROCESS_START.get_or_init(Instant::now);
+}
+
+/// Seconds since [`mark_process_start`].
+pub fn since_process_start() -> f64 {
+    PROCESS_START.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// JSON when running in AWS Lambda, text otherwise, unless a format is given.
+pub fn init(format: Option<LogFormat>) {
+    let in_lambda = std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some();
+    let format = format.unwrap_or(if in_lambda { LogFormat::Json } else { LogFormat::Text });
+    let filter = EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.compact().try_init(),
+    };
+}
