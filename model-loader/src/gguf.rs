@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -220,4 +221,43 @@ fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
         message: e.to_string(),
     })?;
     std::fs::write(path, text + "\n").map_err(|e| LoadError::io(path, e))
+}
+
+/// Rewrites a GGUF file with every tensor stored as `dtype` (F32 or F16), metadata kept.
+/// Used to compare the same weights at another precision against llama.cpp, which reads
+/// GGUF only.
+pub fn convert_gguf(src: &Path, dst: &Path, dtype: GgmlDType) -> Result<()> {
+    if !matches!(dtype, GgmlDType::F32 | GgmlDType::F16) {
+        return Err(LoadError::BadConfig(format!("convert to {dtype:?} is not supported: use f32 or f16")));
+    }
+    let bytes = std::fs::read(src).map_err(|e| LoadError::io(src, e))?;
+    let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let weights = GgufWeights::new(&name, &bytes)?;
+    let cpu = Device::Cpu;
+    let mut names: Vec<&String> = weights.content.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors = Vec::with_capacity(names.len());
+    let mut reader = std::io::Cursor::new(&bytes[..]);
+    for n in names {
+        let q = weights.content.tensor(&mut reader, n, &cpu)?;
+        // Norm vectors stay f32, as llama.cpp's converter keeps them.
+        let target = if q.shape().rank() == 1 { GgmlDType::F32 } else { dtype };
+        let t = q.dequantize(&cpu)?;
+        tensors.push((n.as_str(), QTensor::quantize(&t, target)?));
+    }
+    let file_type = Value::U32(if dtype == GgmlDType::F16 { 1 } else { 0 });
+    let mut metadata: Vec<(&str, &Value)> = weights
+        .content
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != "general.file_type")
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    metadata.push(("general.file_type", &file_type));
+    metadata.sort_by(|a, b| a.0.cmp(b.0));
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(dst).map_err(|e| LoadError::io(dst, e))?);
+    candle_core::quantized::gguf_file::write(&mut out, &metadata, &refs)?;
+    std::io::Write::flush(&mut out).map_err(|e| LoadError::io(dst, e))?;
+    Ok(())
 }

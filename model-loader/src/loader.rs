@@ -88,7 +88,7 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device> {
 /// Weight precision for safetensors models; GGUF models keep their quantization.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DTypeChoice {
-    /// f32 on the CPU, bf16 on CUDA.
+    /// Safetensors: f32 on the CPU, bf16 on CUDA. GGUF: keep the file's quantization.
     #[default]
     Auto,
     F32,
@@ -174,15 +174,17 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
     let files = fetch_files(reference, opts).await?;
     let fetch_s = t0.elapsed();
     let name = model_name(reference);
-    let dtype = opts.dtype.resolve(&device);
+    let dtype = opts.dtype;
     // Hashing and building are CPU-bound: keep them off the async runtime's threads.
     tokio::task::spawn_blocking(move || build(name, &files, dtype, &device, fetch_s))
         .await
         .map_err(|e| LoadError::BadConfig(format!("model build task failed: {e}")))?
 }
 
-/// Builds a model from fetched files (blocking).
-pub fn build(name: String, files: &ModelFiles, dtype: DType, device: &Device, fetch_s: Duration) -> Result<LoadedModel> {
+/// Builds a model from fetched files (blocking). GGUF weights stay quantized unless a dtype
+/// is asked for explicitly, in which case they are dequantized to it at load.
+pub fn build(name: String, files: &ModelFiles, dtype_choice: DTypeChoice, device: &Device, fetch_s: Duration) -> Result<LoadedModel> {
+    let dtype = dtype_choice.resolve(device);
     let t1 = Instant::now();
     let verified = files.verify()?;
     let verify_s = t1.elapsed();
@@ -190,7 +192,8 @@ pub fn build(name: String, files: &ModelFiles, dtype: DType, device: &Device, fe
     let gguf = files.names().find(|n| n.ends_with(".gguf")).map(str::to_string);
     let (model, tokenizer, tok_cfg) = match gguf {
         Some(gguf_name) => {
-            let weights = GgufWeights::new(&gguf_name, files.require(&gguf_name)?)?;
+            let dequantize = (dtype_choice != DTypeChoice::Auto).then_some(dtype);
+            let weights = GgufWeights::new(&gguf_name, files.require(&gguf_name)?)?.with_dequantize(dequantize);
             let cfg = gguf_config(&weights.content)?;
             let tokenizer = match files.get("tokenizer.json") {
                 Some(b) => tokenizer_from_bytes(b)?,

@@ -62,8 +62,7 @@ impl Model {
     /// Builds the model. Call [`crate::weights::check_tensors`] first for a clear error on a
     /// checkpoint that does not match the config.
     pub fn load(source: &dyn WeightSource, cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
-        // Quantized matmuls take f32 activations.
-        let act = if source.rope_interleaved() { DType::F32 } else { dtype };
+        let act = source.activation_dtype(dtype);
         let embed = source.matmul("model.embed_tokens.weight", act, device)?;
         let lm_head = if cfg.tie_word_embeddings {
             embed.clone()

@@ -22,6 +22,11 @@ pub trait WeightSource {
     /// Whether q/k projection rows are in llama.cpp's order, which pairs rotary dimensions
     /// as neighbours (interleaved rope) instead of halves.
     fn rope_interleaved(&self) -> bool;
+    /// The dtype activations must run in given the requested one: quantized matmuls take
+    /// f32 inputs.
+    fn activation_dtype(&self, requested: DType) -> DType {
+        requested
+    }
 }
 
 /// Every tensor the architecture reads, with its shape. Checked before anything is built:
@@ -160,6 +165,8 @@ pub struct GgufWeights<'a> {
     pub content: gguf_file::Content,
     bytes: &'a [u8],
     file: String,
+    /// Dequantize linear layers to this dtype at load instead of keeping them quantized.
+    dequantize: Option<DType>,
 }
 
 impl<'a> GgufWeights<'a> {
@@ -167,7 +174,13 @@ impl<'a> GgufWeights<'a> {
         let content = gguf_file::Content::read(&mut Cursor::new(bytes)).map_err(|e| {
             LoadError::BadWeights { file: file.to_string(), message: e.to_string() }
         })?;
-        Ok(Self { content, bytes, file: file.to_string() })
+        Ok(Self { content, bytes, file: file.to_string(), dequantize: None })
+    }
+
+    /// Dequantize every weight to `dtype` at load (None keeps the file's quantization).
+    pub fn with_dequantize(mut self, dtype: Option<DType>) -> Self {
+        self.dequantize = dtype;
+        self
     }
 
     /// The quantized tensor under its Hugging Face name.
@@ -188,8 +201,11 @@ impl WeightSource for GgufWeights<'_> {
         Some(info.shape.dims().to_vec())
     }
 
-    fn matmul(&self, name: &str, _dtype: DType, device: &Device) -> Result<QMatMul> {
-        Ok(QMatMul::from_qtensor(self.qtensor(name, device)?)?)
+    fn matmul(&self, name: &str, dtype: DType, device: &Device) -> Result<QMatMul> {
+        match self.dequantize {
+            Some(_) => Ok(QMatMul::Tensor(self.tensor(name, dtype, device)?)),
+            None => Ok(QMatMul::from_qtensor(self.qtensor(name, device)?)?),
+        }
     }
 
     fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
@@ -198,6 +214,10 @@ impl WeightSource for GgufWeights<'_> {
 
     fn rope_interleaved(&self) -> bool {
         true
+    }
+
+    fn activation_dtype(&self, _requested: DType) -> DType {
+        self.dequantize.unwrap_or(DType::F32)
     }
 }
 

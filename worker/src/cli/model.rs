@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::DType;
 use clap::Subcommand;
-use ember_model_loader::gguf::{import_gguf, ImportOptions};
+use candle_core::quantized::GgmlDType;
+use ember_model_loader::gguf::{convert_gguf, import_gguf, ImportOptions};
 use ember_model_loader::manifest::Manifest;
 
 #[derive(Debug, Subcommand)]
@@ -19,6 +20,17 @@ pub enum ModelCommand {
         out_dir: PathBuf,
         /// Precision of the written weights: f32, f16 or bf16.
         #[arg(long, env = "EMBER_IMPORT_DTYPE", default_value = "f32")]
+        dtype: String,
+    },
+    /// Rewrite a GGUF file with its weights stored as f32 or f16 (for comparing precisions
+    /// against llama.cpp, which reads only GGUF).
+    ConvertGguf {
+        /// The source .gguf file.
+        file: PathBuf,
+        /// The .gguf file to write.
+        out: PathBuf,
+        /// f32 or f16.
+        #[arg(long, env = "EMBER_CONVERT_DTYPE", default_value = "f16")]
         dtype: String,
     },
     /// Write ember-manifest.json (SHA-256 and size of every file) into a model directory.
@@ -44,6 +56,17 @@ pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             for (name, d) in &manifest.files {
                 println!("{:>12}  {}  {}", d.size, d.sha256, out_dir.join(name).display());
             }
+            Ok(())
+        }
+        ModelCommand::ConvertGguf { file, out, dtype } => {
+            let dtype = match dtype.as_str() {
+                "f32" => GgmlDType::F32,
+                "f16" => GgmlDType::F16,
+                other => anyhow::bail!("unknown --dtype `{other}`: use f32 or f16"),
+            };
+            let shown = out.display().to_string();
+            tokio::task::spawn_blocking(move || convert_gguf(&file, &out, dtype)).await.context("convert task failed")??;
+            println!("wrote {shown}");
             Ok(())
         }
         ModelCommand::Manifest { dir } => {

@@ -1,0 +1,93 @@
+//! Loading the real model from S3 (moto on 127.0.0.1): same answer as from disk, a corrupted
+//! byte refused by the manifest, a warm start served from the ETag cache.
+
+use std::path::Path;
+
+use aws_sdk_s3::primitives::ByteStream;
+use ember_model_loader::{load, DTypeChoice, FetchOptions, LoadError, LoadOptions, Message, ModelRef};
+use ember_tests::{smollm_hf, MotoServer};
+use ember_worker::engine::{Engine, GenerateRequest, Prompt, SamplingParams};
+
+async fn upload_dir(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str, dir: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        s3.put_object()
+            .bucket(bucket)
+            .key(format!("{prefix}/{name}"))
+            .body(ByteStream::from_path(&path).await?)
+            .send()
+            .await?;
+    }
+    Ok(())
+}
+
+fn options(aws: aws_config::SdkConfig, cache: Option<&Path>) -> LoadOptions {
+    LoadOptions {
+        dtype: DTypeChoice::F16,
+        aws: Some(aws),
+        // Small parts so the model arrives in many parallel ranged GETs.
+        fetch: FetchOptions { part_size: 8 << 20, concurrency: 8, cache_dir: cache.map(Path::to_path_buf), progress: false },
+        ..Default::default()
+    }
+}
+
+fn answer(engine: &Engine) -> anyhow::Result<String> {
+    let req = GenerateRequest {
+        prompt: Prompt::Chat(vec![Message::new("user", "What is the capital of France?")]),
+        max_tokens: 32,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+    };
+    Ok(engine.generate(&req)?.text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn model_from_s3_matches_disk_and_is_verified() -> anyhow::Result<()> {
+    let moto = MotoServer::start()?;
+    let aws = moto.aws_config().await;
+    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
+    s3.create_bucket().bucket("weights").send().await?;
+    let dir = smollm_hf("f16")?;
+    upload_dir(&s3, "weights", "smollm2", &dir).await?;
+
+    let cache = tempfile::tempdir()?;
+    let reference: ModelRef = "s3://weights/smollm2".parse()?;
+    let loaded = load(&reference, &options(aws.clone(), Some(cache.path()))).await?;
+    assert!(loaded.verified, "the manifest was uploaded, so every file must be verified");
+    let from_s3 = answer(&Engine::new(loaded))?;
+    let from_disk = answer(&Engine::new(
+        load(&ModelRef::Local(dir.clone()), &LoadOptions { dtype: DTypeChoice::F16, ..Default::default() }).await?,
+    ))?;
+    assert_eq!(from_s3, "The capital of France is Paris.");
+    assert_eq!(from_s3, from_disk);
+
+    // A warm start reads the cache, not S3: spoil the cached copy behind the cache's back
+    // and the manifest check (which covers cached bytes too) must catch it.
+    let cached = cache.path().join("weights/smollm2/tokenizer.json");
+    let mut bytes = std::fs::read(&cached)?;
+    bytes[100] ^= 0x01;
+    std::fs::write(&cached, bytes)?;
+    let err = load(&reference, &options(aws.clone(), Some(cache.path()))).await.err();
+    assert!(
+        matches!(&err, Some(LoadError::ChecksumMismatch { file, .. }) if file == "tokenizer.json"),
+        "{err:?}"
+    );
+
+    // One flipped byte in S3 itself is refused, naming the file.
+    let mut weights = std::fs::read(dir.join("model.safetensors"))?;
+    let middle = weights.len() / 2;
+    weights[middle] ^= 0x40;
+    s3.put_object().bucket("weights").key("smollm2/model.safetensors").body(ByteStream::from(weights)).send().await?;
+    let err = load(&reference, &options(aws.clone(), None)).await.err();
+    let text = err.as_ref().map(ToString::to_string).unwrap_or_default();
+    assert!(matches!(&err, Some(LoadError::ChecksumMismatch { file, .. }) if file == "model.safetensors"), "{err:?}");
+    assert!(text.contains("model.safetensors"), "{text}");
+
+    // Missing bucket and missing prefix are named.
+    let err = load(&"s3://no-such-bucket/x".parse()?, &options(aws.clone(), None)).await.err();
+    assert!(matches!(&err, Some(LoadError::NoSuchBucket { bucket }) if bucket == "no-such-bucket"), "{err:?}");
+    let err = load(&"s3://weights/nothing-here".parse()?, &options(aws, None)).await.err();
+    assert!(matches!(&err, Some(LoadError::NoSuchKey { .. })), "{err:?}");
+    Ok(())
+}
