@@ -65,20 +65,16 @@ impl SpecialToken {
 
 impl TokenizerConfig {
     pub fn from_json(text: &str) -> Result<Self> {
-        serde_json::from_str(text).map_err(|e| LoadError::BadJson {
-            file: "tokenizer_config.json".into(),
-            message: e.to_string(),
-        })
+        serde_json::from_str(text)
+            .map_err(|e| LoadError::BadJson { file: "tokenizer_config.json".into(), message: e.to_string() })
     }
 
     fn template(&self) -> Option<&str> {
         match self.chat_template.as_ref()? {
             ChatTemplateField::One(t) => Some(t),
-            ChatTemplateField::Named(list) => list
-                .iter()
-                .find(|t| t.name == "default")
-                .or_else(|| list.first())
-                .map(|t| t.template.as_str()),
+            ChatTemplateField::Named(list) => {
+                list.iter().find(|t| t.name == "default").or_else(|| list.first()).map(|t| t.template.as_str())
+            }
         }
     }
 }
@@ -123,10 +119,7 @@ impl ChatTemplate {
 
     /// Renders the conversation, ending with the assistant's turn opened.
     pub fn render(&self, messages: &[Message]) -> Result<String> {
-        let tmpl = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| LoadError::ChatTemplate(e.to_string()))?;
+        let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| LoadError::ChatTemplate(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => true,
@@ -160,9 +153,7 @@ mod tests {
 
     #[test]
     fn raise_exception_becomes_an_error() -> Result<()> {
-        let cfg = TokenizerConfig::from_json(
-            r#"{"chat_template":"{{ raise_exception('roles must alternate') }}"}"#,
-        )?;
+        let cfg = TokenizerConfig::from_json(r#"{"chat_template":"{{ raise_exception('roles must alternate') }}"}"#)?;
         let err = ChatTemplate::new(&cfg)?.render(&[]).err().map(|e| e.to_string());
         assert!(err.is_some_and(|e| e.contains("roles must alternate")));
         Ok(())

@@ -107,19 +107,13 @@ fn default_max_pos() -> usize {
 
 impl HfConfig {
     pub fn from_json(text: &str) -> Result<Self> {
-        serde_json::from_str(text).map_err(|e| LoadError::BadJson {
-            file: "config.json".into(),
-            message: e.to_string(),
-        })
+        serde_json::from_str(text)
+            .map_err(|e| LoadError::BadJson { file: "config.json".into(), message: e.to_string() })
     }
 
     pub fn architecture(&self) -> Result<Architecture> {
-        let name = self
-            .architectures
-            .first()
-            .cloned()
-            .or_else(|| self.model_type.clone())
-            .unwrap_or_else(|| "<none>".into());
+        let name =
+            self.architectures.first().cloned().or_else(|| self.model_type.clone()).unwrap_or_else(|| "<none>".into());
         match name.as_str() {
             "LlamaForCausalLM" | "llama" => Ok(Architecture::Llama),
             "MistralForCausalLM" | "mistral" => Ok(Architecture::Mistral),
@@ -140,9 +134,7 @@ impl HfConfig {
             num_hidden_layers: self.num_hidden_layers,
             num_attention_heads: self.num_attention_heads,
             num_key_value_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim: self
-                .head_dim
-                .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
+            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
             vocab_size: self.vocab_size,
             rms_norm_eps: self.rms_norm_eps,
             rope_theta: self.rope_theta,
@@ -162,19 +154,14 @@ impl HfConfig {
 }
 
 fn parse_rope_scaling(v: &serde_json::Value) -> Result<Llama3RopeScaling> {
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(|t| t.as_str())
-        .unwrap_or("<none>");
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("<none>");
     if kind != "llama3" {
         return Err(LoadError::BadConfig(format!(
             "rope_scaling type `{kind}` is not supported (Ember supports `llama3`)"
         )));
     }
-    serde_json::from_value(v.clone()).map_err(|e| {
-        LoadError::BadConfig(format!("rope_scaling of type llama3 is incomplete: {e}"))
-    })
+    serde_json::from_value(v.clone())
+        .map_err(|e| LoadError::BadConfig(format!("rope_scaling of type llama3 is incomplete: {e}")))
 }
 
 impl ModelConfig {
@@ -184,19 +171,19 @@ impl ModelConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return bad("attention head counts must be positive".into());
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return bad(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even for rotary embeddings", self.head_dim));
         }
         if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 {
             return bad("hidden_size, num_hidden_layers and vocab_size must be positive".into());
         }
-        if !(self.rope_theta > 0.0) {
+        if !self.rope_theta.is_finite() || self.rope_theta <= 0.0 {
             return bad(format!("rope_theta must be positive, got {}", self.rope_theta));
         }
         Ok(())

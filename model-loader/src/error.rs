@@ -18,7 +18,11 @@ pub enum LoadError {
     #[error("S3 request for `s3://{bucket}/{key}` failed: {message}")]
     S3 { bucket: String, key: String, message: String, retryable: bool },
     #[error("I/O error on `{}`: {source}", path.display())]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("`{file}` is not valid JSON: {message}")]
     BadJson { file: String, message: String },
     #[error("unsupported architecture `{0}`: Ember runs Llama and Mistral models (LlamaForCausalLM, MistralForCausalLM, GGUF `llama`)")]

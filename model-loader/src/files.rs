@@ -66,8 +66,7 @@ impl ModelFiles {
                 return Err(LoadError::ManifestFileMissing(listed.clone()));
             }
         }
-        let to_check: Vec<&(String, FileBytes)> =
-            self.files.iter().filter(|(n, _)| n != MANIFEST_FILE).collect();
+        let to_check: Vec<&(String, FileBytes)> = self.files.iter().filter(|(n, _)| n != MANIFEST_FILE).collect();
         std::thread::scope(|s| {
             let handles: Vec<_> = to_check
                 .iter()
@@ -78,9 +77,7 @@ impl ModelFiles {
                 .collect();
             let mut first_err = None;
             for h in handles {
-                let r = h.join().unwrap_or_else(|_| {
-                    Err(LoadError::BadConfig("a checksum thread panicked".into()))
-                });
+                let r = h.join().unwrap_or_else(|_| Err(LoadError::BadConfig("a checksum thread panicked".into())));
                 if let (Err(e), None) = (r, &first_err) {
                     first_err = Some(e);
                 }

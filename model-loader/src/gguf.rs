@@ -24,9 +24,7 @@ use crate::model::unpermute_qk;
 use crate::weights::{check_tensors, expected_tensors, GgufWeights, WeightSource};
 
 fn md<'a>(ct: &'a Content, key: &str) -> Result<&'a Value> {
-    ct.metadata
-        .get(key)
-        .ok_or_else(|| LoadError::BadConfig(format!("GGUF metadata has no `{key}`")))
+    ct.metadata.get(key).ok_or_else(|| LoadError::BadConfig(format!("GGUF metadata has no `{key}`")))
 }
 
 fn md_u32(ct: &Content, key: &str) -> Result<u32> {
@@ -38,10 +36,7 @@ fn md_f32(ct: &Content, key: &str) -> Result<f32> {
 }
 
 fn md_str<'a>(ct: &'a Content, key: &str) -> Result<&'a str> {
-    md(ct, key)?
-        .to_string()
-        .map(String::as_str)
-        .map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}")))
+    md(ct, key)?.to_string().map(String::as_str).map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}")))
 }
 
 fn md_strings(ct: &Content, key: &str) -> Result<Vec<String>> {
@@ -145,18 +140,15 @@ pub fn gguf_tokenizer(ct: &Content) -> Result<Tokenizer> {
         .filter(|(_, t)| **t == 3 || **t == 4)
         .map(|(tok, t)| AddedToken::from(tok.clone(), *t == 3))
         .collect();
-    tokenizer
-        .add_special_tokens(specials)
-        .map_err(|e| LoadError::Tokenizer(format!("GGUF special tokens: {e}")))?;
+    tokenizer.add_special_tokens(specials).map_err(|e| LoadError::Tokenizer(format!("GGUF special tokens: {e}")))?;
     Ok(tokenizer)
 }
 
 /// `tokenizer_config.json` equivalent from GGUF metadata.
 pub fn gguf_tokenizer_config(ct: &Content) -> TokenizerConfig {
     let tokens = md_strings(ct, "tokenizer.ggml.tokens").unwrap_or_default();
-    let token = |key: &str| {
-        md_u32(ct, key).ok().and_then(|id| tokens.get(id as usize)).map(|t| SpecialToken::Text(t.clone()))
-    };
+    let token =
+        |key: &str| md_u32(ct, key).ok().and_then(|id| tokens.get(id as usize)).map(|t| SpecialToken::Text(t.clone()));
     TokenizerConfig {
         chat_template: md_str(ct, "tokenizer.chat_template").ok().map(|t| ChatTemplateField::One(t.to_string())),
         bos_token: token("tokenizer.ggml.bos_token_id"),
@@ -216,10 +208,8 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, opts: ImportOptions) -> Result<M
 }
 
 fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| LoadError::BadJson {
-        file: path.display().to_string(),
-        message: e.to_string(),
-    })?;
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| LoadError::BadJson { file: path.display().to_string(), message: e.to_string() })?;
     std::fs::write(path, text + "\n").map_err(|e| LoadError::io(path, e))
 }
 

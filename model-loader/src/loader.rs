@@ -80,7 +80,8 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device> {
                     "this ember was built without CUDA support: rebuild with `--features cuda` (see examples/local-gpu), or use --device cpu".into(),
                 ));
             }
-            Device::new_cuda(ordinal).map_err(|e| LoadError::Device(format!("CUDA device {ordinal} is not usable: {e}")))
+            Device::new_cuda(ordinal)
+                .map_err(|e| LoadError::Device(format!("CUDA device {ordinal} is not usable: {e}")))
         }
     }
 }
@@ -160,7 +161,9 @@ pub async fn fetch_files(reference: &ModelRef, opts: &LoadOptions) -> Result<Mod
         ModelRef::Local(path) => local_files(path),
         ModelRef::S3 { bucket, prefix } => {
             let sdk = opts.aws.as_ref().ok_or_else(|| {
-                LoadError::BadConfig("an s3:// model needs AWS configuration (region, credentials, optional --endpoint-url)".into())
+                LoadError::BadConfig(
+                    "an s3:// model needs AWS configuration (region, credentials, optional --endpoint-url)".into(),
+                )
             })?;
             s3::fetch(&s3::client(sdk), bucket, prefix, &opts.fetch).await
         }
@@ -183,7 +186,13 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
 
 /// Builds a model from fetched files (blocking). GGUF weights stay quantized unless a dtype
 /// is asked for explicitly, in which case they are dequantized to it at load.
-pub fn build(name: String, files: &ModelFiles, dtype_choice: DTypeChoice, device: &Device, fetch_s: Duration) -> Result<LoadedModel> {
+pub fn build(
+    name: String,
+    files: &ModelFiles,
+    dtype_choice: DTypeChoice,
+    device: &Device,
+    fetch_s: Duration,
+) -> Result<LoadedModel> {
     let dtype = dtype_choice.resolve(device);
     let t1 = Instant::now();
     let verified = files.verify()?;
@@ -244,7 +253,13 @@ fn build_model(weights: &dyn WeightSource, cfg: &ModelConfig, dtype: DType, devi
 pub fn model_name(reference: &ModelRef) -> String {
     let full = match reference {
         ModelRef::Local(p) => p.to_string_lossy().trim_end_matches('/').to_string(),
-        ModelRef::S3 { prefix, bucket } => if prefix.is_empty() { bucket.clone() } else { prefix.clone() },
+        ModelRef::S3 { prefix, bucket } => {
+            if prefix.is_empty() {
+                bucket.clone()
+            } else {
+                prefix.clone()
+            }
+        }
     };
     let last = full.rsplit('/').next().unwrap_or(&full);
     last.trim_end_matches(".gguf").to_string()

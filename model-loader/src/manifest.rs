@@ -26,10 +26,8 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
-        serde_json::from_slice(bytes).map_err(|e| LoadError::BadJson {
-            file: MANIFEST_FILE.into(),
-            message: e.to_string(),
-        })
+        serde_json::from_slice(bytes)
+            .map_err(|e| LoadError::BadJson { file: MANIFEST_FILE.into(), message: e.to_string() })
     }
 
     /// Hashes every regular file directly in `dir` (the manifest itself excepted).
@@ -52,10 +50,8 @@ impl Manifest {
     pub fn write_for_dir(dir: &Path) -> Result<Self> {
         let manifest = Self::for_dir(dir)?;
         let path = dir.join(MANIFEST_FILE);
-        let text = serde_json::to_string_pretty(&manifest).map_err(|e| LoadError::BadJson {
-            file: MANIFEST_FILE.into(),
-            message: e.to_string(),
-        })?;
+        let text = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| LoadError::BadJson { file: MANIFEST_FILE.into(), message: e.to_string() })?;
         std::fs::write(&path, text + "\n").map_err(|e| LoadError::io(path, e))?;
         Ok(manifest)
     }
@@ -71,11 +67,7 @@ impl Manifest {
             });
         };
         if expected.size != actual.size {
-            return Err(LoadError::SizeMismatch {
-                file: name.into(),
-                expected: expected.size,
-                actual: actual.size,
-            });
+            return Err(LoadError::SizeMismatch { file: name.into(), expected: expected.size, actual: actual.size });
         }
         if !expected.sha256.eq_ignore_ascii_case(&actual.sha256) {
             return Err(LoadError::ChecksumMismatch {

@@ -64,11 +64,8 @@ impl Model {
     pub fn load(source: &dyn WeightSource, cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         let act = source.activation_dtype(dtype);
         let embed = source.matmul("model.embed_tokens.weight", act, device)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            embed.clone()
-        } else {
-            source.matmul("lm_head.weight", act, device)?
-        };
+        let lm_head =
+            if cfg.tie_word_embeddings { embed.clone() } else { source.matmul("lm_head.weight", act, device)? };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -222,9 +219,7 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 /// Inverse frequencies of the rotary embedding, with Llama 3 scaling or GGUF `rope_freqs`.
 pub fn inv_freqs(cfg: &ModelConfig, rope_factors: Option<&[f32]>) -> Vec<f64> {
     let d = cfg.head_dim;
-    let mut f: Vec<f64> = (0..d / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64))
-        .collect();
+    let mut f: Vec<f64> = (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
     if let Some(factors) = rope_factors {
         for (f, k) in f.iter_mut().zip(factors) {
             *f /= *k as f64;

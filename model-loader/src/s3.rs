@@ -47,7 +47,11 @@ pub fn parse_s3_url(url: &str) -> Option<(String, String)> {
     Some((bucket.to_string(), prefix.trim_end_matches('/').to_string()))
 }
 
-fn s3_error<E: ProvideErrorMetadata + std::error::Error + 'static>(bucket: &str, key: &str, err: SdkError<E>) -> LoadError {
+fn s3_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    bucket: &str,
+    key: &str,
+    err: SdkError<E>,
+) -> LoadError {
     let retryable = match &err {
         SdkError::ServiceError(se) => {
             let status = se.raw().status().as_u16();
@@ -75,7 +79,8 @@ struct Object {
 
 async fn list(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result<Vec<Object>> {
     // A `.gguf` key is one object; anything else is a folder-like prefix.
-    let list_prefix = if prefix.is_empty() || prefix.ends_with(".gguf") { prefix.to_string() } else { format!("{prefix}/") };
+    let list_prefix =
+        if prefix.is_empty() || prefix.ends_with(".gguf") { prefix.to_string() } else { format!("{prefix}/") };
     let pages: Vec<_> = client
         .list_objects_v2()
         .bucket(bucket)
@@ -198,7 +203,14 @@ pub async fn fetch(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str, opts
     drop(parts);
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
-    tracing::info!(bucket, prefix, bytes = total, seconds = secs, mb_per_s = total as f64 / 1e6 / secs.max(1e-9), "model downloaded");
+    tracing::info!(
+        bucket,
+        prefix,
+        bytes = total,
+        seconds = secs,
+        mb_per_s = total as f64 / 1e6 / secs.max(1e-9),
+        "model downloaded"
+    );
     for (obj, buf) in to_fetch.iter().zip(buffers) {
         if let Some(dir) = &opts.cache_dir {
             if let Err(e) = store(dir, bucket, obj, &buf) {
@@ -216,9 +228,9 @@ fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+    {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message("downloading model");

@@ -64,9 +64,7 @@ pub fn check_tensors(source: &dyn WeightSource, cfg: &ModelConfig) -> Result<()>
     for (name, expected) in expected_tensors(cfg) {
         match source.shape(&name) {
             None => return Err(LoadError::MissingTensor { name }),
-            Some(actual) if actual != expected => {
-                return Err(LoadError::BadTensorShape { name, expected, actual })
-            }
+            Some(actual) if actual != expected => return Err(LoadError::BadTensorShape { name, expected, actual }),
             Some(_) => {}
         }
     }
@@ -84,9 +82,8 @@ impl<'a> SafetensorsWeights<'a> {
     pub fn new(files: &[(&str, &'a [u8])]) -> Result<Self> {
         let mut views = HashMap::new();
         for (file, bytes) in files {
-            let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
-                LoadError::BadWeights { file: (*file).to_string(), message: e.to_string() }
-            })?;
+            let st = safetensors::SafeTensors::deserialize(bytes)
+                .map_err(|e| LoadError::BadWeights { file: (*file).to_string(), message: e.to_string() })?;
             for (name, view) in st.tensors() {
                 views.insert(name, ((*file).to_string(), view));
             }
@@ -171,9 +168,8 @@ pub struct GgufWeights<'a> {
 
 impl<'a> GgufWeights<'a> {
     pub fn new(file: &str, bytes: &'a [u8]) -> Result<Self> {
-        let content = gguf_file::Content::read(&mut Cursor::new(bytes)).map_err(|e| {
-            LoadError::BadWeights { file: file.to_string(), message: e.to_string() }
-        })?;
+        let content = gguf_file::Content::read(&mut Cursor::new(bytes))
+            .map_err(|e| LoadError::BadWeights { file: file.to_string(), message: e.to_string() })?;
         Ok(Self { content, bytes, file: file.to_string(), dequantize: None })
     }
 

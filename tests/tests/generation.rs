@@ -15,8 +15,8 @@ const PARIS: [u32; 7] = [504, 3575, 282, 4649, 314, 7042, 30];
 const LLAMA_CPP_Q4_1: [u32; 10] = [60, 23, 39614, 1141, 552, 28, 2618, 2828, 313, 7712];
 /// llama.cpp's tokenization of the rendered ChatML prompt (trailing newline included).
 const PROMPT_IDS: [u32; 37] = [
-    1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2,
-    198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,
+    1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2, 198,
+    1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,
 ];
 
 async fn engine(path: std::path::PathBuf, dtype: DTypeChoice) -> anyhow::Result<Engine> {
@@ -108,7 +108,8 @@ async fn stop_sequences_max_tokens_and_seeds() -> anyhow::Result<()> {
 
     let mut sampled = capital_of_france(12);
     sampled.prompt = Prompt::Chat(vec![Message::new("user", "Write a short poem about the sea.")]);
-    sampled.sampling = SamplingParams { temperature: 0.9, top_p: 0.95, top_k: 50, repetition_penalty: 1.1, seed: Some(42) };
+    sampled.sampling =
+        SamplingParams { temperature: 0.9, top_p: 0.95, top_k: 50, repetition_penalty: 1.1, seed: Some(42) };
     let a = engine.generate(&sampled)?;
     let b = engine.generate(&sampled)?;
     assert_eq!(a.tokens, b.tokens, "the same seed must give the same completion");

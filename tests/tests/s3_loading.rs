@@ -27,7 +27,12 @@ fn options(aws: aws_config::SdkConfig, cache: Option<&Path>) -> LoadOptions {
         dtype: DTypeChoice::F16,
         aws: Some(aws),
         // Small parts so the model arrives in many parallel ranged GETs.
-        fetch: FetchOptions { part_size: 8 << 20, concurrency: 8, cache_dir: cache.map(Path::to_path_buf), progress: false },
+        fetch: FetchOptions {
+            part_size: 8 << 20,
+            concurrency: 8,
+            cache_dir: cache.map(Path::to_path_buf),
+            progress: false,
+        },
         ..Default::default()
     }
 }
@@ -69,10 +74,7 @@ async fn model_from_s3_matches_disk_and_is_verified() -> anyhow::Result<()> {
     bytes[100] ^= 0x01;
     std::fs::write(&cached, bytes)?;
     let err = load(&reference, &options(aws.clone(), Some(cache.path()))).await.err();
-    assert!(
-        matches!(&err, Some(LoadError::ChecksumMismatch { file, .. }) if file == "tokenizer.json"),
-        "{err:?}"
-    );
+    assert!(matches!(&err, Some(LoadError::ChecksumMismatch { file, .. }) if file == "tokenizer.json"), "{err:?}");
 
     // One flipped byte in S3 itself is refused, naming the file.
     let mut weights = std::fs::read(dir.join("model.safetensors"))?;

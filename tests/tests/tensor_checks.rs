@@ -43,7 +43,10 @@ async fn a_missing_tensor_is_named() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     tiny_model(dir.path(), Some("model.layers.1.mlp.up_proj.weight"), None)?;
     let err = load(&ModelRef::Local(dir.path().into()), &LoadOptions::default()).await.err();
-    assert!(matches!(&err, Some(LoadError::MissingTensor { name }) if name == "model.layers.1.mlp.up_proj.weight"), "{err:?}");
+    assert!(
+        matches!(&err, Some(LoadError::MissingTensor { name }) if name == "model.layers.1.mlp.up_proj.weight"),
+        "{err:?}"
+    );
     Ok(())
 }
 
@@ -53,6 +56,11 @@ async fn a_misshapen_tensor_is_named_with_both_shapes() -> anyhow::Result<()> {
     tiny_model(dir.path(), None, Some("model.layers.0.self_attn.k_proj.weight"))?;
     let err = load(&ModelRef::Local(dir.path().into()), &LoadOptions::default()).await.err();
     let text = err.as_ref().map(ToString::to_string).unwrap_or_default();
-    assert!(text.contains("model.layers.0.self_attn.k_proj.weight") && text.contains("[33, 64]") && text.contains("[32, 64]"), "{text}");
+    assert!(
+        text.contains("model.layers.0.self_attn.k_proj.weight")
+            && text.contains("[33, 64]")
+            && text.contains("[32, 64]"),
+        "{text}"
+    );
     Ok(())
 }

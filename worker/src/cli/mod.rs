@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
-#[command(name = "ember", version, about = "Serverless LLM inference worker: Llama and Mistral from S3 or disk, on CUDA or the CPU")]
+#[command(
+    name = "ember",
+    version,
+    about = "Serverless LLM inference worker: Llama and Mistral from S3 or disk, on CUDA or the CPU"
+)]
 pub struct Cli {
     /// Log format on stderr (default: json in AWS Lambda, text elsewhere).
     #[arg(long, env = "EMBER_LOG_FORMAT", global = true, value_enum)]

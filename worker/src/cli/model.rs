@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 use clap::Subcommand;
-use candle_core::quantized::GgmlDType;
 use ember_model_loader::gguf::{convert_gguf, import_gguf, ImportOptions};
 use ember_model_loader::manifest::Manifest;
 
@@ -65,7 +65,9 @@ pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 other => anyhow::bail!("unknown --dtype `{other}`: use f32 or f16"),
             };
             let shown = out.display().to_string();
-            tokio::task::spawn_blocking(move || convert_gguf(&file, &out, dtype)).await.context("convert task failed")??;
+            tokio::task::spawn_blocking(move || convert_gguf(&file, &out, dtype))
+                .await
+                .context("convert task failed")??;
             println!("wrote {shown}");
             Ok(())
         }
@@ -74,7 +76,11 @@ pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 anyhow::bail!("`{}` is not a directory: give the model's directory", dir.display());
             }
             let manifest = Manifest::write_for_dir(&dir)?;
-            println!("wrote {} entries to {}", manifest.files.len(), dir.join(ember_model_loader::manifest::MANIFEST_FILE).display());
+            println!(
+                "wrote {} entries to {}",
+                manifest.files.len(),
+                dir.join(ember_model_loader::manifest::MANIFEST_FILE).display()
+            );
             Ok(())
         }
     }

@@ -97,11 +97,7 @@ impl Engine {
             Prompt::Text(t) => t.clone(),
         };
         // Templates write their special tokens as text; adding them again would double BOS.
-        let enc = self
-            .loaded
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let enc = self.loaded.tokenizer.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -150,11 +146,8 @@ impl Engine {
             }
             logits = Some(model.forward(&[next], &mut cache)?);
         }
-        let usage = Usage {
-            prompt_tokens: prompt.len(),
-            completion_tokens: out.len(),
-            total_tokens: prompt.len() + out.len(),
-        };
+        let usage =
+            Usage { prompt_tokens: prompt.len(), completion_tokens: out.len(), total_tokens: prompt.len() + out.len() };
         let timings = GenerationTimings { prefill_s, decode_s: t1.elapsed().as_secs_f64() };
         Ok(Completion { text, tokens: out, finish_reason: finish, usage, timings })
     }

@@ -1,0 +1,172 @@
+//! The `ember` binary: the answer on stdout, and for bad input a clear message and a
+//! non-zero exit, never a panic.
+
+use std::process::{Command, Output};
+
+use ember_tests::{aws_env, smollm_gguf, smollm_hf, MotoServer};
+
+fn ember(args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Output> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+    cmd.args(args).env("EMBER_LOG", "warn").env_remove("AWS_ENDPOINT_URL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Ok(cmd.output()?)
+}
+
+/// Runs a command that must fail cleanly and returns its stderr.
+fn fails(args: &[&str], env: &[(&str, String)]) -> anyhow::Result<String> {
+    let out = ember(args, env)?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "expected exit 1, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    Ok(stderr)
+}
+
+#[test]
+fn generate_prints_the_answer_and_the_openai_object() -> anyhow::Result<()> {
+    let gguf = smollm_hf("f32")?;
+    let model = gguf.to_str().unwrap_or_default();
+    let out = ember(&["generate", "--model", model, "--prompt", "What is the capital of France?"], &[])?;
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout)?, "The capital of France is Paris.\n");
+
+    let out = ember(&["generate", "--model", model, "--prompt", "What is the capital of France?", "--json"], &[])?;
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["content"], "The capital of France is Paris.");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["usage"]["prompt_tokens"], 37);
+    assert_eq!(body["usage"]["completion_tokens"], 7);
+    assert_eq!(body["usage"]["total_tokens"], 44);
+    Ok(())
+}
+
+#[test]
+fn options_are_environment_variables_too() -> anyhow::Result<()> {
+    let model = smollm_gguf()?.to_string_lossy().into_owned();
+    let out = ember(
+        &["generate"],
+        &[
+            ("EMBER_MODEL", model),
+            ("EMBER_PROMPT", "What is the capital of France?".into()),
+            ("EMBER_DTYPE", "f32".into()),
+        ],
+    )?;
+    assert_eq!(String::from_utf8(out.stdout)?, "The capital of France is Paris.\n");
+    Ok(())
+}
+
+#[test]
+fn a_nonexistent_path_is_named() -> anyhow::Result<()> {
+    let err = fails(&["generate", "--model", "/no/such/model", "--prompt", "hi"], &[])?;
+    assert!(err.contains("`/no/such/model` does not exist"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn an_unsupported_architecture_is_named() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hf = smollm_hf("f32")?;
+    let config = std::fs::read_to_string(hf.join("config.json"))?.replace("LlamaForCausalLM", "GPT2LMHeadModel");
+    std::fs::write(dir.path().join("config.json"), config)?;
+    std::fs::copy(hf.join("tokenizer.json"), dir.path().join("tokenizer.json"))?;
+    let err = fails(&["generate", "--model", &dir.path().to_string_lossy(), "--prompt", "hi"], &[])?;
+    assert!(err.contains("unsupported architecture `GPT2LMHeadModel`"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_truncated_safetensors_file_is_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hf = smollm_hf("f16")?;
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(hf.join(f), dir.path().join(f))?;
+    }
+    // The header survives, the tensor data does not: what an interrupted copy leaves.
+    let weights = std::fs::read(hf.join("model.safetensors"))?;
+    std::fs::write(dir.path().join("model.safetensors"), &weights[..weights.len() / 3])?;
+    let err = fails(&["generate", "--model", &dir.path().to_string_lossy(), "--prompt", "hi"], &[])?;
+    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_refused() -> anyhow::Result<()> {
+    let model = smollm_gguf()?.to_string_lossy().into_owned();
+    let prompt = "hello ".repeat(9000);
+    let err = fails(&["generate", "--model", &model, "--raw", "--prompt", &prompt], &[])?;
+    assert!(err.contains("context is 8192 tokens") && err.contains("shorten the prompt"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn cuda_on_a_cpu_build_says_how_to_get_it() -> anyhow::Result<()> {
+    let model = smollm_gguf()?.to_string_lossy().into_owned();
+    let out = ember(&["generate", "--model", &model, "--prompt", "hi", "--device", "cuda"], &[])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if cfg!(feature = "cuda") {
+        // With CUDA compiled in, no driver here must still be an error, not a panic.
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        return Ok(());
+    }
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("built without CUDA support") && stderr.contains("--features cuda"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn bad_sampling_settings_fail_before_loading() -> anyhow::Result<()> {
+    let err = fails(&["generate", "--model", "/no/such/model", "--prompt", "hi", "--top-p", "0"], &[])?;
+    assert!(err.contains("top_p must be in (0, 1]"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn missing_bucket_and_key_on_s3_are_named() -> anyhow::Result<()> {
+    let moto = MotoServer::start()?;
+    let env = aws_env(&moto.endpoint());
+    let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.clone())).collect();
+    let err = fails(&["generate", "--model", "s3://no-such-bucket/m", "--prompt", "hi"], &env)?;
+    assert!(err.contains("S3 bucket `no-such-bucket` does not exist"), "{err}");
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let aws = moto.aws_config().await;
+        let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
+        s3.create_bucket().bucket("weights").send().await
+    })?;
+    let err = fails(&["generate", "--model", "s3://weights/absent", "--prompt", "hi"], &env)?;
+    assert!(err.contains("nothing found in S3 at `s3://weights/absent`"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn import_gguf_writes_a_loadable_verified_directory() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out_dir = dir.path().join("hf");
+    let gguf = smollm_gguf()?.to_string_lossy().into_owned();
+    let out = ember(&["model", "import-gguf", &gguf, &out_dir.to_string_lossy(), "--dtype", "f16"], &[])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors", "ember-manifest.json"] {
+        assert!(out_dir.join(f).is_file(), "{f} missing");
+    }
+    let out = ember(
+        &[
+            "generate",
+            "--model",
+            &out_dir.to_string_lossy(),
+            "--dtype",
+            "f16",
+            "--prompt",
+            "What is the capital of France?",
+        ],
+        &[],
+    )?;
+    assert_eq!(String::from_utf8(out.stdout)?, "The capital of France is Paris.\n");
+    // `ember model manifest` rewrites the same manifest.
+    let before = std::fs::read(out_dir.join("ember-manifest.json"))?;
+    let out = ember(&["model", "manifest", &out_dir.to_string_lossy()], &[])?;
+    assert!(out.status.success());
+    assert_eq!(std::fs::read(out_dir.join("ember-manifest.json"))?, before);
+    Ok(())
+}
