@@ -19,6 +19,8 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod openai;
+pub mod queue;
+pub mod store;
 pub mod telemetry;
 
 pub use error::EngineError;

@@ -1,0 +1,248 @@
+//! Generation speed and cold start, next to peers measured in the same run.
+//!
+//!     scripts/fetch-model.sh && scripts/install-peers.sh
+//!     cargo bench -p ember-worker --bench generation
+//!
+//! Prints, for f32 and f16 weights and the Q4_1 GGUF: Ember's prefill and decode tokens/s
+//! beside llama.cpp's (node-llama-cpp) on the same weights and thread count, as ratios; then
+//! the cold start of `ember generate` (process start to first token, model from S3 on a local
+//! SeaweedFS) beside a bare parallel download of the same bytes.
+//!
+//! Settings (environment): EMBER_BENCH_THREADS (1), EMBER_BENCH_PROMPT (17 tokens),
+//! EMBER_BENCH_GEN (128 tokens), EMBER_BENCH_RUNS (3; the best run counts for both sides),
+//! EMBER_BENCH_SKIP (comma list of `speed`, `cold`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ember_model_loader::{load, DTypeChoice, LoadOptions, ModelRef, SeqCache};
+use ember_tests::{aws_config_for, free_port, model_path};
+
+const PROMPT_TEXT: &str = "The quick brown fox jumps over the lazy dog. Once upon a time, in a small village by \
+the sea, there lived an old fisherman who told stories about the stars, the tides and \
+the strange ships that sailed past the harbour at night. ";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Speed {
+    prefill_tps: f64,
+    decode_tps: f64,
+}
+
+/// Ember in this process: prefill P tokens, then decode G tokens greedily (EOS ignored, as
+/// the llama.cpp side does).
+async fn ember_speed(model: &Path, dtype: DTypeChoice, p: usize, g: usize, runs: usize) -> anyhow::Result<Speed> {
+    let loaded = load(&ModelRef::Local(model.to_path_buf()), &LoadOptions { dtype, ..Default::default() }).await?;
+    let text = PROMPT_TEXT.repeat(4);
+    let enc = loaded.tokenizer.encode(text, false).map_err(anyhow::Error::msg)?;
+    let mut prompt = vec![loaded.config().bos_token_id.unwrap_or(1)];
+    prompt.extend(enc.get_ids().iter().take(p.saturating_sub(1)));
+    let mut best = Speed { prefill_tps: 0.0, decode_tps: 0.0 };
+    for run in 0..=runs {
+        let mut cache = SeqCache::new();
+        let t0 = Instant::now();
+        let logits = loaded.model.forward(&prompt, &mut cache)?;
+        let mut next = ember_model_loader::model::argmax(&logits)?;
+        let prefill = t0.elapsed();
+        let t1 = Instant::now();
+        for _ in 0..g {
+            let logits = loaded.model.forward(&[next], &mut cache)?;
+            next = ember_model_loader::model::argmax(&logits)?;
+        }
+        let decode = t1.elapsed();
+        if run == 0 {
+            continue; // warm-up
+        }
+        best.prefill_tps = best.prefill_tps.max(prompt.len() as f64 / prefill.as_secs_f64());
+        best.decode_tps = best.decode_tps.max(g as f64 / decode.as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// llama.cpp through scripts/llamacpp-bench.mjs, best of `runs` processes.
+fn llama_cpp_speed(model: &Path, threads: usize, p: usize, g: usize, runs: usize) -> anyhow::Result<Speed> {
+    let mut best = Speed { prefill_tps: 0.0, decode_tps: 0.0 };
+    for _ in 0..runs {
+        let out = Command::new("node")
+            .arg(root().join("scripts/llamacpp-bench.mjs"))
+            .args(["--model", &model.to_string_lossy(), "--threads", &threads.to_string()])
+            .args(["--prompt-tokens", &p.to_string(), "--gen-tokens", &g.to_string()])
+            .output()
+            .context("running node (install peers with scripts/install-peers.sh)")?;
+        if !out.status.success() {
+            bail!("llama.cpp bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        best.prefill_tps = best.prefill_tps.max(v["prefill_tps"].as_f64().unwrap_or(0.0));
+        best.decode_tps = best.decode_tps.max(v["decode_tps"].as_f64().unwrap_or(0.0));
+    }
+    Ok(best)
+}
+
+async fn speed_table(threads: usize, p: usize, g: usize, runs: usize) -> anyhow::Result<()> {
+    println!("\n## Generation speed: SmolLM2-135M-Instruct, {p}-token prompt, {g} decoded tokens, {threads} thread(s), best of {runs}");
+    println!("| weights | Ember file | llama.cpp file | Ember prefill tok/s | llama.cpp prefill tok/s | ratio | Ember decode tok/s | llama.cpp decode tok/s | ratio |");
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let rows = [
+        ("f32", "hf-f32", DTypeChoice::F32, "f32.gguf"),
+        ("f16", "hf-f16", DTypeChoice::F16, "f16.gguf"),
+        ("Q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf", DTypeChoice::Auto, "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    ];
+    for (label, ember_file, dtype, peer_file) in rows {
+        let e = ember_speed(&model_path(ember_file)?, dtype, p, g, runs).await?;
+        let l = llama_cpp_speed(&model_path(peer_file)?, threads, p, g, runs)?;
+        println!(
+            "| {label} | {ember_file} | {peer_file} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.2} |",
+            e.prefill_tps,
+            l.prefill_tps,
+            e.prefill_tps / l.prefill_tps,
+            e.decode_tps,
+            l.decode_tps,
+            e.decode_tps / l.decode_tps
+        );
+    }
+    Ok(())
+}
+
+/// SeaweedFS on 127.0.0.1 through scripts/seaweed.sh, stopped when dropped.
+struct Seaweed {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Seaweed {
+    fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let status = Command::new(root().join("scripts/seaweed.sh"))
+            .args(["start", &dir.path().to_string_lossy(), &port.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("SeaweedFS did not start (install it with scripts/install-peers.sh)");
+        }
+        Ok(Self { dir, port })
+    }
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("scripts/seaweed.sh")).args(["stop", &self.dir.path().to_string_lossy()]).status();
+    }
+}
+
+/// A bare parallel download: the same ranged GETs into memory, nothing else.
+async fn bare_download(s3: &aws_sdk_s3::Client, bucket: &str, keys: &[(String, u64)]) -> anyhow::Result<Duration> {
+    use futures::StreamExt;
+    let part = 16u64 << 20;
+    let t0 = Instant::now();
+    let ranges: Vec<(String, u64, u64)> = keys
+        .iter()
+        .flat_map(|(k, size)| (0..size.div_ceil(part)).map(move |i| (k.clone(), i * part, ((i + 1) * part).min(*size))))
+        .collect();
+    let mut total = 0usize;
+    let mut stream = futures::stream::iter(ranges.into_iter().map(|(key, a, b)| async move {
+        let r = s3.get_object().bucket(bucket).key(key).range(format!("bytes={a}-{}", b - 1)).send().await?;
+        anyhow::Ok(r.body.collect().await?.into_bytes().len())
+    }))
+    .buffer_unordered(8);
+    while let Some(n) = stream.next().await {
+        total += n?;
+    }
+    let expected: u64 = keys.iter().map(|(_, s)| s).sum();
+    if total as u64 != expected {
+        bail!("downloaded {total} bytes, expected {expected}");
+    }
+    Ok(t0.elapsed())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn cold_start(runs: usize) -> anyhow::Result<()> {
+    let weed = Seaweed::start()?;
+    let endpoint = format!("http://127.0.0.1:{}", weed.port);
+    let aws = aws_config_for(&endpoint).await;
+    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
+    s3.create_bucket().bucket("bench").send().await?;
+    let dir = model_path("hf-f16")?;
+    let mut keys = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let key = format!("smollm2-f16/{name}");
+        let body = aws_sdk_s3::primitives::ByteStream::from_path(&path).await?;
+        s3.put_object().bucket("bench").key(&key).body(body).send().await?;
+        keys.push((key, std::fs::metadata(&path)?.len()));
+    }
+    let bytes: u64 = keys.iter().map(|(_, s)| s).sum();
+    let mut bare = Vec::new();
+    let mut cold = Vec::new();
+    let mut breakdown = String::new();
+    let ember = PathBuf::from(env!("CARGO_BIN_EXE_ember"));
+    for _ in 0..runs {
+        bare.push(bare_download(&s3, "bench", &keys).await?.as_secs_f64());
+        let t0 = Instant::now();
+        let out = Command::new(&ember)
+            .args(["generate", "--model", "s3://bench/smollm2-f16", "--dtype", "f16", "--max-tokens", "1"])
+            .args(["--prompt", "What is the capital of France?", "--log-format", "json", "--no-progress"])
+            .env("AWS_ENDPOINT_URL", &endpoint)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("EMBER_CACHE_DIR")
+            .output()?;
+        let wall = t0.elapsed().as_secs_f64();
+        if !out.status.success() {
+            bail!("ember generate failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let logs = String::from_utf8_lossy(&out.stderr);
+        let mut first = None;
+        for line in logs.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            if let Some(t) = v.get("first_token_s").and_then(|t| t.as_f64()) {
+                first = Some(t);
+            }
+            if v.get("message").and_then(|m| m.as_str()) == Some("model loaded") {
+                breakdown = v.get("timings").map(|t| t.to_string()).unwrap_or_default();
+            }
+        }
+        cold.push(first.unwrap_or(wall));
+    }
+    let (b, c) = (median(bare), median(cold));
+    println!("\n## Cold start: model from S3 (SeaweedFS on 127.0.0.1), {:.0} MB f16, median of {runs}", bytes as f64 / 1e6);
+    println!("| bare parallel download (8 x 16 MiB ranged GETs) | ember generate: process start to first token | ratio |");
+    println!("| ---: | ---: | ---: |");
+    println!("| {b:.3} s ({:.0} MB/s) | {c:.3} s | {:.2} |", bytes as f64 / 1e6 / b, c / b);
+    println!("last ember load breakdown: {breakdown}");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let threads = env_usize("EMBER_BENCH_THREADS", 1);
+    // candle sizes its thread pool from this variable: set it before any tensor work.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let p = env_usize("EMBER_BENCH_PROMPT", 17);
+    let g = env_usize("EMBER_BENCH_GEN", 128);
+    let runs = env_usize("EMBER_BENCH_RUNS", 3).max(1);
+    let skip = std::env::var("EMBER_BENCH_SKIP").unwrap_or_default();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    if !skip.contains("speed") {
+        rt.block_on(speed_table(threads, p, g, runs))?;
+    }
+    if !skip.contains("cold") {
+        rt.block_on(cold_start(runs))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,490 @@
+//! The SQS queue: a standard queue and its dead-letter queue, tied by a redrive policy.
+//!
+//! SQS message bodies are text (UTF-8, and only the characters SQS allows: tab, newline,
+//! carriage return and U+0020 upward, without surrogates and U+FFFE/U+FFFF). A body that is
+//! not is refused by `send` with [`QueueError::BodyNotUtf8`] or [`QueueError::BodyInvalid`]
+//! before any request, instead of being mangled; callers that must carry bytes encode them
+//! (base64) first. So every body received from SQS is valid UTF-8.
+//!
+//! Redrive copies the DLQ's messages back (receive, send, delete) rather than use
+//! `StartMessageMoveTask`, which moto does not implement: the moved messages get new ids and
+//! a fresh receive count.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::types::{
+    BatchResultErrorEntry, DeleteMessageBatchRequestEntry, Message, MessageAttributeValue, MessageSystemAttributeName,
+    QueueAttributeName, SendMessageBatchRequestEntry,
+};
+use aws_sdk_sqs::Client;
+
+use super::{
+    check_delay, check_receive, check_visibility, sqs_allows, sqs_text, MessageId, OutgoingMessage, Queue, QueueDepth,
+    QueueError, ReceiptHandle, ReceiveOptions, ReceivedMessage, DLQ_REASON_ATTRIBUTE, MAX_BATCH, MAX_BODY_BYTES,
+};
+
+/// Longest reason kept on a message sent to the DLQ (it counts against the message size).
+const MAX_REASON_CHARS: usize = 1024;
+/// DLQ messages are kept the longest SQS allows (14 days), so poison jobs can be inspected.
+const DLQ_RETENTION_SECS: &str = "1209600";
+
+/// A queue pair on SQS.
+#[derive(Debug, Clone)]
+pub struct SqsQueue {
+    client: Client,
+    url: String,
+    dlq_url: String,
+}
+
+/// What [`SqsQueue::ensure`] creates: `<name>` with a redrive policy to `<name>-dlq`.
+#[derive(Debug, Clone)]
+pub struct SqsQueueSetup {
+    pub name: String,
+    pub visibility_timeout: Duration,
+    /// Deliveries before SQS moves a message to the DLQ.
+    pub max_receive_count: u32,
+}
+
+impl SqsQueue {
+    /// A queue pair whose URLs are known.
+    pub fn new(client: Client, url: impl Into<String>, dlq_url: impl Into<String>) -> Self {
+        Self { client, url: url.into(), dlq_url: dlq_url.into() }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn dlq_url(&self) -> &str {
+        &self.dlq_url
+    }
+
+    /// Creates the queue pair of `setup` or, when it exists, sets its visibility timeout and
+    /// redrive policy to `setup`'s values.
+    pub async fn ensure(client: Client, setup: &SqsQueueSetup) -> Result<Self, QueueError> {
+        check_visibility(setup.visibility_timeout)?;
+        let dlq_url = get_or_create(
+            &client,
+            &format!("{}-dlq", setup.name),
+            vec![(QueueAttributeName::MessageRetentionPeriod, DLQ_RETENTION_SECS.to_string())],
+        )
+        .await?;
+        let dlq_arn = queue_attribute(&client, &dlq_url, QueueAttributeName::QueueArn)
+            .await?
+            .ok_or_else(|| QueueError::MalformedResponse("the DLQ's QueueArn".into()))?;
+        let policy = serde_json::json!({
+            "deadLetterTargetArn": dlq_arn,
+            "maxReceiveCount": setup.max_receive_count,
+        });
+        let attributes = vec![
+            (QueueAttributeName::VisibilityTimeout, ceil_secs(setup.visibility_timeout).to_string()),
+            (QueueAttributeName::RedrivePolicy, policy.to_string()),
+        ];
+        let url = get_or_create(&client, &setup.name, attributes).await?;
+        Ok(Self::new(client, url, dlq_url))
+    }
+
+    /// Looks up an existing queue by name and finds its DLQ through its redrive policy.
+    pub async fn open(client: Client, name: &str) -> Result<Self, QueueError> {
+        let url = queue_url(&client, name, None).await?;
+        let policy = queue_attribute(&client, &url, QueueAttributeName::RedrivePolicy)
+            .await?
+            .ok_or_else(|| QueueError::InvalidArgument(format!("queue {name} has no redrive policy (no DLQ)")))?;
+        let arn = serde_json::from_str::<serde_json::Value>(&policy)
+            .ok()
+            .and_then(|v| v.get("deadLetterTargetArn")?.as_str().map(str::to_owned))
+            .ok_or_else(|| QueueError::MalformedResponse(format!("deadLetterTargetArn in {policy}")))?;
+        // arn:aws:sqs:<region>:<account>:<name>
+        let parts: Vec<&str> = arn.split(':').collect();
+        let (Some(account), Some(dlq_name)) = (parts.get(4), parts.get(5)) else {
+            return Err(QueueError::MalformedResponse(format!("a queue ARN, got {arn}")));
+        };
+        let dlq_url = queue_url(&client, dlq_name, Some(account)).await?;
+        Ok(Self::new(client, url, dlq_url))
+    }
+
+    async fn send_one(
+        &self,
+        url: &str,
+        body: Vec<u8>,
+        delay: Option<Duration>,
+        reason: Option<&str>,
+    ) -> Result<MessageId, QueueError> {
+        check_delay(delay)?;
+        let reason = reason.map(|r| MessageAttributeValue::builder().data_type("String").string_value(clean_reason(r)));
+        let reason = reason.map(|r| r.build()).transpose().map_err(|e| QueueError::InvalidArgument(e.to_string()))?;
+        let out = self
+            .client
+            .send_message()
+            .queue_url(url)
+            .message_body(sqs_text(body)?)
+            .set_delay_seconds(delay.map(ceil_secs))
+            .set_message_attributes(reason.map(|r| HashMap::from([(DLQ_REASON_ATTRIBUTE.to_string(), r)])))
+            .send()
+            .await
+            .map_err(|e| sdk_error("SendMessage", e))?;
+        out.message_id.map(MessageId).ok_or_else(|| QueueError::MalformedResponse("MessageId".into()))
+    }
+
+    async fn send_batch_to(&self, url: &str, messages: Vec<OutgoingMessage>) -> Vec<Result<MessageId, QueueError>> {
+        let mut results: Vec<Option<Result<MessageId, QueueError>>> = vec![None; messages.len()];
+        let mut chunk: Vec<SendMessageBatchRequestEntry> = Vec::new();
+        let mut chunk_bytes = 0;
+        for (i, m) in messages.into_iter().enumerate() {
+            let body = match check_delay(m.delay).and_then(|()| sqs_text(m.body)) {
+                Ok(body) => body,
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    continue;
+                }
+            };
+            // A batch request is limited in entries and in total body size alike.
+            if chunk.len() == MAX_BATCH || chunk_bytes + body.len() > MAX_BODY_BYTES {
+                self.send_chunk(url, std::mem::take(&mut chunk), &mut results).await;
+                chunk_bytes = 0;
+            }
+            chunk_bytes += body.len();
+            let entry = SendMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message_body(body)
+                .set_delay_seconds(m.delay.map(ceil_secs))
+                .build();
+            match entry {
+                Ok(entry) => chunk.push(entry),
+                Err(e) => results[i] = Some(Err(QueueError::InvalidArgument(e.to_string()))),
+            }
+        }
+        self.send_chunk(url, chunk, &mut results).await;
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(QueueError::MalformedResponse("an answer for a batch entry".into()))))
+            .collect()
+    }
+
+    async fn send_chunk(
+        &self,
+        url: &str,
+        chunk: Vec<SendMessageBatchRequestEntry>,
+        results: &mut [Option<Result<MessageId, QueueError>>],
+    ) {
+        if chunk.is_empty() {
+            return;
+        }
+        let indices: Vec<usize> = chunk.iter().filter_map(|e| e.id().parse().ok()).collect();
+        let sent = self.client.send_message_batch().queue_url(url).set_entries(Some(chunk)).send().await;
+        let out = match sent {
+            Ok(out) => out,
+            Err(e) => {
+                let e = sdk_error("SendMessageBatch", e);
+                for i in indices {
+                    results[i] = Some(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        for ok in out.successful() {
+            if let Some(slot) = ok.id().parse::<usize>().ok().and_then(|i| results.get_mut(i)) {
+                *slot = Some(Ok(MessageId(ok.message_id().to_string())));
+            }
+        }
+        for failed in out.failed() {
+            if let Some(slot) = failed.id().parse::<usize>().ok().and_then(|i| results.get_mut(i)) {
+                *slot = Some(Err(entry_error("SendMessageBatch", failed)));
+            }
+        }
+    }
+
+    async fn receive_from(&self, url: &str, opts: &ReceiveOptions) -> Result<Vec<ReceivedMessage>, QueueError> {
+        check_receive(opts)?;
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(url)
+            .max_number_of_messages(opts.max_messages as i32)
+            .wait_time_seconds(ceil_secs(opts.wait))
+            .set_visibility_timeout(opts.visibility_timeout.map(ceil_secs))
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .send()
+            .await
+            .map_err(|e| sdk_error("ReceiveMessage", e))?;
+        out.messages.unwrap_or_default().into_iter().map(received).collect()
+    }
+
+    async fn delete_batch_from(&self, url: &str, receipts: &[ReceiptHandle]) -> Vec<Result<(), QueueError>> {
+        let mut results = Vec::with_capacity(receipts.len());
+        for chunk in receipts.chunks(MAX_BATCH) {
+            let mut answers: Vec<Result<(), QueueError>> = vec![Ok(()); chunk.len()];
+            let entries: Result<Vec<_>, _> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(r.as_str()).build()
+                })
+                .collect();
+            let sent = match entries {
+                Ok(entries) => self
+                    .client
+                    .delete_message_batch()
+                    .queue_url(url)
+                    .set_entries(Some(entries))
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error("DeleteMessageBatch", e)),
+                Err(e) => Err(QueueError::InvalidArgument(e.to_string())),
+            };
+            match sent {
+                Ok(out) => {
+                    for failed in out.failed() {
+                        if let Some(slot) = failed.id().parse::<usize>().ok().and_then(|i| answers.get_mut(i)) {
+                            *slot = Err(entry_error("DeleteMessageBatch", failed));
+                        }
+                    }
+                }
+                Err(e) => answers.iter_mut().for_each(|a| *a = Err(e.clone())),
+            }
+            results.extend(answers);
+        }
+        results
+    }
+
+    async fn visible_count(&self, url: &str, names: &[QueueAttributeName]) -> Result<Vec<u64>, QueueError> {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(url)
+            .set_attribute_names(Some(names.to_vec()))
+            .send()
+            .await
+            .map_err(|e| sdk_error("GetQueueAttributes", e))?;
+        let attrs = out.attributes.unwrap_or_default();
+        Ok(names.iter().map(|n| attrs.get(n).and_then(|v| v.parse().ok()).unwrap_or(0)).collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl Queue for SqsQueue {
+    async fn send(&self, body: Vec<u8>, delay: Option<Duration>) -> Result<MessageId, QueueError> {
+        self.send_one(&self.url, body, delay, None).await
+    }
+
+    async fn send_batch(&self, messages: Vec<OutgoingMessage>) -> Vec<Result<MessageId, QueueError>> {
+        self.send_batch_to(&self.url, messages).await
+    }
+
+    async fn receive(&self, opts: &ReceiveOptions) -> Result<Vec<ReceivedMessage>, QueueError> {
+        self.receive_from(&self.url, opts).await
+    }
+
+    async fn delete_batch(&self, receipts: &[ReceiptHandle]) -> Vec<Result<(), QueueError>> {
+        self.delete_batch_from(&self.url, receipts).await
+    }
+
+    async fn change_visibility(&self, receipt: &ReceiptHandle, timeout: Duration) -> Result<(), QueueError> {
+        check_visibility(timeout)?;
+        self.client
+            .change_message_visibility()
+            .queue_url(&self.url)
+            .receipt_handle(receipt.as_str())
+            .visibility_timeout(ceil_secs(timeout))
+            .send()
+            .await
+            .map_err(|e| sdk_error("ChangeMessageVisibility", e))?;
+        Ok(())
+    }
+
+    async fn send_to_dlq(&self, body: Vec<u8>, reason: &str) -> Result<MessageId, QueueError> {
+        self.send_one(&self.dlq_url, body, None, Some(reason)).await
+    }
+
+    async fn depth(&self) -> Result<QueueDepth, QueueError> {
+        use QueueAttributeName as A;
+        let main = [
+            A::ApproximateNumberOfMessages,
+            A::ApproximateNumberOfMessagesNotVisible,
+            A::ApproximateNumberOfMessagesDelayed,
+        ];
+        let (main, dlq) = tokio::try_join!(
+            self.visible_count(&self.url, &main),
+            self.visible_count(&self.dlq_url, &[A::ApproximateNumberOfMessages]),
+        )?;
+        Ok(QueueDepth { visible: main[0], in_flight: main[1], delayed: main[2], dlq_visible: dlq[0] })
+    }
+
+    async fn redrive(&self) -> Result<u64, QueueError> {
+        // A 1 s long poll (not a short poll, which samples only some SQS servers) tells an
+        // empty DLQ from a quiet moment.
+        let opts = ReceiveOptions {
+            max_messages: MAX_BATCH,
+            wait: Duration::from_secs(1),
+            visibility_timeout: Some(Duration::from_secs(60)),
+        };
+        let mut moved = 0;
+        loop {
+            let batch = self.receive_from(&self.dlq_url, &opts).await?;
+            if batch.is_empty() {
+                return Ok(moved);
+            }
+            let bodies = batch.iter().map(|m| OutgoingMessage::new(m.body.clone())).collect();
+            let sent = self.send_batch_to(&self.url, bodies).await;
+            let mut done = Vec::new();
+            let mut first_error = None;
+            for (msg, result) in batch.into_iter().zip(sent) {
+                match result {
+                    Ok(_) => done.push(msg.receipt),
+                    Err(e) => first_error = first_error.or(Some(e)),
+                }
+            }
+            // A message sent but not deleted from the DLQ would come back there as a duplicate:
+            // report the delete failure rather than count it as moved.
+            for result in self.delete_batch_from(&self.dlq_url, &done).await {
+                result?;
+                moved += 1;
+            }
+            if let Some(e) = first_error {
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// A reason SQS will take: allowed characters only, not empty, not too long.
+fn clean_reason(reason: &str) -> String {
+    let clean: String = reason.chars().map(|c| if sqs_allows(c) { c } else { '?' }).take(MAX_REASON_CHARS).collect();
+    if clean.trim().is_empty() {
+        "unspecified".into()
+    } else {
+        clean
+    }
+}
+
+fn received(m: Message) -> Result<ReceivedMessage, QueueError> {
+    let attrs = m.attributes.unwrap_or_default();
+    let number = |name: MessageSystemAttributeName| attrs.get(&name).and_then(|v| v.parse::<u64>().ok());
+    Ok(ReceivedMessage {
+        id: MessageId(m.message_id.ok_or_else(|| QueueError::MalformedResponse("MessageId".into()))?),
+        receipt: ReceiptHandle(m.receipt_handle.ok_or_else(|| QueueError::MalformedResponse("ReceiptHandle".into()))?),
+        body: m.body.unwrap_or_default().into_bytes(),
+        // Both attributes were asked for; should a proxy drop them, guess rather than fail
+        // the whole batch.
+        receive_count: number(MessageSystemAttributeName::ApproximateReceiveCount)
+            .map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+        sent_at: number(MessageSystemAttributeName::SentTimestamp)
+            .map_or_else(SystemTime::now, |ms| UNIX_EPOCH + Duration::from_millis(ms)),
+    })
+}
+
+async fn queue_url(client: &Client, name: &str, owner: Option<&str>) -> Result<String, QueueError> {
+    let out = client
+        .get_queue_url()
+        .queue_name(name)
+        .set_queue_owner_aws_account_id(owner.map(str::to_owned))
+        .send()
+        .await
+        .map_err(|e| match sdk_error("GetQueueUrl", e) {
+            QueueError::QueueNotFound(_) => QueueError::QueueNotFound(name.to_string()),
+            other => other,
+        })?;
+    out.queue_url.ok_or_else(|| QueueError::MalformedResponse("QueueUrl".into()))
+}
+
+async fn queue_attribute(client: &Client, url: &str, name: QueueAttributeName) -> Result<Option<String>, QueueError> {
+    let out = client
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(name.clone())
+        .send()
+        .await
+        .map_err(|e| sdk_error("GetQueueAttributes", e))?;
+    Ok(out.attributes.unwrap_or_default().remove(&name))
+}
+
+/// The URL of queue `name`, created with `attributes` if missing, or updated to them.
+async fn get_or_create(
+    client: &Client,
+    name: &str,
+    attributes: Vec<(QueueAttributeName, String)>,
+) -> Result<String, QueueError> {
+    let attributes: HashMap<_, _> = attributes.into_iter().collect();
+    match queue_url(client, name, None).await {
+        Ok(url) => {
+            client
+                .set_queue_attributes()
+                .queue_url(&url)
+                .set_attributes(Some(attributes))
+                .send()
+                .await
+                .map_err(|e| sdk_error("SetQueueAttributes", e))?;
+            Ok(url)
+        }
+        // Two processes creating the same queue with the same attributes both succeed.
+        Err(QueueError::QueueNotFound(_)) => client
+            .create_queue()
+            .queue_name(name)
+            .set_attributes(Some(attributes))
+            .send()
+            .await
+            .map_err(|e| sdk_error("CreateQueue", e))?
+            .queue_url
+            .ok_or_else(|| QueueError::MalformedResponse("QueueUrl".into())),
+        Err(e) => Err(e),
+    }
+}
+
+/// The error of one failed entry of a batch request.
+fn entry_error(op: &'static str, failed: &BatchResultErrorEntry) -> QueueError {
+    let status = if failed.sender_fault() { 400 } else { 500 };
+    from_code(op, failed.code(), failed.message().unwrap_or_default().to_string(), status)
+}
+
+/// SQS takes whole seconds; round up so that a delay or timeout is never shorter than asked.
+fn ceil_secs(d: Duration) -> i32 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    i32::try_from(secs).unwrap_or(i32::MAX)
+}
+
+fn sdk_error<E>(op: &'static str, err: SdkError<E>) -> QueueError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match &err {
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
+            let code = service.err().code().unwrap_or("Unknown");
+            from_code(op, code, service.err().message().unwrap_or_default().to_string(), status)
+        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            QueueError::Transport { op, message: DisplayErrorContext(&err).to_string() }
+        }
+        _ => QueueError::InvalidArgument(format!("{op}: {}", DisplayErrorContext(&err))),
+    }
+}
+
+/// Classifies an SQS error code (query-protocol codes carry an `AWS.SimpleQueueService.`
+/// prefix, JSON-protocol ones do not).
+fn from_code(op: &'static str, code: &str, message: String, status: u16) -> QueueError {
+    let short = code.rsplit('.').next().unwrap_or(code);
+    match short {
+        "NonExistentQueue" | "QueueDoesNotExist" => QueueError::QueueNotFound(message),
+        "ReceiptHandleIsInvalid" | "MessageNotInflight" | "InvalidIdFormat" => QueueError::ReceiptInvalid(message),
+        "InvalidParameterValue" if message.contains("ReceiptHandle") => QueueError::ReceiptInvalid(message),
+        "RequestThrottled" | "ThrottlingException" | "Throttling" | "OverLimit" | "KmsThrottled" => {
+            QueueError::Throttled { op, message }
+        }
+        "InvalidMessageContents" | "MessageTooLong" | "BatchRequestTooLong" => QueueError::BodyInvalid(message),
+        "AccessDenied"
+        | "AccessDeniedException"
+        | "InvalidClientTokenId"
+        | "UnrecognizedClientException"
+        | "SignatureDoesNotMatch"
+        | "InvalidSecurity"
+        | "MissingAuthenticationToken"
+        | "ExpiredToken" => QueueError::Auth(format!("{code}: {message}")),
+        _ if (400..500).contains(&status) && !matches!(short, "RequestTimeout") => {
+            QueueError::InvalidArgument(format!("{op}: {code}: {message}"))
+        }
+        _ => QueueError::Service { op, code: code.to_string(), message, status },
+    }
+}
