@@ -135,7 +135,8 @@ impl Seaweed {
 
 impl Drop for Seaweed {
     fn drop(&mut self) {
-        let _ = Command::new(root().join("scripts/seaweed.sh")).args(["stop", &self.dir.path().to_string_lossy()]).status();
+        let _ =
+            Command::new(root().join("scripts/seaweed.sh")).args(["stop", &self.dir.path().to_string_lossy()]).status();
     }
 }
 
@@ -221,8 +222,13 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
         cold.push(first.unwrap_or(wall));
     }
     let (b, c) = (median(bare), median(cold));
-    println!("\n## Cold start: model from S3 (SeaweedFS on 127.0.0.1), {:.0} MB f16, median of {runs}", bytes as f64 / 1e6);
-    println!("| bare parallel download (8 x 16 MiB ranged GETs) | ember generate: process start to first token | ratio |");
+    println!(
+        "\n## Cold start: model from S3 (SeaweedFS on 127.0.0.1), {:.0} MB f16, median of {runs}",
+        bytes as f64 / 1e6
+    );
+    println!(
+        "| bare parallel download (8 x 16 MiB ranged GETs) | ember generate: process start to first token | ratio |"
+    );
     println!("| ---: | ---: | ---: |");
     println!("| {b:.3} s ({:.0} MB/s) | {c:.3} s | {:.2} |", bytes as f64 / 1e6 / b, c / b);
     println!("last ember load breakdown: {breakdown}");

@@ -17,6 +17,8 @@ pub enum EngineError {
     NumericalError(String),
     #[error(transparent)]
     Load(#[from] LoadError),
+    #[error("generation was stopped before it finished (worker shutting down)")]
+    Cancelled,
     #[error("model execution failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -31,6 +33,7 @@ impl EngineError {
             Self::NumericalError(_) => "numerical_error",
             Self::Load(e) => e.label(),
             Self::Candle(_) => "model_execution",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -39,7 +42,7 @@ impl EngineError {
         match self {
             Self::Load(e) => e.is_retryable(),
             // Out of memory on a device surfaces as a candle error: worth another try.
-            Self::Candle(_) => true,
+            Self::Candle(_) | Self::Cancelled => true,
             _ => false,
         }
     }

@@ -5,6 +5,8 @@ use std::time::Instant;
 
 use tracing_subscriber::EnvFilter;
 
+pub mod metrics;
+
 static PROCESS_START: OnceLock<Instant> = OnceLock::new();
 
 /// Marks the process start; call first thing in `main`.
@@ -25,12 +27,16 @@ pub enum LogFormat {
 
 /// JSON when running in AWS Lambda, text otherwise, unless a format is given.
 pub fn init(format: Option<LogFormat>) {
-    let in_lambda = std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some();
-    let format = format.unwrap_or(if in_lambda { LogFormat::Json } else { LogFormat::Text });
+    let format = format.unwrap_or(if in_lambda() { LogFormat::Json } else { LogFormat::Text });
     let filter = EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.compact().try_init(),
     };
+}
+
+/// Whether this process runs in AWS Lambda (or under a local Lambda runtime emulator).
+pub fn in_lambda() -> bool {
+    std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some() || std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some()
 }

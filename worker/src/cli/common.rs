@@ -20,11 +20,29 @@ pub struct ModelArgs {
     pub fetch: FetchArgs,
 }
 
+/// Where AWS is: the standard environment (region, credentials), plus an endpoint override
+/// for S3/SQS-compatible local servers.
 #[derive(Debug, Clone, clap::Args)]
-pub struct FetchArgs {
-    /// S3-compatible endpoint (for example a local server); AWS's own when unset.
+pub struct AwsArgs {
+    /// S3/SQS-compatible endpoint (for example a local server); AWS's own when unset.
     #[arg(long, env = "AWS_ENDPOINT_URL")]
     pub endpoint_url: Option<String>,
+}
+
+impl AwsArgs {
+    /// AWS configuration from the standard environment, with the endpoint override.
+    pub async fn config(&self) -> aws_config::SdkConfig {
+        let region = aws_config::meta::region::RegionProviderChain::default_provider().or_else("us-east-1");
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region);
+        if let Some(url) = &self.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        loader.load().await
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct FetchArgs {
     /// Where downloaded models are cached, keyed by ETag (none when unset).
     #[arg(long, env = "EMBER_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -44,10 +62,10 @@ impl ModelArgs {
         Ok(self.model.parse()?)
     }
 
-    pub async fn load_options(&self) -> anyhow::Result<LoadOptions> {
+    pub async fn load_options(&self, aws: &AwsArgs) -> anyhow::Result<LoadOptions> {
         let reference = self.reference()?;
         let aws = match reference {
-            ModelRef::S3 { .. } => Some(self.fetch.aws_config().await),
+            ModelRef::S3 { .. } => Some(aws.config().await),
             ModelRef::Local(_) => None,
         };
         Ok(LoadOptions {
@@ -67,15 +85,5 @@ impl FetchArgs {
             cache_dir: self.cache_dir.clone(),
             progress: !self.no_progress,
         }
-    }
-
-    /// AWS configuration from the standard environment, with the endpoint override.
-    pub async fn aws_config(&self) -> aws_config::SdkConfig {
-        let region = aws_config::meta::region::RegionProviderChain::default_provider().or_else("us-east-1");
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region);
-        if let Some(url) = &self.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        loader.load().await
     }
 }

@@ -3,7 +3,7 @@
 
 use ember_model_loader::{load, Message};
 
-use super::common::ModelArgs;
+use super::common::{AwsArgs, ModelArgs};
 use crate::engine::{Engine, GenerateRequest, Prompt, SamplingParams};
 use crate::openai::{completion_body, unix_now};
 use crate::telemetry::since_process_start;
@@ -12,6 +12,8 @@ use crate::telemetry::since_process_start;
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub aws: AwsArgs,
     /// The user message.
     #[arg(long, env = "EMBER_PROMPT")]
     pub prompt: String,
@@ -54,7 +56,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     // Bad settings fail before the model is loaded, not after.
     sampling.validate()?;
     let reference = args.model.reference()?;
-    let opts = args.model.load_options().await?;
+    let opts = args.model.load_options(&args.aws).await?;
     let loaded = load(&reference, &opts).await?;
     let load_done = since_process_start();
     let engine = Engine::new(loaded);

@@ -3,6 +3,7 @@
 
 pub mod sampling;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use ember_model_loader::{LoadedModel, Message, SeqCache};
@@ -107,6 +108,12 @@ impl Engine {
 
     /// Runs one request to completion.
     pub fn generate(&self, req: &GenerateRequest) -> Result<Completion, EngineError> {
+        self.generate_until(req, &AtomicBool::new(false))
+    }
+
+    /// Runs one request, giving up with [`EngineError::Cancelled`] once `cancel` is set
+    /// (checked between tokens).
+    pub fn generate_until(&self, req: &GenerateRequest, cancel: &AtomicBool) -> Result<Completion, EngineError> {
         req.sampling.validate()?;
         let prompt = self.encode_prompt(&req.prompt)?;
         let context = self.context_length();
@@ -127,6 +134,9 @@ impl Engine {
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         while let Some(l) = logits.take() {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(EngineError::Cancelled);
+            }
             let mut l = l.to_vec1::<f32>()?;
             let next = sampler.sample(&mut l, &seen)?;
             if self.eos.contains(&next) {

@@ -1,0 +1,94 @@
+//! Choosing the queue and the result store: SQS and S3 when configured, otherwise the
+//! embedded defaults (a SQLite queue file and a local directory under `.ember/`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::common::AwsArgs;
+use crate::queue::embedded::{EmbeddedOptions, EmbeddedQueue};
+use crate::queue::sqs::{SqsQueue, SqsQueueSetup};
+use crate::queue::Queue;
+use crate::store::local::LocalStore;
+use crate::store::s3::S3Store;
+use crate::store::ObjectStore;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct QueueArgs {
+    /// SQS queue name: jobs come from SQS (its DLQ is found through the redrive policy).
+    /// Without it, the embedded queue file is used.
+    #[arg(long, env = "EMBER_SQS_QUEUE")]
+    pub sqs_queue: Option<String>,
+    /// Create the SQS queue and its `-dlq` if missing, with the visibility timeout and
+    /// max receive count below (for development; deploy queues with infra/ templates).
+    #[arg(long, env = "EMBER_CREATE_QUEUES")]
+    pub create_queues: bool,
+    /// The embedded queue's file (used when no SQS queue is given).
+    #[arg(long, env = "EMBER_QUEUE_PATH", default_value = ".ember/queue.db")]
+    pub queue_path: PathBuf,
+    /// Seconds a received job stays hidden; a heartbeat extends it while the job runs.
+    #[arg(long, env = "EMBER_VISIBILITY_TIMEOUT", default_value_t = 60)]
+    pub visibility_timeout: u64,
+    /// Deliveries before a failing job goes to the dead-letter queue (embedded queue and
+    /// --create-queues).
+    #[arg(long, env = "EMBER_MAX_RECEIVE_COUNT", default_value_t = 3)]
+    pub max_receive_count: u32,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// Where results go: s3://bucket/prefix, or a local directory.
+    #[arg(long, env = "EMBER_RESULTS", default_value = ".ember/results")]
+    pub results: String,
+}
+
+impl QueueArgs {
+    pub fn visibility(&self) -> Duration {
+        Duration::from_secs(self.visibility_timeout.max(1))
+    }
+
+    pub async fn open(&self, aws: &AwsArgs) -> anyhow::Result<Arc<dyn Queue>> {
+        match &self.sqs_queue {
+            Some(name) => {
+                let client = aws_sdk_sqs::Client::new(&aws.config().await);
+                let queue = if self.create_queues {
+                    let setup = SqsQueueSetup {
+                        name: name.clone(),
+                        visibility_timeout: self.visibility(),
+                        max_receive_count: self.max_receive_count,
+                    };
+                    SqsQueue::ensure(client, &setup).await?
+                } else {
+                    SqsQueue::open(client, name).await?
+                };
+                Ok(Arc::new(queue))
+            }
+            None => {
+                if let Some(dir) = self.queue_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let opts = EmbeddedOptions {
+                    visibility_timeout: self.visibility(),
+                    max_receive_count: self.max_receive_count,
+                    ..Default::default()
+                };
+                Ok(Arc::new(EmbeddedQueue::open(&self.queue_path, opts).await?))
+            }
+        }
+    }
+}
+
+impl StoreArgs {
+    pub async fn open(&self, aws: &AwsArgs) -> anyhow::Result<Arc<dyn ObjectStore>> {
+        match ember_model_loader::s3::parse_s3_url(&self.results) {
+            Some((bucket, prefix)) => Ok(Arc::new(S3Store::from_config(&aws.config().await, bucket, &prefix))),
+            None if self.results.contains("://") => {
+                anyhow::bail!("--results `{}` is neither s3://bucket/prefix nor a local directory", self.results)
+            }
+            None => {
+                std::fs::create_dir_all(&self.results)?;
+                Ok(Arc::new(LocalStore::new(&self.results)))
+            }
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The rules, in the order that gives the most useful answer: first whatever names the job
+//! (`custom_id`, `ember`), so that every later error is filed under the job's own id and key,
+//! then the request, and the prompt's length last because counting tokens is the costliest.
+
+use super::input::{parse_object, Fields};
+use super::key::{component_problem, default_result_key, rejected_result_key, store_key_problem};
+use super::messages::chat_messages;
+use super::params::{check_parameters, generation};
+use super::{JobError, JobLimits, RejectedJob, ValidJob};
+use crate::engine::{GenerateRequest, Prompt};
+
+/// The model name that means "the first model this worker serves", for job files written
+/// without knowing which model will run them. A missing or empty `model` is refused instead:
+/// OpenAI requires the field, and its absence more often means a malformed line than a choice.
+pub const DEFAULT_MODEL: &str = "default";
+
+/// Counts the tokens of a prompt as the model will see them (chat template applied). An error
+/// (a template that refuses the conversation, say) refuses the job.
+pub type TokenCounter<'a> = &'a dyn Fn(&Prompt) -> Result<usize, String>;
+
+/// Checks one queue message body. `message_id` is the queue's id for the message: the result
+/// ids derive from it, and a refused job without a usable `custom_id` is answered under it.
+/// The refusal is boxed: it is the rare path, and it keeps the `Result` small.
+pub fn validate(
+    body: &[u8],
+    message_id: &str,
+    limits: &JobLimits,
+    count_tokens: TokenCounter<'_>,
+) -> Result<ValidJob, Box<RejectedJob>> {
+    let mut target =
+        Target { custom_id: message_id.to_string(), batch_id: None, result_key: rejected_result_key(None, message_id) };
+    let checked = parse_object(body, limits.max_body_bytes).and_then(|line| {
+        let top = Fields::new(&line, "");
+        identify(&top, message_id, &mut target)?;
+        request(&top, limits, count_tokens)
+    });
+    match checked {
+        Ok(r) => Ok(ValidJob {
+            message_id: message_id.to_string(),
+            custom_id: target.custom_id,
+            request: r.request,
+            model: r.model,
+            chat: r.chat,
+            result_key: target.result_key,
+            batch_id: target.batch_id,
+            prompt_tokens: r.prompt_tokens,
+        }),
+        Err(error) => Err(Box::new(RejectedJob {
+            message_id: message_id.to_string(),
+            custom_id: target.custom_id,
+            batch_id: target.batch_id,
+            result_key: target.result_key,
+            error,
+        })),
+    }
+}
+
+/// The model needs one token of room after the prompt, as in the engine.
+pub fn check_prompt_length(prompt_tokens: usize, context_length: usize) -> Result<(), JobError> {
+    if prompt_tokens >= context_length {
+        return Err(JobError::PromptTooLong { prompt_tokens, context: context_length });
+    }
+    Ok(())
+}
+
+/// Who the job is and where its result goes, filled in as far as the line allows.
+struct Target {
+    custom_id: String,
+    batch_id: Option<String>,
+    result_key: String,
+}
+
+fn identify(top: &Fields<'_>, message_id: &str, target: &mut Target) -> Result<(), JobError> {
+    // Echo the caller's id in an error result even when it cannot name the result object.
+    let custom_id = top.str("custom_id")?.filter(|id| !id.is_empty());
+    if let Some(id) = custom_id {
+        target.custom_id = id.to_string();
+    }
+    let explicit_key = ember_options(top, message_id, target)?;
+    let id = custom_id.ok_or(JobError::MissingCustomId)?;
+    if let Some(reason) = component_problem(id) {
+        return Err(JobError::InvalidCustomId { reason });
+    }
+    if !explicit_key {
+        let key = default_result_key(target.batch_id.as_deref(), id);
+        if let Some(reason) = store_key_problem(&key) {
+            return Err(JobError::InvalidCustomId { reason: format!("makes the result key {key:?}, which {reason}") });
+        }
+        target.result_key = key;
+    }
+    Ok(())
+}
+
+/// Reads the `ember` object; true when it names the result key.
+fn ember_options(top: &Fields<'_>, message_id: &str, target: &mut Target) -> Result<bool, JobError> {
+    let Some(map) = top.object("ember")? else { return Ok(false) };
+    let ember = Fields::new(map, "ember");
+    if let Some((field, _)) = ember.names().find(|(name, _)| !matches!(*name, "batch_id" | "result_key")) {
+        return Err(JobError::UnknownEmberField { field: field.to_string() });
+    }
+    if let Some(batch) = ember.str("batch_id")? {
+        if let Some(reason) = component_problem(batch).or_else(|| batch.is_empty().then(|| "is empty".to_string())) {
+            return Err(JobError::InvalidBatchId { reason });
+        }
+        target.batch_id = Some(batch.to_string());
+        target.result_key = rejected_result_key(Some(batch), message_id);
+    }
+    let Some(key) = ember.str("result_key")? else { return Ok(false) };
+    if let Some(reason) = store_key_problem(key) {
+        return Err(JobError::InvalidResultKey { key: key.to_string(), reason });
+    }
+    target.result_key = key.to_string();
+    Ok(true)
+}
+
+/// The checked request of a line.
+struct Request {
+    request: GenerateRequest,
+    model: String,
+    chat: bool,
+    prompt_tokens: usize,
+}
+
+fn request(top: &Fields<'_>, limits: &JobLimits, count_tokens: TokenCounter<'_>) -> Result<Request, JobError> {
+    let method = top.str("method")?.unwrap_or_default();
+    if method != "POST" {
+        return Err(JobError::WrongMethod { method: method.to_string() });
+    }
+    let chat = match top.str("url")?.unwrap_or_default() {
+        "/v1/chat/completions" => true,
+        "/v1/completions" => false,
+        url => return Err(JobError::UnsupportedUrl { url: url.to_string() }),
+    };
+    let map = top.object("body")?.ok_or(JobError::MissingBody)?;
+    let body = Fields::new(map, "body");
+    let model = served_model(body.str("model")?, limits)?;
+    let prompt = if chat { Prompt::Chat(chat_messages(&body)?) } else { Prompt::Text(text_prompt(&body)?) };
+    check_parameters(&body, chat)?;
+    let g = generation(&body, limits)?;
+    let prompt_tokens = count_tokens(&prompt).map_err(JobError::PromptEncoding)?;
+    check_prompt_length(prompt_tokens, limits.context_length)?;
+    let request = GenerateRequest { prompt, max_tokens: g.max_tokens, sampling: g.sampling, stop: g.stop };
+    Ok(Request { request, model, chat, prompt_tokens })
+}
+
+/// The served name the job's `model` selects; see [`DEFAULT_MODEL`].
+fn served_model(model: Option<&str>, limits: &JobLimits) -> Result<String, JobError> {
+    let unknown = |m: &str| JobError::UnknownModel { model: m.to_string(), served: limits.models.clone() };
+    match model.unwrap_or_default() {
+        "" => Err(JobError::MissingModel { served: limits.models.clone() }),
+        m if limits.models.iter().any(|s| s == m) => Ok(m.to_string()),
+        DEFAULT_MODEL => limits.models.first().cloned().ok_or_else(|| unknown(DEFAULT_MODEL)),
+        m => Err(unknown(m)),
+    }
+}
+
+/// A completions prompt: one string. OpenAI also takes lists and token ids; one job is one
+/// completion here, so a list would need one job per entry.
+fn text_prompt(body: &Fields<'_>) -> Result<String, JobError> {
+    let prompt = body.str("prompt")?.ok_or(JobError::MissingPrompt)?;
+    if prompt.is_empty() {
+        return Err(JobError::EmptyPrompt);
+    }
+    Ok(prompt.to_string())
+}

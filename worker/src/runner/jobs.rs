@@ -1,0 +1,204 @@
+//! The [`Handler`] that runs inference jobs: validate the message, generate, write the
+//! OpenAI batch output line create-only, and decide what becomes of the message.
+//!
+//! Every path ends in one of two states a crash cannot break:
+//! - the result object exists (written once, create-only) and the message is deleted, or
+//! - the message is left on the queue (or released) and will run again.
+//!
+//! A crash between the write and the delete only means a redelivery, and a redelivered job
+//! whose result exists is deleted without running again. A job that can never succeed (a
+//! [`JobError`](crate::job::JobError), or a terminal engine error) gets an error result and
+//! goes to the dead-letter queue with the error's label as the reason.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::{retry_backoff, Handler, Outcome, Shutdown};
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::job::{validate, JobLimits, RejectedJob, ResultLine, ValidJob};
+use crate::queue::{Queue, ReceivedMessage};
+use crate::store::{ObjectStore, PutOutcome};
+use crate::telemetry::metrics;
+
+/// Where jobs that fail for good are sent.
+#[derive(Clone)]
+pub enum DeadLetters {
+    /// Straight into this queue's DLQ, and the message is deleted (`ember serve`).
+    Queue(Arc<dyn Queue>),
+    /// Left to the source queue's redrive policy: the message is reported as failed until it
+    /// has been received `maxReceiveCount` times (Lambda, where the event source mapping
+    /// deletes what the function reports done and nothing else).
+    Redrive,
+}
+
+pub struct JobHandler {
+    engine: Arc<Engine>,
+    store: Arc<dyn ObjectStore>,
+    dead_letters: DeadLetters,
+    limits: JobLimits,
+    /// Deliveries after which a transient failure is treated as final: the job gets an error
+    /// result before the queue moves it to the DLQ, so it is never dropped without an answer.
+    max_receive_count: u32,
+}
+
+impl JobHandler {
+    pub fn new(
+        engine: Arc<Engine>,
+        store: Arc<dyn ObjectStore>,
+        dead_letters: DeadLetters,
+        max_receive_count: u32,
+    ) -> Self {
+        let limits = JobLimits::new(vec![engine.loaded.name.clone()], engine.context_length());
+        Self { engine, store, dead_letters, limits, max_receive_count: max_receive_count.max(1) }
+    }
+
+    pub fn limits(&self) -> &JobLimits {
+        &self.limits
+    }
+
+    /// Validates on a blocking thread: counting the tokens of a large prompt takes a while.
+    async fn check(&self, msg: &ReceivedMessage) -> Result<Result<ValidJob, Box<RejectedJob>>, Outcome> {
+        let (engine, limits, body, id) =
+            (self.engine.clone(), self.limits.clone(), msg.body.clone(), msg.id.as_str().to_string());
+        let checked = tokio::task::spawn_blocking(move || {
+            let count = |p: &crate::engine::Prompt| engine.encode_prompt(p).map(|t| t.len()).map_err(|e| e.to_string());
+            validate(&body, &id, &limits, &count)
+        })
+        .await;
+        checked.map_err(|e| {
+            tracing::error!(message_id = %msg.id, error = %e, "validation panicked");
+            Outcome::Retry { after: retry_backoff(msg.receive_count), label: "validation_panicked".into() }
+        })
+    }
+
+    /// Writes an error result, then parks the job with the dead letters.
+    async fn fail_for_good(&self, msg: &ReceivedMessage, key: &str, line: &ResultLine, label: &str) -> Outcome {
+        if let Err(outcome) = self.write(msg, key, line).await {
+            return outcome;
+        }
+        match &self.dead_letters {
+            DeadLetters::Queue(queue) => match queue.send_to_dlq(dlq_body(&msg.body), label).await {
+                Ok(_) => Outcome::Poisoned { label: label.to_string() },
+                Err(e) => {
+                    tracing::warn!(message_id = %msg.id, error = %e, "could not send to the DLQ; will retry");
+                    Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() }
+                }
+            },
+            // Failing the record until the redrive policy moves it: the error result is
+            // already written, so later deliveries only re-check and fail fast.
+            DeadLetters::Redrive => {
+                Outcome::Retry { after: retry_backoff(msg.receive_count), label: format!("poison:{label}") }
+            }
+        }
+    }
+
+    /// Create-only write of a result line; an existing result counts as written.
+    /// Answers whether this call created it.
+    async fn write(&self, msg: &ReceivedMessage, key: &str, line: &ResultLine) -> Result<bool, Outcome> {
+        let mut bytes = match line.to_json() {
+            Ok(text) => text.into_bytes(),
+            Err(e) => {
+                tracing::error!(message_id = %msg.id, error = %e, "could not serialize the result");
+                return Err(Outcome::Retry { after: retry_backoff(msg.receive_count), label: "serialize".into() });
+            }
+        };
+        bytes.push(b'\n');
+        match self.store.put_if_absent(key, bytes).await {
+            Ok(PutOutcome::Created) => Ok(true),
+            Ok(PutOutcome::AlreadyExists) => {
+                tracing::info!(message_id = %msg.id, key, "result already written by an earlier delivery");
+                Ok(false)
+            }
+            Err(e) => {
+                tracing::warn!(message_id = %msg.id, key, error = %e, "could not write the result; will retry");
+                Err(Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() })
+            }
+        }
+    }
+
+    async fn run(&self, msg: &ReceivedMessage, job: ValidJob, shutdown: &Shutdown) -> Outcome {
+        // A first delivery cannot have a result yet (short of two messages for one job, which
+        // the create-only write settles): only redeliveries pay for the check.
+        let check = if msg.receive_count > 1 { self.store.get(&job.result_key).await } else { Ok(None) };
+        match check {
+            Ok(Some(_)) => {
+                tracing::info!(message_id = %msg.id, key = %job.result_key, "already done; deleting the message");
+                return Outcome::Done;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(message_id = %msg.id, error = %e, "could not check for an earlier result; will retry");
+                return Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() };
+            }
+        }
+        let queue_wait_s = msg.sent_at.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let (engine, request, stop) = (self.engine.clone(), job.request.clone(), shutdown.clone());
+        let generated = tokio::task::spawn_blocking(move || engine.generate_until(&request, stop.flag())).await;
+        let completion = match generated {
+            Ok(Ok(c)) => c,
+            Ok(Err(EngineError::Cancelled)) => return Outcome::Released,
+            Ok(Err(e)) if e.is_retryable() && msg.receive_count < self.max_receive_count => {
+                tracing::warn!(message_id = %msg.id, error = %e, label = e.label(), "generation failed; will retry");
+                return Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() };
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(message_id = %msg.id, error = %e, label = e.label(), "job failed for good");
+                let line = ResultLine::failed(&job, &e);
+                return self.fail_for_good(msg, &job.result_key, &line, e.label()).await;
+            }
+            Err(e) => {
+                tracing::error!(message_id = %msg.id, error = %e, "generation panicked; will retry");
+                return Outcome::Retry { after: retry_backoff(msg.receive_count), label: "generation_panicked".into() };
+            }
+        };
+        let line = ResultLine::success(&job, unix_secs(msg.sent_at), &completion);
+        match self.write(msg, &job.result_key, &line).await {
+            Ok(true) => {}
+            Ok(false) => return Outcome::Done,
+            Err(outcome) => return outcome,
+        }
+        metrics::job(&metrics::JobMetrics {
+            message_id: msg.id.as_str(),
+            custom_id: &job.custom_id,
+            model: &job.model,
+            queue_wait_s,
+            generation_s: completion.timings.prefill_s + completion.timings.decode_s,
+            prefill_s: completion.timings.prefill_s,
+            prompt_tokens: completion.usage.prompt_tokens,
+            completion_tokens: completion.usage.completion_tokens,
+            receive_count: msg.receive_count,
+        });
+        Outcome::Done
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for JobHandler {
+    async fn handle(&self, msg: &ReceivedMessage, shutdown: &Shutdown) -> Outcome {
+        match self.check(msg).await {
+            Err(outcome) => outcome,
+            Ok(Ok(job)) => self.run(msg, job, shutdown).await,
+            Ok(Err(rejected)) => {
+                let label = rejected.error.label();
+                tracing::warn!(message_id = %msg.id, custom_id = %rejected.custom_id, label, error = %rejected.error,
+                    "job refused");
+                let line = ResultLine::rejected(&rejected);
+                self.fail_for_good(msg, &rejected.result_key, &line, label).await
+            }
+        }
+    }
+}
+
+/// The body as the DLQ can carry it: SQS takes only text, so bytes that are not UTF-8 are kept
+/// with their invalid sequences replaced (the error result already names the offset).
+fn dlq_body(body: &[u8]) -> Vec<u8> {
+    match std::str::from_utf8(body) {
+        Ok(_) => body.to_vec(),
+        Err(_) => String::from_utf8_lossy(body).into_owned().into_bytes(),
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs()
+}

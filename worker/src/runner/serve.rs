@@ -1,0 +1,204 @@
+//! The poll loop.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+
+use super::heartbeat::Heartbeat;
+use super::{Handler, Outcome, Shutdown};
+use crate::queue::{Queue, ReceiptHandle, ReceiveOptions, ReceivedMessage, MAX_BATCH};
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Jobs running at once.
+    pub concurrency: usize,
+    /// Long-poll wait of each receive.
+    pub wait: Duration,
+    /// Visibility timeout asked for on receive and renewed by the heartbeat.
+    pub visibility: Duration,
+    /// After shutdown is triggered, how long in-flight jobs get to finish before they are
+    /// released back to the queue.
+    pub grace: Duration,
+    /// Stop when a receive comes back empty and nothing is running (`ember run`, tests).
+    pub exit_when_idle: bool,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 2,
+            wait: Duration::from_secs(20),
+            visibility: Duration::from_secs(60),
+            grace: Duration::from_secs(25),
+            exit_when_idle: false,
+        }
+    }
+}
+
+/// Counts of what the loop did.
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    /// Deliveries taken from the queue (a redelivered message counts again).
+    pub received: AtomicU64,
+    pub done: AtomicU64,
+    pub poisoned: AtomicU64,
+    pub retried: AtomicU64,
+    pub released: AtomicU64,
+}
+
+impl ServeStats {
+    pub fn finished(&self) -> u64 {
+        self.done.load(Ordering::Relaxed) + self.poisoned.load(Ordering::Relaxed)
+    }
+}
+
+/// Receives and runs messages until shutdown (or until idle with `exit_when_idle`).
+pub async fn serve(
+    queue: Arc<dyn Queue>,
+    handler: Arc<dyn Handler>,
+    opts: &ServeOptions,
+    shutdown: &Shutdown,
+    stats: Arc<ServeStats>,
+) -> anyhow::Result<()> {
+    let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let deleter = Deleter::start(queue.clone());
+    let mut running: JoinSet<()> = JoinSet::new();
+    while !shutdown.is_triggered() {
+        // Only ask for as many messages as there are free slots: a message received and left
+        // waiting would sit out its visibility timeout for nothing.
+        let Ok(first) = slots.clone().acquire_owned().await else { break };
+        let mut permits = vec![first];
+        while permits.len() < MAX_BATCH {
+            match slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let receive =
+            ReceiveOptions { max_messages: permits.len(), wait: opts.wait, visibility_timeout: Some(opts.visibility) };
+        let messages = tokio::select! {
+            r = queue.receive(&receive) => r,
+            _ = shutdown.wait() => break,
+        };
+        let messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, label = e.label(), "receive failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        stats.received.fetch_add(messages.len() as u64, Ordering::Relaxed);
+        while running.try_join_next().is_some() {}
+        if messages.is_empty() && opts.exit_when_idle && running.is_empty() && queue_is_drained(queue.as_ref()).await {
+            break;
+        }
+        for (msg, permit) in messages.into_iter().zip(permits) {
+            let (queue, handler, shutdown, stats) = (queue.clone(), handler.clone(), shutdown.clone(), stats.clone());
+            let (visibility, deletes) = (opts.visibility, deleter.tx.clone());
+            running.spawn(async move {
+                run_one(queue, handler, msg, visibility, &shutdown, &stats, &deletes).await;
+                drop(permit);
+            });
+        }
+    }
+    // Shutdown: give running jobs the grace period, then release whatever is left. Jobs see
+    // the shutdown flag and release their own message when they stop early.
+    let drained = tokio::time::timeout(opts.grace, async { while running.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = running.len(),
+            "grace period over; abandoning jobs (their messages come back after the visibility timeout)"
+        );
+        running.abort_all();
+        while running.join_next().await.is_some() {}
+    }
+    deleter.finish().await;
+    Ok(())
+}
+
+/// Deletes finished messages in batches: whatever finished while the previous batch request
+/// was out goes in the next one, so a busy worker makes one delete request per ten jobs and an
+/// idle one deletes at once. A crash before a delete only means a redelivery, which finds the
+/// result written and deletes the message then.
+struct Deleter {
+    tx: mpsc::UnboundedSender<(ReceiptHandle, crate::queue::MessageId)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Deleter {
+    fn start(queue: Arc<dyn Queue>) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(ReceiptHandle, crate::queue::MessageId)>();
+        let task = tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let receipts: Vec<ReceiptHandle> = batch.iter().map(|(r, _)| r.clone()).collect();
+                for ((_, id), result) in batch.iter().zip(queue.delete_batch(&receipts).await) {
+                    if let Err(e) = result {
+                        // The result is written: a failed delete only means a redelivery,
+                        // which the create-only result write turns into a no-op.
+                        tracing::warn!(message_id = %id, error = %e, "could not delete a finished message");
+                    }
+                }
+            }
+        });
+        Self { tx, task }
+    }
+
+    /// Sends what is pending and stops.
+    async fn finish(self) {
+        drop(self.tx);
+        let _ = self.task.await;
+    }
+}
+
+/// Nothing visible, hidden or delayed (messages waiting out a retry backoff count as work).
+async fn queue_is_drained(queue: &dyn crate::queue::Queue) -> bool {
+    match queue.depth().await {
+        Ok(d) => d.visible + d.in_flight + d.delayed == 0,
+        Err(_) => false,
+    }
+}
+
+async fn run_one(
+    queue: Arc<dyn Queue>,
+    handler: Arc<dyn Handler>,
+    msg: ReceivedMessage,
+    visibility: Duration,
+    shutdown: &Shutdown,
+    stats: &ServeStats,
+    deletes: &mpsc::UnboundedSender<(ReceiptHandle, crate::queue::MessageId)>,
+) {
+    let outcome = {
+        let _heartbeat = Heartbeat::start(queue.clone(), msg.receipt.clone(), visibility);
+        handler.handle(&msg, shutdown).await
+    };
+    let settled = match &outcome {
+        Outcome::Done | Outcome::Poisoned { .. } => {
+            deletes.send((msg.receipt.clone(), msg.id.clone())).map_err(|_| crate::queue::QueueError::Closed)
+        }
+        Outcome::Retry { after, .. } => queue.change_visibility(&msg.receipt, *after).await,
+        Outcome::Released => queue.change_visibility(&msg.receipt, Duration::ZERO).await,
+    };
+    let counter = match &outcome {
+        Outcome::Done => &stats.done,
+        Outcome::Poisoned { .. } => &stats.poisoned,
+        Outcome::Retry { .. } => &stats.retried,
+        Outcome::Released => &stats.released,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = settled {
+        // The result is already written (or the job will simply run again): a failed delete
+        // only means a redelivery, which the create-only result write turns into a no-op.
+        tracing::warn!(message_id = %msg.id, error = %e, "could not settle the message");
+    }
+}

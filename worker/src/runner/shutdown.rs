@@ -1,0 +1,76 @@
+//! A shutdown signal shared by the poll loop and running jobs: SIGTERM/SIGINT (or a caller)
+//! trips it; the loop stops receiving and jobs may stop early and release their message.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+#[derive(Clone)]
+pub struct Shutdown {
+    flag: Arc<AtomicBool>,
+    tx: Arc<watch::Sender<bool>>,
+    rx: watch::Receiver<bool>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        let (tx, rx) = watch::channel(false);
+        Self { flag: Arc::new(AtomicBool::new(false)), tx: Arc::new(tx), rx }
+    }
+
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _ = self.tx.send(true);
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// The flag itself, for blocking code (generation checks it between tokens).
+    pub fn flag(&self) -> &AtomicBool {
+        &self.flag
+    }
+
+    /// Resolves once shutdown is triggered.
+    pub async fn wait(&self) {
+        let mut rx = self.rx.clone();
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Trips on SIGTERM or SIGINT (Ctrl-C).
+    pub fn on_signals(&self) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+                else {
+                    tracing::warn!("could not install signal handlers; shutdown only by kill");
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: finishing or releasing in-flight jobs"),
+                    _ = int.recv() => tracing::info!("SIGINT: finishing or releasing in-flight jobs"),
+                }
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+            me.trigger();
+        });
+    }
+}
