@@ -18,8 +18,11 @@
 pub mod cli;
 pub mod engine;
 pub mod error;
+pub mod job;
+pub mod lambda;
 pub mod openai;
 pub mod queue;
+pub mod runner;
 pub mod store;
 pub mod telemetry;
 

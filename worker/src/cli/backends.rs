@@ -21,7 +21,7 @@ pub struct QueueArgs {
     pub sqs_queue: Option<String>,
     /// Create the SQS queue and its `-dlq` if missing, with the visibility timeout and
     /// max receive count below (for development; deploy queues with infra/ templates).
-    #[arg(long, env = "EMBER_CREATE_QUEUES")]
+    #[arg(long, env = "EMBER_CREATE_QUEUES", value_parser = clap::builder::BoolishValueParser::new())]
     pub create_queues: bool,
     /// The embedded queue's file (used when no SQS queue is given).
     #[arg(long, env = "EMBER_QUEUE_PATH", default_value = ".ember/queue.db")]

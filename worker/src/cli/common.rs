@@ -53,7 +53,7 @@ pub struct FetchArgs {
     #[arg(long, env = "EMBER_FETCH_CONCURRENCY", default_value_t = 8)]
     pub fetch_concurrency: usize,
     /// Hide the download progress bar.
-    #[arg(long, env = "EMBER_NO_PROGRESS")]
+    #[arg(long, env = "EMBER_NO_PROGRESS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_progress: bool,
 }
 

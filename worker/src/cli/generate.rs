@@ -21,7 +21,7 @@ pub struct GenerateArgs {
     #[arg(long, env = "EMBER_SYSTEM")]
     pub system: Option<String>,
     /// Send the prompt as it is, without the chat template.
-    #[arg(long, env = "EMBER_RAW")]
+    #[arg(long, env = "EMBER_RAW", value_parser = clap::builder::BoolishValueParser::new())]
     pub raw: bool,
     #[arg(long, env = "EMBER_MAX_TOKENS", default_value_t = 256)]
     pub max_tokens: usize,
@@ -41,7 +41,7 @@ pub struct GenerateArgs {
     #[arg(long, env = "EMBER_STOP")]
     pub stop: Vec<String>,
     /// Print the OpenAI chat.completion object instead of the text.
-    #[arg(long, env = "EMBER_JSON")]
+    #[arg(long, env = "EMBER_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     pub json: bool,
 }
 

@@ -1,8 +1,12 @@
 //! The `ember` command line. Every option is also an environment variable.
 
+pub mod backends;
 pub mod common;
 pub mod generate;
+pub mod jobs;
+pub mod lambda;
 pub mod model;
+pub mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +36,19 @@ pub enum Command {
     /// Work with model files: import a GGUF, write a manifest.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Run jobs from the queue until stopped (SIGTERM/SIGINT finish or release running jobs).
+    Serve(serve::ServeArgs),
+    /// Put a JSONL batch file (OpenAI batch input lines) on the queue.
+    Submit(jobs::SubmitArgs),
+    /// Run a JSONL batch file to an output JSONL: submit, serve until done, collect.
+    Run(jobs::RunArgs),
+    /// Queue depths: visible, in flight, delayed, dead-lettered.
+    Status(jobs::StatusArgs),
+    /// Work with the dead-letter queue.
+    #[command(subcommand)]
+    Dlq(jobs::DlqCommand),
+    /// Run as an AWS Lambda function on SQS events (the model loads once per container).
+    Lambda(lambda::LambdaArgs),
 }
 
 /// Runs the parsed command.
@@ -39,5 +56,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args).await,
         Command::Model(cmd) => model::run(cmd).await,
+        Command::Serve(args) => serve::run(args).await,
+        Command::Submit(args) => jobs::submit(args).await,
+        Command::Run(args) => jobs::run(args).await,
+        Command::Status(args) => jobs::status(args).await,
+        Command::Dlq(cmd) => jobs::dlq(cmd).await,
+        Command::Lambda(args) => lambda::run(args).await,
     }
 }

@@ -78,7 +78,7 @@ impl JobHandler {
             return outcome;
         }
         match &self.dead_letters {
-            DeadLetters::Queue(queue) => match queue.send_to_dlq(dlq_body(&msg.body), label).await {
+            DeadLetters::Queue(queue) => match send_to_dlq(queue.as_ref(), &msg.body, label).await {
                 Ok(_) => Outcome::Poisoned { label: label.to_string() },
                 Err(e) => {
                     tracing::warn!(message_id = %msg.id, error = %e, "could not send to the DLQ; will retry");
@@ -190,12 +190,14 @@ impl Handler for JobHandler {
     }
 }
 
-/// The body as the DLQ can carry it: SQS takes only text, so bytes that are not UTF-8 are kept
-/// with their invalid sequences replaced (the error result already names the offset).
-fn dlq_body(body: &[u8]) -> Vec<u8> {
-    match std::str::from_utf8(body) {
-        Ok(_) => body.to_vec(),
-        Err(_) => String::from_utf8_lossy(body).into_owned().into_bytes(),
+/// Sends the body as it is; a queue that carries only text (SQS) gets it with the invalid
+/// UTF-8 sequences replaced (the error result already names the offset).
+async fn send_to_dlq(queue: &dyn Queue, body: &[u8], label: &str) -> Result<(), crate::queue::QueueError> {
+    match queue.send_to_dlq(body.to_vec(), label).await {
+        Err(crate::queue::QueueError::BodyNotUtf8 { .. }) => {
+            queue.send_to_dlq(String::from_utf8_lossy(body).into_owned().into_bytes(), label).await.map(|_| ())
+        }
+        other => other.map(|_| ()),
     }
 }
 

@@ -1,0 +1,141 @@
+//! The worker's job throughput next to the raw queue, in one run against the same moto SQS
+//! on 127.0.0.1:
+//!
+//!     scripts/fetch-model.sh && scripts/install-test-deps.sh
+//!     cargo bench -p ember-worker --bench throughput
+//!
+//! Baseline: receive (10 at a time) + batch delete, as fast as the queue allows, with as many
+//! loops as the worker has jobs in flight. Worker: `serve` with the real small model, jobs of
+//! `max_tokens` 1, results written create-only to moto S3. Prints both rates and the ratio
+//! (the target is 0.8x or more).
+//!
+//! Settings (environment): EMBER_BENCH_JOBS (300), EMBER_BENCH_CONCURRENCY (8),
+//! EMBER_BENCH_RUNS (3, the median counts).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ember_model_loader::{load, LoadOptions};
+use ember_tests::{smollm_hf, MotoServer};
+use ember_worker::engine::Engine;
+use ember_worker::queue::sqs::{SqsQueue, SqsQueueSetup};
+use ember_worker::queue::{OutgoingMessage, Queue, ReceiveOptions};
+use ember_worker::runner::{serve, DeadLetters, JobHandler, ServeOptions, ServeStats, Shutdown};
+use ember_worker::store::s3::S3Store;
+use serde_json::json;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+async fn fill(queue: &dyn Queue, n: usize, batch: &str) -> anyhow::Result<()> {
+    let bodies: Vec<OutgoingMessage> = (0..n)
+        .map(|i| {
+            let line = json!({"custom_id": format!("j{i}"), "method": "POST", "url": "/v1/chat/completions",
+                "ember": {"batch_id": batch},
+                "body": {"model": "default", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 1}});
+            OutgoingMessage::new(line.to_string())
+        })
+        .collect();
+    for r in queue.send_batch(bodies).await {
+        r?;
+    }
+    Ok(())
+}
+
+/// Raw receive + batch delete with `loops` concurrent loops until `n` messages are gone.
+async fn raw_rate(queue: Arc<dyn Queue>, n: usize, loops: usize) -> anyhow::Result<f64> {
+    fill(queue.as_ref(), n, "raw").await?;
+    let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..loops {
+        let (queue, taken) = (queue.clone(), taken.clone());
+        tasks.push(tokio::spawn(async move {
+            let opts = ReceiveOptions { max_messages: 10, wait: Duration::from_secs(1), visibility_timeout: None };
+            while taken.load(Ordering::Relaxed) < n {
+                let msgs = queue.receive(&opts).await?;
+                let receipts: Vec<_> = msgs.iter().map(|m| m.receipt.clone()).collect();
+                for r in queue.delete_batch(&receipts).await {
+                    r?;
+                }
+                taken.fetch_add(msgs.len(), Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn worker_rate(
+    queue: Arc<dyn Queue>,
+    handler: Arc<JobHandler>,
+    n: usize,
+    concurrency: usize,
+    batch: &str,
+) -> anyhow::Result<f64> {
+    fill(queue.as_ref(), n, batch).await?;
+    let stats = Arc::new(ServeStats::default());
+    let shutdown = Shutdown::new();
+    let opts = ServeOptions {
+        concurrency,
+        wait: Duration::from_secs(1),
+        visibility: Duration::from_secs(60),
+        grace: Duration::from_secs(10),
+        exit_when_idle: false,
+    };
+    let start = Instant::now();
+    let task = {
+        let (queue, stats, shutdown) = (queue.clone(), stats.clone(), shutdown.clone());
+        tokio::spawn(async move { serve(queue, handler, &opts, &shutdown, stats).await })
+    };
+    while stats.done.load(Ordering::Relaxed) < n as u64 {
+        if task.is_finished() || start.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("the worker stopped after {} of {n} jobs", stats.done.load(Ordering::Relaxed));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    shutdown.trigger();
+    task.await??;
+    Ok(rate)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let (n, concurrency, runs) =
+        (env_usize("EMBER_BENCH_JOBS", 300), env_usize("EMBER_BENCH_CONCURRENCY", 8), env_usize("EMBER_BENCH_RUNS", 3));
+    let moto = MotoServer::start()?;
+    let conf = moto.aws_config().await;
+    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&conf).force_path_style(true).build());
+    s3.create_bucket().bucket("bench").send().await?;
+    let setup =
+        SqsQueueSetup { name: "throughput".into(), visibility_timeout: Duration::from_secs(60), max_receive_count: 3 };
+    let queue: Arc<dyn Queue> = Arc::new(SqsQueue::ensure(aws_sdk_sqs::Client::new(&conf), &setup).await?);
+    let engine =
+        Arc::new(Engine::new(load(&smollm_hf("f32")?.to_string_lossy().parse()?, &LoadOptions::default()).await?));
+    let store = Arc::new(S3Store::new(s3, "bench", "out"));
+    let handler = Arc::new(JobHandler::new(engine, store, DeadLetters::Queue(queue.clone()), 3));
+
+    let (mut raw, mut worker) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        raw.push(raw_rate(queue.clone(), n, concurrency).await?);
+        worker.push(worker_rate(queue.clone(), handler.clone(), n, concurrency, &format!("run{run}")).await?);
+        eprintln!("run {run}: raw {:.1}/s, worker {:.1}/s", raw[run], worker[run]);
+    }
+    let (r, w) = (median(raw), median(worker));
+    println!("\n## Worker throughput on moto SQS + S3 (127.0.0.1), {n} jobs of max_tokens 1, {concurrency} in flight, median of {runs}");
+    println!("| raw receive + batch delete | ember worker (validate, generate, write result, delete) | ratio |");
+    println!("| ---: | ---: | ---: |");
+    println!("| {r:.1} msg/s | {w:.1} jobs/s | {:.2} |", w / r);
+    Ok(())
+}

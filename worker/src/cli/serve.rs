@@ -1,0 +1,132 @@
+//! `ember serve`: the long-running worker. Loads the model once, then polls the queue until
+//! SIGTERM/SIGINT (or until the queue is drained, with `--exit-when-idle`).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ember_model_loader::load;
+
+use super::backends::{QueueArgs, StoreArgs};
+use super::common::{AwsArgs, ModelArgs};
+use crate::engine::Engine;
+use crate::queue::Queue;
+use crate::runner::{serve, DeadLetters, JobHandler, ServeOptions, ServeStats, Shutdown};
+use crate::store::ObjectStore;
+use crate::telemetry::{metrics, since_process_start};
+
+/// How the poll loop runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoopArgs {
+    /// Jobs running at once in this process.
+    #[arg(long, env = "EMBER_CONCURRENCY", default_value_t = 2)]
+    pub concurrency: usize,
+    /// Long-poll wait of each receive, in seconds (at most 20).
+    #[arg(long, env = "EMBER_WAIT_SECONDS", default_value_t = 20)]
+    pub wait_seconds: u64,
+    /// After SIGTERM/SIGINT, seconds that running jobs get to finish before their messages
+    /// are released to other workers.
+    #[arg(long, env = "EMBER_GRACE_SECONDS", default_value_t = 25)]
+    pub grace_seconds: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub looping: LoopArgs,
+    /// Exit once the queue has nothing visible, in flight or delayed, instead of waiting for
+    /// more work.
+    #[arg(long, env = "EMBER_EXIT_WHEN_IDLE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub exit_when_idle: bool,
+}
+
+/// A loaded worker: the model, the queue and the result store.
+pub struct Worker {
+    pub engine: Arc<Engine>,
+    pub queue: Arc<dyn Queue>,
+    pub store: Arc<dyn ObjectStore>,
+}
+
+impl Worker {
+    /// Loads the model and opens the queue and the store, logging the cold-start breakdown.
+    pub async fn start(model: &ModelArgs, aws: &AwsArgs, queue: &QueueArgs, store: &StoreArgs) -> anyhow::Result<Self> {
+        // Open the queue and the store first: a typo in a queue name should not cost a model load.
+        let (queue, store) = tokio::try_join!(queue.open(aws), store.open(aws))?;
+        let engine = Arc::new(load_engine(model, aws).await?);
+        Ok(Self { engine, queue, store })
+    }
+
+    pub fn handler(&self, max_receive_count: u32) -> Arc<JobHandler> {
+        Arc::new(JobHandler::new(
+            self.engine.clone(),
+            self.store.clone(),
+            DeadLetters::Queue(self.queue.clone()),
+            max_receive_count,
+        ))
+    }
+}
+
+/// Loads the model into an engine and logs where the start-up time went.
+pub async fn load_engine(model: &ModelArgs, aws: &AwsArgs) -> anyhow::Result<Engine> {
+    let reference = model.reference()?;
+    let opts = model.load_options(aws).await?;
+    let loaded = load(&reference, &opts).await?;
+    let t = loaded.timings;
+    metrics::cold_start(&metrics::ColdStart {
+        model: &loaded.name,
+        fetch_s: t.fetch_s,
+        verify_s: t.verify_s,
+        build_s: t.build_s,
+        ready_s: since_process_start(),
+    });
+    Ok(Engine::new(loaded))
+}
+
+impl LoopArgs {
+    pub fn options(&self, queue: &QueueArgs, exit_when_idle: bool) -> anyhow::Result<ServeOptions> {
+        if self.wait_seconds > 20 {
+            anyhow::bail!("--wait-seconds is {}, but queues long-poll for at most 20 seconds", self.wait_seconds);
+        }
+        if self.concurrency == 0 {
+            anyhow::bail!("--concurrency must be at least 1");
+        }
+        Ok(ServeOptions {
+            concurrency: self.concurrency,
+            wait: Duration::from_secs(self.wait_seconds),
+            visibility: queue.visibility(),
+            grace: Duration::from_secs(self.grace_seconds),
+            exit_when_idle,
+        })
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let opts = args.looping.options(&args.queue, args.exit_when_idle)?;
+    let worker = Worker::start(&args.model, &args.aws, &args.queue, &args.store).await?;
+    let shutdown = Shutdown::new();
+    shutdown.on_signals();
+    let stats = Arc::new(ServeStats::default());
+    tracing::info!(concurrency = opts.concurrency, model = %worker.engine.loaded.name, "serving");
+    serve(worker.queue.clone(), worker.handler(args.queue.max_receive_count), &opts, &shutdown, stats.clone()).await?;
+    println!("{}", stats_json(&stats));
+    Ok(())
+}
+
+/// The loop's counts as one JSON line.
+pub fn stats_json(stats: &ServeStats) -> serde_json::Value {
+    serde_json::json!({
+        "received": stats.received.load(Ordering::Relaxed),
+        "done": stats.done.load(Ordering::Relaxed),
+        "poisoned": stats.poisoned.load(Ordering::Relaxed),
+        "retried": stats.retried.load(Ordering::Relaxed),
+        "released": stats.released.load(Ordering::Relaxed),
+    })
+}

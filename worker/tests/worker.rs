@@ -1,0 +1,552 @@
+//! The queue worker end to end, with the real `ember` binary, the real small model, and real
+//! queues: SQS and S3 on moto (127.0.0.1), and the embedded SQLite queue with a local result
+//! directory. Expected answers come from the engine run in this process on the same model, so
+//! a result that went to the wrong job, or was cut or duplicated, does not match.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ember_model_loader::{load, LoadOptions, Message};
+use ember_tests::{aws_config_for, aws_env, smollm_hf, MotoServer};
+use ember_worker::engine::{Engine, GenerateRequest, Prompt, SamplingParams};
+use ember_worker::job::ResultLine;
+use ember_worker::store::{local::LocalStore, s3::S3Store, ObjectStore};
+use rand::Rng;
+use serde_json::{json, Value};
+
+/// These tests start several model-loading processes each: run them one at a time on the
+/// shared 2-core machines.
+static HEAVY: Mutex<()> = Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn model() -> anyhow::Result<String> {
+    Ok(smollm_hf("f32")?.to_string_lossy().into_owned())
+}
+
+fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// The greedy answers of the engine in this process: what every worker must reproduce.
+fn expected(prompts: &[String], max_tokens: usize) -> anyhow::Result<Vec<String>> {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    let engine = match ENGINE.get() {
+        Some(e) => e,
+        None => {
+            let loaded = rt()?.block_on(load(&model()?.parse()?, &LoadOptions::default()))?;
+            ENGINE.get_or_init(|| Engine::new(loaded))
+        }
+    };
+    prompts
+        .iter()
+        .map(|p| {
+            let req = GenerateRequest {
+                prompt: Prompt::Chat(vec![Message::new("user", p)]),
+                max_tokens,
+                sampling: SamplingParams::default(),
+                stop: vec![],
+            };
+            Ok(engine.generate(&req)?.text)
+        })
+        .collect()
+}
+
+fn job(custom_id: &str, prompt: &str, max_tokens: usize) -> String {
+    json!({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}})
+    .to_string()
+}
+
+const COUNTRIES: [&str; 25] = [
+    "France",
+    "Germany",
+    "Italy",
+    "Spain",
+    "Japan",
+    "China",
+    "India",
+    "Brazil",
+    "Canada",
+    "Mexico",
+    "Egypt",
+    "Kenya",
+    "Peru",
+    "Chile",
+    "Norway",
+    "Sweden",
+    "Poland",
+    "Greece",
+    "Turkey",
+    "Iran",
+    "Vietnam",
+    "Cuba",
+    "Ireland",
+    "Portugal",
+    "Australia",
+];
+
+/// `n` different prompts.
+fn prompts(n: usize) -> Vec<String> {
+    let forms = ["What is the capital of {}?", "Name a famous dish from {}.", "What language is spoken in {}?"];
+    (0..n).map(|i| forms[(i / COUNTRIES.len()) % forms.len()].replace("{}", COUNTRIES[i % COUNTRIES.len()])).collect()
+}
+
+/// The poison jobs of the issue, each with the error code its result must carry.
+fn poison_jobs(non_utf8: bool) -> Vec<(Vec<u8>, &'static str)> {
+    let mut jobs = vec![
+        (b"{\"custom_id\": \"broken\", \"method\": ".to_vec(), "invalid_json"),
+        (
+            json!({"custom_id": "unknown-model", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "gpt-9", "messages": [{"role": "user", "content": "Hi"}]}})
+            .to_string()
+            .into_bytes(),
+            "model_not_found",
+        ),
+        (
+            json!({"custom_id": "no-messages", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "default", "messages": []}})
+            .to_string()
+            .into_bytes(),
+            "empty_messages",
+        ),
+        (
+            json!({"custom_id": "negative", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "default", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": -5}})
+            .to_string()
+            .into_bytes(),
+            "max_tokens_not_positive",
+        ),
+        (job("huge", &"lorem ipsum ".repeat(1_000_000 / 12), 4).into_bytes(), "body_too_large"),
+        (job("too-long", &"hello ".repeat(9000), 4).into_bytes(), "context_length_exceeded"),
+    ];
+    if non_utf8 {
+        let mut bytes = job("latin1", "caf\u{e9}", 4).into_bytes();
+        // The UTF-8 'é' (C3 A9) becomes Latin-1 (E9): not UTF-8 any more.
+        if let Some(at) = bytes.windows(2).position(|w| w == [0xC3, 0xA9]) {
+            bytes.splice(at..at + 2, [0xE9]);
+        }
+        jobs.push((bytes, "not_utf8"));
+    }
+    jobs
+}
+
+/// The queue and store a test runs against, as `ember` environment variables.
+enum Backend {
+    Sqs { _moto: MotoServer, endpoint: String, bucket: String, queue: String },
+    Embedded { dir: tempfile::TempDir },
+}
+
+impl Backend {
+    fn sqs(queue: &str) -> anyhow::Result<Self> {
+        let moto = MotoServer::start()?;
+        let endpoint = moto.endpoint();
+        let bucket = "ember-results".to_string();
+        rt()?.block_on(async {
+            let conf = aws_config_for(&endpoint).await;
+            let s3 =
+                aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&conf).force_path_style(true).build());
+            s3.create_bucket().bucket(&bucket).send().await
+        })?;
+        Ok(Self::Sqs { _moto: moto, endpoint, bucket, queue: queue.into() })
+    }
+
+    fn embedded() -> anyhow::Result<Self> {
+        Ok(Self::Embedded { dir: tempfile::tempdir()? })
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Self::Sqs { endpoint, bucket, queue, .. } => {
+                let mut env = aws_env(endpoint);
+                env.push(("EMBER_SQS_QUEUE", queue.clone()));
+                env.push(("EMBER_CREATE_QUEUES", "true".into()));
+                env.push(("EMBER_RESULTS", format!("s3://{bucket}/out")));
+                env
+            }
+            Self::Embedded { dir } => vec![
+                ("EMBER_QUEUE_PATH", dir.path().join("queue.db").to_string_lossy().into_owned()),
+                ("EMBER_RESULTS", dir.path().join("results").to_string_lossy().into_owned()),
+            ],
+        }
+    }
+
+    fn store(&self) -> anyhow::Result<Box<dyn ObjectStore>> {
+        Ok(match self {
+            Self::Sqs { endpoint, bucket, .. } => {
+                let conf = rt()?.block_on(aws_config_for(endpoint));
+                let s3 = aws_sdk_s3::Client::from_conf(
+                    aws_sdk_s3::config::Builder::from(&conf).force_path_style(true).build(),
+                );
+                Box::new(S3Store::new(s3, bucket.clone(), "out"))
+            }
+            Self::Embedded { dir } => Box::new(LocalStore::new(dir.path().join("results"))),
+        })
+    }
+
+    /// Every result of a batch, by key.
+    fn results(&self, batch: &str) -> anyhow::Result<BTreeMap<String, ResultLine>> {
+        let store = self.store()?;
+        rt()?.block_on(async {
+            let mut out = BTreeMap::new();
+            // A line the worker could not read at all (not JSON, too large, not UTF-8) cannot
+            // name its batch: its error result goes to the default batch's _rejected/ folder.
+            let mut keys = store.list(&format!("results/{batch}/")).await?;
+            keys.extend(store.list("results/default/_rejected/").await?);
+            for key in keys {
+                let bytes = store.get(&key).await?.with_context(|| format!("{key} listed but missing"))?;
+                out.insert(key.clone(), serde_json::from_slice(&bytes).with_context(|| format!("parsing {key}"))?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn count(&self, batch: &str) -> anyhow::Result<usize> {
+        let store = self.store()?;
+        rt()?.block_on(async {
+            Ok(store.list(&format!("results/{batch}/")).await?.len()
+                + store.list("results/default/_rejected/").await?.len())
+        })
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+        cmd.args(args).env("EMBER_LOG", "info").env("EMBER_NO_PROGRESS", "1").env_remove("AWS_ENDPOINT_URL");
+        cmd.envs(self.env());
+        if let Ok(m) = model() {
+            cmd.env("EMBER_MODEL", m);
+        }
+        cmd
+    }
+
+    fn ember(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let out = self.command(args).output()?;
+        if !out.status.success() {
+            bail!("ember {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(out)
+    }
+
+    fn submit(&self, lines: &[Vec<u8>], batch: &str, dir: &Path) -> anyhow::Result<()> {
+        let file = dir.join(format!("{batch}.jsonl"));
+        std::fs::write(&file, lines.join(&b'\n'))?;
+        self.ember(&["submit", &file.to_string_lossy(), "--batch-id", batch])?;
+        Ok(())
+    }
+
+    fn status(&self) -> anyhow::Result<Value> {
+        Ok(serde_json::from_slice(&self.ember(&["status", "--json"])?.stdout)?)
+    }
+}
+
+/// The success text of a result line.
+fn answer(line: &ResultLine) -> Option<String> {
+    let r = line.response.as_ref().filter(|r| r.status_code == 200)?;
+    r.body["choices"][0]["message"]["content"].as_str().map(str::to_string)
+}
+
+fn check_answers(results: &BTreeMap<String, ResultLine>, batch: &str, ps: &[String], want: &[String]) {
+    for (i, (p, w)) in ps.iter().zip(want).enumerate() {
+        let key = format!("results/{batch}/job-{i}.json");
+        let line = results.get(&key).unwrap_or_else(|| panic!("no result for job-{i} ({p})"));
+        assert_eq!(line.custom_id, format!("job-{i}"));
+        assert_eq!(answer(line).as_deref(), Some(w.as_str()), "job-{i}: {p}");
+    }
+}
+
+fn fifty_jobs(backend: &Backend) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ps = prompts(50);
+    let want = expected(&ps, 10)?;
+    let lines: Vec<Vec<u8>> =
+        ps.iter().enumerate().map(|(i, p)| job(&format!("job-{i}"), p, 10).into_bytes()).collect();
+    backend.submit(&lines, "fifty", dir.path())?;
+    let out = backend.ember(&["serve", "--exit-when-idle", "--wait-seconds", "1"])?;
+    let stats: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(stats["done"], 50, "{stats}");
+    let results = backend.results("fifty")?;
+    assert_eq!(results.len(), 50);
+    check_answers(&results, "fifty", &ps, &want);
+    assert!(answer(&results["results/fifty/job-0.json"]).is_some_and(|a| a.contains("Paris")));
+    let usage = &results["results/fifty/job-0.json"].response.as_ref().map(|r| r.body["usage"].clone());
+    assert!(usage.as_ref().is_some_and(|u| u["completion_tokens"].as_u64().is_some_and(|n| n > 0)));
+    let status = backend.status()?;
+    assert_eq!(status, json!({"visible": 0, "in_flight": 0, "delayed": 0, "dlq": 0}));
+    Ok(())
+}
+
+#[test]
+fn fifty_jobs_through_sqs() -> anyhow::Result<()> {
+    let _g = heavy();
+    fifty_jobs(&Backend::sqs("fifty")?)
+}
+
+fn poison(backend: &Backend, non_utf8: bool) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ps = prompts(3);
+    let want = expected(&ps, 8)?;
+    let poison = poison_jobs(non_utf8);
+    // Valid and poison jobs interleaved, so they share receive batches.
+    let mut lines = Vec::new();
+    for (i, (bad, _)) in poison.iter().enumerate() {
+        if i < ps.len() {
+            lines.push(job(&format!("job-{i}"), &ps[i], 8).into_bytes());
+        }
+        lines.push(bad.clone());
+    }
+    backend.submit(&lines, "poison", dir.path())?;
+    let out = backend.ember(&["serve", "--exit-when-idle", "--wait-seconds", "1", "--concurrency", "4"])?;
+    let stats: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(stats["done"], 3, "{stats}");
+    assert_eq!(stats["poisoned"], poison.len(), "{stats}");
+
+    let results = backend.results("poison")?;
+    assert_eq!(results.len(), 3 + poison.len(), "{:?}", results.keys());
+    check_answers(&results, "poison", &ps, &want);
+    let mut codes: Vec<&str> = results.values().filter_map(ResultLine::error_code).collect();
+    let mut want_codes: Vec<&str> = poison.iter().map(|(_, c)| *c).collect();
+    codes.sort_unstable();
+    want_codes.sort_unstable();
+    assert_eq!(codes, want_codes);
+    // A refused job without a readable custom_id is answered under its message id.
+    assert!(results.keys().any(|k| k.starts_with("results/default/_rejected/")));
+    let status = backend.status()?;
+    assert_eq!(status["dlq"], poison.len(), "{status}");
+    assert_eq!((status["visible"].clone(), status["in_flight"].clone()), (json!(0), json!(0)));
+
+    // Redrive puts them back; they fail again the same way and return to the DLQ, with the
+    // error results already there and not written twice.
+    let moved: Value = serde_json::from_slice(&backend.ember(&["dlq", "redrive"])?.stdout)?;
+    assert_eq!(moved["redriven"], poison.len());
+    assert_eq!(backend.status()?["dlq"], 0);
+    let out = backend.ember(&["serve", "--exit-when-idle", "--wait-seconds", "1"])?;
+    let stats: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(stats["poisoned"], poison.len(), "{stats}");
+    let again = backend.results("poison")?;
+    for (key, line) in &results {
+        assert_eq!(again.get(key), Some(line), "{key} changed");
+    }
+    // Redriven messages are new messages (new ids, as on SQS): only the lines that could not
+    // be read, and so are filed under their message id, get a second error result.
+    let unreadable = results.keys().filter(|k| k.contains("/_rejected/")).count();
+    assert_eq!(again.len(), results.len() + unreadable);
+    assert_eq!(backend.status()?["dlq"], poison.len());
+    Ok(())
+}
+
+#[test]
+fn poison_jobs_get_error_results_and_go_to_the_dlq_embedded() -> anyhow::Result<()> {
+    let _g = heavy();
+    poison(&Backend::embedded()?, true)
+}
+
+#[test]
+fn poison_jobs_get_error_results_and_go_to_the_dlq_sqs() -> anyhow::Result<()> {
+    let _g = heavy();
+    poison(&Backend::sqs("poison")?, false)
+}
+
+#[test]
+fn a_non_utf8_line_cannot_go_to_sqs_and_submit_says_which() -> anyhow::Result<()> {
+    let _g = heavy();
+    let backend = Backend::sqs("text-only")?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("jobs.jsonl");
+    let bad = poison_jobs(true).pop().map(|(b, _)| b).unwrap_or_default();
+    std::fs::write(&file, [job("ok", "Hi", 2).into_bytes(), bad].join(&b'\n'))?;
+    let out = backend.command(&["submit", &file.to_string_lossy()]).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("line 2") && stderr.contains("not UTF-8"), "{stderr}");
+    Ok(())
+}
+
+/// A worker process whose output goes to a log file, killed when dropped.
+struct Worker {
+    child: Child,
+}
+
+impl Worker {
+    fn start(backend: &Backend, log: &Path) -> anyhow::Result<Self> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let child = backend
+            .command(&["serve", "--wait-seconds", "1", "--concurrency", "2", "--grace-seconds", "5"])
+            .env("EMBER_VISIBILITY_TIMEOUT", "3")
+            .env("EMBER_MAX_RECEIVE_COUNT", "1000")
+            .env("EMBER_THREADS", "1")
+            .env("EMBER_LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        Ok(Self { child })
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the graceful exit.
+    fn stop(mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("worker exited with {status} after SIGTERM");
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("worker did not stop within 60 s of SIGTERM")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three workers on one queue, killed with SIGKILL at random moments and restarted, until
+/// every job has a result.
+fn crash_safety(backend: &Backend) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ps = prompts(100);
+    let want = expected(&ps, 4)?;
+    let poison: Vec<(Vec<u8>, &str)> = poison_jobs(false).into_iter().take(3).collect();
+    let mut lines: Vec<Vec<u8>> =
+        ps.iter().enumerate().map(|(i, p)| job(&format!("job-{i}"), p, 4).into_bytes()).collect();
+    lines.extend(poison.iter().map(|(b, _)| b.clone()));
+    backend.submit(&lines, "crash", dir.path())?;
+
+    let logs: Vec<PathBuf> = (0..3).map(|i| dir.path().join(format!("worker-{i}.log"))).collect();
+    let mut workers = logs.iter().map(|l| Worker::start(backend, l)).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut rng = rand::rng();
+    let (mut kills, start) = (0, Instant::now());
+    let total = lines.len();
+    loop {
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..2500)));
+        let done = backend.count("crash")?;
+        if done >= total {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(900) {
+            bail!("only {done} of {total} results after 15 minutes ({kills} kills)");
+        }
+        let victim = rng.random_range(0..workers.len());
+        workers[victim].kill();
+        kills += 1;
+        workers[victim] = Worker::start(backend, &logs[victim])?;
+    }
+    for w in workers {
+        w.stop()?;
+    }
+    assert!(kills >= 3, "the workers were killed only {kills} times");
+
+    let results = backend.results("crash")?;
+    assert_eq!(results.len(), total, "exactly one result per job");
+    check_answers(&results, "crash", &ps, &want);
+    assert_eq!(results.values().filter(|r| r.error_code().is_some()).count(), poison.len());
+    // No result was written twice: across every process that ever ran, each job was
+    // reported done (its result created) at most once.
+    let mut written: HashMap<String, usize> = HashMap::new();
+    for log in &logs {
+        for line in std::fs::read_to_string(log)?.lines() {
+            // A process killed mid-write can leave a cut last line: skip what does not parse.
+            let Ok(event) = serde_json::from_str::<Value>(line) else { continue };
+            if event["message"] == "job done" {
+                let id = event["custom_id"].as_str().unwrap_or_default().to_string();
+                *written.entry(id).or_default() += 1;
+            }
+        }
+    }
+    assert!(written.len() > 50, "too few `job done` lines in the logs: {}", written.len());
+    let twice: Vec<_> = written.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "results created more than once: {twice:?}");
+    let status = backend.status()?;
+    assert_eq!(status, json!({"visible": 0, "in_flight": 0, "delayed": 0, "dlq": poison.len()}), "after {kills} kills");
+    eprintln!("crash test: {kills} kills, {total} results, {:.0} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+#[test]
+fn killed_workers_lose_no_job_and_duplicate_none_sqs() -> anyhow::Result<()> {
+    let _g = heavy();
+    crash_safety(&Backend::sqs("crash")?)
+}
+
+#[test]
+fn killed_workers_lose_no_job_and_duplicate_none_embedded() -> anyhow::Result<()> {
+    let _g = heavy();
+    crash_safety(&Backend::embedded()?)
+}
+
+#[test]
+fn a_job_longer_than_the_visibility_timeout_is_not_redelivered() -> anyhow::Result<()> {
+    let _g = heavy();
+    let backend = Backend::sqs("long")?;
+    let dir = tempfile::tempdir()?;
+    // A plain completion that counts on and on: it runs to max_tokens.
+    let line = json!({"custom_id": "long", "method": "POST", "url": "/v1/completions",
+        "body": {"model": "default", "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 600}});
+    backend.submit(&[line.to_string().into_bytes()], "long", dir.path())?;
+    let start = Instant::now();
+    let out = backend
+        .command(&["serve", "--exit-when-idle", "--wait-seconds", "1", "--concurrency", "2"])
+        .env("EMBER_VISIBILITY_TIMEOUT", "2")
+        .env("EMBER_THREADS", "1")
+        .output()?;
+    let took = start.elapsed();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stats: Value = serde_json::from_slice(&out.stdout)?;
+    let results = backend.results("long")?;
+    let usage =
+        results["results/long/long.json"].response.as_ref().map(|r| r.body["usage"]["completion_tokens"].clone());
+    assert_eq!(usage, Some(json!(600)));
+    // The precondition: the job really outlived the 2 s visibility timeout several times over.
+    assert!(took > Duration::from_secs(6), "the job took only {took:?}; make it longer");
+    // With a free slot and 1 s polls, the worker would have received it again had it
+    // reappeared.
+    assert_eq!(stats["received"], 1, "{stats}");
+    assert_eq!(stats["done"], 1, "{stats}");
+    Ok(())
+}
+
+#[test]
+fn run_answers_a_batch_file_in_input_order_on_the_embedded_default() -> anyhow::Result<()> {
+    let _g = heavy();
+    let dir = tempfile::tempdir()?;
+    let ps = prompts(3);
+    let want = expected(&ps, 8)?;
+    let mut lines: Vec<String> = ps.iter().enumerate().map(|(i, p)| job(&format!("job-{i}"), p, 8)).collect();
+    lines.insert(1, "{\"custom_id\": \"bad\", \"body\": 5}".into());
+    let input = dir.path().join("batch.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n")?;
+    let out = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .current_dir(dir.path())
+        .args(["run", "batch.jsonl", "--model", &model()?])
+        .env("EMBER_NO_PROGRESS", "1")
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("3 succeeded, 1 failed"));
+    let output = std::fs::read_to_string(dir.path().join("batch.output.jsonl"))?;
+    let got: Vec<ResultLine> = output.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let ids: Vec<&str> = got.iter().map(|l| l.custom_id.as_str()).collect();
+    assert_eq!(ids, ["job-0", "bad", "job-1", "job-2"]);
+    for (line, w) in [&got[0], &got[2], &got[3]].into_iter().zip(&want) {
+        assert_eq!(answer(line).as_deref(), Some(w.as_str()));
+    }
+    assert_eq!(got[1].error_code(), Some("unsupported_method"));
+    // The embedded defaults live under .ember/ in the working directory.
+    assert!(dir.path().join(".ember/queue.db").exists());
+    Ok(())
+}
