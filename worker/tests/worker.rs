@@ -550,3 +550,52 @@ fn run_answers_a_batch_file_in_input_order_on_the_embedded_default() -> anyhow::
     assert!(dir.path().join(".ember/queue.db").exists());
     Ok(())
 }
+
+/// Starts `ember serve` on one counting job and sends SIGTERM once the job is running; answers
+/// the worker's final counts and how long it took to exit after the signal.
+fn sigterm_during_a_job(backend: &Backend, max_tokens: usize, grace: &str) -> anyhow::Result<(Value, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let batch = format!("term{max_tokens}");
+    let line = json!({"custom_id": "count", "method": "POST", "url": "/v1/completions",
+        "body": {"model": "default", "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": max_tokens}});
+    backend.submit(&[line.to_string().into_bytes()], &batch, dir.path())?;
+    let child = backend
+        .command(&["serve", "--wait-seconds", "1", "--grace-seconds", grace])
+        .env("EMBER_VISIBILITY_TIMEOUT", "60")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let start = Instant::now();
+    while backend.status()?["in_flight"] != 1 {
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("the job never started");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    let signalled = Instant::now();
+    let out = child.wait_with_output()?;
+    let took = signalled.elapsed();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok((serde_json::from_slice(&out.stdout)?, took))
+}
+
+#[test]
+fn sigterm_finishes_a_job_within_the_grace_period_or_releases_it() -> anyhow::Result<()> {
+    let _g = heavy();
+    let backend = Backend::embedded()?;
+    // A short job finishes within a generous grace period: its result is written.
+    let (stats, _) = sigterm_during_a_job(&backend, 24, "60")?;
+    assert_eq!((stats["done"].clone(), stats["released"].clone()), (json!(1), json!(0)), "{stats}");
+    assert!(backend.results("term24")?.contains_key("results/term24/count.json"));
+
+    // A long job outlives a 1 s grace period: it is stopped and handed back at once, visible
+    // to other workers without waiting out the 60 s visibility timeout.
+    let (stats, took) = sigterm_during_a_job(&backend, 5000, "1")?;
+    assert_eq!((stats["done"].clone(), stats["released"].clone()), (json!(0), json!(1)), "{stats}");
+    assert!(took < Duration::from_secs(30), "exit took {took:?}");
+    assert_eq!(backend.status()?["visible"], 1);
+    assert!(backend.results("term5000")?.is_empty());
+    Ok(())
+}

@@ -65,6 +65,9 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let deleter = Deleter::start(queue.clone());
+    // Jobs are told to stop (and release their message) only once the grace period is over,
+    // not at the signal: a job that can finish in time finishes.
+    let stop_jobs = Shutdown::new();
     let mut running: JoinSet<()> = JoinSet::new();
     while !shutdown.is_triggered() {
         // Only ask for as many messages as there are free slots: a message received and left
@@ -97,7 +100,7 @@ pub async fn serve(
             break;
         }
         for (msg, permit) in messages.into_iter().zip(permits) {
-            let (queue, handler, shutdown, stats) = (queue.clone(), handler.clone(), shutdown.clone(), stats.clone());
+            let (queue, handler, shutdown, stats) = (queue.clone(), handler.clone(), stop_jobs.clone(), stats.clone());
             let (visibility, deletes) = (opts.visibility, deleter.tx.clone());
             running.spawn(async move {
                 run_one(queue, handler, msg, visibility, &shutdown, &stats, &deletes).await;
@@ -105,19 +108,25 @@ pub async fn serve(
             });
         }
     }
-    // Shutdown: give running jobs the grace period, then release whatever is left. Jobs see
-    // the shutdown flag and release their own message when they stop early.
-    let drained = tokio::time::timeout(opts.grace, async { while running.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        tracing::warn!(
-            left = running.len(),
-            "grace period over; abandoning jobs (their messages come back after the visibility timeout)"
-        );
-        running.abort_all();
-        while running.join_next().await.is_some() {}
+    // Shutdown: running jobs get the grace period to finish; then they are told to stop, and
+    // release their messages to other workers at once. Whatever has not stopped a few seconds
+    // later is abandoned: its message comes back after the visibility timeout.
+    if drain(&mut running, opts.grace).await.is_err() {
+        tracing::warn!(left = running.len(), "grace period over; releasing the running jobs");
+        stop_jobs.trigger();
+        if drain(&mut running, Duration::from_secs(5)).await.is_err() {
+            tracing::warn!(left = running.len(), "jobs did not stop; abandoning them to the visibility timeout");
+            running.abort_all();
+            while running.join_next().await.is_some() {}
+        }
     }
     deleter.finish().await;
     Ok(())
+}
+
+/// Waits up to `within` for every running job to end.
+async fn drain(running: &mut JoinSet<()>, within: Duration) -> Result<(), tokio::time::error::Elapsed> {
+    tokio::time::timeout(within, async { while running.join_next().await.is_some() {} }).await
 }
 
 /// Deletes finished messages in batches: whatever finished while the previous batch request
