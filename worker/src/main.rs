@@ -9,11 +9,8 @@ use ember_worker::telemetry;
 fn main() -> ExitCode {
     telemetry::mark_process_start();
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        // candle sizes its CPU thread pool from this variable; set before any work starts
-        // and before the runtime spawns threads.
-        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
-    }
+    // Before the runtime spawns threads.
+    telemetry::set_thread_count(cli.threads);
     telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

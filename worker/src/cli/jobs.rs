@@ -190,7 +190,10 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let opts = args.looping.options(&args.queue, true)?;
+    let mut opts = args.looping.options(&args.queue, true)?;
+    // Short polls: `run` stops as soon as the batch is done, and a shutdown lets the poll in
+    // progress end first.
+    opts.wait = opts.wait.min(Duration::from_secs(2));
     let output = match &args.output {
         Some(p) => p.clone(),
         None if args.file == Path::new("-") => PathBuf::from("-"),

@@ -82,9 +82,21 @@ pub async fn serve(
         }
         let receive =
             ReceiveOptions { max_messages: permits.len(), wait: opts.wait, visibility_timeout: Some(opts.visibility) };
+        let receiving = queue.receive(&receive);
+        tokio::pin!(receiving);
         let messages = tokio::select! {
-            r = queue.receive(&receive) => r,
-            _ = shutdown.wait() => break,
+            r = &mut receiving => r,
+            _ = shutdown.wait() => {
+                // Dropping a long poll does not stop it in the queue, which would still hand
+                // messages to nobody and hide them for the visibility timeout: let it end
+                // (within `wait`) and hand back what it got.
+                if let Ok(got) = receiving.await {
+                    for msg in got {
+                        let _ = queue.change_visibility(&msg.receipt, Duration::ZERO).await;
+                    }
+                }
+                break;
+            }
         };
         let messages = match messages {
             Ok(m) => m,
