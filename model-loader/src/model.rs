@@ -153,10 +153,32 @@ impl Model {
         kv: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        let q = layer.q.forward(x)?;
+        let k = layer.k.forward(x)?;
+        let v = layer.v.forward(x)?;
+        let y = self.attend(&q, &k, &v, cos, sin, mask, kv)?;
+        Ok(layer.o.forward(&y.reshape((b, t, self.cfg.num_attention_heads * self.cfg.head_dim))?)?)
+    }
+
+    /// Attention of one sequence from its projected queries, keys and values `(1, t, heads *
+    /// head_dim)`: rotary embedding, the cache, scores and softmax in f32. Returns `(1, t,
+    /// heads * head_dim)`, before the output projection. Shared by the single-sequence and the
+    /// batched forward so that both compute exactly the same thing.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let heads = |w: &QMatMul, n: usize| -> Result<Tensor> {
-            Ok(w.forward(x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
+        let heads =
+            |x: &Tensor, n: usize| -> Result<Tensor> { Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
         let rope = |x: Tensor| -> Result<Tensor> {
             Ok(if self.rope_interleaved {
                 candle_nn::rotary_emb::rope_i(&x, cos, sin)?
@@ -164,9 +186,9 @@ impl Model {
                 candle_nn::rotary_emb::rope(&x, cos, sin)?
             })
         };
-        let q = rope(heads(&layer.q, nh)?)?;
-        let k = rope(heads(&layer.k, nkv)?)?;
-        let v = heads(&layer.v, nkv)?;
+        let q = rope(heads(q, nh)?)?;
+        let k = rope(heads(k, nkv)?)?;
+        let v = heads(v, nkv)?;
         let (k, v) = match kv.take() {
             None => (k, v),
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
@@ -183,8 +205,62 @@ impl Model {
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
         let y = probs.matmul(&v.contiguous()?)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        Ok(layer.o.forward(&y)?)
+        Ok(y.transpose(1, 2)?.reshape((b, t, nh * hd))?)
+    }
+
+    /// One decode step for several sequences at once: `tokens[i]` is the next token of the
+    /// sequence whose cache is `caches[i]`, each at its own position. The linear layers run
+    /// on all sequences in one matrix multiplication, so the weights are read once per step
+    /// for the whole batch; attention runs per sequence, over that sequence's own cache.
+    /// Returns the f32 logits, `(tokens.len(), vocab)`.
+    pub fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut SeqCache]) -> Result<Tensor> {
+        let b = tokens.len();
+        if b != caches.len() || b == 0 {
+            return Err(candle_core::Error::Msg(format!(
+                "forward_batch needs one cache per token, got {b} tokens and {} caches",
+                caches.len()
+            ))
+            .into());
+        }
+        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed.embedding(&ids)?.to_dtype(self.dtype)?;
+        let mut rows = Vec::with_capacity(b);
+        for cache in caches.iter_mut() {
+            if cache.layers.len() != self.layers.len() {
+                cache.layers = vec![None; self.layers.len()];
+            }
+            let pos = cache.len;
+            rows.push((self.cos.narrow(0, pos, 1)?, self.sin.narrow(0, pos, 1)?, self.mask(pos, 1)?));
+        }
+        let width = self.cfg.num_attention_heads * self.cfg.head_dim;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
+            let (q, k, v) = (layer.q.forward(&h)?, layer.k.forward(&h)?, layer.v.forward(&h)?);
+            let mut ys = Vec::with_capacity(b);
+            for (i, (cache, (cos, sin, mask))) in caches.iter_mut().zip(&rows).enumerate() {
+                let pick = |t: &Tensor| t.narrow(1, i, 1);
+                ys.push(self.attend(
+                    &pick(&q)?,
+                    &pick(&k)?,
+                    &pick(&v)?,
+                    cos,
+                    sin,
+                    mask.as_ref(),
+                    &mut cache.layers[l],
+                )?);
+            }
+            let y = Tensor::cat(&ys, 1)?.reshape((1, b, width))?;
+            x = (x + layer.o.forward(&y)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
+            let mlp = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            x = (x + layer.down.forward(&mlp)?)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.len += 1;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        let logits = self.lm_head.forward(&x)?;
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
     }
 
     /// Additive mask for `t` new tokens after `start` cached ones: causal, and limited to the

@@ -19,6 +19,8 @@ pub enum EngineError {
     Load(#[from] LoadError),
     #[error("generation was stopped before it finished (worker shutting down)")]
     Cancelled,
+    #[error("the generation engine has stopped; the job will run again")]
+    Stopped,
     #[error("model execution failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -34,6 +36,7 @@ impl EngineError {
             Self::Load(e) => e.label(),
             Self::Candle(_) => "model_execution",
             Self::Cancelled => "cancelled",
+            Self::Stopped => "engine_stopped",
         }
     }
 
@@ -42,7 +45,7 @@ impl EngineError {
         match self {
             Self::Load(e) => e.is_retryable(),
             // Out of memory on a device surfaces as a candle error: worth another try.
-            Self::Candle(_) | Self::Cancelled => true,
+            Self::Candle(_) | Self::Cancelled | Self::Stopped => true,
             _ => false,
         }
     }

@@ -228,7 +228,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         })
     };
     let stats = Arc::new(ServeStats::default());
-    serve(worker.queue.clone(), worker.handler(args.queue.max_receive_count), &opts, &shutdown, stats.clone()).await?;
+    let handler = worker.handler(args.queue.max_receive_count, &args.looping)?;
+    serve(worker.queue.clone(), handler, &opts, &shutdown, stats.clone()).await?;
     watcher.abort();
     progress.finish_and_clear();
     tracing::info!(stats = %stats_json(&stats), "batch served");

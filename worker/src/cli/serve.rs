@@ -9,7 +9,7 @@ use ember_model_loader::load;
 
 use super::backends::{QueueArgs, StoreArgs};
 use super::common::{AwsArgs, ModelArgs};
-use crate::engine::Engine;
+use crate::engine::{Batcher, BatcherOptions, Engine};
 use crate::queue::Queue;
 use crate::runner::{serve, DeadLetters, JobHandler, ServeOptions, ServeStats, Shutdown};
 use crate::store::ObjectStore;
@@ -18,9 +18,14 @@ use crate::telemetry::{metrics, since_process_start};
 /// How the poll loop runs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoopArgs {
-    /// Jobs running at once in this process.
-    #[arg(long, env = "EMBER_CONCURRENCY", default_value_t = 2)]
+    /// Jobs running at once in this process. Above 1 they share decode steps (continuous
+    /// batching), within the KV cache budget.
+    #[arg(long, env = "EMBER_CONCURRENCY", default_value_t = 8)]
     pub concurrency: usize,
+    /// KV cache budget for the running jobs, in MiB (default: half the available memory).
+    /// A job waits for room before it starts.
+    #[arg(long, env = "EMBER_KV_CACHE_MB")]
+    pub kv_cache_mb: Option<u64>,
     /// Long-poll wait of each receive, in seconds (at most 20).
     #[arg(long, env = "EMBER_WAIT_SECONDS", default_value_t = 20)]
     pub wait_seconds: u64,
@@ -64,13 +69,18 @@ impl Worker {
         Ok(Self { engine, queue, store })
     }
 
-    pub fn handler(&self, max_receive_count: u32) -> Arc<JobHandler> {
-        Arc::new(JobHandler::new(
+    /// The job handler, with a batcher when more than one job runs at once.
+    pub fn handler(&self, max_receive_count: u32, looping: &LoopArgs) -> anyhow::Result<Arc<JobHandler>> {
+        let handler = JobHandler::new(
             self.engine.clone(),
             self.store.clone(),
             DeadLetters::Queue(self.queue.clone()),
             max_receive_count,
-        ))
+        );
+        Ok(Arc::new(match looping.batcher_options() {
+            Some(opts) => handler.with_batcher(Arc::new(Batcher::start(self.engine.clone(), opts)?)),
+            None => handler,
+        }))
     }
 }
 
@@ -91,6 +101,11 @@ pub async fn load_engine(model: &ModelArgs, aws: &AwsArgs) -> anyhow::Result<Eng
 }
 
 impl LoopArgs {
+    /// Batching when more than one job runs at once.
+    pub fn batcher_options(&self) -> Option<BatcherOptions> {
+        (self.concurrency > 1).then(|| BatcherOptions::new(self.concurrency, self.kv_cache_mb.map(|mb| mb << 20)))
+    }
+
     pub fn options(&self, queue: &QueueArgs, exit_when_idle: bool) -> anyhow::Result<ServeOptions> {
         if self.wait_seconds > 20 {
             anyhow::bail!("--wait-seconds is {}, but queues long-poll for at most 20 seconds", self.wait_seconds);
@@ -115,7 +130,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     shutdown.on_signals();
     let stats = Arc::new(ServeStats::default());
     tracing::info!(concurrency = opts.concurrency, model = %worker.engine.loaded.name, "serving");
-    serve(worker.queue.clone(), worker.handler(args.queue.max_receive_count), &opts, &shutdown, stats.clone()).await?;
+    let handler = worker.handler(args.queue.max_receive_count, &args.looping)?;
+    serve(worker.queue.clone(), handler, &opts, &shutdown, stats.clone()).await?;
     println!("{}", stats_json(&stats));
     Ok(())
 }

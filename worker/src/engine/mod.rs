@@ -1,6 +1,7 @@
 //! The generation engine: prompt rendering, prefill then decode with a KV cache, sampling,
 //! stop conditions, and the OpenAI-shaped result with usage counts.
 
+pub mod batch;
 pub mod sampling;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +11,7 @@ use ember_model_loader::{LoadedModel, Message, SeqCache};
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
+pub use batch::{Batcher, BatcherOptions};
 pub use sampling::{Sampler, SamplingParams};
 
 /// What to complete.
@@ -114,52 +116,125 @@ impl Engine {
     /// Runs one request, giving up with [`EngineError::Cancelled`] once `cancel` is set
     /// (checked between tokens).
     pub fn generate_until(&self, req: &GenerateRequest, cancel: &AtomicBool) -> Result<Completion, EngineError> {
-        req.sampling.validate()?;
-        let prompt = self.encode_prompt(&req.prompt)?;
-        let context = self.context_length();
-        if prompt.len() >= context {
-            return Err(EngineError::PromptTooLong { prompt_tokens: prompt.len(), context });
+        let (mut seq, prompt) = Sequence::start(self, req)?;
+        if seq.wants_nothing() {
+            return Ok(seq.finish(0.0));
         }
-        let max_tokens = req.max_tokens.min(context - prompt.len());
-        let model = &self.loaded.model;
-        let mut sampler = Sampler::new(req.sampling.clone());
         let mut cache = SeqCache::new();
-        let mut seen = prompt.clone();
-        let mut out: Vec<u32> = Vec::new();
-        let mut text = String::new();
-        let mut finish = FinishReason::Length;
-
-        let t0 = Instant::now();
-        let mut logits = if max_tokens > 0 { Some(model.forward(&prompt, &mut cache)?) } else { None };
-        let prefill_s = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        while let Some(l) = logits.take() {
+        let mut logits = self.loaded.model.forward(&prompt, &mut cache)?;
+        seq.prefilled();
+        loop {
             if cancel.load(Ordering::Relaxed) {
                 return Err(EngineError::Cancelled);
             }
-            let mut l = l.to_vec1::<f32>()?;
-            let next = sampler.sample(&mut l, &seen)?;
-            if self.eos.contains(&next) {
-                finish = FinishReason::Stop;
-                break;
+            match seq.step(self, &mut logits.to_vec1::<f32>()?)? {
+                Step::Next(token) => logits = self.loaded.model.forward(&[token], &mut cache)?,
+                Step::Finished => {
+                    let decode_s = seq.decode_s();
+                    return Ok(seq.finish(decode_s));
+                }
             }
-            out.push(next);
-            seen.push(next);
-            text = self.decode(&out)?;
-            if let Some(cut) = first_stop(&text, &req.stop) {
-                text.truncate(cut);
-                finish = FinishReason::Stop;
-                break;
-            }
-            if out.len() >= max_tokens {
-                break;
-            }
-            logits = Some(model.forward(&[next], &mut cache)?);
         }
-        let usage =
-            Usage { prompt_tokens: prompt.len(), completion_tokens: out.len(), total_tokens: prompt.len() + out.len() };
-        let timings = GenerationTimings { prefill_s, decode_s: t1.elapsed().as_secs_f64() };
-        Ok(Completion { text, tokens: out, finish_reason: finish, usage, timings })
+    }
+}
+
+/// The state of one generation between forward passes: what was sampled so far and whether it
+/// should stop. The single-sequence loop above and the batcher both drive it, so a job's
+/// tokens depend only on its logits, not on which loop ran it.
+pub struct Sequence {
+    sampler: Sampler,
+    seen: Vec<u32>,
+    prompt_len: usize,
+    out: Vec<u32>,
+    text: String,
+    stop: Vec<String>,
+    max_tokens: usize,
+    finish: FinishReason,
+    started: Instant,
+    prefill_s: f64,
+}
+
+/// What a sequence needs next.
+pub enum Step {
+    /// Feed this token and call [`Sequence::step`] with the logits that follow it.
+    Next(u32),
+    Finished,
+}
+
+impl Sequence {
+    /// Checks the request and renders its prompt; answers the prompt tokens to prefill.
+    pub fn start(engine: &Engine, req: &GenerateRequest) -> Result<(Self, Vec<u32>), EngineError> {
+        req.sampling.validate()?;
+        let prompt = engine.encode_prompt(&req.prompt)?;
+        let context = engine.context_length();
+        if prompt.len() >= context {
+            return Err(EngineError::PromptTooLong { prompt_tokens: prompt.len(), context });
+        }
+        let seq = Self {
+            sampler: Sampler::new(req.sampling.clone()),
+            seen: prompt.clone(),
+            prompt_len: prompt.len(),
+            out: Vec::new(),
+            text: String::new(),
+            stop: req.stop.clone(),
+            max_tokens: req.max_tokens.min(context - prompt.len()),
+            finish: FinishReason::Length,
+            started: Instant::now(),
+            prefill_s: 0.0,
+        };
+        Ok((seq, prompt))
+    }
+
+    /// The most tokens this sequence can hold in the KV cache (prompt and completion).
+    pub fn max_len(&self) -> usize {
+        self.prompt_len + self.max_tokens
+    }
+
+    /// Marks the end of the prefill, for the timings.
+    pub fn prefilled(&mut self) {
+        self.prefill_s = self.started.elapsed().as_secs_f64();
+    }
+
+    /// Samples from the logits that follow the last token fed, and checks the stop rules.
+    pub fn step(&mut self, engine: &Engine, logits: &mut [f32]) -> Result<Step, EngineError> {
+        let next = self.sampler.sample(logits, &self.seen)?;
+        if engine.eos.contains(&next) {
+            self.finish = FinishReason::Stop;
+            return Ok(Step::Finished);
+        }
+        self.out.push(next);
+        self.seen.push(next);
+        self.text = engine.decode(&self.out)?;
+        if let Some(cut) = first_stop(&self.text, &self.stop) {
+            self.text.truncate(cut);
+            self.finish = FinishReason::Stop;
+            return Ok(Step::Finished);
+        }
+        if self.out.len() >= self.max_tokens {
+            return Ok(Step::Finished);
+        }
+        Ok(Step::Next(next))
+    }
+
+    /// Whether the request asked for no tokens at all.
+    pub fn wants_nothing(&self) -> bool {
+        self.max_tokens == 0
+    }
+
+    /// The completion, once [`Step::Finished`] (or at once for `max_tokens` 0).
+    pub fn finish(self, decode_s: f64) -> Completion {
+        let usage = Usage {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.out.len(),
+            total_tokens: self.prompt_len + self.out.len(),
+        };
+        let timings = GenerationTimings { prefill_s: self.prefill_s, decode_s };
+        Completion { text: self.text, tokens: self.out, finish_reason: self.finish, usage, timings }
+    }
+
+    /// Seconds since the sequence started, less its prefill.
+    pub fn decode_s(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() - self.prefill_s
     }
 }
 

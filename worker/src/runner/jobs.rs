@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{retry_backoff, Handler, Outcome, Shutdown};
-use crate::engine::Engine;
+use crate::engine::{Batcher, Engine};
 use crate::error::EngineError;
 use crate::job::{validate, JobLimits, RejectedJob, ResultLine, ValidJob};
 use crate::queue::{Queue, ReceivedMessage};
@@ -40,6 +40,8 @@ pub struct JobHandler {
     /// Deliveries after which a transient failure is treated as final: the job gets an error
     /// result before the queue moves it to the DLQ, so it is never dropped without an answer.
     max_receive_count: u32,
+    /// Runs generations in a shared batch when set; one blocking generation per job otherwise.
+    batcher: Option<Arc<Batcher>>,
 }
 
 impl JobHandler {
@@ -50,7 +52,13 @@ impl JobHandler {
         max_receive_count: u32,
     ) -> Self {
         let limits = JobLimits::new(vec![engine.loaded.name.clone()], engine.context_length());
-        Self { engine, store, dead_letters, limits, max_receive_count: max_receive_count.max(1) }
+        Self { engine, store, dead_letters, limits, max_receive_count: max_receive_count.max(1), batcher: None }
+    }
+
+    /// Runs generations through `batcher` (continuous batching across jobs).
+    pub fn with_batcher(mut self, batcher: Arc<Batcher>) -> Self {
+        self.batcher = Some(batcher);
+        self
     }
 
     pub fn limits(&self) -> &JobLimits {
@@ -133,23 +141,31 @@ impl JobHandler {
             }
         }
         let queue_wait_s = msg.sent_at.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        let (engine, request, stop) = (self.engine.clone(), job.request.clone(), shutdown.clone());
-        let generated = tokio::task::spawn_blocking(move || engine.generate_until(&request, stop.flag())).await;
+        let generated = match &self.batcher {
+            Some(batcher) => batcher.generate(job.request.clone(), shutdown.cancel_flag()).await,
+            None => {
+                let (engine, request, stop) = (self.engine.clone(), job.request.clone(), shutdown.clone());
+                match tokio::task::spawn_blocking(move || engine.generate_until(&request, stop.flag())).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(message_id = %msg.id, error = %e, "generation panicked; will retry");
+                        let after = retry_backoff(msg.receive_count);
+                        return Outcome::Retry { after, label: "generation_panicked".into() };
+                    }
+                }
+            }
+        };
         let completion = match generated {
-            Ok(Ok(c)) => c,
-            Ok(Err(EngineError::Cancelled)) => return Outcome::Released,
-            Ok(Err(e)) if e.is_retryable() && msg.receive_count < self.max_receive_count => {
+            Ok(c) => c,
+            Err(EngineError::Cancelled) => return Outcome::Released,
+            Err(e) if e.is_retryable() && msg.receive_count < self.max_receive_count => {
                 tracing::warn!(message_id = %msg.id, error = %e, label = e.label(), "generation failed; will retry");
                 return Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() };
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(message_id = %msg.id, error = %e, label = e.label(), "job failed for good");
                 let line = ResultLine::failed(&job, &e);
                 return self.fail_for_good(msg, &job.result_key, &line, e.label()).await;
-            }
-            Err(e) => {
-                tracing::error!(message_id = %msg.id, error = %e, "generation panicked; will retry");
-                return Outcome::Retry { after: retry_backoff(msg.receive_count), label: "generation_panicked".into() };
             }
         };
         let line = ResultLine::success(&job, unix_secs(msg.sent_at), &completion);

@@ -39,6 +39,11 @@ impl Shutdown {
         &self.flag
     }
 
+    /// The flag, shared, for work that outlives a borrow (the batching thread).
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.flag.clone()
+    }
+
     /// Resolves once shutdown is triggered.
     pub async fn wait(&self) {
         let mut rx = self.rx.clone();

@@ -1,0 +1,261 @@
+//! Continuous batching: many generations share each decode step, so the weights are read once
+//! per step for all of them instead of once per job.
+//!
+//! One thread owns the running sequences. Each turn it takes new requests, admits at most one
+//! of them (its prefill runs alone, so a long prompt delays the running jobs by one prefill,
+//! never more), then runs one batched decode step for every running sequence. A sequence that
+//! finishes leaves at once and its slot goes to the next waiting request; nothing waits for
+//! the batch to drain.
+//!
+//! Admission keeps the KV cache within a budget: each sequence reserves room for its prompt
+//! and its `max_tokens` when it joins, and a request waits while the reservations of the
+//! running ones leave no room for it (a request bigger than the whole budget runs alone).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+
+use ember_model_loader::SeqCache;
+use tokio::sync::oneshot;
+
+use super::{Completion, Engine, GenerateRequest, Sequence, Step};
+use crate::error::EngineError;
+
+/// How big batches may get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatcherOptions {
+    /// Most sequences in one decode step.
+    pub max_batch: usize,
+    /// Bytes the KV caches of the running sequences may take together.
+    pub kv_budget_bytes: u64,
+}
+
+impl BatcherOptions {
+    /// `kv_budget_bytes`, or half the memory available now (from `/proc/meminfo`; 2 GiB where
+    /// that cannot be read).
+    pub fn new(max_batch: usize, kv_budget_bytes: Option<u64>) -> Self {
+        let budget = kv_budget_bytes.unwrap_or_else(|| available_memory().map_or(2 << 30, |m| m / 2));
+        Self { max_batch: max_batch.max(1), kv_budget_bytes: budget }
+    }
+}
+
+/// Bytes of keys and values one token takes in the cache of this model.
+pub fn kv_bytes_per_token(engine: &Engine) -> u64 {
+    let cfg = engine.loaded.config();
+    let dtype = engine.loaded.model.dtype().size_in_bytes();
+    (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype) as u64
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+struct Submission {
+    req: GenerateRequest,
+    cancel: Arc<AtomicBool>,
+    reply: oneshot::Sender<Result<Completion, EngineError>>,
+}
+
+/// The handle of the batching thread; dropping every handle stops it once its work is done.
+pub struct Batcher {
+    tx: mpsc::Sender<Submission>,
+    budget_tokens: usize,
+    opts: BatcherOptions,
+}
+
+impl Batcher {
+    pub fn start(engine: Arc<Engine>, opts: BatcherOptions) -> std::io::Result<Self> {
+        let budget_tokens = (opts.kv_budget_bytes / kv_bytes_per_token(&engine).max(1)) as usize;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new().name("ember-batcher".into()).spawn(move || {
+            Loop { engine, rx, max_batch: opts.max_batch, budget_tokens, waiting: VecDeque::new(), running: Vec::new() }
+                .run()
+        })?;
+        tracing::info!(
+            max_batch = opts.max_batch,
+            kv_budget_mb = opts.kv_budget_bytes >> 20,
+            budget_tokens,
+            "batching"
+        );
+        Ok(Self { tx, budget_tokens, opts })
+    }
+
+    pub fn options(&self) -> BatcherOptions {
+        self.opts
+    }
+
+    /// Tokens of KV cache the budget holds.
+    pub fn budget_tokens(&self) -> usize {
+        self.budget_tokens
+    }
+
+    /// Runs one request in the shared batch; gives up with [`EngineError::Cancelled`] once
+    /// `cancel` is set (checked every step).
+    pub async fn generate(&self, req: GenerateRequest, cancel: Arc<AtomicBool>) -> Result<Completion, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Submission { req, cancel, reply }).map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+}
+
+struct Waiting {
+    seq: Sequence,
+    prompt: Vec<u32>,
+    cancel: Arc<AtomicBool>,
+    reply: oneshot::Sender<Result<Completion, EngineError>>,
+}
+
+struct Running {
+    seq: Sequence,
+    cache: SeqCache,
+    next: u32,
+    reserved: usize,
+    cancel: Arc<AtomicBool>,
+    reply: oneshot::Sender<Result<Completion, EngineError>>,
+}
+
+struct Loop {
+    engine: Arc<Engine>,
+    rx: mpsc::Receiver<Submission>,
+    max_batch: usize,
+    budget_tokens: usize,
+    waiting: VecDeque<Waiting>,
+    running: Vec<Running>,
+}
+
+impl Loop {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match self.rx.recv() {
+                    Ok(s) => self.take(s),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(s) = self.rx.try_recv() {
+                self.take(s);
+            }
+            self.drop_cancelled();
+            self.admit_one();
+            self.step();
+        }
+    }
+
+    /// Checks and renders a new request; a bad one is answered at once.
+    fn take(&mut self, s: Submission) {
+        match Sequence::start(&self.engine, &s.req) {
+            Ok((seq, prompt)) if seq.wants_nothing() => {
+                let _ = s.reply.send(Ok(seq.finish(0.0)));
+                drop(prompt);
+            }
+            Ok((seq, prompt)) => self.waiting.push_back(Waiting { seq, prompt, cancel: s.cancel, reply: s.reply }),
+            Err(e) => {
+                let _ = s.reply.send(Err(e));
+            }
+        }
+    }
+
+    fn reserved(&self) -> usize {
+        self.running.iter().map(|r| r.reserved).sum()
+    }
+
+    fn drop_cancelled(&mut self) {
+        let (cancelled, kept): (Vec<_>, Vec<_>) =
+            self.running.drain(..).partition(|r| r.cancel.load(Ordering::Relaxed) || r.reply.is_closed());
+        self.running = kept;
+        for r in cancelled {
+            let _ = r.reply.send(Err(EngineError::Cancelled));
+        }
+        let (cancelled, kept): (Vec<_>, Vec<_>) =
+            self.waiting.drain(..).partition(|w| w.cancel.load(Ordering::Relaxed) || w.reply.is_closed());
+        self.waiting = kept.into();
+        for w in cancelled {
+            let _ = w.reply.send(Err(EngineError::Cancelled));
+        }
+    }
+
+    /// Prefills the first waiting request if the batch and the KV budget have room for it.
+    fn admit_one(&mut self) {
+        if self.running.len() >= self.max_batch {
+            return;
+        }
+        let Some(front) = self.waiting.front() else { return };
+        let need = front.seq.max_len();
+        if !self.running.is_empty() && self.reserved() + need > self.budget_tokens {
+            return;
+        }
+        let Some(mut w) = self.waiting.pop_front() else { return };
+        let mut cache = SeqCache::new();
+        let first = self
+            .engine
+            .loaded
+            .model
+            .forward(&w.prompt, &mut cache)
+            .map_err(EngineError::from)
+            .and_then(|logits| Ok(logits.to_vec1::<f32>()?))
+            .and_then(|mut logits| {
+                w.seq.prefilled();
+                w.seq.step(&self.engine, &mut logits)
+            });
+        match first {
+            Ok(Step::Next(next)) => {
+                self.running.push(Running { seq: w.seq, cache, next, reserved: need, cancel: w.cancel, reply: w.reply })
+            }
+            Ok(Step::Finished) => {
+                let decode_s = w.seq.decode_s();
+                let _ = w.reply.send(Ok(w.seq.finish(decode_s)));
+            }
+            Err(e) => {
+                let _ = w.reply.send(Err(e));
+            }
+        }
+    }
+
+    /// One decode step for every running sequence.
+    fn step(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        let tokens: Vec<u32> = self.running.iter().map(|r| r.next).collect();
+        let mut caches: Vec<&mut SeqCache> = self.running.iter_mut().map(|r| &mut r.cache).collect();
+        let rows = self
+            .engine
+            .loaded
+            .model
+            .forward_batch(&tokens, &mut caches)
+            .map_err(EngineError::from)
+            .and_then(|logits| Ok(logits.to_vec2::<f32>()?));
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                // Every running job failed with it; each gets its own copy of the error.
+                let message = e.to_string();
+                for r in self.running.drain(..) {
+                    let _ = r.reply.send(Err(EngineError::Candle(candle_core::Error::Msg(message.clone()))));
+                }
+                return;
+            }
+        };
+        let mut kept = Vec::with_capacity(self.running.len());
+        for (mut r, mut row) in self.running.drain(..).zip(rows) {
+            match r.seq.step(&self.engine, &mut row) {
+                Ok(Step::Next(next)) => {
+                    r.next = next;
+                    kept.push(r);
+                }
+                Ok(Step::Finished) => {
+                    let decode_s = r.seq.decode_s();
+                    let _ = r.reply.send(Ok(r.seq.finish(decode_s)));
+                }
+                Err(e) => {
+                    let _ = r.reply.send(Err(e));
+                }
+            }
+        }
+        self.running = kept;
+    }
+}

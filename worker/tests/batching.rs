@@ -1,0 +1,131 @@
+//! Continuous batching gives every job exactly the greedy tokens it gets alone, whatever else
+//! shares its decode steps, on the real small model.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ember_model_loader::{load, DTypeChoice, LoadOptions, Message};
+use ember_tests::{smollm_gguf, smollm_hf};
+use ember_worker::engine::{Batcher, BatcherOptions, Engine, GenerateRequest, Prompt, SamplingParams};
+use ember_worker::EngineError;
+
+const PROMPTS: [&str; 16] = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "List three colours.",
+    "What is 2 + 2?",
+    "Name a planet.",
+    "Describe a cat in five words.",
+    "Who wrote Hamlet?",
+    "Give me a synonym for happy.",
+    "Translate 'hello' to Spanish.",
+    "What is the boiling point of water in Celsius? Answer briefly, then explain why altitude changes it.",
+    "Say something kind.",
+    "What do bees make?",
+    "Count from one to five.",
+    "What is the opposite of cold?",
+    "Name a fruit that is yellow.",
+    "Why is the sky blue? Give a short answer.",
+];
+
+fn request(i: usize) -> GenerateRequest {
+    let prompt = if i % 5 == 4 {
+        // Some plain completions too: different prompt lengths and no chat template.
+        Prompt::Text(format!("Once upon a time, {}", PROMPTS[i].to_lowercase()))
+    } else {
+        Prompt::Chat(vec![Message::new("user", PROMPTS[i])])
+    };
+    GenerateRequest { prompt, max_tokens: 6 + 5 * (i % 7), sampling: SamplingParams::default(), stop: vec![] }
+}
+
+fn batched_equals_alone(engine: Engine) -> anyhow::Result<()> {
+    let engine = Arc::new(engine);
+    let alone: Vec<Vec<u32>> =
+        (0..PROMPTS.len()).map(|i| Ok(engine.generate(&request(i))?.tokens)).collect::<Result<_, EngineError>>()?;
+    let batcher = Arc::new(Batcher::start(engine.clone(), BatcherOptions::new(16, None))?);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let together: Vec<Vec<u32>> = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..PROMPTS.len() {
+            let batcher = batcher.clone();
+            tasks.push(tokio::spawn(async move {
+                // Staggered: jobs join while others are mid-decode.
+                tokio::time::sleep(Duration::from_millis(40 * (i % 4) as u64)).await;
+                batcher.generate(request(i), Arc::new(AtomicBool::new(false))).await
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await??.tokens);
+        }
+        anyhow::Ok(out)
+    })?;
+    // (A job may end at once with EOS; most must have something to compare.)
+    assert!(alone.iter().filter(|t| t.len() > 3).count() >= 12, "too few jobs generated text: {alone:?}");
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, b, "job {i} ({}) differs between alone and batched", PROMPTS[i]);
+    }
+    Ok(())
+}
+
+#[test]
+fn sixteen_batched_jobs_match_their_single_runs_f32() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let model = rt.block_on(load(&smollm_hf("f32")?.to_string_lossy().parse()?, &LoadOptions::default()))?;
+    batched_equals_alone(Engine::new(model))
+}
+
+#[test]
+fn sixteen_batched_jobs_match_their_single_runs_q4_1_gguf() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let opts = LoadOptions { dtype: DTypeChoice::Auto, ..Default::default() };
+    let model = rt.block_on(load(&smollm_gguf()?.to_string_lossy().parse()?, &opts))?;
+    batched_equals_alone(Engine::new(model))
+}
+
+#[test]
+fn a_cancelled_job_leaves_the_batch_and_the_others_finish() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let model = rt.block_on(load(&smollm_hf("f32")?.to_string_lossy().parse()?, &LoadOptions::default()))?;
+    let engine = Arc::new(Engine::new(model));
+    let batcher = Batcher::start(engine.clone(), BatcherOptions::new(4, None))?;
+    let alone = engine.generate(&request(0))?.tokens;
+    let long = GenerateRequest { max_tokens: 4000, ..request(12) };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (a, b) = rt.block_on(async {
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        tokio::join!(
+            batcher.generate(long, cancel.clone()),
+            batcher.generate(request(0), Arc::new(AtomicBool::new(false)))
+        )
+    });
+    assert!(matches!(a, Err(EngineError::Cancelled)), "{a:?}");
+    assert_eq!(b?.tokens, alone);
+    Ok(())
+}
+
+#[test]
+fn a_tight_kv_budget_queues_jobs_instead_of_failing_them() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let model = rt.block_on(load(&smollm_hf("f32")?.to_string_lossy().parse()?, &LoadOptions::default()))?;
+    let engine = Arc::new(Engine::new(model));
+    // Room for about one job at a time (a chat prompt here is ~40 tokens, plus max_tokens).
+    let per_token = ember_worker::engine::batch::kv_bytes_per_token(&engine);
+    let batcher = Arc::new(Batcher::start(engine.clone(), BatcherOptions::new(8, Some(per_token * 60)))?);
+    assert_eq!(batcher.budget_tokens(), 60);
+    let alone: Vec<Vec<u32>> =
+        (0..4).map(|i| Ok(engine.generate(&request(i))?.tokens)).collect::<Result<_, EngineError>>()?;
+    let together = rt.block_on(async {
+        let runs = (0..4).map(|i| batcher.generate(request(i), Arc::new(AtomicBool::new(false))));
+        futures::future::join_all(runs).await
+    });
+    for (a, b) in alone.iter().zip(together) {
+        assert_eq!(a, &b?.tokens);
+    }
+    Ok(())
+}
