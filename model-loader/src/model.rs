@@ -133,13 +133,13 @@ impl Model {
             let attn = self.attention(layer, &h, &cos, &sin, mask.as_ref(), kv)?;
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
-            let mlp = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-            x = (x + layer.down.forward(&mlp)?)?;
+            let mlp = (candle_nn::ops::silu(&linear(&layer.gate, &h)?)? * linear(&layer.up, &h)?)?;
+            x = (x + linear(&layer.down, &mlp)?)?;
         }
         cache.len += t;
         let last = x.narrow(1, t - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        let logits = self.lm_head.forward(&last)?;
+        let logits = linear(&self.lm_head, &last)?;
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
     }
 
@@ -153,32 +153,20 @@ impl Model {
         kv: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let q = layer.q.forward(x)?;
-        let k = layer.k.forward(x)?;
-        let v = layer.v.forward(x)?;
-        let y = self.attend(&q, &k, &v, cos, sin, mask, kv)?;
-        Ok(layer.o.forward(&y.reshape((b, t, self.cfg.num_attention_heads * self.cfg.head_dim))?)?)
+        let (q, k, v) = self.project(layer, x, cos, sin)?;
+        let y = self.attend(&q, &k, &v, mask, kv)?;
+        Ok(linear(&layer.o, &y.reshape((b, t, self.cfg.num_attention_heads * self.cfg.head_dim))?)?)
     }
 
-    /// Attention of one sequence from its projected queries, keys and values `(1, t, heads *
-    /// head_dim)`: rotary embedding, the cache, scores and softmax in f32. Returns `(1, t,
-    /// heads * head_dim)`, before the output projection. Shared by the single-sequence and the
-    /// batched forward so that both compute exactly the same thing.
-    #[allow(clippy::too_many_arguments)]
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        kv: &mut Option<(Tensor, Tensor)>,
-    ) -> Result<Tensor> {
-        let (b, t, _) = q.dims3()?;
+    /// Queries, keys and values of `x` `(1, t, hidden)` as heads `(1, heads, t, head_dim)`, with
+    /// the rotary embedding of row `i` of `cos`/`sin` applied to row `i` of `x`: the rows may be
+    /// consecutive positions of one sequence, or one token each of several sequences.
+    fn project(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let heads =
-            |x: &Tensor, n: usize| -> Result<Tensor> { Ok(x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
+        let heads = |w: &QMatMul, n: usize| -> Result<Tensor> {
+            Ok(linear(w, x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
         let rope = |x: Tensor| -> Result<Tensor> {
             Ok(if self.rope_interleaved {
                 candle_nn::rotary_emb::rope_i(&x, cos, sin)?
@@ -186,33 +174,52 @@ impl Model {
                 candle_nn::rotary_emb::rope(&x, cos, sin)?
             })
         };
-        let q = rope(heads(q, nh)?)?;
-        let k = rope(heads(k, nkv)?)?;
-        let v = heads(v, nkv)?;
+        Ok((rope(heads(&layer.q, nh)?)?, rope(heads(&layer.k, nkv)?)?, heads(&layer.v, nkv)?))
+    }
+
+    /// Attention of one sequence: its new queries `(1, heads, t, head_dim)` against its cache
+    /// extended by the new keys and values `(1, kv_heads, t, head_dim)`. Grouped-query heads
+    /// are matched by reshaping the queries (`kv_heads` groups of `heads / kv_heads`), not by
+    /// copying the keys. Scores and softmax in f32 whatever the weights are: half precision
+    /// there changes greedy answers. Returns `(1, t, heads * head_dim)`, before the output
+    /// projection. The single-sequence and the batched forward both end here, so a sequence
+    /// gets the same numbers whichever runs it.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let t = q.dim(2)?;
         let (k, v) = match kv.take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k.clone(), v.clone()),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, k], 2)?, Tensor::cat(&[&pv, v], 2)?),
         };
         *kv = Some((k.clone(), v.clone()));
-        let k = repeat_kv(&k, nh / nkv)?;
-        let v = repeat_kv(&v, nh / nkv)?;
+        let total = k.dim(2)?;
+        let group = nh / nkv;
+        // (1, nh, t, hd) -> (nkv, group * t, hd): the queries of each kv head's group together.
+        let q = q.reshape((nkv, group * t, hd))?.to_dtype(DType::F32)?;
+        let k = k.reshape((nkv, total, hd))?.to_dtype(DType::F32)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        // Scores and softmax in f32 whatever the weights are: half precision here changes
-        // greedy answers.
-        let mut scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * scale)?;
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
+            scores = scores.reshape((nkv, group, t, total))?.broadcast_add(mask)?.reshape((nkv, group * t, total))?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
-        let y = probs.matmul(&v.contiguous()?)?;
-        Ok(y.transpose(1, 2)?.reshape((b, t, nh * hd))?)
+        let y = probs.matmul(&v.reshape((nkv, total, hd))?)?;
+        // (nkv, group * t, hd) -> (1, nh, t, hd) -> (1, t, nh * hd)
+        Ok(y.reshape((1, nh, t, hd))?.transpose(1, 2)?.reshape((1, t, nh * hd))?)
     }
 
     /// One decode step for several sequences at once: `tokens[i]` is the next token of the
-    /// sequence whose cache is `caches[i]`, each at its own position. The linear layers run
-    /// on all sequences in one matrix multiplication, so the weights are read once per step
-    /// for the whole batch; attention runs per sequence, over that sequence's own cache.
-    /// Returns the f32 logits, `(tokens.len(), vocab)`.
+    /// sequence whose cache is `caches[i]`, each at its own position. The projections, the
+    /// rotary embedding and the MLP run on all sequences together, so the weights are read
+    /// once per step for the whole batch; attention runs per sequence, over that sequence's own
+    /// cache. Returns the f32 logits, `(tokens.len(), vocab)`.
     pub fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut SeqCache]) -> Result<Tensor> {
         let b = tokens.len();
         if b != caches.len() || b == 0 {
@@ -224,42 +231,39 @@ impl Model {
         }
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let mut x = self.embed.embedding(&ids)?.to_dtype(self.dtype)?;
-        let mut rows = Vec::with_capacity(b);
+        let mut positions = Vec::with_capacity(b);
+        let mut masks = Vec::with_capacity(b);
         for cache in caches.iter_mut() {
             if cache.layers.len() != self.layers.len() {
                 cache.layers = vec![None; self.layers.len()];
             }
-            let pos = cache.len;
-            rows.push((self.cos.narrow(0, pos, 1)?, self.sin.narrow(0, pos, 1)?, self.mask(pos, 1)?));
+            positions.push(cache.len as u32);
+            masks.push(self.mask(cache.len, 1)?);
         }
+        // Row i of the batch is at its own sequence's position.
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
         let width = self.cfg.num_attention_heads * self.cfg.head_dim;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
-            let (q, k, v) = (layer.q.forward(&h)?, layer.k.forward(&h)?, layer.v.forward(&h)?);
+            let (q, k, v) = self.project(layer, &h, &cos, &sin)?;
             let mut ys = Vec::with_capacity(b);
-            for (i, (cache, (cos, sin, mask))) in caches.iter_mut().zip(&rows).enumerate() {
-                let pick = |t: &Tensor| t.narrow(1, i, 1);
-                ys.push(self.attend(
-                    &pick(&q)?,
-                    &pick(&k)?,
-                    &pick(&v)?,
-                    cos,
-                    sin,
-                    mask.as_ref(),
-                    &mut cache.layers[l],
-                )?);
+            for (i, (cache, mask)) in caches.iter_mut().zip(&masks).enumerate() {
+                let pick = |t: &Tensor| t.narrow(2, i, 1);
+                ys.push(self.attend(&pick(&q)?, &pick(&k)?, &pick(&v)?, mask.as_ref(), &mut cache.layers[l])?);
             }
             let y = Tensor::cat(&ys, 1)?.reshape((1, b, width))?;
-            x = (x + layer.o.forward(&y)?)?;
+            x = (x + linear(&layer.o, &y)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
-            let mlp = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-            x = (x + layer.down.forward(&mlp)?)?;
+            let mlp = (candle_nn::ops::silu(&linear(&layer.gate, &h)?)? * linear(&layer.up, &h)?)?;
+            x = (x + linear(&layer.down, &mlp)?)?;
         }
         for cache in caches.iter_mut() {
             cache.len += 1;
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        let logits = self.lm_head.forward(&x)?;
+        let logits = linear(&self.lm_head, &x)?;
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
     }
 
@@ -284,12 +288,20 @@ impl Model {
     }
 }
 
-fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x.clone());
+/// `x (b, t, in)` through a linear layer `(out, in)`. Dense weights are multiplied as
+/// `W · xᵀ`: the weight matrix is the left operand, read in place, where candle's `x · Wᵀ` has
+/// the CPU gemm pack (copy) the whole weight matrix on every call once `x` has more than one
+/// row, which doubles the memory traffic of a batched decode step.
+fn linear(w: &QMatMul, x: &Tensor) -> Result<Tensor> {
+    match w {
+        QMatMul::Tensor(weight) => {
+            let (b, t, k) = x.dims3()?;
+            let out = weight.dim(0)?;
+            let y = weight.matmul(&x.reshape((b * t, k))?.t()?)?;
+            Ok(y.t()?.reshape((b, t, out))?)
+        }
+        _ => Ok(w.forward(x)?),
     }
-    let (b, n_kv, s, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.expand((b, n_kv, n_rep, s, d))?.reshape((b, n_kv * n_rep, s, d))?)
 }
 
 /// Inverse frequencies of the rotary embedding, with Llama 3 scaling or GGUF `rope_freqs`.
