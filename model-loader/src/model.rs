@@ -155,7 +155,7 @@ impl Model {
         let (b, t, _) = x.dims3()?;
         let (q, k, v) = self.project(layer, x, cos, sin)?;
         let y = self.attend(&q, &k, &v, mask, kv)?;
-        Ok(linear(&layer.o, &y.reshape((b, t, self.cfg.num_attention_heads * self.cfg.head_dim))?)?)
+        linear(&layer.o, &y.reshape((b, t, self.cfg.num_attention_heads * self.cfg.head_dim))?)
     }
 
     /// Queries, keys and values of `x` `(1, t, hidden)` as heads `(1, heads, t, head_dim)`, with
