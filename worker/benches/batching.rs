@@ -15,7 +15,7 @@
 //! EMBER_BENCH_GEN (64), EMBER_BENCH_RUNS (2, best counts), EMBER_BENCH_MODEL (f32: hf-f32 and
 //! f32.gguf; or f16).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -70,7 +70,7 @@ fn ember_single(engine: &Engine, p: usize, g: usize) -> anyhow::Result<f64> {
     Ok(g as f64 / start.elapsed().as_secs_f64())
 }
 
-fn llama_cpp(gguf: &PathBuf, threads: usize, n: usize, p: usize, g: usize) -> anyhow::Result<f64> {
+fn llama_cpp(gguf: &Path, threads: usize, n: usize, p: usize, g: usize) -> anyhow::Result<f64> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = Command::new("node")
         .arg(root.join("scripts/llamacpp-bench.mjs"))
@@ -85,11 +85,11 @@ fn llama_cpp(gguf: &PathBuf, threads: usize, n: usize, p: usize, g: usize) -> an
     v["decode_tps"].as_f64().context("no decode_tps in the llama.cpp output")
 }
 
-/// Peak resident set size of this process (VmHWM), in bytes.
-fn peak_rss() -> u64 {
+/// Resident set size of this process (VmRSS), in bytes.
+fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
         .map_or(0, |kb| kb * 1024)
 }
@@ -123,15 +123,27 @@ fn main() -> anyhow::Result<()> {
         println!("| {n} | {ours:.1} | {:.2} | {theirs:.1} | {:.2} |", ours / single, ours / theirs);
     }
 
-    // Memory: 16 jobs through the batcher with the budget the worker computes.
-    let before = peak_rss();
+    // Memory: 16 jobs through the batcher with the budget the worker computes; resident memory
+    // sampled every 5 ms while they run.
+    let before = rss();
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(rss(), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        })
+    };
     let opts = BatcherOptions::new(16, None);
     let batcher = Arc::new(Batcher::start(engine.clone(), opts)?);
-    let reserved_tokens: usize = rt.block_on(async {
+    let total_tokens: usize = rt.block_on(async {
         let runs = (0..16).map(|i| {
             let req = GenerateRequest {
                 prompt: Prompt::Text(format!("{i}. {}", &TEXT[..60])),
-                max_tokens: g,
+                max_tokens: 256,
                 sampling: Default::default(),
                 stop: vec![],
             };
@@ -143,16 +155,14 @@ fn main() -> anyhow::Result<()> {
             .map(|r| r.map(|c| c.usage.total_tokens))
             .sum::<Result<usize, _>>()
     })?;
-    let grew = peak_rss().saturating_sub(before);
-    let kv = reserved_tokens as u64 * kv_bytes_per_token(&engine);
-    println!("\n## Memory at 16 jobs (batcher, budget computed by the worker)");
-    println!("| KV budget | KV of the 16 jobs | peak RSS growth during the run |");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sampler.join();
+    let grew = peak.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(before);
+    let kv = total_tokens as u64 * kv_bytes_per_token(&engine);
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!("\n## Memory at 16 jobs (batcher; up to 256 tokens each)");
+    println!("| KV budget the worker computed | KV cache of the 16 jobs at their longest | peak resident growth during the run |");
     println!("| ---: | ---: | ---: |");
-    println!(
-        "| {:.0} MiB | {:.1} MiB | {:.1} MiB |",
-        opts.kv_budget_bytes as f64 / 1048576.0,
-        kv as f64 / 1048576.0,
-        grew as f64 / 1048576.0
-    );
+    println!("| {:.0} MiB | {:.1} MiB | {:.1} MiB |", mib(batcher.options().kv_budget_bytes), mib(kv), mib(grew));
     Ok(())
 }

@@ -68,8 +68,12 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub fn start(engine: Arc<Engine>, opts: BatcherOptions) -> std::io::Result<Self> {
-        let budget_tokens = (opts.kv_budget_bytes / kv_bytes_per_token(&engine).max(1)) as usize;
+    /// Starts the batching thread. The KV budget is the smaller of `opts.kv_budget_bytes` and
+    /// what `max_batch` sequences of the model's full context would take.
+    pub fn start(engine: Arc<Engine>, mut opts: BatcherOptions) -> std::io::Result<Self> {
+        let per_token = kv_bytes_per_token(&engine).max(1);
+        let budget_tokens = ((opts.kv_budget_bytes / per_token) as usize).min(opts.max_batch * engine.context_length());
+        opts.kv_budget_bytes = budget_tokens as u64 * per_token;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new().name("ember-batcher".into()).spawn(move || {
             Loop { engine, rx, max_batch: opts.max_batch, budget_tokens, waiting: VecDeque::new(), running: Vec::new() }
