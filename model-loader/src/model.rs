@@ -216,31 +216,45 @@ impl Model {
     }
 
     /// One decode step for several sequences at once: `tokens[i]` is the next token of the
-    /// sequence whose cache is `caches[i]`, each at its own position. The projections, the
-    /// rotary embedding and the MLP run on all sequences together, so the weights are read
-    /// once per step for the whole batch; attention runs per sequence, over that sequence's own
-    /// cache. Returns the f32 logits, `(tokens.len(), vocab)`.
+    /// sequence whose cache is `caches[i]`. See [`Model::forward_ragged`].
     pub fn forward_batch(&self, tokens: &[u32], caches: &mut [&mut SeqCache]) -> Result<Tensor> {
-        let b = tokens.len();
-        if b != caches.len() || b == 0 {
+        let chunks: Vec<&[u32]> = tokens.chunks(1).collect();
+        self.forward_ragged(&chunks, caches)
+    }
+
+    /// Runs several sequences in one pass: `chunks[i]` are the next tokens of the sequence
+    /// whose cache is `caches[i]` (a whole prompt to prefill, or one token to decode), each at
+    /// its own position. The projections, the rotary embedding and the MLP run on all rows of
+    /// all sequences together, so the weights are read once per pass for the whole batch;
+    /// attention runs per sequence, over that sequence's own cache, in the same function the
+    /// single-sequence forward uses. Returns the f32 logits of each sequence's last token,
+    /// `(chunks.len(), vocab)`.
+    pub fn forward_ragged(&self, chunks: &[&[u32]], caches: &mut [&mut SeqCache]) -> Result<Tensor> {
+        let b = chunks.len();
+        if b != caches.len() || b == 0 || chunks.iter().any(|c| c.is_empty()) {
             return Err(candle_core::Error::Msg(format!(
-                "forward_batch needs one cache per token, got {b} tokens and {} caches",
+                "forward_ragged needs one non-empty chunk per cache, got {b} chunks and {} caches",
                 caches.len()
             ))
             .into());
         }
-        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let tokens: Vec<u32> = chunks.concat();
+        let rows = tokens.len();
+        let ids = Tensor::new(tokens.as_slice(), &self.device)?.unsqueeze(0)?;
         let mut x = self.embed.embedding(&ids)?.to_dtype(self.dtype)?;
-        let mut positions = Vec::with_capacity(b);
-        let mut masks = Vec::with_capacity(b);
-        for cache in caches.iter_mut() {
+        // Per sequence: its first row in the batch, its length, its mask; per row, its position.
+        let mut spans = Vec::with_capacity(b);
+        let mut positions = Vec::with_capacity(rows);
+        let mut lasts = Vec::with_capacity(b);
+        for (chunk, cache) in chunks.iter().zip(caches.iter_mut()) {
             if cache.layers.len() != self.layers.len() {
                 cache.layers = vec![None; self.layers.len()];
             }
-            positions.push(cache.len as u32);
-            masks.push(self.mask(cache.len, 1)?);
+            let (start, t) = (cache.len, chunk.len());
+            spans.push((positions.len(), t, self.mask(start, t)?));
+            positions.extend((start..start + t).map(|p| p as u32));
+            lasts.push(positions.len() as u32 - 1);
         }
-        // Row i of the batch is at its own sequence's position.
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
@@ -249,19 +263,21 @@ impl Model {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
             let (q, k, v) = self.project(layer, &h, &cos, &sin)?;
             let mut ys = Vec::with_capacity(b);
-            for (i, (cache, mask)) in caches.iter_mut().zip(&masks).enumerate() {
-                let pick = |t: &Tensor| t.narrow(2, i, 1);
+            for (cache, (at, t, mask)) in caches.iter_mut().zip(&spans) {
+                let pick = |x: &Tensor| x.narrow(2, *at, *t);
                 ys.push(self.attend(&pick(&q)?, &pick(&k)?, &pick(&v)?, mask.as_ref(), &mut cache.layers[l])?);
             }
-            let y = Tensor::cat(&ys, 1)?.reshape((1, b, width))?;
+            let y = Tensor::cat(&ys, 1)?.reshape((1, rows, width))?;
             x = (x + linear(&layer.o, &y)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
             let mlp = (candle_nn::ops::silu(&linear(&layer.gate, &h)?)? * linear(&layer.up, &h)?)?;
             x = (x + linear(&layer.down, &mlp)?)?;
         }
-        for cache in caches.iter_mut() {
-            cache.len += 1;
+        for (cache, chunk) in caches.iter_mut().zip(chunks) {
+            cache.len += chunk.len();
         }
+        let lasts = Tensor::new(lasts.as_slice(), &self.device)?;
+        let x = x.squeeze(0)?.index_select(&lasts, 0)?.unsqueeze(0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
         let logits = linear(&self.lm_head, &x)?;
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)

@@ -5,7 +5,8 @@
 //!     cargo bench -p ember-worker --bench throughput
 //!
 //! Baseline: receive (10 at a time) + batch delete, as fast as the queue allows, with as many
-//! loops as the worker has jobs in flight. Worker: `serve` with the real small model, jobs of
+//! loops as the worker has jobs in flight. Worker: `serve` with the real small model and its
+//! batcher (as `ember serve` runs it), jobs of
 //! `max_tokens` 1, results written create-only to moto S3. Prints both rates and the ratio
 //! (the target is 0.8x or more).
 //!
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use ember_model_loader::{load, LoadOptions};
 use ember_tests::{smollm_hf, MotoServer};
-use ember_worker::engine::Engine;
+use ember_worker::engine::{Batcher, BatcherOptions, Engine};
 use ember_worker::queue::sqs::{SqsQueue, SqsQueueSetup};
 use ember_worker::queue::{OutgoingMessage, Queue, ReceiveOptions};
 use ember_worker::runner::{serve, DeadLetters, JobHandler, ServeOptions, ServeStats, Shutdown};
@@ -134,7 +135,9 @@ async fn bench() -> anyhow::Result<()> {
     let engine =
         Arc::new(Engine::new(load(&smollm_hf("f32")?.to_string_lossy().parse()?, &LoadOptions::default()).await?));
     let store = Arc::new(S3Store::new(s3, "bench", "out"));
-    let handler = Arc::new(JobHandler::new(engine, store, DeadLetters::Queue(queue.clone()), 3));
+    // As `ember serve` runs it: the jobs in flight share forward passes (continuous batching).
+    let batcher = Arc::new(Batcher::start(engine.clone(), BatcherOptions::new(concurrency, None))?);
+    let handler = Arc::new(JobHandler::new(engine, store, DeadLetters::Queue(queue.clone()), 3).with_batcher(batcher));
 
     let (mut raw, mut worker) = (Vec::new(), Vec::new());
     for run in 0..runs {

@@ -1,11 +1,12 @@
 //! Continuous batching: many generations share each decode step, so the weights are read once
 //! per step for all of them instead of once per job.
 //!
-//! One thread owns the running sequences. Each turn it takes new requests, admits at most one
-//! of them (its prefill runs alone, so a long prompt delays the running jobs by one prefill,
-//! never more), then runs one batched decode step for every running sequence. A sequence that
-//! finishes leaves at once and its slot goes to the next waiting request; nothing waits for
-//! the batch to drain.
+//! One thread owns the running sequences. Each turn it takes new requests, admits those the
+//! batch has room for (up to [`MAX_PREFILL_TOKENS`] of prompt per turn, so a burst of new jobs
+//! delays the running ones by a bounded amount), and runs one forward pass over the new
+//! prompts and the next token of every running sequence together. A sequence that finishes
+//! leaves at once and its slot goes to the next waiting request; nothing waits for the batch
+//! to drain.
 //!
 //! Admission keeps the KV cache within a budget: each sequence reserves room for its prompt
 //! and its `max_tokens` when it joins, and a request waits while the reservations of the
@@ -53,6 +54,10 @@ fn available_memory() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// Most prompt tokens prefilled in one pass, so that a burst of new jobs delays the running
+/// ones by a bounded amount (a longer single prompt still goes in alone).
+pub const MAX_PREFILL_TOKENS: usize = 512;
 
 struct Submission {
     req: GenerateRequest,
@@ -144,7 +149,6 @@ impl Loop {
                 self.take(s);
             }
             self.drop_cancelled();
-            self.admit_one();
             self.step();
         }
     }
@@ -182,70 +186,72 @@ impl Loop {
         }
     }
 
-    /// Prefills the first waiting request if the batch and the KV budget have room for it.
-    fn admit_one(&mut self) {
-        if self.running.len() >= self.max_batch {
-            return;
-        }
-        let Some(front) = self.waiting.front() else { return };
-        let need = front.seq.max_len();
-        if !self.running.is_empty() && self.reserved() + need > self.budget_tokens {
-            return;
-        }
-        let Some(mut w) = self.waiting.pop_front() else { return };
-        let mut cache = SeqCache::new();
-        let first = self
-            .engine
-            .loaded
-            .model
-            .forward(&w.prompt, &mut cache)
-            .map_err(EngineError::from)
-            .and_then(|logits| Ok(logits.to_vec1::<f32>()?))
-            .and_then(|mut logits| {
-                w.seq.prefilled();
-                w.seq.step(&self.engine, &mut logits)
-            });
-        match first {
-            Ok(Step::Next(next)) => {
-                self.running.push(Running { seq: w.seq, cache, next, reserved: need, cancel: w.cancel, reply: w.reply })
+    /// Takes the waiting requests the batch and the KV budget have room for, up to
+    /// [`MAX_PREFILL_TOKENS`] of prompt in one pass (at least one request, if any fits).
+    fn admit(&mut self) -> Vec<Waiting> {
+        let mut reserved = self.reserved();
+        let (mut admitted, mut prompt_tokens) = (Vec::new(), 0);
+        while let Some(front) = self.waiting.front() {
+            let need = front.seq.max_len();
+            let alone = self.running.is_empty() && admitted.is_empty();
+            let room = self.running.len() + admitted.len() < self.max_batch
+                && (alone || reserved + need <= self.budget_tokens)
+                && (admitted.is_empty() || prompt_tokens + front.prompt.len() <= MAX_PREFILL_TOKENS);
+            if !room {
+                break;
             }
-            Ok(Step::Finished) => {
-                let decode_s = w.seq.decode_s();
-                let _ = w.reply.send(Ok(w.seq.finish(decode_s)));
-            }
-            Err(e) => {
-                let _ = w.reply.send(Err(e));
-            }
+            let Some(w) = self.waiting.pop_front() else { break };
+            reserved += need;
+            prompt_tokens += w.prompt.len();
+            admitted.push(w);
         }
+        admitted
     }
 
-    /// One decode step for every running sequence.
+    /// One forward pass: the prompts of the newly admitted requests and the next token of
+    /// every running sequence, together; then each samples its next token.
     fn step(&mut self) {
-        if self.running.is_empty() {
+        let admitted = self.admit();
+        if self.running.is_empty() && admitted.is_empty() {
             return;
         }
-        let tokens: Vec<u32> = self.running.iter().map(|r| r.next).collect();
-        let mut caches: Vec<&mut SeqCache> = self.running.iter_mut().map(|r| &mut r.cache).collect();
-        let rows = self
-            .engine
-            .loaded
-            .model
-            .forward_batch(&tokens, &mut caches)
-            .map_err(EngineError::from)
-            .and_then(|logits| Ok(logits.to_vec2::<f32>()?));
-        let rows = match rows {
-            Ok(rows) => rows,
+        let mut new_caches: Vec<SeqCache> = admitted.iter().map(|_| SeqCache::new()).collect();
+        let rows = {
+            let mut chunks: Vec<&[u32]> = Vec::with_capacity(self.running.len() + admitted.len());
+            let mut caches: Vec<&mut SeqCache> = Vec::with_capacity(chunks.capacity());
+            for r in self.running.iter_mut() {
+                chunks.push(std::slice::from_ref(&r.next));
+                caches.push(&mut r.cache);
+            }
+            for (w, cache) in admitted.iter().zip(new_caches.iter_mut()) {
+                chunks.push(&w.prompt);
+                caches.push(cache);
+            }
+            self.engine
+                .loaded
+                .model
+                .forward_ragged(&chunks, &mut caches)
+                .map_err(EngineError::from)
+                .and_then(|logits| Ok(logits.to_vec2::<f32>()?))
+        };
+        let mut rows = match rows {
+            Ok(rows) => rows.into_iter(),
             Err(e) => {
-                // Every running job failed with it; each gets its own copy of the error.
+                // Every job in the pass failed with it; each gets its own copy of the error.
                 let message = e.to_string();
+                let fail = || Err(EngineError::Candle(candle_core::Error::Msg(message.clone())));
                 for r in self.running.drain(..) {
-                    let _ = r.reply.send(Err(EngineError::Candle(candle_core::Error::Msg(message.clone()))));
+                    let _ = r.reply.send(fail());
+                }
+                for w in admitted {
+                    let _ = w.reply.send(fail());
                 }
                 return;
             }
         };
-        let mut kept = Vec::with_capacity(self.running.len());
-        for (mut r, mut row) in self.running.drain(..).zip(rows) {
+        let mut kept = Vec::with_capacity(self.running.len() + admitted.len());
+        for mut r in self.running.drain(..) {
+            let Some(mut row) = rows.next() else { break };
             match r.seq.step(&self.engine, &mut row) {
                 Ok(Step::Next(next)) => {
                     r.next = next;
@@ -257,6 +263,23 @@ impl Loop {
                 }
                 Err(e) => {
                     let _ = r.reply.send(Err(e));
+                }
+            }
+        }
+        for (mut w, cache) in admitted.into_iter().zip(new_caches) {
+            let Some(mut row) = rows.next() else { break };
+            w.seq.prefilled();
+            let reserved = w.seq.max_len();
+            match w.seq.step(&self.engine, &mut row) {
+                Ok(Step::Next(next)) => {
+                    kept.push(Running { seq: w.seq, cache, next, reserved, cancel: w.cancel, reply: w.reply })
+                }
+                Ok(Step::Finished) => {
+                    let decode_s = w.seq.decode_s();
+                    let _ = w.reply.send(Ok(w.seq.finish(decode_s)));
+                }
+                Err(e) => {
+                    let _ = w.reply.send(Err(e));
                 }
             }
         }
