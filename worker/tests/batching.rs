@@ -129,3 +129,30 @@ fn a_tight_kv_budget_queues_jobs_instead_of_failing_them() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_with_the_same_answer_alone_and_batched() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let model = rt.block_on(load(&smollm_hf("f32")?.to_string_lossy().parse()?, &LoadOptions::default()))?;
+    let engine = Arc::new(Engine::new(model));
+    // About 1400 tokens: prefilled in chunks of 512, then the tail.
+    let long = GenerateRequest {
+        prompt: Prompt::Text(format!("{} The story so far, in one sentence:", PROMPTS.join(" ").repeat(12))),
+        max_tokens: 8,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+    };
+    let alone = engine.generate(&long)?;
+    assert!(alone.usage.prompt_tokens > 2 * ember_worker::engine::PREFILL_CHUNK, "{:?}", alone.usage);
+    let short_alone = engine.generate(&request(1))?.tokens;
+    let batcher = Batcher::start(engine.clone(), BatcherOptions::new(4, None))?;
+    let (a, b) = rt.block_on(async {
+        tokio::join!(
+            batcher.generate(request(1), Arc::new(AtomicBool::new(false))),
+            batcher.generate(long.clone(), Arc::new(AtomicBool::new(false)))
+        )
+    });
+    assert_eq!(a?.tokens, short_alone);
+    assert_eq!(b?.tokens, alone.tokens);
+    Ok(())
+}

@@ -52,12 +52,13 @@ fn fixture() -> Result<SqsEvent> {
     Ok(serde_json::from_str(&std::fs::read_to_string(fixture_path())?)?)
 }
 
-/// The key of a job's result: its `custom_id`'s, or the `_rejected/` one when the body could
-/// not be read far enough to find the `custom_id`.
+/// The key of a job's result: its `custom_id`'s (under `_errors/` for an error result), or the
+/// `_rejected/` one when the body could not be read far enough to find the `custom_id`.
 fn result_key(message_id: &str, custom_id: &str, code: Option<&str>) -> String {
     match code {
         Some("invalid_json") => format!("results/default/_rejected/{}.json", derived_id(message_id)),
-        _ => format!("results/default/{custom_id}.json"),
+        Some(_) => format!("results/default/_errors/{custom_id}.json"),
+        None => format!("results/default/{custom_id}.json"),
     }
 }
 

@@ -599,3 +599,32 @@ fn sigterm_finishes_a_job_within_the_grace_period_or_releases_it() -> anyhow::Re
     assert!(backend.results("term5000")?.is_empty());
     Ok(())
 }
+
+#[test]
+fn a_failed_job_can_be_fixed_redriven_and_answered() -> anyhow::Result<()> {
+    let _g = heavy();
+    let backend = Backend::embedded()?;
+    let dir = tempfile::tempdir()?;
+    // The job asks for a model this worker does not serve: an error result, and the DLQ.
+    let line = json!({"custom_id": "q", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "other-model", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                 "max_tokens": 12}});
+    backend.submit(&[line.to_string().into_bytes()], "fix", dir.path())?;
+    backend.ember(&["serve", "--exit-when-idle", "--wait-seconds", "1"])?;
+    let results = backend.results("fix")?;
+    assert_eq!(results["results/fix/_errors/q.json"].error_code(), Some("model_not_found"));
+    assert_eq!(backend.status()?["dlq"], 1);
+
+    // The fix: a worker that serves that model (the same weights under that name). Redriven,
+    // the job runs again and gets its answer beside the earlier error.
+    let served = dir.path().join("other-model");
+    std::os::unix::fs::symlink(smollm_hf("f32")?, &served)?;
+    backend.ember(&["dlq", "redrive"])?;
+    let out =
+        backend.command(&["serve", "--exit-when-idle", "--wait-seconds", "1"]).env("EMBER_MODEL", &served).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let results = backend.results("fix")?;
+    assert_eq!(answer(&results["results/fix/q.json"]).as_deref(), Some("The capital of France is Paris."));
+    assert_eq!(backend.status()?, json!({"visible": 0, "in_flight": 0, "delayed": 0, "dlq": 0}));
+    Ok(())
+}

@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::backends::{QueueArgs, StoreArgs};
 use super::common::{AwsArgs, ModelArgs};
 use super::serve::{stats_json, LoopArgs, Worker};
-use crate::job::{derived_id, rejected_result_key, ResultLine};
+use crate::job::{derived_id, error_result_key, rejected_result_key, ResultLine};
 use crate::queue::{OutgoingMessage, Queue, MAX_BATCH};
 use crate::runner::{serve, ServeStats, Shutdown};
 use crate::store::ObjectStore;
@@ -280,7 +280,8 @@ async fn collect(
 ) -> anyhow::Result<Vec<Collected>> {
     let mut keys: Vec<String> = store.list(prefix).await?;
     let known: HashSet<String> = keys.iter().cloned().collect();
-    keys.extend(lines.iter().filter_map(|l| l.result_key.clone()).filter(|k| !known.contains(k)));
+    let own_keys = lines.iter().filter_map(|l| l.result_key.as_deref());
+    keys.extend(own_keys.flat_map(|k| [k.to_string(), error_result_key(k)]).filter(|k| !known.contains(k)));
     let mut by_id: HashMap<String, ResultLine> = HashMap::new();
     for key in keys {
         if let Some(line) = read_result(store, &key).await? {

@@ -149,7 +149,11 @@ impl Loop {
                 self.take(s);
             }
             self.drop_cancelled();
-            self.step();
+            // A panic in one pass (model, tokenizer, template) must not stop the batcher for
+            // good: the jobs it dropped see `Stopped` and are retried; the rest go on.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step())).is_err() {
+                tracing::error!("a batched pass panicked; its jobs will be retried");
+            }
         }
     }
 
@@ -216,6 +220,26 @@ impl Loop {
             return;
         }
         let mut new_caches: Vec<SeqCache> = admitted.iter().map(|_| SeqCache::new()).collect();
+        // A long prompt's head is prefilled in chunks first (it was admitted alone); its last
+        // token joins the pass.
+        let mut tails: Vec<&[u32]> = Vec::with_capacity(admitted.len());
+        let mut failed = None;
+        for (w, cache) in admitted.iter().zip(new_caches.iter_mut()) {
+            match super::prefill_last(&self.engine, &w.prompt, cache) {
+                Ok(tail) => tails.push(tail),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            let message = e.to_string();
+            for w in admitted {
+                let _ = w.reply.send(Err(EngineError::Candle(candle_core::Error::Msg(message.clone()))));
+            }
+            return;
+        }
         let rows = {
             let mut chunks: Vec<&[u32]> = Vec::with_capacity(self.running.len() + admitted.len());
             let mut caches: Vec<&mut SeqCache> = Vec::with_capacity(chunks.capacity());
@@ -223,8 +247,8 @@ impl Loop {
                 chunks.push(std::slice::from_ref(&r.next));
                 caches.push(&mut r.cache);
             }
-            for (w, cache) in admitted.iter().zip(new_caches.iter_mut()) {
-                chunks.push(&w.prompt);
+            for (tail, cache) in tails.iter().zip(new_caches.iter_mut()) {
+                chunks.push(tail);
                 caches.push(cache);
             }
             self.engine

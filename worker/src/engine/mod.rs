@@ -121,7 +121,7 @@ impl Engine {
             return Ok(seq.finish(0.0));
         }
         let mut cache = SeqCache::new();
-        let mut logits = self.loaded.model.forward(&prompt, &mut cache)?;
+        let mut logits = self.loaded.model.forward(prefill_last(self, &prompt, &mut cache)?, &mut cache)?;
         seq.prefilled();
         loop {
             if cancel.load(Ordering::Relaxed) {
@@ -167,6 +167,9 @@ impl Sequence {
         req.sampling.validate()?;
         let prompt = engine.encode_prompt(&req.prompt)?;
         let context = engine.context_length();
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
         if prompt.len() >= context {
             return Err(EngineError::PromptTooLong { prompt_tokens: prompt.len(), context });
         }
@@ -236,6 +239,25 @@ impl Sequence {
     pub fn decode_s(&self) -> f64 {
         self.started.elapsed().as_secs_f64() - self.prefill_s
     }
+}
+
+/// Prompts longer than this are prefilled in pieces of this size: attention scores of a whole
+/// 8k-token prompt at once would take gigabytes.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// For a prompt longer than [`PREFILL_CHUNK`], runs all of it but the tail through the model in
+/// chunks (their logits are not needed) and answers the tail to run next; a shorter prompt is
+/// answered whole. The single-sequence loop and the batcher both split prompts this way, so a
+/// sequence gets the same numbers whichever runs it.
+pub fn prefill_last<'a>(engine: &Engine, prompt: &'a [u32], cache: &mut SeqCache) -> Result<&'a [u32], EngineError> {
+    if prompt.len() <= PREFILL_CHUNK {
+        return Ok(prompt);
+    }
+    let split = prompt.len() - 1;
+    for chunk in prompt[..split].chunks(PREFILL_CHUNK) {
+        engine.loaded.model.forward(chunk, cache)?;
+    }
+    Ok(&prompt[split..])
 }
 
 /// Byte offset of the earliest stop sequence in `text`.

@@ -37,6 +37,20 @@ pub fn default_result_key(batch_id: Option<&str>, custom_id: &str) -> String {
     format!("results/{}/{custom_id}.json", batch_id.unwrap_or(DEFAULT_BATCH))
 }
 
+/// Where the error result of a job goes: an `_errors/` folder beside its result key (a
+/// `custom_id` cannot reach it, having no '/'), so that a job that failed, was fixed and is run
+/// again (`ember dlq redrive`) can still write its result. Keys under `_rejected/` are
+/// already error keys.
+pub fn error_result_key(result_key: &str) -> String {
+    if result_key.contains("/_rejected/") {
+        return result_key.to_string();
+    }
+    match result_key.rsplit_once('/') {
+        Some((dir, name)) => format!("{dir}/_errors/{name}"),
+        None => format!("_errors/{result_key}"),
+    }
+}
+
 /// Where the error result of a job goes when its own key is unknown (no usable `custom_id`):
 /// a `_rejected/` folder no `custom_id` can reach, since a `custom_id` cannot contain '/'.
 pub fn rejected_result_key(batch_id: Option<&str>, message_id: &str) -> String {

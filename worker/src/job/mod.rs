@@ -40,7 +40,9 @@ mod validate;
 mod tests;
 
 pub use error::JobError;
-pub use key::{default_result_key, derived_id, rejected_result_key, DEFAULT_BATCH, MAX_CUSTOM_ID_BYTES};
+pub use key::{
+    default_result_key, derived_id, error_result_key, rejected_result_key, DEFAULT_BATCH, MAX_CUSTOM_ID_BYTES,
+};
 pub use messages::ROLES;
 pub use output::{ResultError, ResultLine, ResultResponse};
 pub use validate::{check_prompt_length, validate, TokenCounter, DEFAULT_MODEL};

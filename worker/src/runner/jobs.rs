@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::{retry_backoff, Handler, Outcome, Shutdown};
 use crate::engine::{Batcher, Engine};
 use crate::error::EngineError;
-use crate::job::{validate, JobLimits, RejectedJob, ResultLine, ValidJob};
+use crate::job::{error_result_key, validate, JobLimits, RejectedJob, ResultLine, ValidJob};
 use crate::queue::{Queue, ReceivedMessage};
 use crate::store::{ObjectStore, PutOutcome};
 use crate::telemetry::metrics;
@@ -80,9 +80,10 @@ impl JobHandler {
         })
     }
 
-    /// Writes an error result, then parks the job with the dead letters.
+    /// Writes an error result (under `_errors/`, beside where the result would go), then parks
+    /// the job with the dead letters.
     async fn fail_for_good(&self, msg: &ReceivedMessage, key: &str, line: &ResultLine, label: &str) -> Outcome {
-        if let Err(outcome) = self.write(msg, key, line).await {
+        if let Err(outcome) = self.write(msg, &error_result_key(key), line).await {
             return outcome;
         }
         match &self.dead_letters {

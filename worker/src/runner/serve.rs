@@ -72,7 +72,14 @@ pub async fn serve(
     while !shutdown.is_triggered() {
         // Only ask for as many messages as there are free slots: a message received and left
         // waiting would sit out its visibility timeout for nothing.
-        let Ok(first) = slots.clone().acquire_owned().await else { break };
+        // Waiting for a free slot must not outlast a shutdown: the grace period starts here.
+        let first = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.wait() => break,
+        };
         let mut permits = vec![first];
         while permits.len() < MAX_BATCH {
             match slots.clone().try_acquire_owned() {
