@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::backends::{QueueArgs, StoreArgs};
 use super::common::{AwsArgs, ModelArgs};
 use super::serve::{stats_json, LoopArgs, Worker};
-use crate::job::{derived_id, error_result_key, rejected_result_key, ResultLine};
+use crate::job::{default_result_key, derived_id, error_result_key, rejected_result_key, ResultLine};
 use crate::queue::{OutgoingMessage, Queue, MAX_BATCH};
 use crate::runner::{serve, ServeStats, Shutdown};
 use crate::store::ObjectStore;
@@ -85,7 +85,7 @@ pub enum DlqCommand {
 struct Line {
     number: usize,
     body: Vec<u8>,
-    /// Where its result goes when the line names its own key.
+    /// Where its result goes, when the line is JSON with a `custom_id` or a `result_key`.
     result_key: Option<String>,
 }
 
@@ -120,10 +120,17 @@ fn read_lines(file: &Path, batch_id: &str) -> anyhow::Result<Vec<Line>> {
                     );
                 }
             }
+            let custom_id = obj.get("custom_id").and_then(Value::as_str).map(str::to_string);
             let ember = obj.entry("ember").or_insert_with(|| Value::Object(Default::default()));
             if let Value::Object(ember) = ember {
-                ember.entry("batch_id").or_insert_with(|| Value::String(batch_id.to_string()));
-                result_key = ember.get("result_key").and_then(Value::as_str).map(str::to_string);
+                let batch = ember.entry("batch_id").or_insert_with(|| Value::String(batch_id.to_string()));
+                let batch = batch.as_str().map(str::to_string);
+                // Where the worker will write this line's result (if the line is valid).
+                result_key = match (ember.get("result_key").and_then(Value::as_str), custom_id) {
+                    (Some(key), _) => Some(key.to_string()),
+                    (None, Some(id)) => Some(default_result_key(batch.as_deref(), &id)),
+                    (None, None) => None,
+                };
             }
             body = serde_json::to_vec(&obj)?;
         }
@@ -203,13 +210,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let lines = read_lines(&args.file, &batch_id)?;
     let worker = Worker::start(&args.model, &args.aws, &args.queue, &args.store).await?;
     let hidden = args.model.fetch.no_progress;
+    // Results already under the batch's prefix (a reused --batch-id) do not count as progress.
+    let prefix = format!("results/{batch_id}/");
+    let existing: HashSet<String> = worker.store.list(&prefix).await?.into_iter().collect();
     let ids = send_lines(worker.queue.as_ref(), &lines, hidden).await?;
 
     // Serve until every line has a result (or the queue is drained: a job the queue gave up
     // on is reported as not finished below).
     let shutdown = Shutdown::new();
     shutdown.on_signals();
-    let prefix = format!("results/{batch_id}/");
     let progress = bar(lines.len() as u64, "jobs", hidden);
     let watcher = {
         let (store, shutdown, progress, prefix, n) =
@@ -217,8 +226,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             loop {
                 if let Ok(keys) = store.list(&prefix).await {
-                    progress.set_position(keys.len() as u64);
-                    if keys.len() >= n {
+                    let new = keys.iter().filter(|k| !existing.contains(*k)).count();
+                    progress.set_position(new as u64);
+                    if new >= n {
                         shutdown.trigger();
                         return;
                     }
@@ -296,6 +306,14 @@ async fn collect(
             // A line the worker could not read at all (not JSON, too large, not UTF-8) cannot
             // name its batch: its error result is under the default batch's _rejected/ folder.
             found = read_result(store, &rejected_result_key(None, message_id)).await?.filter(|r| r.id == id);
+        }
+        if let (None, Some(key)) = (&found, &line.result_key) {
+            // A job whose custom_id already had a result in this batch (a reused batch id) is
+            // answered by that result: results are written once per key.
+            found = match read_result(store, key).await? {
+                Some(r) => Some(r),
+                None => read_result(store, &error_result_key(key)).await?,
+            };
         }
         out.push(match found {
             Some(r) => Collected::Found(r),

@@ -74,10 +74,28 @@ impl JobHandler {
             validate(&body, &id, &limits, &count)
         })
         .await;
-        checked.map_err(|e| {
-            tracing::error!(message_id = %msg.id, error = %e, "validation panicked");
-            Outcome::Retry { after: retry_backoff(msg.receive_count), label: "validation_panicked".into() }
-        })
+        match checked {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                tracing::error!(message_id = %msg.id, error = %e, "validation panicked");
+                let id = msg.id.as_str();
+                let line =
+                    ResultLine::not_run(id, id, "validation_panicked", &format!("the worker failed on this job: {e}"));
+                Err(self
+                    .retry_or_give_up(msg, &crate::job::rejected_result_key(None, id), &line, "validation_panicked")
+                    .await)
+            }
+        }
+    }
+
+    /// A failure that may pass: retry, unless this was the last delivery the queue allows, in
+    /// which case the job gets its error result and goes to the dead letters now rather than
+    /// reach them later without an answer.
+    async fn retry_or_give_up(&self, msg: &ReceivedMessage, key: &str, line: &ResultLine, label: &str) -> Outcome {
+        if msg.receive_count >= self.max_receive_count {
+            return self.fail_for_good(msg, key, line, label).await;
+        }
+        Outcome::Retry { after: retry_backoff(msg.receive_count), label: label.into() }
     }
 
     /// Writes an error result (under `_errors/`, beside where the result would go), then parks
@@ -149,9 +167,11 @@ impl JobHandler {
                 match tokio::task::spawn_blocking(move || engine.generate_until(&request, stop.flag())).await {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::error!(message_id = %msg.id, error = %e, "generation panicked; will retry");
-                        let after = retry_backoff(msg.receive_count);
-                        return Outcome::Retry { after, label: "generation_panicked".into() };
+                        tracing::error!(message_id = %msg.id, error = %e, "generation panicked");
+                        let message = format!("the worker failed on this job: {e}");
+                        let line =
+                            ResultLine::not_run(&job.message_id, &job.custom_id, "generation_panicked", &message);
+                        return self.retry_or_give_up(msg, &job.result_key, &line, "generation_panicked").await;
                     }
                 }
             }
