@@ -1,1 +1,7 @@
-//! stub
+//! Ember's custom kernels. Each has a CPU reference implementation here, in plain Rust, that
+//! defines what the CUDA version (behind the `cuda` feature) must compute; the tests run the
+//! reference against a plain candle implementation of the same math.
+
+pub mod sampling;
+
+pub use sampling::{sample_batch, RowParams, SampleError};
