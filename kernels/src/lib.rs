@@ -2,6 +2,8 @@
 //! defines what the CUDA version (behind the `cuda` feature) must compute; the tests run the
 //! reference against a plain candle implementation of the same math.
 
+pub mod norm;
 pub mod sampling;
 
+pub use norm::{add_rms_norm, NormError};
 pub use sampling::{sample_batch, RowParams, SampleError};
