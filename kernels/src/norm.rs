@@ -9,7 +9,7 @@
 /// Answers `(sum, normed)`, both `rows x hidden` row-major.
 pub fn add_rms_norm(x: &[f32], residual: &[f32], weight: &[f32], eps: f32) -> Result<(Vec<f32>, Vec<f32>), NormError> {
     let hidden = weight.len();
-    if hidden == 0 || x.len() != residual.len() || x.len() % hidden != 0 {
+    if hidden == 0 || x.len() != residual.len() || !x.len().is_multiple_of(hidden) {
         return Err(NormError::Shape { x: x.len(), residual: residual.len(), hidden });
     }
     if !(eps > 0.0 && eps.is_finite()) {
