@@ -116,46 +116,10 @@ impl Model {
     }
 
     /// Runs `tokens` (the next tokens of one sequence) through the model, appending their keys
-    /// and values to `cache`, and returns the f32 logits of the last token.
+    /// and values to `cache`, and returns the f32 logits of the last token. The one-sequence
+    /// case of [`Model::forward_ragged`], so a sequence gets the same numbers alone or batched.
     pub fn forward(&self, tokens: &[u32], cache: &mut SeqCache) -> Result<Tensor> {
-        let t = tokens.len();
-        let start = cache.len;
-        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let mut x = self.embed.embedding(&ids)?.to_dtype(self.dtype)?;
-        let cos = self.cos.narrow(0, start, t)?;
-        let sin = self.sin.narrow(0, start, t)?;
-        let mask = self.mask(start, t)?;
-        if cache.layers.len() != self.layers.len() {
-            cache.layers = vec![None; self.layers.len()];
-        }
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
-            let attn = self.attention(layer, &h, &cos, &sin, mask.as_ref(), kv)?;
-            x = (x + attn)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
-            let mlp = (candle_nn::ops::silu(&linear(&layer.gate, &h)?)? * linear(&layer.up, &h)?)?;
-            x = (x + linear(&layer.down, &mlp)?)?;
-        }
-        cache.len += t;
-        let last = x.narrow(1, t - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        let logits = linear(&self.lm_head, &last)?;
-        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
-    }
-
-    fn attention(
-        &self,
-        layer: &Layer,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        kv: &mut Option<(Tensor, Tensor)>,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (q, k, v) = self.project(layer, x, cos, sin)?;
-        let y = self.attend(&q, &k, &v, mask, kv)?;
-        linear(&layer.o, &y.reshape((b, t, self.cfg.num_attention_heads * self.cfg.head_dim))?)
+        Ok(self.forward_ragged(&[tokens], &mut [cache])?.squeeze(0)?)
     }
 
     /// Queries, keys and values of `x` `(1, t, hidden)` as heads `(1, heads, t, head_dim)`, with
@@ -182,8 +146,7 @@ impl Model {
     /// are matched by reshaping the queries (`kv_heads` groups of `heads / kv_heads`), not by
     /// copying the keys. Scores and softmax in f32 whatever the weights are: half precision
     /// there changes greedy answers. Returns `(1, t, heads * head_dim)`, before the output
-    /// projection. The single-sequence and the batched forward both end here, so a sequence
-    /// gets the same numbers whichever runs it.
+    /// projection.
     fn attend(
         &self,
         q: &Tensor,
@@ -226,8 +189,8 @@ impl Model {
     /// whose cache is `caches[i]` (a whole prompt to prefill, or one token to decode), each at
     /// its own position. The projections, the rotary embedding and the MLP run on all rows of
     /// all sequences together, so the weights are read once per pass for the whole batch;
-    /// attention runs per sequence, over that sequence's own cache, in the same function the
-    /// single-sequence forward uses. Returns the f32 logits of each sequence's last token,
+    /// attention runs per sequence, over that sequence's own cache. [`Model::forward`] is the
+    /// one-sequence case. Returns the f32 logits of each sequence's last token,
     /// `(chunks.len(), vocab)`.
     pub fn forward_ragged(&self, chunks: &[&[u32]], caches: &mut [&mut SeqCache]) -> Result<Tensor> {
         let b = chunks.len();

@@ -105,10 +105,9 @@ async fn worker_rate(
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
     shutdown.trigger();
+    // `serve` lets its last long poll end and hands back what it got before returning, so the
+    // next phase starts with every message visible.
     task.await??;
-    // The loop's last long poll was abandoned on our side but still runs in the server: let it
-    // end before the next phase fills the queue, or it would hide messages from that phase.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     Ok(rate)
 }
 

@@ -6,7 +6,7 @@
 //! What becomes of each record:
 //! - the handler finished it ([`Outcome::Done`], [`Outcome::Poisoned`]): not reported, so the
 //!   event source mapping deletes it;
-//! - it could not finish ([`Outcome::Retry`], [`Outcome::Released`]), or it was never started
+//! - it could not finish ([`Outcome::Retry`], [`Outcome::Rejected`], [`Outcome::Released`]), or it was never started
 //!   because the invocation's deadline was too close: reported, so it comes back after its
 //!   visibility timeout, and the queue's redrive policy moves it to the DLQ after
 //!   `maxReceiveCount` deliveries. A job that can never succeed is answered with an error
@@ -191,13 +191,14 @@ pub async fn run_batch<H: Handler + ?Sized>(
         match handler.handle(&msg, &shutdown).await {
             Outcome::Done => report.done += 1,
             Outcome::Poisoned { .. } => report.poisoned += 1,
+            Outcome::Rejected { label, .. } => {
+                // Answered with an error result; the redrive policy takes it to the DLQ.
+                report.rejected += 1;
+                tracing::info!(message_id = %msg.id, label = %label, "rejected; reporting the record for the redrive policy");
+                report.fail(message_id.as_deref());
+            }
             Outcome::Retry { label, .. } => {
-                // `DeadLetters::Redrive` marks a job answered with an error result this way.
-                if label.starts_with("poison:") {
-                    report.rejected += 1;
-                } else {
-                    report.retried += 1;
-                }
+                report.retried += 1;
                 tracing::info!(message_id = %msg.id, label = %label, "reporting the record for another delivery");
                 report.fail(message_id.as_deref());
             }

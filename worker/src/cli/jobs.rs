@@ -10,9 +10,9 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use super::backends::{QueueArgs, StoreArgs};
-use super::common::{AwsArgs, ModelArgs};
-use super::serve::{stats_json, LoopArgs, Worker};
+use super::backends::QueueArgs;
+use super::common::AwsArgs;
+use super::serve::{stats_json, Worker, WorkerArgs};
 use crate::job::{default_result_key, derived_id, error_result_key, rejected_result_key, ResultLine};
 use crate::queue::{OutgoingMessage, Queue, MAX_BATCH};
 use crate::runner::{serve, ServeStats, Shutdown};
@@ -48,15 +48,7 @@ pub struct RunArgs {
     #[arg(long, env = "EMBER_BATCH_ID")]
     pub batch_id: Option<String>,
     #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub aws: AwsArgs,
-    #[command(flatten)]
-    pub queue: QueueArgs,
-    #[command(flatten)]
-    pub store: StoreArgs,
-    #[command(flatten)]
-    pub looping: LoopArgs,
+    pub worker: WorkerArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -197,7 +189,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut opts = args.looping.options(&args.queue, true)?;
+    let mut opts = args.worker.looping.options(&args.worker.queue, true)?;
     // Short polls: `run` stops as soon as the batch is done, and a shutdown lets the poll in
     // progress end first.
     opts.wait = opts.wait.min(Duration::from_secs(2));
@@ -208,8 +200,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let batch_id = new_batch_id(&args.batch_id);
     let lines = read_lines(&args.file, &batch_id)?;
-    let worker = Worker::start(&args.model, &args.aws, &args.queue, &args.store).await?;
-    let hidden = args.model.fetch.no_progress;
+    let worker = Worker::start(&args.worker).await?;
+    let hidden = args.worker.model.fetch.no_progress;
     // Results already under the batch's prefix (a reused --batch-id) do not count as progress.
     let prefix = format!("results/{batch_id}/");
     let existing: HashSet<String> = worker.store.list(&prefix).await?.into_iter().collect();
@@ -238,8 +230,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         })
     };
     let stats = Arc::new(ServeStats::default());
-    let handler = worker.handler(args.queue.max_receive_count, &args.looping)?;
-    serve(worker.queue.clone(), handler, &opts, &shutdown, stats.clone()).await?;
+    serve(worker.queue.clone(), worker.handler.clone(), &opts, &shutdown, stats.clone()).await?;
     watcher.abort();
     progress.finish_and_clear();
     tracing::info!(stats = %stats_json(&stats), "batch served");

@@ -35,8 +35,9 @@ pub struct LoopArgs {
     pub grace_seconds: u64,
 }
 
+/// What a worker process needs: the model, the queue, the result store and how to poll.
 #[derive(Debug, clap::Args)]
-pub struct ServeArgs {
+pub struct WorkerArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -47,40 +48,44 @@ pub struct ServeArgs {
     pub store: StoreArgs,
     #[command(flatten)]
     pub looping: LoopArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub worker: WorkerArgs,
     /// Exit once the queue has nothing visible, in flight or delayed, instead of waiting for
     /// more work.
     #[arg(long, env = "EMBER_EXIT_WHEN_IDLE", value_parser = clap::builder::BoolishValueParser::new())]
     pub exit_when_idle: bool,
 }
 
-/// A loaded worker: the model, the queue and the result store.
+/// A loaded worker: the model, the queue, the result store, and the handler that runs jobs
+/// (with a batcher when more than one job runs at once).
 pub struct Worker {
     pub engine: Arc<Engine>,
     pub queue: Arc<dyn Queue>,
     pub store: Arc<dyn ObjectStore>,
+    pub handler: Arc<JobHandler>,
 }
 
 impl Worker {
     /// Loads the model and opens the queue and the store, logging the cold-start breakdown.
-    pub async fn start(model: &ModelArgs, aws: &AwsArgs, queue: &QueueArgs, store: &StoreArgs) -> anyhow::Result<Self> {
+    pub async fn start(args: &WorkerArgs) -> anyhow::Result<Self> {
         // Open the queue and the store first: a typo in a queue name should not cost a model load.
-        let (queue, store) = tokio::try_join!(queue.open(aws), store.open(aws))?;
-        let engine = Arc::new(load_engine(model, aws).await?);
-        Ok(Self { engine, queue, store })
-    }
-
-    /// The job handler, with a batcher when more than one job runs at once.
-    pub fn handler(&self, max_receive_count: u32, looping: &LoopArgs) -> anyhow::Result<Arc<JobHandler>> {
+        let (queue, store) = tokio::try_join!(args.queue.open(&args.aws), args.store.open(&args.aws))?;
+        let engine = Arc::new(load_engine(&args.model, &args.aws).await?);
         let handler = JobHandler::new(
-            self.engine.clone(),
-            self.store.clone(),
-            DeadLetters::Queue(self.queue.clone()),
-            max_receive_count,
+            engine.clone(),
+            store.clone(),
+            DeadLetters::Queue(queue.clone()),
+            args.queue.max_receive_count,
         );
-        Ok(Arc::new(match looping.batcher_options() {
-            Some(opts) => handler.with_batcher(Arc::new(Batcher::start(self.engine.clone(), opts)?)),
+        let handler = Arc::new(match args.looping.batcher_options() {
+            Some(opts) => handler.with_batcher(Arc::new(Batcher::start(engine.clone(), opts)?)),
             None => handler,
-        }))
+        });
+        Ok(Self { engine, queue, store, handler })
     }
 }
 
@@ -124,14 +129,13 @@ impl LoopArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let opts = args.looping.options(&args.queue, args.exit_when_idle)?;
-    let worker = Worker::start(&args.model, &args.aws, &args.queue, &args.store).await?;
+    let opts = args.worker.looping.options(&args.worker.queue, args.exit_when_idle)?;
+    let worker = Worker::start(&args.worker).await?;
     let shutdown = Shutdown::new();
     shutdown.on_signals();
     let stats = Arc::new(ServeStats::default());
     tracing::info!(concurrency = opts.concurrency, model = %worker.engine.loaded.name, "serving");
-    let handler = worker.handler(args.queue.max_receive_count, &args.looping)?;
-    serve(worker.queue.clone(), handler, &opts, &shutdown, stats.clone()).await?;
+    serve(worker.queue.clone(), worker.handler.clone(), &opts, &shutdown, stats.clone()).await?;
     println!("{}", stats_json(&stats));
     Ok(())
 }

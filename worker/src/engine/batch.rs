@@ -160,9 +160,8 @@ impl Loop {
     /// Checks and renders a new request; a bad one is answered at once.
     fn take(&mut self, s: Submission) {
         match Sequence::start(&self.engine, &s.req) {
-            Ok((seq, prompt)) if seq.wants_nothing() => {
+            Ok((seq, _)) if seq.wants_nothing() => {
                 let _ = s.reply.send(Ok(seq.finish(0.0)));
-                drop(prompt);
             }
             Ok((seq, prompt)) => self.waiting.push_back(Waiting { seq, prompt, cancel: s.cancel, reply: s.reply }),
             Err(e) => {
@@ -216,40 +215,34 @@ impl Loop {
     /// every running sequence, together; then each samples its next token.
     fn step(&mut self) {
         let admitted = self.admit();
-        if self.running.is_empty() && admitted.is_empty() {
-            return;
-        }
-        let mut new_caches: Vec<SeqCache> = admitted.iter().map(|_| SeqCache::new()).collect();
-        // A long prompt's head is prefilled in chunks first (it was admitted alone); its last
-        // token joins the pass.
-        let mut tails: Vec<&[u32]> = Vec::with_capacity(admitted.len());
-        let mut failed = None;
-        for (w, cache) in admitted.iter().zip(new_caches.iter_mut()) {
-            match super::prefill_last(&self.engine, &w.prompt, cache) {
-                Ok(tail) => tails.push(tail),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
+        // A long prompt's head is prefilled in chunks first (it was admitted alone); its tail
+        // joins the pass. The admitted requests then run like the others.
+        let (mut tails, mut joining) = (Vec::with_capacity(admitted.len()), Vec::with_capacity(admitted.len()));
+        for w in admitted {
+            let mut cache = SeqCache::new();
+            let tail = super::prefill_last(&self.engine, &w.prompt, &mut cache).map(<[u32]>::to_vec);
+            let reserved = w.seq.max_len();
+            let r = Running { seq: w.seq, cache, next: 0, reserved, cancel: w.cancel, reply: w.reply };
+            match tail {
+                Ok(tail) => {
+                    tails.push(tail);
+                    joining.push(r);
                 }
+                Err(e) => fail_all(vec![r], &e),
             }
         }
-        if let Some(e) = failed {
-            let message = e.to_string();
-            for w in admitted {
-                let _ = w.reply.send(Err(EngineError::Candle(candle_core::Error::Msg(message.clone()))));
-            }
+        let mut batch: Vec<Running> = self.running.drain(..).collect();
+        let old = batch.len();
+        batch.extend(joining);
+        if batch.is_empty() {
             return;
         }
         let rows = {
-            let mut chunks: Vec<&[u32]> = Vec::with_capacity(self.running.len() + admitted.len());
-            let mut caches: Vec<&mut SeqCache> = Vec::with_capacity(chunks.capacity());
-            for r in self.running.iter_mut() {
-                chunks.push(std::slice::from_ref(&r.next));
+            let mut chunks: Vec<&[u32]> = Vec::with_capacity(batch.len());
+            let mut caches: Vec<&mut SeqCache> = Vec::with_capacity(batch.len());
+            for (i, r) in batch.iter_mut().enumerate() {
+                chunks.push(if i < old { std::slice::from_ref(&r.next) } else { &tails[i - old] });
                 caches.push(&mut r.cache);
-            }
-            for (tail, cache) in tails.iter().zip(new_caches.iter_mut()) {
-                chunks.push(tail);
-                caches.push(cache);
             }
             self.engine
                 .loaded
@@ -258,28 +251,18 @@ impl Loop {
                 .map_err(EngineError::from)
                 .and_then(|logits| Ok(logits.to_vec2::<f32>()?))
         };
-        let mut rows = match rows {
-            Ok(rows) => rows.into_iter(),
-            Err(e) => {
-                // Every job in the pass failed with it; each gets its own copy of the error.
-                let message = e.to_string();
-                let fail = || Err(EngineError::Candle(candle_core::Error::Msg(message.clone())));
-                for r in self.running.drain(..) {
-                    let _ = r.reply.send(fail());
-                }
-                for w in admitted {
-                    let _ = w.reply.send(fail());
-                }
-                return;
-            }
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => return fail_all(batch, &e),
         };
-        let mut kept = Vec::with_capacity(self.running.len() + admitted.len());
-        for mut r in self.running.drain(..) {
-            let Some(mut row) = rows.next() else { break };
+        for (i, (mut r, mut row)) in batch.into_iter().zip(rows).enumerate() {
+            if i >= old {
+                r.seq.prefilled();
+            }
             match r.seq.step(&self.engine, &mut row) {
                 Ok(Step::Next(next)) => {
                     r.next = next;
-                    kept.push(r);
+                    self.running.push(r);
                 }
                 Ok(Step::Finished) => {
                     let decode_s = r.seq.decode_s();
@@ -290,23 +273,13 @@ impl Loop {
                 }
             }
         }
-        for (mut w, cache) in admitted.into_iter().zip(new_caches) {
-            let Some(mut row) = rows.next() else { break };
-            w.seq.prefilled();
-            let reserved = w.seq.max_len();
-            match w.seq.step(&self.engine, &mut row) {
-                Ok(Step::Next(next)) => {
-                    kept.push(Running { seq: w.seq, cache, next, reserved, cancel: w.cancel, reply: w.reply })
-                }
-                Ok(Step::Finished) => {
-                    let decode_s = w.seq.decode_s();
-                    let _ = w.reply.send(Ok(w.seq.finish(decode_s)));
-                }
-                Err(e) => {
-                    let _ = w.reply.send(Err(e));
-                }
-            }
-        }
-        self.running = kept;
+    }
+}
+
+/// Answers every job of a failed pass with its own copy of the error.
+fn fail_all(jobs: Vec<Running>, e: &EngineError) {
+    let message = e.to_string();
+    for r in jobs {
+        let _ = r.reply.send(Err(EngineError::Candle(candle_core::Error::Msg(message.clone()))));
     }
 }

@@ -115,7 +115,7 @@ impl JobHandler {
             // Failing the record until the redrive policy moves it: the error result is
             // already written, so later deliveries only re-check and fail fast.
             DeadLetters::Redrive => {
-                Outcome::Retry { after: retry_backoff(msg.receive_count), label: format!("poison:{label}") }
+                Outcome::Rejected { after: retry_backoff(msg.receive_count), label: label.to_string() }
             }
         }
     }

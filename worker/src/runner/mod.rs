@@ -26,6 +26,10 @@ pub enum Outcome {
     /// A transient error: leave the message to come back after `after` (redrive moves it to
     /// the DLQ once it has failed `maxReceiveCount` times).
     Retry { after: Duration, label: String },
+    /// A terminal error with [`DeadLetters::Redrive`]: the handler wrote an error result and
+    /// leaves the message to fail until the queue's redrive policy moves it to the DLQ; hide
+    /// it for `after` meanwhile.
+    Rejected { after: Duration, label: String },
     /// Stopped before finishing (shutdown): release the message for another worker now.
     Released,
 }

@@ -214,13 +214,15 @@ async fn run_one(
         Outcome::Done | Outcome::Poisoned { .. } => {
             deletes.send((msg.receipt.clone(), msg.id.clone())).map_err(|_| crate::queue::QueueError::Closed)
         }
-        Outcome::Retry { after, .. } => queue.change_visibility(&msg.receipt, *after).await,
+        Outcome::Retry { after, .. } | Outcome::Rejected { after, .. } => {
+            queue.change_visibility(&msg.receipt, *after).await
+        }
         Outcome::Released => queue.change_visibility(&msg.receipt, Duration::ZERO).await,
     };
     let counter = match &outcome {
         Outcome::Done => &stats.done,
         Outcome::Poisoned { .. } => &stats.poisoned,
-        Outcome::Retry { .. } => &stats.retried,
+        Outcome::Retry { .. } | Outcome::Rejected { .. } => &stats.retried,
         Outcome::Released => &stats.released,
     };
     counter.fetch_add(1, Ordering::Relaxed);
