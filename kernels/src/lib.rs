@@ -2,8 +2,10 @@
 //! defines what the CUDA version (behind the `cuda` feature) must compute; the tests run the
 //! reference against a plain candle implementation of the same math.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod norm;
 pub mod sampling;
 
-pub use norm::{add_rms_norm, NormError};
-pub use sampling::{sample_batch, RowParams, SampleError};
+pub use norm::{add_rms_norm, add_rms_norm_tensors, NormError};
+pub use sampling::{sample_batch, sample_batch_by_keys, RowParams, SampleError};

@@ -44,6 +44,8 @@ pub enum SampleError {
     Shape { len: usize, rows: usize, vocab: usize },
     #[error("row {row}: {message}")]
     Params { row: usize, message: String },
+    #[error("CUDA: {0}")]
+    Device(String),
 }
 
 /// SplitMix64: a stateless mix of (seed, counter), as a GPU thread computes it.
@@ -83,28 +85,9 @@ fn sample_row(row: usize, logits: &[f32], p: &RowParams, seen: &[u32], step: u64
     if let Some((index, &value)) = logits.iter().enumerate().find(|(_, l)| !l.is_finite()) {
         return Err(SampleError::NonFinite { row, index, value });
     }
-    let bad = |message: String| Err(SampleError::Params { row, message });
-    if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
-        return bad(format!("temperature must be finite and at least 0, got {}", p.temperature));
-    }
-    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-        return bad(format!("top_p must be in (0, 1], got {}", p.top_p));
-    }
-    if !(p.repetition_penalty > 0.0 && p.repetition_penalty.is_finite()) {
-        return bad(format!("repetition_penalty must be positive, got {}", p.repetition_penalty));
-    }
+    check_params(row, p)?;
     let mut l = logits.to_vec();
-    if p.repetition_penalty != 1.0 {
-        // Once per distinct token, however often it was seen (as transformers does).
-        let mut done = vec![false; l.len()];
-        for &t in seen {
-            let t = t as usize;
-            if t < l.len() && !done[t] {
-                done[t] = true;
-                l[t] = if l[t] > 0.0 { l[t] / p.repetition_penalty } else { l[t] * p.repetition_penalty };
-            }
-        }
-    }
+    penalize(&mut l, p.repetition_penalty, seen);
     if p.temperature == 0.0 || p.top_k == 1 {
         return Ok(argmax(&l));
     }
@@ -138,6 +121,122 @@ fn sample_row(row: usize, logits: &[f32], p: &RowParams, seen: &[u32], step: u64
         }
     }
     Ok(cand[keep - 1].0)
+}
+
+/// Checks one row's settings; the CUDA wrapper runs it on the host before a launch.
+pub fn check_params(row: usize, p: &RowParams) -> Result<(), SampleError> {
+    let bad = |message: String| Err(SampleError::Params { row, message });
+    if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
+        return bad(format!("temperature must be finite and at least 0, got {}", p.temperature));
+    }
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+        return bad(format!("top_p must be in (0, 1], got {}", p.top_p));
+    }
+    if !(p.repetition_penalty > 0.0 && p.repetition_penalty.is_finite()) {
+        return bad(format!("repetition_penalty must be positive, got {}", p.repetition_penalty));
+    }
+    Ok(())
+}
+
+/// The distinct tokens of `seen` in first-seen order: the penalty applies once per token.
+pub fn distinct(seen: &[u32]) -> Vec<u32> {
+    let mut done = std::collections::HashSet::with_capacity(seen.len());
+    seen.iter().copied().filter(|t| done.insert(*t)).collect()
+}
+
+/// Divides positive logits of seen tokens by the penalty and multiplies negative ones, once
+/// per distinct token, however often it was seen (as transformers does).
+fn penalize(l: &mut [f32], penalty: f32, seen: &[u32]) {
+    if penalty == 1.0 {
+        return;
+    }
+    for t in distinct(seen) {
+        if let Some(v) = l.get_mut(t as usize) {
+            *v = if *v > 0.0 { *v / penalty } else { *v * penalty };
+        }
+    }
+}
+
+/// The order key of a finite value and its token id: the float's order-preserving bits above
+/// the inverted id, so a larger key comes first in the reference's sort (larger value, then
+/// lower id). The CUDA kernel's `key_of`.
+pub fn key_of(v: f32, id: u32) -> u64 {
+    let bits = v.to_bits();
+    let bits = if bits & 0x8000_0000 != 0 { !bits } else { bits | 0x8000_0000 };
+    (u64::from(bits) << 32) | u64::from(u32::MAX - id)
+}
+
+fn value_of(key: u64) -> f32 {
+    let bits = (key >> 32) as u32;
+    f32::from_bits(if bits & 0x8000_0000 != 0 { bits & 0x7FFF_FFFF } else { !bits })
+}
+
+fn id_of(key: u64) -> u32 {
+    u32::MAX - (key & 0xFFFF_FFFF) as u32
+}
+
+/// The largest bound in `lo..=hi` for which `holds` is true, given that it holds at `lo` and,
+/// once false, stays false for larger bounds.
+fn bisect(mut lo: u64, mut hi: u64, mut holds: impl FnMut(u64) -> bool) -> u64 {
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2 + 1;
+        if holds(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+/// The algorithm the CUDA kernel runs, step for step, on the CPU: no sort; top-k, top-p and the
+/// draw are bisections over order keys of a count or a probability mass, each of which a GPU
+/// block computes as one reduction over the row. It must pick what [`sample_batch`] picks
+/// (up to float rounding of the sums, which only matters for a draw at a bucket boundary).
+pub fn sample_batch_by_keys(
+    logits: &[f32],
+    vocab: usize,
+    params: &[RowParams],
+    seen: &[&[u32]],
+    step: u64,
+) -> Result<Vec<u32>, SampleError> {
+    let rows = params.len();
+    if vocab == 0 || logits.len() != rows * vocab || seen.len() != rows {
+        return Err(SampleError::Shape { len: logits.len(), rows, vocab });
+    }
+    let mut out = Vec::with_capacity(rows);
+    for (row, ((chunk, p), seen)) in logits.chunks(vocab).zip(params).zip(seen).enumerate() {
+        if let Some((index, &value)) = chunk.iter().enumerate().find(|(_, l)| !l.is_finite()) {
+            return Err(SampleError::NonFinite { row, index, value });
+        }
+        check_params(row, p)?;
+        let mut l = chunk.to_vec();
+        penalize(&mut l, p.repetition_penalty, seen);
+        let keys = |l: &[f32]| -> Vec<u64> { l.iter().enumerate().map(|(i, v)| key_of(*v, i as u32)).collect() };
+        if p.temperature == 0.0 || p.top_k == 1 {
+            out.push(keys(&l).into_iter().max().map_or(0, id_of));
+            continue;
+        }
+        l.iter_mut().for_each(|v| *v /= p.temperature);
+        let keys = keys(&l);
+        let best = keys.iter().copied().max().unwrap_or(0);
+        let max = value_of(best);
+        let mass_ge = |bound: u64| -> f32 {
+            keys.iter().zip(&l).filter(|(k, _)| **k >= bound).map(|(_, s)| (s - max).exp()).sum()
+        };
+        let kth = if p.top_k > 0 && p.top_k < vocab {
+            bisect(0, best, |b| keys.iter().filter(|k| **k >= b).count() >= p.top_k)
+        } else {
+            0
+        };
+        let kept_k = mass_ge(kth);
+        let cut = if p.top_p < 1.0 { bisect(kth, best, |b| mass_ge(b) >= p.top_p * kept_k) } else { kth };
+        let target = uniform(p.seed, step) * mass_ge(cut);
+        let chosen = bisect(cut, best, |b| mass_ge(b) > target);
+        // `chosen` is always a key: every step of mass_ge ends at one.
+        out.push(keys.iter().copied().filter(|k| *k >= chosen).min().map_or(0, id_of));
+    }
+    Ok(out)
 }
 
 /// The largest value's index; the lowest index on ties.

@@ -1,9 +1,35 @@
-//! The CPU reference of fused sampling against a plain candle implementation of the same math,
-//! on random logits with many seeds, and its edge cases.
+//! Fused sampling against a plain candle implementation of the same math, on random logits
+//! with many seeds, and its edge cases. Every test runs on each implementation present: the
+//! CPU reference (a sort), the CUDA kernel's algorithm on the CPU (bisections over order keys),
+//! and, in a `cuda` build on a machine with a GPU, the CUDA kernel itself.
 
 use candle_core::{DType, Device, Tensor, D};
-use ember_kernels::sampling::{sample_batch, uniform, RowParams, SampleError};
+use ember_kernels::sampling::{sample_batch, sample_batch_by_keys, uniform, RowParams, SampleError};
 use rand::{Rng, SeedableRng};
+
+type Sampler = Box<dyn Fn(&[f32], usize, &[RowParams], &[&[u32]], u64) -> Result<Vec<u32>, SampleError>>;
+
+/// The implementations to test, by name.
+fn samplers() -> Vec<(&'static str, Sampler)> {
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    let mut all: Vec<(&'static str, Sampler)> =
+        vec![("cpu reference", Box::new(sample_batch)), ("kernel algorithm on cpu", Box::new(sample_batch_by_keys))];
+    #[cfg(feature = "cuda")]
+    match ember_kernels::cuda::first_device() {
+        Some(dev) => all.push((
+            "cuda kernel",
+            Box::new(move |logits, vocab, params, seen, step| {
+                let t = Tensor::from_slice(logits, (params.len(), logits.len() / vocab.max(1)), &dev)
+                    .map_err(|e| SampleError::Device(e.to_string()))?;
+                ember_kernels::cuda::sample_batch_cuda(&t, params, seen, step)
+            }),
+        )),
+        None => eprintln!("CUDA kernel NOT RUN: this machine has no usable CUDA device"),
+    }
+    #[cfg(not(feature = "cuda"))]
+    eprintln!("CUDA kernel NOT RUN: built without the `cuda` feature");
+    all
+}
 
 /// The same rules written with candle tensor ops. Answers the token, or None when the draw
 /// falls within float noise of a boundary between two tokens (the two sides may round
@@ -53,7 +79,14 @@ fn candle_sample(logits: &[f32], p: &RowParams, seen: &[u32], step: u64) -> cand
 }
 
 #[test]
-fn the_reference_matches_candle_on_random_logits_for_many_seeds() -> Result<(), Box<dyn std::error::Error>> {
+fn every_implementation_matches_candle_on_random_logits_for_many_seeds() -> Result<(), Box<dyn std::error::Error>> {
+    for (name, sample) in samplers() {
+        matches_candle(name, &sample)?;
+    }
+    Ok(())
+}
+
+fn matches_candle(name: &str, sample_batch: &Sampler) -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let (rows, vocab) = (8, 300);
     let (mut compared, mut skipped) = (0, 0);
@@ -75,19 +108,27 @@ fn the_reference_matches_candle_on_random_logits_for_many_seeds() -> Result<(), 
         for r in 0..rows {
             match candle_sample(&logits[r * vocab..(r + 1) * vocab], &params[r], &seen[r], case)? {
                 Some(want) => {
-                    assert_eq!(got[r], want, "case {case}, row {r}, {:?}", params[r]);
+                    assert_eq!(got[r], want, "{name}: case {case}, row {r}, {:?}", params[r]);
                     compared += 1;
                 }
                 None => skipped += 1,
             }
         }
     }
-    assert!(compared > 1500 && skipped < 20, "compared {compared}, skipped {skipped} at float boundaries");
+    assert!(compared > 1500 && skipped < 20, "{name}: compared {compared}, skipped {skipped} at float boundaries");
     Ok(())
 }
 
 #[test]
-fn edge_cases() -> Result<(), Box<dyn std::error::Error>> {
+fn edge_cases_on_every_implementation() -> Result<(), Box<dyn std::error::Error>> {
+    for (name, sample) in samplers() {
+        eprintln!("edge cases: {name}");
+        edge_cases(&sample)?;
+    }
+    Ok(())
+}
+
+fn edge_cases(sample_batch: &Sampler) -> Result<(), Box<dyn std::error::Error>> {
     let logits = [0.5f32, 3.0, -1.0, 3.0, 2.9];
     let greedy = RowParams::greedy();
     // Temperature 0 and top-k 1 are greedy; ties go to the lowest id.

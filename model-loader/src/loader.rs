@@ -80,10 +80,40 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device> {
                     "this ember was built without CUDA support: rebuild with `--features cuda` (see examples/local-gpu), or use --device cpu".into(),
                 ));
             }
+            check_cuda_device(ordinal)?;
             Device::new_cuda(ordinal)
                 .map_err(|e| LoadError::Device(format!("CUDA device {ordinal} is not usable: {e}")))
         }
     }
+}
+
+/// Asks the driver, before candle does, whether CUDA device `ordinal` exists, so that a
+/// machine without a GPU or a working driver gets a message saying so rather than a failure
+/// deep in candle.
+#[cfg(feature = "cuda")]
+fn check_cuda_device(ordinal: usize) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, CudaContext};
+    result::init().map_err(|e| {
+        LoadError::Device(format!(
+            "the CUDA driver did not start ({e}): check that the NVIDIA driver is installed and the GPU is visible \
+             (nvidia-smi; in a container, run it with --gpus all), or use --device cpu"
+        ))
+    })?;
+    let count = CudaContext::device_count()
+        .map_err(|e| LoadError::Device(format!("the CUDA driver could not count devices: {e}")))?;
+    if ordinal >= count.max(0) as usize {
+        return Err(LoadError::Device(format!(
+            "CUDA device {ordinal} does not exist: the driver sees {count} (CUDA_VISIBLE_DEVICES={}); use cuda:0..cuda:{}",
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into()),
+            (count - 1).max(0)
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn check_cuda_device(_ordinal: usize) -> Result<()> {
+    Ok(())
 }
 
 /// Weight precision for safetensors models; GGUF models keep their quantization.

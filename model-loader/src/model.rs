@@ -34,6 +34,7 @@ pub struct Model {
     rope_interleaved: bool,
     dtype: DType,
     device: Device,
+    fused_norm: bool,
 }
 
 /// The keys and values one sequence has seen so far.
@@ -99,6 +100,7 @@ impl Model {
             rope_interleaved: source.rope_interleaved(),
             dtype: act,
             device: device.clone(),
+            fused_norm: device.is_cuda(),
         })
     }
 
@@ -222,8 +224,10 @@ impl Model {
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
         let width = self.cfg.num_attention_heads * self.cfg.head_dim;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let first_norm = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
+        let mut h = candle_nn::ops::rms_norm(&x, first_norm, eps)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, self.cfg.rms_norm_eps as f32)?;
             let (q, k, v) = self.project(layer, &h, &cos, &sin)?;
             let mut ys = Vec::with_capacity(b);
             for (cache, (at, t, mask)) in caches.iter_mut().zip(&spans) {
@@ -231,19 +235,45 @@ impl Model {
                 ys.push(self.attend(&pick(&q)?, &pick(&k)?, &pick(&v)?, mask.as_ref(), &mut cache.layers[l])?);
             }
             let y = Tensor::cat(&ys, 1)?.reshape((1, rows, width))?;
-            x = (x + linear(&layer.o, &y)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.post_norm, self.cfg.rms_norm_eps as f32)?;
+            (x, h) = self.add_norm(&x, &linear(&layer.o, &y)?, &layer.post_norm)?;
             let mlp = (candle_nn::ops::silu(&linear(&layer.gate, &h)?)? * linear(&layer.up, &h)?)?;
-            x = (x + linear(&layer.down, &mlp)?)?;
+            // The residual add closes the layer; the norm after it is the next layer's input
+            // norm, or the final norm after the last layer.
+            let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.input_norm);
+            (x, h) = self.add_norm(&x, &linear(&layer.down, &mlp)?, next_norm)?;
         }
         for (cache, chunk) in caches.iter_mut().zip(chunks) {
             cache.len += chunk.len();
         }
         let lasts = Tensor::new(lasts.as_slice(), &self.device)?;
-        let x = x.squeeze(0)?.index_select(&lasts, 0)?.unsqueeze(0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        let x = h.squeeze(0)?.index_select(&lasts, 0)?.unsqueeze(0)?;
         let logits = linear(&self.lm_head, &x)?;
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// `(x + delta, rms_norm(x + delta) * weight)`: one fused kernel when [`Model::fused_norm`]
+    /// is on (the default on CUDA), else candle's add and norm.
+    fn add_norm(&self, x: &Tensor, delta: &Tensor, weight: &Tensor) -> Result<(Tensor, Tensor)> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        if self.fused_norm {
+            return Ok(ember_kernels::add_rms_norm_tensors(x, delta, weight, eps)?);
+        }
+        let sum = (x + delta)?;
+        let normed = candle_nn::ops::rms_norm(&sum, weight, eps)?;
+        Ok((sum, normed))
+    }
+
+    /// Whether the residual add and the RMSNorm after it run as one fused op
+    /// ([`ember_kernels::add_rms_norm_tensors`]). On by default on CUDA, where it saves a kernel
+    /// launch and a round trip of the activations through memory per norm; off on the CPU,
+    /// where candle's ops are as fast. Either way the numbers are the same up to rounding.
+    pub fn set_fused_norm(&mut self, on: bool) {
+        self.fused_norm = on;
+    }
+
+    /// See [`Model::set_fused_norm`].
+    pub fn fused_norm(&self) -> bool {
+        self.fused_norm
     }
 
     /// Additive mask for `t` new tokens after `start` cached ones: causal, and limited to the

@@ -35,7 +35,10 @@ fn capital_of_france(max_tokens: usize) -> GenerateRequest {
 }
 
 async fn assert_paris(path: std::path::PathBuf, dtype: DTypeChoice) -> anyhow::Result<()> {
-    let engine = engine(path, dtype).await?;
+    assert_paris_with(engine(path, dtype).await?)
+}
+
+fn assert_paris_with(engine: Engine) -> anyhow::Result<()> {
     assert_eq!(engine.encode_prompt(&capital_of_france(1).prompt)?, PROMPT_IDS);
     let done = engine.generate(&capital_of_france(32))?;
     assert_eq!(done.tokens, PARIS, "got {:?}", done.text);
@@ -49,6 +52,21 @@ async fn assert_paris(path: std::path::PathBuf, dtype: DTypeChoice) -> anyhow::R
 #[tokio::test(flavor = "multi_thread")]
 async fn converted_safetensors_f32_answers_paris() -> anyhow::Result<()> {
     assert_paris(smollm_hf("f32")?, DTypeChoice::F32).await
+}
+
+/// The fused residual add + RMSNorm (`ember-kernels`, the op CUDA builds run by default) wired
+/// into the model gives the same answer as candle's separate ops; here through its CPU
+/// reference, as no GPU is at hand.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fused_add_norm_answers_paris_in_f32_and_f16() -> anyhow::Result<()> {
+    for dtype in ["f32", "f16"] {
+        let opts = LoadOptions { dtype: DTypeChoice::Auto, ..Default::default() };
+        let mut loaded = load(&ModelRef::Local(smollm_hf(dtype)?), &opts).await?;
+        assert!(!loaded.model.fused_norm(), "off by default on the CPU");
+        loaded.model.set_fused_norm(true);
+        assert_paris_with(Engine::new(loaded))?;
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,158 @@
+//! Launching the kernels of `src/cuda/ember.cu` through candle's cudarc (so there is one CUDA
+//! context and one stream, candle's). Only with the `cuda` feature.
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaStorage, DType, Device, Layout, Storage, Tensor};
+
+use crate::sampling::{check_params, distinct, RowParams, SampleError};
+
+/// The PTX nvcc built from `src/cuda/ember.cu` (see build.rs).
+pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ember.ptx"));
+const MODULE: &str = "ember-kernels";
+const BLOCK: u32 = 1024;
+
+/// The first CUDA device, when this machine has a working driver and a GPU; None otherwise
+/// (the tests print that the GPU run did not happen).
+pub fn first_device() -> Option<Device> {
+    use candle_core::cuda_backend::cudarc::driver::{result, CudaContext};
+    result::init().ok()?;
+    if CudaContext::device_count().ok()? < 1 {
+        return None;
+    }
+    Device::new_cuda(0).ok()
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_rms_norm<T: CudaDType + DeviceRepr>(
+    kernel: &str,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+    rows: usize,
+    hidden: usize,
+    eps: f32,
+) -> candle_core::Result<CudaStorage> {
+    let dev = &s1.device;
+    let range = |l: &Layout| l.start_offset()..l.start_offset() + l.shape().elem_count();
+    let x = s1.as_cuda_slice::<T>()?.slice(range(l1));
+    let r = s2.as_cuda_slice::<T>()?.slice(range(l2));
+    let w = s3.as_cuda_slice::<T>()?.slice(range(l3));
+    // SAFETY: every element of `out` is written by the kernel before anything reads it: each
+    // of the `rows` blocks writes its row of sums and its row of normed values.
+    let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(2 * rows * hidden)? };
+    let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
+    let hidden_i = i32::try_from(hidden).map_err(candle_core::Error::wrap)?;
+    let mut b = func.builder();
+    b.arg(&x);
+    b.arg(&r);
+    b.arg(&w);
+    b.arg(&mut out);
+    b.arg(&hidden_i);
+    b.arg(&eps);
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the argument list matches the kernel's signature (three input pointers of
+    // `rows * hidden`, `rows * hidden` and `hidden` elements of T, one output of
+    // `2 * rows * hidden`, an int and a float), and the grid has one block per row.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// One row's settings as the kernel's `struct RowParams` lays them out.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct GpuRowParams {
+    temperature: f32,
+    top_k: i32,
+    top_p: f32,
+    repetition_penalty: f32,
+    seed: u64,
+}
+
+// SAFETY: a plain `repr(C)` struct of numbers with the same field order, sizes and alignment
+// as the CUDA struct (4 + 4 + 4 + 4 bytes, then an 8-byte integer at offset 16), so any bit
+// pattern copied to the device is a valid value there.
+unsafe impl DeviceRepr for GpuRowParams {}
+
+/// [`crate::sampling::sample_batch`] on a CUDA tensor of logits `(rows, vocab)`: one kernel
+/// launch for the batch; only the chosen ids (and a status per row) come back to the host.
+pub fn sample_batch_cuda(
+    logits: &Tensor,
+    params: &[RowParams],
+    seen: &[&[u32]],
+    step: u64,
+) -> Result<Vec<u32>, SampleError> {
+    let dev_err = |e: candle_core::Error| SampleError::Device(e.to_string());
+    let (rows, vocab) = logits.dims2().map_err(dev_err)?;
+    if rows != params.len() || rows != seen.len() || vocab == 0 {
+        return Err(SampleError::Shape { len: rows * vocab, rows: params.len(), vocab });
+    }
+    let mut gpu_params = Vec::with_capacity(rows);
+    for (row, p) in params.iter().enumerate() {
+        check_params(row, p)?;
+        gpu_params.push(GpuRowParams {
+            temperature: p.temperature,
+            top_k: i32::try_from(p.top_k.min(vocab)).unwrap_or(i32::MAX),
+            top_p: p.top_p,
+            repetition_penalty: p.repetition_penalty,
+            seed: p.seed,
+        });
+    }
+    let mut offsets = vec![0i32];
+    let mut ids = Vec::new();
+    for s in seen {
+        ids.extend(distinct(s));
+        offsets.push(i32::try_from(ids.len()).map_err(|e| SampleError::Device(e.to_string()))?);
+    }
+    if ids.is_empty() {
+        ids.push(0); // no zero-length allocation; the offsets say nothing is seen
+    }
+    let logits = logits.to_dtype(DType::F32).and_then(|t| t.contiguous()).map_err(dev_err)?;
+    let (guard, layout) = logits.storage_and_layout();
+    let Storage::Cuda(storage) = &*guard else {
+        return Err(SampleError::Device("sample_batch_cuda needs logits on a CUDA device".into()));
+    };
+    let launch = || -> candle_core::Result<(Vec<u32>, Vec<i32>)> {
+        let dev = &storage.device;
+        let src = storage.as_cuda_slice::<f32>()?;
+        let src = src.slice(layout.start_offset()..layout.start_offset() + rows * vocab);
+        // SAFETY: fully written by the copy just below before the kernel reads it.
+        let mut work = unsafe { dev.alloc::<f32>(rows * vocab)? };
+        dev.memcpy_dtod(&src, &mut work)?;
+        let d_params = dev.clone_htod(&gpu_params)?;
+        let d_offsets = dev.clone_htod(&offsets)?;
+        let d_ids = dev.clone_htod(&ids)?;
+        let mut tokens = dev.alloc_zeros::<u32>(rows)?;
+        let mut status = dev.alloc_zeros::<i32>(rows)?;
+        let func = dev.get_or_load_custom_func("sample_rows", MODULE, PTX)?;
+        let vocab_i = i32::try_from(vocab).map_err(candle_core::Error::wrap)?;
+        let mut b = func.builder();
+        b.arg(&mut work);
+        b.arg(&vocab_i);
+        b.arg(&d_params);
+        b.arg(&d_offsets);
+        b.arg(&d_ids);
+        b.arg(&step);
+        b.arg(&mut tokens);
+        b.arg(&mut status);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `sample_rows`: `work` holds rows x vocab floats, the
+        // params and offsets have rows and rows + 1 entries, every offset is within `ids`, and
+        // the outputs have one entry per row; one block per row.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((dev.clone_dtoh(&tokens)?, dev.clone_dtoh(&status)?))
+    };
+    let (tokens, status) = launch().map_err(dev_err)?;
+    drop(guard);
+    for (row, s) in status.iter().enumerate() {
+        if let Ok(index) = usize::try_from(*s) {
+            let value =
+                logits.get(row).and_then(|r| r.get(index)).and_then(|v| v.to_scalar::<f32>()).unwrap_or(f32::NAN);
+            return Err(SampleError::NonFinite { row, index, value });
+        }
+    }
+    Ok(tokens)
+}
