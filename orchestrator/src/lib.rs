@@ -1,3 +1,6 @@
 //! stub
 
 pub mod autoscale;
+
+pub mod asl;
+pub mod pipeline;

@@ -1,0 +1,820 @@
+//! Parsing and validation of an ASL document. Every problem is reported, each with the JSON
+//! location it is about (`/States/Foo/Next`), so a user can fix them all in one pass.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+use super::choice;
+use super::definition::*;
+use super::path;
+
+/// How bad a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Severity {
+    /// The definition cannot run.
+    Error,
+    /// The definition runs, but probably not as intended.
+    Warning,
+}
+
+/// One finding, at a JSON pointer into the document.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Diagnostic {
+    /// Error or warning.
+    pub severity: Severity,
+    /// JSON pointer (`/States/Foo/Next`), or `line L column C` for invalid JSON.
+    pub location: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, "{sev}: {}: {}", if self.location.is_empty() { "/" } else { &self.location }, self.message)
+    }
+}
+
+/// A definition that failed validation: every diagnostic (errors and warnings).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid state machine definition:\n{}", .0.iter().map(|d| format!("  {d}")).collect::<Vec<_>>().join("\n"))]
+pub struct InvalidDefinition(pub Vec<Diagnostic>);
+
+/// A definition that passed validation: the only input the interpreter accepts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Definition {
+    /// The parsed machine.
+    pub machine: StateMachine,
+    /// Findings that do not stop it from running (e.g. a cycle with no exit).
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Which Task resources exist: `ember:generate` always, `ember:tool:NAME` for these names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// Registered tool names (without the `ember:tool:` prefix).
+    pub tools: BTreeSet<String>,
+}
+
+impl Resources {
+    /// The resources for a set of tool names.
+    pub fn with_tools<I: IntoIterator<Item = S>, S: Into<String>>(tools: I) -> Self {
+        Self { tools: tools.into_iter().map(Into::into).collect() }
+    }
+
+    /// Whether `resource` may be used in a Task.
+    pub fn allows(&self, resource: &str) -> bool {
+        resource == "ember:generate" || resource.strip_prefix("ember:tool:").is_some_and(|n| self.tools.contains(n))
+    }
+}
+
+/// Parses and validates an ASL document (JSONPath query language).
+pub fn validate(source: &str, resources: &Resources) -> Result<Definition, InvalidDefinition> {
+    let doc: Value = serde_json::from_str(source).map_err(|e| {
+        InvalidDefinition(vec![Diagnostic {
+            severity: Severity::Error,
+            location: format!("line {} column {}", e.line(), e.column()),
+            message: format!("invalid JSON: {e}"),
+        }])
+    })?;
+    validate_value(&doc, resources)
+}
+
+/// Like [`validate`] for an already parsed document.
+pub fn validate_value(doc: &Value, resources: &Resources) -> Result<Definition, InvalidDefinition> {
+    let mut v = Validator { resources, diags: Vec::new() };
+    let machine = v.machine(doc, "", true);
+    unknown_targets(doc, "", &mut v.diags);
+    let has_error = v.diags.iter().any(|d| d.severity == Severity::Error);
+    match machine {
+        Some(machine) if !has_error => Ok(Definition { machine, warnings: v.diags }),
+        _ => Err(InvalidDefinition(v.diags)),
+    }
+}
+
+struct Validator<'a> {
+    resources: &'a Resources,
+    diags: Vec<Diagnostic>,
+}
+
+fn esc(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+const TOP_FIELDS: &[&str] = &["StartAt", "States", "Comment", "Version", "TimeoutSeconds", "QueryLanguage"];
+const BRANCH_FIELDS: &[&str] = &["StartAt", "States", "Comment", "ProcessorConfig"];
+
+fn allowed_fields(ty: &str) -> Option<&'static [&'static str]> {
+    Some(match ty {
+        "Pass" => &[
+            "Type",
+            "Comment",
+            "InputPath",
+            "OutputPath",
+            "Next",
+            "End",
+            "Parameters",
+            "Result",
+            "ResultPath",
+            "QueryLanguage",
+        ],
+        "Task" => &[
+            "Type",
+            "Comment",
+            "Resource",
+            "InputPath",
+            "OutputPath",
+            "Next",
+            "End",
+            "Parameters",
+            "ResultSelector",
+            "ResultPath",
+            "Retry",
+            "Catch",
+            "TimeoutSeconds",
+            "TimeoutSecondsPath",
+            "HeartbeatSeconds",
+            "HeartbeatSecondsPath",
+            "QueryLanguage",
+        ],
+        "Choice" => &["Type", "Comment", "InputPath", "OutputPath", "Choices", "Default", "QueryLanguage"],
+        "Wait" => &[
+            "Type",
+            "Comment",
+            "InputPath",
+            "OutputPath",
+            "Next",
+            "End",
+            "Seconds",
+            "Timestamp",
+            "SecondsPath",
+            "TimestampPath",
+            "QueryLanguage",
+        ],
+        "Succeed" => &["Type", "Comment", "InputPath", "OutputPath", "QueryLanguage"],
+        "Fail" => &["Type", "Comment", "Error", "Cause", "ErrorPath", "CausePath", "QueryLanguage"],
+        "Parallel" => &[
+            "Type",
+            "Comment",
+            "Branches",
+            "InputPath",
+            "OutputPath",
+            "Next",
+            "End",
+            "Parameters",
+            "ResultSelector",
+            "ResultPath",
+            "Retry",
+            "Catch",
+            "QueryLanguage",
+        ],
+        "Map" => &[
+            "Type",
+            "Comment",
+            "ItemProcessor",
+            "Iterator",
+            "ItemsPath",
+            "ItemSelector",
+            "Parameters",
+            "MaxConcurrency",
+            "ToleratedFailurePercentage",
+            "ToleratedFailureCount",
+            "InputPath",
+            "OutputPath",
+            "Next",
+            "End",
+            "ResultSelector",
+            "ResultPath",
+            "Retry",
+            "Catch",
+            "Label",
+            "QueryLanguage",
+        ],
+        _ => return None,
+    })
+}
+
+impl Validator<'_> {
+    fn err(&mut self, loc: impl Into<String>, msg: impl Into<String>) {
+        self.diags.push(Diagnostic { severity: Severity::Error, location: loc.into(), message: msg.into() });
+    }
+    fn warn(&mut self, loc: impl Into<String>, msg: impl Into<String>) {
+        self.diags.push(Diagnostic { severity: Severity::Warning, location: loc.into(), message: msg.into() });
+    }
+
+    fn machine(&mut self, doc: &Value, at: &str, top: bool) -> Option<StateMachine> {
+        let Some(obj) = doc.as_object() else {
+            self.err(at, "a state machine must be a JSON object");
+            return None;
+        };
+        for k in obj.keys() {
+            let ok = if top { TOP_FIELDS } else { BRANCH_FIELDS };
+            if !ok.contains(&k.as_str()) {
+                self.err(format!("{at}/{}", esc(k)), format!("unknown field '{k}' here (allowed: {})", ok.join(", ")));
+            }
+        }
+        if let Some(q) = obj.get("QueryLanguage") {
+            if q != "JSONPath" {
+                self.err(format!("{at}/QueryLanguage"), "only the JSONPath query language is supported");
+            }
+        }
+        let timeout_seconds = match obj.get("TimeoutSeconds") {
+            None => None,
+            Some(v) => match v.as_u64().filter(|n| *n > 0) {
+                Some(n) => Some(n),
+                None => {
+                    self.err(format!("{at}/TimeoutSeconds"), "TimeoutSeconds must be a positive integer");
+                    None
+                }
+            },
+        };
+        let start_at = obj.get("StartAt").and_then(Value::as_str).map(str::to_string);
+        if start_at.is_none() {
+            self.err(format!("{at}/StartAt"), "StartAt is required and must be a string naming a state");
+        }
+        let Some(states_v) = obj.get("States").and_then(Value::as_object).filter(|m| !m.is_empty()) else {
+            self.err(format!("{at}/States"), "States is required and must be a non-empty object");
+            return None;
+        };
+        let mut states = BTreeMap::new();
+        for (name, sv) in states_v {
+            let sat = format!("{at}/States/{}", esc(name));
+            if name.is_empty() || name.chars().count() > 80 {
+                self.err(&sat, "a state name must be 1 to 80 characters long");
+            }
+            if let Some(s) = self.state(sv, &sat) {
+                states.insert(name.clone(), s);
+            }
+        }
+        let start_at = start_at?;
+        if !states_v.contains_key(&start_at) {
+            self.err(format!("{at}/StartAt"), format!("StartAt names '{start_at}', which is not a state"));
+        }
+        self.graph(&start_at, states_v, at);
+        Some(StateMachine { start_at, states, timeout_seconds })
+    }
+
+    fn graph(&mut self, start: &str, states: &Map<String, Value>, at: &str) {
+        // Computed on the raw JSON so a state with other errors still takes part.
+        let edges = |s: &Value| -> Vec<String> {
+            let mut e: Vec<String> = s.get("Next").and_then(Value::as_str).map(str::to_string).into_iter().collect();
+            e.extend(s.get("Default").and_then(Value::as_str).map(str::to_string));
+            for key in ["Choices", "Catch"] {
+                if let Some(a) = s.get(key).and_then(Value::as_array) {
+                    e.extend(a.iter().filter_map(|c| c.get("Next").and_then(Value::as_str).map(str::to_string)));
+                }
+            }
+            e
+        };
+        let terminal = |s: &Value| {
+            s.get("End") == Some(&Value::Bool(true))
+                || matches!(s.get("Type").and_then(Value::as_str), Some("Succeed" | "Fail"))
+        };
+        let mut seen = BTreeSet::new();
+        let mut queue = VecDeque::from([start.to_string()]);
+        while let Some(n) = queue.pop_front() {
+            if !seen.insert(n.clone()) {
+                continue;
+            }
+            if let Some(s) = states.get(&n) {
+                queue.extend(edges(s));
+            }
+        }
+        for name in states.keys() {
+            if !seen.contains(name) {
+                self.err(
+                    format!("{at}/States/{}", esc(name)),
+                    format!("state '{name}' is unreachable from StartAt '{start}'"),
+                );
+            }
+        }
+        if !states.values().any(terminal) {
+            self.err(
+                format!("{at}/States"),
+                "no terminal state: at least one state must have End: true or be a Succeed or Fail state",
+            );
+            return;
+        }
+        // States that can reach a terminal: fixpoint over reverse edges.
+        let mut exits: BTreeSet<&str> = states.iter().filter(|(_, s)| terminal(s)).map(|(n, _)| n.as_str()).collect();
+        loop {
+            let before = exits.len();
+            for (n, s) in states {
+                if !exits.contains(n.as_str()) && edges(s).iter().any(|e| exits.contains(e.as_str())) {
+                    exits.insert(n.as_str());
+                }
+            }
+            if exits.len() == before {
+                break;
+            }
+        }
+        for name in states.keys() {
+            if seen.contains(name) && !exits.contains(name.as_str()) {
+                self.warn(
+                    format!("{at}/States/{}", esc(name)),
+                    format!("state '{name}' is in a cycle with no path to a terminal state: an execution that reaches it never ends (it stops at the hop limit)"),
+                );
+            }
+        }
+    }
+
+    fn path_field(&mut self, obj: &Map<String, Value>, key: &str, at: &str, reference: bool) -> PathField {
+        match obj.get(key) {
+            None => PathField::Default,
+            Some(Value::Null) => PathField::Null,
+            Some(Value::String(p)) => {
+                let r = if reference { path::parse_reference(p).map(|_| ()) } else { path::check_path(p) };
+                if let Err(e) = r {
+                    self.err(format!("{at}/{key}"), e);
+                }
+                if p.starts_with("$$") && reference {
+                    self.err(format!("{at}/{key}"), format!("{key} cannot write to the context object"));
+                }
+                PathField::Path(p.clone())
+            }
+            Some(_) => {
+                self.err(format!("{at}/{key}"), format!("{key} must be a path string or null"));
+                PathField::Default
+            }
+        }
+    }
+
+    fn template(&mut self, obj: &Map<String, Value>, key: &str, at: &str) -> Option<Value> {
+        let v = obj.get(key)?;
+        let mut problems = Vec::new();
+        path::check_template(v, &format!("{at}/{key}"), &mut problems);
+        for (l, m) in problems {
+            self.err(l, m);
+        }
+        Some(v.clone())
+    }
+
+    fn number_source(&mut self, obj: &Map<String, Value>, key: &str, at: &str, min: f64) -> Option<NumberSource> {
+        let pkey = format!("{key}Path");
+        match (obj.get(key), obj.get(&pkey)) {
+            (Some(_), Some(_)) => {
+                self.err(format!("{at}/{pkey}"), format!("give {key} or {pkey}, not both"));
+                None
+            }
+            (Some(v), None) => match v.as_f64().filter(|n| *n >= min && n.fract() == 0.0) {
+                Some(n) => Some(NumberSource::Value(n)),
+                None => {
+                    self.err(format!("{at}/{key}"), format!("{key} must be an integer >= {min}"));
+                    None
+                }
+            },
+            (None, Some(p)) => match p.as_str() {
+                Some(p) => {
+                    if let Err(e) = path::check_path(p) {
+                        self.err(format!("{at}/{pkey}"), e);
+                    }
+                    Some(NumberSource::Path(p.to_string()))
+                }
+                None => {
+                    self.err(format!("{at}/{pkey}"), format!("{pkey} must be a path string"));
+                    None
+                }
+            },
+            (None, None) => None,
+        }
+    }
+
+    fn state(&mut self, v: &Value, at: &str) -> Option<State> {
+        let Some(obj) = v.as_object() else {
+            self.err(at, "a state must be a JSON object");
+            return None;
+        };
+        let Some(ty) = obj.get("Type").and_then(Value::as_str) else {
+            self.err(
+                format!("{at}/Type"),
+                "Type is required (Pass, Task, Choice, Wait, Succeed, Fail, Parallel or Map)",
+            );
+            return None;
+        };
+        let Some(allowed) = allowed_fields(ty) else {
+            self.err(format!("{at}/Type"), format!("unknown state type '{ty}'"));
+            return None;
+        };
+        let before = self.diags.len();
+        for k in obj.keys() {
+            if !allowed.contains(&k.as_str()) {
+                self.err(format!("{at}/{}", esc(k)), format!("field '{k}' is not allowed in a {ty} state"));
+            }
+        }
+        let flows = !matches!(ty, "Choice" | "Succeed" | "Fail");
+        let next = obj.get("Next");
+        let end = obj.get("End");
+        let next = if flows {
+            match (next, end) {
+                (Some(Value::String(n)), None) => Some(n.clone()),
+                (None, Some(Value::Bool(true))) => None,
+                (Some(_), Some(_)) => {
+                    self.err(format!("{at}/End"), "give Next or End: true, not both");
+                    None
+                }
+                (Some(_), None) => {
+                    self.err(format!("{at}/Next"), "Next must be a state name");
+                    None
+                }
+                _ => {
+                    self.err(at.to_string(), format!("a {ty} state needs Next or End: true"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut state = State {
+            kind: Kind::Succeed,
+            input_path: self.path_field(obj, "InputPath", at, false),
+            output_path: self.path_field(obj, "OutputPath", at, false),
+            result_path: self.path_field(obj, "ResultPath", at, true),
+            parameters: self.template(obj, "Parameters", at),
+            result_selector: self.template(obj, "ResultSelector", at),
+            next,
+            retry: self.retriers(obj, at),
+            catch: self.catchers(obj, at),
+        };
+        state.kind = match ty {
+            "Pass" => Kind::Pass { result: obj.get("Result").cloned() },
+            "Task" => {
+                let resource = obj.get("Resource").and_then(Value::as_str).unwrap_or_default().to_string();
+                if resource.is_empty() {
+                    self.err(format!("{at}/Resource"), "a Task needs a Resource");
+                } else if !self.resources.allows(&resource) {
+                    let tools: Vec<String> = self.resources.tools.iter().map(|t| format!("ember:tool:{t}")).collect();
+                    self.err(
+                        format!("{at}/Resource"),
+                        format!(
+                            "unknown Task resource '{resource}': use ember:generate or a registered tool ({})",
+                            tools.join(", ")
+                        ),
+                    );
+                }
+                let timeout = self.number_source(obj, "TimeoutSeconds", at, 1.0);
+                let heartbeat = self.number_source(obj, "HeartbeatSeconds", at, 1.0);
+                if let (Some(NumberSource::Value(t)), Some(NumberSource::Value(h))) = (&timeout, &heartbeat) {
+                    if h >= t {
+                        self.err(
+                            format!("{at}/HeartbeatSeconds"),
+                            "HeartbeatSeconds must be smaller than TimeoutSeconds",
+                        );
+                    }
+                }
+                Kind::Task { resource, timeout, heartbeat }
+            }
+            "Choice" => {
+                let mut choices = Vec::new();
+                match obj.get("Choices").and_then(Value::as_array).filter(|a| !a.is_empty()) {
+                    Some(rules) => {
+                        for (i, r) in rules.iter().enumerate() {
+                            let rat = format!("{at}/Choices/{i}");
+                            let mut problems = Vec::new();
+                            let rule = choice::parse_rule(r, &rat, true, &mut problems);
+                            for (l, m) in problems {
+                                self.err(l, m);
+                            }
+                            if let (Some(rule), Some(next)) = (rule, r.get("Next").and_then(Value::as_str)) {
+                                choices.push((rule, next.to_string()));
+                            }
+                        }
+                    }
+                    None => self.err(format!("{at}/Choices"), "Choices must be a non-empty array of rules"),
+                }
+                let default = obj.get("Default").and_then(Value::as_str).map(str::to_string);
+                Kind::Choice { choices, default }
+            }
+            "Wait" => {
+                let given: Vec<&str> = ["Seconds", "Timestamp", "SecondsPath", "TimestampPath"]
+                    .into_iter()
+                    .filter(|k| obj.contains_key(*k))
+                    .collect();
+                if given.len() != 1 {
+                    self.err(at.to_string(), format!("a Wait state needs exactly one of Seconds, Timestamp, SecondsPath, TimestampPath (found {given:?})"));
+                }
+                if let Some(ts) = obj.get("Timestamp") {
+                    match ts.as_str() {
+                        Some(s) if super::timestamp::parse(s).is_some() => {
+                            Kind::Wait(WaitFor::Timestamp(s.to_string()))
+                        }
+                        _ => {
+                            self.err(
+                                format!("{at}/Timestamp"),
+                                "Timestamp must be an RFC 3339 time like 2026-01-01T00:00:00Z",
+                            );
+                            Kind::Wait(WaitFor::Seconds(NumberSource::Value(0.0)))
+                        }
+                    }
+                } else if let Some(p) = obj.get("TimestampPath") {
+                    let p = p.as_str().unwrap_or("$").to_string();
+                    if let Err(e) = path::check_path(&p) {
+                        self.err(format!("{at}/TimestampPath"), e);
+                    }
+                    Kind::Wait(WaitFor::TimestampPath(p))
+                } else {
+                    Kind::Wait(WaitFor::Seconds(
+                        self.number_source(obj, "Seconds", at, 0.0).unwrap_or(NumberSource::Value(0.0)),
+                    ))
+                }
+            }
+            "Succeed" => Kind::Succeed,
+            "Fail" => {
+                let s = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
+                for (a, b) in [("Error", "ErrorPath"), ("Cause", "CausePath")] {
+                    if obj.contains_key(a) && obj.contains_key(b) {
+                        self.err(format!("{at}/{b}"), format!("give {a} or {b}, not both"));
+                    }
+                    if let Some(p) = s(b) {
+                        let r = if p.starts_with('$') {
+                            path::check_path(&p)
+                        } else {
+                            super::intrinsics::parse(&p).map(|_| ())
+                        };
+                        if let Err(e) = r {
+                            self.err(format!("{at}/{b}"), e);
+                        }
+                    }
+                }
+                Kind::Fail {
+                    error: s("Error"),
+                    error_path: s("ErrorPath"),
+                    cause: s("Cause"),
+                    cause_path: s("CausePath"),
+                }
+            }
+            "Parallel" => {
+                let mut branches = Vec::new();
+                match obj.get("Branches").and_then(Value::as_array).filter(|a| !a.is_empty()) {
+                    Some(bs) => {
+                        for (i, b) in bs.iter().enumerate() {
+                            if let Some(m) = self.machine(b, &format!("{at}/Branches/{i}"), false) {
+                                branches.push(m);
+                            }
+                        }
+                    }
+                    None => self.err(format!("{at}/Branches"), "Branches must be a non-empty array of state machines"),
+                }
+                Kind::Parallel { branches }
+            }
+            "Map" => self.map(obj, at, &mut state)?,
+            _ => return None,
+        };
+        if !matches!(ty, "Task" | "Parallel" | "Map") && (obj.contains_key("Retry") || obj.contains_key("Catch")) {
+            // already reported as not allowed
+        }
+        if self.diags[before..].iter().any(|d| d.severity == Severity::Error) {
+            return None;
+        }
+        Some(state)
+    }
+
+    fn map(&mut self, obj: &Map<String, Value>, at: &str, state: &mut State) -> Option<Kind> {
+        let (key, proc) = match (obj.get("ItemProcessor"), obj.get("Iterator")) {
+            (Some(p), None) => ("ItemProcessor", p),
+            (None, Some(p)) => ("Iterator", p),
+            (Some(_), Some(_)) => {
+                self.err(format!("{at}/Iterator"), "give ItemProcessor or the legacy Iterator, not both");
+                return None;
+            }
+            (None, None) => {
+                self.err(at.to_string(), "a Map state needs an ItemProcessor");
+                return None;
+            }
+        };
+        if let Some(mode) = proc.pointer("/ProcessorConfig/Mode") {
+            if mode != "INLINE" {
+                self.err(format!("{at}/{key}/ProcessorConfig/Mode"), "only INLINE Map processing is supported");
+            }
+        }
+        let processor = self.machine(proc, &format!("{at}/{key}"), false);
+        let item_selector = match (obj.get("ItemSelector"), state.parameters.take()) {
+            (Some(_), Some(_)) => {
+                self.err(format!("{at}/Parameters"), "give ItemSelector or the legacy Parameters, not both");
+                None
+            }
+            (Some(_), None) => self.template(obj, "ItemSelector", at),
+            (None, p) => p,
+        };
+        let items_path = match obj.get("ItemsPath") {
+            None => "$".to_string(),
+            Some(Value::String(p)) => {
+                if let Err(e) = path::check_path(p) {
+                    self.err(format!("{at}/ItemsPath"), e);
+                }
+                p.clone()
+            }
+            Some(_) => {
+                self.err(format!("{at}/ItemsPath"), "ItemsPath must be a path string");
+                "$".to_string()
+            }
+        };
+        let max_concurrency = match obj.get("MaxConcurrency") {
+            None => 0,
+            Some(v) => v.as_u64().unwrap_or_else(|| {
+                self.err(format!("{at}/MaxConcurrency"), "MaxConcurrency must be an integer >= 0");
+                0
+            }),
+        };
+        let tolerated_percentage = obj.get("ToleratedFailurePercentage").and_then(|v| {
+            let p = v.as_f64().filter(|p| (0.0..=100.0).contains(p));
+            if p.is_none() {
+                self.err(
+                    format!("{at}/ToleratedFailurePercentage"),
+                    "ToleratedFailurePercentage must be a number from 0 to 100",
+                );
+            }
+            p
+        });
+        let tolerated_count = obj.get("ToleratedFailureCount").and_then(|v| {
+            let c = v.as_u64();
+            if c.is_none() {
+                self.err(format!("{at}/ToleratedFailureCount"), "ToleratedFailureCount must be an integer >= 0");
+            }
+            c
+        });
+        Some(Kind::Map {
+            processor: Box::new(processor?),
+            items_path,
+            item_selector,
+            max_concurrency,
+            tolerated_percentage,
+            tolerated_count,
+        })
+    }
+
+    fn error_equals(&mut self, obj: &Map<String, Value>, at: &str, last: bool) -> Vec<String> {
+        let names: Vec<String> = match obj.get("ErrorEquals").and_then(Value::as_array) {
+            Some(a) if !a.is_empty() && a.iter().all(Value::is_string) => {
+                a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()
+            }
+            _ => {
+                self.err(format!("{at}/ErrorEquals"), "ErrorEquals must be a non-empty array of error names");
+                return Vec::new();
+            }
+        };
+        if names.iter().any(|n| n == "States.ALL") {
+            if names.len() > 1 {
+                self.err(format!("{at}/ErrorEquals"), "States.ALL must appear alone in ErrorEquals");
+            }
+            if !last {
+                self.err(format!("{at}/ErrorEquals"), "States.ALL must be in the last Retry/Catch entry");
+            }
+        }
+        names
+    }
+
+    fn retriers(&mut self, obj: &Map<String, Value>, at: &str) -> Vec<Retrier> {
+        let Some(v) = obj.get("Retry") else { return Vec::new() };
+        let Some(items) = v.as_array() else {
+            self.err(format!("{at}/Retry"), "Retry must be an array");
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, r) in items.iter().enumerate() {
+            let rat = format!("{at}/Retry/{i}");
+            let Some(o) = r.as_object() else {
+                self.err(rat, "a retrier must be an object");
+                continue;
+            };
+            for k in o.keys() {
+                if ![
+                    "ErrorEquals",
+                    "IntervalSeconds",
+                    "MaxAttempts",
+                    "BackoffRate",
+                    "MaxDelaySeconds",
+                    "JitterStrategy",
+                    "Comment",
+                ]
+                .contains(&k.as_str())
+                {
+                    self.err(format!("{rat}/{}", esc(k)), format!("unknown Retry field '{k}'"));
+                }
+            }
+            let error_equals = self.error_equals(o, &rat, i + 1 == items.len());
+            let mut num = |k: &str, default: f64, ok: &dyn Fn(f64) -> bool, msg: &str| match o.get(k) {
+                None => default,
+                Some(v) => match v.as_f64().filter(|n| ok(*n)) {
+                    Some(n) => n,
+                    None => {
+                        self.diags.push(Diagnostic {
+                            severity: Severity::Error,
+                            location: format!("{rat}/{k}"),
+                            message: msg.to_string(),
+                        });
+                        default
+                    }
+                },
+            };
+            let interval_seconds = num(
+                "IntervalSeconds",
+                1.0,
+                &|n| n >= 1.0 && n.fract() == 0.0,
+                "IntervalSeconds must be an integer >= 1",
+            );
+            let max_attempts =
+                num("MaxAttempts", 3.0, &|n| n >= 0.0 && n.fract() == 0.0, "MaxAttempts must be an integer >= 0")
+                    as u32;
+            let backoff_rate = num("BackoffRate", 2.0, &|n| n >= 1.0, "BackoffRate must be a number >= 1.0");
+            let max_delay_seconds = o.get("MaxDelaySeconds").map(|_| {
+                num(
+                    "MaxDelaySeconds",
+                    0.0,
+                    &|n| n >= 1.0 && n.fract() == 0.0,
+                    "MaxDelaySeconds must be an integer >= 1",
+                )
+            });
+            let jitter_full = match o.get("JitterStrategy").map(|v| v.as_str()) {
+                None | Some(Some("NONE")) => false,
+                Some(Some("FULL")) => true,
+                _ => {
+                    self.err(format!("{rat}/JitterStrategy"), "JitterStrategy must be FULL or NONE");
+                    false
+                }
+            };
+            out.push(Retrier {
+                error_equals,
+                interval_seconds,
+                max_attempts,
+                backoff_rate,
+                max_delay_seconds,
+                jitter_full,
+            });
+        }
+        out
+    }
+
+    fn catchers(&mut self, obj: &Map<String, Value>, at: &str) -> Vec<Catcher> {
+        let Some(v) = obj.get("Catch") else { return Vec::new() };
+        let Some(items) = v.as_array() else {
+            self.err(format!("{at}/Catch"), "Catch must be an array");
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, c) in items.iter().enumerate() {
+            let cat = format!("{at}/Catch/{i}");
+            let Some(o) = c.as_object() else {
+                self.err(cat, "a catcher must be an object");
+                continue;
+            };
+            for k in o.keys() {
+                if !["ErrorEquals", "Next", "ResultPath", "Comment"].contains(&k.as_str()) {
+                    self.err(format!("{cat}/{}", esc(k)), format!("unknown Catch field '{k}'"));
+                }
+            }
+            let error_equals = self.error_equals(o, &cat, i + 1 == items.len());
+            let Some(next) = o.get("Next").and_then(Value::as_str) else {
+                self.err(format!("{cat}/Next"), "a catcher needs a Next");
+                continue;
+            };
+            let result_path = self.path_field(o, "ResultPath", &cat, true);
+            out.push(Catcher { error_equals, next: next.to_string(), result_path });
+        }
+        out
+    }
+}
+
+/// Reports `Next`/`Default`/`Catch` targets that name no state, in this machine and the
+/// nested ones.
+fn unknown_targets(doc: &Value, at: &str, out: &mut Vec<Diagnostic>) {
+    let Some(states) = doc.get("States").and_then(Value::as_object) else { return };
+    let exists = |n: &str| states.contains_key(n);
+    for (name, s) in states {
+        let sat = format!("{at}/States/{}", esc(name));
+        let mut check = |loc: String, v: Option<&Value>| {
+            if let Some(n) = v.and_then(Value::as_str) {
+                if !exists(n) {
+                    out.push(Diagnostic {
+                        severity: Severity::Error,
+                        location: loc,
+                        message: format!("'{n}' is not a state of this machine"),
+                    });
+                }
+            }
+        };
+        check(format!("{sat}/Next"), s.get("Next"));
+        check(format!("{sat}/Default"), s.get("Default"));
+        for (key, arr) in [("Choices", s.get("Choices")), ("Catch", s.get("Catch"))] {
+            if let Some(a) = arr.and_then(Value::as_array) {
+                for (i, c) in a.iter().enumerate() {
+                    check(format!("{sat}/{key}/{i}/Next"), c.get("Next"));
+                }
+            }
+        }
+        if let Some(bs) = s.get("Branches").and_then(Value::as_array) {
+            for (i, b) in bs.iter().enumerate() {
+                unknown_targets(b, &format!("{sat}/Branches/{i}"), out);
+            }
+        }
+        for key in ["ItemProcessor", "Iterator"] {
+            if let Some(p) = s.get(key) {
+                unknown_targets(p, &format!("{sat}/{key}"), out);
+            }
+        }
+    }
+}

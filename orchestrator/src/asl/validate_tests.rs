@@ -1,0 +1,110 @@
+#![allow(clippy::unwrap_used)]
+//! Each bad definition gives the expected location and message.
+
+use super::*;
+
+fn errors(src: &str) -> Vec<Diagnostic> {
+    let r = Resources::with_tools(["json", "http_get"]);
+    match validate(src, &r) {
+        Ok(d) => d.warnings,
+        Err(InvalidDefinition(d)) => d,
+    }
+}
+
+fn has(diags: &[Diagnostic], loc: &str, needle: &str) -> bool {
+    diags.iter().any(|d| d.location == loc && d.message.contains(needle))
+}
+
+#[test]
+fn invalid_json_has_line_and_column() {
+    let d = errors("{\n  \"StartAt\": \"A\",\n  \"States\": {\n}");
+    assert_eq!(d.len(), 1);
+    assert!(d[0].location.starts_with("line 4 column"), "{d:?}");
+}
+
+#[test]
+fn every_problem_is_reported() {
+    let src = r#"{
+      "StartAt": "A",
+      "States": {
+        "A": {"Type": "Pass", "Next": "Nowhere"},
+        "B": {"Type": "Task", "Resource": "arn:aws:lambda:us-east-1:1:function:f", "End": true},
+        "C": {"Type": "Pass", "Seconds": 3, "End": true},
+        "D": {"Type": "Choice", "Choices": [{"Variable": "$.x", "NumericEquals": 1, "Next": "Missing"}], "Default": "A"},
+        "E": {"Type": "Task", "Resource": "ember:tool:json", "End": true, "Retry": [{"ErrorEquals": ["States.ALL"], "BackoffRate": 0.5}]}
+      }
+    }"#;
+    let d = errors(src);
+    assert!(has(&d, "/States/A/Next", "'Nowhere' is not a state"), "{d:#?}");
+    assert!(has(&d, "/States/B/Resource", "unknown Task resource"), "{d:#?}");
+    assert!(has(&d, "/States/C/Seconds", "not allowed in a Pass state"), "{d:#?}");
+    assert!(has(&d, "/States/D/Choices/0/Next", "'Missing' is not a state"), "{d:#?}");
+    assert!(has(&d, "/States/E/Retry/0/BackoffRate", "BackoffRate"), "{d:#?}");
+}
+
+#[test]
+fn unreachable_and_missing_terminal() {
+    let d = errors(
+        r#"{"StartAt": "A", "States": {"A": {"Type": "Pass", "End": true}, "B": {"Type": "Pass", "End": true}}}"#,
+    );
+    assert!(has(&d, "/States/B", "unreachable"), "{d:#?}");
+    let d = errors(
+        r#"{"StartAt": "A", "States": {"A": {"Type": "Pass", "Next": "B"}, "B": {"Type": "Pass", "Next": "A"}}}"#,
+    );
+    assert!(has(&d, "/States", "no terminal state"), "{d:#?}");
+    let d = errors(r#"{"StartAt": "A", "States": {"A": {"Type": "Pass"}}}"#);
+    assert!(has(&d, "/States/A", "needs Next or End"), "{d:#?}");
+}
+
+#[test]
+fn cycle_without_exit_is_a_warning() {
+    let src = r#"{"StartAt": "C", "States": {
+        "C": {"Type": "Choice", "Choices": [{"Variable": "$.go", "BooleanEquals": true, "Next": "Loop1"}], "Default": "Done"},
+        "Loop1": {"Type": "Pass", "Next": "Loop2"},
+        "Loop2": {"Type": "Pass", "Next": "Loop1"},
+        "Done": {"Type": "Succeed"}}}"#;
+    let r = Resources::default();
+    let def = validate(src, &r).unwrap();
+    assert!(def.warnings.iter().all(|w| w.severity == Severity::Warning));
+    assert!(has(&def.warnings, "/States/Loop1", "cycle with no path to a terminal"), "{:#?}", def.warnings);
+    assert!(has(&def.warnings, "/States/Loop2", "cycle"));
+}
+
+#[test]
+fn nested_machines_and_paths() {
+    let src = r#"{"StartAt": "P", "States": {
+        "P": {"Type": "Parallel", "End": true, "ResultPath": "$.a[*]", "Branches": [
+            {"StartAt": "X", "States": {"X": {"Type": "Pass", "Next": "Y"}}}
+        ]},
+        "M": {"Type": "Map", "End": true, "ItemProcessor": {"StartAt": "I", "States": {"I": {"Type": "Pass", "End": true, "InputPath": "a.b"}}}}
+      }}"#;
+    let d = errors(src);
+    assert!(has(&d, "/States/P/ResultPath", "reference path"), "{d:#?}");
+    assert!(has(&d, "/States/P/Branches/0/States/X/Next", "'Y' is not a state"), "{d:#?}");
+    assert!(has(&d, "/States/M/ItemProcessor/States/I/InputPath", "must start with '$'"), "{d:#?}");
+    assert!(has(&d, "/States/M", "unreachable"), "{d:#?}");
+}
+
+#[test]
+fn bad_parameters_and_intrinsics() {
+    let src = r#"{"StartAt": "A", "States": {"A": {"Type": "Pass", "End": true,
+        "Parameters": {"a.$": "States.Nope(1)", "b": {"c.$": "$..["}, "d.$": 5}}}}"#;
+    let d = errors(src);
+    assert!(has(&d, "/States/A/Parameters/a.$", "unknown intrinsic"), "{d:#?}");
+    assert!(has(&d, "/States/A/Parameters/b/c.$", "invalid JSONPath"), "{d:#?}");
+    assert!(has(&d, "/States/A/Parameters/d.$", "string value"), "{d:#?}");
+}
+
+#[test]
+fn a_good_definition_validates() {
+    let src = r#"{"StartAt": "T", "States": {
+        "T": {"Type": "Task", "Resource": "ember:tool:json", "Next": "W",
+              "Retry": [{"ErrorEquals": ["Ember.InvalidJson"], "MaxAttempts": 2}, {"ErrorEquals": ["States.ALL"]}],
+              "Catch": [{"ErrorEquals": ["States.ALL"], "Next": "F", "ResultPath": "$.err"}]},
+        "W": {"Type": "Wait", "Seconds": 1, "Next": "S"},
+        "S": {"Type": "Succeed"},
+        "F": {"Type": "Fail", "Error": "E", "Cause": "c"}}}"#;
+    let def = validate(src, &Resources::with_tools(["json"])).unwrap();
+    assert!(def.warnings.is_empty());
+    assert_eq!(def.machine.start_at, "T");
+}

@@ -1,0 +1,559 @@
+//! Runs one state of one hop and decides what comes next. Everything here is a function of
+//! the message, the stored execution and the task's result, so the record it produces can
+//! be written create-only and replayed.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use super::hop::*;
+use super::tools::{TaskContext, TaskFailure};
+use super::{Env, PipelineError};
+use crate::asl::definition::{Kind, NumberSource, State, StateMachine, WaitFor};
+use crate::asl::path::{self, Scope};
+use crate::asl::{choice, names, retry, timestamp, StatesError};
+
+/// Longest queue delay (SQS `DelaySeconds` maximum); longer waits re-delay.
+pub const MAX_QUEUE_DELAY_SECONDS: f64 = 900.0;
+
+enum Step {
+    Next { state: String, output: Value, delay: f64, not_before: Option<String> },
+    End { output: Value },
+    FanOut { fan: FanOut, sends: Vec<Outgoing> },
+}
+
+/// The machine a scope runs in (top level, a Parallel branch, a Map item processor).
+pub(crate) fn machine_for<'m>(top: &'m StateMachine, scope: &[Frame]) -> Result<&'m StateMachine, PipelineError> {
+    let mut m = top;
+    for f in scope {
+        m = match m.state(&f.state).map(|s| &s.kind) {
+            Some(Kind::Parallel { branches }) => branches
+                .get(f.index)
+                .ok_or_else(|| PipelineError::Corrupt(format!("no branch {} in {}", f.index, f.state)))?,
+            Some(Kind::Map { processor, .. }) => processor,
+            _ => {
+                return Err(PipelineError::Corrupt(format!(
+                    "scope names '{}', which is not a Parallel or Map state",
+                    f.state
+                )))
+            }
+        };
+    }
+    Ok(m)
+}
+
+pub(crate) struct HopRun<'a> {
+    pub env: &'a Env,
+    pub meta: &'a ExecutionMeta,
+    pub top: &'a StateMachine,
+    pub msg: &'a HopMessage,
+    pub now_ms: u64,
+    pub events: Vec<RecordedEvent>,
+}
+
+fn ts(ms: u64) -> String {
+    timestamp::format(UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+impl HopRun<'_> {
+    fn event(&mut self, kind: &str, details: Value) {
+        self.events.push(RecordedEvent { kind: kind.to_string(), timestamp: ts(self.now_ms), details });
+    }
+
+    fn context(&self, state: &State) -> Value {
+        let mut c = json!({
+            "Execution": {
+                "Id": self.meta.id,
+                "Input": self.meta.input,
+                "Name": self.meta.name,
+                "StartTime": self.meta.start_time,
+                "RoleArn": "arn:ember:iam::role/ember-pipelines",
+            },
+            "State": {
+                "Name": self.msg.state,
+                "EnteredTime": self.msg.entered_time.clone().unwrap_or_else(|| ts(self.now_ms)),
+                "RetryCount": self.msg.attempt,
+            },
+            "StateMachine": {"Id": self.meta.state_machine_id, "Name": self.meta.state_machine_id},
+        });
+        if matches!(state.kind, Kind::Task { .. }) {
+            c["Task"] = json!({"Token": self.msg.id()});
+        }
+        c
+    }
+
+    /// Builds the transition for this hop (running the task if it is a Task state).
+    pub async fn transition(mut self) -> Result<Transition, PipelineError> {
+        let machine = machine_for(self.top, &self.msg.scope)?;
+        let state = machine
+            .state(&self.msg.state)
+            .ok_or_else(|| PipelineError::Corrupt(format!("no state '{}' in this scope", self.msg.state)))?;
+        let max = self.env.options.max_hops;
+        let step = if self.msg.hop > max {
+            Err(StatesError::runtime(format!(
+                "The execution exceeded the maximum of {max} hops (state '{}'); a loop without an exit?",
+                self.msg.state
+            )))
+        } else {
+            if self.msg.attempt == 0 && self.msg.join.is_none() {
+                self.event(
+                    &format!("{}StateEntered", state.type_name()),
+                    json!({"name": self.msg.state, "input": self.msg.input}),
+                );
+            }
+            self.run_state(state).await
+        };
+        let mut t = Transition {
+            message: self.msg.clone(),
+            events: Vec::new(),
+            sends: Vec::new(),
+            branch_done: None,
+            end: None,
+            fan_out: None,
+            time_ms: self.now_ms,
+        };
+        match step {
+            Ok(Step::Next { state: next, output, delay, not_before }) => {
+                self.event(
+                    &format!("{}StateExited", state.type_name()),
+                    json!({"name": self.msg.state, "output": output}),
+                );
+                t.sends.push(Outgoing { message: self.next_message(&next, output), delay_seconds: delay });
+                if let Some(nb) = not_before {
+                    t.sends[0].message.not_before = Some(nb);
+                }
+            }
+            Ok(Step::End { output }) => {
+                self.event(
+                    &format!("{}StateExited", state.type_name()),
+                    json!({"name": self.msg.state, "output": output}),
+                );
+                self.terminal(&mut t, Ok(output)).await?;
+            }
+            Ok(Step::FanOut { fan, sends }) => {
+                t.fan_out = Some(fan);
+                t.sends = sends;
+            }
+            Err(e) => self.handle_error(state, e, &mut t).await?,
+        }
+        t.events = self.events;
+        Ok(t)
+    }
+
+    fn next_message(&self, state: &str, input: Value) -> HopMessage {
+        HopMessage {
+            execution: self.msg.execution.clone(),
+            state: state.to_string(),
+            input,
+            hop: self.msg.hop + 1,
+            attempt: 0,
+            retries: Vec::new(),
+            scope: self.msg.scope.clone(),
+            entered_time: None,
+            not_before: None,
+            join: None,
+        }
+    }
+
+    async fn terminal(&mut self, t: &mut Transition, result: Result<Value, StatesError>) -> Result<(), PipelineError> {
+        if self.msg.scope.is_empty() {
+            match &result {
+                Ok(o) => self.event("ExecutionSucceeded", json!({"output": o})),
+                Err(e) => self.event("ExecutionFailed", json!({"error": e.error, "cause": e.cause})),
+            }
+            t.end = Some(ExecutionEnd { result, stop_time: ts(self.now_ms) });
+            return Ok(());
+        }
+        t.branch_done = Some(BranchResult { result, last_hop: self.msg.hop });
+        // A Map with MaxConcurrency: this item's end starts item index + MaxConcurrency.
+        let Some(frame) = self.msg.scope.last() else { return Ok(()) };
+        let parent = &self.msg.scope[..self.msg.scope.len() - 1];
+        let fan = super::process::load_transition(self.env, &self.msg.execution, parent, frame.hop).await?;
+        if let Some(f) = fan.fan_out {
+            let next = frame.index + f.max_concurrency;
+            if f.max_concurrency > 0 && next < f.count {
+                let input = f.pending.get(next - f.max_concurrency).cloned().unwrap_or(Value::Null);
+                let machine = machine_for(self.top, &self.msg.scope)?;
+                let mut scope = self.msg.scope.clone();
+                if let Some(last) = scope.last_mut() {
+                    last.index = next;
+                }
+                t.sends.push(Outgoing {
+                    message: HopMessage {
+                        execution: self.msg.execution.clone(),
+                        state: machine.start_at.clone(),
+                        input,
+                        hop: frame.hop + 1,
+                        attempt: 0,
+                        retries: Vec::new(),
+                        scope,
+                        entered_time: None,
+                        not_before: None,
+                        join: None,
+                    },
+                    delay_seconds: 0.0,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_error(&mut self, state: &State, e: StatesError, t: &mut Transition) -> Result<(), PipelineError> {
+        if !e.is_terminal() {
+            if let Some((i, r)) =
+                state.retry.iter().enumerate().find(|(_, r)| r.error_equals.iter().any(|n| e.matches(n)))
+            {
+                let used = self.msg.retries.get(i).copied().unwrap_or(0);
+                if used < r.max_attempts {
+                    let sample: f64 = rand::random();
+                    let delay = retry::jittered_delay(r, used, sample);
+                    let mut m = self.msg.clone();
+                    m.hop += 1;
+                    m.attempt += 1;
+                    m.join = None;
+                    if m.retries.len() <= i {
+                        m.retries.resize(i + 1, 0);
+                    }
+                    m.retries[i] += 1;
+                    m.entered_time = Some(self.msg.entered_time.clone().unwrap_or_else(|| ts(self.now_ms)));
+                    self.event(
+                        "RetryScheduled",
+                        json!({"name": self.msg.state, "error": e.error, "cause": e.cause, "retrier": i, "retryCount": used + 1, "delaySeconds": delay}),
+                    );
+                    t.sends.push(Outgoing { message: m, delay_seconds: delay });
+                    return Ok(());
+                }
+            }
+            if let Some(c) = state.catch.iter().find(|c| c.error_equals.iter().any(|n| e.matches(n))) {
+                let err_obj = json!({"Error": e.error, "Cause": e.cause});
+                match path::apply_result_path(&self.msg.input, err_obj, c.result_path.get()) {
+                    Ok(output) => {
+                        self.event(
+                            &format!("{}StateExited", state.type_name()),
+                            json!({"name": self.msg.state, "output": output, "caught": e.error}),
+                        );
+                        t.sends.push(Outgoing { message: self.next_message(&c.next, output), delay_seconds: 0.0 });
+                        return Ok(());
+                    }
+                    Err(e2) => return self.terminal(t, Err(e2)).await,
+                }
+            }
+        }
+        self.terminal(t, Err(e)).await
+    }
+
+    fn effective_input(&self, state: &State, ctx: &Value) -> Result<Value, StatesError> {
+        let scope = Scope { input: &self.msg.input, context: ctx };
+        match state.input_path.get() {
+            None => Ok(json!({})),
+            Some(p) => path::query(p, &scope),
+        }
+    }
+
+    fn output(&self, state: &State, raw: &Value, result: Value, ctx: &Value) -> Result<Value, StatesError> {
+        let combined = path::apply_result_path(raw, result, state.result_path.get())?;
+        match state.output_path.get() {
+            None => Ok(json!({})),
+            Some(p) => path::query(p, &Scope { input: &combined, context: ctx }),
+        }
+    }
+
+    fn flow(&self, state: &State, output: Value) -> Step {
+        match &state.next {
+            Some(n) => Step::Next { state: n.clone(), output, delay: 0.0, not_before: None },
+            None => Step::End { output },
+        }
+    }
+
+    fn number(&self, src: &NumberSource, input: &Value, ctx: &Value, what: &str) -> Result<f64, StatesError> {
+        match src {
+            NumberSource::Value(v) => Ok(*v),
+            NumberSource::Path(p) => {
+                let v = path::query(p, &Scope { input, context: ctx })?;
+                v.as_f64().filter(|n| *n >= 0.0).ok_or_else(|| {
+                    StatesError::runtime(format!("{what} path '{p}' must point to a non-negative number, found {v}"))
+                })
+            }
+        }
+    }
+
+    async fn run_state(&mut self, state: &State) -> Result<Step, StatesError> {
+        let ctx = self.context(state);
+        let raw = self.msg.input.clone();
+        if let Some(fan_hop) = self.msg.join {
+            return self.join(state, fan_hop, &raw, &ctx).await;
+        }
+        match &state.kind {
+            Kind::Pass { result } => {
+                let eff = self.effective_input(state, &ctx)?;
+                let res = match (&state.parameters, result) {
+                    (Some(p), _) => path::eval_template(p, &Scope { input: &eff, context: &ctx })?,
+                    (None, Some(r)) => r.clone(),
+                    (None, None) => eff,
+                };
+                Ok(self.flow(state, self.output(state, &raw, res, &ctx)?))
+            }
+            Kind::Task { resource, timeout, heartbeat } => {
+                let eff = self.effective_input(state, &ctx)?;
+                let params = match &state.parameters {
+                    Some(p) => path::eval_template(p, &Scope { input: &eff, context: &ctx })?,
+                    None => eff,
+                };
+                let timeout = timeout.as_ref().map(|t| self.number(t, &raw, &ctx, "TimeoutSecondsPath")).transpose()?;
+                let heartbeat =
+                    heartbeat.as_ref().map(|t| self.number(t, &raw, &ctx, "HeartbeatSecondsPath")).transpose()?;
+                self.event("TaskScheduled", json!({"resource": resource, "parameters": params, "timeoutInSeconds": timeout, "heartbeatInSeconds": heartbeat}));
+                let tctx = TaskContext::new(&self.msg.execution, &self.msg.state, &self.msg.id(), self.msg.attempt);
+                self.event("TaskStarted", json!({"resource": resource}));
+                let result = run_task(self.env, resource, params, &tctx, timeout, heartbeat).await;
+                let result = match result {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let kind = if e.error == names::TIMEOUT || e.error == names::HEARTBEAT_TIMEOUT {
+                            "TaskTimedOut"
+                        } else {
+                            "TaskFailed"
+                        };
+                        self.event(kind, json!({"resource": resource, "error": e.error, "cause": e.cause}));
+                        return Err(StatesError::new(e.error, e.cause));
+                    }
+                };
+                self.event("TaskSucceeded", json!({"resource": resource, "output": result}));
+                let selected = match &state.result_selector {
+                    Some(sel) => path::eval_template(sel, &Scope { input: &result, context: &ctx })?,
+                    None => result,
+                };
+                Ok(self.flow(state, self.output(state, &raw, selected, &ctx)?))
+            }
+            Kind::Choice { choices, default } => {
+                let eff = self.effective_input(state, &ctx)?;
+                let scope = Scope { input: &eff, context: &ctx };
+                let mut next = None;
+                for (rule, n) in choices {
+                    if choice::eval(rule, &scope)? {
+                        next = Some(n.clone());
+                        break;
+                    }
+                }
+                let next = match next.or_else(|| default.clone()) {
+                    Some(n) => n,
+                    None => {
+                        return Err(StatesError::new(
+                            names::NO_CHOICE_MATCHED,
+                            format!("No Matches! (state '{}' has no matching rule and no Default)", self.msg.state),
+                        ))
+                    }
+                };
+                let output = match state.output_path.get() {
+                    None => json!({}),
+                    Some(p) => path::query(p, &scope)?,
+                };
+                Ok(Step::Next { state: next, output, delay: 0.0, not_before: None })
+            }
+            Kind::Wait(w) => {
+                let eff = self.effective_input(state, &ctx)?;
+                let now_s = self.now_ms as f64 / 1000.0;
+                let seconds = match w {
+                    WaitFor::Seconds(s) => self.number(s, &eff, &ctx, "SecondsPath")?,
+                    WaitFor::Timestamp(t) => (timestamp::parse(t).unwrap_or(now_s) - now_s).max(0.0),
+                    WaitFor::TimestampPath(p) => {
+                        let v = path::query(p, &Scope { input: &eff, context: &ctx })?;
+                        let t = v
+                            .as_str()
+                            .and_then(timestamp::parse)
+                            .ok_or_else(|| StatesError::runtime(format!("The TimestampPath parameter does not reference a valid ISO-8601 extended offset date-time format string: {p} == {v}")))?;
+                        (t - now_s).max(0.0)
+                    }
+                };
+                let output = match state.output_path.get() {
+                    None => json!({}),
+                    Some(p) => path::query(p, &Scope { input: &eff, context: &ctx })?,
+                };
+                let until_ms = self.now_ms + (seconds * 1000.0).round() as u64;
+                let (delay, not_before) = if seconds > MAX_QUEUE_DELAY_SECONDS {
+                    (MAX_QUEUE_DELAY_SECONDS, Some(ts(until_ms)))
+                } else {
+                    (seconds, None)
+                };
+                self.event("WaitScheduled", json!({"name": self.msg.state, "seconds": seconds, "until": ts(until_ms)}));
+                match &state.next {
+                    Some(n) => Ok(Step::Next { state: n.clone(), output, delay, not_before }),
+                    // A Wait that ends its machine: its end takes effect now; there is no next hop to delay.
+                    None => Ok(Step::End { output }),
+                }
+            }
+            Kind::Succeed => {
+                let eff = self.effective_input(state, &ctx)?;
+                let output = match state.output_path.get() {
+                    None => json!({}),
+                    Some(p) => path::query(p, &Scope { input: &eff, context: &ctx })?,
+                };
+                Ok(Step::End { output })
+            }
+            Kind::Fail { error, error_path, cause, cause_path } => {
+                let scope = Scope { input: &raw, context: &ctx };
+                let eval = |lit: &Option<String>,
+                            p: &Option<String>,
+                            field: &str|
+                 -> Result<Option<String>, StatesError> {
+                    match (lit, p) {
+                        (Some(l), _) => Ok(Some(l.clone())),
+                        (None, Some(p)) => {
+                            let v = path::eval_expression(p, field, &scope)?;
+                            v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| {
+                                StatesError::runtime(format!("The {field} '{p}' must resolve to a string, found {v}"))
+                            })
+                        }
+                        (None, None) => Ok(None),
+                    }
+                };
+                let error = eval(error, error_path, "ErrorPath")?;
+                let cause = eval(cause, cause_path, "CausePath")?;
+                Err(StatesError::new(error.unwrap_or_default(), cause.unwrap_or_default()))
+            }
+            Kind::Parallel { branches } => {
+                let eff = self.effective_input(state, &ctx)?;
+                let input = match &state.parameters {
+                    Some(p) => path::eval_template(p, &Scope { input: &eff, context: &ctx })?,
+                    None => eff,
+                };
+                self.event("ParallelStateStarted", json!({"name": self.msg.state, "branches": branches.len()}));
+                let sends = branches
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| Outgoing {
+                        message: self.branch_message(i, &b.start_at, input.clone()),
+                        delay_seconds: 0.0,
+                    })
+                    .collect();
+                Ok(Step::FanOut {
+                    fan: FanOut { count: branches.len(), pending: Vec::new(), max_concurrency: 0 },
+                    sends,
+                })
+            }
+            Kind::Map { processor, items_path, item_selector, max_concurrency, .. } => {
+                let eff = self.effective_input(state, &ctx)?;
+                let items = path::query(items_path, &Scope { input: &eff, context: &ctx })?;
+                let Value::Array(items) = items else {
+                    return Err(StatesError::runtime(format!(
+                        "Map ItemsPath '{items_path}' must point to an array, found {items}"
+                    )));
+                };
+                let mut inputs = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    inputs.push(match item_selector {
+                        Some(sel) => {
+                            let mut c = ctx.clone();
+                            c["Map"] = json!({"Item": {"Index": i, "Value": item}});
+                            path::eval_template(sel, &Scope { input: &eff, context: &c })?
+                        }
+                        None => item.clone(),
+                    });
+                }
+                self.event("MapStateStarted", json!({"name": self.msg.state, "length": inputs.len()}));
+                if inputs.is_empty() {
+                    return self.after_join(state, Vec::new(), &raw, &ctx);
+                }
+                let k = *max_concurrency as usize;
+                let first = if k == 0 { inputs.len() } else { k.min(inputs.len()) };
+                let pending = if k == 0 { Vec::new() } else { inputs[first.min(k)..].to_vec() };
+                let sends = inputs
+                    .iter()
+                    .take(first)
+                    .enumerate()
+                    .map(|(i, v)| Outgoing {
+                        message: self.branch_message(i, &processor.start_at, v.clone()),
+                        delay_seconds: 0.0,
+                    })
+                    .collect();
+                Ok(Step::FanOut { fan: FanOut { count: inputs.len(), pending, max_concurrency: k }, sends })
+            }
+        }
+    }
+
+    fn branch_message(&self, index: usize, start: &str, input: Value) -> HopMessage {
+        let mut scope = self.msg.scope.clone();
+        scope.push(Frame { state: self.msg.state.clone(), hop: self.msg.hop, index });
+        HopMessage {
+            execution: self.msg.execution.clone(),
+            state: start.to_string(),
+            input,
+            hop: self.msg.hop + 1,
+            attempt: 0,
+            retries: Vec::new(),
+            scope,
+            entered_time: None,
+            not_before: None,
+            join: None,
+        }
+    }
+
+    async fn join(&mut self, state: &State, fan_hop: u64, raw: &Value, ctx: &Value) -> Result<Step, StatesError> {
+        let storage = |e: PipelineError| StatesError::runtime(format!("could not read the branch results: {e}"));
+        let marker = super::process::load_join(self.env, &self.msg.execution, &self.msg.scope, fan_hop)
+            .await
+            .map_err(storage)?;
+        let kind = state.type_name();
+        if let Some(f) = marker.and_then(|m| m.failure) {
+            self.event(
+                &format!("{kind}StateFailed"),
+                json!({"name": self.msg.state, "error": f.error, "cause": f.cause}),
+            );
+            return Err(f);
+        }
+        let results = super::process::load_results(self.env, &self.msg.execution, &self.msg.scope, fan_hop)
+            .await
+            .map_err(storage)?;
+        let outputs = results
+            .into_iter()
+            .map(|r| match r.result {
+                Ok(v) => v,
+                Err(e) => json!({"Error": e.error, "Cause": e.cause}),
+            })
+            .collect();
+        self.event(&format!("{kind}StateSucceeded"), json!({"name": self.msg.state}));
+        self.after_join(state, outputs, raw, ctx)
+    }
+
+    fn after_join(&self, state: &State, outputs: Vec<Value>, raw: &Value, ctx: &Value) -> Result<Step, StatesError> {
+        let result = Value::Array(outputs);
+        let selected = match &state.result_selector {
+            Some(sel) => path::eval_template(sel, &Scope { input: &result, context: ctx })?,
+            None => result,
+        };
+        Ok(self.flow(state, self.output(state, raw, selected, ctx)?))
+    }
+}
+
+async fn run_task(
+    env: &Env,
+    resource: &str,
+    params: Value,
+    ctx: &TaskContext,
+    timeout: Option<f64>,
+    heartbeat: Option<f64>,
+) -> Result<Value, TaskFailure> {
+    let signal = ctx.heartbeat_signal();
+    let task = env.runner.run(resource, params, ctx);
+    let timeout_sleep = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(Duration::from_secs_f64(t)).await,
+            None => std::future::pending().await,
+        }
+    };
+    let heartbeat_watch = async {
+        match heartbeat {
+            Some(h) => loop {
+                if tokio::time::timeout(Duration::from_secs_f64(h), signal.notified()).await.is_err() {
+                    return;
+                }
+            },
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = task => r,
+        _ = timeout_sleep => Err(TaskFailure::new(names::TIMEOUT, format!("the task ran longer than TimeoutSeconds ({})", timeout.unwrap_or_default()))),
+        _ = heartbeat_watch => Err(TaskFailure::new(names::HEARTBEAT_TIMEOUT, format!("no heartbeat for HeartbeatSeconds ({})", heartbeat.unwrap_or_default()))),
+    }
+}

@@ -1,0 +1,430 @@
+//! Processing a hop with exactly-once effect, starting executions, and reading them back.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::engine::HopRun;
+use super::hop::*;
+use super::{Env, PipelineError};
+use crate::asl::{self, names, timestamp, StatesError};
+
+/// What processing one hop did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HopOutcome {
+    /// The hop's id (execution, scope, hop number).
+    pub hop_id: String,
+    /// What happened.
+    pub status: HopStatus,
+    /// Hops sent.
+    pub sent: usize,
+    /// Set when the execution ended at this hop. On a failed end the worker sends the
+    /// execution to the pipeline DLQ with `error` and `cause` (once: skip when `duplicate`).
+    pub finished: Option<ExecutionEnd>,
+    /// The transition was already recorded by an earlier delivery; nothing was re-run, the
+    /// recorded next hops were sent again.
+    pub duplicate: bool,
+}
+
+/// The kind of result of one hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HopStatus {
+    /// Recorded a transition and sent the next hop(s).
+    Transitioned,
+    /// A Wait longer than one queue delay: the message was sent again, nothing recorded.
+    Redelayed,
+    /// The hop belongs to a Parallel/Map that already failed: dropped.
+    Dropped,
+    /// The execution ended.
+    Finished,
+}
+
+fn now_ms(env: &Env) -> u64 {
+    env.options.clock.now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+async fn get_json<T: for<'de> Deserialize<'de>>(env: &Env, key: &str) -> Result<Option<T>, PipelineError> {
+    match env.store.get(key).await? {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| PipelineError::Corrupt(format!("{key}: {e}"))),
+    }
+}
+
+async fn put_json<T: Serialize>(env: &Env, key: &str, v: &T) -> Result<bool, PipelineError> {
+    let bytes = serde_json::to_vec(v).map_err(|e| PipelineError::Corrupt(format!("{key}: {e}")))?;
+    Ok(env.store.put_if_absent(key, bytes).await?)
+}
+
+async fn load_meta(env: &Env, execution: &str) -> Result<ExecutionMeta, PipelineError> {
+    get_json(env, &meta_key(execution)).await?.ok_or_else(|| PipelineError::ExecutionNotFound(execution.to_string()))
+}
+
+pub(crate) async fn load_transition(
+    env: &Env,
+    execution: &str,
+    scope: &[Frame],
+    hop: u64,
+) -> Result<Transition, PipelineError> {
+    let key = transition_key(execution, scope, hop);
+    get_json(env, &key).await?.ok_or_else(|| PipelineError::Corrupt(format!("missing transition record {key}")))
+}
+
+pub(crate) async fn load_join(
+    env: &Env,
+    execution: &str,
+    scope: &[Frame],
+    fan_hop: u64,
+) -> Result<Option<JoinRecord>, PipelineError> {
+    get_json(env, &join_key(execution, scope, fan_hop)).await
+}
+
+pub(crate) async fn load_results(
+    env: &Env,
+    execution: &str,
+    scope: &[Frame],
+    fan_hop: u64,
+) -> Result<Vec<BranchResult>, PipelineError> {
+    let mut out = Vec::new();
+    for key in env.store.list(&results_prefix(execution, scope, fan_hop)).await? {
+        if let Some(r) = get_json::<BranchResult>(env, &key).await? {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// The join marker with the continuation its owner sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct JoinRecord {
+    pub owner: usize,
+    pub failure: Option<StatesError>,
+    pub message: HopMessage,
+}
+
+/// Records the transition of `msg` without sending anything (the first half of
+/// [`process_hop`]). Returns the record and whether it already existed. A worker killed right
+/// after this call leaves a record whose next hops a redelivery sends.
+pub async fn record_hop(env: &Env, msg: &HopMessage) -> Result<(Transition, bool), PipelineError> {
+    let key = transition_key(&msg.execution, &msg.scope, msg.hop);
+    if let Some(t) = get_json::<Transition>(env, &key).await? {
+        return Ok((t, true));
+    }
+    let meta = load_meta(env, &msg.execution).await?;
+    let def = asl::validate(&meta.definition, &env.runner.resources())?;
+    let run = HopRun { env, meta: &meta, top: &def.machine, msg, now_ms: now_ms(env), events: Vec::new() };
+    let t = run.transition().await?;
+    if put_json(env, &key, &t).await? {
+        Ok((t, false))
+    } else {
+        // A concurrent delivery recorded first: its record is the one that counts.
+        let t = get_json(env, &key).await?.ok_or_else(|| PipelineError::Corrupt(format!("{key} vanished")))?;
+        Ok((t, true))
+    }
+}
+
+/// Processes one hop message: runs its state once (a redelivered hop only re-sends what was
+/// recorded), records the transition create-only, performs the branch join if this ends a
+/// branch, and sends the next hop(s).
+pub async fn process_hop(env: &Env, msg: HopMessage) -> Result<HopOutcome, PipelineError> {
+    let hop_id = msg.id();
+    if let Some(nb) = msg.not_before.as_deref().and_then(timestamp::parse) {
+        let remaining = nb - now_ms(env) as f64 / 1000.0;
+        if remaining > 0.0 {
+            let delay = remaining.min(super::engine::MAX_QUEUE_DELAY_SECONDS);
+            env.sender.send(vec![(msg, Duration::from_secs_f64(delay))]).await?;
+            return Ok(HopOutcome { hop_id, status: HopStatus::Redelayed, sent: 1, finished: None, duplicate: false });
+        }
+    }
+    // Hops of a Parallel/Map that already failed stop here.
+    for i in 0..msg.scope.len() {
+        if let Some(j) = load_join(env, &msg.execution, &msg.scope[..i], msg.scope[i].hop).await? {
+            if j.failure.is_some()
+                && get_json::<Transition>(env, &transition_key(&msg.execution, &msg.scope, msg.hop)).await?.is_none()
+            {
+                return Ok(HopOutcome {
+                    hop_id,
+                    status: HopStatus::Dropped,
+                    sent: 0,
+                    finished: None,
+                    duplicate: false,
+                });
+            }
+        }
+    }
+    let (t, duplicate) = record_hop(env, &msg).await?;
+    let mut sends: Vec<Outgoing> = t.sends.clone();
+    if let Some(end) = &t.end {
+        put_json(env, &end_key(&msg.execution), end).await?;
+    }
+    if let Some(done) = &t.branch_done {
+        sends.extend(branch_done(env, &t.message, done).await?);
+    }
+    let sent = sends.len();
+    if !sends.is_empty() {
+        env.sender
+            .send(
+                sends
+                    .into_iter()
+                    .map(|o| (o.message, Duration::from_secs_f64(o.delay_seconds.clamp(0.0, 900.0))))
+                    .collect(),
+            )
+            .await?;
+    }
+    let status = if t.end.is_some() { HopStatus::Finished } else { HopStatus::Transitioned };
+    Ok(HopOutcome { hop_id, status, sent, finished: t.end, duplicate })
+}
+
+/// A branch (or Map item) ended: store its result, and if that completes (or fails) the
+/// fan-out, create the join marker; only its creator sends the continuation.
+async fn branch_done(env: &Env, msg: &HopMessage, done: &BranchResult) -> Result<Vec<Outgoing>, PipelineError> {
+    let Some(frame) = msg.scope.last() else { return Ok(Vec::new()) };
+    let parent = &msg.scope[..msg.scope.len() - 1];
+    let exec = &msg.execution;
+    put_json(env, &result_key(exec, parent, frame.hop, frame.index), done).await?;
+    let jkey = join_key(exec, parent, frame.hop);
+    if let Some(j) = get_json::<JoinRecord>(env, &jkey).await? {
+        // Only the creator re-sends (it may have died before sending the first time).
+        return Ok(if j.owner == frame.index {
+            vec![Outgoing { message: j.message, delay_seconds: 0.0 }]
+        } else {
+            Vec::new()
+        });
+    }
+    let fan_rec = load_transition(env, exec, parent, frame.hop).await?;
+    let count = fan_rec.fan_out.as_ref().map(|f| f.count).unwrap_or(0);
+    let results = load_results(env, exec, parent, frame.hop).await?;
+    let meta = load_meta(env, exec).await?;
+    let def = asl::validate(&meta.definition, &env.runner.resources())?;
+    let machine = super::engine::machine_for(&def.machine, parent)?;
+    let failures: Vec<&StatesError> = results.iter().filter_map(|r| r.result.as_ref().err()).collect();
+    let failure = match machine.state(&frame.state).map(|s| &s.kind) {
+        Some(asl::Kind::Map { tolerated_percentage, tolerated_count, .. })
+            if tolerated_percentage.is_some() || tolerated_count.is_some() =>
+        {
+            let f = failures.len();
+            let over_count = tolerated_count.is_some_and(|c| f as u64 > c);
+            let over_pct = tolerated_percentage.is_some_and(|p| (f as f64) * 100.0 / (count.max(1) as f64) > p);
+            (over_count || over_pct).then(|| {
+                StatesError::new(
+                    names::EXCEED_TOLERATED_FAILURE_THRESHOLD,
+                    "The specified tolerated failure threshold was exceeded",
+                )
+            })
+        }
+        _ => done.result.as_ref().err().cloned().or_else(|| failures.first().map(|e| (*e).clone())),
+    };
+    if failure.is_none() && results.len() < count {
+        return Ok(Vec::new());
+    }
+    let hop = if failure.is_some() {
+        done.last_hop
+    } else {
+        results.iter().map(|r| r.last_hop).max().unwrap_or(done.last_hop)
+    } + 1;
+    let fm = &fan_rec.message;
+    let message = HopMessage {
+        execution: exec.clone(),
+        state: frame.state.clone(),
+        input: fm.input.clone(),
+        hop,
+        attempt: fm.attempt,
+        retries: fm.retries.clone(),
+        scope: parent.to_vec(),
+        entered_time: fm.entered_time.clone(),
+        not_before: None,
+        join: Some(frame.hop),
+    };
+    let rec = JoinRecord { owner: frame.index, failure, message };
+    if put_json(env, &jkey, &rec).await? {
+        return Ok(vec![Outgoing { message: rec.message, delay_seconds: 0.0 }]);
+    }
+    let j: Option<JoinRecord> = get_json(env, &jkey).await?;
+    Ok(match j {
+        Some(j) if j.owner == frame.index => vec![Outgoing { message: j.message, delay_seconds: 0.0 }],
+        _ => Vec::new(),
+    })
+}
+
+/// Options of [`start_execution`].
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions<'a> {
+    /// Execution name: the same name with the same definition and input gives the same
+    /// execution; with a different one it is `ExecutionAlreadyExists`. Random when `None`.
+    pub name: Option<&'a str>,
+}
+
+/// Validates `definition`, stores the execution and sends its first hop. Returns the
+/// execution id. Idempotent by name, like StartExecution.
+pub async fn start_execution(
+    env: &Env,
+    definition: &str,
+    input: Value,
+    opts: StartOptions<'_>,
+) -> Result<String, PipelineError> {
+    let def = asl::validate(definition, &env.runner.resources())?;
+    let name = match opts.name {
+        Some(n) => {
+            if n.is_empty() || n.len() > 80 || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(PipelineError::InvalidName(n.to_string()));
+            }
+            n.to_string()
+        }
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    let now = now_ms(env);
+    let sm_id = {
+        use sha2::Digest;
+        format!("sm-{}", &hex::encode(sha2::Sha256::digest(definition.as_bytes()))[..16])
+    };
+    let meta = ExecutionMeta {
+        id: name.clone(),
+        name: name.clone(),
+        definition: definition.to_string(),
+        state_machine_id: sm_id,
+        input: input.clone(),
+        start_time: timestamp::format(UNIX_EPOCH + Duration::from_millis(now)),
+        start_ms: now,
+    };
+    if !put_json(env, &meta_key(&name), &meta).await? {
+        let existing = load_meta(env, &name).await?;
+        if existing.input != input || existing.definition != definition {
+            return Err(PipelineError::ExecutionAlreadyExists(name));
+        }
+        if get_json::<Transition>(env, &transition_key(&name, &[], 0)).await?.is_some() {
+            return Ok(name);
+        }
+    }
+    let first = HopMessage {
+        execution: name.clone(),
+        state: def.machine.start_at.clone(),
+        input,
+        hop: 0,
+        attempt: 0,
+        retries: Vec::new(),
+        scope: Vec::new(),
+        entered_time: None,
+        not_before: None,
+        join: None,
+    };
+    env.sender.send(vec![(first, Duration::ZERO)]).await?;
+    Ok(name)
+}
+
+/// Status of an execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ExecutionStatus {
+    /// Not ended yet.
+    Running,
+    /// Ended with an output.
+    Succeeded,
+    /// Ended with an error.
+    Failed,
+}
+
+/// What `describe` reports (like DescribeExecution).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Description {
+    /// Execution id.
+    pub id: String,
+    /// Execution name.
+    pub name: String,
+    /// Status.
+    pub status: ExecutionStatus,
+    /// Input.
+    pub input: Value,
+    /// Output when it succeeded.
+    pub output: Option<Value>,
+    /// Error name when it failed.
+    pub error: Option<String>,
+    /// Cause when it failed.
+    pub cause: Option<String>,
+    /// RFC 3339.
+    pub start_time: String,
+    /// RFC 3339, when ended.
+    pub stop_time: Option<String>,
+}
+
+/// Describes an execution.
+pub async fn describe(env: &Env, execution: &str) -> Result<Description, PipelineError> {
+    let meta = load_meta(env, execution).await?;
+    let end: Option<ExecutionEnd> = get_json(env, &end_key(execution)).await?;
+    let mut d = Description {
+        id: meta.id,
+        name: meta.name,
+        status: ExecutionStatus::Running,
+        input: meta.input,
+        output: None,
+        error: None,
+        cause: None,
+        start_time: meta.start_time,
+        stop_time: None,
+    };
+    if let Some(end) = end {
+        d.stop_time = Some(end.stop_time);
+        match end.result {
+            Ok(o) => {
+                d.status = ExecutionStatus::Succeeded;
+                d.output = Some(o);
+            }
+            Err(e) => {
+                d.status = ExecutionStatus::Failed;
+                d.error = Some(e.error);
+                d.cause = Some(e.cause);
+            }
+        }
+    }
+    Ok(d)
+}
+
+/// One history event (like GetExecutionHistory).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryEvent {
+    /// 1-based, in order.
+    pub id: u64,
+    /// Step Functions event type (`ExecutionStarted`, `PassStateEntered`, ...; Ember adds
+    /// `RetryScheduled` and `WaitScheduled` with the delay chosen).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// RFC 3339.
+    pub timestamp: String,
+    /// Hop id of the transition that recorded it.
+    pub hop_id: String,
+    /// Details.
+    pub details: Value,
+}
+
+/// The execution's events in order (by record time, then hop).
+pub async fn history(env: &Env, execution: &str) -> Result<Vec<HistoryEvent>, PipelineError> {
+    let meta = load_meta(env, execution).await?;
+    let mut recs: Vec<Transition> = Vec::new();
+    for key in env.store.list(&transitions_prefix(execution)).await? {
+        if let Some(t) = get_json::<Transition>(env, &key).await? {
+            recs.push(t);
+        }
+    }
+    recs.sort_by(|a, b| {
+        (a.time_ms, a.message.hop, a.message.scope.len()).cmp(&(b.time_ms, b.message.hop, b.message.scope.len()))
+    });
+    let mut out = vec![HistoryEvent {
+        id: 1,
+        kind: "ExecutionStarted".into(),
+        timestamp: meta.start_time.clone(),
+        hop_id: format!("{execution}/start"),
+        details: json!({"input": meta.input, "name": meta.name}),
+    }];
+    for t in recs {
+        let hop_id = t.message.id();
+        for e in t.events {
+            out.push(HistoryEvent {
+                id: out.len() as u64 + 1,
+                kind: e.kind,
+                timestamp: e.timestamp,
+                hop_id: hop_id.clone(),
+                details: e.details,
+            });
+        }
+    }
+    Ok(out)
+}
