@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod autoscale;
 pub mod cli;
 pub mod engine;
 pub mod error;

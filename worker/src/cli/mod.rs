@@ -1,5 +1,6 @@
 //! The `ember` command line. Every option is also an environment variable.
 
+pub mod autoscale;
 pub mod backends;
 pub mod common;
 pub mod generate;
@@ -49,6 +50,9 @@ pub enum Command {
     Dlq(jobs::DlqCommand),
     /// Run as an AWS Lambda function on SQS events (the model loads once per container).
     Lambda(lambda::LambdaArgs),
+    /// Scale workers on the queue's backlog (a local pool, an ECS service, a Lambda mapping),
+    /// or compare scaling policies on arrival traces (`simulate`).
+    Autoscale(Box<autoscale::AutoscaleArgs>),
 }
 
 /// Runs the parsed command.
@@ -62,5 +66,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => jobs::status(args).await,
         Command::Dlq(cmd) => jobs::dlq(cmd).await,
         Command::Lambda(args) => lambda::run(args).await,
+        Command::Autoscale(args) => autoscale::run(*args).await,
     }
 }

@@ -1,0 +1,268 @@
+//! `ember autoscale`: runs the scaling loop (a policy and a driver) on the jobs queue, and
+//! `ember autoscale simulate` compares the policies on arrival traces.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use ember_orchestrator::autoscale::sim::{compare, table, SimOptions, WorkerModel};
+use ember_orchestrator::autoscale::trace::Trace;
+use ember_orchestrator::autoscale::{Driver, DriverKind, DryRunDriver, PolicyConfig, PolicyKind};
+
+use super::backends::QueueArgs;
+use super::common::AwsArgs;
+use crate::autoscale::ecs::EcsService;
+use crate::autoscale::lambda::LambdaMapping;
+use crate::autoscale::local::{LocalPool, LocalPoolOptions};
+use crate::autoscale::run_loop;
+use crate::runner::Shutdown;
+
+/// `ember autoscale [OPTIONS]` runs the loop; `ember autoscale simulate` replays traces.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AutoscaleArgs {
+    #[command(subcommand)]
+    pub command: Option<AutoscaleCommand>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AutoscaleCommand {
+    /// Replay arrival traces (JSON or CSV, see examples/autoscale) against simulated workers
+    /// under each policy and print drain time, queue wait percentiles, worker-seconds and
+    /// cold starts side by side.
+    Simulate(SimulateArgs),
+}
+
+/// Overrides of a policy's defaults (every policy has its own; see `--policy`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PolicyOverrides {
+    /// Fewest workers (0 allows scale to zero).
+    #[arg(long, env = "EMBER_AUTOSCALE_MIN_WORKERS", allow_negative_numbers = true)]
+    pub min_workers: Option<i64>,
+    /// Most workers (default 10).
+    #[arg(long, env = "EMBER_AUTOSCALE_MAX_WORKERS", allow_negative_numbers = true)]
+    pub max_workers: Option<i64>,
+    /// Queued plus running jobs one worker should carry (ember default 8, `serve`'s
+    /// concurrency; KEDA queueLength 5; RunPod scaler value 4).
+    #[arg(long, env = "EMBER_AUTOSCALE_TARGET_BACKLOG", allow_negative_numbers = true)]
+    pub target_backlog: Option<f64>,
+    /// From zero workers, start only when the backlog is above this many jobs (default 0).
+    #[arg(long, env = "EMBER_AUTOSCALE_ACTIVATION", allow_negative_numbers = true)]
+    pub activation: Option<i64>,
+    /// Count delayed messages (retries, pipeline hops waiting) as backlog.
+    #[arg(long, env = "EMBER_AUTOSCALE_INCLUDE_DELAYED", value_parser = clap::builder::BoolishValueParser::new())]
+    pub include_delayed: Option<bool>,
+    /// Seconds the backlog must call for more workers before scaling up (default 0).
+    #[arg(long, env = "EMBER_AUTOSCALE_SCALE_UP_WINDOW", allow_negative_numbers = true)]
+    pub scale_up_window: Option<f64>,
+    /// Seconds the backlog must call for fewer workers before scaling down (ember 30, keda 300).
+    #[arg(long, env = "EMBER_AUTOSCALE_SCALE_DOWN_WINDOW", allow_negative_numbers = true)]
+    pub scale_down_window: Option<f64>,
+    /// Seconds without backlog before the last worker stops (ember 30, keda 300, runpod 5).
+    #[arg(long, env = "EMBER_AUTOSCALE_IDLE_COOLDOWN", allow_negative_numbers = true)]
+    pub idle_cooldown: Option<f64>,
+    /// runpod-delay: seconds a job may wait before a worker is added (default 4).
+    #[arg(long, env = "EMBER_AUTOSCALE_QUEUE_DELAY", allow_negative_numbers = true)]
+    pub queue_delay: Option<f64>,
+    /// Seconds between decisions (ember 2, keda 15, runpod 1).
+    #[arg(long, env = "EMBER_AUTOSCALE_INTERVAL", allow_negative_numbers = true)]
+    pub interval: Option<f64>,
+}
+
+impl PolicyOverrides {
+    /// The defaults of `kind` with these overrides.
+    pub fn config(&self, kind: PolicyKind) -> PolicyConfig {
+        let mut c = PolicyConfig::defaults(kind);
+        c.min_workers = self.min_workers.unwrap_or(c.min_workers);
+        c.max_workers = self.max_workers.unwrap_or(c.max_workers);
+        c.target_backlog = self.target_backlog.unwrap_or(c.target_backlog);
+        c.activation = self.activation.unwrap_or(c.activation);
+        c.include_delayed = self.include_delayed.unwrap_or(c.include_delayed);
+        c.scale_up_window = self.scale_up_window.unwrap_or(c.scale_up_window);
+        c.scale_down_window = self.scale_down_window.unwrap_or(c.scale_down_window);
+        c.idle_cooldown = self.idle_cooldown.unwrap_or(c.idle_cooldown);
+        c.queue_delay = self.queue_delay.unwrap_or(c.queue_delay);
+        c.interval = self.interval.unwrap_or(c.interval);
+        c
+    }
+}
+
+/// The scaling loop's options.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The policy: ember, keda, runpod-requests or runpod-delay.
+    #[arg(long, env = "EMBER_AUTOSCALE_POLICY", default_value = "ember")]
+    pub policy: String,
+    /// What applies decisions: dry-run (print only), local (a pool of `ember serve`
+    /// processes), ecs (a service's desired count), lambda (an event source mapping's
+    /// maximum concurrency).
+    #[arg(long, env = "EMBER_AUTOSCALE_DRIVER", default_value = "dry-run")]
+    pub driver: String,
+    #[command(flatten)]
+    pub overrides: PolicyOverrides,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
+    /// local: arguments after `serve` for each worker, split on whitespace (the model, the
+    /// results, the concurrency... or set them as EMBER_* variables, which workers inherit).
+    #[arg(long, env = "EMBER_POOL_SERVE_ARGS", default_value = "", allow_hyphen_values = true)]
+    pub serve_args: String,
+    /// local: a directory for each worker's log (worker-N.log) and final stats (worker-N.out).
+    #[arg(long, env = "EMBER_POOL_LOG_DIR")]
+    pub pool_log_dir: Option<PathBuf>,
+    /// local: when the autoscaler stops, seconds to wait for drained workers before SIGKILL.
+    #[arg(long, env = "EMBER_POOL_STOP_TIMEOUT", default_value_t = 60)]
+    pub pool_stop_timeout: u64,
+    /// ecs: the cluster name or ARN.
+    #[arg(long, env = "EMBER_ECS_CLUSTER")]
+    pub ecs_cluster: Option<String>,
+    /// ecs: the service name or ARN.
+    #[arg(long, env = "EMBER_ECS_SERVICE")]
+    pub ecs_service: Option<String>,
+    /// lambda: the UUID of the SQS event source mapping of the Ember function.
+    #[arg(long, env = "EMBER_LAMBDA_EVENT_SOURCE_MAPPING")]
+    pub lambda_mapping: Option<String>,
+}
+
+/// The simulator's options.
+#[derive(Debug, clap::Args)]
+pub struct SimulateArgs {
+    /// A trace file (.json or .csv; see examples/autoscale); repeat for several.
+    #[arg(long = "trace", env = "EMBER_AUTOSCALE_TRACES", value_delimiter = ',', required = true)]
+    pub traces: Vec<PathBuf>,
+    /// Policies to compare, comma-separated.
+    #[arg(
+        long,
+        env = "EMBER_AUTOSCALE_POLICIES",
+        value_delimiter = ',',
+        default_value = "ember,keda,runpod-requests,runpod-delay"
+    )]
+    pub policies: Vec<String>,
+    /// Settings applied to every policy. `--target-backlog` defaults to `--concurrency` for
+    /// all of them, so that they differ only in how they react.
+    #[command(flatten)]
+    pub overrides: PolicyOverrides,
+    /// Seconds from a worker's start to its first job (BENCHMARKS.md: 0.9 s with the model
+    /// fetched from S3; an EC2 GPU instance joining a cluster takes minutes).
+    #[arg(long, env = "EMBER_SIM_COLD_START", default_value_t = 0.9)]
+    pub cold_start_seconds: f64,
+    /// Jobs one simulated worker runs at once.
+    #[arg(long, env = "EMBER_SIM_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: u32,
+    /// Seconds a draining worker's jobs get before they are handed back.
+    #[arg(long, env = "EMBER_SIM_GRACE_SECONDS", default_value_t = 25.0)]
+    pub grace_seconds: f64,
+    /// Print one JSON object per policy and trace instead of the table.
+    #[arg(long, env = "EMBER_SIM_JSON", value_parser = clap::builder::BoolishValueParser::new())]
+    pub json: bool,
+}
+
+/// Runs `ember autoscale`.
+pub async fn run(args: AutoscaleArgs) -> anyhow::Result<()> {
+    match args.command {
+        Some(AutoscaleCommand::Simulate(sim)) => simulate(sim),
+        None => run_autoscaler(args.run).await,
+    }
+}
+
+fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    if !(args.cold_start_seconds.is_finite() && args.cold_start_seconds >= 0.0) {
+        anyhow::bail!("--cold-start-seconds is {}: use 0 or more seconds", args.cold_start_seconds);
+    }
+    if args.concurrency == 0 {
+        anyhow::bail!("--concurrency must be at least 1");
+    }
+    let traces = args.traces.iter().map(|p| Trace::load(p)).collect::<Result<Vec<_>, _>>()?;
+    let mut overrides = args.overrides.clone();
+    overrides.target_backlog = overrides.target_backlog.or(Some(f64::from(args.concurrency)));
+    let policies = args
+        .policies
+        .iter()
+        .map(|p| Ok(overrides.config(p.parse::<PolicyKind>()?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let model = WorkerModel {
+        cold_start_s: args.cold_start_seconds,
+        concurrency: args.concurrency,
+        grace_s: args.grace_seconds,
+        ..WorkerModel::default()
+    };
+    let reports = compare(&traces, &policies, &model, &SimOptions::default())?;
+    if args.json {
+        for r in &reports {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        print!("{}", table(&reports));
+    }
+    Ok(())
+}
+
+/// The environment a pool worker needs to use the autoscaler's queue.
+fn worker_env(args: &RunArgs) -> Vec<(String, String)> {
+    let q = &args.queue;
+    let mut env = vec![
+        ("EMBER_QUEUE_PATH".to_string(), q.queue_path.to_string_lossy().into_owned()),
+        ("EMBER_VISIBILITY_TIMEOUT".to_string(), q.visibility_timeout.to_string()),
+        ("EMBER_MAX_RECEIVE_COUNT".to_string(), q.max_receive_count.to_string()),
+    ];
+    if let Some(name) = &q.sqs_queue {
+        env.push(("EMBER_SQS_QUEUE".into(), name.clone()));
+    }
+    if let Some(url) = &args.aws.endpoint_url {
+        env.push(("AWS_ENDPOINT_URL".into(), url.clone()));
+    }
+    env
+}
+
+async fn driver(args: &RunArgs, kind: DriverKind) -> anyhow::Result<Box<dyn Driver>> {
+    Ok(match kind {
+        DriverKind::DryRun => Box::new(DryRunDriver::new(std::io::stderr())),
+        DriverKind::Local => {
+            if let Some(dir) = &args.pool_log_dir {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating --pool-log-dir {}", dir.display()))?;
+            }
+            Box::new(LocalPool::new(LocalPoolOptions {
+                exe: std::env::current_exe().context("finding the ember binary for pool workers")?,
+                serve_args: args.serve_args.split_whitespace().map(str::to_string).collect(),
+                env: worker_env(args),
+                log_dir: args.pool_log_dir.clone(),
+                stop_timeout: Duration::from_secs(args.pool_stop_timeout),
+            }))
+        }
+        DriverKind::Ecs => {
+            let (Some(cluster), Some(service)) = (&args.ecs_cluster, &args.ecs_service) else {
+                anyhow::bail!(
+                    "--driver ecs needs --ecs-cluster and --ecs-service (EMBER_ECS_CLUSTER, EMBER_ECS_SERVICE)"
+                );
+            };
+            let client = aws_sdk_ecs::Client::new(&args.aws.config().await);
+            Box::new(EcsService::new(client, cluster.clone(), service.clone()))
+        }
+        DriverKind::Lambda => {
+            let Some(uuid) = &args.lambda_mapping else {
+                anyhow::bail!(
+                    "--driver lambda needs --lambda-mapping, the UUID of the event source mapping \
+                     (EMBER_LAMBDA_EVENT_SOURCE_MAPPING; the stack in infra/ outputs it)"
+                );
+            };
+            let client = aws_sdk_lambda::Client::new(&args.aws.config().await);
+            Box::new(LambdaMapping::new(client, uuid.clone()))
+        }
+    })
+}
+
+async fn run_autoscaler(args: RunArgs) -> anyhow::Result<()> {
+    // Check the whole configuration before touching the queue or starting anything.
+    let kind: DriverKind = args.driver.parse()?;
+    let mut policy = args.overrides.config(args.policy.parse()?).build()?;
+    let queue = args.queue.open(&args.aws).await?;
+    let mut driver = driver(&args, kind).await?;
+    let shutdown = Shutdown::new();
+    shutdown.on_signals();
+    tracing::info!(policy = policy.name(), driver = driver.name(), "autoscaling");
+    let mut out = std::io::stdout();
+    run_loop(queue, policy.as_mut(), driver.as_mut(), &shutdown, &mut out).await
+}
