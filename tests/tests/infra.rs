@@ -1,0 +1,167 @@
+//! infra/ember.yaml on moto's CloudFormation: the data plane (DeployCompute=false: queues
+//! with their DLQs and redrive, buckets with encryption and public access blocked) is
+//! created from the template, and one real job goes through the stack's queue and buckets
+//! the way infra/README.md says to deploy: the model pushed to the weights bucket with its
+//! manifest, `ember submit` and `ember serve` on the output names, the result read back.
+//!
+//! Lambda, ECS and IAM are not created here (moto runs no Lambda code or GPU tasks):
+//! `DeployCompute=false` skips them through a template Condition, so the template tested
+//! is the one deployed, not a copy of its data-plane half.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use aws_sdk_cloudformation::types::{Parameter, StackStatus};
+use aws_sdk_s3::primitives::ByteStream;
+use ember_tests::{aws_env, smollm_hf, MotoServer};
+
+const MODEL_PREFIX: &str = "models/smollm2-135m-instruct";
+
+/// The `ember` binary of this workspace (built by `cargo test --workspace`; built here when
+/// this test runs alone).
+fn ember_bin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).context("test binary outside target/<profile>/deps")?;
+    let bin = dir.join("ember");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo).args(["build", "-p", "ember-worker", "--bin", "ember"]).status()?;
+        if !status.success() || !bin.exists() {
+            bail!("could not build the ember binary at {}", bin.display());
+        }
+    }
+    Ok(bin)
+}
+
+async fn deploy(cfn: &aws_sdk_cloudformation::Client, name: &str) -> anyhow::Result<HashMap<String, String>> {
+    let template = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/ember.yaml"))?;
+    let param = |k: &str, v: &str| Parameter::builder().parameter_key(k).parameter_value(v).build();
+    cfn.create_stack()
+        .stack_name(name)
+        .template_body(template)
+        .parameters(param("DeployCompute", "false"))
+        .parameters(param("VpcId", "vpc-12345678"))
+        .parameters(param("ModelPrefix", MODEL_PREFIX))
+        .send()
+        .await?;
+    let start = Instant::now();
+    loop {
+        let out = cfn.describe_stacks().stack_name(name).send().await?;
+        let stack = out.stacks().first().context("stack missing")?;
+        match stack.stack_status() {
+            Some(StackStatus::CreateComplete) => {
+                return Ok(stack
+                    .outputs()
+                    .iter()
+                    .filter_map(|o| Some((o.output_key()?.to_string(), o.output_value()?.to_string())))
+                    .collect());
+            }
+            Some(StackStatus::CreateInProgress) if start.elapsed() < Duration::from_secs(60) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => bail!("stack {name}: {other:?} {:?}", stack.stack_status_reason()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_template_deploys_queues_and_buckets_and_a_job_runs_through_them() -> anyhow::Result<()> {
+    let moto = MotoServer::start()?;
+    let conf = moto.aws_config().await;
+    let cfn = aws_sdk_cloudformation::Client::new(&conf);
+    let sqs = aws_sdk_sqs::Client::new(&conf);
+    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&conf).force_path_style(true).build());
+
+    let out = deploy(&cfn, "ember-ci").await?;
+    let get = |k: &str| out.get(k).cloned().with_context(|| format!("output {k} missing: {out:?}"));
+    let (queue, dlq, weights, results) =
+        (get("JobsQueueName")?, get("JobsDeadLetterQueueName")?, get("WeightsBucketName")?, get("ResultsBucketName")?);
+    assert_eq!(queue, "ember-ci-jobs");
+    assert!(out.contains_key("PipelineQueueName") && out.contains_key("PipelineDeadLetterQueueName"));
+    assert!(!out.contains_key("LambdaFunctionArn"), "compute outputs without compute: {out:?}");
+
+    // The queue: redrive to its DLQ, visibility 6x the 300 s function timeout.
+    let url = sqs.get_queue_url().queue_name(&queue).send().await?.queue_url().context("no url")?.to_string();
+    let attrs = sqs
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+        .send()
+        .await?;
+    let attr = |k: aws_sdk_sqs::types::QueueAttributeName| attrs.attributes().and_then(|a| a.get(&k)).cloned();
+    assert_eq!(attr(aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout).as_deref(), Some("1800"));
+    let redrive: serde_json::Value = serde_json::from_str(
+        &attr(aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy).context("no redrive policy")?,
+    )?;
+    assert_eq!(redrive["maxReceiveCount"], 3);
+    assert!(redrive["deadLetterTargetArn"].as_str().is_some_and(|a| a.ends_with(&format!(":{dlq}"))), "{redrive}");
+
+    // The buckets: encrypted. (moto's CloudFormation does not apply
+    // PublicAccessBlockConfiguration, so that part is checked in the template text; cfn-lint
+    // checks its shape.)
+    for bucket in [&weights, &results] {
+        let enc = s3.get_bucket_encryption().bucket(bucket).send().await?;
+        let rules = enc.server_side_encryption_configuration().map(|c| c.rules().len()).unwrap_or(0);
+        assert_eq!(rules, 1, "{bucket} has no default encryption");
+    }
+    let template = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/ember.yaml"))?;
+    for flag in ["BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets"] {
+        assert_eq!(template.matches(&format!("{flag}: true")).count(), 2, "{flag} on both buckets");
+    }
+
+    // Push the model with its manifest (infra/README.md: `ember model manifest DIR` then
+    // `aws s3 sync DIR s3://WEIGHTS/PREFIX`).
+    let dir = smollm_hf("f16")?;
+    assert!(dir.join("ember-manifest.json").exists());
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let body = ByteStream::from_path(&path).await?;
+        s3.put_object().bucket(&weights).key(format!("{MODEL_PREFIX}/{name}")).body(body).send().await?;
+    }
+
+    // One job through the stack's queue and buckets with the real binary.
+    let work = tempfile::tempdir()?;
+    let jobs = work.path().join("jobs.jsonl");
+    std::fs::write(
+        &jobs,
+        serde_json::json!({"custom_id": "paris", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "default", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                     "max_tokens": 16}})
+        .to_string(),
+    )?;
+    let bin = ember_bin()?;
+    let ember = |args: &[&str]| -> anyhow::Result<std::process::Output> {
+        let out = Command::new(&bin)
+            .args(args)
+            .env_remove("AWS_ENDPOINT_URL")
+            .envs(aws_env(&moto.endpoint()))
+            .env("EMBER_SQS_QUEUE", &queue)
+            .env("EMBER_MODEL", format!("s3://{weights}/{MODEL_PREFIX}"))
+            .env("EMBER_DTYPE", "f16")
+            .env("EMBER_RESULTS", format!("s3://{results}/ember"))
+            .env("EMBER_NO_PROGRESS", "1")
+            .output()?;
+        if !out.status.success() {
+            bail!("ember {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(out)
+    };
+    ember(&["submit", &jobs.to_string_lossy(), "--batch-id", "infra"])?;
+    let stats: serde_json::Value =
+        serde_json::from_slice(&ember(&["serve", "--exit-when-idle", "--wait-seconds", "1"])?.stdout)?;
+    assert_eq!(stats["done"], 1, "{stats}");
+
+    let key = "ember/results/infra/paris.json";
+    let body = s3.get_object().bucket(&results).key(key).send().await?.body.collect().await?.into_bytes();
+    let line: serde_json::Value = serde_json::from_slice(&body)?;
+    assert_eq!(line["custom_id"], "paris");
+    let content = line["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    assert!(content.contains("Paris"), "{line}");
+    let status: serde_json::Value = serde_json::from_slice(&ember(&["status", "--json"])?.stdout)?;
+    assert_eq!(status, serde_json::json!({"visible": 0, "in_flight": 0, "delayed": 0, "dlq": 0}));
+    Ok(())
+}
