@@ -21,11 +21,12 @@ pub mod loader;
 pub mod manifest;
 pub mod model;
 pub mod s3;
+pub mod stream;
 pub mod weights;
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{Architecture, ModelConfig};
 pub use error::LoadError;
-pub use loader::{load, select_device, DTypeChoice, DeviceChoice, LoadOptions, LoadedModel, ModelRef};
+pub use loader::{load, select_device, DTypeChoice, DeviceChoice, LoadOptions, LoadedModel, ModelRef, StreamWeights};
 pub use model::{Model, SeqCache};
 pub use s3::FetchOptions;

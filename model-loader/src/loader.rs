@@ -159,6 +159,21 @@ pub struct LoadOptions {
     pub fetch: FetchOptions,
     /// AWS configuration for `s3://` references; required for them.
     pub aws: Option<aws_config::SdkConfig>,
+    /// Whether safetensors weights from S3 go straight to the device as they download
+    /// ([`crate::s3::fetch_streaming`]) instead of through a whole copy in host memory.
+    pub stream: StreamWeights,
+}
+
+/// When to stream weights to the device (see [`LoadOptions::stream`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StreamWeights {
+    /// For `s3://` safetensors models on CUDA, where there is a host-to-device copy to
+    /// overlap with the download. On the CPU the download cache (memory-mapped) is better.
+    #[default]
+    Auto,
+    /// For every `s3://` safetensors model (the tests use it on the CPU).
+    Always,
+    Never,
 }
 
 /// Where the time of a load went.
@@ -204,6 +219,28 @@ pub async fn fetch_files(reference: &ModelRef, opts: &LoadOptions) -> Result<Mod
 pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedModel> {
     let device = select_device(opts.device)?;
     let t0 = Instant::now();
+    if let ModelRef::S3 { bucket, prefix } = reference {
+        let wanted = match opts.stream {
+            StreamWeights::Always => true,
+            StreamWeights::Never => false,
+            StreamWeights::Auto => device.is_cuda() && !prefix.ends_with(".gguf"),
+        };
+        if wanted {
+            let sdk = opts.aws.as_ref().ok_or_else(|| {
+                LoadError::BadConfig(
+                    "an s3:// model needs AWS configuration (region, credentials, optional --endpoint-url)".into(),
+                )
+            })?;
+            let mut sink = device_sink(&device)?;
+            let streamed = s3::fetch_streaming(&s3::client(sdk), bucket, prefix, &opts.fetch, sink.as_mut()).await?;
+            let fetch_s = t0.elapsed();
+            let name = model_name(reference);
+            let dtype = opts.dtype;
+            return tokio::task::spawn_blocking(move || build_preloaded(name, streamed, dtype, &device, fetch_s))
+                .await
+                .map_err(|e| LoadError::BadConfig(format!("model build task failed: {e}")))?;
+        }
+    }
     let files = fetch_files(reference, opts).await?;
     let fetch_s = t0.elapsed();
     let name = model_name(reference);
@@ -271,6 +308,43 @@ pub fn build(
         build_s: t2.elapsed().as_secs_f64(),
     };
     tracing::info!(model = %name, verified, ?timings, "model loaded");
+    Ok(LoadedModel { name, model, tokenizer, chat_template, verified, timings })
+}
+
+/// The sink that puts streamed weights on `device`: pinned buffers and async copies on CUDA.
+fn device_sink(device: &Device) -> Result<Box<dyn crate::stream::TensorSink>> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return Ok(Box::new(crate::stream::CudaSink::new(device)?));
+    }
+    Ok(Box::new(crate::stream::HostSink::new(device)))
+}
+
+/// Builds a model whose weights [`s3::fetch_streaming`] already put on the device (and
+/// verified against the manifest on the way).
+fn build_preloaded(
+    name: String,
+    streamed: s3::Streamed,
+    dtype_choice: DTypeChoice,
+    device: &Device,
+    fetch_s: Duration,
+) -> Result<LoadedModel> {
+    let dtype = dtype_choice.resolve(device);
+    let t2 = Instant::now();
+    let files = &streamed.files;
+    let cfg = HfConfig::from_json(&String::from_utf8_lossy(files.require("config.json")?))?.into_config()?;
+    let tokenizer = tokenizer_from_bytes(files.require("tokenizer.json")?)?;
+    let tok_cfg = match files.get("tokenizer_config.json") {
+        Some(b) => TokenizerConfig::from_json(&String::from_utf8_lossy(b))?,
+        None => TokenizerConfig::default(),
+    };
+    let weights = crate::stream::PreloadedWeights::new(streamed.tensors);
+    let model = build_model(&weights, &cfg, dtype, device)?;
+    let chat_template = ChatTemplate::new(&tok_cfg)?;
+    // Hashing ran during the download, so its time is inside fetch_s.
+    let timings = LoadTimings { fetch_s: fetch_s.as_secs_f64(), verify_s: 0.0, build_s: t2.elapsed().as_secs_f64() };
+    let verified = streamed.verified;
+    tracing::info!(model = %name, verified, streamed = true, ?timings, "model loaded");
     Ok(LoadedModel { name, model, tokenizer, chat_template, verified, timings })
 }
 

@@ -145,6 +145,128 @@ fn store(dir: &Path, bucket: &str, obj: &Object, bytes: &[u8]) -> std::io::Resul
     std::fs::write(tag, cache_tag(obj))
 }
 
+/// One ranged GET, `[start, end)`, checked for length.
+async fn get_range(client: &aws_sdk_s3::Client, bucket: &str, key: &str, start: u64, end: u64) -> Result<bytes::Bytes> {
+    let resp = client
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .range(format!("bytes={}-{}", start, end.max(start + 1) - 1))
+        .send()
+        .await
+        .map_err(|e| s3_error(bucket, key, e))?;
+    let body = resp.body.collect().await.map_err(|e| LoadError::S3 {
+        bucket: bucket.into(),
+        key: key.into(),
+        message: format!("reading the body: {e}"),
+        retryable: true,
+    })?;
+    let bytes = body.into_bytes();
+    if bytes.len() as u64 != end - start {
+        return Err(LoadError::S3 {
+            bucket: bucket.into(),
+            key: key.into(),
+            message: format!("asked for {} bytes at {start}, got {}", end - start, bytes.len()),
+            retryable: true,
+        });
+    }
+    Ok(bytes)
+}
+
+/// What [`fetch_streaming`] answers.
+pub struct Streamed {
+    /// The small files (config, tokenizer, manifest), in memory.
+    pub files: ModelFiles,
+    /// The weights, on the sink's device.
+    pub tensors: std::collections::HashMap<String, candle_core::Tensor>,
+    /// Whether a manifest was there and every file matched it.
+    pub verified: bool,
+}
+
+/// Downloads `s3://bucket/prefix` with the safetensors weights going straight into `sink` as
+/// their bytes arrive (see [`crate::stream`]): parts are fetched `concurrency` at a time but
+/// consumed in order, hashed for the manifest on the way, so nothing waits for a whole file
+/// and no whole weights file is ever in host memory. A file that does not match the manifest
+/// is refused before any model is built from it. GGUF models are not streamed.
+pub async fn fetch_streaming(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+    opts: &FetchOptions,
+    sink: &mut dyn crate::stream::TensorSink,
+) -> Result<Streamed> {
+    use sha2::Digest;
+
+    use crate::manifest::{digest_bytes, FileDigest, Manifest, MANIFEST_FILE};
+    use crate::stream::{Offset, SafetensorsStream};
+
+    let started = Instant::now();
+    let objects = list(client, bucket, prefix).await?;
+    let (mut weights, small): (Vec<Object>, Vec<Object>) =
+        objects.into_iter().partition(|o| o.name.ends_with(".safetensors"));
+    if weights.is_empty() {
+        return Err(LoadError::BadConfig(format!(
+            "s3://{bucket}/{prefix} has no .safetensors weights to stream to the device (GGUF models load through host memory)"
+        )));
+    }
+    weights.sort_by(|a, b| a.name.cmp(&b.name));
+    let small_bytes =
+        futures::future::try_join_all(small.iter().map(|o| get_range(client, bucket, &o.key, 0, o.size))).await?;
+    let mut files = ModelFiles { origin: format!("s3://{bucket}/{prefix}"), files: Vec::new() };
+    for (o, b) in small.iter().zip(small_bytes) {
+        files.files.push((o.name.clone(), FileBytes::Owned(b.to_vec())));
+    }
+    files.files.sort_by(|a, b| a.0.cmp(&b.0));
+    let manifest = files.get(MANIFEST_FILE).map(Manifest::from_json).transpose()?;
+    if let Some(m) = &manifest {
+        for listed in m.files.keys() {
+            if files.get(listed).is_none() && !weights.iter().any(|w| &w.name == listed) {
+                return Err(LoadError::ManifestFileMissing(listed.clone()));
+            }
+        }
+        for (name, bytes) in files.files.iter().filter(|(n, _)| n != MANIFEST_FILE) {
+            m.check(name, &digest_bytes(bytes))?;
+        }
+    }
+    let total: u64 = weights.iter().map(|o| o.size).sum();
+    let bar = progress_bar(opts.progress, total);
+    let part = opts.part_size.max(1) as u64;
+    let mut base = 0;
+    for obj in &weights {
+        let mut parser = SafetensorsStream::new(&obj.name);
+        let mut hasher = sha2::Sha256::new();
+        let ranges: Vec<(u64, u64)> =
+            (0..obj.size.div_ceil(part)).map(|p| (p * part, ((p + 1) * part).min(obj.size))).collect();
+        let mut parts = futures::stream::iter(
+            ranges.into_iter().map(|(start, end)| get_range(client, bucket, &obj.key, start, end)),
+        )
+        .buffered(opts.concurrency.max(1));
+        while let Some(bytes) = parts.next().await {
+            let bytes = bytes?;
+            hasher.update(&bytes);
+            parser.feed(&bytes, &mut Offset { sink: &mut *sink, base })?;
+            bar.inc(bytes.len() as u64);
+        }
+        parser.finish()?;
+        base += parser.tensor_count();
+        if let Some(m) = &manifest {
+            m.check(&obj.name, &FileDigest { sha256: hex::encode(hasher.finalize()), size: obj.size })?;
+        }
+    }
+    bar.finish_and_clear();
+    let tensors = sink.finish()?;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        bucket,
+        prefix,
+        bytes = total,
+        seconds = secs,
+        mb_per_s = total as f64 / 1e6 / secs.max(1e-9),
+        "model streamed to the device"
+    );
+    Ok(Streamed { files, tensors, verified: manifest.is_some() })
+}
+
 /// Downloads (or takes from the cache) every model file under `s3://bucket/prefix`.
 pub async fn fetch(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str, opts: &FetchOptions) -> Result<ModelFiles> {
     let started = Instant::now();

@@ -1,10 +1,11 @@
 //! Loading the real model from S3 (moto on 127.0.0.1): same answer as from disk, a corrupted
-//! byte refused by the manifest, a warm start served from the ETag cache.
+//! byte refused by the manifest, a warm start served from the ETag cache; and the streaming
+//! path CUDA uses (weights to the device as the parts arrive), run here with its CPU sink.
 
 use std::path::Path;
 
 use aws_sdk_s3::primitives::ByteStream;
-use ember_model_loader::{load, DTypeChoice, FetchOptions, LoadError, LoadOptions, Message, ModelRef};
+use ember_model_loader::{load, DTypeChoice, FetchOptions, LoadError, LoadOptions, Message, ModelRef, StreamWeights};
 use ember_tests::{smollm_hf, MotoServer};
 use ember_worker::engine::{Engine, GenerateRequest, Prompt, SamplingParams};
 
@@ -91,5 +92,37 @@ async fn model_from_s3_matches_disk_and_is_verified() -> anyhow::Result<()> {
     assert!(matches!(&err, Some(LoadError::NoSuchBucket { bucket }) if bucket == "no-such-bucket"), "{err:?}");
     let err = load(&"s3://weights/nothing-here".parse()?, &options(aws, None)).await.err();
     assert!(matches!(&err, Some(LoadError::NoSuchKey { .. })), "{err:?}");
+    Ok(())
+}
+
+/// The path S3 models take to a GPU: each weights file's parts are fetched in parallel,
+/// consumed in order, hashed on the way and routed to their tensors as they arrive (on CUDA
+/// through pinned buffers and async copies; here through the CPU sink). Same answer as from
+/// disk, and a flipped byte still refuses the load.
+#[tokio::test(flavor = "multi_thread")]
+async fn weights_streamed_to_the_device_answer_the_same_and_are_verified() -> anyhow::Result<()> {
+    let moto = MotoServer::start()?;
+    let aws = moto.aws_config().await;
+    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
+    s3.create_bucket().bucket("weights").send().await?;
+    let dir = smollm_hf("f16")?;
+    upload_dir(&s3, "weights", "smollm2", &dir).await?;
+    let reference: ModelRef = "s3://weights/smollm2".parse()?;
+    // 3 MB parts: tensors straddle part boundaries, and the header arrives in the first part.
+    let streaming = |aws: aws_config::SdkConfig| LoadOptions {
+        stream: StreamWeights::Always,
+        fetch: FetchOptions { part_size: 3 << 20, concurrency: 4, cache_dir: None, progress: false },
+        ..options(aws, None)
+    };
+    let loaded = load(&reference, &streaming(aws.clone())).await?;
+    assert!(loaded.verified, "the manifest was uploaded, so the streamed bytes must be verified");
+    assert_eq!(answer(&Engine::new(loaded))?, "The capital of France is Paris.");
+
+    let mut weights = std::fs::read(dir.join("model.safetensors"))?;
+    let near_end = weights.len() - 1000;
+    weights[near_end] ^= 0x40;
+    s3.put_object().bucket("weights").key("smollm2/model.safetensors").body(ByteStream::from(weights)).send().await?;
+    let err = load(&reference, &streaming(aws)).await.err();
+    assert!(matches!(&err, Some(LoadError::ChecksumMismatch { file, .. }) if file == "model.safetensors"), "{err:?}");
     Ok(())
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use aws_config::BehaviorVersion;
-use ember_model_loader::{DTypeChoice, DeviceChoice, FetchOptions, LoadOptions, ModelRef};
+use ember_model_loader::{DTypeChoice, DeviceChoice, FetchOptions, LoadOptions, ModelRef, StreamWeights};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
@@ -55,6 +55,10 @@ pub struct FetchArgs {
     /// Hide the download progress bar.
     #[arg(long, env = "EMBER_NO_PROGRESS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_progress: bool,
+    /// Stream s3:// safetensors weights to the device as they download (pinned buffers and
+    /// async copies on CUDA; no whole copy in host memory): auto (on CUDA), always, never.
+    #[arg(long, env = "EMBER_STREAM_WEIGHTS", default_value = "auto", value_parser = ["auto", "always", "never"])]
+    pub stream_weights: String,
 }
 
 impl ModelArgs {
@@ -73,6 +77,11 @@ impl ModelArgs {
             dtype: self.dtype.parse::<DTypeChoice>()?,
             fetch: self.fetch.options(),
             aws,
+            stream: match self.fetch.stream_weights.as_str() {
+                "always" => StreamWeights::Always,
+                "never" => StreamWeights::Never,
+                _ => StreamWeights::Auto,
+            },
         })
     }
 }
