@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use aws_sdk_cloudformation::types::{Parameter, StackStatus};
 use aws_sdk_s3::primitives::ByteStream;
+use ember_orchestrator::export::export_for_step_functions;
 use ember_tests::{aws_env, smollm_hf, MotoServer};
 
 const MODEL_PREFIX: &str = "models/smollm2-135m-instruct";
@@ -163,5 +164,122 @@ async fn the_template_deploys_queues_and_buckets_and_a_job_runs_through_them() -
     assert!(content.contains("Paris"), "{line}");
     let status: serde_json::Value = serde_json::from_slice(&ember(&["status", "--json"])?.stdout)?;
     assert_eq!(status, serde_json::json!({"visible": 0, "in_flight": 0, "delayed": 0, "dlq": 0}));
+    Ok(())
+}
+
+/// The example pipelines and a small routing one, exported for Step Functions.
+fn exported_pipelines(arn: &str) -> anyhow::Result<Vec<(String, serde_json::Value)>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines");
+    let mut out = Vec::new();
+    for name in ["agent", "summarize"] {
+        let def: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.asl.json")))?)?;
+        out.push((name.to_string(), export_for_step_functions(&def, arn)?));
+    }
+    out.push(("route".into(), export_for_step_functions(&route_pipeline(), arn)?));
+    Ok(out)
+}
+
+/// Routes on `$.skip`: the skip path is service-free (Pass, Choice, Succeed), the other calls
+/// the model.
+fn route_pipeline() -> serde_json::Value {
+    serde_json::json!({"StartAt": "Route", "States": {
+        "Route": {"Type": "Choice", "Choices": [{"Variable": "$.skip", "BooleanEquals": true, "Next": "Skip"}], "Default": "Ask"},
+        "Skip": {"Type": "Pass", "Parameters": {"answer.$": "States.Format('skipped {}', $.question)"}, "Next": "Done"},
+        "Ask": {"Type": "Task", "Resource": "ember:generate",
+                "Parameters": {"messages": [{"role": "user", "content.$": "$.question"}], "max_tokens": 16},
+                "ResultSelector": {"answer.$": "$.text"}, "Next": "Done"},
+        "Done": {"Type": "Succeed"}}})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exported_pipelines_pass_cfn_lint_and_run_on_moto_step_functions() -> anyhow::Result<()> {
+    let arn = "arn:aws:lambda:us-east-1:123456789012:function:ember-worker";
+    let pipelines = exported_pipelines(arn)?;
+
+    // cfn-lint validates a state machine's Definition against the States Language schema.
+    let mut resources = serde_json::Map::new();
+    for (name, def) in &pipelines {
+        let id: String = name.chars().filter(char::is_ascii_alphanumeric).collect();
+        resources.insert(
+            format!("{id}StateMachine"),
+            serde_json::json!({"Type": "AWS::StepFunctions::StateMachine", "Properties": {
+                "RoleArn": "arn:aws:iam::123456789012:role/ember-pipelines", "Definition": def}}),
+        );
+    }
+    let work = tempfile::tempdir()?;
+    let template = work.path().join("pipelines.json");
+    std::fs::write(
+        &template,
+        serde_json::to_vec_pretty(
+            &serde_json::json!({"AWSTemplateFormatVersion": "2010-09-09", "Resources": resources}),
+        )?,
+    )?;
+    let lint = Command::new("cfn-lint")
+        .arg(&template)
+        .output()
+        .context("running cfn-lint: install it with scripts/install-test-deps.sh")?;
+    assert!(
+        lint.status.success(),
+        "cfn-lint on the exported pipelines: {}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+
+    // moto 5.2.5 runs state machines (no Lambda code): every export is accepted, and the
+    // service-free path of the routing pipeline runs to the end.
+    let moto = MotoServer::start()?;
+    enable_sfn_execution(moto.port)?;
+    let sfn = aws_sdk_sfn::Client::new(&moto.aws_config().await);
+    let mut machines = HashMap::new();
+    for (name, def) in &pipelines {
+        let created = sfn
+            .create_state_machine()
+            .name(format!("ember-{name}"))
+            .definition(def.to_string())
+            .role_arn("arn:aws:iam::123456789012:role/ember-pipelines")
+            .send()
+            .await?;
+        machines.insert(name.clone(), created.state_machine_arn);
+    }
+    let exec = sfn
+        .start_execution()
+        .state_machine_arn(&machines["route"])
+        .input(r#"{"skip": true, "question": "why?"}"#)
+        .send()
+        .await?
+        .execution_arn;
+    let start = Instant::now();
+    loop {
+        let d = sfn.describe_execution().execution_arn(&exec).send().await?;
+        match d.status.as_str() {
+            "RUNNING" if start.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            "SUCCEEDED" => {
+                let output: serde_json::Value = serde_json::from_str(d.output().unwrap_or("null"))?;
+                assert_eq!(output, serde_json::json!({"answer": "skipped why?"}));
+                return Ok(());
+            }
+            other => bail!("execution {other}: {:?} {:?}", d.error(), d.cause()),
+        }
+    }
+}
+
+/// `POST /moto-api/config` turning on moto's execution of state machines.
+fn enable_sfn_execution(port: u16) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let body = r#"{"stepfunctions":{"execute_state_machine":true}}"#;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(
+        s,
+        "POST /moto-api/config HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    if !resp.starts_with("HTTP/1.1 2") && !resp.starts_with("HTTP/1.0 2") {
+        bail!("moto config: {resp}");
+    }
     Ok(())
 }
