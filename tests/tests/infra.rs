@@ -283,3 +283,191 @@ fn enable_sfn_execution(port: u16) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// What the ECS and Lambda drivers act on, as moto can create it: a service and an SQS event
+/// source mapping (on a queue of its own: moto would try to run the function for messages on
+/// it).
+const DRIVER_TARGETS: &str = r#"
+Resources:
+  Role:
+    Type: AWS::IAM::Role
+    Properties:
+      AssumeRolePolicyDocument:
+        Version: "2012-10-17"
+        Statement: [{Effect: Allow, Principal: {Service: lambda.amazonaws.com}, Action: sts:AssumeRole}]
+  Function:
+    Type: AWS::Lambda::Function
+    Properties:
+      FunctionName: ember-worker
+      PackageType: Image
+      Code: {ImageUri: 123456789012.dkr.ecr.us-east-1.amazonaws.com/ember-lambda:v1}
+      Role: !GetAtt Role.Arn
+  MappedQueue:
+    Type: AWS::SQS::Queue
+    Properties: {QueueName: mapped}
+  Mapping:
+    Type: AWS::Lambda::EventSourceMapping
+    Properties:
+      EventSourceArn: !GetAtt MappedQueue.Arn
+      FunctionName: !Ref Function
+      FunctionResponseTypes: [ReportBatchItemFailures]
+      ScalingConfig: {MaximumConcurrency: 2}
+  Cluster:
+    Type: AWS::ECS::Cluster
+    Properties: {ClusterName: gpu}
+  Task:
+    Type: AWS::ECS::TaskDefinition
+    Properties:
+      Family: ember
+      ContainerDefinitions: [{Name: ember, Image: ember-gpu, Memory: 512}]
+  Service:
+    Type: AWS::ECS::Service
+    Properties: {Cluster: !Ref Cluster, ServiceName: ember, TaskDefinition: !Ref Task, DesiredCount: 0}
+Outputs:
+  Mapping: {Value: !Ref Mapping}
+"#;
+
+/// Runs `ember autoscale` on `queue` with `driver_args` until a decision with `desired`
+/// workers has been applied, then stops it with SIGTERM.
+fn autoscale_until(endpoint: &str, queue: &str, driver_args: &[&str], desired: u64) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let mut child = Command::new(ember_bin()?)
+        .args([
+            "autoscale",
+            "--max-workers",
+            "4",
+            "--interval",
+            "0.5",
+            "--scale-down-window",
+            "0",
+            "--idle-cooldown",
+            "0",
+        ])
+        .args(driver_args)
+        .env_remove("AWS_ENDPOINT_URL")
+        .envs(aws_env(endpoint))
+        .env("EMBER_SQS_QUEUE", queue)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    let result = loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                let d: serde_json::Value = serde_json::from_str(&line)?;
+                seen.push(line);
+                // The tick after the decision sees the driver's new count.
+                if d["workers"].as_u64() == Some(desired) && d["desired"].as_u64() == Some(desired) {
+                    break Ok(());
+                }
+            }
+            Err(_) => break Err(anyhow::anyhow!("no decision with {desired} workers applied: {seen:#?}")),
+        }
+    };
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    let status = child.wait()?;
+    result?;
+    anyhow::ensure!(status.success(), "autoscale exited with {status}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ecs_and_lambda_drivers_move_the_service_and_the_mapping_with_the_backlog() -> anyhow::Result<()> {
+    let moto = MotoServer::start()?;
+    let conf = moto.aws_config().await;
+    let cfn = aws_sdk_cloudformation::Client::new(&conf);
+    cfn.create_stack().stack_name("drivers").template_body(DRIVER_TARGETS).send().await?;
+    let mut mapping = None;
+    for _ in 0..100 {
+        let out = cfn.describe_stacks().stack_name("drivers").send().await?;
+        let stack = out.stacks().first().context("stack missing")?;
+        if stack.stack_status() == Some(&StackStatus::CreateComplete) {
+            mapping = stack.outputs().first().and_then(|o| o.output_value()).map(str::to_string);
+            break;
+        }
+        anyhow::ensure!(
+            stack.stack_status() == Some(&StackStatus::CreateInProgress),
+            "{:?}",
+            stack.stack_status_reason()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mapping = mapping.context("no mapping output")?;
+    let sqs = aws_sdk_sqs::Client::new(&conf);
+    // The autoscaler opens the queue as workers do: it must have a DLQ.
+    let dlq = sqs.create_queue().queue_name("backlog-dlq").send().await?.queue_url().context("no url")?.to_string();
+    let dlq_arn = sqs
+        .get_queue_attributes()
+        .queue_url(&dlq)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+        .send()
+        .await?
+        .attributes()
+        .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::QueueArn).cloned())
+        .context("no DLQ arn")?;
+    let url = sqs
+        .create_queue()
+        .queue_name("backlog")
+        .attributes(
+            aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy,
+            serde_json::json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 3}).to_string(),
+        )
+        .send()
+        .await?
+        .queue_url()
+        .context("no url")?
+        .to_string();
+    for i in 0..4 {
+        let entries = (0..10)
+            .map(|j| {
+                aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                    .id(format!("m{j}"))
+                    .message_body(format!("{{\"n\": {}}}", i * 10 + j))
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        sqs.send_message_batch().queue_url(&url).set_entries(Some(entries)).send().await?;
+    }
+    let endpoint = moto.endpoint();
+    let ecs = aws_sdk_ecs::Client::new(&conf);
+    let desired = |ecs: aws_sdk_ecs::Client| async move {
+        let out = ecs.describe_services().cluster("gpu").services("ember").send().await?;
+        anyhow::Ok(out.services().first().map(|s| s.desired_count()))
+    };
+
+    // 40 jobs at 8 per worker: 5, capped at 4.
+    let ecs_args = ["--driver", "ecs", "--ecs-cluster", "gpu", "--ecs-service", "ember"];
+    let e = endpoint.clone();
+    tokio::task::spawn_blocking(move || autoscale_until(&e, "backlog", &ecs_args, 4)).await??;
+    assert_eq!(desired(ecs.clone()).await?, Some(4));
+    let lambda = aws_sdk_lambda::Client::new(&conf);
+    let (e, m) = (endpoint.clone(), mapping.clone());
+    tokio::task::spawn_blocking(move || {
+        autoscale_until(&e, "backlog", &["--driver", "lambda", "--lambda-mapping", &m], 4)
+    })
+    .await??;
+    let esm = lambda.get_event_source_mapping().uuid(&mapping).send().await?;
+    assert_eq!(esm.scaling_config().and_then(|c| c.maximum_concurrency()), Some(4));
+    assert_eq!(esm.state(), Some("Enabled"));
+
+    // Empty queue: the service goes to 0 tasks, the mapping is disabled.
+    sqs.purge_queue().queue_url(&url).send().await?;
+    let e = endpoint.clone();
+    tokio::task::spawn_blocking(move || autoscale_until(&e, "backlog", &ecs_args, 0)).await??;
+    assert_eq!(desired(ecs).await?, Some(0));
+    let (e, m) = (endpoint, mapping.clone());
+    tokio::task::spawn_blocking(move || {
+        autoscale_until(&e, "backlog", &["--driver", "lambda", "--lambda-mapping", &m], 0)
+    })
+    .await??;
+    let esm = lambda.get_event_source_mapping().uuid(&mapping).send().await?;
+    assert_eq!(esm.state(), Some("Disabled"));
+    Ok(())
+}

@@ -197,3 +197,45 @@ fn a_burst_scales_the_local_pool_from_zero_to_max_and_back_without_killing_jobs(
     assert_eq!(status, json!({"visible": 0, "in_flight": 0, "delayed": 0, "dlq": 0}));
     Ok(())
 }
+
+#[test]
+fn simulate_prints_every_policy_on_every_trace_in_one_table() -> anyhow::Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/autoscale");
+    let out = ember(&[])
+        .args(["autoscale", "simulate", "--trace"])
+        .arg(dir.join("burst.json"))
+        .arg("--trace")
+        .arg(dir.join("idle.json"))
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout)?;
+    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| burst") || l.starts_with("| idle")).collect();
+    assert_eq!(rows.len(), 8, "{table}");
+    for policy in ["ember", "keda", "runpod-requests", "runpod-delay"] {
+        assert_eq!(rows.iter().filter(|r| r.contains(&format!("| {policy} |"))).count(), 2, "{table}");
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_configuration_is_a_clear_error() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let env = [("EMBER_QUEUE_PATH", dir.path().join("q.db").to_string_lossy().into_owned())];
+    let cases: [(&[&str], &str); 6] = [
+        (&["--min-workers", "5", "--max-workers", "2"], "--min-workers is 5 but --max-workers is 2"),
+        (&["--target-backlog", "-4"], "--target-backlog is -4: it must be a number above 0"),
+        (&["--max-workers", "-1"], "--max-workers is -1: worker counts cannot be negative"),
+        (&["--driver", "kubernetes"], "--driver `kubernetes` is not a driver: use one of dry-run, local, ecs, lambda"),
+        (&["--policy", "fastest"], "--policy `fastest` is not a policy"),
+        (&["--driver", "ecs"], "--driver ecs needs --ecs-cluster and --ecs-service"),
+    ];
+    for (args, want) in cases {
+        let out = ember(&env).arg("autoscale").args(args).output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+    let out = ember(&env).args(["autoscale", "simulate", "--trace", "/nonexistent.json"]).output()?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reading the trace /nonexistent.json"));
+    Ok(())
+}

@@ -258,8 +258,8 @@ async fn run_autoscaler(args: RunArgs) -> anyhow::Result<()> {
     // Check the whole configuration before touching the queue or starting anything.
     let kind: DriverKind = args.driver.parse()?;
     let mut policy = args.overrides.config(args.policy.parse()?).build()?;
-    let queue = args.queue.open(&args.aws).await?;
     let mut driver = driver(&args, kind).await?;
+    let queue = args.queue.open(&args.aws).await?;
     let shutdown = Shutdown::new();
     shutdown.on_signals();
     tracing::info!(policy = policy.name(), driver = driver.name(), "autoscaling");
