@@ -1,4 +1,4 @@
-//! The parsed state machine. Every state keeps the fields of its type; [`super::validate`]
+//! The parsed state machine. Every state keeps the fields of its type; [`super::validate()`]
 //! builds it and reports every problem, so only a valid definition reaches the interpreter.
 
 use std::collections::BTreeMap;
