@@ -89,11 +89,21 @@ impl HopRun<'_> {
             .state(&self.msg.state)
             .ok_or_else(|| PipelineError::Corrupt(format!("no state '{}' in this scope", self.msg.state)))?;
         let max = self.env.options.max_hops;
+        let deadline = self.top.timeout_seconds.map(|t| self.meta.start_ms + t * 1000);
+        // Execution-wide limits end the execution: no Retry or Catch applies.
+        let mut fatal = false;
         let step = if self.msg.hop > max {
+            fatal = true;
             Err(StatesError::runtime(format!(
                 "The execution exceeded the maximum of {max} hops (state '{}'); a loop without an exit?",
                 self.msg.state
             )))
+        } else if deadline.is_some_and(|d| self.now_ms > d) {
+            fatal = true;
+            Err(StatesError::new(
+                names::TIMEOUT,
+                format!("The execution ran longer than its TimeoutSeconds ({})", self.top.timeout_seconds.unwrap_or(0)),
+            ))
         } else {
             if self.msg.attempt == 0 && self.msg.join.is_none() {
                 self.event(
@@ -134,6 +144,7 @@ impl HopRun<'_> {
                 t.fan_out = Some(fan);
                 t.sends = sends;
             }
+            Err(e) if fatal => self.terminal(&mut t, Err(e)).await?,
             Err(e) => self.handle_error(state, e, &mut t).await?,
         }
         t.events = self.events;

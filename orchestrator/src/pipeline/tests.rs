@@ -280,3 +280,69 @@ async fn a_path_that_matches_nothing_names_the_path() {
     assert_eq!(run.description.error.as_deref(), Some("States.Runtime"));
     assert!(run.description.cause.unwrap().contains("$.missing.field"));
 }
+
+#[tokio::test]
+async fn heartbeat_timeout_unless_the_task_beats() {
+    let def = r#"{"StartAt": "T", "States": {"T": {"Type": "Task", "Resource": "ember:tool:quiet",
+        "TimeoutSeconds": 10, "HeartbeatSeconds": 1, "End": true}}}"#;
+    let tools = Tools::builtin().register("quiet", |_v: Value| async {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        Ok(json!("late"))
+    });
+    let run = run_to_completion(tools, def, json!({}), DriverOptions::default()).await.unwrap();
+    assert_eq!(run.description.error.as_deref(), Some("States.HeartbeatTimeout"));
+
+    // A runner that beats keeps the task alive past HeartbeatSeconds.
+    struct Beating;
+    #[async_trait::async_trait]
+    impl TaskRunner for Beating {
+        async fn run(&self, _r: &str, _i: Value, ctx: &TaskContext) -> Result<Value, TaskFailure> {
+            for _ in 0..3 {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                ctx.heartbeat();
+            }
+            Ok(json!("alive"))
+        }
+        fn resources(&self) -> crate::asl::Resources {
+            crate::asl::Resources::with_tools(["quiet"])
+        }
+    }
+    let run = run_to_completion(Beating, def, json!({}), DriverOptions::default()).await.unwrap();
+    assert_eq!(run.description.output, Some(json!("alive")));
+}
+
+#[tokio::test]
+async fn execution_timeout_ends_the_execution() {
+    let def = r#"{"TimeoutSeconds": 60, "StartAt": "W", "States": {
+        "W": {"Type": "Wait", "Seconds": 120, "Next": "D"}, "D": {"Type": "Succeed"}}}"#;
+    let run = run_to_completion(Tools::builtin(), def, json!({}), DriverOptions::default()).await.unwrap();
+    assert_eq!(run.description.error.as_deref(), Some("States.Timeout"));
+}
+
+#[tokio::test]
+async fn history_is_step_functions_style() {
+    let def = r#"{"StartAt": "C", "States": {
+        "C": {"Type": "Choice", "Choices": [{"Variable": "$.n", "NumericGreaterThan": 1, "Next": "T"}], "Default": "D"},
+        "T": {"Type": "Task", "Resource": "ember:tool:json", "Parameters": {"text": "{\"a\": 1}"}, "ResultPath": "$.parsed", "Next": "D"},
+        "D": {"Type": "Succeed"}}}"#;
+    let run = run_to_completion(Tools::builtin(), def, json!({"n": 2}), DriverOptions::default()).await.unwrap();
+    let kinds: Vec<&str> = run.history.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "ExecutionStarted",
+            "ChoiceStateEntered",
+            "ChoiceStateExited",
+            "TaskStateEntered",
+            "TaskScheduled",
+            "TaskStarted",
+            "TaskSucceeded",
+            "TaskStateExited",
+            "SucceedStateEntered",
+            "SucceedStateExited",
+            "ExecutionSucceeded"
+        ]
+    );
+    assert_eq!(run.description.output, Some(json!({"n": 2, "parsed": {"a": 1}})));
+    assert!(run.history.iter().all(|e| crate::asl::timestamp::parse(&e.timestamp).is_some()));
+}
