@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use super::hop::*;
-use super::tools::{TaskContext, TaskFailure};
+use super::tools::{run_task, TaskContext};
 use super::{Env, PipelineError};
 use crate::asl::definition::{Kind, NumberSource, State, StateMachine, WaitFor};
 use crate::asl::path::{self, Scope};
@@ -316,7 +316,7 @@ impl HopRun<'_> {
                 self.event("TaskScheduled", json!({"resource": resource, "parameters": params, "timeoutInSeconds": timeout, "heartbeatInSeconds": heartbeat}));
                 let tctx = TaskContext::new(&self.msg.execution, &self.msg.state, &self.msg.id(), self.msg.attempt);
                 self.event("TaskStarted", json!({"resource": resource}));
-                let result = run_task(self.env, resource, params, &tctx, timeout, heartbeat).await;
+                let result = run_task(self.env.runner.as_ref(), resource, params, &tctx, timeout, heartbeat).await;
                 let result = match result {
                     Ok(v) => v,
                     Err(e) => {
@@ -533,38 +533,5 @@ impl HopRun<'_> {
             None => result,
         };
         Ok(self.flow(state, self.output(state, raw, selected, ctx)?))
-    }
-}
-
-async fn run_task(
-    env: &Env,
-    resource: &str,
-    params: Value,
-    ctx: &TaskContext,
-    timeout: Option<f64>,
-    heartbeat: Option<f64>,
-) -> Result<Value, TaskFailure> {
-    let signal = ctx.heartbeat_signal();
-    let task = env.runner.run(resource, params, ctx);
-    let timeout_sleep = async {
-        match timeout {
-            Some(t) => tokio::time::sleep(Duration::from_secs_f64(t)).await,
-            None => std::future::pending().await,
-        }
-    };
-    let heartbeat_watch = async {
-        match heartbeat {
-            Some(h) => loop {
-                if tokio::time::timeout(Duration::from_secs_f64(h), signal.notified()).await.is_err() {
-                    return;
-                }
-            },
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        r = task => r,
-        _ = timeout_sleep => Err(TaskFailure::new(names::TIMEOUT, format!("the task ran longer than TimeoutSeconds ({})", timeout.unwrap_or_default()))),
-        _ = heartbeat_watch => Err(TaskFailure::new(names::HEARTBEAT_TIMEOUT, format!("no heartbeat for HeartbeatSeconds ({})", heartbeat.unwrap_or_default()))),
     }
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -202,6 +203,41 @@ where
 
     fn resources(&self) -> Resources {
         self.tools.resources()
+    }
+}
+
+/// Runs a task under its `TimeoutSeconds` (`States.Timeout`) and `HeartbeatSeconds`
+/// (`States.HeartbeatTimeout`: no [`TaskContext::heartbeat`] for that long).
+pub(crate) async fn run_task(
+    runner: &dyn TaskRunner,
+    resource: &str,
+    params: Value,
+    ctx: &TaskContext,
+    timeout: Option<f64>,
+    heartbeat: Option<f64>,
+) -> Result<Value, TaskFailure> {
+    let signal = ctx.heartbeat_signal();
+    let task = runner.run(resource, params, ctx);
+    let timeout_sleep = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(Duration::from_secs_f64(t)).await,
+            None => std::future::pending().await,
+        }
+    };
+    let heartbeat_watch = async {
+        match heartbeat {
+            Some(h) => loop {
+                if tokio::time::timeout(Duration::from_secs_f64(h), signal.notified()).await.is_err() {
+                    return;
+                }
+            },
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = task => r,
+        _ = timeout_sleep => Err(TaskFailure::new(crate::asl::names::TIMEOUT, format!("the task ran longer than TimeoutSeconds ({})", timeout.unwrap_or_default()))),
+        _ = heartbeat_watch => Err(TaskFailure::new(crate::asl::names::HEARTBEAT_TIMEOUT, format!("no heartbeat for HeartbeatSeconds ({})", heartbeat.unwrap_or_default()))),
     }
 }
 
