@@ -16,6 +16,9 @@ use crate::asl::{choice, names, retry, timestamp, StatesError};
 /// Longest queue delay (SQS `DelaySeconds` maximum); longer waits re-delay.
 pub const MAX_QUEUE_DELAY_SECONDS: f64 = 900.0;
 
+/// Largest hop message (the SQS message size limit).
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
 enum Step {
     Next { state: String, output: Value, delay: f64, not_before: Option<String> },
     End { output: Value },
@@ -147,6 +150,23 @@ impl HopRun<'_> {
             Err(e) if fatal => self.terminal(&mut t, Err(e)).await?,
             Err(e) => self.handle_error(state, e, &mut t).await?,
         }
+        // A hop must fit in one queue message (SQS: 256 KiB).
+        if let Some(big) = t
+            .sends
+            .iter()
+            .map(|o| serde_json::to_vec(&o.message).map(|b| b.len()).unwrap_or(0))
+            .find(|n| *n > MAX_MESSAGE_BYTES)
+        {
+            t.sends.clear();
+            self.terminal(
+                &mut t,
+                Err(StatesError::new(
+                    names::DATA_LIMIT_EXCEEDED,
+                    format!("The state/task '{}' returned a result with a size exceeding the maximum number of bytes service limit ({big} > {MAX_MESSAGE_BYTES})", self.msg.state),
+                )),
+            )
+            .await?;
+        }
         t.events = self.events;
         Ok(t)
     }
@@ -231,7 +251,10 @@ impl HopRun<'_> {
                         "RetryScheduled",
                         json!({"name": self.msg.state, "error": e.error, "cause": e.cause, "retrier": i, "retryCount": used + 1, "delaySeconds": delay}),
                     );
-                    t.sends.push(Outgoing { message: m, delay_seconds: delay });
+                    if delay > MAX_QUEUE_DELAY_SECONDS {
+                        m.not_before = Some(ts(self.now_ms + (delay * 1000.0).round() as u64));
+                    }
+                    t.sends.push(Outgoing { message: m, delay_seconds: delay.min(MAX_QUEUE_DELAY_SECONDS) });
                     return Ok(());
                 }
             }

@@ -346,3 +346,33 @@ async fn history_is_step_functions_style() {
     assert_eq!(run.description.output, Some(json!({"n": 2, "parsed": {"a": 1}})));
     assert!(run.history.iter().all(|e| crate::asl::timestamp::parse(&e.timestamp).is_some()));
 }
+
+#[tokio::test]
+async fn retry_delays_beyond_900_seconds_redelay() {
+    let def = r#"{"StartAt": "T", "States": {"T": {"Type": "Task", "Resource": "ember:tool:fail",
+        "Retry": [{"ErrorEquals": ["States.ALL"], "IntervalSeconds": 2000, "MaxAttempts": 1}], "End": true}}}"#;
+    let (env, queue, _) = env_with(Tools::builtin());
+    let id = start_execution(&env, def, json!({}), StartOptions::default()).await.unwrap();
+    let mut statuses = Vec::new();
+    while let Some((due, m)) = queue.pop() {
+        env.options.clock.advance_to(due);
+        statuses.push(process_hop(&env, m).await.unwrap().status);
+    }
+    assert_eq!(statuses, [HopStatus::Transitioned, HopStatus::Redelayed, HopStatus::Redelayed, HopStatus::Finished]);
+    let h = history(&env, &id).await.unwrap();
+    let starts: Vec<f64> = h
+        .iter()
+        .filter(|e| e.kind == "TaskStarted")
+        .map(|e| crate::asl::timestamp::parse(&e.timestamp).unwrap())
+        .collect();
+    assert!((starts[1] - starts[0] - 2000.0).abs() < 0.01, "{starts:?}");
+}
+
+#[tokio::test]
+async fn oversized_output_is_data_limit_exceeded() {
+    let tools = Tools::builtin().register("big", |_v: Value| async { Ok(json!("x".repeat(300 * 1024))) });
+    let def = r#"{"StartAt": "T", "States": {"T": {"Type": "Task", "Resource": "ember:tool:big", "Next": "D",
+        "Catch": [{"ErrorEquals": ["States.ALL"], "Next": "D"}]}, "D": {"Type": "Succeed"}}}"#;
+    let run = run_to_completion(tools, def, json!({}), DriverOptions::default()).await.unwrap();
+    assert_eq!(run.description.error.as_deref(), Some("States.DataLimitExceeded"));
+}
