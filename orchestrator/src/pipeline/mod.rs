@@ -6,6 +6,25 @@
 //! and, for each received message, [`process_hop`]. [`run_to_completion`] does the same in
 //! process for tests.
 //!
+//! # Worker contract
+//!
+//! - Build an [`Env`]: `store` = the worker's object store behind [`ExecutionStore`]
+//!   (`put_if_absent` answers `true` when it created the key), `sender` = a [`HopSender`] that
+//!   sends each `(HopMessage, delay)` as one queue message with the JSON body
+//!   `serde_json::to_string(&msg)` and `DelaySeconds = ceil(delay)` (never above 900; a FIFO
+//!   queue may use [`HopMessage::id`] as the deduplication id), `runner` = a [`TaskRunner`]
+//!   handling `ember:generate` and delegating `ember:tool:*` to [`Tools`] (whose
+//!   [`TaskRunner::resources`] it extends).
+//! - `ember pipeline validate FILE`: [`crate::asl::validate()`] with the runner's resources;
+//!   print every [`crate::asl::Diagnostic`] (errors fail, warnings do not).
+//! - `ember pipeline start FILE --input JSON [--name N]`: [`start_execution`] (sends hop 0).
+//! - On each received message: parse the body as [`HopMessage`], call [`process_hop`], then
+//!   delete the message. `Ok(outcome)` with `outcome.finished` holding an `Err` (and
+//!   `!outcome.duplicate`) is a failed execution: send it to the pipeline DLQ with its error
+//!   and cause. `Err(e)`: leave the message for redelivery when `e.is_retryable()`, else DLQ.
+//!   Redelivery is always safe: a recorded hop is not run again, only its next hops re-sent.
+//! - `ember pipeline describe ID` / `history ID`: [`describe`] / [`history`] (both `Serialize`).
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use ember_orchestrator::pipeline::{run_to_completion, ExecutionStatus, Tools};
