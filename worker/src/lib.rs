@@ -22,6 +22,7 @@ pub mod error;
 pub mod job;
 pub mod lambda;
 pub mod openai;
+pub mod pipeline;
 pub mod queue;
 pub mod runner;
 pub mod store;

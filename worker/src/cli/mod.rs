@@ -7,6 +7,7 @@ pub mod generate;
 pub mod jobs;
 pub mod lambda;
 pub mod model;
+pub mod pipeline;
 pub mod serve;
 
 use clap::{Parser, Subcommand};
@@ -50,6 +51,10 @@ pub enum Command {
     Dlq(jobs::DlqCommand),
     /// Run as an AWS Lambda function on SQS events (the model loads once per container).
     Lambda(lambda::LambdaArgs),
+    /// Step-Functions-style pipelines (Amazon States Language): validate, start, describe,
+    /// history, export. `ember serve --pipelines` runs their hops.
+    #[command(subcommand)]
+    Pipeline(pipeline::PipelineCommand),
     /// Scale workers on the queue's backlog (a local pool, an ECS service, a Lambda mapping),
     /// or compare scaling policies on arrival traces (`simulate`).
     Autoscale(Box<autoscale::AutoscaleArgs>),
@@ -66,6 +71,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => jobs::status(args).await,
         Command::Dlq(cmd) => jobs::dlq(cmd).await,
         Command::Lambda(args) => lambda::run(args).await,
+        Command::Pipeline(cmd) => pipeline::run(cmd).await,
         Command::Autoscale(args) => autoscale::run(*args).await,
     }
 }

@@ -58,6 +58,14 @@ pub struct ServeArgs {
     /// more work.
     #[arg(long, env = "EMBER_EXIT_WHEN_IDLE", value_parser = clap::builder::BoolishValueParser::new())]
     pub exit_when_idle: bool,
+    /// Also run pipeline hops (`ember pipeline start`) from the pipeline queue, with the same
+    /// model and concurrency.
+    #[arg(long, env = "EMBER_PIPELINES", value_parser = clap::builder::BoolishValueParser::new())]
+    pub pipelines: bool,
+    #[command(flatten)]
+    pub pipeline_queue: super::pipeline::PipelineQueueArgs,
+    #[command(flatten)]
+    pub tools: super::pipeline::ToolArgs,
 }
 
 /// A loaded worker: the model, the queue, the result store, and the handler that runs jobs
@@ -67,6 +75,8 @@ pub struct Worker {
     pub queue: Arc<dyn Queue>,
     pub store: Arc<dyn ObjectStore>,
     pub handler: Arc<JobHandler>,
+    /// The shared batcher, when jobs run more than one at a time.
+    pub batcher: Option<Arc<Batcher>>,
 }
 
 impl Worker {
@@ -81,11 +91,15 @@ impl Worker {
             DeadLetters::Queue(queue.clone()),
             args.queue.max_receive_count,
         );
-        let handler = Arc::new(match args.looping.batcher_options() {
-            Some(opts) => handler.with_batcher(Arc::new(Batcher::start(engine.clone(), opts)?)),
+        let batcher = match args.looping.batcher_options() {
+            Some(opts) => Some(Arc::new(Batcher::start(engine.clone(), opts)?)),
+            None => None,
+        };
+        let handler = Arc::new(match &batcher {
+            Some(b) => handler.with_batcher(b.clone()),
             None => handler,
         });
-        Ok(Self { engine, queue, store, handler })
+        Ok(Self { engine, queue, store, handler, batcher })
     }
 }
 
@@ -134,9 +148,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown.on_signals();
     let stats = Arc::new(ServeStats::default());
-    tracing::info!(concurrency = opts.concurrency, model = %worker.engine.loaded.name, "serving");
-    serve(worker.queue.clone(), worker.handler.clone(), &opts, &shutdown, stats.clone()).await?;
-    println!("{}", stats_json(&stats));
+    tracing::info!(concurrency = opts.concurrency, model = %worker.engine.loaded.name, pipelines = args.pipelines, "serving");
+    let jobs = serve(worker.queue.clone(), worker.handler.clone(), &opts, &shutdown, stats.clone());
+    if !args.pipelines {
+        jobs.await?;
+        println!("{}", stats_json(&stats));
+        return Ok(());
+    }
+    let hop_queue = args.pipeline_queue.open(&args.worker.queue, &args.worker.aws).await?;
+    let runner = Arc::new(crate::pipeline::ModelRunner::new(
+        worker.engine.clone(),
+        worker.batcher.clone(),
+        crate::pipeline::tools(&args.tools.http_allow),
+    ));
+    let env = crate::pipeline::HopHandler::env(hop_queue.clone(), worker.store.clone(), runner, args.tools.max_hops);
+    let hops = Arc::new(crate::pipeline::HopHandler::new(env, hop_queue.clone()));
+    let hop_stats = Arc::new(ServeStats::default());
+    let hop_loop = serve(hop_queue, hops, &opts, &shutdown, hop_stats.clone());
+    tokio::try_join!(jobs, hop_loop)?;
+    println!("{}", serde_json::json!({"jobs": stats_json(&stats), "hops": stats_json(&hop_stats)}));
     Ok(())
 }
 

@@ -1,0 +1,237 @@
+//! Pipelines on the worker: the orchestrator's hop engine over Ember's own queue, object store
+//! and model. Each hop message is one state of one execution; [`HopHandler`] runs it with
+//! [`ember_orchestrator::pipeline::process_hop`], which records the transition create-only
+//! and sends the next hop(s), so a hop delivered twice, or a worker killed between recording and
+//! sending, has one effect. A failed execution is also parked in the pipeline queue's DLQ with
+//! its error and cause.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ember_orchestrator::asl::Resources;
+use ember_orchestrator::pipeline::{
+    process_hop, Env, ExecutionStore, HopMessage, HopSender, Options, SendError, StoreError, TaskContext, TaskFailure,
+    TaskRunner, Tools,
+};
+use serde_json::{json, Value};
+
+use crate::engine::{Batcher, Engine};
+use crate::job::{validate, JobLimits};
+use crate::queue::{OutgoingMessage, Queue, ReceivedMessage};
+use crate::runner::{retry_backoff, Handler, Outcome, Shutdown};
+use crate::store::{ObjectStore, PutOutcome};
+
+/// Where execution records live in the object store.
+pub const EXECUTIONS_PREFIX: &str = "pipelines";
+
+/// The worker's object store as an execution store, under [`EXECUTIONS_PREFIX`].
+pub struct StoreAdapter(pub Arc<dyn ObjectStore>);
+
+fn store_error(e: crate::store::StoreError) -> StoreError {
+    StoreError { label: e.label(), message: e.to_string(), retryable: e.is_retryable() }
+}
+
+#[async_trait::async_trait]
+impl ExecutionStore for StoreAdapter {
+    async fn put_if_absent(&self, key: &str, bytes: Vec<u8>) -> Result<bool, StoreError> {
+        match self.0.put_if_absent(&format!("{EXECUTIONS_PREFIX}/{key}"), bytes).await.map_err(store_error)? {
+            PutOutcome::Created => Ok(true),
+            _ => Ok(false),
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.get(&format!("{EXECUTIONS_PREFIX}/{key}")).await.map_err(store_error)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let full = format!("{EXECUTIONS_PREFIX}/{prefix}");
+        let keys = self.0.list(&full).await.map_err(store_error)?;
+        Ok(keys
+            .into_iter()
+            .filter_map(|k| k.strip_prefix(&format!("{EXECUTIONS_PREFIX}/")).map(str::to_owned))
+            .collect())
+    }
+}
+
+/// The pipeline queue as the engine's hop sender: JSON bodies, sent in batches of 10, each
+/// with its delay.
+pub struct QueueSender(pub Arc<dyn Queue>);
+
+#[async_trait::async_trait]
+impl HopSender for QueueSender {
+    async fn send(&self, hops: Vec<(HopMessage, Duration)>) -> Result<(), SendError> {
+        let mut out = Vec::with_capacity(hops.len());
+        for (hop, delay) in hops {
+            let body = serde_json::to_vec(&hop).map_err(|e| SendError { message: e.to_string(), retryable: false })?;
+            out.push(OutgoingMessage { body, delay: (!delay.is_zero()).then_some(delay) });
+        }
+        for chunk in out.chunks(10) {
+            for result in self.0.send_batch(chunk.to_vec()).await {
+                result.map_err(|e| SendError { message: e.to_string(), retryable: e.is_retryable() })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs Task states: `ember:generate` on the model, the rest with the [`Tools`].
+pub struct ModelRunner {
+    engine: Arc<Engine>,
+    batcher: Option<Arc<Batcher>>,
+    limits: JobLimits,
+    tools: Tools,
+}
+
+impl ModelRunner {
+    pub fn new(engine: Arc<Engine>, batcher: Option<Arc<Batcher>>, tools: Tools) -> Self {
+        let limits = JobLimits::new(vec![engine.loaded.name.clone()], engine.context_length());
+        Self { engine, batcher, limits, tools }
+    }
+
+    /// `Parameters` of an `ember:generate` state are the body of a chat completion request
+    /// (messages, max_tokens, temperature, stop, response_format...), checked by the same
+    /// rules as a queued job. The result: `{"text", "finish_reason", "usage"}`, plus `"json"`,
+    /// the parsed reply, when the request asked for `response_format: {"type": "json_object"}`
+    /// and the reply parses.
+    async fn generate(&self, input: Value) -> Result<Value, TaskFailure> {
+        let wants_json = input.pointer("/response_format/type").and_then(Value::as_str) == Some("json_object");
+        let mut body = input;
+        if let Some(obj) = body.as_object_mut() {
+            obj.remove("response_format");
+            obj.entry("model").or_insert_with(|| json!("default"));
+        }
+        let line = json!({"custom_id": "pipeline-step", "method": "POST", "url": "/v1/chat/completions", "body": body});
+        let bytes = serde_json::to_vec(&line).map_err(|e| TaskFailure::new("Ember.InvalidRequest", e.to_string()))?;
+        let (engine, limits) = (self.engine.clone(), self.limits.clone());
+        let job = tokio::task::spawn_blocking(move || {
+            let count = |p: &crate::engine::Prompt| engine.encode_prompt(p).map(|t| t.len()).map_err(|e| e.to_string());
+            validate(&bytes, "pipeline-step", &limits, &count)
+        })
+        .await
+        .map_err(|e| TaskFailure::new("States.TaskFailed", format!("validation failed: {e}")))?
+        .map_err(|rejected| TaskFailure::new("Ember.InvalidRequest", rejected.error.to_string()))?;
+        let completion = match &self.batcher {
+            Some(b) => b.generate(job.request, Arc::new(AtomicBool::new(false))).await,
+            None => {
+                let engine = self.engine.clone();
+                tokio::task::spawn_blocking(move || engine.generate(&job.request))
+                    .await
+                    .map_err(|e| TaskFailure::new("States.TaskFailed", format!("generation failed: {e}")))?
+            }
+        }
+        .map_err(|e| TaskFailure::new("States.TaskFailed", e.to_string()))?;
+        let mut out = json!({
+            "text": completion.text,
+            "finish_reason": completion.finish_reason,
+            "usage": {
+                "prompt_tokens": completion.usage.prompt_tokens,
+                "completion_tokens": completion.usage.completion_tokens,
+            },
+        });
+        if wants_json {
+            if let Ok(parsed) = serde_json::from_str::<Value>(completion.text.trim()) {
+                out["json"] = parsed;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl TaskRunner for ModelRunner {
+    async fn run(&self, resource: &str, input: Value, ctx: &TaskContext) -> Result<Value, TaskFailure> {
+        if resource == "ember:generate" {
+            self.generate(input).await
+        } else {
+            self.tools.run(resource, input, ctx).await
+        }
+    }
+
+    fn resources(&self) -> Resources {
+        self.tools.resources()
+    }
+}
+
+/// The tools a worker offers: the built-in ones, with `ember:tool:http_get` only when hosts
+/// are allowed.
+pub fn tools(http_allow: &[String]) -> Tools {
+    let tools = Tools::builtin();
+    if http_allow.is_empty() {
+        tools
+    } else {
+        tools.with_http_get(http_allow.iter().cloned())
+    }
+}
+
+/// Runs hop messages from the pipeline queue.
+pub struct HopHandler {
+    env: Env,
+    queue: Arc<dyn Queue>,
+}
+
+impl HopHandler {
+    pub fn new(env: Env, queue: Arc<dyn Queue>) -> Self {
+        Self { env, queue }
+    }
+
+    /// The engine's environment for a worker's queue, store and runner.
+    pub fn env(queue: Arc<dyn Queue>, store: Arc<dyn ObjectStore>, runner: Arc<dyn TaskRunner>, max_hops: u64) -> Env {
+        Env {
+            store: Arc::new(StoreAdapter(store)),
+            sender: Arc::new(QueueSender(queue)),
+            runner,
+            options: Options { max_hops, ..Options::default() },
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for HopHandler {
+    async fn handle(&self, msg: &ReceivedMessage, _shutdown: &Shutdown) -> Outcome {
+        let hop: HopMessage = match serde_json::from_slice(&msg.body) {
+            Ok(h) => h,
+            Err(e) => {
+                let reason = format!("not a pipeline hop message: {e}");
+                tracing::warn!(message_id = %msg.id, %reason, "refused");
+                return match self.queue.send_to_dlq(msg.body.clone(), &reason).await {
+                    Ok(_) => Outcome::Poisoned { label: "pipeline_bad_hop".into() },
+                    Err(e) => Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() },
+                };
+            }
+        };
+        let execution = hop.execution.clone();
+        match process_hop(&self.env, hop).await {
+            Ok(outcome) => {
+                if outcome.duplicate {
+                    tracing::info!(%execution, hop = %outcome.hop_id, "hop redelivered: its transition was recorded, next hops sent again");
+                }
+                if let Some(end) = &outcome.finished {
+                    if let (Err(err), false) = (&end.result, outcome.duplicate) {
+                        let record = json!({"execution": execution, "error": err.error, "cause": err.cause});
+                        tracing::warn!(%execution, error = %err.error, cause = %err.cause, "execution failed");
+                        if let Err(e) = self.queue.send_to_dlq(record.to_string().into_bytes(), &err.error).await {
+                            return Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() };
+                        }
+                    } else if end.result.is_ok() && !outcome.duplicate {
+                        tracing::info!(%execution, "execution succeeded");
+                    }
+                }
+                Outcome::Done
+            }
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(message_id = %msg.id, %execution, error = %e, "hop failed; will retry");
+                Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() }
+            }
+            Err(e) => {
+                tracing::warn!(message_id = %msg.id, %execution, error = %e, "hop refused");
+                let record = json!({"execution": execution, "error": e.label(), "cause": e.to_string()});
+                match self.queue.send_to_dlq(record.to_string().into_bytes(), e.label()).await {
+                    Ok(_) => Outcome::Poisoned { label: e.label().into() },
+                    Err(q) => Outcome::Retry { after: retry_backoff(msg.receive_count), label: q.label().into() },
+                }
+            }
+        }
+    }
+}
