@@ -190,8 +190,25 @@ pub fn results_prefix(execution: &str, scope: &[Frame], fan_hop: u64) -> String 
 }
 
 /// A branch result's key.
-pub fn result_key(execution: &str, scope: &[Frame], fan_hop: u64, index: usize) -> String {
-    format!("{}{index:06}.json", results_prefix(execution, scope, fan_hop))
+///
+/// The name carries the index, whether it failed and its last hop, so a completing branch
+/// decides about the join from one listing instead of reading every result.
+pub fn result_key(execution: &str, scope: &[Frame], fan_hop: u64, index: usize, done: &BranchResult) -> String {
+    let status = if done.result.is_ok() { "ok" } else { "err" };
+    format!("{}{index:06}.{status}.{:010}.json", results_prefix(execution, scope, fan_hop), done.last_hop)
+}
+
+/// What a result key says: `(index, succeeded, last hop)`.
+pub fn parse_result_key(key: &str) -> Option<(usize, bool, u64)> {
+    let name = key.rsplit('/').next()?.strip_suffix(".json")?;
+    let mut parts = name.split('.');
+    let index = parts.next()?.parse().ok()?;
+    let ok = match parts.next()? {
+        "ok" => true,
+        "err" => false,
+        _ => return None,
+    };
+    Some((index, ok, parts.next()?.parse().ok()?))
 }
 
 /// A fan-out's join marker key.

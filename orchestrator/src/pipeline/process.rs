@@ -181,7 +181,7 @@ async fn branch_done(env: &Env, msg: &HopMessage, done: &BranchResult) -> Result
     let Some(frame) = msg.scope.last() else { return Ok(Vec::new()) };
     let parent = &msg.scope[..msg.scope.len() - 1];
     let exec = &msg.execution;
-    put_json(env, &result_key(exec, parent, frame.hop, frame.index), done).await?;
+    put_json(env, &result_key(exec, parent, frame.hop, frame.index, done), done).await?;
     let jkey = join_key(exec, parent, frame.hop);
     if let Some(j) = get_json::<JoinRecord>(env, &jkey).await? {
         // Only the creator re-sends (it may have died before sending the first time).
@@ -193,11 +193,13 @@ async fn branch_done(env: &Env, msg: &HopMessage, done: &BranchResult) -> Result
     }
     let fan_rec = load_transition(env, exec, parent, frame.hop).await?;
     let count = fan_rec.fan_out.as_ref().map(|f| f.count).unwrap_or(0);
-    let results = load_results(env, exec, parent, frame.hop).await?;
+    let listed = env.store.list(&results_prefix(exec, parent, frame.hop)).await?;
+    let results: Vec<(usize, bool, u64, &String)> =
+        listed.iter().filter_map(|k| parse_result_key(k).map(|(i, ok, h)| (i, ok, h, k))).collect();
     let meta = load_meta(env, exec).await?;
     let def = asl::validate(&meta.definition, &env.runner.resources())?;
     let machine = super::engine::machine_for(&def.machine, parent)?;
-    let failures: Vec<&StatesError> = results.iter().filter_map(|r| r.result.as_ref().err()).collect();
+    let failures: Vec<&String> = results.iter().filter(|r| !r.1).map(|r| r.3).collect();
     let failure = match machine.state(&frame.state).map(|s| &s.kind) {
         Some(asl::Kind::Map { tolerated_percentage, tolerated_count, .. })
             if tolerated_percentage.is_some() || tolerated_count.is_some() =>
@@ -212,16 +214,17 @@ async fn branch_done(env: &Env, msg: &HopMessage, done: &BranchResult) -> Result
                 )
             })
         }
-        _ => done.result.as_ref().err().cloned().or_else(|| failures.first().map(|e| (*e).clone())),
+        _ => match (done.result.as_ref().err(), failures.first()) {
+            (Some(e), _) => Some(e.clone()),
+            (None, Some(key)) => get_json::<BranchResult>(env, key).await?.and_then(|r| r.result.err()),
+            (None, None) => None,
+        },
     };
     if failure.is_none() && results.len() < count {
         return Ok(Vec::new());
     }
-    let hop = if failure.is_some() {
-        done.last_hop
-    } else {
-        results.iter().map(|r| r.last_hop).max().unwrap_or(done.last_hop)
-    } + 1;
+    let hop =
+        if failure.is_some() { done.last_hop } else { results.iter().map(|r| r.2).max().unwrap_or(done.last_hop) } + 1;
     let fm = &fan_rec.message;
     let message = HopMessage {
         execution: exec.clone(),
