@@ -237,40 +237,64 @@ impl Loop {
         if batch.is_empty() {
             return;
         }
-        let rows = {
+        let logits = {
             let mut chunks: Vec<&[u32]> = Vec::with_capacity(batch.len());
             let mut caches: Vec<&mut SeqCache> = Vec::with_capacity(batch.len());
             for (i, r) in batch.iter_mut().enumerate() {
                 chunks.push(if i < old { std::slice::from_ref(&r.next) } else { &tails[i - old] });
                 caches.push(&mut r.cache);
             }
-            self.engine
-                .loaded
-                .model
-                .forward_ragged(&chunks, &mut caches)
-                .map_err(EngineError::from)
-                .and_then(|logits| Ok(logits.to_vec2::<f32>()?))
+            self.engine.loaded.model.forward_ragged(&chunks, &mut caches).map_err(EngineError::from)
         };
-        let rows = match rows {
-            Ok(rows) => rows,
+        let logits = match logits {
+            Ok(l) => l,
             Err(e) => return fail_all(batch, &e),
+        };
+        // On CUDA the whole batch samples in one kernel and only the token ids come back; on
+        // the CPU each sequence samples from its row.
+        #[cfg(feature = "cuda")]
+        if logits.device().is_cuda() {
+            let params: Vec<_> = batch.iter().map(|r| r.seq.row_params()).collect();
+            let seen: Vec<&[u32]> = batch.iter().map(|r| r.seq.seen()).collect();
+            let tokens = match ember_kernels::cuda::sample_batch_cuda(&logits, &params, &seen, 0) {
+                Ok(t) => t,
+                Err(e) => return fail_all(batch, &EngineError::NumericalError(e.to_string())),
+            };
+            for (i, (mut r, token)) in batch.into_iter().zip(tokens).enumerate() {
+                if i >= old {
+                    r.seq.prefilled();
+                }
+                let step = r.seq.accept(&self.engine, token);
+                self.settle(r, step);
+            }
+            return;
+        }
+        let rows = match logits.to_vec2::<f32>() {
+            Ok(rows) => rows,
+            Err(e) => return fail_all(batch, &e.into()),
         };
         for (i, (mut r, mut row)) in batch.into_iter().zip(rows).enumerate() {
             if i >= old {
                 r.seq.prefilled();
             }
-            match r.seq.step(&self.engine, &mut row) {
-                Ok(Step::Next(next)) => {
-                    r.next = next;
-                    self.running.push(r);
-                }
-                Ok(Step::Finished) => {
-                    let decode_s = r.seq.decode_s();
-                    let _ = r.reply.send(Ok(r.seq.finish(decode_s)));
-                }
-                Err(e) => {
-                    let _ = r.reply.send(Err(e));
-                }
+            let step = r.seq.step(&self.engine, &mut row);
+            self.settle(r, step);
+        }
+    }
+
+    /// After a sequence's step: keep it running, or answer it.
+    fn settle(&mut self, mut r: Running, step: Result<Step, EngineError>) {
+        match step {
+            Ok(Step::Next(next)) => {
+                r.next = next;
+                self.running.push(r);
+            }
+            Ok(Step::Finished) => {
+                let decode_s = r.seq.decode_s();
+                let _ = r.reply.send(Ok(r.seq.finish(decode_s)));
+            }
+            Err(e) => {
+                let _ = r.reply.send(Err(e));
             }
         }
     }

@@ -201,6 +201,32 @@ impl Sequence {
     /// Samples from the logits that follow the last token fed, and checks the stop rules.
     pub fn step(&mut self, engine: &Engine, logits: &mut [f32]) -> Result<Step, EngineError> {
         let next = self.sampler.sample(logits, &self.seen)?;
+        self.accept(engine, next)
+    }
+
+    /// The tokens the repetition penalty applies to (prompt and output so far).
+    pub fn seen(&self) -> &[u32] {
+        &self.seen
+    }
+
+    /// This step's settings for the fused CUDA sampler (`ember_kernels::cuda`): the row's RNG
+    /// seed is mixed with the number of tokens sampled so far, so each step draws anew and a
+    /// sequence's draws do not depend on which batch it ran in.
+    #[cfg(feature = "cuda")]
+    pub fn row_params(&self) -> ember_kernels::RowParams {
+        let p = self.sampler.params();
+        ember_kernels::RowParams {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            repetition_penalty: p.repetition_penalty,
+            seed: ember_kernels::sampling::splitmix64(self.sampler.device_seed(), self.out.len() as u64),
+        }
+    }
+
+    /// Takes `next` as the sampled token (from [`Sequence::step`], or from a sampler that ran
+    /// on the device) and checks the stop rules.
+    pub fn accept(&mut self, engine: &Engine, next: u32) -> Result<Step, EngineError> {
         if engine.eos.contains(&next) {
             self.finish = FinishReason::Stop;
             return Ok(Step::Finished);

@@ -50,15 +50,27 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: rand::rngs::StdRng,
+    device_seed: u64,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        let rng = match params.seed {
+        let mut rng = match params.seed {
             Some(seed) => rand::rngs::StdRng::seed_from_u64(seed),
             None => rand::rngs::StdRng::from_os_rng(),
         };
-        Self { params, rng }
+        let device_seed = params.seed.unwrap_or_else(|| rng.random());
+        Self { params, rng, device_seed }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The seed a device-side sampler (counter-based RNG) uses for this sequence: the
+    /// request's seed, or a random one.
+    pub fn device_seed(&self) -> u64 {
+        self.device_seed
     }
 
     /// Picks the next token. `seen` are the tokens the repetition penalty applies to.
