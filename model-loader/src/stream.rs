@@ -4,7 +4,7 @@
 //! ([`futures::StreamExt::buffered`]), so one pass over the bytes can hash them for the
 //! manifest and route them to their tensors: [`SafetensorsStream`] parses the header from the
 //! first bytes, then hands each tensor's bytes to a [`TensorSink`]. On CUDA the sink is
-//! [`CudaSink`] (with the `cuda` feature): each part goes through a small ring of pinned host
+//! `CudaSink` (with the `cuda` feature): each part goes through a small ring of pinned host
 //! buffers and an asynchronous host-to-device copy into the tensor's device memory, so
 //! downloads, hashing and copies overlap and no full copy of the model is ever held in host
 //! memory (only the parts in flight). [`HostSink`] is the same path on the CPU; the tests run
@@ -189,7 +189,7 @@ impl SafetensorsStream {
 }
 
 /// Tensors collected in host memory, then put on `device`: the CPU reference of
-/// [`CudaSink`] (on the CPU, the tensors are built from the bytes as they are).
+/// `CudaSink` (on the CPU, the tensors are built from the bytes as they are).
 pub struct HostSink {
     device: Device,
     tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)>,

@@ -245,6 +245,24 @@ async fn cargo_lambda_runs_a_batch_and_reports_the_bad_records() -> Result<()> {
     assert_eq!(again, response);
     assert_eq!(store.get("results/default/paris.json").await?, paris_bytes);
     assert_eq!(store.list("").await?.len(), FIXTURE.len(), "one result per job");
+
+    // Pipeline task events, as an exported pipeline sends them from Step Functions: the answer
+    // is the task's result; a failed task fails the invocation with its error name.
+    let task = logs.path().join("task.json");
+    std::fs::write(&task, r#"{"task": "ember:tool:json", "input": {"text": "Sure: {\"tool\": \"x\", \"n\": 2}"}}"#)?;
+    assert_eq!(watch.invoke(&task, Duration::from_secs(60))?, json!({"tool": "x", "n": 2}));
+    std::fs::write(
+        &task,
+        json!({"task": "ember:generate", "input": {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}})
+            .to_string(),
+    )?;
+    let generated = watch.invoke(&task, Duration::from_secs(10 * 60))?;
+    assert_eq!(generated["text"], PARIS, "{generated}");
+    assert_eq!(generated["finish_reason"], "stop");
+    std::fs::write(&task, r#"{"task": "ember:tool:fail", "input": {"Error": "Agent.Gave Up", "Cause": "no answer"}}"#)?;
+    let failed = watch.invoke(&task, Duration::from_secs(60)).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(failed.contains("Agent.Gave Up") && failed.contains("no answer"), "{failed}");
+
     let log = watch.log();
     assert_eq!(log.matches("ready for SQS events").count(), 1, "{}", watch.log_tail());
     assert_eq!(log.matches("cold start").count(), 1, "{}", watch.log_tail());

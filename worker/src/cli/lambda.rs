@@ -2,6 +2,12 @@
 //! container, before the first event; every invocation then runs its records through the
 //! shared [`JobHandler`] with [`run_batch`] and answers with the records to deliver again.
 //!
+//! It also answers pipeline task events, `{"task": "ember:generate" | "ember:tool:NAME",
+//! "input": ...}`, which pipelines exported with `ember pipeline export` send from AWS Step
+//! Functions: the answer is the task's result, exactly what Ember's own hop would get; a failed
+//! task fails the invocation with the task's error name as `errorType`, so the state's `Retry`
+//! and `Catch` match it as they would in Ember.
+//!
 //! Needs `AWS_LAMBDA_RUNTIME_API` (set by Lambda, or by a local emulator such as
 //! `cargo lambda watch`). The event source mapping must have `ReportBatchItemFailures`, and
 //! the queue a redrive policy whose `maxReceiveCount` is `--max-receive-count`.
@@ -10,12 +16,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
-use lambda_runtime::{service_fn, LambdaEvent};
+use ember_orchestrator::pipeline::{TaskContext, TaskRunner};
+use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
+use serde_json::Value;
 
 use super::backends::StoreArgs;
 use super::common::{AwsArgs, ModelArgs};
 use super::serve::load_engine;
 use crate::lambda::{run_batch, usable_deadline, BatchOptions};
+use crate::pipeline::ModelRunner;
 use crate::runner::{DeadLetters, JobHandler};
 
 #[derive(Debug, clap::Args)]
@@ -38,6 +47,9 @@ pub struct LambdaArgs {
     /// gets an error result before the redrive policy moves it to the DLQ.
     #[arg(long, env = "EMBER_MAX_RECEIVE_COUNT", default_value_t = 3)]
     pub max_receive_count: u32,
+    /// Hosts `ember:tool:http_get` may reach in pipeline task events (comma-separated).
+    #[arg(long, env = "EMBER_HTTP_ALLOW", value_delimiter = ',')]
+    pub http_allow: Vec<String>,
 }
 
 impl LambdaArgs {
@@ -69,20 +81,36 @@ pub async fn run(args: LambdaArgs) -> anyhow::Result<()> {
     let store = args.store.open(&args.aws).await?;
     let engine = Arc::new(load_engine(&args.model, &args.aws).await?);
     let model = engine.loaded.name.clone();
+    let tasks = Arc::new(ModelRunner::new(engine.clone(), None, crate::pipeline::tools(&args.http_allow)));
     let handler = Arc::new(JobHandler::new(engine, store, DeadLetters::Redrive, args.max_receive_count));
     tracing::info!(model = %model, results = %args.store.results, "ready for SQS events");
-    lambda_runtime::run(service_fn(move |event| invocation(handler.clone(), event, opts)))
+    lambda_runtime::run(service_fn(move |event| invocation(handler.clone(), tasks.clone(), event, opts)))
         .await
         .map_err(|e| anyhow::anyhow!("the Lambda runtime stopped: {e}"))
 }
 
-/// One invocation: the thin layer between `lambda_runtime` and [`run_batch`].
+/// One invocation: an SQS batch through [`run_batch`], or one pipeline task.
 async fn invocation(
     handler: Arc<JobHandler>,
-    event: LambdaEvent<SqsEvent>,
+    tasks: Arc<ModelRunner>,
+    event: LambdaEvent<Value>,
     opts: BatchOptions,
-) -> Result<SqsBatchResponse, lambda_runtime::Error> {
+) -> Result<Value, Diagnostic> {
     let LambdaEvent { payload, context } = event;
+    if let Some(resource) = payload.get("task").and_then(Value::as_str) {
+        let input = payload.get("input").cloned().unwrap_or(Value::Null);
+        let ctx = TaskContext::new("step-functions", resource, &context.request_id, 0);
+        return tasks.run(resource, input, &ctx).await.map_err(|f| {
+            tracing::warn!(task = resource, error = %f.error, cause = %f.cause, "task failed");
+            Diagnostic { error_type: f.error, error_message: f.cause }
+        });
+    }
+    let sqs: SqsEvent = serde_json::from_value(payload).map_err(|e| Diagnostic {
+        error_type: "Ember.UnknownEvent".into(),
+        error_message: format!(
+            "the event is neither an SQS batch (Records) nor a pipeline task ({{\"task\", \"input\"}}): {e}"
+        ),
+    })?;
     let deadline = usable_deadline(context.deadline, SystemTime::now());
     if deadline.is_none() {
         tracing::warn!(
@@ -91,9 +119,11 @@ async fn invocation(
              running without a deadline"
         );
     }
-    let report = run_batch(handler.as_ref(), payload, deadline, &opts).await;
-    report.into_response().map_err(|e| {
+    let report = run_batch(handler.as_ref(), sqs, deadline, &opts).await;
+    let response: SqsBatchResponse = report.into_response().map_err(|e| {
         tracing::error!(label = e.label(), error = %e, "failing the invocation");
-        e.into()
-    })
+        Diagnostic { error_type: e.label().into(), error_message: e.to_string() }
+    })?;
+    serde_json::to_value(response)
+        .map_err(|e| Diagnostic { error_type: "Ember.Internal".into(), error_message: e.to_string() })
 }
