@@ -160,6 +160,19 @@ pub async fn process_hop(env: &Env, msg: HopMessage) -> Result<HopOutcome, Pipel
     if let Some(done) = &t.branch_done {
         sends.extend(branch_done(env, &t.message, done).await?);
     }
+    if duplicate {
+        // A redelivered hop re-sends only the successors not recorded yet: one that is
+        // recorded was received and processed, and its own redelivery (if it crashed) sends
+        // its successors. Without this a duplicate would replay to the end of its branch.
+        let mut fresh = Vec::with_capacity(sends.len());
+        for o in sends {
+            let key = transition_key(&o.message.execution, &o.message.scope, o.message.hop);
+            if get_json::<Transition>(env, &key).await?.is_none() {
+                fresh.push(o);
+            }
+        }
+        sends = fresh;
+    }
     let sent = sends.len();
     if !sends.is_empty() {
         env.sender
