@@ -52,7 +52,7 @@ async fn agent_calls_a_tool_then_answers() {
     let c = calls.clone();
     let generate = move |req: Value| -> Result<Value, TaskFailure> {
         let n = c.fetch_add(1, Ordering::SeqCst);
-        let user = req["messages"][1]["content"].as_str().unwrap().to_string();
+        let user = req["messages"].as_array().and_then(|m| m.last()).unwrap()["content"].as_str().unwrap().to_string();
         let text = match n {
             0 => "Let me look: {\"tool\": \"http_get\", \"url\": \"http://docs.local/paris\"}".to_string(),
             1 => "not json at all".to_string(),
@@ -91,7 +91,7 @@ async fn agent_stops_at_its_iteration_limit() {
 #[tokio::test]
 async fn summarize_maps_then_joins() {
     let generate = |req: Value| -> Result<Value, TaskFailure> {
-        let user = req["messages"][1]["content"].as_str().unwrap();
+        let user = req["messages"].as_array().and_then(|m| m.last()).unwrap()["content"].as_str().unwrap();
         Ok(json!({"text": format!("summary of {}", user.lines().next().unwrap_or(""))}))
     };
     let runner =

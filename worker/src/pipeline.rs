@@ -169,11 +169,24 @@ pub fn tools(http_allow: &[String]) -> Tools {
 pub struct HopHandler {
     env: Env,
     queue: Arc<dyn Queue>,
+    crash_after_record: Option<f64>,
 }
+
+/// A failpoint for crash tests: with `EMBER_FAULT_CRASH_AFTER_RECORD=P` (0 < P <= 1) a worker
+/// aborts, with probability P, right after recording a hop's transition and before sending its
+/// next hops, the worst moment for exactly-once. Never set it in production.
+pub const CRASH_AFTER_RECORD_ENV: &str = "EMBER_FAULT_CRASH_AFTER_RECORD";
 
 impl HopHandler {
     pub fn new(env: Env, queue: Arc<dyn Queue>) -> Self {
-        Self { env, queue }
+        let crash_after_record = std::env::var(CRASH_AFTER_RECORD_ENV)
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|p| *p > 0.0 && *p <= 1.0);
+        if let Some(p) = crash_after_record {
+            tracing::warn!(probability = p, "failpoint on: this worker will crash after recording some hops");
+        }
+        Self { env, queue, crash_after_record }
     }
 
     /// The engine's environment for a worker's queue, store and runner.
@@ -202,6 +215,16 @@ impl Handler for HopHandler {
             }
         };
         let execution = hop.execution.clone();
+        if let Some(rate) = self.crash_after_record {
+            // Failpoint for the crash tests: die like a SIGKILL right after the transition is
+            // recorded and before any next hop is sent.
+            if let Ok((_, false)) = ember_orchestrator::pipeline::record_hop(&self.env, &hop).await {
+                if rand::random::<f64>() < rate {
+                    tracing::warn!(%execution, hop = %hop.id(), "failpoint: crashing after recording the transition");
+                    std::process::abort();
+                }
+            }
+        }
         match process_hop(&self.env, hop).await {
             Ok(outcome) => {
                 if outcome.duplicate {

@@ -163,6 +163,9 @@ impl Worker {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let child = ember_cmd(env, &["serve", "--pipelines", "--wait-seconds", "1", "--concurrency", "4"])?
             .env("EMBER_VISIBILITY_TIMEOUT", "3")
+            // Besides the SIGKILLs from outside, each worker dies on its own right after
+            // recording a transition and before sending the next hop, now and then.
+            .env(ember_worker::pipeline::CRASH_AFTER_RECORD_ENV, "0.03")
             .env("EMBER_MAX_RECEIVE_COUNT", "1000")
             .env("EMBER_THREADS", "1")
             .stdout(Stdio::null())
@@ -189,7 +192,7 @@ fn killed_pipeline_workers_finish_every_execution_exactly_once() -> anyhow::Resu
     ];
     let def = dir.path().join("fan.asl.json");
     std::fs::write(&def, FAN)?;
-    let n_exec = 10;
+    let n_exec = 16;
     for n in 0..n_exec {
         let input = json!({"n": n * 10}).to_string();
         ok(ember(
@@ -202,7 +205,7 @@ fn killed_pipeline_workers_finish_every_execution_exactly_once() -> anyhow::Resu
     let mut rng = rand::rng();
     let (mut kills, started) = (0, Instant::now());
     loop {
-        std::thread::sleep(Duration::from_millis(rng.random_range(200..1200)));
+        std::thread::sleep(Duration::from_millis(rng.random_range(100..800)));
         let finished = (0..n_exec)
             .map(|n| describe(&env, &format!("run-{n}")))
             .collect::<anyhow::Result<Vec<_>>>()?
@@ -218,6 +221,12 @@ fn killed_pipeline_workers_finish_every_execution_exactly_once() -> anyhow::Resu
         let victim = rng.random_range(0..workers.len());
         workers[victim] = Worker::start(&env, &logs[victim])?; // the old one is killed on drop
         kills += 1;
+        // Workers that crashed at the failpoint are started again.
+        for (w, log) in workers.iter_mut().zip(&logs) {
+            if w.0.try_wait()?.is_some() {
+                *w = Worker::start(&env, log)?;
+            }
+        }
     }
     drop(workers);
     assert!(kills >= 3, "only {kills} kills happened before the executions finished");
@@ -254,13 +263,59 @@ fn killed_pipeline_workers_finish_every_execution_exactly_once() -> anyhow::Resu
         .collect();
     let status: Value = serde_json::from_str(&ok(ember(&hop_env, &["status", "--json"])?)?)?;
     assert_eq!(status, json!({"visible": 0, "in_flight": 0, "delayed": 0, "dlq": 0}), "after {kills} kills");
-    let redelivered: usize = logs
-        .iter()
-        .map(|l| std::fs::read_to_string(l).map(|t| t.matches("hop redelivered").count()).unwrap_or(0))
-        .sum();
+    let in_logs = |what: &str| -> usize {
+        logs.iter().map(|l| std::fs::read_to_string(l).map(|t| t.matches(what).count()).unwrap_or(0)).sum()
+    };
+    let (crashes, redelivered) = (in_logs("failpoint: crashing"), in_logs("hop redelivered"));
+    assert!(crashes >= 1, "no worker crashed between recording a transition and sending its next hop");
+    assert!(
+        redelivered >= crashes,
+        "{crashes} crashes after recording, but only {redelivered} recorded hops redelivered"
+    );
     eprintln!(
-        "pipeline crash test: {kills} kills, {n_exec} executions, {redelivered} hops redelivered after recording, {:.0} s",
+        "pipeline crash test: {kills} kills, {crashes} crashes after recording, {redelivered} recorded hops redelivered, \
+         {n_exec} executions, {:.0} s",
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// The shipped examples on the real small model: the agent loop answers in JSON and its answer
+/// is taken; the summarizer maps over documents with the model and joins the summaries.
+#[test]
+fn the_example_pipelines_run_on_the_small_model() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let env = vec![
+        ("EMBER_QUEUE_PATH", dir.path().join("queue.db").to_string_lossy().into_owned()),
+        ("EMBER_PIPELINE_QUEUE_PATH", dir.path().join("hops.db").to_string_lossy().into_owned()),
+        ("EMBER_RESULTS", dir.path().join("results").to_string_lossy().into_owned()),
+        // The agent's http_get may only reach this machine (nothing here needs it).
+        ("EMBER_HTTP_ALLOW", "127.0.0.1".to_string()),
+    ];
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipelines");
+    let agent = examples.join("agent.asl.json");
+    let input = json!({"question": "What is the capital of France?", "max_iterations": 3}).to_string();
+    ok(ember(&env, &["pipeline", "start", &agent.to_string_lossy(), "--name", "agent", "--input", &input])?)?;
+    let docs = json!({"documents": [
+        {"title": "Paris", "text": "Paris is the capital and largest city of France, on the Seine."},
+        {"title": "Rome", "text": "Rome is the capital city of Italy, founded, says the legend, in 753 BC."},
+        {"title": "Oslo", "text": "Oslo is the capital of Norway, at the head of the Oslofjord."}
+    ]})
+    .to_string();
+    let summarize = examples.join("summarize.asl.json");
+    ok(ember(&env, &["pipeline", "start", &summarize.to_string_lossy(), "--name", "sum", "--input", &docs])?)?;
+    ok(ember(&env, &["serve", "--pipelines", "--exit-when-idle", "--wait-seconds", "1"])?)?;
+
+    let d = describe(&env, "agent")?;
+    assert_eq!(d["status"], "SUCCEEDED", "{d}");
+    assert!(d["output"]["answer"].as_str().unwrap_or_default().contains("Paris"), "{d}");
+    let d = describe(&env, "sum")?;
+    assert_eq!(d["status"], "SUCCEEDED", "{d}");
+    let generated = history(&env, "sum")?
+        .iter()
+        .filter(|e| e["type"] == "TaskSucceeded" && e["details"]["resource"] == "ember:generate")
+        .count();
+    assert_eq!(generated, 4, "three summaries and the join");
+    eprintln!("summarize output: {}", d["output"]);
     Ok(())
 }
