@@ -215,10 +215,14 @@ impl Handler for HopHandler {
             }
         };
         let execution = hop.execution.clone();
-        if let Some(rate) = self.crash_after_record {
+        // Whether this delivery recorded the transition itself (through the failpoint below);
+        // process_hop then finds the record, which is not a redelivery.
+        let mut recorded_here = false;
+        if let Some(rate) = self.crash_after_record.filter(|_| hop.not_before.is_none()) {
             // Failpoint for the crash tests: die like a SIGKILL right after the transition is
             // recorded and before any next hop is sent.
             if let Ok((_, false)) = ember_orchestrator::pipeline::record_hop(&self.env, &hop).await {
+                recorded_here = true;
                 if rand::random::<f64>() < rate {
                     tracing::warn!(%execution, hop = %hop.id(), "failpoint: crashing after recording the transition");
                     std::process::abort();
@@ -226,7 +230,8 @@ impl Handler for HopHandler {
             }
         }
         match process_hop(&self.env, hop).await {
-            Ok(outcome) => {
+            Ok(mut outcome) => {
+                outcome.duplicate &= !recorded_here;
                 if outcome.duplicate {
                     tracing::info!(%execution, hop = %outcome.hop_id, "hop redelivered: its transition was recorded, next hops sent again");
                 }
