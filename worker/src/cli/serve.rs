@@ -144,9 +144,10 @@ impl LoopArgs {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let opts = args.worker.looping.options(&args.worker.queue, args.exit_when_idle)?;
-    let worker = Worker::start(&args.worker).await?;
+    // Signals first: SIGTERM during the model load ends the process cleanly once it is loaded.
     let shutdown = Shutdown::new();
     shutdown.on_signals();
+    let worker = Worker::start(&args.worker).await?;
     let stats = Arc::new(ServeStats::default());
     tracing::info!(concurrency = opts.concurrency, model = %worker.engine.loaded.name, pipelines = args.pipelines, "serving");
     let jobs = serve(worker.queue.clone(), worker.handler.clone(), &opts, &shutdown, stats.clone());

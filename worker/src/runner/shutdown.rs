@@ -54,15 +54,20 @@ impl Shutdown {
         }
     }
 
-    /// Trips on SIGTERM or SIGINT (Ctrl-C).
+    /// Trips on SIGTERM or SIGINT (Ctrl-C). The handlers are in place when this returns, so a
+    /// signal that arrives at any later moment (during a model load, say) is a clean shutdown,
+    /// not the default action of dying by the signal.
     pub fn on_signals(&self) {
         let me = self.clone();
+        #[cfg(unix)]
+        let handlers = {
+            use tokio::signal::unix::{signal, SignalKind};
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        };
         tokio::spawn(async move {
             #[cfg(unix)]
             {
-                use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-                else {
+                let (Ok(mut term), Ok(mut int)) = handlers else {
                     tracing::warn!("could not install signal handlers; shutdown only by kill");
                     return;
                 };
