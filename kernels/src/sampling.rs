@@ -70,26 +70,40 @@ pub fn sample_batch(
     seen: &[&[u32]],
     step: u64,
 ) -> Result<Vec<u32>, SampleError> {
+    each_row(logits, vocab, params, seen, |l, p| pick_sorted(l, p, step))
+}
+
+/// The steps every implementation shares, row by row: the shape, non-finite logits and the
+/// settings are checked and the repetition penalty applied to a copy of the row, which `pick`
+/// chooses from.
+fn each_row(
+    logits: &[f32],
+    vocab: usize,
+    params: &[RowParams],
+    seen: &[&[u32]],
+    mut pick: impl FnMut(Vec<f32>, &RowParams) -> u32,
+) -> Result<Vec<u32>, SampleError> {
     let rows = params.len();
     if vocab == 0 || logits.len() != rows * vocab || seen.len() != rows {
         return Err(SampleError::Shape { len: logits.len(), rows, vocab });
     }
     let mut out = Vec::with_capacity(rows);
     for (row, ((chunk, p), seen)) in logits.chunks(vocab).zip(params).zip(seen).enumerate() {
-        out.push(sample_row(row, chunk, p, seen, step)?);
+        if let Some((index, &value)) = chunk.iter().enumerate().find(|(_, l)| !l.is_finite()) {
+            return Err(SampleError::NonFinite { row, index, value });
+        }
+        check_params(row, p)?;
+        let mut l = chunk.to_vec();
+        penalize(&mut l, p.repetition_penalty, seen);
+        out.push(pick(l, p));
     }
     Ok(out)
 }
 
-fn sample_row(row: usize, logits: &[f32], p: &RowParams, seen: &[u32], step: u64) -> Result<u32, SampleError> {
-    if let Some((index, &value)) = logits.iter().enumerate().find(|(_, l)| !l.is_finite()) {
-        return Err(SampleError::NonFinite { row, index, value });
-    }
-    check_params(row, p)?;
-    let mut l = logits.to_vec();
-    penalize(&mut l, p.repetition_penalty, seen);
+/// The reference: greedy, or sort, cut to top-k, softmax, cut to top-p, draw.
+fn pick_sorted(l: Vec<f32>, p: &RowParams, step: u64) -> u32 {
     if p.temperature == 0.0 || p.top_k == 1 {
-        return Ok(argmax(&l));
+        return argmax(&l);
     }
     let mut cand: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, v)| (i as u32, v / p.temperature)).collect();
     cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -117,10 +131,10 @@ fn sample_row(row: usize, logits: &[f32], p: &RowParams, seen: &[u32], step: u64
     for (i, q) in probs[..keep].iter().enumerate() {
         acc += q;
         if acc > target {
-            return Ok(cand[i].0);
+            return cand[i].0;
         }
     }
-    Ok(cand[keep - 1].0)
+    cand[keep - 1].0
 }
 
 /// Checks one row's settings; the CUDA wrapper runs it on the host before a launch.
@@ -200,43 +214,33 @@ pub fn sample_batch_by_keys(
     seen: &[&[u32]],
     step: u64,
 ) -> Result<Vec<u32>, SampleError> {
-    let rows = params.len();
-    if vocab == 0 || logits.len() != rows * vocab || seen.len() != rows {
-        return Err(SampleError::Shape { len: logits.len(), rows, vocab });
+    each_row(logits, vocab, params, seen, |l, p| pick_by_keys(l, p, step))
+}
+
+/// The kernel's choice: greedy is the largest key, else the bisections.
+fn pick_by_keys(mut l: Vec<f32>, p: &RowParams, step: u64) -> u32 {
+    let vocab = l.len();
+    let key = |(i, v): (usize, &f32)| key_of(*v, i as u32);
+    if p.temperature == 0.0 || p.top_k == 1 {
+        return l.iter().enumerate().map(key).max().map_or(0, id_of);
     }
-    let mut out = Vec::with_capacity(rows);
-    for (row, ((chunk, p), seen)) in logits.chunks(vocab).zip(params).zip(seen).enumerate() {
-        if let Some((index, &value)) = chunk.iter().enumerate().find(|(_, l)| !l.is_finite()) {
-            return Err(SampleError::NonFinite { row, index, value });
-        }
-        check_params(row, p)?;
-        let mut l = chunk.to_vec();
-        penalize(&mut l, p.repetition_penalty, seen);
-        let keys = |l: &[f32]| -> Vec<u64> { l.iter().enumerate().map(|(i, v)| key_of(*v, i as u32)).collect() };
-        if p.temperature == 0.0 || p.top_k == 1 {
-            out.push(keys(&l).into_iter().max().map_or(0, id_of));
-            continue;
-        }
-        l.iter_mut().for_each(|v| *v /= p.temperature);
-        let keys = keys(&l);
-        let best = keys.iter().copied().max().unwrap_or(0);
-        let max = value_of(best);
-        let mass_ge = |bound: u64| -> f32 {
-            keys.iter().zip(&l).filter(|(k, _)| **k >= bound).map(|(_, s)| (s - max).exp()).sum()
-        };
-        let kth = if p.top_k > 0 && p.top_k < vocab {
-            bisect(0, best, |b| keys.iter().filter(|k| **k >= b).count() >= p.top_k)
-        } else {
-            0
-        };
-        let kept_k = mass_ge(kth);
-        let cut = if p.top_p < 1.0 { bisect(kth, best, |b| mass_ge(b) >= p.top_p * kept_k) } else { kth };
-        let target = uniform(p.seed, step) * mass_ge(cut);
-        let chosen = bisect(cut, best, |b| mass_ge(b) > target);
-        // `chosen` is always a key: every step of mass_ge ends at one.
-        out.push(keys.iter().copied().filter(|k| *k >= chosen).min().map_or(0, id_of));
-    }
-    Ok(out)
+    l.iter_mut().for_each(|v| *v /= p.temperature);
+    let keys: Vec<u64> = l.iter().enumerate().map(key).collect();
+    let best = keys.iter().copied().max().unwrap_or(0);
+    let max = value_of(best);
+    let mass_ge =
+        |bound: u64| -> f32 { keys.iter().zip(&l).filter(|(k, _)| **k >= bound).map(|(_, s)| (s - max).exp()).sum() };
+    let kth = if p.top_k > 0 && p.top_k < vocab {
+        bisect(0, best, |b| keys.iter().filter(|k| **k >= b).count() >= p.top_k)
+    } else {
+        0
+    };
+    let kept_k = mass_ge(kth);
+    let cut = if p.top_p < 1.0 { bisect(kth, best, |b| mass_ge(b) >= p.top_p * kept_k) } else { kth };
+    let target = uniform(p.seed, step) * mass_ge(cut);
+    let chosen = bisect(cut, best, |b| mass_ge(b) > target);
+    // `chosen` is always a key: every step of mass_ge ends at one.
+    keys.iter().copied().filter(|k| *k >= chosen).min().map_or(0, id_of)
 }
 
 /// The largest value's index; the lowest index on ties.

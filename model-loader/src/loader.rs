@@ -260,10 +260,25 @@ pub fn build(
     device: &Device,
     fetch_s: Duration,
 ) -> Result<LoadedModel> {
-    let dtype = dtype_choice.resolve(device);
     let t1 = Instant::now();
     let verified = files.verify()?;
-    let verify_s = t1.elapsed();
+    assemble(name, files, None, dtype_choice, device, fetch_s, (verified, t1.elapsed()))
+}
+
+/// Builds the model from files whose bytes were checked (`verified`, taking `verify_s`), with
+/// the safetensors weights read from `files`, or already on the device in `preloaded`.
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    name: String,
+    files: &ModelFiles,
+    preloaded: Option<std::collections::HashMap<String, candle_core::Tensor>>,
+    dtype_choice: DTypeChoice,
+    device: &Device,
+    fetch_s: Duration,
+    (verified, verify_s): (bool, Duration),
+) -> Result<LoadedModel> {
+    let dtype = dtype_choice.resolve(device);
+    let streamed = preloaded.is_some();
     let t2 = Instant::now();
     let gguf = files.names().find(|n| n.ends_with(".gguf")).map(str::to_string);
     let (model, tokenizer, tok_cfg) = match gguf {
@@ -288,17 +303,25 @@ pub fn build(
                 Some(b) => TokenizerConfig::from_json(&String::from_utf8_lossy(b))?,
                 None => TokenizerConfig::default(),
             };
-            let shards: Vec<(&str, &[u8])> = files
-                .files
-                .iter()
-                .filter(|(n, _)| n.ends_with(".safetensors"))
-                .map(|(n, b)| (n.as_str(), &**b))
-                .collect();
-            if shards.is_empty() {
-                return Err(LoadError::MissingFile { model: files.origin.clone(), file: "model.safetensors".into() });
-            }
-            let weights = SafetensorsWeights::new(&shards)?;
-            (build_model(&weights, &cfg, dtype, device)?, tokenizer, tok_cfg)
+            let model = match preloaded {
+                Some(tensors) => build_model(&crate::stream::PreloadedWeights::new(tensors), &cfg, dtype, device)?,
+                None => {
+                    let shards: Vec<(&str, &[u8])> = files
+                        .files
+                        .iter()
+                        .filter(|(n, _)| n.ends_with(".safetensors"))
+                        .map(|(n, b)| (n.as_str(), &**b))
+                        .collect();
+                    if shards.is_empty() {
+                        return Err(LoadError::MissingFile {
+                            model: files.origin.clone(),
+                            file: "model.safetensors".into(),
+                        });
+                    }
+                    build_model(&SafetensorsWeights::new(&shards)?, &cfg, dtype, device)?
+                }
+            };
+            (model, tokenizer, tok_cfg)
         }
     };
     let chat_template = ChatTemplate::new(&tok_cfg)?;
@@ -307,7 +330,7 @@ pub fn build(
         verify_s: verify_s.as_secs_f64(),
         build_s: t2.elapsed().as_secs_f64(),
     };
-    tracing::info!(model = %name, verified, ?timings, "model loaded");
+    tracing::info!(model = %name, verified, streamed, ?timings, "model loaded");
     Ok(LoadedModel { name, model, tokenizer, chat_template, verified, timings })
 }
 
@@ -321,7 +344,8 @@ fn device_sink(device: &Device) -> Result<Box<dyn crate::stream::TensorSink>> {
 }
 
 /// Builds a model whose weights [`s3::fetch_streaming`] already put on the device (and
-/// verified against the manifest on the way).
+/// verified against the manifest on the way: that hashing ran during the download, so its
+/// time is inside `fetch_s`).
 fn build_preloaded(
     name: String,
     streamed: s3::Streamed,
@@ -329,23 +353,8 @@ fn build_preloaded(
     device: &Device,
     fetch_s: Duration,
 ) -> Result<LoadedModel> {
-    let dtype = dtype_choice.resolve(device);
-    let t2 = Instant::now();
-    let files = &streamed.files;
-    let cfg = HfConfig::from_json(&String::from_utf8_lossy(files.require("config.json")?))?.into_config()?;
-    let tokenizer = tokenizer_from_bytes(files.require("tokenizer.json")?)?;
-    let tok_cfg = match files.get("tokenizer_config.json") {
-        Some(b) => TokenizerConfig::from_json(&String::from_utf8_lossy(b))?,
-        None => TokenizerConfig::default(),
-    };
-    let weights = crate::stream::PreloadedWeights::new(streamed.tensors);
-    let model = build_model(&weights, &cfg, dtype, device)?;
-    let chat_template = ChatTemplate::new(&tok_cfg)?;
-    // Hashing ran during the download, so its time is inside fetch_s.
-    let timings = LoadTimings { fetch_s: fetch_s.as_secs_f64(), verify_s: 0.0, build_s: t2.elapsed().as_secs_f64() };
-    let verified = streamed.verified;
-    tracing::info!(model = %name, verified, streamed = true, ?timings, "model loaded");
-    Ok(LoadedModel { name, model, tokenizer, chat_template, verified, timings })
+    let verified = (streamed.verified, Duration::ZERO);
+    assemble(name, &streamed.files, Some(streamed.tensors), dtype_choice, device, fetch_s, verified)
 }
 
 fn build_model(weights: &dyn WeightSource, cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Model> {

@@ -147,11 +147,14 @@ fn store(dir: &Path, bucket: &str, obj: &Object, bytes: &[u8]) -> std::io::Resul
 
 /// One ranged GET, `[start, end)`, checked for length.
 async fn get_range(client: &aws_sdk_s3::Client, bucket: &str, key: &str, start: u64, end: u64) -> Result<bytes::Bytes> {
+    if end <= start {
+        return Ok(bytes::Bytes::new()); // an empty file: S3 refuses a range of nothing
+    }
     let resp = client
         .get_object()
         .bucket(bucket)
         .key(key)
-        .range(format!("bytes={}-{}", start, end.max(start + 1) - 1))
+        .range(format!("bytes={}-{}", start, end - 1))
         .send()
         .await
         .map_err(|e| s3_error(bucket, key, e))?;
@@ -171,6 +174,13 @@ async fn get_range(client: &aws_sdk_s3::Client, bucket: &str, key: &str, start: 
         });
     }
     Ok(bytes)
+}
+
+/// Logs how much came down and how fast.
+fn log_download(bucket: &str, prefix: &str, total: u64, started: Instant, what: &'static str) {
+    let secs = started.elapsed().as_secs_f64();
+    let mb_per_s = total as f64 / 1e6 / secs.max(1e-9);
+    tracing::info!(bucket, prefix, bytes = total, seconds = secs, mb_per_s, "{what}");
 }
 
 /// What [`fetch_streaming`] answers.
@@ -255,15 +265,7 @@ pub async fn fetch_streaming(
     }
     bar.finish_and_clear();
     let tensors = sink.finish()?;
-    let secs = started.elapsed().as_secs_f64();
-    tracing::info!(
-        bucket,
-        prefix,
-        bytes = total,
-        seconds = secs,
-        mb_per_s = total as f64 / 1e6 / secs.max(1e-9),
-        "model streamed to the device"
-    );
+    log_download(bucket, prefix, total, started, "model streamed to the device");
     Ok(Streamed { files, tensors, verified: manifest.is_some() })
 }
 
@@ -289,50 +291,18 @@ pub async fn fetch(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str, opts
         .collect();
     let mut buffers: Vec<Vec<u8>> = to_fetch.iter().map(|o| vec![0u8; o.size as usize]).collect();
     let mut parts = futures::stream::iter(ranges.into_iter().map(|(i, start, end)| {
-        let obj = &to_fetch[i];
-        async move {
-            let resp = client
-                .get_object()
-                .bucket(bucket)
-                .key(&obj.key)
-                .range(format!("bytes={}-{}", start, end - 1))
-                .send()
-                .await
-                .map_err(|e| s3_error(bucket, &obj.key, e))?;
-            let body = resp.body.collect().await.map_err(|e| LoadError::S3 {
-                bucket: bucket.into(),
-                key: obj.key.clone(),
-                message: format!("reading the body: {e}"),
-                retryable: true,
-            })?;
-            Ok::<_, LoadError>((i, start, end, body.into_bytes()))
-        }
+        let key = &to_fetch[i].key;
+        async move { Ok::<_, LoadError>((i, start, end, get_range(client, bucket, key, start, end).await?)) }
     }))
     .buffer_unordered(opts.concurrency.max(1));
     while let Some(res) = parts.next().await {
         let (i, start, end, bytes) = res?;
-        if bytes.len() as u64 != end - start {
-            return Err(LoadError::S3 {
-                bucket: bucket.into(),
-                key: to_fetch[i].key.clone(),
-                message: format!("asked for {} bytes at {start}, got {}", end - start, bytes.len()),
-                retryable: true,
-            });
-        }
         buffers[i][start as usize..end as usize].copy_from_slice(&bytes);
         bar.inc(bytes.len() as u64);
     }
     drop(parts);
     bar.finish_and_clear();
-    let secs = started.elapsed().as_secs_f64();
-    tracing::info!(
-        bucket,
-        prefix,
-        bytes = total,
-        seconds = secs,
-        mb_per_s = total as f64 / 1e6 / secs.max(1e-9),
-        "model downloaded"
-    );
+    log_download(bucket, prefix, total, started, "model downloaded");
     for (obj, buf) in to_fetch.iter().zip(buffers) {
         if let Some(dir) = &opts.cache_dir {
             if let Err(e) = store(dir, bucket, obj, &buf) {

@@ -23,6 +23,19 @@ async fn upload_dir(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str, dir: &P
     Ok(())
 }
 
+/// moto on 127.0.0.1 with the f16 model uploaded to s3://weights/smollm2 (with its manifest):
+/// the server (keep it alive), its AWS configuration, an S3 client and the model's local folder.
+async fn model_in_moto() -> anyhow::Result<(MotoServer, aws_config::SdkConfig, aws_sdk_s3::Client, std::path::PathBuf)>
+{
+    let moto = MotoServer::start()?;
+    let aws = moto.aws_config().await;
+    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
+    s3.create_bucket().bucket("weights").send().await?;
+    let dir = smollm_hf("f16")?;
+    upload_dir(&s3, "weights", "smollm2", &dir).await?;
+    Ok((moto, aws, s3, dir))
+}
+
 fn options(aws: aws_config::SdkConfig, cache: Option<&Path>) -> LoadOptions {
     LoadOptions {
         dtype: DTypeChoice::F16,
@@ -50,12 +63,7 @@ fn answer(engine: &Engine) -> anyhow::Result<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn model_from_s3_matches_disk_and_is_verified() -> anyhow::Result<()> {
-    let moto = MotoServer::start()?;
-    let aws = moto.aws_config().await;
-    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
-    s3.create_bucket().bucket("weights").send().await?;
-    let dir = smollm_hf("f16")?;
-    upload_dir(&s3, "weights", "smollm2", &dir).await?;
+    let (_moto, aws, s3, dir) = model_in_moto().await?;
 
     let cache = tempfile::tempdir()?;
     let reference: ModelRef = "s3://weights/smollm2".parse()?;
@@ -101,12 +109,7 @@ async fn model_from_s3_matches_disk_and_is_verified() -> anyhow::Result<()> {
 /// disk, and a flipped byte still refuses the load.
 #[tokio::test(flavor = "multi_thread")]
 async fn weights_streamed_to_the_device_answer_the_same_and_are_verified() -> anyhow::Result<()> {
-    let moto = MotoServer::start()?;
-    let aws = moto.aws_config().await;
-    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
-    s3.create_bucket().bucket("weights").send().await?;
-    let dir = smollm_hf("f16")?;
-    upload_dir(&s3, "weights", "smollm2", &dir).await?;
+    let (_moto, aws, s3, dir) = model_in_moto().await?;
     let reference: ModelRef = "s3://weights/smollm2".parse()?;
     // 3 MB parts: tensors straddle part boundaries, and the header arrives in the first part.
     let streaming = |aws: aws_config::SdkConfig| LoadOptions {

@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use crate::engine::{Batcher, Engine};
 use crate::job::{validate, JobLimits};
 use crate::queue::{OutgoingMessage, Queue, ReceivedMessage};
+use crate::runner::jobs::send_to_dlq;
 use crate::runner::{retry_backoff, Handler, Outcome, Shutdown};
 use crate::store::{ObjectStore, PutOutcome};
 
@@ -208,10 +209,7 @@ impl Handler for HopHandler {
             Err(e) => {
                 let reason = format!("not a pipeline hop message: {e}");
                 tracing::warn!(message_id = %msg.id, %reason, "refused");
-                return match self.queue.send_to_dlq(msg.body.clone(), &reason).await {
-                    Ok(_) => Outcome::Poisoned { label: "pipeline_bad_hop".into() },
-                    Err(e) => Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() },
-                };
+                return self.park(msg, &msg.body, &reason, "pipeline_bad_hop").await;
             }
         };
         let execution = hop.execution.clone();
@@ -239,8 +237,11 @@ impl Handler for HopHandler {
                     if let (Err(err), false) = (&end.result, outcome.duplicate) {
                         let record = json!({"execution": execution, "error": err.error, "cause": err.cause});
                         tracing::warn!(%execution, error = %err.error, cause = %err.cause, "execution failed");
-                        if let Err(e) = self.queue.send_to_dlq(record.to_string().into_bytes(), &err.error).await {
-                            return Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() };
+                        // The execution is over either way: the message goes once it is parked.
+                        if let Outcome::Retry { after, label } =
+                            self.park(msg, record.to_string().as_bytes(), &err.error, "pipeline_dlq").await
+                        {
+                            return Outcome::Retry { after, label };
                         }
                     } else if end.result.is_ok() && !outcome.duplicate {
                         tracing::info!(%execution, "execution succeeded");
@@ -255,11 +256,19 @@ impl Handler for HopHandler {
             Err(e) => {
                 tracing::warn!(message_id = %msg.id, %execution, error = %e, "hop refused");
                 let record = json!({"execution": execution, "error": e.label(), "cause": e.to_string()});
-                match self.queue.send_to_dlq(record.to_string().into_bytes(), e.label()).await {
-                    Ok(_) => Outcome::Poisoned { label: e.label().into() },
-                    Err(q) => Outcome::Retry { after: retry_backoff(msg.receive_count), label: q.label().into() },
-                }
+                self.park(msg, record.to_string().as_bytes(), e.label(), e.label()).await
             }
+        }
+    }
+}
+
+impl HopHandler {
+    /// Sends `body` to the pipeline DLQ with `reason`: [`Outcome::Poisoned`] with `label` once
+    /// it is there, a retry of the message if the DLQ could not take it.
+    async fn park(&self, msg: &ReceivedMessage, body: &[u8], reason: &str, label: &str) -> Outcome {
+        match send_to_dlq(self.queue.as_ref(), body, reason).await {
+            Ok(()) => Outcome::Poisoned { label: label.into() },
+            Err(e) => Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() },
         }
     }
 }

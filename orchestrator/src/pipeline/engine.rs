@@ -209,21 +209,8 @@ impl HopRun<'_> {
                 if let Some(last) = scope.last_mut() {
                     last.index = next;
                 }
-                t.sends.push(Outgoing {
-                    message: HopMessage {
-                        execution: self.msg.execution.clone(),
-                        state: machine.start_at.clone(),
-                        input,
-                        hop: frame.hop + 1,
-                        attempt: 0,
-                        retries: Vec::new(),
-                        scope,
-                        entered_time: None,
-                        not_before: None,
-                        join: None,
-                    },
-                    delay_seconds: 0.0,
-                });
+                let message = branch_start(&self.msg.execution, scope, frame.hop + 1, &machine.start_at, input);
+                t.sends.push(Outgoing { message, delay_seconds: 0.0 });
             }
         }
         Ok(())
@@ -508,18 +495,7 @@ impl HopRun<'_> {
     fn branch_message(&self, index: usize, start: &str, input: Value) -> HopMessage {
         let mut scope = self.msg.scope.clone();
         scope.push(Frame { state: self.msg.state.clone(), hop: self.msg.hop, index });
-        HopMessage {
-            execution: self.msg.execution.clone(),
-            state: start.to_string(),
-            input,
-            hop: self.msg.hop + 1,
-            attempt: 0,
-            retries: Vec::new(),
-            scope,
-            entered_time: None,
-            not_before: None,
-            join: None,
-        }
+        branch_start(&self.msg.execution, scope, self.msg.hop + 1, start, input)
     }
 
     async fn join(&mut self, state: &State, fan_hop: u64, raw: &Value, ctx: &Value) -> Result<Step, StatesError> {
@@ -556,5 +532,21 @@ impl HopRun<'_> {
             None => result,
         };
         Ok(self.flow(state, self.output(state, raw, selected, ctx)?))
+    }
+}
+
+/// The first hop of a Parallel branch or a Map item: state `start` of the branch at `scope`.
+fn branch_start(execution: &str, scope: Vec<Frame>, hop: u64, start: &str, input: Value) -> HopMessage {
+    HopMessage {
+        execution: execution.to_string(),
+        state: start.to_string(),
+        input,
+        hop,
+        attempt: 0,
+        retries: Vec::new(),
+        scope,
+        entered_time: None,
+        not_before: None,
+        join: None,
     }
 }

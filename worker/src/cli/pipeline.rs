@@ -9,7 +9,7 @@ use ember_orchestrator::pipeline::{describe, history, start_execution, Env, Opti
 
 use super::backends::{QueueArgs, StoreArgs};
 use super::common::AwsArgs;
-use crate::pipeline::{tools, QueueSender, StoreAdapter};
+use crate::pipeline::{tools, HopHandler, StoreAdapter};
 use crate::queue::Queue;
 
 /// Where pipeline hops are queued: a queue of their own, beside the jobs queue.
@@ -130,12 +130,7 @@ pub async fn run(cmd: PipelineCommand) -> anyhow::Result<()> {
             })?;
             let (queue, store) =
                 tokio::try_join!(args.pipeline_queue.open(&args.queue, &args.aws), args.store.open(&args.aws))?;
-            let env = Env {
-                store: Arc::new(StoreAdapter(store)),
-                sender: Arc::new(QueueSender(queue)),
-                runner: Arc::new(tools(&args.tools.http_allow)),
-                options: Options { max_hops: args.tools.max_hops, ..Options::default() },
-            };
+            let env = HopHandler::env(queue, store, Arc::new(tools(&args.tools.http_allow)), args.tools.max_hops);
             let id = start_execution(&env, &source, input, StartOptions { name: args.name.as_deref() })
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;

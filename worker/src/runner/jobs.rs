@@ -229,7 +229,7 @@ impl Handler for JobHandler {
 
 /// Sends the body as it is; a queue that carries only text (SQS) gets it with the invalid
 /// UTF-8 sequences replaced (the error result already names the offset).
-async fn send_to_dlq(queue: &dyn Queue, body: &[u8], label: &str) -> Result<(), crate::queue::QueueError> {
+pub(crate) async fn send_to_dlq(queue: &dyn Queue, body: &[u8], label: &str) -> Result<(), crate::queue::QueueError> {
     match queue.send_to_dlq(body.to_vec(), label).await {
         Err(crate::queue::QueueError::BodyNotUtf8 { .. }) => {
             queue.send_to_dlq(String::from_utf8_lossy(body).into_owned().into_bytes(), label).await.map(|_| ())
