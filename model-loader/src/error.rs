@@ -35,6 +35,8 @@ pub enum LoadError {
     SizeMismatch { file: String, expected: u64, actual: u64 },
     #[error("the manifest lists `{0}`, which is not in the model")]
     ManifestFileMissing(String),
+    #[error("the model at `{0}` has no ember-manifest.json, and verified weights are required (--require-manifest, on by default for s3:// models): write one with `ember model manifest DIR` and upload it beside the weights, or pass --require-manifest=false to load unverified weights")]
+    ManifestRequired(String),
     #[error("weights file `{file}` is unreadable: {message} (truncated or not a safetensors/GGUF file?)")]
     BadWeights { file: String, message: String },
     #[error("tensor `{name}` is missing from the weights: the checkpoint does not match config.json")]
@@ -70,6 +72,7 @@ impl LoadError {
             Self::ChecksumMismatch { .. } => "checksum_mismatch",
             Self::SizeMismatch { .. } => "size_mismatch",
             Self::ManifestFileMissing(_) => "manifest_file_missing",
+            Self::ManifestRequired(_) => "manifest_required",
             Self::BadWeights { .. } => "bad_weights",
             Self::MissingTensor { .. } => "missing_tensor",
             Self::BadTensorShape { .. } => "bad_tensor_shape",

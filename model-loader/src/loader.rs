@@ -162,6 +162,10 @@ pub struct LoadOptions {
     /// Whether safetensors weights from S3 go straight to the device as they download
     /// ([`crate::s3::fetch_streaming`]) instead of through a whole copy in host memory.
     pub stream: StreamWeights,
+    /// Refuse weights without an `ember-manifest.json` ([`LoadError::ManifestRequired`])
+    /// instead of loading them unverified. The CLI turns it on by default for `s3://` models,
+    /// where the bytes crossed a network and a bucket others can write.
+    pub require_manifest: bool,
 }
 
 /// When to stream weights to the device (see [`LoadOptions::stream`]).
@@ -219,6 +223,16 @@ pub async fn fetch_files(reference: &ModelRef, opts: &LoadOptions) -> Result<Mod
 pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedModel> {
     let device = select_device(opts.device)?;
     let t0 = Instant::now();
+    if let (ModelRef::S3 { bucket, prefix }, true) = (reference, opts.require_manifest) {
+        let sdk = opts.aws.as_ref().ok_or_else(|| {
+            LoadError::BadConfig(
+                "an s3:// model needs AWS configuration (region, credentials, optional --endpoint-url)".into(),
+            )
+        })?;
+        if !s3::has_manifest(&s3::client(sdk), bucket, prefix).await? {
+            return Err(LoadError::ManifestRequired(reference.to_string()));
+        }
+    }
     if let ModelRef::S3 { bucket, prefix } = reference {
         let wanted = match opts.stream {
             StreamWeights::Always => true,
@@ -233,6 +247,9 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
             })?;
             let mut sink = device_sink(&device)?;
             let streamed = s3::fetch_streaming(&s3::client(sdk), bucket, prefix, &opts.fetch, sink.as_mut()).await?;
+            if opts.require_manifest && !streamed.verified {
+                return Err(LoadError::ManifestRequired(reference.to_string()));
+            }
             let fetch_s = t0.elapsed();
             let name = model_name(reference);
             let dtype = opts.dtype;
@@ -242,6 +259,9 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
         }
     }
     let files = fetch_files(reference, opts).await?;
+    if opts.require_manifest && files.get(crate::manifest::MANIFEST_FILE).is_none() {
+        return Err(LoadError::ManifestRequired(reference.to_string()));
+    }
     let fetch_s = t0.elapsed();
     let name = model_name(reference);
     let dtype = opts.dtype;

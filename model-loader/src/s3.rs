@@ -113,6 +113,14 @@ async fn list(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result
     Ok(out)
 }
 
+/// Whether the model at `prefix` has an `ember-manifest.json` beside its files: one LIST
+/// request, so a model that must be verified is refused before any weight is downloaded. A
+/// `.gguf` key on its own has no place for a manifest (put it in a folder with one).
+pub async fn has_manifest(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result<bool> {
+    let objects = list(client, bucket, prefix).await?;
+    Ok(objects.iter().any(|o| o.name == crate::manifest::MANIFEST_FILE))
+}
+
 fn cache_paths(dir: &Path, bucket: &str, key: &str) -> (PathBuf, PathBuf) {
     let file = dir.join(bucket).join(key);
     let tag = dir.join(bucket).join(format!("{key}.ember-etag"));

@@ -53,6 +53,7 @@ fn options(aws: aws_config::SdkConfig, cache: Option<&Path>) -> LoadOptions {
 
 fn answer(engine: &Engine) -> anyhow::Result<String> {
     let req = GenerateRequest {
+        allow_special_tokens: false,
         prompt: Prompt::Chat(vec![Message::new("user", "What is the capital of France?")]),
         max_tokens: 32,
         sampling: SamplingParams::default(),

@@ -142,6 +142,7 @@ fn main() -> anyhow::Result<()> {
     let total_tokens: usize = rt.block_on(async {
         let runs = (0..16).map(|i| {
             let req = GenerateRequest {
+                allow_special_tokens: false,
                 prompt: Prompt::Text(format!("{i}. {}", &TEXT[..60])),
                 max_tokens: 256,
                 sampling: Default::default(),

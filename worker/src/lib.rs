@@ -5,7 +5,7 @@
 //! use ember_model_loader::{load, LoadOptions, Message};
 //! use ember_worker::engine::{Engine, GenerateRequest, Prompt, SamplingParams};
 //! let engine = Engine::new(load(&"/models/smollm2".parse()?, &LoadOptions::default()).await?);
-//! let done = engine.generate(&GenerateRequest {
+//! let done = engine.generate(&GenerateRequest { allow_special_tokens: false,
 //!     prompt: Prompt::Chat(vec![Message::new("user", "What is the capital of France?")]),
 //!     max_tokens: 32,
 //!     sampling: SamplingParams::default(),

@@ -95,15 +95,22 @@ impl ModelRunner {
     /// (messages, max_tokens, temperature, stop, response_format...), checked by the same
     /// rules as a queued job. The result: `{"text", "finish_reason", "usage"}`, plus `"json"`,
     /// the parsed reply, when the request asked for `response_format: {"type": "json_object"}`
-    /// and the reply parses.
+    /// and the reply parses. Special-token text in the messages (from a fetched web page, say)
+    /// is encoded as plain text unless the Parameters say `"allow_special_tokens": true`.
     async fn generate(&self, input: Value) -> Result<Value, TaskFailure> {
         let wants_json = input.pointer("/response_format/type").and_then(Value::as_str) == Some("json_object");
         let mut body = input;
+        let mut allow_special_tokens = None;
         if let Some(obj) = body.as_object_mut() {
             obj.remove("response_format");
+            allow_special_tokens = obj.remove("allow_special_tokens");
             obj.entry("model").or_insert_with(|| json!("default"));
         }
-        let line = json!({"custom_id": "pipeline-step", "method": "POST", "url": "/v1/chat/completions", "body": body});
+        let mut line =
+            json!({"custom_id": "pipeline-step", "method": "POST", "url": "/v1/chat/completions", "body": body});
+        if let Some(allow) = allow_special_tokens {
+            line["ember"] = json!({"allow_special_tokens": allow});
+        }
         let bytes = serde_json::to_vec(&line).map_err(|e| TaskFailure::new("Ember.InvalidRequest", e.to_string()))?;
         let (engine, limits) = (self.engine.clone(), self.limits.clone());
         let job = tokio::task::spawn_blocking(move || {
@@ -203,7 +210,7 @@ impl HopHandler {
 
 #[async_trait::async_trait]
 impl Handler for HopHandler {
-    async fn handle(&self, msg: &ReceivedMessage, _shutdown: &Shutdown) -> Outcome {
+    async fn handle(&self, msg: &ReceivedMessage, shutdown: &Shutdown) -> Outcome {
         let hop: HopMessage = match serde_json::from_slice(&msg.body) {
             Ok(h) => h,
             Err(e) => {
@@ -227,7 +234,18 @@ impl Handler for HopHandler {
                 }
             }
         }
-        match process_hop(&self.env, hop).await {
+        // Told to stop (the shutdown's grace period is over): drop the hop where it is, as a
+        // crash would, and hand the message back. Every effect of a hop is create-only, so its
+        // redelivery finishes it; a tool waiting on the network (http_get) does not hold the
+        // worker.
+        let processed = tokio::select! {
+            r = process_hop(&self.env, hop) => r,
+            _ = shutdown.wait() => {
+                tracing::info!(%execution, "shutdown: hop stopped; its message goes back to the queue");
+                return Outcome::Released;
+            }
+        };
+        match processed {
             Ok(mut outcome) => {
                 outcome.duplicate &= !recorded_here;
                 if outcome.duplicate {

@@ -33,8 +33,43 @@ pub fn init(format: Option<LogFormat>) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.compact().try_init(),
+        LogFormat::Text => builder.compact().fmt_fields(EscapedFields::default()).try_init(),
     };
+}
+
+/// Text-log fields with every control character escaped (`\n` as the two characters `\` `n`),
+/// so no field can start a line of its own: a job's `custom_id`, error message or prompt text
+/// reaches the logs, and a newline in it would otherwise forge a log line. JSON logs need no
+/// help (JSON strings escape control characters).
+#[derive(Default)]
+pub struct EscapedFields(tracing_subscriber::fmt::format::DefaultFields);
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for EscapedFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        mut writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut buf = String::new();
+        self.0.format_fields(tracing_subscriber::fmt::format::Writer::new(&mut buf), fields)?;
+        writer.write_str(&escape_controls(&buf))
+    }
+}
+
+/// `text` with control characters written as Rust escapes (`\n`, `\r`, `\t`, `\u{1b}`).
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Whether this process runs in AWS Lambda (or under a local Lambda runtime emulator).
@@ -52,4 +87,15 @@ pub fn in_lambda() -> bool {
 pub fn set_thread_count(requested: Option<usize>) {
     let n = requested.unwrap_or_else(candle_core::utils::get_num_threads).max(1);
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape_controls("plain id"), "plain id");
+        assert_eq!(escape_controls("a\nINFO forged\r\u{1b}[31m"), "a\\nINFO forged\\r\\u{1b}[31m");
+    }
 }

@@ -36,7 +36,13 @@ fn request(i: usize) -> GenerateRequest {
     } else {
         Prompt::Chat(vec![Message::new("user", PROMPTS[i])])
     };
-    GenerateRequest { prompt, max_tokens: 6 + 5 * (i % 7), sampling: SamplingParams::default(), stop: vec![] }
+    GenerateRequest {
+        allow_special_tokens: false,
+        prompt,
+        max_tokens: 6 + 5 * (i % 7),
+        sampling: SamplingParams::default(),
+        stop: vec![],
+    }
 }
 
 fn batched_equals_alone(engine: Engine) -> anyhow::Result<()> {
@@ -137,6 +143,7 @@ fn a_long_prompt_is_prefilled_in_chunks_with_the_same_answer_alone_and_batched()
     let engine = Arc::new(Engine::new(model));
     // About 1400 tokens: prefilled in chunks of 512, then the tail.
     let long = GenerateRequest {
+        allow_special_tokens: false,
         prompt: Prompt::Text(format!("{} The story so far, in one sentence:", PROMPTS.join(" ").repeat(12))),
         max_tokens: 8,
         sampling: SamplingParams::default(),

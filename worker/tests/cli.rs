@@ -170,3 +170,40 @@ fn import_gguf_writes_a_loadable_verified_directory() -> anyhow::Result<()> {
     assert_eq!(std::fs::read(out_dir.join("ember-manifest.json"))?, before);
     Ok(())
 }
+
+/// `--require-manifest` refuses unverified weights before loading them; it is on by default
+/// for s3:// models and off for local ones, and `--require-manifest=false` turns it off.
+#[test]
+fn unverified_weights_are_refused_when_a_manifest_is_required() -> anyhow::Result<()> {
+    // The converted model without its ember-manifest.json (links to the real files).
+    let source = smollm_hf("f32")?;
+    let dir = tempfile::tempdir()?;
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
+        std::os::unix::fs::symlink(source.join(f), dir.path().join(f))?;
+    }
+    let model = dir.path().to_string_lossy().into_owned();
+    let err = fails(&["generate", "--model", &model, "--prompt", "hi", "--require-manifest"], &[])?;
+    assert!(err.contains("has no ember-manifest.json"), "{err}");
+    assert!(err.contains("ember model manifest DIR"), "the message says what to do: {err}");
+    let out = ember(&["generate", "--model", &model, "--prompt", "What is the capital of France?"], &[])?;
+    assert_eq!(String::from_utf8(out.stdout)?, "The capital of France is Paris.\n", "local default: not required");
+
+    // On S3 it is required by default, and checked with one listing, before any download.
+    let moto = MotoServer::start()?;
+    let env: Vec<(&str, String)> = aws_env(&moto.endpoint()).iter().map(|(k, v)| (*k, v.clone())).collect();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let aws = moto.aws_config().await;
+        let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
+        s3.create_bucket().bucket("weights").send().await?;
+        let config = std::fs::read(source.join("config.json"))?;
+        s3.put_object().bucket("weights").key("m/config.json").body(config.into()).send().await?;
+        anyhow::Ok(())
+    })?;
+    let err = fails(&["generate", "--model", "s3://weights/m", "--prompt", "hi"], &env)?;
+    assert!(err.contains("`s3://weights/m` has no ember-manifest.json"), "{err}");
+    let err = fails(&["generate", "--model", "s3://weights/m", "--prompt", "hi", "--require-manifest=false"], &env)?;
+    assert!(!err.contains("ember-manifest.json"), "not required any more, so it fails further on: {err}");
+    assert!(err.contains("tokenizer.json"), "{err}");
+    Ok(())
+}

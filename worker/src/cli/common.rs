@@ -16,6 +16,12 @@ pub struct ModelArgs {
     /// Weight precision for safetensors models: auto (f32 on CPU, bf16 on CUDA), f32, f16, bf16.
     #[arg(long, env = "EMBER_DTYPE", default_value = "auto")]
     pub dtype: String,
+    /// Refuse weights that have no ember-manifest.json (SHA-256 of every file) instead of
+    /// loading them unverified: true or false. Default: true for s3:// models, false for local
+    /// ones.
+    #[arg(long, env = "EMBER_REQUIRE_MANIFEST", num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub require_manifest: Option<bool>,
     #[command(flatten)]
     pub fetch: FetchArgs,
 }
@@ -68,9 +74,9 @@ impl ModelArgs {
 
     pub async fn load_options(&self, aws: &AwsArgs) -> anyhow::Result<LoadOptions> {
         let reference = self.reference()?;
-        let aws = match reference {
-            ModelRef::S3 { .. } => Some(aws.config().await),
-            ModelRef::Local(_) => None,
+        let (aws, remote) = match reference {
+            ModelRef::S3 { .. } => (Some(aws.config().await), true),
+            ModelRef::Local(_) => (None, false),
         };
         Ok(LoadOptions {
             device: self.device.parse::<DeviceChoice>()?,
@@ -82,6 +88,7 @@ impl ModelArgs {
                 "never" => StreamWeights::Never,
                 _ => StreamWeights::Auto,
             },
+            require_manifest: self.require_manifest.unwrap_or(remote),
         })
     }
 }

@@ -70,7 +70,13 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         messages.push(Message::new("user", &args.prompt));
         Prompt::Chat(messages)
     };
-    let req = GenerateRequest { prompt, max_tokens: args.max_tokens, sampling, stop: args.stop.clone() };
+    let req = GenerateRequest {
+        allow_special_tokens: false,
+        prompt,
+        max_tokens: args.max_tokens,
+        sampling,
+        stop: args.stop.clone(),
+    };
     let done = tokio::task::block_in_place(|| engine.generate(&req))?;
     let t = done.timings;
     let decode_tokens = done.usage.completion_tokens.saturating_sub(1);

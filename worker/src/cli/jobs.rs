@@ -10,13 +10,17 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use super::backends::QueueArgs;
+use super::backends::{QueueArgs, StoreArgs};
 use super::common::AwsArgs;
 use super::serve::{stats_json, Worker, WorkerArgs};
-use crate::job::{default_result_key, derived_id, error_result_key, rejected_result_key, ResultLine};
-use crate::queue::{OutgoingMessage, Queue, MAX_BATCH};
+use crate::job::key::component_problem;
+use crate::job::{
+    default_result_key, derived_id, error_result_key, rejected_result_key, JobError, RejectedJob, ResultLine,
+    MAX_JOB_BODY_BYTES,
+};
+use crate::queue::{DeadLetter, OutgoingMessage, Queue, MAX_BATCH};
 use crate::runner::{serve, ServeStats, Shutdown};
-use crate::store::ObjectStore;
+use crate::store::{validate_key, ObjectStore, StoreError};
 
 #[derive(Debug, clap::Args)]
 pub struct SubmitArgs {
@@ -71,21 +75,103 @@ pub enum DlqCommand {
         #[command(flatten)]
         queue: QueueArgs,
     },
+    /// List the jobs in the dead-letter queue, one JSON object a line: message id, custom_id,
+    /// batch, why it is there, and whether its owner has an answer (a result or error result).
+    List {
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[command(flatten)]
+        queue: QueueArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Write an error result for every dead-lettered job that has no answer: a job whose
+    /// worker was killed (or timed out) on every allowed delivery reaches the DLQ through the
+    /// queue's redrive policy with nobody left to answer it. The jobs stay in the DLQ, so
+    /// `ember dlq redrive` can still run them (their result then goes beside the error result).
+    Answer {
+        #[command(flatten)]
+        aws: AwsArgs,
+        #[command(flatten)]
+        queue: QueueArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
-/// One input line, ready to send.
-struct Line {
-    number: usize,
-    body: Vec<u8>,
-    /// Where its result goes, when the line is JSON with a `custom_id` or a `result_key`.
+/// The most dead letters `list` and `answer` look at in one run.
+const MAX_DEAD_LETTERS: usize = 100_000;
+
+/// One dead-lettered job as `ember dlq list` shows it.
+struct DeadJob {
+    letter: DeadLetter,
+    custom_id: Option<String>,
+    batch_id: String,
+    /// Where its result and error result go, when its ids make usable keys.
     result_key: Option<String>,
 }
 
-/// Reads a batch file: skips blank lines, puts each JSON object line in the batch, and refuses
-/// duplicate `custom_id`s (their results would overwrite each other) before anything is sent.
-/// Lines that are not valid jobs are sent as they are: the worker answers each with an error
-/// result that says what is wrong, so nothing in the file is silently dropped.
-fn read_lines(file: &Path, batch_id: &str) -> anyhow::Result<Vec<Line>> {
+impl DeadJob {
+    fn new(letter: DeadLetter) -> Self {
+        let line = serde_json::from_slice::<Value>(&letter.body).ok();
+        let custom_id = line.as_ref().and_then(|l| l.get("custom_id")).and_then(Value::as_str).map(str::to_string);
+        let batch_id = line
+            .as_ref()
+            .and_then(|l| l.get("ember"))
+            .and_then(|e| e.get("batch_id"))
+            .and_then(Value::as_str)
+            .unwrap_or(crate::job::DEFAULT_BATCH)
+            .to_string();
+        let result_key = custom_id
+            .as_deref()
+            .filter(|id| !id.is_empty() && component_problem(id).is_none() && component_problem(&batch_id).is_none())
+            .map(|id| default_result_key(Some(&batch_id), id))
+            .filter(|k| validate_key(k).is_ok());
+        Self { letter, custom_id, batch_id, result_key }
+    }
+
+    /// Whether the job's owner can read an answer: its result, or its error result.
+    async fn answered(&self, store: &dyn ObjectStore) -> anyhow::Result<bool> {
+        match &self.result_key {
+            Some(key) => Ok(store.get(key).await?.is_some() || store.get(&error_result_key(key)).await?.is_some()),
+            // A line without a usable custom_id is refused by validation on its first delivery,
+            // which answers it before it is sent to the DLQ with a reason.
+            None => Ok(self.letter.reason.is_some()),
+        }
+    }
+}
+
+async fn dead_jobs(aws: &AwsArgs, queue: &QueueArgs) -> anyhow::Result<Vec<DeadJob>> {
+    let queue = queue.open(aws).await?;
+    Ok(queue.dead_letters(MAX_DEAD_LETTERS).await?.into_iter().map(DeadJob::new).collect())
+}
+
+/// One input line, ready to send, or already answered.
+struct Line {
+    number: usize,
+    body: Vec<u8>,
+    /// Where its result goes, when the line is JSON with a usable `custom_id`.
+    result_key: Option<String>,
+    /// The line's answer when it cannot be queued at all (`ember run` only): a duplicate
+    /// `custom_id` in the file, or a line larger than any worker accepts.
+    answer: Option<ResultLine>,
+}
+
+/// What to do with a line that cannot be queued.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BadLines {
+    /// Refuse the file before anything is sent (`ember submit`).
+    Refuse,
+    /// Answer the line with an error line in the output (`ember run`).
+    Answer,
+}
+
+/// Reads a batch file: skips blank lines and puts each JSON object line in the batch. Lines
+/// that are not valid jobs are sent as they are: the worker answers each with an error result
+/// that says what is wrong, so nothing in the file is silently dropped. A duplicate
+/// `custom_id` (the first line keeps it) and a line over the job size limit never reach the
+/// queue: `bad` says whether they refuse the file or get their error line here.
+fn read_lines(file: &Path, batch_id: &str, bad: BadLines) -> anyhow::Result<Vec<Line>> {
     let bytes = if file == Path::new("-") {
         let mut buf = Vec::new();
         std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading stdin")?;
@@ -94,44 +180,76 @@ fn read_lines(file: &Path, batch_id: &str) -> anyhow::Result<Vec<Line>> {
         std::fs::read(file).with_context(|| format!("reading the batch file {}", file.display()))?
     };
     let mut lines = Vec::new();
-    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut seen: HashMap<(String, String), usize> = HashMap::new();
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         if raw.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         let number = i + 1;
+        // An id for the line's own answer, stable for this batch and line.
+        let local_id = format!("{batch_id}-line-{number}");
+        if raw.len() > MAX_JOB_BODY_BYTES {
+            let error = JobError::BodyTooLarge { bytes: raw.len(), limit: MAX_JOB_BODY_BYTES };
+            if bad == BadLines::Refuse {
+                anyhow::bail!("{}: line {number}: {error}; nothing was sent", file.display());
+            }
+            let rejected = local_rejection(&local_id, raw, error);
+            lines.push(Line { number, body: Vec::new(), result_key: None, answer: Some(rejected) });
+            continue;
+        }
         let mut body = raw.to_vec();
         let mut result_key = None;
+        let mut answer = None;
         if let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(raw) {
-            if let Some(Value::String(id)) = obj.get("custom_id") {
-                if let Some(first) = seen.insert(id.clone(), number) {
-                    anyhow::bail!(
-                        "{}: lines {first} and {number} both have custom_id {id:?}: give every line its own custom_id",
-                        file.display()
-                    );
-                }
-            }
             let custom_id = obj.get("custom_id").and_then(Value::as_str).map(str::to_string);
             let ember = obj.entry("ember").or_insert_with(|| Value::Object(Default::default()));
+            let mut batch = None;
             if let Value::Object(ember) = ember {
-                let batch = ember.entry("batch_id").or_insert_with(|| Value::String(batch_id.to_string()));
-                let batch = batch.as_str().map(str::to_string);
-                // Where the worker will write this line's result (if the line is valid).
-                result_key = match (ember.get("result_key").and_then(Value::as_str), custom_id) {
-                    (Some(key), _) => Some(key.to_string()),
-                    (None, Some(id)) => Some(default_result_key(batch.as_deref(), &id)),
-                    (None, None) => None,
-                };
+                let b = ember.entry("batch_id").or_insert_with(|| Value::String(batch_id.to_string()));
+                batch = b.as_str().map(str::to_string);
+            }
+            if let (Some(id), Some(b)) = (&custom_id, &batch) {
+                if let Some(first) = seen.insert((b.clone(), id.clone()), number) {
+                    if bad == BadLines::Refuse {
+                        anyhow::bail!(
+                            "{}: lines {first} and {number} both have custom_id {id:?}: give every line its own custom_id; nothing was sent",
+                            file.display()
+                        );
+                    }
+                    let error = JobError::DuplicateCustomId { custom_id: id.clone(), batch: b.clone() };
+                    answer = Some(local_rejection(&local_id, raw, error));
+                }
+                // Where the worker will write this line's result, if the id makes a usable key
+                // (the worker refuses it otherwise, and its error result is found by id).
+                let key = default_result_key(Some(b), id);
+                if component_problem(id).is_none() && component_problem(b).is_none() && validate_key(&key).is_ok() {
+                    result_key = Some(key);
+                }
             }
             body = serde_json::to_vec(&obj)?;
         }
-        lines.push(Line { number, body, result_key });
+        lines.push(Line { number, body, result_key, answer });
     }
     if lines.is_empty() {
         anyhow::bail!("{} has no jobs: write one OpenAI batch input line per job", file.display());
     }
     Ok(lines)
+}
+
+/// The error line of a line answered without going to the queue.
+fn local_rejection(local_id: &str, raw: &[u8], error: JobError) -> ResultLine {
+    let custom_id = serde_json::from_slice::<Value>(raw)
+        .ok()
+        .and_then(|v| v.get("custom_id").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| local_id.to_string());
+    ResultLine::rejected(&RejectedJob {
+        message_id: local_id.to_string(),
+        custom_id,
+        batch_id: None,
+        result_key: String::new(),
+        error,
+    })
 }
 
 fn bar(len: u64, what: &str, hidden: bool) -> ProgressBar {
@@ -147,30 +265,51 @@ fn bar(len: u64, what: &str, hidden: bool) -> ProgressBar {
     bar
 }
 
-/// Sends the lines in batches of ten; answers each line's message id (in line order).
-async fn send_lines(queue: &dyn Queue, lines: &[Line], hidden: bool) -> anyhow::Result<Vec<String>> {
+/// Sends the lines that have no answer yet, in batches of ten; answers each line's message
+/// id (in line order; `None` for a line not sent). With `bad` = `Answer`, a line the queue
+/// refuses gets its error line and the rest go on; with `Refuse`, any refusal is an error
+/// that says which lines were sent.
+async fn send_lines(
+    queue: &dyn Queue,
+    lines: &mut [Line],
+    hidden: bool,
+    bad: BadLines,
+) -> anyhow::Result<Vec<Option<String>>> {
     let progress = bar(lines.len() as u64, "submitting", hidden);
-    let mut ids = Vec::with_capacity(lines.len());
+    let mut ids = vec![None; lines.len()];
     let mut failures = Vec::new();
-    for chunk in lines.chunks(MAX_BATCH) {
-        let batch = chunk.iter().map(|l| OutgoingMessage::new(l.body.clone())).collect();
-        for (line, sent) in chunk.iter().zip(queue.send_batch(batch).await) {
+    let todo: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].answer.is_none()).collect();
+    for chunk in todo.chunks(MAX_BATCH) {
+        let batch = chunk.iter().map(|&i| OutgoingMessage::new(lines[i].body.clone())).collect();
+        for (&i, sent) in chunk.iter().zip(queue.send_batch(batch).await) {
             match sent {
-                Ok(id) => ids.push(id.0),
-                Err(e) => failures.push(format!("line {}: {e}", line.number)),
+                Ok(id) => ids[i] = Some(id.0),
+                Err(e) => {
+                    failures.push(format!("line {}: {e}", lines[i].number));
+                    let local_id = format!("line-{}-not-queued", lines[i].number);
+                    let custom_id = serde_json::from_slice::<Value>(&lines[i].body)
+                        .ok()
+                        .and_then(|v| v.get("custom_id").and_then(Value::as_str).map(str::to_string))
+                        .unwrap_or_else(|| local_id.clone());
+                    let message = format!("the line could not be put on the queue: {e}");
+                    lines[i].answer = Some(ResultLine::not_run(&local_id, &custom_id, "not_queued", &message));
+                }
             }
         }
         progress.inc(chunk.len() as u64);
     }
     progress.finish_and_clear();
-    if !failures.is_empty() {
+    if !failures.is_empty() && bad == BadLines::Refuse {
         anyhow::bail!(
             "{} of {} lines could not be queued ({} were):\n  {}",
             failures.len(),
             lines.len(),
-            ids.len(),
+            ids.iter().flatten().count(),
             failures.join("\n  ")
         );
+    }
+    for f in &failures {
+        tracing::warn!(failure = %f, "line not queued; answered with an error line");
     }
     Ok(ids)
 }
@@ -181,10 +320,10 @@ fn new_batch_id(given: &Option<String>) -> String {
 
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     let batch_id = new_batch_id(&args.batch_id);
-    let lines = read_lines(&args.file, &batch_id)?;
+    let mut lines = read_lines(&args.file, &batch_id, BadLines::Refuse)?;
     let queue = args.queue.open(&args.aws).await?;
-    let ids = send_lines(queue.as_ref(), &lines, args.no_progress).await?;
-    println!("{}", serde_json::json!({"batch_id": batch_id, "submitted": ids.len()}));
+    let ids = send_lines(queue.as_ref(), &mut lines, args.no_progress, BadLines::Refuse).await?;
+    println!("{}", serde_json::json!({"batch_id": batch_id, "submitted": ids.iter().flatten().count()}));
     Ok(())
 }
 
@@ -199,13 +338,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => args.file.with_extension("output.jsonl"),
     };
     let batch_id = new_batch_id(&args.batch_id);
-    let lines = read_lines(&args.file, &batch_id)?;
+    let mut lines = read_lines(&args.file, &batch_id, BadLines::Answer)?;
     let worker = Worker::start(&args.worker).await?;
     let hidden = args.worker.model.fetch.no_progress;
     // Results already under the batch's prefix (a reused --batch-id) do not count as progress.
     let prefix = format!("results/{batch_id}/");
     let existing: HashSet<String> = worker.store.list(&prefix).await?.into_iter().collect();
-    let ids = send_lines(worker.queue.as_ref(), &lines, hidden).await?;
+    let ids = send_lines(worker.queue.as_ref(), &mut lines, hidden, BadLines::Answer).await?;
+    let queued = ids.iter().flatten().count();
 
     // Serve until every line has a result (or the queue is drained: a job the queue gave up
     // on is reported as not finished below).
@@ -214,7 +354,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let progress = bar(lines.len() as u64, "jobs", hidden);
     let watcher = {
         let (store, shutdown, progress, prefix, n) =
-            (worker.store.clone(), shutdown.clone(), progress.clone(), prefix.clone(), lines.len());
+            (worker.store.clone(), shutdown.clone(), progress.clone(), prefix.clone(), queued);
         tokio::spawn(async move {
             loop {
                 if let Ok(keys) = store.list(&prefix).await {
@@ -277,11 +417,11 @@ async fn collect(
     store: &dyn ObjectStore,
     prefix: &str,
     lines: &[Line],
-    ids: &[String],
+    ids: &[Option<String>],
 ) -> anyhow::Result<Vec<Collected>> {
     let mut keys: Vec<String> = store.list(prefix).await?;
     let known: HashSet<String> = keys.iter().cloned().collect();
-    let own_keys = lines.iter().filter_map(|l| l.result_key.as_deref());
+    let own_keys = lines.iter().filter(|l| l.answer.is_none()).filter_map(|l| l.result_key.as_deref());
     keys.extend(own_keys.flat_map(|k| [k.to_string(), error_result_key(k)]).filter(|k| !known.contains(k)));
     let mut by_id: HashMap<String, ResultLine> = HashMap::new();
     for key in keys {
@@ -291,6 +431,22 @@ async fn collect(
     }
     let mut out = Vec::with_capacity(lines.len());
     for (line, message_id) in lines.iter().zip(ids) {
+        let message_id = match (&line.answer, message_id) {
+            (Some(answer), _) => {
+                out.push(Collected::Found(answer.clone()));
+                continue;
+            }
+            (None, Some(id)) => id,
+            (None, None) => {
+                out.push(Collected::Missing(ResultLine::not_run(
+                    &format!("line-{}", line.number),
+                    "",
+                    "not_queued",
+                    "the line was not queued",
+                )));
+                continue;
+            }
+        };
         let id = format!("batch_req_{}", derived_id(message_id));
         let mut found = by_id.remove(&id);
         if found.is_none() {
@@ -326,7 +482,13 @@ async fn collect(
 }
 
 async fn read_result(store: &dyn ObjectStore, key: &str) -> anyhow::Result<Option<ResultLine>> {
-    let Some(bytes) = store.get(key).await? else { return Ok(None) };
+    let bytes = match store.get(key).await {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Ok(None),
+        // A key no job can have (the worker refused the line and answered it elsewhere).
+        Err(StoreError::InvalidKey { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
     match serde_json::from_slice::<ResultLine>(&bytes) {
         Ok(line) => Ok(Some(line)),
         Err(e) => {
@@ -360,5 +522,48 @@ pub async fn dlq(cmd: DlqCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::json!({"redriven": moved}));
             Ok(())
         }
+        DlqCommand::List { aws, queue, store } => {
+            let store = store.open(&aws).await?;
+            for job in dead_jobs(&aws, &queue).await? {
+                let answered = job.answered(store.as_ref()).await?;
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "message_id": job.letter.id.as_str(),
+                        "custom_id": job.custom_id,
+                        "batch_id": job.batch_id,
+                        "reason": job.letter.reason.as_deref().unwrap_or(NO_REASON),
+                        "answered": answered,
+                    })
+                );
+            }
+            Ok(())
+        }
+        DlqCommand::Answer { aws, queue, store } => {
+            let store = store.open(&aws).await?;
+            let (mut answered, mut already) = (0, 0);
+            for job in dead_jobs(&aws, &queue).await? {
+                let Some(key) = &job.result_key else { continue };
+                if job.answered(store.as_ref()).await? {
+                    already += 1;
+                    continue;
+                }
+                let custom_id = job.custom_id.as_deref().unwrap_or_default();
+                let line = ResultLine::not_run(job.letter.id.as_str(), custom_id, "dead_lettered", NO_REASON_ANSWER);
+                let mut bytes = line.to_json()?.into_bytes();
+                bytes.push(b'\n');
+                store.put_if_absent(&error_result_key(key), bytes).await?;
+                answered += 1;
+            }
+            println!("{}", serde_json::json!({"answered": answered, "already_answered": already}));
+            Ok(())
+        }
     }
 }
+
+/// The reason shown for a job the queue's redrive policy moved.
+const NO_REASON: &str =
+    "received maxReceiveCount times without finishing (the worker was killed or timed out on every delivery)";
+
+/// The error message of a dead-lettered job answered by `ember dlq answer`.
+const NO_REASON_ANSWER: &str = "the job reached the dead-letter queue without an answer: every allowed delivery ended without a result (the worker was killed, ran out of memory, or the job outran the visibility timeout); find the cause in the worker logs, raise the queue's maxReceiveCount if workers are often replaced, then `ember dlq redrive`";

@@ -31,6 +31,14 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Generation stops before the first occurrence of any of these.
     pub stop: Vec<String>,
+    /// Whether special-token text typed into chat message content (`<|im_start|>`, say) is
+    /// encoded as the special token. Off by default, as in Hugging Face's
+    /// `split_special_tokens` and llama.cpp's `parse_special = false` for user text: otherwise a
+    /// user (or a web page an agent fetched) could forge turns of the conversation. The chat
+    /// template's own special tokens are always special; `/v1/completions` prompts are raw
+    /// model input and keep their special tokens.
+    #[serde(default)]
+    pub allow_special_tokens: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,7 +78,16 @@ pub struct Completion {
 pub struct Engine {
     pub loaded: LoadedModel,
     eos: Vec<u32>,
+    /// The tokenizer with special-token matching off: message content goes through it.
+    text_tokenizer: tokenizers::Tokenizer,
+    /// The text of every special token, to tell whether content needs `text_tokenizer`.
+    special_texts: Vec<String>,
 }
+
+/// Marks where a message's content sits in a rendered template: private-use characters, which
+/// no template writes.
+const CONTENT_OPEN: char = '\u{F8FE}';
+const CONTENT_CLOSE: char = '\u{F8FF}';
 
 impl Engine {
     pub fn new(loaded: LoadedModel) -> Self {
@@ -84,24 +101,80 @@ impl Engine {
                 }
             }
         }
-        Self { loaded, eos }
+        let mut text_tokenizer = loaded.tokenizer.clone();
+        text_tokenizer.set_encode_special_tokens(true);
+        let special_texts = loaded
+            .tokenizer
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special)
+            .map(|t| t.content)
+            .collect();
+        Self { loaded, eos, text_tokenizer, special_texts }
     }
 
     pub fn context_length(&self) -> usize {
         self.loaded.config().max_position_embeddings
     }
 
-    /// The token ids of the prompt, as the model sees them.
+    /// The token ids of the prompt, as the model sees them, with special-token text in chat
+    /// content encoded as plain text (see [`GenerateRequest::allow_special_tokens`]).
     pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        self.encode(prompt, false)
+    }
+
+    /// [`Engine::encode_prompt`], or with special tokens in chat content honoured.
+    pub fn encode(&self, prompt: &Prompt, allow_special_tokens: bool) -> Result<Vec<u32>, EngineError> {
         let text = match prompt {
             Prompt::Chat(messages) if messages.is_empty() => return Err(EngineError::EmptyPrompt),
+            Prompt::Chat(messages) if !allow_special_tokens && self.has_special_text(messages) => {
+                return self.encode_chat_content_as_text(messages);
+            }
             Prompt::Chat(messages) => self.loaded.chat_template.render(messages)?,
             Prompt::Text(t) if t.is_empty() => return Err(EngineError::EmptyPrompt),
             Prompt::Text(t) => t.clone(),
         };
+        self.tokenize(&self.loaded.tokenizer, &text)
+    }
+
+    fn tokenize(&self, tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>, EngineError> {
         // Templates write their special tokens as text; adding them again would double BOS.
-        let enc = self.loaded.tokenizer.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let enc = tokenizer.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    fn has_special_text(&self, messages: &[Message]) -> bool {
+        messages.iter().any(|m| self.special_texts.iter().any(|s| m.content.contains(s.as_str())))
+    }
+
+    /// Renders the template with a marker in place of each message's content, then encodes
+    /// the template's text with special tokens and each content with them off. Used only when
+    /// some content holds special-token text, so ordinary prompts tokenize exactly as the
+    /// whole rendered string does.
+    fn encode_chat_content_as_text(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
+        let marked: Vec<Message> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Message::new(&m.role, &format!("{CONTENT_OPEN}{i}{CONTENT_CLOSE}")))
+            .collect();
+        let rendered = self.loaded.chat_template.render(&marked)?;
+        let mut ids = Vec::new();
+        let mut rest = rendered.as_str();
+        while let Some(open) = rest.find(CONTENT_OPEN) {
+            ids.extend(self.tokenize(&self.loaded.tokenizer, &rest[..open])?);
+            let after = &rest[open + CONTENT_OPEN.len_utf8()..];
+            let close = after
+                .find(CONTENT_CLOSE)
+                .ok_or_else(|| EngineError::Tokenizer("the chat template cut a message's content marker".into()))?;
+            let index: usize = after[..close]
+                .parse()
+                .map_err(|_| EngineError::Tokenizer("the chat template changed a message's content marker".into()))?;
+            let content = messages.get(index).map(|m| m.content.as_str()).unwrap_or_default();
+            ids.extend(self.tokenize(&self.text_tokenizer, content)?);
+            rest = &after[close + CONTENT_CLOSE.len_utf8()..];
+        }
+        ids.extend(self.tokenize(&self.loaded.tokenizer, rest)?);
+        Ok(ids)
     }
 
     pub fn decode(&self, tokens: &[u32]) -> Result<String, EngineError> {
@@ -165,7 +238,7 @@ impl Sequence {
     /// Checks the request and renders its prompt; answers the prompt tokens to prefill.
     pub fn start(engine: &Engine, req: &GenerateRequest) -> Result<(Self, Vec<u32>), EngineError> {
         req.sampling.validate()?;
-        let prompt = engine.encode_prompt(&req.prompt)?;
+        let prompt = engine.encode(&req.prompt, req.allow_special_tokens)?;
         let context = engine.context_length();
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);

@@ -26,10 +26,14 @@ pub enum JobError {
     InvalidCustomId { reason: String },
     #[error("`ember.batch_id` {reason}: it names the results folder, so keep it to letters, digits, '-', '_' and '.'")]
     InvalidBatchId { reason: String },
-    #[error("`ember.result_key` {key:?} is not a usable object key: {reason}")]
-    InvalidResultKey { key: String, reason: String },
-    #[error("`ember.{field}` is not an Ember option: the `ember` object takes `result_key` and `batch_id`")]
+    #[error("`ember.result_key` is not accepted: a job's result always goes to results/{{batch_id}}/{{custom_id}}.json, so that no job can write where another job's result (or a pipeline's record) belongs; remove it and choose `custom_id` and `ember.batch_id` instead")]
+    ResultKeyNotAllowed,
+    #[error("`ember.{field}` is not an Ember option: the `ember` object takes `batch_id` and `allow_special_tokens`")]
     UnknownEmberField { field: String },
+    #[error("`ember.allow_special_tokens` must be true or false")]
+    InvalidSpecialTokensOption,
+    #[error("`custom_id` {custom_id:?} was already used by another job of batch {batch:?}, which was answered first: give every job of a batch its own custom_id")]
+    DuplicateCustomId { custom_id: String, batch: String },
     #[error("`method` is {method:?}: batch lines must use \"POST\"")]
     WrongMethod { method: String },
     #[error("`url` is {url:?}: Ember serves \"/v1/chat/completions\" and \"/v1/completions\"")]
@@ -90,7 +94,9 @@ impl JobError {
             Self::MissingCustomId => "missing_custom_id",
             Self::InvalidCustomId { .. } => "invalid_custom_id",
             Self::InvalidBatchId { .. } => "invalid_batch_id",
-            Self::InvalidResultKey { .. } => "invalid_result_key",
+            Self::ResultKeyNotAllowed => "result_key_not_allowed",
+            Self::InvalidSpecialTokensOption => "invalid_ember_option",
+            Self::DuplicateCustomId { .. } => "duplicate_custom_id",
             Self::UnknownEmberField { .. } => "unknown_ember_field",
             Self::WrongMethod { .. } => "unsupported_method",
             Self::UnsupportedUrl { .. } => "unsupported_url",
@@ -140,7 +146,9 @@ impl JobError {
             }
             Self::MissingCustomId | Self::InvalidCustomId { .. } => fixed("custom_id"),
             Self::InvalidBatchId { .. } => fixed("ember.batch_id"),
-            Self::InvalidResultKey { .. } => fixed("ember.result_key"),
+            Self::ResultKeyNotAllowed => fixed("ember.result_key"),
+            Self::InvalidSpecialTokensOption => fixed("ember.allow_special_tokens"),
+            Self::DuplicateCustomId { .. } => fixed("custom_id"),
             Self::UnknownEmberField { field } => Some(format!("ember.{field}")),
             Self::WrongMethod { .. } => fixed("method"),
             Self::UnsupportedUrl { .. } => fixed("url"),

@@ -137,6 +137,7 @@ mod tests {
             message_id: MSG.into(),
             custom_id: "q1".into(),
             request: GenerateRequest {
+                allow_special_tokens: false,
                 prompt: Prompt::Text("Hi".into()),
                 max_tokens: 4,
                 sampling: SamplingParams::default(),

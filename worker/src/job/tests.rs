@@ -68,7 +68,7 @@ fn each_rule_has_its_own_error() {
         ("missing_custom_id", edited(|l| l["custom_id"] = json!(""))),
         ("invalid_custom_id", edited(|l| l["custom_id"] = json!("../../etc/passwd"))),
         ("invalid_batch_id", edited(|l| l["ember"] = json!({"batch_id": "a/b"}))),
-        ("invalid_result_key", edited(|l| l["ember"] = json!({"result_key": "/abs/key.json"}))),
+        ("result_key_not_allowed", edited(|l| l["ember"] = json!({"result_key": "results/b1/victim.json"}))),
         ("unknown_ember_field", edited(|l| l["ember"] = json!({"result_kye": "x.json"}))),
         ("unsupported_method", edited(|l| l["method"] = json!("GET"))),
         ("unsupported_url", edited(|l| l["url"] = json!("/v1/embeddings"))),
@@ -165,11 +165,19 @@ fn a_refused_job_is_still_answerable() {
 
     // A later error goes where the job's result would have gone.
     let r = refused(&edited(|l| {
-        l["ember"] = json!({"result_key": "out/r1.json"});
+        l["ember"] = json!({"batch_id": "b1"});
         l["body"]["messages"] = json!([]);
     }));
-    assert_eq!((r.custom_id.as_str(), r.result_key.as_str()), ("request-1", "out/r1.json"));
+    assert_eq!((r.custom_id.as_str(), r.result_key.as_str()), ("request-1", "results/b1/request-1.json"));
     assert_eq!(ResultLine::rejected(&r).custom_id, "request-1");
+
+    // A job cannot name its own key: not another job's, not a pipeline record's. It is
+    // answered in its own _rejected/ slot.
+    for key in ["results/b1/victim.json", "pipelines/executions/e1/hops/0.json", "results/b1/_errors/v.json"] {
+        let r = refused(&edited(|l| l["ember"] = json!({"batch_id": "b1", "result_key": key})));
+        assert_eq!(r.error.label(), "result_key_not_allowed");
+        assert!(r.result_key.starts_with("results/b1/_rejected/"), "{key}: {}", r.result_key);
+    }
 }
 
 #[test]
@@ -198,6 +206,7 @@ fn a_good_chat_line_becomes_its_request() -> Result<(), Box<RejectedJob>> {
     assert_eq!(
         job.request,
         GenerateRequest {
+            allow_special_tokens: false,
             prompt: Prompt::Chat(vec![
                 Message::new("system", "Answer in one word."),
                 Message::new("user", "Capital of\nFrance?"),
@@ -226,6 +235,7 @@ fn a_good_completions_line_becomes_its_request() -> Result<(), Box<RejectedJob>>
     assert_eq!(job.model, "tinyllama");
     assert_eq!(job.result_key, "results/default/c-2.json");
     let want = GenerateRequest {
+        allow_special_tokens: false,
         prompt: Prompt::Text("Once upon a time".into()),
         max_tokens: 64,
         sampling: SamplingParams { seed: Some(7), ..SamplingParams::default() },

@@ -27,8 +27,12 @@ pub fn validate(
     limits: &JobLimits,
     count_tokens: TokenCounter<'_>,
 ) -> Result<ValidJob, Box<RejectedJob>> {
-    let mut target =
-        Target { custom_id: message_id.to_string(), batch_id: None, result_key: rejected_result_key(None, message_id) };
+    let mut target = Target {
+        custom_id: message_id.to_string(),
+        batch_id: None,
+        result_key: rejected_result_key(None, message_id),
+        allow_special_tokens: false,
+    };
     let checked = parse_object(body, limits.max_body_bytes).and_then(|line| {
         let top = Fields::new(&line, "");
         identify(&top, message_id, &mut target)?;
@@ -38,7 +42,7 @@ pub fn validate(
         Ok(r) => Ok(ValidJob {
             message_id: message_id.to_string(),
             custom_id: target.custom_id,
-            request: r.request,
+            request: GenerateRequest { allow_special_tokens: target.allow_special_tokens, ..r.request },
             model: r.model,
             chat: r.chat,
             result_key: target.result_key,
@@ -68,6 +72,7 @@ struct Target {
     custom_id: String,
     batch_id: Option<String>,
     result_key: String,
+    allow_special_tokens: bool,
 }
 
 fn identify(top: &Fields<'_>, message_id: &str, target: &mut Target) -> Result<(), JobError> {
@@ -76,28 +81,27 @@ fn identify(top: &Fields<'_>, message_id: &str, target: &mut Target) -> Result<(
     if let Some(id) = custom_id {
         target.custom_id = id.to_string();
     }
-    let explicit_key = ember_options(top, message_id, target)?;
+    ember_options(top, message_id, target)?;
     let id = custom_id.ok_or(JobError::MissingCustomId)?;
     if let Some(reason) = component_problem(id) {
         return Err(JobError::InvalidCustomId { reason });
     }
-    if !explicit_key {
-        let key = default_result_key(target.batch_id.as_deref(), id);
-        if let Some(reason) = store_key_problem(&key) {
-            return Err(JobError::InvalidCustomId { reason: format!("makes the result key {key:?}, which {reason}") });
-        }
-        target.result_key = key;
+    let key = default_result_key(target.batch_id.as_deref(), id);
+    if let Some(reason) = store_key_problem(&key) {
+        return Err(JobError::InvalidCustomId { reason: format!("makes the result key {key:?}, which {reason}") });
     }
+    target.result_key = key;
     Ok(())
 }
 
-/// Reads the `ember` object; true when it names the result key.
-fn ember_options(top: &Fields<'_>, message_id: &str, target: &mut Target) -> Result<bool, JobError> {
-    let Some(map) = top.object("ember")? else { return Ok(false) };
+/// Reads the `ember` object. The result key is always derived by the worker
+/// (`results/{batch_id}/{custom_id}.json`): a job never names an object key itself, so it
+/// cannot take another job's result slot or reach a pipeline's execution records, which live
+/// outside `results/`.
+fn ember_options(top: &Fields<'_>, message_id: &str, target: &mut Target) -> Result<(), JobError> {
+    let Some(map) = top.object("ember")? else { return Ok(()) };
     let ember = Fields::new(map, "ember");
-    if let Some((field, _)) = ember.names().find(|(name, _)| !matches!(*name, "batch_id" | "result_key")) {
-        return Err(JobError::UnknownEmberField { field: field.to_string() });
-    }
+    // The batch first, so that any later refusal is filed in the batch's own folder.
     if let Some(batch) = ember.str("batch_id")? {
         if let Some(reason) = component_problem(batch).or_else(|| batch.is_empty().then(|| "is empty".to_string())) {
             return Err(JobError::InvalidBatchId { reason });
@@ -105,12 +109,17 @@ fn ember_options(top: &Fields<'_>, message_id: &str, target: &mut Target) -> Res
         target.batch_id = Some(batch.to_string());
         target.result_key = rejected_result_key(Some(batch), message_id);
     }
-    let Some(key) = ember.str("result_key")? else { return Ok(false) };
-    if let Some(reason) = store_key_problem(key) {
-        return Err(JobError::InvalidResultKey { key: key.to_string(), reason });
+    if ember.get("result_key").is_some() {
+        return Err(JobError::ResultKeyNotAllowed);
     }
-    target.result_key = key.to_string();
-    Ok(true)
+    if let Some((field, _)) = ember.names().find(|(name, _)| !matches!(*name, "batch_id" | "allow_special_tokens")) {
+        return Err(JobError::UnknownEmberField { field: field.to_string() });
+    }
+    target.allow_special_tokens = match ember.get("allow_special_tokens") {
+        None => false,
+        Some(v) => v.as_bool().ok_or(JobError::InvalidSpecialTokensOption)?,
+    };
+    Ok(())
 }
 
 /// The checked request of a line.
@@ -139,7 +148,13 @@ fn request(top: &Fields<'_>, limits: &JobLimits, count_tokens: TokenCounter<'_>)
     let g = generation(&body, limits)?;
     let prompt_tokens = count_tokens(&prompt).map_err(JobError::PromptEncoding)?;
     check_prompt_length(prompt_tokens, limits.context_length)?;
-    let request = GenerateRequest { prompt, max_tokens: g.max_tokens, sampling: g.sampling, stop: g.stop };
+    let request = GenerateRequest {
+        allow_special_tokens: false,
+        prompt,
+        max_tokens: g.max_tokens,
+        sampling: g.sampling,
+        stop: g.stop,
+    };
     Ok(Request { request, model, chat, prompt_tokens })
 }
 

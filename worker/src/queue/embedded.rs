@@ -35,8 +35,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{oneshot, Notify};
 
 use super::{
-    check_delay, check_receive, check_size, check_visibility, MessageId, OutgoingMessage, Queue, QueueDepth,
-    QueueError, ReceiptHandle, ReceiveOptions, ReceivedMessage, MAX_BODY_BYTES,
+    check_delay, check_receive, check_size, check_visibility, DeadLetter, MessageId, OutgoingMessage, Queue,
+    QueueDepth, QueueError, ReceiptHandle, ReceiveOptions, ReceivedMessage, MAX_BODY_BYTES,
 };
 
 const SCHEMA_VERSION: i64 = 1;
@@ -390,6 +390,28 @@ impl Queue for EmbeddedQueue {
         .await
     }
 
+    async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        self.call(move |conn, s| {
+            // The redrive policy's move writes its own reason; that one means "no worker gave
+            // a reason", as with SQS.
+            let rows = conn
+                .prepare_cached(
+                    "SELECT id, body, reason FROM messages WHERE queue = ?1 ORDER BY sent_at, seq LIMIT ?2",
+                )?
+                .query_map(params![s.dlq, max as i64], |r| {
+                    let reason: Option<String> = r.get(2)?;
+                    Ok(DeadLetter {
+                        id: MessageId(r.get(0)?),
+                        body: r.get(1)?,
+                        reason: reason.filter(|r| !r.starts_with(REDRIVE_POLICY_REASON)),
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
     async fn redrive(&self) -> Result<u64, QueueError> {
         let moved = self
             .call(|conn, s| {
@@ -411,6 +433,9 @@ impl Queue for EmbeddedQueue {
         Ok(moved)
     }
 }
+
+/// How the reason the redrive policy's move writes begins (see `try_receive`).
+const REDRIVE_POLICY_REASON: &str = "received ";
 
 /// Opens the file in WAL mode and creates the schema if needed.
 fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Connection, QueueError> {

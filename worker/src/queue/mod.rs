@@ -80,6 +80,16 @@ pub struct ReceivedMessage {
     pub sent_at: SystemTime,
 }
 
+/// A message waiting in the dead-letter queue, as `ember dlq list` shows it.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub id: MessageId,
+    pub body: Vec<u8>,
+    /// Why it is there: the reason a worker gave with [`Queue::send_to_dlq`], `None` when the
+    /// queue's redrive policy moved it (received `maxReceiveCount` times, never finished).
+    pub reason: Option<String>,
+}
+
 /// A message to send in a batch.
 #[derive(Debug, Clone)]
 pub struct OutgoingMessage {
@@ -160,6 +170,9 @@ pub trait Queue: Send + Sync {
     /// Moves every message in the DLQ back to the queue, with a fresh receive count; returns
     /// how many moved.
     async fn redrive(&self) -> Result<u64, QueueError>;
+
+    /// Every message in the DLQ, left there (at most `max`).
+    async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError>;
 
     /// Deletes one delivered message.
     async fn delete(&self, receipt: &ReceiptHandle) -> Result<(), QueueError> {

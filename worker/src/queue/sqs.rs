@@ -21,8 +21,9 @@ use aws_sdk_sqs::types::{
 use aws_sdk_sqs::Client;
 
 use super::{
-    check_delay, check_receive, check_visibility, sqs_allows, sqs_text, MessageId, OutgoingMessage, Queue, QueueDepth,
-    QueueError, ReceiptHandle, ReceiveOptions, ReceivedMessage, DLQ_REASON_ATTRIBUTE, MAX_BATCH, MAX_BODY_BYTES,
+    check_delay, check_receive, check_visibility, sqs_allows, sqs_text, DeadLetter, MessageId, OutgoingMessage, Queue,
+    QueueDepth, QueueError, ReceiptHandle, ReceiveOptions, ReceivedMessage, DLQ_REASON_ATTRIBUTE, MAX_BATCH,
+    MAX_BODY_BYTES,
 };
 
 /// Longest reason kept on a message sent to the DLQ (it counts against the message size).
@@ -311,6 +312,60 @@ impl Queue for SqsQueue {
             self.visible_count(&self.dlq_url, &[A::ApproximateNumberOfMessages]),
         )?;
         Ok(QueueDepth { visible: main[0], in_flight: main[1], delayed: main[2], dlq_visible: dlq[0] })
+    }
+
+    async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        // SQS cannot peek: receive until the DLQ is empty (each receive hides what it got for
+        // a minute, so nothing comes twice), then make every message visible again.
+        let mut out = Vec::new();
+        let mut receipts = Vec::new();
+        let result = async {
+            while out.len() < max {
+                let got = self
+                    .client
+                    .receive_message()
+                    .queue_url(&self.dlq_url)
+                    .max_number_of_messages(MAX_BATCH.min(max - out.len()) as i32)
+                    .wait_time_seconds(1)
+                    .visibility_timeout(60)
+                    .message_attribute_names(DLQ_REASON_ATTRIBUTE)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error("ReceiveMessage", e))?;
+                let messages = got.messages.unwrap_or_default();
+                if messages.is_empty() {
+                    break;
+                }
+                for m in messages {
+                    let reason = m
+                        .message_attributes
+                        .as_ref()
+                        .and_then(|a| a.get(DLQ_REASON_ATTRIBUTE))
+                        .and_then(|v| v.string_value.clone());
+                    let id = m.message_id.ok_or_else(|| QueueError::MalformedResponse("MessageId".into()))?;
+                    if let Some(r) = m.receipt_handle {
+                        receipts.push(ReceiptHandle(r));
+                    }
+                    out.push(DeadLetter { id: MessageId(id), body: m.body.unwrap_or_default().into_bytes(), reason });
+                }
+            }
+            Ok::<_, QueueError>(())
+        }
+        .await;
+        for r in &receipts {
+            let visible = self
+                .client
+                .change_message_visibility()
+                .queue_url(&self.dlq_url)
+                .receipt_handle(r.as_str())
+                .visibility_timeout(0)
+                .send()
+                .await;
+            if let Err(e) = visible {
+                tracing::warn!(error = %sdk_error("ChangeMessageVisibility", e), "a dead letter stays hidden for a minute");
+            }
+        }
+        result.map(|()| out)
     }
 
     async fn redrive(&self) -> Result<u64, QueueError> {

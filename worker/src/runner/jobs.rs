@@ -16,7 +16,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::{retry_backoff, Handler, Outcome, Shutdown};
 use crate::engine::{Batcher, Engine};
 use crate::error::EngineError;
-use crate::job::{error_result_key, validate, JobLimits, RejectedJob, ResultLine, ValidJob};
+use crate::job::{
+    derived_id, error_result_key, rejected_result_key, validate, JobError, JobLimits, RejectedJob, ResultLine,
+    ValidJob, DEFAULT_BATCH,
+};
 use crate::queue::{Queue, ReceivedMessage};
 use crate::store::{ObjectStore, PutOutcome};
 use crate::telemetry::metrics;
@@ -145,19 +148,17 @@ impl JobHandler {
     }
 
     async fn run(&self, msg: &ReceivedMessage, job: ValidJob, shutdown: &Shutdown) -> Outcome {
-        // A first delivery cannot have a result yet (short of two messages for one job, which
-        // the create-only write settles): only redeliveries pay for the check.
-        let check = if msg.receive_count > 1 { self.store.get(&job.result_key).await } else { Ok(None) };
-        match check {
-            Ok(Some(_)) => {
+        // Every delivery looks at the job's result slot first: a redelivery finds its own
+        // result and stops, and a second job with the same batch and custom_id (another
+        // message) finds the first one's and is refused without running.
+        match self.slot_owner(msg, &job).await {
+            Ok(Slot::Free) => {}
+            Ok(Slot::Ours) => {
                 tracing::info!(message_id = %msg.id, key = %job.result_key, "already done; deleting the message");
                 return Outcome::Done;
             }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(message_id = %msg.id, error = %e, "could not check for an earlier result; will retry");
-                return Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() };
-            }
+            Ok(Slot::Taken) => return self.refuse_duplicate(msg, &job).await,
+            Err(outcome) => return outcome,
         }
         let queue_wait_s = msg.sent_at.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
         let generated = match &self.batcher {
@@ -178,6 +179,16 @@ impl JobHandler {
         };
         let completion = match generated {
             Ok(c) => c,
+            // Released on its last allowed delivery, the job would next be moved to the DLQ by
+            // the queue's redrive policy with nobody to answer it: answer it now.
+            Err(EngineError::Cancelled) if msg.receive_count >= self.max_receive_count => {
+                let message = format!(
+                    "the worker shut down during the job's last allowed delivery ({} of {}); run it again with `ember dlq redrive`",
+                    msg.receive_count, self.max_receive_count
+                );
+                let line = ResultLine::not_run(&job.message_id, &job.custom_id, "shutdown_on_last_delivery", &message);
+                return self.fail_for_good(msg, &job.result_key, &line, "shutdown_on_last_delivery").await;
+            }
             Err(EngineError::Cancelled) => return Outcome::Released,
             Err(e) if e.is_retryable() && msg.receive_count < self.max_receive_count => {
                 tracing::warn!(message_id = %msg.id, error = %e, label = e.label(), "generation failed; will retry");
@@ -192,7 +203,14 @@ impl JobHandler {
         let line = ResultLine::success(&job, unix_secs(msg.sent_at), &completion);
         match self.write(msg, &job.result_key, &line).await {
             Ok(true) => {}
-            Ok(false) => return Outcome::Done,
+            // Another message with the same custom_id wrote first (both ran at once).
+            Ok(false) => {
+                return match self.slot_owner(msg, &job).await {
+                    Ok(Slot::Taken) => self.refuse_duplicate(msg, &job).await,
+                    Ok(_) => Outcome::Done,
+                    Err(outcome) => outcome,
+                }
+            }
             Err(outcome) => return outcome,
         }
         metrics::job(&metrics::JobMetrics {
@@ -207,6 +225,54 @@ impl JobHandler {
             receive_count: msg.receive_count,
         });
         Outcome::Done
+    }
+}
+
+/// Who holds a job's result key.
+enum Slot {
+    Free,
+    /// A result of this message (an earlier delivery of it).
+    Ours,
+    /// A result of another message: a duplicate `custom_id` in the batch.
+    Taken,
+}
+
+impl JobHandler {
+    async fn slot_owner(&self, msg: &ReceivedMessage, job: &ValidJob) -> Result<Slot, Outcome> {
+        match self.store.get(&job.result_key).await {
+            Ok(None) => Ok(Slot::Free),
+            Ok(Some(bytes)) => {
+                let own_id = format!("batch_req_{}", derived_id(&job.message_id));
+                match serde_json::from_slice::<ResultLine>(&bytes) {
+                    Ok(line) if line.id != own_id => Ok(Slot::Taken),
+                    Ok(_) => Ok(Slot::Ours),
+                    // Not a result line Ember wrote: never overwrite it, and do not answer
+                    // this job with it either.
+                    Err(_) => Ok(Slot::Taken),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(message_id = %msg.id, error = %e, "could not check for an earlier result; will retry");
+                Err(Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() })
+            }
+        }
+    }
+
+    /// The first job with a custom_id keeps its result; this one gets an error result in its
+    /// own `_rejected/` slot (keyed by its message id) and goes to the dead letters, like any
+    /// refused job.
+    async fn refuse_duplicate(&self, msg: &ReceivedMessage, job: &ValidJob) -> Outcome {
+        let batch = job.batch_id.clone().unwrap_or_else(|| DEFAULT_BATCH.to_string());
+        let rejected = RejectedJob {
+            message_id: job.message_id.clone(),
+            custom_id: job.custom_id.clone(),
+            batch_id: job.batch_id.clone(),
+            result_key: rejected_result_key(job.batch_id.as_deref(), &job.message_id),
+            error: JobError::DuplicateCustomId { custom_id: job.custom_id.clone(), batch },
+        };
+        let label = rejected.error.label();
+        tracing::warn!(message_id = %msg.id, custom_id = ?job.custom_id, label, "job refused: duplicate custom_id");
+        self.fail_for_good(msg, &rejected.result_key, &ResultLine::rejected(&rejected), label).await
     }
 }
 
