@@ -319,3 +319,75 @@ fn the_example_pipelines_run_on_the_small_model() -> anyhow::Result<()> {
     eprintln!("summarize output: {}", d["output"]);
     Ok(())
 }
+
+/// An `http_get` hop whose server drips its body (one byte every 200 ms, 10 minutes in all)
+/// does not hold a worker that is shutting down: after the grace period the hop is dropped
+/// (every effect of a hop is create-only, as after a crash), its message goes back to the
+/// queue, and the worker exits while the server is still dripping.
+#[test]
+fn a_dripping_http_get_does_not_hold_a_shutting_down_worker() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let (events, seen) = std::sync::mpsc::channel::<&'static str>();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else { return };
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf);
+        let _ = events.send("connected");
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3000\r\n\r\n");
+        for _ in 0..3000 {
+            if s.write_all(b"x").and_then(|()| s.flush()).is_err() {
+                let _ = events.send("client gone");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = events.send("finished dripping");
+    });
+
+    let dir = tempfile::tempdir()?;
+    let env = vec![
+        ("EMBER_QUEUE_PATH", dir.path().join("queue.db").to_string_lossy().into_owned()),
+        ("EMBER_PIPELINE_QUEUE_PATH", dir.path().join("hops.db").to_string_lossy().into_owned()),
+        ("EMBER_RESULTS", dir.path().join("results").to_string_lossy().into_owned()),
+        ("EMBER_HTTP_ALLOW", format!("127.0.0.1:{port}")),
+    ];
+    let def = dir.path().join("fetch.asl.json");
+    let fetch = json!({"StartAt": "Fetch", "States": {"Fetch": {"Type": "Task", "Resource": "ember:tool:http_get",
+        "Parameters": {"url": format!("http://127.0.0.1:{port}/slow")}, "End": true}}});
+    std::fs::write(&def, fetch.to_string())?;
+    ok(ember(&env, &["pipeline", "start", &def.to_string_lossy(), "--name", "drip"])?)?;
+    let mut worker = ember_cmd(&env, &["serve", "--pipelines", "--grace-seconds", "1", "--wait-seconds", "1"])?
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let connected = seen.recv_timeout(Duration::from_secs(300));
+    if connected != Ok("connected") {
+        let _ = worker.kill();
+        bail!("the hop never reached the server: {connected:?}");
+    }
+    Command::new("kill").args(["-TERM", &worker.id().to_string()]).status()?;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = worker.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            let _ = worker.kill();
+            bail!("the worker did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = worker.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    assert!(status.success(), "{status}: {stderr}");
+    // The worker let go of the connection while the server still had minutes of body to send.
+    assert_eq!(seen.recv_timeout(Duration::from_secs(60)), Ok("client gone"), "{stderr}");
+    assert!(stderr.contains("hop stopped"), "{stderr}");
+    // The execution is not failed by the shutdown: it is still running, its hop back on the queue.
+    assert_eq!(describe(&env, "drip")?["status"], "RUNNING");
+    Ok(())
+}
