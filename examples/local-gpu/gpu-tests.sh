@@ -7,6 +7,8 @@ command -v nvidia-smi >/dev/null || { echo "no nvidia-smi: this machine has no N
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)}
 log=$(mktemp)
 cargo test -p ember-kernels --features cuda -- --nocapture 2>&1 | tee "$log"
+# The streamed loader's CUDA sink and its staging ring (issue 20, finding 4).
+cargo test -p ember-model-loader --features cuda --lib -- stream staging --nocapture 2>&1 | tee -a "$log"
 if grep -q "CUDA kernel NOT RUN" "$log"; then
   echo "the kernel tests did not run on a GPU (see above)" >&2
   exit 1

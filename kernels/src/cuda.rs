@@ -5,7 +5,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchCon
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Device, Layout, Storage, Tensor};
 
-use crate::sampling::{check_params, distinct, RowParams, SampleError};
+use crate::sampling::{check_params, distinct, id_bits, RowParams, RowResult, SampleError};
 
 /// The PTX nvcc built from `src/cuda/ember.cu` (see build.rs).
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ember.ptx"));
@@ -78,21 +78,27 @@ struct GpuRowParams {
 unsafe impl DeviceRepr for GpuRowParams {}
 
 /// [`crate::sampling::sample_batch`] on a CUDA tensor of logits `(rows, vocab)`: one kernel
-/// launch for the batch; only the chosen ids (and a status per row) come back to the host.
+/// launch for the batch; only one 8-byte answer per row (a token id, or where its first
+/// non-finite logit is) comes back to the host, in one copy, so the step synchronizes once.
+/// A row with bad settings or a non-finite logit is that row's error alone.
 pub fn sample_batch_cuda(
     logits: &Tensor,
     params: &[RowParams],
     seen: &[&[u32]],
     step: u64,
-) -> Result<Vec<u32>, SampleError> {
+) -> Result<Vec<RowResult>, SampleError> {
     let dev_err = |e: candle_core::Error| SampleError::Device(e.to_string());
     let (rows, vocab) = logits.dims2().map_err(dev_err)?;
     if rows != params.len() || rows != seen.len() || vocab == 0 {
         return Err(SampleError::Shape { len: rows * vocab, rows: params.len(), vocab });
     }
     let mut gpu_params = Vec::with_capacity(rows);
+    let mut bad_params = Vec::with_capacity(rows);
     for (row, p) in params.iter().enumerate() {
-        check_params(row, p)?;
+        // A row with bad settings runs greedy in the launch and answers its error.
+        let checked = check_params(row, p);
+        let p = if checked.is_ok() { *p } else { RowParams::greedy() };
+        bad_params.push(checked.err());
         gpu_params.push(GpuRowParams {
             temperature: p.temperature,
             top_k: i32::try_from(p.top_k.min(vocab)).unwrap_or(i32::MAX),
@@ -110,49 +116,60 @@ pub fn sample_batch_cuda(
     if ids.is_empty() {
         ids.push(0); // no zero-length allocation; the offsets say nothing is seen
     }
+    let id_bits = i32::try_from(id_bits(vocab)).map_err(|e| SampleError::Device(e.to_string()))?;
     let logits = logits.to_dtype(DType::F32).and_then(|t| t.contiguous()).map_err(dev_err)?;
     let (guard, layout) = logits.storage_and_layout();
     let Storage::Cuda(storage) = &*guard else {
         return Err(SampleError::Device("sample_batch_cuda needs logits on a CUDA device".into()));
     };
-    let launch = || -> candle_core::Result<(Vec<u32>, Vec<i32>)> {
+    let launch = || -> candle_core::Result<Vec<i64>> {
         let dev = &storage.device;
         let src = storage.as_cuda_slice::<f32>()?;
         let src = src.slice(layout.start_offset()..layout.start_offset() + rows * vocab);
-        // SAFETY: fully written by the copy just below before the kernel reads it.
-        let mut work = unsafe { dev.alloc::<f32>(rows * vocab)? };
-        dev.memcpy_dtod(&src, &mut work)?;
+        // SAFETY: the first rows x vocab floats are written by the copy just below before the
+        // kernel reads them; the kernel writes each of the second rows x vocab (the masses)
+        // before it reads it.
+        let mut work = unsafe { dev.alloc::<f32>(2 * rows * vocab)? };
+        dev.memcpy_dtod(&src, &mut work.slice_mut(0..rows * vocab))?;
         let d_params = dev.clone_htod(&gpu_params)?;
         let d_offsets = dev.clone_htod(&offsets)?;
         let d_ids = dev.clone_htod(&ids)?;
-        let mut tokens = dev.alloc_zeros::<u32>(rows)?;
-        let mut status = dev.alloc_zeros::<i32>(rows)?;
+        let mut out = dev.alloc_zeros::<i64>(rows)?;
         let func = dev.get_or_load_custom_func("sample_rows", MODULE, PTX)?;
         let vocab_i = i32::try_from(vocab).map_err(candle_core::Error::wrap)?;
         let mut b = func.builder();
         b.arg(&mut work);
         b.arg(&vocab_i);
+        b.arg(&id_bits);
         b.arg(&d_params);
         b.arg(&d_offsets);
         b.arg(&d_ids);
         b.arg(&step);
-        b.arg(&mut tokens);
-        b.arg(&mut status);
+        b.arg(&mut out);
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: the arguments match `sample_rows`: `work` holds rows x vocab floats, the
-        // params and offsets have rows and rows + 1 entries, every offset is within `ids`, and
-        // the outputs have one entry per row; one block per row.
+        // SAFETY: the arguments match `sample_rows`: `work` holds 2 x rows x vocab floats, the
+        // params and offsets have rows and rows + 1 entries, every offset is within `ids`,
+        // `id_bits` is wide enough for every id below `vocab`, and `out` has one entry per row;
+        // one block of BLOCK (the kernel's launch bound) threads per row.
         unsafe { b.launch(cfg) }.w()?;
-        Ok((dev.clone_dtoh(&tokens)?, dev.clone_dtoh(&status)?))
+        dev.clone_dtoh(&out)
     };
-    let (tokens, status) = launch().map_err(dev_err)?;
+    let out = launch().map_err(dev_err)?;
     drop(guard);
-    for (row, s) in status.iter().enumerate() {
-        if let Ok(index) = usize::try_from(*s) {
-            let value =
-                logits.get(row).and_then(|r| r.get(index)).and_then(|v| v.to_scalar::<f32>()).unwrap_or(f32::NAN);
-            return Err(SampleError::NonFinite { row, index, value });
+    let answer = |(row, (code, bad)): (usize, (i64, Option<SampleError>))| -> RowResult {
+        if let Some(e) = bad {
+            return Err(e);
         }
-    }
-    Ok(tokens)
+        match u32::try_from(code) {
+            Ok(token) => Ok(token),
+            Err(_) => {
+                let index = usize::try_from(-(code + 1)).unwrap_or(0);
+                // Only on this error path: one more copy, of the bad value.
+                let value =
+                    logits.get(row).and_then(|r| r.get(index)).and_then(|v| v.to_scalar::<f32>()).unwrap_or(f32::NAN);
+                Err(SampleError::NonFinite { row, index, value })
+            }
+        }
+    };
+    Ok(out.into_iter().zip(bad_params).enumerate().map(answer).collect())
 }

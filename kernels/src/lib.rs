@@ -8,4 +8,4 @@ pub mod norm;
 pub mod sampling;
 
 pub use norm::{add_rms_norm, add_rms_norm_tensors, NormError};
-pub use sampling::{sample_batch, sample_batch_by_keys, RowParams, SampleError};
+pub use sampling::{sample_batch, sample_batch_by_keys, RowParams, RowResult, SampleError};

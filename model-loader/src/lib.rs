@@ -21,6 +21,7 @@ pub mod loader;
 pub mod manifest;
 pub mod model;
 pub mod s3;
+pub mod staging;
 pub mod stream;
 pub mod weights;
 

@@ -256,15 +256,16 @@ impl Loop {
         if logits.device().is_cuda() {
             let params: Vec<_> = batch.iter().map(|r| r.seq.row_params()).collect();
             let seen: Vec<&[u32]> = batch.iter().map(|r| r.seq.seen()).collect();
-            let tokens = match ember_kernels::cuda::sample_batch_cuda(&logits, &params, &seen, 0) {
-                Ok(t) => t,
+            // Only a failed launch fails the batch; a row's bad logits fail that row alone.
+            let rows = match ember_kernels::cuda::sample_batch_cuda(&logits, &params, &seen, 0) {
+                Ok(rows) => rows,
                 Err(e) => return fail_all(batch, &EngineError::NumericalError(e.to_string())),
             };
-            for (i, (mut r, token)) in batch.into_iter().zip(tokens).enumerate() {
+            for (i, (mut r, token)) in batch.into_iter().zip(rows).enumerate() {
                 if i >= old {
                     r.seq.prefilled();
                 }
-                let step = r.seq.accept(&self.engine, token);
+                let step = row_token(token).and_then(|t| r.seq.accept(&self.engine, t));
                 self.settle(r, step);
             }
             return;
@@ -298,6 +299,16 @@ impl Loop {
             }
         }
     }
+}
+
+/// One row's answer from the batched sampler, as the engine's result for that sequence.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn row_token(row: ember_kernels::RowResult) -> Result<u32, EngineError> {
+    use ember_kernels::SampleError;
+    row.map_err(|e| match e {
+        SampleError::Params { message, .. } => EngineError::InvalidSampling(message),
+        other => EngineError::NumericalError(other.to_string()),
+    })
 }
 
 /// Answers every job of a failed pass with its own copy of the error.

@@ -4,6 +4,8 @@
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use ember_kernels::sampling::{penalized, GREEDY_BELOW};
+
 use crate::error::EngineError;
 
 /// Sampling settings, OpenAI names where OpenAI has them.
@@ -41,8 +43,12 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Greedy: temperature below [`GREEDY_BELOW`] (0 included), or top-k 1. The OpenAI API
+    /// accepts any temperature in [0, 2], so a tiny one is not refused: it is greedy, the
+    /// limit sampling tends to (vLLM draws the line at the same 1e-5). The fused CUDA sampler
+    /// follows the same rule (`ember_kernels::sampling`).
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0 || self.top_k == 1
+        self.temperature < GREEDY_BELOW || self.top_k == 1
     }
 }
 
@@ -75,8 +81,10 @@ impl Sampler {
 
     /// Picks the next token. `seen` are the tokens the repetition penalty applies to.
     pub fn sample(&mut self, logits: &mut [f32], seen: &[u32]) -> Result<u32, EngineError> {
-        if logits.iter().any(|l| l.is_nan()) {
-            return Err(EngineError::NumericalError("the model produced NaN logits".into()));
+        if let Some((i, v)) = logits.iter().enumerate().find(|(_, l)| !l.is_finite()) {
+            return Err(EngineError::NumericalError(format!(
+                "the model produced a non-finite logit: {v} at token {i}"
+            )));
         }
         if self.params.repetition_penalty != 1.0 {
             apply_repetition_penalty(logits, seen, self.params.repetition_penalty);
@@ -86,8 +94,13 @@ impl Sampler {
         }
         let t = self.params.temperature;
         let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, l)| (i as u32, l / t)).collect();
-        // Highest first; ties keep the lower id first so results do not depend on sort order.
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        // Highest first; ties (-0.0 and +0.0 among them) keep the lower id first so results do
+        // not depend on sort order. No NaN is left: the logits are finite and t > 0.
+        cand.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal).then(a.0.cmp(&b.0)));
+        if !cand.first().is_some_and(|c| c.1.is_finite()) {
+            // logit / t overflowed: the limit of sampling as t goes to 0 is greedy.
+            return Ok(argmax(logits));
+        }
         if self.params.top_k > 0 {
             cand.truncate(self.params.top_k);
         }
@@ -132,7 +145,9 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// The CTRL-paper penalty as in transformers: positive logits divided, negative multiplied.
+/// The CTRL-paper penalty as in transformers: positive logits divided, negative multiplied;
+/// a result beyond the f32 range saturates at `±f32::MAX` (as the CUDA sampler does), so a
+/// tiny or huge penalty never makes an infinite logit.
 pub fn apply_repetition_penalty(logits: &mut [f32], seen: &[u32], penalty: f32) {
     let mut done = std::collections::HashSet::new();
     for &t in seen {
@@ -140,7 +155,7 @@ pub fn apply_repetition_penalty(logits: &mut [f32], seen: &[u32], penalty: f32) 
             continue;
         }
         if let Some(l) = logits.get_mut(t as usize) {
-            *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+            *l = penalized(*l, penalty);
         }
     }
 }
@@ -192,9 +207,44 @@ mod tests {
     }
 
     #[test]
-    fn nan_logits_are_an_error() {
-        let mut s = Sampler::new(SamplingParams::default());
-        assert!(matches!(s.sample(&mut [0.0, f32::NAN], &[]), Err(EngineError::NumericalError(_))));
+    fn non_finite_logits_are_an_error() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for p in [SamplingParams::default(), params(0.8, 0, 1.0, 1)] {
+                let mut s = Sampler::new(p);
+                assert!(matches!(s.sample(&mut [0.0, bad], &[]), Err(EngineError::NumericalError(_))), "{bad}");
+            }
+        }
+    }
+
+    /// Issue 20, finding 2: temperature 1e-38 (accepted, as OpenAI accepts 0..2) is greedy,
+    /// not the least likely token; so is a tiny penalty's saturated logit.
+    #[test]
+    fn a_tiny_temperature_or_penalty_gives_the_greedy_token() -> Result<(), EngineError> {
+        let logits = [1.0, 5.0, 2.0, -3.0];
+        for temperature in [1e-38, 1e-30, 1e-6] {
+            assert!(SamplingParams { temperature, ..Default::default() }.validate().is_ok());
+            let mut s = Sampler::new(params(temperature, 0, 1.0, 3));
+            for _ in 0..20 {
+                assert_eq!(s.sample(&mut logits.clone(), &[])?, 1, "temperature {temperature}");
+            }
+        }
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 1e-38, ..params(0.7, 0, 1.0, 3) });
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut logits.clone(), &[2])?, 2);
+        }
+        Ok(())
+    }
+
+    /// Finding 3: -0.0 and +0.0 tie, and a tie goes to the lower id.
+    #[test]
+    fn minus_zero_and_plus_zero_tie() -> Result<(), EngineError> {
+        for l in [[-0.0f32, 0.0], [0.0, -0.0]] {
+            assert_eq!(Sampler::new(SamplingParams::default()).sample(&mut l.clone(), &[])?, 0);
+            assert_eq!(Sampler::new(params(0.5, 1, 1.0, 1)).sample(&mut l.clone(), &[])?, 0);
+            // A tiny top-p keeps the head of the order only: id 0 comes first.
+            assert_eq!(Sampler::new(params(1.0, 0, 0.01, 1)).sample(&mut l.clone(), &[])?, 0);
+        }
+        Ok(())
     }
 
     #[test]
