@@ -33,6 +33,10 @@ pub enum LoadError {
     ChecksumMismatch { file: String, expected: String, actual: String },
     #[error("`{file}` has {actual} bytes but the manifest says {expected}")]
     SizeMismatch { file: String, expected: u64, actual: u64 },
+    #[error("`{}` is a file but not a model: --model takes a model directory (config.json, tokenizer.json, model.safetensors), a .gguf file, or s3://bucket/prefix", .0.display())]
+    NotAModel(std::path::PathBuf),
+    #[error("`{}` holds several GGUF files ({}): point --model at the one to load", .dir.display(), .files.join(", "))]
+    AmbiguousModel { dir: std::path::PathBuf, files: Vec<String> },
     #[error("the manifest lists `{0}`, which is not in the model")]
     ManifestFileMissing(String),
     #[error("the model at `{0}` has no ember-manifest.json, and verified weights are required (--require-manifest, on by default for s3:// models): write one with `ember model manifest DIR` and upload it beside the weights, or pass --require-manifest=false to load unverified weights")]
@@ -73,6 +77,8 @@ impl LoadError {
             Self::SizeMismatch { .. } => "size_mismatch",
             Self::ManifestFileMissing(_) => "manifest_file_missing",
             Self::ManifestRequired(_) => "manifest_required",
+            Self::NotAModel(_) => "not_a_model",
+            Self::AmbiguousModel { .. } => "ambiguous_model",
             Self::BadWeights { .. } => "bad_weights",
             Self::MissingTensor { .. } => "missing_tensor",
             Self::BadTensorShape { .. } => "bad_tensor_shape",

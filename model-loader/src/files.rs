@@ -111,6 +111,9 @@ pub fn local_files(path: &Path) -> Result<ModelFiles> {
     let mut files = ModelFiles { origin: path.display().to_string(), files: Vec::new() };
     if path.is_file() {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if !name.ends_with(".gguf") {
+            return Err(LoadError::NotAModel(path.to_path_buf()));
+        }
         files.files.push((name, FileBytes::map(path)?));
         // A manifest beside a lone GGUF file usually describes the whole folder; only use
         // the tokenizer files that sit with it.
@@ -133,5 +136,12 @@ pub fn local_files(path: &Path) -> Result<ModelFiles> {
         }
     }
     files.files.sort_by(|a, b| a.0.cmp(&b.0));
+    let ggufs: Vec<&str> = files.files.iter().map(|(n, _)| n.as_str()).filter(|n| n.ends_with(".gguf")).collect();
+    if ggufs.len() > 1 {
+        return Err(LoadError::AmbiguousModel {
+            dir: path.to_path_buf(),
+            files: ggufs.iter().map(|n| n.to_string()).collect(),
+        });
+    }
     Ok(files)
 }

@@ -192,6 +192,15 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, opts: ImportOptions) -> Result<M
     }
     let st_path = out_dir.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &st_path)?;
+    // The safetensors writer creates its file private (0600); a model directory is meant to be
+    // read by other users too (a container's worker user, a shared cache), like the JSON files
+    // beside it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&st_path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| LoadError::io(&st_path, e))?;
+    }
 
     let dtype_name = match opts.dtype {
         DType::F16 => "float16",

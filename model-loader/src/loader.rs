@@ -350,7 +350,15 @@ fn assemble(
         verify_s: verify_s.as_secs_f64(),
         build_s: t2.elapsed().as_secs_f64(),
     };
-    tracing::info!(model = %name, verified, streamed, ?timings, "model loaded");
+    tracing::info!(
+        model = %name,
+        verified,
+        streamed,
+        fetch_s = timings.fetch_s,
+        verify_s = timings.verify_s,
+        build_s = timings.build_s,
+        "model loaded"
+    );
     Ok(LoadedModel { name, model, tokenizer, chat_template, verified, timings })
 }
 

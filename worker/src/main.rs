@@ -8,6 +8,12 @@ use ember_worker::telemetry;
 
 fn main() -> ExitCode {
     telemetry::mark_process_start();
+    // Errors are sentences for the user: no backtrace inside their text (candle's errors
+    // capture one when RUST_BACKTRACE is set). Panics still honour RUST_BACKTRACE. Set before
+    // any thread exists.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = Cli::parse();
     // Before the runtime spawns threads.
     telemetry::set_thread_count(cli.threads);

@@ -149,6 +149,9 @@ fn import_gguf_writes_a_loadable_verified_directory() -> anyhow::Result<()> {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors", "ember-manifest.json"] {
         assert!(out_dir.join(f).is_file(), "{f} missing");
+        // Readable by other users (a container's worker user, a shared cache).
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(out_dir.join(f))?.permissions());
+        assert_eq!(mode & 0o044, 0o044, "{f} has mode {mode:o}");
     }
     let out = ember(
         &[
@@ -205,5 +208,120 @@ fn unverified_weights_are_refused_when_a_manifest_is_required() -> anyhow::Resul
     let err = fails(&["generate", "--model", "s3://weights/m", "--prompt", "hi", "--require-manifest=false"], &env)?;
     assert!(!err.contains("ember-manifest.json"), "not required any more, so it fails further on: {err}");
     assert!(err.contains("tokenizer.json"), "{err}");
+    Ok(())
+}
+
+/// Inputs a new user gets wrong are named in the error, before any model is loaded.
+#[test]
+fn mistaken_inputs_are_named_before_any_work() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A batch file given as the model.
+    let batch = dir.path().join("batch.jsonl");
+    std::fs::write(&batch, "{}\n")?;
+    let err = fails(&["generate", "--model", &batch.to_string_lossy(), "--prompt", "hi"], &[])?;
+    assert!(err.contains("is a file but not a model"), "{err}");
+    assert!(!err.contains("config.json` is missing"), "{err}");
+
+    // A folder with several GGUF files: which one is not guessed.
+    let gguf = smollm_gguf()?;
+    let several = dir.path().join("ggufs");
+    std::fs::create_dir(&several)?;
+    for name in ["a.gguf", "b.gguf", "c.gguf"] {
+        std::os::unix::fs::symlink(&gguf, several.join(name))?;
+    }
+    let err = fails(&["generate", "--model", &several.to_string_lossy(), "--prompt", "hi"], &[])?;
+    assert!(err.contains("several GGUF files (a.gguf, b.gguf, c.gguf)"), "{err}");
+
+    // A negative temperature is a value, refused by the rule it breaks.
+    let model = gguf.to_string_lossy().into_owned();
+    let err = fails(&["generate", "--model", &model, "--prompt", "hi", "--temperature", "-1"], &[])?;
+    assert!(err.contains("temperature"), "{err}");
+    assert!(!err.contains("unexpected argument"), "{err}");
+
+    // An unknown dtype names the choices.
+    let out = ember(&["generate", "--model", &model, "--prompt", "hi", "--dtype", "f8"], &[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("invalid value 'f8'") && err.contains("bf16"), "{err}");
+    assert!(!err.contains("config is not usable"), "{err}");
+
+    // A mistyped s3 URL is not a local folder named `s3:`.
+    let err = fails_in(dir.path(), &["dlq", "list", "--results", "s3:/typo/x"], &[])?;
+    assert!(err.contains("looks like a URL"), "{err}");
+    assert!(!dir.path().join("s3:").exists(), "a folder named s3: was created");
+
+    // A mistyped queue path is not a new empty queue.
+    let typo = dir.path().join("qeueu.db");
+    let err = fails(&["status", "--queue-path", &typo.to_string_lossy()], &[])?;
+    assert!(err.contains("there is no queue at"), "{err}");
+    assert!(!typo.exists(), "the mistyped queue file was created");
+
+    // `ember lambda` outside a complete Lambda environment: an error, not a panic.
+    let err = fails(
+        &["lambda", "--model", &model],
+        &[("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9".into()), ("AWS_LAMBDA_FUNCTION_NAME", "ember".into())],
+    )?;
+    assert!(err.contains("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"), "{err}");
+    Ok(())
+}
+
+/// Runs a command in `dir` that must fail cleanly and returns its stderr.
+fn fails_in(dir: &std::path::Path, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<String> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+    cmd.current_dir(dir).args(args).env("EMBER_LOG", "warn").env_remove("AWS_ENDPOINT_URL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "expected exit 1, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    Ok(stderr)
+}
+
+/// An idle `ember serve` on the embedded queue stops at once on SIGINT (it used to finish its
+/// 20 s long poll first); the time is printed, and the bound is loose.
+#[test]
+fn sigint_stops_an_idle_serve_at_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = smollm_hf("f32")?.to_string_lossy().into_owned();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .current_dir(dir.path())
+        .args(["serve", "--model", &model])
+        .env("EMBER_LOG", "info")
+        .env_remove("AWS_ENDPOINT_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Ready when it says so on stderr.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().ok_or_else(|| anyhow::anyhow!("no stderr"))?);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if std::io::BufRead::read_line(&mut stderr, &mut line)? == 0 {
+            anyhow::bail!("serve exited before it was ready");
+        }
+        if line.contains("serving") || line.contains("ready") {
+            break;
+        }
+    }
+    // Past the first long poll's start.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let sent = std::time::Instant::now();
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if sent.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            anyhow::bail!("serve did not stop within 60 s of SIGINT");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let took = sent.elapsed();
+    eprintln!("idle serve stopped {took:?} after SIGINT");
+    assert!(status.success(), "{status}");
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}: the long poll was waited out");
     Ok(())
 }

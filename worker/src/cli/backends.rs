@@ -43,6 +43,19 @@ pub struct StoreArgs {
 }
 
 impl QueueArgs {
+    /// The queue, for commands that only look at it (`status`, `dlq`): an embedded queue file
+    /// that does not exist is an error (a mistyped path), not a new empty queue.
+    pub async fn open_existing(&self, aws: &AwsArgs) -> anyhow::Result<Arc<dyn Queue>> {
+        if self.sqs_queue.is_none() && !self.queue_path.exists() {
+            anyhow::bail!(
+                "there is no queue at {}: nothing was submitted there. Check --queue-path (EMBER_QUEUE_PATH), \
+                 or give --sqs-queue for SQS",
+                self.queue_path.display()
+            );
+        }
+        self.open(aws).await
+    }
+
     pub fn visibility(&self) -> Duration {
         Duration::from_secs(self.visibility_timeout.max(1))
     }
@@ -78,12 +91,33 @@ impl QueueArgs {
     }
 }
 
+/// `scheme:...` (`s3:/bucket`, `s3//bucket`, `https://...`): a mistyped URL, which would
+/// otherwise become a local folder named `s3:`.
+fn looks_like_a_url(value: &str) -> bool {
+    if value.contains("://") || value.starts_with("s3/") || value.starts_with("s3:") {
+        return true;
+    }
+    match value.split_once(':') {
+        Some((scheme, _)) => {
+            !scheme.is_empty()
+                && scheme.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+        }
+        None => false,
+    }
+}
+
 impl StoreArgs {
     pub async fn open(&self, aws: &AwsArgs) -> anyhow::Result<Arc<dyn ObjectStore>> {
         match ember_model_loader::s3::parse_s3_url(&self.results) {
             Some((bucket, prefix)) => Ok(Arc::new(S3Store::from_config(&aws.config().await, bucket, &prefix))),
-            None if self.results.contains("://") => {
-                anyhow::bail!("--results `{}` is neither s3://bucket/prefix nor a local directory", self.results)
+            None if looks_like_a_url(&self.results) => {
+                anyhow::bail!(
+                    "--results `{}` looks like a URL but is not s3://bucket/prefix: fix the URL, or give a local \
+                     directory (./{} if a folder of that name is really meant)",
+                    self.results,
+                    self.results
+                )
             }
             None => {
                 std::fs::create_dir_all(&self.results)?;

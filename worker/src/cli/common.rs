@@ -14,7 +14,7 @@ pub struct ModelArgs {
     #[arg(long, env = "EMBER_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Weight precision for safetensors models: auto (f32 on CPU, bf16 on CUDA), f32, f16, bf16.
-    #[arg(long, env = "EMBER_DTYPE", default_value = "auto")]
+    #[arg(long, env = "EMBER_DTYPE", default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
     pub dtype: String,
     /// Refuse weights that have no ember-manifest.json (SHA-256 of every file) instead of
     /// loading them unverified: true or false. Default: true for s3:// models, false for local

@@ -26,14 +26,14 @@ pub struct GenerateArgs {
     #[arg(long, env = "EMBER_MAX_TOKENS", default_value_t = 256)]
     pub max_tokens: usize,
     /// 0 is greedy.
-    #[arg(long, env = "EMBER_TEMPERATURE", default_value_t = 0.0)]
+    #[arg(long, env = "EMBER_TEMPERATURE", allow_negative_numbers = true, default_value_t = 0.0)]
     pub temperature: f32,
-    #[arg(long, env = "EMBER_TOP_P", default_value_t = 1.0)]
+    #[arg(long, env = "EMBER_TOP_P", allow_negative_numbers = true, default_value_t = 1.0)]
     pub top_p: f32,
     /// 0 disables the top-k cut.
     #[arg(long, env = "EMBER_TOP_K", default_value_t = 0)]
     pub top_k: usize,
-    #[arg(long, env = "EMBER_REPETITION_PENALTY", default_value_t = 1.0)]
+    #[arg(long, env = "EMBER_REPETITION_PENALTY", allow_negative_numbers = true, default_value_t = 1.0)]
     pub repetition_penalty: f32,
     #[arg(long, env = "EMBER_SEED")]
     pub seed: Option<u64>,

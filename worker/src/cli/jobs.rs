@@ -18,7 +18,7 @@ use crate::job::{
     default_result_key, derived_id, error_result_key, rejected_result_key, JobError, RejectedJob, ResultLine,
     MAX_JOB_BODY_BYTES,
 };
-use crate::queue::{DeadLetter, OutgoingMessage, Queue, MAX_BATCH};
+use crate::queue::{DeadLetter, OutgoingMessage, Queue, MAX_BATCH, MAX_BODY_BYTES};
 use crate::runner::{serve, ServeStats, Shutdown};
 use crate::store::{validate_key, ObjectStore, StoreError};
 
@@ -142,7 +142,7 @@ impl DeadJob {
 }
 
 async fn dead_jobs(aws: &AwsArgs, queue: &QueueArgs) -> anyhow::Result<Vec<DeadJob>> {
-    let queue = queue.open(aws).await?;
+    let queue = queue.open_existing(aws).await?;
     Ok(queue.dead_letters(MAX_DEAD_LETTERS).await?.into_iter().map(DeadJob::new).collect())
 }
 
@@ -153,7 +153,8 @@ struct Line {
     /// Where its result goes, when the line is JSON with a usable `custom_id`.
     result_key: Option<String>,
     /// The line's answer when it cannot be queued at all (`ember run` only): a duplicate
-    /// `custom_id` in the file, or a line larger than any worker accepts.
+    /// `custom_id` in the file, a line larger than a queue message, or one whose result this
+    /// batch already has.
     answer: Option<ResultLine>,
 }
 
@@ -169,8 +170,8 @@ enum BadLines {
 /// Reads a batch file: skips blank lines and puts each JSON object line in the batch. Lines
 /// that are not valid jobs are sent as they are: the worker answers each with an error result
 /// that says what is wrong, so nothing in the file is silently dropped. A duplicate
-/// `custom_id` (the first line keeps it) and a line over the job size limit never reach the
-/// queue: `bad` says whether they refuse the file or get their error line here.
+/// `custom_id` (the first line keeps it) and a line larger than a queue message never reach
+/// the queue: `bad` says whether they refuse the file or get their error line here.
 fn read_lines(file: &Path, batch_id: &str, bad: BadLines) -> anyhow::Result<Vec<Line>> {
     let bytes = if file == Path::new("-") {
         let mut buf = Vec::new();
@@ -189,7 +190,9 @@ fn read_lines(file: &Path, batch_id: &str, bad: BadLines) -> anyhow::Result<Vec<
         let number = i + 1;
         // An id for the line's own answer, stable for this batch and line.
         let local_id = format!("{batch_id}-line-{number}");
-        if raw.len() > MAX_JOB_BODY_BYTES {
+        // Lines a worker refuses by size but a queue carries are sent, to be answered by the
+        // worker like any invalid job; only what the queue cannot carry is stopped here.
+        if raw.len() > MAX_BODY_BYTES {
             let error = JobError::BodyTooLarge { bytes: raw.len(), limit: MAX_JOB_BODY_BYTES };
             if bad == BadLines::Refuse {
                 anyhow::bail!("{}: line {number}: {error}; nothing was sent", file.display());
@@ -344,6 +347,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Results already under the batch's prefix (a reused --batch-id) do not count as progress.
     let prefix = format!("results/{batch_id}/");
     let existing: HashSet<String> = worker.store.list(&prefix).await?.into_iter().collect();
+    // A line whose custom_id already has its result in this batch (a rerun, or a run that was
+    // interrupted) is answered by that result, not run again: results are written once per key.
+    for line in lines.iter_mut().filter(|l| l.answer.is_none()) {
+        if let Some(key) = line.result_key.as_deref().filter(|k| existing.contains(*k)) {
+            line.answer = read_result(worker.store.as_ref(), key).await?;
+        }
+    }
     let ids = send_lines(worker.queue.as_ref(), &mut lines, hidden, BadLines::Answer).await?;
     let queued = ids.iter().flatten().count();
 
@@ -499,7 +509,7 @@ async fn read_result(store: &dyn ObjectStore, key: &str) -> anyhow::Result<Optio
 }
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let queue = args.queue.open(&args.aws).await?;
+    let queue = args.queue.open_existing(&args.aws).await?;
     let d = queue.depth().await?;
     if args.json {
         println!(
@@ -518,7 +528,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
 pub async fn dlq(cmd: DlqCommand) -> anyhow::Result<()> {
     match cmd {
         DlqCommand::Redrive { aws, queue } => {
-            let moved = queue.open(&aws).await?.redrive().await?;
+            let moved = queue.open_existing(&aws).await?.redrive().await?;
             println!("{}", serde_json::json!({"redriven": moved}));
             Ok(())
         }

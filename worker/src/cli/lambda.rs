@@ -77,6 +77,22 @@ pub async fn run(args: LambdaArgs) -> anyhow::Result<()> {
              API (`cargo lambda watch`); to poll SQS from a machine, use `ember serve`"
         );
     }
+    // The runtime crate panics on these (Lambda always sets them); say which is missing.
+    let missing: Vec<&str> =
+        ["AWS_LAMBDA_FUNCTION_NAME", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "AWS_LAMBDA_FUNCTION_VERSION"]
+            .into_iter()
+            .filter(|v| std::env::var_os(v).is_none())
+            .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "{} not set: AWS Lambda (and `cargo lambda watch`) set them for the function; a hand-made Runtime API \
+             setup must set them too",
+            missing.join(", ")
+        );
+    }
+    if std::env::var("AWS_LAMBDA_FUNCTION_MEMORY_SIZE").is_ok_and(|m| m.parse::<i32>().is_err()) {
+        anyhow::bail!("AWS_LAMBDA_FUNCTION_MEMORY_SIZE must be a number of megabytes");
+    }
     // Open the store first: a typo in the bucket should not cost a model load.
     let store = args.store.open(&args.aws).await?;
     let engine = Arc::new(load_engine(&args.model, &args.aws).await?);

@@ -412,6 +412,12 @@ impl Queue for EmbeddedQueue {
         .await
     }
 
+    fn receive_is_cancel_safe(&self) -> bool {
+        // Between attempts it only waits; an attempt cut off mid-way at worst hides what it
+        // took for the visibility timeout, which a crash could do too.
+        true
+    }
+
     async fn redrive(&self) -> Result<u64, QueueError> {
         let moved = self
             .call(|conn, s| {

@@ -174,6 +174,14 @@ pub trait Queue: Send + Sync {
     /// Every message in the DLQ, left there (at most `max`).
     async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError>;
 
+    /// Whether a receive in progress may be dropped at shutdown without hiding messages from
+    /// other workers: true where the long poll is a local wait between short attempts (the
+    /// embedded queue), false where the request is out with a server that will hand messages
+    /// to a connection nobody reads (SQS).
+    fn receive_is_cancel_safe(&self) -> bool {
+        false
+    }
+
     /// Deletes one delivered message.
     async fn delete(&self, receipt: &ReceiptHandle) -> Result<(), QueueError> {
         let mut results = self.delete_batch(std::slice::from_ref(receipt)).await;

@@ -87,6 +87,12 @@ pub async fn serve(
                 Err(_) => break,
             }
         }
+        // With nothing running and nothing queued, `--exit-when-idle` is done now rather than
+        // after one more long poll.
+        while running.try_join_next().is_some() {}
+        if opts.exit_when_idle && running.is_empty() && queue_is_drained(queue.as_ref()).await {
+            break;
+        }
         let receive =
             ReceiveOptions { max_messages: permits.len(), wait: opts.wait, visibility_timeout: Some(opts.visibility) };
         let receiving = queue.receive(&receive);
@@ -94,9 +100,12 @@ pub async fn serve(
         let messages = tokio::select! {
             r = &mut receiving => r,
             _ = shutdown.wait() => {
+                if queue.receive_is_cancel_safe() {
+                    break;
+                }
                 // Dropping a long poll does not stop it in the queue, which would still hand
                 // messages to nobody and hide them for the visibility timeout: let it end
-                // (within `wait`) and hand back what it got.
+                // (within `wait`) and hand back what it got. A second signal exits at once.
                 if let Ok(got) = receiving.await {
                     for msg in got {
                         let _ = queue.change_visibility(&msg.receipt, Duration::ZERO).await;

@@ -73,14 +73,25 @@ impl Shutdown {
                 };
                 tokio::select! {
                     _ = term.recv() => tracing::info!("SIGTERM: finishing or releasing in-flight jobs"),
-                    _ = int.recv() => tracing::info!("SIGINT: finishing or releasing in-flight jobs"),
+                    _ = int.recv() => tracing::info!("SIGINT: finishing or releasing in-flight jobs (Ctrl-C again to quit now)"),
                 }
+                me.trigger();
+                // A second signal quits at once, as a user pressing Ctrl-C twice expects: jobs
+                // still running come back to the queue after their visibility timeout.
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                tracing::warn!(
+                    "second signal: exiting now; unfinished jobs return to the queue after their visibility timeout"
+                );
+                std::process::exit(130);
             }
             #[cfg(not(unix))]
             {
                 let _ = tokio::signal::ctrl_c().await;
+                me.trigger();
             }
-            me.trigger();
         });
     }
 }
