@@ -258,15 +258,20 @@ fn simulate_prints_every_policy_at_defaults_and_tuned_with_the_bound() -> anyhow
     Ok(())
 }
 
+/// The simulator's step: waits under it are rounding, so p95 waits within one step are equal.
+const STEP_S: f64 = 0.05;
+
 /// One group of `ember autoscale simulate --json`.
 fn groups(stdout: &[u8]) -> anyhow::Result<Vec<Value>> {
     String::from_utf8_lossy(stdout).lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
 }
 
 /// Every trace (the four shipped and, when `../shared/traces` is there, the Azure trace
-/// converted by `scripts/azure-trace.py`) at cold starts of 1, 30 and 90 s: prints the table
-/// and checks what BENCHMARKS.md states: every job done by every row, the bound below every
-/// row at least as fast as Ember, and Ember's standing against the bound and the best peer.
+/// converted by `scripts/azure-trace.py`) at cold starts of 1, 30 and 90 s: prints Ember's
+/// standing and checks what BENCHMARKS.md states: every job done by every row, the bound
+/// below every row at least as fast as Ember, the targets where they are met, and no peer
+/// cheaper at an equal or better p95 on the shipped traces (on the Azure trace one is: KEDA
+/// tuned at 90 s, stated there).
 #[test]
 fn simulate_compares_ember_with_the_peers_and_the_bound_on_every_trace() -> anyhow::Result<()> {
     let mut traces = shipped_traces()?;
@@ -303,6 +308,21 @@ fn simulate_compares_ember_with_the_peers_and_the_bound_on_every_trace() -> anyh
             assert!(ws(r) >= bound - 1e-6, "below the bound {bound}: {r}");
         }
         let best_peer = reports[1..].iter().map(p95).fold(f64::INFINITY, f64::min);
+        let (trace, cold) = (g["trace"].as_str().unwrap_or_default(), g["cold_start_s"].as_f64().unwrap_or_default());
+        // What BENCHMARKS.md states: within 1.3x of the bound on idle and on burst at 1 s...
+        if trace == "idle" || (trace == "burst" && cold == 1.0) {
+            assert!(ws(ember) <= 1.3 * bound, "{trace} at {cold} s: {ember} vs the bound {bound}");
+        }
+        // ...a p95 no worse than the best peer's on the shipped burst, diurnal and idle traces...
+        if ["burst", "diurnal", "idle"].contains(&trace) {
+            assert!(p95(ember) <= best_peer + STEP_S, "{trace} at {cold} s: {ember}, best peer p95 {best_peer}");
+        }
+        // ...and on the shipped traces no peer is cheaper at an equal or better p95.
+        if trace != "azure-conv" {
+            for r in reports[1..].iter().filter(|r| p95(r) <= p95(ember) + STEP_S) {
+                assert!(ws(r) >= ws(ember), "{trace} at {cold} s: {r} is cheaper than {ember}");
+            }
+        }
         summary.push(format!(
             "{} at {} s: ember {:.0} worker-s = {:.2}x the bound, p95 {:.2} s vs best peer {:.2} s",
             g["trace"].as_str().unwrap_or_default(),

@@ -217,7 +217,7 @@ pub struct PolicyConfig {
 
 impl PolicyConfig {
     /// The documented defaults of `kind` with at most 10 workers. Ember: decisions every 2 s,
-    /// a 5 s p95 wait target (on the shipped traces 10 s saved 3-10% of worker-seconds on the
+    /// a 5 s p95 wait target (on the shipped traces 10 s saved 3-9% of worker-seconds on the
     /// bursts but let the p95 wait of the spike and the Azure trace rise by up to half), and until workers report their own figures 8 jobs per worker
     /// (`ember serve`'s default concurrency), a 0.9 s cold start, 198.3 tokens/s per busy worker
     /// and 128 tokens per job (BENCHMARKS.md). KEDA: queueLength 5, pollingInterval 30 s,
