@@ -30,8 +30,9 @@ pub struct AutoscaleArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum AutoscaleCommand {
     /// Replay arrival traces (JSON or CSV, see examples/autoscale) against simulated workers
-    /// under each policy and print drain time, queue wait percentiles, worker-seconds and
-    /// cold starts side by side.
+    /// at several cold starts, under every policy at its defaults and tuned, and print queue
+    /// wait percentiles, worker-seconds and cold starts side by side, each trace and cold
+    /// start ending with a clairvoyant lower bound on worker-seconds.
     Simulate(SimulateArgs),
 }
 
@@ -44,8 +45,8 @@ pub struct PolicyOverrides {
     /// Most workers (default 10).
     #[arg(long, env = "EMBER_AUTOSCALE_MAX_WORKERS", allow_negative_numbers = true)]
     pub max_workers: Option<i64>,
-    /// Queued plus running jobs one worker should carry (ember default 8, `serve`'s
-    /// concurrency; KEDA queueLength 5; RunPod scaler value 4).
+    /// Queued plus running jobs one worker should carry (KEDA queueLength 5; RunPod scaler
+    /// value 4; for ember, the jobs a worker runs at once until workers report it, default 8).
     #[arg(long, env = "EMBER_AUTOSCALE_TARGET_BACKLOG", allow_negative_numbers = true)]
     pub target_backlog: Option<f64>,
     /// From zero workers, start only when the backlog is above this many jobs (default 0).
@@ -57,10 +58,12 @@ pub struct PolicyOverrides {
     /// Seconds the backlog must call for more workers before scaling up (default 0).
     #[arg(long, env = "EMBER_AUTOSCALE_SCALE_UP_WINDOW", allow_negative_numbers = true)]
     pub scale_up_window: Option<f64>,
-    /// Seconds the backlog must call for fewer workers before scaling down (ember 30, keda 300).
+    /// Seconds the backlog must call for fewer workers before scaling down (keda 300; ember
+    /// decides from its forecast instead).
     #[arg(long, env = "EMBER_AUTOSCALE_SCALE_DOWN_WINDOW", allow_negative_numbers = true)]
     pub scale_down_window: Option<f64>,
-    /// Seconds without backlog before the last worker stops (ember 30, keda 300, runpod 5).
+    /// Seconds without backlog before the last worker stops (keda 300, runpod 5; ember keeps
+    /// it by the ski-rental rule instead).
     #[arg(long, env = "EMBER_AUTOSCALE_IDLE_COOLDOWN", allow_negative_numbers = true)]
     pub idle_cooldown: Option<f64>,
     /// runpod-delay: seconds a job may wait before a worker is added (default 4).
