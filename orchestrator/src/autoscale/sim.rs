@@ -545,6 +545,55 @@ mod tests {
     }
 
     #[test]
+    fn the_standard_rows_are_ember_and_each_peer_at_defaults_and_tuned() {
+        let model = WorkerModel { cold_start_s: 90.0, ..WorkerModel::default() };
+        let rows = standard_rows(&PolicyKind::ALL, &model);
+        let labels: Vec<&str> = rows.iter().map(|r| r.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "ember",
+                "keda (defaults)",
+                "keda (tuned)",
+                "runpod-requests (defaults)",
+                "runpod-requests (tuned)",
+                "runpod-delay (defaults)",
+                "runpod-delay (tuned)"
+            ]
+        );
+        // KEDA at its documented defaults, averaged over six phases of its 30 s poll.
+        let keda = &rows[1];
+        assert_eq!((keda.config.target_backlog, keda.config.poll_interval), (5.0, 30.0));
+        assert_eq!(keda.phases, [0.0, 5.0, 10.0, 15.0, 20.0, 25.0]);
+        // Tuned for a 90 s cold start: one worker per 8 jobs, idle workers kept 90 s.
+        let tuned = &rows[4].config;
+        assert_eq!((tuned.target_backlog, tuned.idle_cooldown), (8.0, 90.0));
+        assert_eq!(rows[0].phases, [0.0]);
+    }
+
+    #[test]
+    fn a_keda_row_is_the_mean_of_its_phases() -> Result<(), ConfigError> {
+        let trace = burst(100);
+        let row = Row::defaults(PolicyKind::Keda);
+        let groups = compare(
+            std::slice::from_ref(&trace),
+            &[1.0],
+            &WorkerModel::default(),
+            |_| vec![row.clone()],
+            &SimOptions::default(),
+        )?;
+        let mut sum = 0.0;
+        for &phase in &row.phases {
+            let mut p = PolicyConfig { phase, ..row.config.clone() }.build()?;
+            let model = WorkerModel { cold_start_s: 1.0, ..WorkerModel::default() };
+            sum += simulate(&trace, p.as_mut(), &model, &SimOptions::default()).worker_seconds;
+        }
+        let mean = sum / row.phases.len() as f64;
+        assert!((groups[0].reports[0].worker_seconds - mean).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
     fn percentiles_are_nearest_rank() {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!((percentile(&v, 50.0), percentile(&v, 95.0), percentile(&v, 99.0)), (50.0, 95.0, 99.0));
