@@ -1,6 +1,7 @@
 //! `ember autoscale --driver local` against moto SQS and S3 with the real small model: a
-//! burst of 200 jobs takes the pool from 0 workers to its maximum and back to 0 after the
-//! cooldown, every job gets its result, and no job is cut short by a drain.
+//! burst of 200 jobs takes the pool from 0 workers to its maximum and back to 0, with the
+//! cold starts Ember's policy predicts, every job gets its result, and no job is cut short by
+//! a drain. And `ember autoscale simulate` on the shipped traces and the Azure trace.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -119,8 +120,7 @@ fn a_burst_scales_the_local_pool_from_zero_to_max_and_back_without_killing_jobs(
 
     let mut child = ember(&env)
         .args(["autoscale", "--driver", "local", "--policy", "ember"])
-        .args(["--max-workers", &MAX_WORKERS.to_string(), "--target-backlog", "8"])
-        .args(["--interval", "1", "--scale-down-window", "5", "--idle-cooldown", "5"])
+        .args(["--max-workers", &MAX_WORKERS.to_string(), "--interval", "1"])
         .args(["--pool-log-dir", &logs.to_string_lossy()])
         .args(["--serve-args", "--wait-seconds 1 --concurrency 4 --grace-seconds 60"])
         .stdout(Stdio::piped())
@@ -159,18 +159,34 @@ fn a_burst_scales_the_local_pool_from_zero_to_max_and_back_without_killing_jobs(
     wait_for(&lines, &mut seen, Duration::from_secs(60), "the maximum of workers", |d| {
         d["workers"].as_u64() == Some(MAX_WORKERS)
     })?;
+    // The prediction: 200 jobs at 8 per worker and about 1.55 jobs/s each (the configured
+    // figures: no worker has reported yet) ask for 200 / (8 + 1.55 x 5) -> 13 workers or more
+    // (the backlog rule; the forecast rule sees 200 arrivals in a second and asks for more
+    // still), capped at the maximum and all started at once. The backlog only shrinks from
+    // there, so no worker is started again: MAX_WORKERS cold starts in all (checked below).
+    let first = seen.iter().find(|d| d["start"].as_u64().is_some_and(|n| n > 0)).context("no start")?;
+    assert_eq!(first["start"].as_u64(), Some(MAX_WORKERS), "{first}");
+    let why = &first["reason"];
+    let wanted =
+        why["workers_for_backlog"].as_f64().unwrap_or(0.0).max(why["workers_for_forecast"].as_f64().unwrap_or(0.0));
+    assert!(wanted >= MAX_WORKERS as f64, "{why}");
     assert!(
         seen.iter().all(|d| d["workers"].as_u64().is_some_and(|w| w <= MAX_WORKERS)),
         "more than {MAX_WORKERS} workers: {seen:#?}"
     );
-    // Back to zero once the burst is done and the cooldown has passed.
+    // Back to zero once the burst is done and the ski-rental rule lets the last worker go.
     wait_for(&lines, &mut seen, Duration::from_secs(600), "0 workers after the burst", |d| {
         d["workers"] == 0 && d["draining"] == 0 && d["desired"] == 0 && d["visible"] == 0 && d["in_flight"] == 0
     })?;
-    let scaled_down_at = seen.last().and_then(|d| d["t"].as_f64()).unwrap_or_default();
-    let last_busy =
-        seen.iter().rev().filter(|d| d["visible"] != 0 || d["in_flight"] != 0).find_map(|d| d["t"].as_f64());
-    assert!(last_busy.is_some_and(|t| scaled_down_at - t >= 4.0), "scaled to zero before the cooldown: {seen:#?}");
+    // Ember's decisions explain themselves: a JSON object with the rule that fired.
+    let reasons: Vec<&Value> = seen.iter().map(|d| &d["reason"]).filter(|r| r.is_object()).collect();
+    assert_eq!(reasons.len(), seen.len(), "a decision without its explanation: {seen:#?}");
+    let last_go = reasons.iter().rev().find(|r| r["rule"].as_str().is_some_and(|r| r.starts_with("ski-rental")));
+    assert!(last_go.is_some_and(|r| r["rule"] == "ski-rental: let go"), "{reasons:#?}");
+    // The workers reported their own figures, and the policy used them.
+    assert!(reasons.iter().any(|r| r["figures"] == "reported"), "{reasons:#?}");
+    let started: u64 = seen.iter().map(|d| d["start"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(started, MAX_WORKERS, "cold starts beyond the predicted {MAX_WORKERS}: {seen:#?}");
 
     // Stop the autoscaler: SIGTERM, it exits cleanly.
     Command::new("kill").args(["-TERM", &autoscaler.0.id().to_string()]).status()?;
@@ -198,22 +214,125 @@ fn a_burst_scales_the_local_pool_from_zero_to_max_and_back_without_killing_jobs(
     Ok(())
 }
 
-#[test]
-fn simulate_prints_every_policy_on_every_trace_in_one_table() -> anyhow::Result<()> {
+/// The shipped traces, as `--trace examples/autoscale/*.json` hands them (a shell glob gives
+/// several values after one `--trace`).
+fn shipped_traces() -> anyhow::Result<Vec<std::path::PathBuf>> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/autoscale");
-    let out = ember(&[])
-        .args(["autoscale", "simulate", "--trace"])
-        .arg(dir.join("burst.json"))
-        .arg("--trace")
-        .arg(dir.join("idle.json"))
-        .output()?;
+    let mut traces: Vec<_> = std::fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.path()))
+        .filter(|p| p.as_ref().map_or(true, |p| p.extension().is_some_and(|e| e == "json")))
+        .collect::<Result<_, _>>()?;
+    traces.sort();
+    Ok(traces)
+}
+
+#[test]
+fn simulate_prints_every_policy_at_defaults_and_tuned_with_the_bound() -> anyhow::Result<()> {
+    let traces = shipped_traces()?;
+    assert_eq!(traces.len(), 4);
+    let out =
+        ember(&[]).args(["autoscale", "simulate", "--cold-start-seconds", "1,30", "--trace"]).args(&traces).output()?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let table = String::from_utf8(out.stdout)?;
-    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| burst") || l.starts_with("| idle")).collect();
-    assert_eq!(rows.len(), 8, "{table}");
-    for policy in ["ember", "keda", "runpod-requests", "runpod-delay"] {
-        assert_eq!(rows.iter().filter(|r| r.contains(&format!("| {policy} |"))).count(), 2, "{table}");
+    for trace in ["burst", "diurnal", "idle", "spike"] {
+        for cold in ["1", "30"] {
+            let rows: Vec<&str> = table.lines().filter(|l| l.starts_with(&format!("| {trace} | {cold} |"))).collect();
+            let labels: Vec<&str> = rows.iter().filter_map(|r| r.split('|').nth(3)).map(str::trim).collect();
+            assert_eq!(
+                labels,
+                [
+                    "ember",
+                    "keda (defaults)",
+                    "keda (tuned)",
+                    "runpod-requests (defaults)",
+                    "runpod-requests (tuned)",
+                    "runpod-delay (defaults)",
+                    "runpod-delay (tuned)",
+                    "bound (clairvoyant)"
+                ],
+                "{table}"
+            );
+        }
     }
+    Ok(())
+}
+
+/// The simulator's step: waits under it are rounding, so p95 waits within one step are equal.
+const STEP_S: f64 = 0.05;
+
+/// One group of `ember autoscale simulate --json`.
+fn groups(stdout: &[u8]) -> anyhow::Result<Vec<Value>> {
+    String::from_utf8_lossy(stdout).lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
+}
+
+/// Every trace (the four shipped and, when `../shared/traces` is there, the Azure trace
+/// converted by `scripts/azure-trace.py`) at cold starts of 1, 30 and 90 s: prints Ember's
+/// standing and checks what BENCHMARKS.md states: every job done by every row, the bound
+/// below every row at least as fast as Ember, the targets where they are met, and no peer
+/// cheaper at an equal or better p95 on the shipped traces (on the Azure trace one is: KEDA
+/// tuned at 90 s, stated there).
+#[test]
+fn simulate_compares_ember_with_the_peers_and_the_bound_on_every_trace() -> anyhow::Result<()> {
+    let mut traces = shipped_traces()?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let azure = root.join("../shared/traces/AzureLLMInferenceTrace_conv.csv");
+    let dir = tempfile::tempdir()?;
+    if azure.exists() {
+        let converted = dir.path().join("azure-conv.csv");
+        let out =
+            Command::new("python3").arg(root.join("scripts/azure-trace.py")).arg(&azure).arg(&converted).output()?;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        traces.push(converted);
+    } else {
+        println!("NOTE: {} not found: the Azure trace was not compared", azure.display());
+    }
+    let out = ember(&[]).args(["autoscale", "simulate", "--json", "--trace"]).args(&traces).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let groups = groups(&out.stdout)?;
+    assert_eq!(groups.len(), traces.len() * 3);
+    let mut summary = Vec::new();
+    for g in &groups {
+        let reports = g["reports"].as_array().context("no reports")?;
+        let ember = &reports[0];
+        assert_eq!(ember["policy"], "ember");
+        for r in reports {
+            assert_eq!(r["done"], r["jobs"], "{r}");
+        }
+        assert_eq!(ember["released"], 0, "{ember}");
+        let bound = g["bound"]["worker_seconds"].as_f64().context("no bound")?;
+        let p95 = |r: &Value| r["wait_p95_s"].as_f64().unwrap_or(f64::NAN);
+        let ws = |r: &Value| r["worker_seconds"].as_f64().unwrap_or(f64::NAN);
+        // A lower bound: no row with a p95 at least as good as Ember's beats it.
+        for r in reports.iter().filter(|r| p95(r) <= p95(ember)) {
+            assert!(ws(r) >= bound - 1e-6, "below the bound {bound}: {r}");
+        }
+        let best_peer = reports[1..].iter().map(p95).fold(f64::INFINITY, f64::min);
+        let (trace, cold) = (g["trace"].as_str().unwrap_or_default(), g["cold_start_s"].as_f64().unwrap_or_default());
+        // What BENCHMARKS.md states: within 1.3x of the bound on idle and on burst at 1 s...
+        if trace == "idle" || (trace == "burst" && cold == 1.0) {
+            assert!(ws(ember) <= 1.3 * bound, "{trace} at {cold} s: {ember} vs the bound {bound}");
+        }
+        // ...a p95 no worse than the best peer's on the shipped burst, diurnal and idle traces...
+        if ["burst", "diurnal", "idle"].contains(&trace) {
+            assert!(p95(ember) <= best_peer + STEP_S, "{trace} at {cold} s: {ember}, best peer p95 {best_peer}");
+        }
+        // ...and on the shipped traces no peer is cheaper at an equal or better p95.
+        if trace != "azure-conv" {
+            for r in reports[1..].iter().filter(|r| p95(r) <= p95(ember) + STEP_S) {
+                assert!(ws(r) >= ws(ember), "{trace} at {cold} s: {r} is cheaper than {ember}");
+            }
+        }
+        summary.push(format!(
+            "{} at {} s: ember {:.0} worker-s = {:.2}x the bound, p95 {:.2} s vs best peer {:.2} s",
+            g["trace"].as_str().unwrap_or_default(),
+            g["cold_start_s"],
+            ws(ember),
+            ws(ember) / bound,
+            p95(ember),
+            best_peer
+        ));
+    }
+    println!("{}", summary.join("\n"));
     Ok(())
 }
 

@@ -11,7 +11,8 @@ use super::policy::Policy;
 /// Which scaling policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PolicyKind {
-    /// Ember's own: backlog per worker, short stabilization, scale to zero after a cooldown.
+    /// Ember's own: cold-start-aware and anticipating (forecast arrivals, a p95 wait target,
+    /// the ski-rental rule for idle workers); see [`super::EmberPolicy`].
     Ember,
     /// KEDA's `aws-sqs-queue` scaler feeding a Kubernetes HPA, with their documented defaults.
     Keda,
@@ -195,13 +196,34 @@ pub struct PolicyConfig {
     /// Seconds between decisions (for keda: the HPA sync period, 15 s; KEDA's own 30 s
     /// `pollingInterval` governs activation and scale to zero).
     pub interval: f64,
+    /// keda: KEDA's `pollingInterval` (30 s), which governs activation and scale to zero.
+    pub poll_interval: f64,
+    /// keda: the HPA's default scale-up limit (at most double, or +4 pods, per period).
+    pub hpa_rate_limit: bool,
+    /// Seconds of the first decision after the start of the caller's clock: where a periodic
+    /// loop (KEDA's poll, the HPA sync) happens to fall against the arrivals. The simulator
+    /// averages KEDA over several phases rather than letting a poll land just as a burst
+    /// arrives.
+    pub phase: f64,
+    /// ember: the p95 queue wait to aim for, seconds (`--target-wait`).
+    pub target_wait: f64,
+    /// ember: a worker's cold start, seconds, until a worker reports its own.
+    pub cold_start: f64,
+    /// ember: a busy worker's aggregate tokens/s, until workers report theirs.
+    pub worker_tok_s: f64,
+    /// ember: tokens a job generates, until workers report theirs.
+    pub job_tokens: f64,
 }
 
 impl PolicyConfig {
-    /// The documented defaults of `kind` (Ember: 8 jobs per worker, `ember serve`'s default
-    /// concurrency, decisions every 2 s, 30 s down window and cooldown; KEDA: queueLength 5, HPA sync 15 s,
-    /// cooldownPeriod 300 s, HPA scale-down window 300 s; RunPod: scaler value 4, idle
-    /// timeout 5 s, queue delay 4 s) with at most 10 workers.
+    /// The documented defaults of `kind` with at most 10 workers. Ember: decisions every 2 s,
+    /// a 5 s p95 wait target (on the shipped traces 10 s saved 3-9% of worker-seconds on the
+    /// bursts but let the p95 wait of the spike and the Azure trace rise by up to half), and until workers report their own figures 8 jobs per worker
+    /// (`ember serve`'s default concurrency), a 0.9 s cold start, 198.3 tokens/s per busy worker
+    /// and 128 tokens per job (BENCHMARKS.md). KEDA: queueLength 5, pollingInterval 30 s,
+    /// cooldownPeriod 300 s; its HPA syncs every 15 s, scales down after a 300 s window and up by
+    /// at most double or +4 pods per sync. RunPod: scaler value 4, idle timeout 5 s, queue
+    /// delay 4 s.
     pub fn defaults(kind: PolicyKind) -> Self {
         let base = Self {
             kind,
@@ -216,6 +238,13 @@ impl PolicyConfig {
             idle_cooldown: 30.0,
             queue_delay: 4.0,
             interval: 2.0,
+            poll_interval: 30.0,
+            hpa_rate_limit: true,
+            phase: 0.0,
+            target_wait: 5.0,
+            cold_start: 0.9,
+            worker_tok_s: 198.3,
+            job_tokens: 128.0,
         };
         match kind {
             PolicyKind::Ember => base,
@@ -226,6 +255,41 @@ impl PolicyConfig {
                 Self { target_backlog: 4.0, scale_down_window: 0.0, idle_cooldown: 5.0, interval: 1.0, ..base }
             }
             PolicyKind::RunpodDelay => Self { scale_down_window: 0.0, idle_cooldown: 5.0, interval: 1.0, ..base },
+        }
+    }
+
+    /// `kind` as a careful operator would set it up for workers that start in `cold_start`
+    /// seconds and run `concurrency` jobs each, without looking at the trace (one setting per
+    /// cold start, the same for every trace):
+    /// - every peer's per-worker target is the worker's measured concurrency (KEDA `queueLength`
+    ///   and RunPod's scaler value: one worker per `concurrency` jobs);
+    /// - idle workers are kept for the break-even time of the ski-rental problem, the larger of
+    ///   the default and the cold start (keeping a worker idle for as long as a restart costs is
+    ///   the classic 2-competitive rule);
+    /// - KEDA polls every 5 s instead of 30, its HPA scales down after the same break-even
+    ///   window (at least 30 s) and scales up without the default rate limit;
+    /// - RunPod's queue-delay mode adds a worker after 2 s instead of 4.
+    ///
+    /// Ember has no tuned variant: its per-worker figures are measured and its one setting is
+    /// the user's `--target-wait`.
+    pub fn tuned(kind: PolicyKind, cold_start: f64, concurrency: u32) -> Self {
+        let d = Self::defaults(kind);
+        let hold = |default: f64| default.max(cold_start);
+        let per_worker = f64::from(concurrency.max(1));
+        match kind {
+            PolicyKind::Ember => d,
+            PolicyKind::Keda => Self {
+                target_backlog: per_worker,
+                poll_interval: 5.0,
+                scale_down_window: hold(30.0),
+                idle_cooldown: hold(30.0),
+                hpa_rate_limit: false,
+                ..d
+            },
+            PolicyKind::RunpodRequests => {
+                Self { target_backlog: per_worker, idle_cooldown: hold(d.idle_cooldown), ..d }
+            }
+            PolicyKind::RunpodDelay => Self { queue_delay: 2.0, idle_cooldown: hold(d.idle_cooldown), ..d },
         }
     }
 
@@ -249,6 +313,10 @@ impl PolicyConfig {
             ("--target-backlog", self.target_backlog, "queued jobs per worker"),
             ("--interval", self.interval, "seconds between decisions"),
             ("--queue-delay", self.queue_delay, "seconds a job may wait before runpod-delay adds a worker"),
+            ("--poll-interval", self.poll_interval, "seconds between KEDA's polls"),
+            ("--target-wait", self.target_wait, "the p95 queue wait to aim for, seconds"),
+            ("--worker-tok-s", self.worker_tok_s, "a busy worker's tokens/s until workers report theirs"),
+            ("--job-tokens", self.job_tokens, "tokens per job until workers report theirs"),
         ];
         for (field, value, hint) in positive {
             if !(value.is_finite() && value > 0.0) {
@@ -259,6 +327,8 @@ impl PolicyConfig {
             ("--scale-up-window", self.scale_up_window),
             ("--scale-down-window", self.scale_down_window),
             ("--idle-cooldown", self.idle_cooldown),
+            ("--cold-start", self.cold_start),
+            ("--phase", self.phase),
         ];
         for (field, value) in durations {
             if !(value.is_finite() && value >= 0.0) {

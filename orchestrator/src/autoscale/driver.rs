@@ -121,6 +121,7 @@ impl<W: Write + Send> Driver for DryRunDriver<W> {
                 busy: None,
                 idle_since: None,
                 started_at: now,
+                report: None,
             });
         }
         let line = serde_json::json!({"driver": "dry-run", "t": now, "decision": decision});

@@ -4,7 +4,10 @@
 //!   [+ delayed], target `queueLength` per replica, `activationQueueLength`, scale to zero
 //!   after `cooldownPeriod` without activity, checked every `pollingInterval` = 30 s) feeding
 //!   a Kubernetes HPA (every 15 s: `ceil(metric / target)`, 10% tolerance, scale-up at most
-//!   +100% or +4 pods per period, scale-down after a 300 s stabilization window).
+//!   +100% or +4 pods per period, scale-down after a 300 s stabilization window). As KEDA
+//!   does it, activation takes the deployment from 0 to 1 replica only; the HPA (which does
+//!   not run at 0 replicas) sizes it from its next sync. Both loops run on their own clocks,
+//!   offset by `phase` from the caller's: the simulator averages over phases.
 //! - [`RunpodRequestCountPolicy`]: RunPod's request-count mode: `ceil((queued + running) /
 //!   scaler value)` workers; a worker stops after its idle timeout (default 5 s).
 //! - [`RunpodQueueDelayPolicy`]: RunPod's queue-delay mode: the first request starts a worker;
@@ -14,8 +17,9 @@
 use super::config::PolicyConfig;
 use super::policy::{plan, workers_for, Decision, Observation, Policy, Recommendations, WorkerState};
 
-/// KEDA's activation (0 <-> 1) is checked on its polling interval; the HPA runs on its own.
-const KEDA_POLLING_INTERVAL: f64 = 30.0;
+/// KEDA is asked every second and acts when its poll or its HPA sync is due, so that both
+/// loops keep their own period and phase whatever the caller's tick.
+const KEDA_TICK: f64 = 1.0;
 /// The HPA's default tolerance: within 10% of the target, nothing changes.
 const HPA_TOLERANCE: f64 = 0.1;
 
@@ -25,14 +29,16 @@ pub struct KedaSqsPolicy {
     cfg: PolicyConfig,
     recs: Recommendations,
     last_active: Option<f64>,
-    last_poll: Option<f64>,
+    next_poll: f64,
+    next_sync: f64,
     scaled_to_zero: bool,
 }
 
 impl KedaSqsPolicy {
     /// A policy from a validated configuration.
     pub fn new(cfg: PolicyConfig) -> Self {
-        Self { cfg, recs: Recommendations::default(), last_active: None, last_poll: None, scaled_to_zero: true }
+        let (next_poll, next_sync) = (cfg.phase, cfg.phase);
+        Self { cfg, recs: Recommendations::default(), last_active: None, next_poll, next_sync, scaled_to_zero: true }
     }
 }
 
@@ -42,7 +48,7 @@ impl Policy for KedaSqsPolicy {
     }
 
     fn interval(&self) -> f64 {
-        self.cfg.interval
+        KEDA_TICK.min(self.cfg.interval)
     }
 
     fn decide(&mut self, obs: &Observation<'_>) -> Decision {
@@ -50,13 +56,23 @@ impl Policy for KedaSqsPolicy {
         let now = obs.now;
         let metric = c.demand(&obs.backlog);
         let active = obs.active();
-        // KEDA's own loop: activation and scale to zero, on the polling interval.
-        if self.last_poll.is_none_or(|t| now - t >= KEDA_POLLING_INTERVAL) {
-            self.last_poll = Some(now);
+        // KEDA's own loop: activation (0 -> 1) and scale to zero, on the polling interval.
+        if now + 1e-9 >= self.next_poll {
+            while self.next_poll <= now + 1e-9 {
+                self.next_poll += c.poll_interval;
+            }
             let is_active = metric > u64::try_from(c.activation).unwrap_or(0);
             if is_active {
                 self.last_active = Some(now);
-                self.scaled_to_zero = false;
+                if self.scaled_to_zero {
+                    self.scaled_to_zero = false;
+                    // The HPA sees the new replica from its next sync on.
+                    while self.next_sync <= now + 1e-9 {
+                        self.next_sync += c.interval;
+                    }
+                    let reason = format!("keda poll: metric {metric} active, 0 -> 1 replica");
+                    return plan(c.min().max(1).min(c.max()), obs, reason);
+                }
             } else if c.min() == 0 && self.last_active.is_none_or(|t| now - t >= c.idle_cooldown) {
                 self.scaled_to_zero = true;
             }
@@ -64,6 +80,12 @@ impl Policy for KedaSqsPolicy {
         if self.scaled_to_zero {
             let reason = format!("inactive for the {} s cooldownPeriod", c.idle_cooldown);
             return plan(c.min(), obs, reason);
+        }
+        if now + 1e-9 < self.next_sync {
+            return plan(active.max(1), obs, "waiting for the next HPA sync");
+        }
+        while self.next_sync <= now + 1e-9 {
+            self.next_sync += c.interval;
         }
         // The HPA, with minReplicas at least 1 while the scaler is active.
         let current = active.max(1);
@@ -74,7 +96,10 @@ impl Policy for KedaSqsPolicy {
         self.recs.push(now, rec, c.scale_up_window.max(c.scale_down_window));
         let mut desired = self.recs.stabilize(now, current, c.scale_up_window, c.scale_down_window);
         // HPA default scale-up policy: at most double, or +4 pods, per period.
-        desired = desired.min(current.saturating_mul(2).max(current + 4)).clamp(c.min().max(1), c.max());
+        if c.hpa_rate_limit {
+            desired = desired.min(current.saturating_mul(2).max(current + 4));
+        }
+        desired = desired.clamp(c.min().max(1), c.max());
         plan(desired, obs, format!("hpa: metric {metric} / queueLength {}", c.target_backlog))
     }
 }
@@ -212,17 +237,31 @@ mod tests {
     #[test]
     fn keda_formula_rate_limit_and_slow_scale_down() {
         let mut p = KedaSqsPolicy::new(PolicyConfig { max_workers: 50, ..PolicyConfig::defaults(PolicyKind::Keda) });
-        // Activation from zero, then ceil(100 / 5) = 20 limited to max(2x1, 1+4) = 5.
-        assert_eq!(run(&mut p, 0.0, 100, 0, &[]).desired, 5);
-        assert_eq!(run(&mut p, 15.0, 100, 0, &ready(5)).desired, 10);
-        assert_eq!(run(&mut p, 30.0, 100, 0, &ready(10)).desired, 20);
+        // Activation from zero takes one replica; the HPA sizes it from its next sync:
+        // ceil(100 / 5) = 20 limited to max(2x1, 1+4) = 5, then doubling.
+        assert_eq!(run(&mut p, 0.0, 100, 0, &[]).desired, 1);
+        assert_eq!(run(&mut p, 1.0, 100, 0, &ready(1)).desired, 1, "the HPA waits for its sync");
+        assert_eq!(run(&mut p, 15.0, 100, 0, &ready(1)).desired, 5);
+        assert_eq!(run(&mut p, 30.0, 100, 0, &ready(5)).desired, 10);
+        assert_eq!(run(&mut p, 45.0, 100, 0, &ready(10)).desired, 20);
         // Within 10% of the target: no change.
-        assert_eq!(run(&mut p, 45.0, 21, 0, &ready(4)).desired, 4);
+        assert_eq!(run(&mut p, 60.0, 21, 0, &ready(4)).desired, 4);
         // Backlog gone: the 300 s window holds the highest recent recommendation.
-        assert_eq!(run(&mut p, 60.0, 0, 0, &ready(20)).desired, 20);
+        assert_eq!(run(&mut p, 75.0, 0, 0, &ready(20)).desired, 20);
         assert_eq!(run(&mut p, 300.0, 0, 0, &ready(20)).desired, 20);
-        // cooldownPeriod: 300 s after the last active poll (t=30), on a poll.
-        assert_eq!(run(&mut p, 330.0, 0, 0, &ready(20)).desired, 0);
+        // cooldownPeriod: 300 s after the last active poll (t=60), on a poll.
+        assert_eq!(run(&mut p, 330.0, 0, 0, &ready(20)).desired, 20);
+        assert_eq!(run(&mut p, 360.0, 0, 0, &ready(20)).desired, 0);
+    }
+
+    #[test]
+    fn keda_polls_on_its_own_phase() {
+        let cfg = PolicyConfig { phase: 12.0, ..PolicyConfig::defaults(PolicyKind::Keda) };
+        let mut p = KedaSqsPolicy::new(cfg);
+        // Jobs arrive at 0; the first poll is at 12 s.
+        assert_eq!(run(&mut p, 0.0, 40, 0, &[]).desired, 0);
+        assert_eq!(run(&mut p, 11.0, 40, 0, &[]).desired, 0);
+        assert_eq!(run(&mut p, 12.0, 40, 0, &[]).desired, 1);
     }
 
     #[test]

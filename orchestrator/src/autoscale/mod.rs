@@ -18,6 +18,7 @@
 //! assert!(decision.desired >= 1);
 //! ```
 
+pub mod bound;
 mod config;
 mod driver;
 mod ember;
@@ -28,6 +29,6 @@ pub mod trace;
 
 pub use config::{ConfigError, DriverKind, PolicyConfig, PolicyKind};
 pub use driver::{Driver, DriverError, DryRunDriver};
-pub use ember::EmberPolicy;
+pub use ember::{EmberPolicy, WorkerFigures};
 pub use known::{KedaSqsPolicy, RunpodQueueDelayPolicy, RunpodRequestCountPolicy};
-pub use policy::{plan, Backlog, Decision, Observation, Policy, WorkerState, WorkerView};
+pub use policy::{plan, Backlog, Decision, Observation, Policy, WorkerReport, WorkerState, WorkerView};

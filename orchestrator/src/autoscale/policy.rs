@@ -41,6 +41,30 @@ pub struct WorkerView {
     pub idle_since: Option<f64>,
     /// When it was started (caller's clock, seconds).
     pub started_at: f64,
+    /// What the worker measured about itself and reported, once it has (see [`WorkerReport`]).
+    pub report: Option<WorkerReport>,
+}
+
+/// What a worker measured about itself: its cold start and, cumulatively, the jobs it
+/// finished, the tokens it generated and the seconds it had at least one job. Workers publish
+/// it (`ember serve --report-file`; the simulator's workers report the same figures), so the
+/// policy's per-worker numbers are measured, not configured by hand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct WorkerReport {
+    /// Seconds from process start to taking the first job.
+    pub cold_start_s: f64,
+    /// Jobs finished so far.
+    pub jobs: u64,
+    /// Tokens generated so far.
+    pub tokens: u64,
+    /// Seconds with at least one job in flight so far.
+    pub busy_s: f64,
+    /// Jobs it runs at once.
+    pub concurrency: u32,
+    /// Aggregate tokens/s measured while it ran `concurrency` jobs at once (None until it
+    /// has been full for a while).
+    #[serde(default)]
+    pub full_tok_s: Option<f64>,
 }
 
 impl WorkerView {
@@ -174,7 +198,7 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn worker(id: &str, state: WorkerState, busy: Option<u32>, idle_since: Option<f64>) -> WorkerView {
-        WorkerView { id: id.into(), state, busy, idle_since, started_at: 0.0 }
+        WorkerView { id: id.into(), state, busy, idle_since, started_at: 0.0, report: None }
     }
 
     #[test]

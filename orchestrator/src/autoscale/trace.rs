@@ -9,6 +9,7 @@
 //!   same file always gives the same trace), and may set its own `tokens`. `arrivals`, a
 //!   list of seconds, adds single jobs.
 //! - CSV: one job a line, `at_s[,tokens]`; a header line and `#` comments are skipped.
+//!   `scripts/azure-trace.py` converts Azure's public LLM inference trace to it.
 
 use std::path::Path;
 
@@ -176,9 +177,17 @@ impl Trace {
     /// Parses a CSV trace (see the module docs); `path` is for messages.
     pub fn from_csv(name: &str, text: &str, path: &str) -> Result<Self, TraceError> {
         let mut jobs = Vec::new();
+        let mut first = true;
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
-            if line.is_empty() || line.starts_with('#') || (i == 0 && line.starts_with(|c: char| c.is_alphabetic())) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            // A header is the first line that is not a comment (comments may come first: a
+            // converted trace carries its source's citation there).
+            let header = first && line.starts_with(|c: char| c.is_alphabetic());
+            first = false;
+            if header {
                 continue;
             }
             let err = |message: String| TraceError::Csv { path: path.into(), line: i + 1, message };
@@ -235,6 +244,10 @@ mod tests {
     fn csv_traces() -> Result<(), TraceError> {
         let t = Trace::from_csv("c", "at_s,tokens\n# comment\n2.5,10\n1\n", "c.csv")?;
         assert_eq!(t.jobs, [TraceJob { at: 1.0, tokens: DEFAULT_TOKENS }, TraceJob { at: 2.5, tokens: 10 }]);
+        // A citation before the header, as scripts/azure-trace.py writes it.
+        let t = Trace::from_csv("c", "# CC-BY 4.0, cite ...\nat_s,tokens\n0.000,44\n4.315,109\n", "c.csv")?;
+        assert_eq!(t.jobs.len(), 2);
+        assert!(Trace::from_csv("c", "at_s,tokens\nat_s,tokens\n", "c.csv").is_err(), "one header only");
         Ok(())
     }
 }

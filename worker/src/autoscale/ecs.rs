@@ -51,7 +51,8 @@ impl Driver for EcsService {
         let (desired, running, pending) = self.counts().await?;
         // Tasks above the desired count are being stopped by ECS: draining.
         let draining = (running + pending - desired).max(0);
-        let view = |id: String, state| WorkerView { id, state, busy: None, idle_since: None, started_at: 0.0 };
+        let view =
+            |id: String, state| WorkerView { id, state, busy: None, idle_since: None, started_at: 0.0, report: None };
         let mut out: Vec<WorkerView> =
             (0..pending).map(|i| view(format!("pending-{i}"), WorkerState::Starting)).collect();
         out.extend((0..running).map(|i| view(format!("task-{i}"), WorkerState::Ready)));

@@ -62,6 +62,7 @@ impl Driver for LambdaMapping {
                 busy: None,
                 idle_since: None,
                 started_at: 0.0,
+                report: None,
             })
             .collect())
     }

@@ -7,12 +7,17 @@
 //! gets SIGKILL (its messages come back after their visibility timeout).
 //!
 //! The pool cannot see how busy each process is, so the policy drains the youngest first.
+//!
+//! With a log directory, each worker also writes what it measured about itself (its cold start,
+//! jobs, tokens and busy seconds: `ember serve --report-file`) to `worker-N.report.json` there,
+//! and the pool hands those reports to the policy, which uses them instead of its configured
+//! per-worker figures.
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use ember_orchestrator::autoscale::{Decision, Driver, DriverError, WorkerState, WorkerView};
+use ember_orchestrator::autoscale::{Decision, Driver, DriverError, WorkerReport, WorkerState, WorkerView};
 use tokio::process::{Child, Command};
 
 /// How pool workers are started.
@@ -36,6 +41,14 @@ struct PoolWorker {
     child: Child,
     started_at: f64,
     draining: bool,
+    report_path: Option<PathBuf>,
+}
+
+/// A worker's last report, when it has written one (a missing or half-written file is no
+/// report yet: the worker rewrites it after every job).
+fn read_report(path: &Option<PathBuf>) -> Option<WorkerReport> {
+    let text = std::fs::read(path.as_ref()?).ok()?;
+    serde_json::from_slice(&text).ok()
 }
 
 /// See the module docs.
@@ -57,6 +70,10 @@ impl LocalPool {
         let mut cmd = Command::new(&self.opts.exe);
         cmd.arg("serve").args(&self.opts.serve_args).stdin(Stdio::null());
         cmd.envs(self.opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let report_path = self.opts.log_dir.as_ref().map(|dir| dir.join(format!("{id}.report.json")));
+        if let Some(path) = &report_path {
+            cmd.env("EMBER_WORKER_REPORT", path);
+        }
         if let Some(dir) = &self.opts.log_dir {
             let open = |ext: &str| {
                 std::fs::OpenOptions::new()
@@ -70,7 +87,7 @@ impl LocalPool {
         let child =
             cmd.spawn().map_err(|e| DriverError::Start(format!("running {} serve: {e}", self.opts.exe.display())))?;
         tracing::info!(worker = %id, pid = child.id(), "started a worker");
-        self.workers.push(PoolWorker { id, child, started_at: now, draining: false });
+        self.workers.push(PoolWorker { id, child, started_at: now, draining: false, report_path });
         Ok(())
     }
 
@@ -126,6 +143,7 @@ impl Driver for LocalPool {
                 busy: None,
                 idle_since: None,
                 started_at: w.started_at,
+                report: read_report(&w.report_path),
             })
             .collect())
     }

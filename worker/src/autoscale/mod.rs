@@ -32,7 +32,12 @@ fn record(now: f64, backlog: &Backlog, active: u32, draining: usize, d: &Decisio
         "desired": d.desired,
         "start": d.start,
         "drain": d.drain,
-        "reason": d.reason,
+        // Ember's policy explains itself as a JSON object (the rule, the forecast, the costs):
+        // nested as an object so that the line stays readable and queryable.
+        "reason": serde_json::from_str::<serde_json::Value>(&d.reason)
+            .ok()
+            .filter(serde_json::Value::is_object)
+            .unwrap_or_else(|| serde_json::Value::String(d.reason.clone())),
     })
 }
 

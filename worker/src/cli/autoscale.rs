@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use ember_orchestrator::autoscale::sim::{compare, table, SimOptions, WorkerModel};
+use ember_orchestrator::autoscale::sim::{compare, standard_rows, table, SimOptions, WorkerModel};
 use ember_orchestrator::autoscale::trace::Trace;
 use ember_orchestrator::autoscale::{Driver, DriverKind, DryRunDriver, PolicyConfig, PolicyKind};
 
@@ -30,8 +30,9 @@ pub struct AutoscaleArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum AutoscaleCommand {
     /// Replay arrival traces (JSON or CSV, see examples/autoscale) against simulated workers
-    /// under each policy and print drain time, queue wait percentiles, worker-seconds and
-    /// cold starts side by side.
+    /// at several cold starts, under every policy at its defaults and tuned, and print queue
+    /// wait percentiles, worker-seconds and cold starts side by side, each trace and cold
+    /// start ending with a clairvoyant lower bound on worker-seconds.
     Simulate(SimulateArgs),
 }
 
@@ -44,8 +45,8 @@ pub struct PolicyOverrides {
     /// Most workers (default 10).
     #[arg(long, env = "EMBER_AUTOSCALE_MAX_WORKERS", allow_negative_numbers = true)]
     pub max_workers: Option<i64>,
-    /// Queued plus running jobs one worker should carry (ember default 8, `serve`'s
-    /// concurrency; KEDA queueLength 5; RunPod scaler value 4).
+    /// Queued plus running jobs one worker should carry (KEDA queueLength 5; RunPod scaler
+    /// value 4; for ember, the jobs a worker runs at once until workers report it, default 8).
     #[arg(long, env = "EMBER_AUTOSCALE_TARGET_BACKLOG", allow_negative_numbers = true)]
     pub target_backlog: Option<f64>,
     /// From zero workers, start only when the backlog is above this many jobs (default 0).
@@ -57,10 +58,12 @@ pub struct PolicyOverrides {
     /// Seconds the backlog must call for more workers before scaling up (default 0).
     #[arg(long, env = "EMBER_AUTOSCALE_SCALE_UP_WINDOW", allow_negative_numbers = true)]
     pub scale_up_window: Option<f64>,
-    /// Seconds the backlog must call for fewer workers before scaling down (ember 30, keda 300).
+    /// Seconds the backlog must call for fewer workers before scaling down (keda 300; ember
+    /// decides from its forecast instead).
     #[arg(long, env = "EMBER_AUTOSCALE_SCALE_DOWN_WINDOW", allow_negative_numbers = true)]
     pub scale_down_window: Option<f64>,
-    /// Seconds without backlog before the last worker stops (ember 30, keda 300, runpod 5).
+    /// Seconds without backlog before the last worker stops (keda 300, runpod 5; ember keeps
+    /// it by the ski-rental rule instead).
     #[arg(long, env = "EMBER_AUTOSCALE_IDLE_COOLDOWN", allow_negative_numbers = true)]
     pub idle_cooldown: Option<f64>,
     /// runpod-delay: seconds a job may wait before a worker is added (default 4).
@@ -69,12 +72,32 @@ pub struct PolicyOverrides {
     /// Seconds between decisions (ember 2, keda 15, runpod 1).
     #[arg(long, env = "EMBER_AUTOSCALE_INTERVAL", allow_negative_numbers = true)]
     pub interval: Option<f64>,
+    /// keda: seconds between KEDA's polls, which activate (0 -> 1) and scale to zero (default 30).
+    #[arg(long, env = "EMBER_AUTOSCALE_POLL_INTERVAL", allow_negative_numbers = true)]
+    pub poll_interval: Option<f64>,
+    /// ember: the p95 queue wait to aim for, seconds (default 5). Lower buys latency with
+    /// worker-seconds: the policy starts enough workers that the queued jobs start within it.
+    #[arg(long, env = "EMBER_AUTOSCALE_TARGET_WAIT", allow_negative_numbers = true)]
+    pub target_wait: Option<f64>,
+    /// ember: a worker's cold start in seconds until a worker reports its own (default 0.9).
+    #[arg(long, env = "EMBER_AUTOSCALE_COLD_START", allow_negative_numbers = true)]
+    pub cold_start: Option<f64>,
+    /// ember: a full worker's tokens/s until workers report theirs (default 198.3).
+    #[arg(long, env = "EMBER_AUTOSCALE_WORKER_TOK_S", allow_negative_numbers = true)]
+    pub worker_tok_s: Option<f64>,
+    /// ember: tokens per job until workers report theirs (default 128).
+    #[arg(long, env = "EMBER_AUTOSCALE_JOB_TOKENS", allow_negative_numbers = true)]
+    pub job_tokens: Option<f64>,
 }
 
 impl PolicyOverrides {
     /// The defaults of `kind` with these overrides.
     pub fn config(&self, kind: PolicyKind) -> PolicyConfig {
-        let mut c = PolicyConfig::defaults(kind);
+        self.apply(PolicyConfig::defaults(kind))
+    }
+
+    /// `c` with these overrides.
+    pub fn apply(&self, mut c: PolicyConfig) -> PolicyConfig {
         c.min_workers = self.min_workers.unwrap_or(c.min_workers);
         c.max_workers = self.max_workers.unwrap_or(c.max_workers);
         c.target_backlog = self.target_backlog.unwrap_or(c.target_backlog);
@@ -85,6 +108,11 @@ impl PolicyOverrides {
         c.idle_cooldown = self.idle_cooldown.unwrap_or(c.idle_cooldown);
         c.queue_delay = self.queue_delay.unwrap_or(c.queue_delay);
         c.interval = self.interval.unwrap_or(c.interval);
+        c.poll_interval = self.poll_interval.unwrap_or(c.poll_interval);
+        c.target_wait = self.target_wait.unwrap_or(c.target_wait);
+        c.cold_start = self.cold_start.unwrap_or(c.cold_start);
+        c.worker_tok_s = self.worker_tok_s.unwrap_or(c.worker_tok_s);
+        c.job_tokens = self.job_tokens.unwrap_or(c.job_tokens);
         c
     }
 }
@@ -130,10 +158,13 @@ pub struct RunArgs {
 /// The simulator's options.
 #[derive(Debug, clap::Args)]
 pub struct SimulateArgs {
-    /// A trace file (.json or .csv; see examples/autoscale); repeat for several.
-    #[arg(long = "trace", env = "EMBER_AUTOSCALE_TRACES", value_delimiter = ',', required = true)]
+    /// Trace files (.json or .csv; see examples/autoscale): several after one `--trace` (a
+    /// shell glob), comma-separated, or `--trace` repeated.
+    #[arg(long = "trace", env = "EMBER_AUTOSCALE_TRACES", value_delimiter = ',', num_args = 1.., required = true)]
     pub traces: Vec<PathBuf>,
-    /// Policies to compare, comma-separated.
+    /// Policies to compare, comma-separated. Each peer gets two rows: its documented defaults
+    /// and a setting a careful operator would choose for the cold start (see
+    /// `PolicyConfig::tuned`); ember gets one (its per-worker figures are measured).
     #[arg(
         long,
         env = "EMBER_AUTOSCALE_POLICIES",
@@ -141,21 +172,23 @@ pub struct SimulateArgs {
         default_value = "ember,keda,runpod-requests,runpod-delay"
     )]
     pub policies: Vec<String>,
-    /// Settings applied to every policy. `--target-backlog` defaults to `--concurrency` for
-    /// all of them, so that they differ only in how they react.
+    /// Settings applied to every row on top of its defaults or tuning (leave unset for the
+    /// fair comparison).
     #[command(flatten)]
     pub overrides: PolicyOverrides,
-    /// Seconds from a worker's start to its first job (BENCHMARKS.md: 0.9 s with the model
-    /// fetched from S3; an EC2 GPU instance joining a cluster takes minutes).
-    #[arg(long, env = "EMBER_SIM_COLD_START", default_value_t = 0.9)]
-    pub cold_start_seconds: f64,
+    /// Worker cold starts to compare at, seconds, comma-separated (0.9 s is this machine's,
+    /// from S3; a GPU worker takes tens of seconds; an EC2 GPU instance joining a cluster,
+    /// minutes).
+    #[arg(long, env = "EMBER_SIM_COLD_START", value_delimiter = ',', default_value = "1,30,90")]
+    pub cold_start_seconds: Vec<f64>,
     /// Jobs one simulated worker runs at once.
     #[arg(long, env = "EMBER_SIM_CONCURRENCY", default_value_t = 8)]
     pub concurrency: u32,
     /// Seconds a draining worker's jobs get before they are handed back.
     #[arg(long, env = "EMBER_SIM_GRACE_SECONDS", default_value_t = 25.0)]
     pub grace_seconds: f64,
-    /// Print one JSON object per policy and trace instead of the table.
+    /// Print one JSON object per trace and cold start (every row and the bound) instead of
+    /// the table.
     #[arg(long, env = "EMBER_SIM_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     pub json: bool,
 }
@@ -169,33 +202,29 @@ pub async fn run(args: AutoscaleArgs) -> anyhow::Result<()> {
 }
 
 fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
-    if !(args.cold_start_seconds.is_finite() && args.cold_start_seconds >= 0.0) {
-        anyhow::bail!("--cold-start-seconds is {}: use 0 or more seconds", args.cold_start_seconds);
+    if let Some(bad) = args.cold_start_seconds.iter().find(|c| !(c.is_finite() && **c >= 0.0)) {
+        anyhow::bail!("--cold-start-seconds has {bad}: use 0 or more seconds");
     }
     if args.concurrency == 0 {
         anyhow::bail!("--concurrency must be at least 1");
     }
     let traces = args.traces.iter().map(|p| Trace::load(p)).collect::<Result<Vec<_>, _>>()?;
-    let mut overrides = args.overrides.clone();
-    overrides.target_backlog = overrides.target_backlog.or(Some(f64::from(args.concurrency)));
-    let policies = args
-        .policies
-        .iter()
-        .map(|p| Ok(overrides.config(p.parse::<PolicyKind>()?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let model = WorkerModel {
-        cold_start_s: args.cold_start_seconds,
-        concurrency: args.concurrency,
-        grace_s: args.grace_seconds,
-        ..WorkerModel::default()
+    let kinds = args.policies.iter().map(|p| p.parse::<PolicyKind>()).collect::<Result<Vec<_>, _>>()?;
+    let model = WorkerModel { concurrency: args.concurrency, grace_s: args.grace_seconds, ..WorkerModel::default() };
+    let rows = |m: &WorkerModel| {
+        let mut rows = standard_rows(&kinds, m);
+        for r in &mut rows {
+            r.config = args.overrides.apply(r.config.clone());
+        }
+        rows
     };
-    let reports = compare(&traces, &policies, &model, &SimOptions::default())?;
+    let groups = compare(&traces, &args.cold_start_seconds, &model, rows, &SimOptions::default())?;
     if args.json {
-        for r in &reports {
-            println!("{}", serde_json::to_string(r)?);
+        for g in &groups {
+            println!("{}", serde_json::to_string(g)?);
         }
     } else {
-        print!("{}", table(&reports));
+        print!("{}", table(&groups));
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use super::backends::{QueueArgs, StoreArgs};
 use super::common::{AwsArgs, ModelArgs};
 use crate::engine::{Batcher, BatcherOptions, Engine};
 use crate::queue::Queue;
+use crate::runner::report::{report_loop, Reporter};
 use crate::runner::{serve, DeadLetters, JobHandler, ServeOptions, ServeStats, Shutdown};
 use crate::store::ObjectStore;
 use crate::telemetry::{metrics, since_process_start};
@@ -66,6 +67,11 @@ pub struct ServeArgs {
     pub pipeline_queue: super::pipeline::PipelineQueueArgs,
     #[command(flatten)]
     pub tools: super::pipeline::ToolArgs,
+    /// Write what this worker measures about itself (cold start, jobs, tokens, busy seconds,
+    /// tokens/s when full) to this JSON file every second, for the autoscaler (`ember autoscale
+    /// --driver local` sets it for each worker it starts).
+    #[arg(long, env = "EMBER_WORKER_REPORT")]
+    pub report_file: Option<std::path::PathBuf>,
 }
 
 /// A loaded worker: the model, the queue, the result store, and the handler that runs jobs
@@ -149,10 +155,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     shutdown.on_signals();
     let worker = Worker::start(&args.worker).await?;
     let stats = Arc::new(ServeStats::default());
+    let report_stop = Shutdown::new();
+    let report = args.report_file.clone().map(|path| {
+        let concurrency = u32::try_from(opts.concurrency).unwrap_or(u32::MAX);
+        let reporter = Reporter::new(since_process_start(), concurrency);
+        tokio::spawn(report_loop(path, stats.clone(), reporter, report_stop.clone()))
+    });
     tracing::info!(concurrency = opts.concurrency, model = %worker.engine.loaded.name, pipelines = args.pipelines, "serving");
     let jobs = serve(worker.queue.clone(), worker.handler.clone(), &opts, &shutdown, stats.clone());
     if !args.pipelines {
-        jobs.await?;
+        let served = jobs.await;
+        report_stop.trigger();
+        if let Some(task) = report {
+            let _ = task.await;
+        }
+        served?;
         println!("{}", stats_json(&stats));
         return Ok(());
     }
@@ -166,7 +183,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let hops = Arc::new(crate::pipeline::HopHandler::new(env, hop_queue.clone()));
     let hop_stats = Arc::new(ServeStats::default());
     let hop_loop = serve(hop_queue, hops, &opts, &shutdown, hop_stats.clone());
-    tokio::try_join!(jobs, hop_loop)?;
+    let served = tokio::try_join!(jobs, hop_loop);
+    report_stop.trigger();
+    if let Some(task) = report {
+        let _ = task.await;
+    }
+    served?;
     println!("{}", serde_json::json!({"jobs": stats_json(&stats), "hops": stats_json(&hop_stats)}));
     Ok(())
 }

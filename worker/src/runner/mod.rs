@@ -5,6 +5,7 @@
 
 pub mod heartbeat;
 pub mod jobs;
+pub mod report;
 pub mod serve;
 pub mod shutdown;
 

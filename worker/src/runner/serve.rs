@@ -47,6 +47,8 @@ pub struct ServeStats {
     pub poisoned: AtomicU64,
     pub retried: AtomicU64,
     pub released: AtomicU64,
+    /// Jobs running now.
+    pub running: AtomicU64,
 }
 
 impl ServeStats {
@@ -131,7 +133,9 @@ pub async fn serve(
             let (queue, handler, shutdown, stats) = (queue.clone(), handler.clone(), stop_jobs.clone(), stats.clone());
             let (visibility, deletes) = (opts.visibility, deleter.tx.clone());
             running.spawn(async move {
+                stats.running.fetch_add(1, Ordering::Relaxed);
                 run_one(queue, handler, msg, visibility, &shutdown, &stats, &deletes).await;
+                stats.running.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             });
         }
