@@ -34,7 +34,7 @@ pub struct HttpGet {
 
 impl HttpGet {
     /// A tool reaching only `allowed_hosts` (`host` or `host:port`, case-insensitive), with
-    /// the [`DEFAULT_DEADLINE`].
+    /// the default deadline (30 s).
     pub fn new<I: IntoIterator<Item = S>, S: Into<String>>(allowed_hosts: I) -> Self {
         Self {
             allowed: allowed_hosts.into_iter().map(|h| h.into().to_ascii_lowercase()).collect(),

@@ -7,7 +7,7 @@
 //!
 //! A crash between the write and the delete only means a redelivery, and a redelivered job
 //! whose result exists is deleted without running again. A job that can never succeed (a
-//! [`JobError`](crate::job::JobError), or a terminal engine error) gets an error result and
+//! [`JobError`], or a terminal engine error) gets an error result and
 //! goes to the dead-letter queue with the error's label as the reason.
 
 use std::sync::Arc;
