@@ -355,6 +355,9 @@ fn autoscale_until(endpoint: &str, queue: &str, driver_args: &[&str], desired: u
             "0",
             "--idle-cooldown",
             "0",
+            // Every queued job should start at once: 40 jobs at 8 per worker want 5 workers.
+            "--target-wait",
+            "0.1",
         ])
         .args(driver_args)
         .env_remove("AWS_ENDPOINT_URL")
@@ -455,7 +458,7 @@ async fn ecs_and_lambda_drivers_move_the_service_and_the_mapping_with_the_backlo
         anyhow::Ok(out.services().first().map(|s| s.desired_count()))
     };
 
-    // 40 jobs at 8 per worker: 5, capped at 4.
+    // 40 jobs at 8 per worker, all to start within 0.1 s: 5 workers, capped at 4.
     let ecs_args = ["--driver", "ecs", "--ecs-cluster", "gpu", "--ecs-service", "ember"];
     let e = endpoint.clone();
     tokio::task::spawn_blocking(move || autoscale_until(&e, "backlog", &ecs_args, 4)).await??;

@@ -109,7 +109,15 @@ pub struct EmberPolicy {
     known: WorkerFigures,
     known_full: bool,
     surplus_since: Option<f64>,
+    /// Jobs that left the backlog before their finish was reported, and when the last of them
+    /// did: a worker's report lags the queue by up to its report interval, so finishes
+    /// reported within [`REPORT_LAG_S`] cancel them instead of counting as arrivals.
+    unreported_finishes: (f64, f64),
 }
+
+/// How long a finish may be reported after its job left the backlog (the workers report every
+/// second; twice that and a decision interval of slack).
+const REPORT_LAG_S: f64 = 3.0;
 
 impl EmberPolicy {
     /// A policy from a validated configuration ([`PolicyConfig::build`] validates).
@@ -132,6 +140,7 @@ impl EmberPolicy {
             known,
             known_full: false,
             surplus_since: None,
+            unreported_finishes: (0.0, 0.0),
         }
     }
 
@@ -205,7 +214,17 @@ impl Policy for EmberPolicy {
         if let Some((t0, d0, f0)) = self.prev {
             let dt = now - t0;
             let finished = reported.map_or(f0 as f64 * dt / fig.job_s(), |n| n as f64);
-            let arrivals = (demand as f64 - d0 as f64 + finished).max(0.0);
+            let (owed, since) = self.unreported_finishes;
+            let owed = if now - since <= REPORT_LAG_S { owed } else { 0.0 };
+            let raw = demand as f64 - d0 as f64 + finished;
+            let arrivals = if raw < 0.0 {
+                // Jobs left the backlog with their finish not yet reported.
+                self.unreported_finishes = (owed - raw, now);
+                0.0
+            } else {
+                self.unreported_finishes = ((owed - raw).max(0.0), since);
+                (raw - owed).max(0.0)
+            };
             self.fast.update(arrivals, dt, FAST_HORIZON_S);
             self.slow.update(arrivals, dt, slow_horizon);
             self.events.update(if arrivals >= 0.5 { 1.0 } else { 0.0 }, dt, slow_horizon);
