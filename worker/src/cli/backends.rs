@@ -37,8 +37,10 @@ pub struct QueueArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct StoreArgs {
-    /// Where results go: s3://bucket/prefix, or a local directory.
-    #[arg(long, env = "EMBER_RESULTS", default_value = ".ember/results")]
+    /// Where results go: s3://bucket/prefix, or a local directory. Job results are written
+    /// under `results/{batch_id}/` in it and pipeline records under `pipelines/`, so the
+    /// default puts results in .ember/results/{batch_id}/.
+    #[arg(long, env = "EMBER_RESULTS", default_value = ".ember")]
     pub results: String,
 }
 
