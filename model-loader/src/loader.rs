@@ -168,6 +168,17 @@ pub struct LoadOptions {
     pub require_manifest: bool,
 }
 
+impl LoadOptions {
+    /// The AWS configuration an `s3://` model needs.
+    fn aws_config(&self) -> Result<&aws_config::SdkConfig> {
+        self.aws.as_ref().ok_or_else(|| {
+            LoadError::BadConfig(
+                "an s3:// model needs AWS configuration (region, credentials, optional --endpoint-url)".into(),
+            )
+        })
+    }
+}
+
 /// When to stream weights to the device (see [`LoadOptions::stream`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StreamWeights {
@@ -209,11 +220,7 @@ pub async fn fetch_files(reference: &ModelRef, opts: &LoadOptions) -> Result<Mod
     match reference {
         ModelRef::Local(path) => local_files(path),
         ModelRef::S3 { bucket, prefix } => {
-            let sdk = opts.aws.as_ref().ok_or_else(|| {
-                LoadError::BadConfig(
-                    "an s3:// model needs AWS configuration (region, credentials, optional --endpoint-url)".into(),
-                )
-            })?;
+            let sdk = opts.aws_config()?;
             s3::fetch(&s3::client(sdk), bucket, prefix, &opts.fetch).await
         }
     }
@@ -224,11 +231,7 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
     let device = select_device(opts.device)?;
     let t0 = Instant::now();
     if let (ModelRef::S3 { bucket, prefix }, true) = (reference, opts.require_manifest) {
-        let sdk = opts.aws.as_ref().ok_or_else(|| {
-            LoadError::BadConfig(
-                "an s3:// model needs AWS configuration (region, credentials, optional --endpoint-url)".into(),
-            )
-        })?;
+        let sdk = opts.aws_config()?;
         if !s3::has_manifest(&s3::client(sdk), bucket, prefix).await? {
             return Err(LoadError::ManifestRequired(reference.to_string()));
         }
@@ -240,11 +243,7 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
             StreamWeights::Auto => device.is_cuda() && !prefix.ends_with(".gguf"),
         };
         if wanted {
-            let sdk = opts.aws.as_ref().ok_or_else(|| {
-                LoadError::BadConfig(
-                    "an s3:// model needs AWS configuration (region, credentials, optional --endpoint-url)".into(),
-                )
-            })?;
+            let sdk = opts.aws_config()?;
             let mut sink = device_sink(&device)?;
             let streamed = s3::fetch_streaming(&s3::client(sdk), bucket, prefix, &opts.fetch, sink.as_mut()).await?;
             if opts.require_manifest && !streamed.verified {

@@ -168,11 +168,9 @@ mod tests {
             }
         });
         let tool = HttpGet::new([format!("127.0.0.1:{port}")]).with_deadline(Duration::from_secs(1));
-        let started = std::time::Instant::now();
+        // The body takes 60 s to arrive; a deadline that covered only the headers would return it.
         let e = tool.run(&json!({"url": format!("http://127.0.0.1:{port}/slow")})).await.unwrap_err();
         assert_eq!(e.error, "Ember.HttpTimeout", "{}", e.cause);
-        // The body would take 60 s; the only bound asserted is far from any machine's speed.
-        assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
     }
 
     /// The Host header names the URL's host even when the input sets another.

@@ -96,7 +96,7 @@ impl QueueArgs {
 /// `scheme:...` (`s3:/bucket`, `s3//bucket`, `https://...`): a mistyped URL, which would
 /// otherwise become a local folder named `s3:`.
 fn looks_like_a_url(value: &str) -> bool {
-    if value.contains("://") || value.starts_with("s3/") || value.starts_with("s3:") {
+    if value.contains("://") || value.starts_with("s3/") {
         return true;
     }
     match value.split_once(':') {

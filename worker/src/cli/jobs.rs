@@ -77,26 +77,23 @@ pub enum DlqCommand {
     },
     /// List the jobs in the dead-letter queue, one JSON object a line: message id, custom_id,
     /// batch, why it is there, and whether its owner has an answer (a result or error result).
-    List {
-        #[command(flatten)]
-        aws: AwsArgs,
-        #[command(flatten)]
-        queue: QueueArgs,
-        #[command(flatten)]
-        store: StoreArgs,
-    },
+    List(DeadLetterArgs),
     /// Write an error result for every dead-lettered job that has no answer: a job whose
     /// worker was killed (or timed out) on every allowed delivery reaches the DLQ through the
     /// queue's redrive policy with nobody left to answer it. The jobs stay in the DLQ, so
     /// `ember dlq redrive` can still run them (their result then goes beside the error result).
-    Answer {
-        #[command(flatten)]
-        aws: AwsArgs,
-        #[command(flatten)]
-        queue: QueueArgs,
-        #[command(flatten)]
-        store: StoreArgs,
-    },
+    Answer(DeadLetterArgs),
+}
+
+/// Where `ember dlq list` and `answer` find the dead letters and their jobs' answers.
+#[derive(Debug, clap::Args)]
+pub struct DeadLetterArgs {
+    #[command(flatten)]
+    pub aws: AwsArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 /// The most dead letters `list` and `answer` look at in one run.
@@ -240,12 +237,14 @@ fn read_lines(file: &Path, batch_id: &str, bad: BadLines) -> anyhow::Result<Vec<
     Ok(lines)
 }
 
+/// The `custom_id` of a line, when it is a JSON object with a string one.
+fn custom_id_of(raw: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Value>(raw).ok()?.get("custom_id")?.as_str().map(str::to_string)
+}
+
 /// The error line of a line answered without going to the queue.
 fn local_rejection(local_id: &str, raw: &[u8], error: JobError) -> ResultLine {
-    let custom_id = serde_json::from_slice::<Value>(raw)
-        .ok()
-        .and_then(|v| v.get("custom_id").and_then(Value::as_str).map(str::to_string))
-        .unwrap_or_else(|| local_id.to_string());
+    let custom_id = custom_id_of(raw).unwrap_or_else(|| local_id.to_string());
     ResultLine::rejected(&RejectedJob {
         message_id: local_id.to_string(),
         custom_id,
@@ -290,10 +289,7 @@ async fn send_lines(
                 Err(e) => {
                     failures.push(format!("line {}: {e}", lines[i].number));
                     let local_id = format!("line-{}-not-queued", lines[i].number);
-                    let custom_id = serde_json::from_slice::<Value>(&lines[i].body)
-                        .ok()
-                        .and_then(|v| v.get("custom_id").and_then(Value::as_str).map(str::to_string))
-                        .unwrap_or_else(|| local_id.clone());
+                    let custom_id = custom_id_of(&lines[i].body).unwrap_or_else(|| local_id.clone());
                     let message = format!("the line could not be put on the queue: {e}");
                     lines[i].answer = Some(ResultLine::not_run(&local_id, &custom_id, "not_queued", &message));
                 }
@@ -475,10 +471,7 @@ async fn collect(
         out.push(match found {
             Some(r) => Collected::Found(r),
             None => {
-                let custom_id = serde_json::from_slice::<Value>(&line.body)
-                    .ok()
-                    .and_then(|v| v.get("custom_id").and_then(Value::as_str).map(str::to_string))
-                    .unwrap_or_else(|| message_id.clone());
+                let custom_id = custom_id_of(&line.body).unwrap_or_else(|| message_id.clone());
                 Collected::Missing(ResultLine::not_run(
                     message_id,
                     &custom_id,
@@ -532,7 +525,7 @@ pub async fn dlq(cmd: DlqCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::json!({"redriven": moved}));
             Ok(())
         }
-        DlqCommand::List { aws, queue, store } => {
+        DlqCommand::List(DeadLetterArgs { aws, queue, store }) => {
             let store = store.open(&aws).await?;
             for job in dead_jobs(&aws, &queue).await? {
                 let answered = job.answered(store.as_ref()).await?;
@@ -549,7 +542,7 @@ pub async fn dlq(cmd: DlqCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        DlqCommand::Answer { aws, queue, store } => {
+        DlqCommand::Answer(DeadLetterArgs { aws, queue, store }) => {
             let store = store.open(&aws).await?;
             let (mut answered, mut already) = (0, 0);
             for job in dead_jobs(&aws, &queue).await? {

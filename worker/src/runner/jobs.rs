@@ -148,10 +148,11 @@ impl JobHandler {
     }
 
     async fn run(&self, msg: &ReceivedMessage, job: ValidJob, shutdown: &Shutdown) -> Outcome {
-        // Every delivery looks at the job's result slot first: a redelivery finds its own
-        // result and stops, and a second job with the same batch and custom_id (another
-        // message) finds the first one's and is refused without running.
-        match self.slot_owner(msg, &job).await {
+        // A redelivery looks at the job's result slot first: it finds its own result and stops,
+        // or another message's (a duplicate custom_id) and is refused without running. A first
+        // delivery skips the read: a duplicate is then found by the create-only write below.
+        let slot = if msg.receive_count > 1 { self.slot_owner(msg, &job).await } else { Ok(Slot::Free) };
+        match slot {
             Ok(Slot::Free) => {}
             Ok(Slot::Ours) => {
                 tracing::info!(message_id = %msg.id, key = %job.result_key, "already done; deleting the message");
@@ -203,7 +204,8 @@ impl JobHandler {
         let line = ResultLine::success(&job, unix_secs(msg.sent_at), &completion);
         match self.write(msg, &job.result_key, &line).await {
             Ok(true) => {}
-            // Another message with the same custom_id wrote first (both ran at once).
+            // The key was taken: by an earlier delivery of this message, or by another message
+            // with the same custom_id (a duplicate).
             Ok(false) => {
                 return match self.slot_owner(msg, &job).await {
                     Ok(Slot::Taken) => self.refuse_duplicate(msg, &job).await,

@@ -97,12 +97,14 @@ pub async fn serve(
         }
         let receive =
             ReceiveOptions { max_messages: permits.len(), wait: opts.wait, visibility_timeout: Some(opts.visibility) };
+        tracing::debug!(max = permits.len(), "waiting for messages");
         let receiving = queue.receive(&receive);
         tokio::pin!(receiving);
         let messages = tokio::select! {
             r = &mut receiving => r,
             _ = shutdown.wait() => {
                 if queue.receive_is_cancel_safe() {
+                    tracing::info!("shutdown: stopped waiting for messages");
                     break;
                 }
                 // Dropping a long poll does not stop it in the queue, which would still hand
@@ -125,10 +127,6 @@ pub async fn serve(
             }
         };
         stats.received.fetch_add(messages.len() as u64, Ordering::Relaxed);
-        while running.try_join_next().is_some() {}
-        if messages.is_empty() && opts.exit_when_idle && running.is_empty() && queue_is_drained(queue.as_ref()).await {
-            break;
-        }
         for (msg, permit) in messages.into_iter().zip(permits) {
             let (queue, handler, shutdown, stats) = (queue.clone(), handler.clone(), stop_jobs.clone(), stats.clone());
             let (visibility, deletes) = (opts.visibility, deleter.tx.clone());
