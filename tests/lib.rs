@@ -128,3 +128,17 @@ pub fn smollm_gguf() -> anyhow::Result<PathBuf> {
 pub fn smollm_hf(dtype: &str) -> anyhow::Result<PathBuf> {
     model_path(&format!("hf-{dtype}"))
 }
+
+/// The seed of a test's randomness: `EMBER_TEST_SEED` when set (to replay a failure), a new
+/// random one otherwise. Printed with the test's name, so a failing run can be replayed.
+pub fn test_seed(test: &str) -> u64 {
+    let seed = std::env::var("EMBER_TEST_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(random_seed);
+    eprintln!("{test}: EMBER_TEST_SEED={seed}");
+    seed
+}
+
+/// A seed from the clock and the process id (no RNG crate needed here).
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}

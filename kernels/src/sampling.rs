@@ -62,6 +62,9 @@ impl RowParams {
 /// Temperatures below this are greedy (vLLM's `_SAMPLING_EPS`).
 pub const GREEDY_BELOW: f32 = 1e-5;
 
+/// The highest temperature accepted: the top of the OpenAI API's range.
+pub const MAX_TEMPERATURE: f32 = 2.0;
+
 /// Bits of one radix digit of the kernel's selections: 1,024 buckets, one per thread.
 pub const RADIX_BITS: u32 = 10;
 
@@ -125,6 +128,13 @@ pub fn sample_batch(
     step: u64,
 ) -> Result<Vec<RowResult>, SampleError> {
     each_row(logits, vocab, params, seen, |l, p| pick_sorted(l, p, step))
+}
+
+/// [`sample_batch`] for one row: the CPU batch path samples each sequence this way, so a seed
+/// picks the same tokens on the CPU as the CUDA kernel picks on a GPU.
+pub fn sample_row(logits: &[f32], params: &RowParams, seen: &[u32], step: u64) -> RowResult {
+    let mut rows = sample_batch(logits, logits.len(), std::slice::from_ref(params), &[seen], step)?;
+    rows.pop().unwrap_or(Err(SampleError::Shape { len: logits.len(), rows: 1, vocab: logits.len() }))
 }
 
 /// The steps every implementation shares, row by row: the shape is checked for the batch;
@@ -199,11 +209,13 @@ fn pick_sorted(l: Vec<f32>, p: &RowParams, step: u64) -> u32 {
     cand[keep - 1].0
 }
 
-/// Checks one row's settings; the CUDA wrapper runs it on the host before a launch.
+/// Checks one row's settings: Ember's one validator of sampling parameters. The engine runs it
+/// when a job is validated, the CUDA wrapper on the host before a launch, and every sampler
+/// here before it picks.
 pub fn check_params(row: usize, p: &RowParams) -> Result<(), SampleError> {
     let bad = |message: String| Err(SampleError::Params { row, message });
-    if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
-        return bad(format!("temperature must be finite and at least 0, got {}", p.temperature));
+    if !(0.0..=MAX_TEMPERATURE).contains(&p.temperature) {
+        return bad(format!("temperature must be between 0 and {MAX_TEMPERATURE}, got {}", p.temperature));
     }
     if !(p.top_p > 0.0 && p.top_p <= 1.0) {
         return bad(format!("top_p must be in (0, 1], got {}", p.top_p));
@@ -399,8 +411,9 @@ fn pick_by_keys(mut l: Vec<f32>, p: &RowParams, step: u64) -> (u32, usize) {
     (id_of(chosen, bits), row.passes)
 }
 
-/// The largest value's index; the lowest index on ties (`-0.0` equals `+0.0`).
-fn argmax(l: &[f32]) -> u32 {
+/// The largest value's index; the lowest index on ties (`-0.0` equals `+0.0`), as
+/// `torch.argmax`. Ember's one argmax: greedy decoding everywhere goes through it.
+pub fn argmax(l: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in l.iter().enumerate() {
         if *v > l[best] {

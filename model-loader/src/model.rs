@@ -4,7 +4,7 @@
 //! many sequences.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::{Llama3RopeScaling, ModelConfig};
 use crate::error::Result;
@@ -368,7 +368,8 @@ pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
     Ok(w.reshape((heads, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
 }
 
-/// The token with the highest logit; ties go to the lowest id, as in `torch.argmax`.
+/// The token with the highest logit of a `(vocab,)` tensor; ties go to the lowest id, as in
+/// `torch.argmax` (`ember_kernels::sampling::argmax`, Ember's one argmax).
 pub fn argmax(logits: &Tensor) -> Result<u32> {
-    Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?)
+    Ok(ember_kernels::sampling::argmax(&logits.to_dtype(DType::F32)?.to_vec1::<f32>()?))
 }

@@ -7,9 +7,9 @@
 //! "L'Étoile, la Marseillaise, ..." because the first step is a near-tie (logits 25.33 for
 //! "The" against 25.24 for "L" unquantized).
 
+use ember_engine::{Engine, FinishReason, GenerateRequest, Prompt, SamplingParams};
 use ember_model_loader::{load, DTypeChoice, LoadOptions, Message, ModelRef};
 use ember_tests::{smollm_gguf, smollm_hf};
-use ember_worker::engine::{Engine, FinishReason, GenerateRequest, Prompt, SamplingParams};
 
 const PARIS: [u32; 7] = [504, 3575, 282, 4649, 314, 7042, 30];
 const LLAMA_CPP_Q4_1: [u32; 10] = [60, 23, 39614, 1141, 552, 28, 2618, 2828, 313, 7712];
@@ -28,6 +28,7 @@ async fn engine(path: std::path::PathBuf, dtype: DTypeChoice) -> anyhow::Result<
 fn capital_of_france(max_tokens: usize) -> GenerateRequest {
     GenerateRequest {
         allow_special_tokens: false,
+        prompt_ids: None,
         prompt: Prompt::Chat(vec![Message::new("user", "What is the capital of France?")]),
         max_tokens,
         sampling: SamplingParams::default(),

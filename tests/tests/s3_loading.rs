@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use aws_sdk_s3::primitives::ByteStream;
+use ember_engine::{Engine, GenerateRequest, Prompt, SamplingParams};
 use ember_model_loader::{load, DTypeChoice, FetchOptions, LoadError, LoadOptions, Message, ModelRef, StreamWeights};
 use ember_tests::{smollm_hf, MotoServer};
-use ember_worker::engine::{Engine, GenerateRequest, Prompt, SamplingParams};
 
 async fn upload_dir(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str, dir: &Path) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(dir)? {
@@ -54,6 +54,7 @@ fn options(aws: aws_config::SdkConfig, cache: Option<&Path>) -> LoadOptions {
 fn answer(engine: &Engine) -> anyhow::Result<String> {
     let req = GenerateRequest {
         allow_special_tokens: false,
+        prompt_ids: None,
         prompt: Prompt::Chat(vec![Message::new("user", "What is the capital of France?")]),
         max_tokens: 32,
         sampling: SamplingParams::default(),

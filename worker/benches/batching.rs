@@ -22,9 +22,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use ember_engine::{batch::kv_bytes_per_token, Batcher, BatcherOptions, Engine, GenerateRequest, Prompt};
 use ember_model_loader::{load, LoadOptions, SeqCache};
 use ember_tests::model_path;
-use ember_worker::engine::{batch::kv_bytes_per_token, Batcher, BatcherOptions, Engine, GenerateRequest, Prompt};
 
 const TEXT: &str = "The quick brown fox jumps over the lazy dog. Once upon a time, in a small village by \
 the sea, there lived an old fisherman who told stories about the stars, the tides and the strange ships. ";
@@ -143,6 +143,7 @@ fn main() -> anyhow::Result<()> {
         let runs = (0..16).map(|i| {
             let req = GenerateRequest {
                 allow_special_tokens: false,
+                prompt_ids: None,
                 prompt: Prompt::Text(format!("{i}. {}", &TEXT[..60])),
                 max_tokens: 256,
                 sampling: Default::default(),

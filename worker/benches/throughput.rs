@@ -17,9 +17,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ember_engine::{Batcher, BatcherOptions, Engine};
 use ember_model_loader::{load, LoadOptions};
 use ember_tests::{smollm_hf, MotoServer};
-use ember_worker::engine::{Batcher, BatcherOptions, Engine};
 use ember_worker::queue::sqs::{SqsQueue, SqsQueueSetup};
 use ember_worker::queue::{OutgoingMessage, Queue, ReceiveOptions};
 use ember_worker::runner::{serve, DeadLetters, JobHandler, ServeOptions, ServeStats, Shutdown};

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::engine::Completion;
+use ember_engine::Completion;
 
 /// A `chat.completion` object (or `text_completion` for plain prompts).
 pub fn completion_body(id: &str, model: &str, created: u64, chat: bool, c: &Completion) -> Value {

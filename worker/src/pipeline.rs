@@ -16,12 +16,12 @@ use ember_orchestrator::pipeline::{
 };
 use serde_json::{json, Value};
 
-use crate::engine::{Batcher, Engine};
-use crate::job::{validate, JobLimits};
+use crate::job::{validate_chat_request, JobLimits, DEFAULT_MODEL};
 use crate::queue::{OutgoingMessage, Queue, ReceivedMessage};
 use crate::runner::jobs::send_to_dlq;
 use crate::runner::{retry_backoff, Handler, Outcome, Shutdown};
 use crate::store::{ObjectStore, PutOutcome};
+use ember_engine::{Batcher, Engine};
 
 /// Where execution records live in the object store.
 pub const EXECUTIONS_PREFIX: &str = "pipelines";
@@ -99,32 +99,43 @@ impl ModelRunner {
     /// is encoded as plain text unless the Parameters say `"allow_special_tokens": true`.
     async fn generate(&self, input: Value) -> Result<Value, TaskFailure> {
         let wants_json = input.pointer("/response_format/type").and_then(Value::as_str) == Some("json_object");
-        let mut body = input;
-        let mut allow_special_tokens = None;
-        if let Some(obj) = body.as_object_mut() {
-            obj.remove("response_format");
-            allow_special_tokens = obj.remove("allow_special_tokens");
-            obj.entry("model").or_insert_with(|| json!("default"));
-        }
-        let mut line =
-            json!({"custom_id": "pipeline-step", "method": "POST", "url": "/v1/chat/completions", "body": body});
-        if let Some(allow) = allow_special_tokens {
-            line["ember"] = json!({"allow_special_tokens": allow});
-        }
-        let bytes = serde_json::to_vec(&line).map_err(|e| TaskFailure::new("Ember.InvalidRequest", e.to_string()))?;
+        let mut body = match input {
+            Value::Object(map) => map,
+            other => {
+                let found = match other {
+                    Value::Array(_) => "an array",
+                    Value::String(_) => "a string",
+                    Value::Null => "null",
+                    _ => "a number or boolean",
+                };
+                return Err(TaskFailure::new(
+                    "Ember.InvalidRequest",
+                    format!("the Parameters of an ember:generate state must be an object (a chat completion request), not {found}"),
+                ));
+            }
+        };
+        body.remove("response_format");
+        let allow_special_tokens = match body.remove("allow_special_tokens") {
+            None => false,
+            Some(Value::Bool(allow)) => allow,
+            Some(_) => {
+                return Err(TaskFailure::new("Ember.InvalidRequest", "`allow_special_tokens` must be true or false"))
+            }
+        };
+        body.entry("model").or_insert_with(|| json!(DEFAULT_MODEL));
         let (engine, limits) = (self.engine.clone(), self.limits.clone());
-        let job = tokio::task::spawn_blocking(move || {
-            let count = |p: &crate::engine::Prompt| engine.encode_prompt(p).map(|t| t.len()).map_err(|e| e.to_string());
-            validate(&bytes, "pipeline-step", &limits, &count)
+        let (request, _model) = tokio::task::spawn_blocking(move || {
+            let encode = |p: &ember_engine::Prompt, allow: bool| engine.encode(p, allow).map_err(|e| e.to_string());
+            validate_chat_request(&body, &limits, allow_special_tokens, &encode)
         })
         .await
         .map_err(|e| TaskFailure::new("States.TaskFailed", format!("validation failed: {e}")))?
-        .map_err(|rejected| TaskFailure::new("Ember.InvalidRequest", rejected.error.to_string()))?;
+        .map_err(|e| TaskFailure::new("Ember.InvalidRequest", e.to_string()))?;
         let completion = match &self.batcher {
-            Some(b) => b.generate(job.request, Arc::new(AtomicBool::new(false))).await,
+            Some(b) => b.generate(request, Arc::new(AtomicBool::new(false))).await,
             None => {
                 let engine = self.engine.clone();
-                tokio::task::spawn_blocking(move || engine.generate(&job.request))
+                tokio::task::spawn_blocking(move || engine.generate(&request))
                     .await
                     .map_err(|e| TaskFailure::new("States.TaskFailed", format!("generation failed: {e}")))?
             }

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use ember_engine::Engine;
 use ember_model_loader::{load, LoadOptions};
 use ember_tests::{aws_env, free_port, smollm_hf, MotoServer};
-use ember_worker::engine::Engine;
 use ember_worker::job::{derived_id, ResultLine};
 use ember_worker::lambda::{received_message, run_batch, usable_deadline, BatchError, BatchOptions};
 use ember_worker::runner::{DeadLetters, JobHandler};

@@ -10,9 +10,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ember_engine::{Engine, GenerateRequest, Prompt, SamplingParams};
 use ember_model_loader::{load, LoadOptions, Message};
 use ember_tests::{aws_config_for, aws_env, smollm_hf, MotoServer};
-use ember_worker::engine::{Engine, GenerateRequest, Prompt, SamplingParams};
 use ember_worker::job::ResultLine;
 use ember_worker::store::{local::LocalStore, s3::S3Store, ObjectStore};
 use rand::Rng;
@@ -49,6 +49,7 @@ fn expected(prompts: &[String], max_tokens: usize) -> anyhow::Result<Vec<String>
         .map(|p| {
             let req = GenerateRequest {
                 allow_special_tokens: false,
+                prompt_ids: None,
                 prompt: Prompt::Chat(vec![Message::new("user", p)]),
                 max_tokens,
                 sampling: SamplingParams::default(),

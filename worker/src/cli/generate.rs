@@ -4,9 +4,9 @@
 use ember_model_loader::{load, Message};
 
 use super::common::{AwsArgs, ModelArgs};
-use crate::engine::{Engine, GenerateRequest, Prompt, SamplingParams};
 use crate::openai::{completion_body, unix_now};
 use crate::telemetry::since_process_start;
+use ember_engine::{Engine, GenerateRequest, Prompt, SamplingParams};
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
@@ -72,6 +72,7 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let req = GenerateRequest {
         allow_special_tokens: false,
+        prompt_ids: None,
         prompt,
         max_tokens: args.max_tokens,
         sampling,

@@ -9,12 +9,12 @@ use ember_model_loader::load;
 
 use super::backends::{QueueArgs, StoreArgs};
 use super::common::{AwsArgs, ModelArgs};
-use crate::engine::{Batcher, BatcherOptions, Engine};
 use crate::queue::Queue;
 use crate::runner::report::{report_loop, Reporter};
 use crate::runner::{serve, DeadLetters, JobHandler, ServeOptions, ServeStats, Shutdown};
 use crate::store::ObjectStore;
 use crate::telemetry::{metrics, since_process_start};
+use ember_engine::{Batcher, BatcherOptions, Engine};
 
 /// How the poll loop runs.
 #[derive(Debug, Clone, clap::Args)]

@@ -14,10 +14,10 @@
 //! let line = br#"{"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
 //!     "body": {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}}"#;
 //! // The caller counts prompt tokens with the model's tokenizer; 3 stands in for it here.
-//! let job = validate(line, "0b7e5c1e-6a1f-4d2b-9d5e-3f0c2a1b4c5d", &limits, &|_| Ok(3)).expect("valid");
+//! let job = validate(line, "0b7e5c1e-6a1f-4d2b-9d5e-3f0c2a1b4c5d", &limits, &|_, _| Ok(vec![1; 3])).expect("valid");
 //! assert_eq!(job.result_key, "results/default/q1.json");
 //!
-//! let refused = validate(b"{not json", "msg-2", &limits, &|_| Ok(3)).expect_err("refused");
+//! let refused = validate(b"{not json", "msg-2", &limits, &|_, _| Ok(vec![1; 3])).expect_err("refused");
 //! let line = ResultLine::rejected(&refused);
 //! assert_eq!(line.error_code(), Some("invalid_json"));
 //! ```
@@ -45,9 +45,9 @@ pub use key::{
 };
 pub use messages::ROLES;
 pub use output::{ResultError, ResultLine, ResultResponse};
-pub use validate::{check_prompt_length, validate, TokenCounter, DEFAULT_MODEL};
+pub use validate::{check_prompt_length, validate, validate_chat_request, PromptEncoder, DEFAULT_MODEL};
 
-use crate::engine::GenerateRequest;
+use ember_engine::GenerateRequest;
 
 /// The largest job body accepted by default: 256 KiB, SQS's classic message limit. Queues
 /// carry up to 1 MiB, but no context window of the models Ember serves needs that much text

@@ -20,9 +20,9 @@ use serde_json::{json, Value};
 
 use super::key::derived_id;
 use super::{RejectedJob, ValidJob};
-use crate::engine::Completion;
-use crate::error::EngineError;
 use crate::openai::completion_body;
+use ember_engine::Completion;
+use ember_engine::EngineError;
 
 /// One line of a batch output file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,8 +127,8 @@ fn error_body(message: &str, kind: &str, param: Option<String>, code: &str) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{FinishReason, GenerateRequest, Prompt, SamplingParams, Usage};
     use crate::job::{key::rejected_result_key, JobError};
+    use ember_engine::{FinishReason, GenerateRequest, Prompt, SamplingParams, Usage};
 
     const MSG: &str = "0b7e5c1e-6a1f-4d2b-9d5e-3f0c2a1b4c5d";
 
@@ -138,6 +138,7 @@ mod tests {
             custom_id: "q1".into(),
             request: GenerateRequest {
                 allow_special_tokens: false,
+                prompt_ids: None,
                 prompt: Prompt::Text("Hi".into()),
                 max_tokens: 4,
                 sampling: SamplingParams::default(),

@@ -19,8 +19,8 @@ use serde_json::Value;
 
 use super::input::{kind, Fields};
 use super::{JobError, JobLimits};
-use crate::engine::SamplingParams;
-use crate::error::EngineError;
+use ember_engine::EngineError;
+use ember_engine::SamplingParams;
 
 /// OpenAI's limit on stop sequences.
 pub const MAX_STOP_SEQUENCES: usize = 4;

@@ -7,7 +7,7 @@ use ember_model_loader::Message;
 use serde_json::{json, Value};
 
 use super::*;
-use crate::engine::{Prompt, SamplingParams};
+use ember_engine::{Prompt, SamplingParams};
 
 const MSG: &str = "6f1c1d52-9a55-4e0b-8f6e-2b8f3d4c5a61";
 
@@ -21,8 +21,10 @@ fn limits() -> JobLimits {
     }
 }
 
-fn ten_tokens(_: &Prompt) -> Result<usize, String> {
-    Ok(10)
+/// An encoder for the rules' tests: every prompt is ten tokens (the engine's real encoder is
+/// tested with the model).
+fn ten_tokens(_: &Prompt, _: bool) -> Result<Vec<u32>, String> {
+    Ok(vec![1; 10])
 }
 
 fn chat_line() -> Value {
@@ -112,9 +114,9 @@ fn each_rule_has_its_own_error() {
         assert!(labels.insert(r.error.label()), "{label} used twice");
     }
     // The two rules that need the tokenizer.
-    let too_long = validate(&edited(|_| {}), MSG, &limits(), &|_| Ok(4096)).err().map(|r| r.error);
+    let too_long = validate(&edited(|_| {}), MSG, &limits(), &|_, _| Ok(vec![1; 4096])).err().map(|r| r.error);
     assert_eq!(too_long, Some(JobError::PromptTooLong { prompt_tokens: 4096, context: 2048 }));
-    let encoding = validate(&edited(|_| {}), MSG, &limits(), &|_| Err("roles must alternate".into()));
+    let encoding = validate(&edited(|_| {}), MSG, &limits(), &|_, _| Err("roles must alternate".into()));
     assert_eq!(encoding.err().map(|r| r.error.label()), Some("prompt_encoding"));
 }
 
@@ -207,6 +209,7 @@ fn a_good_chat_line_becomes_its_request() -> Result<(), Box<RejectedJob>> {
         job.request,
         GenerateRequest {
             allow_special_tokens: false,
+            prompt_ids: Some(vec![1; 10]),
             prompt: Prompt::Chat(vec![
                 Message::new("system", "Answer in one word."),
                 Message::new("user", "Capital of\nFrance?"),
@@ -236,6 +239,7 @@ fn a_good_completions_line_becomes_its_request() -> Result<(), Box<RejectedJob>>
     assert_eq!(job.result_key, "results/default/c-2.json");
     let want = GenerateRequest {
         allow_special_tokens: false,
+        prompt_ids: Some(vec![1; 10]),
         prompt: Prompt::Text("Once upon a time".into()),
         max_tokens: 64,
         sampling: SamplingParams { seed: Some(7), ..SamplingParams::default() },
@@ -250,9 +254,9 @@ fn the_module_example_runs() -> Result<(), Box<RejectedJob>> {
     let limits = JobLimits::new(vec!["smollm2".into()], 2048);
     let line = br#"{"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
     "body": {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}}"#;
-    let job = validate(line, "0b7e5c1e-6a1f-4d2b-9d5e-3f0c2a1b4c5d", &limits, &|_| Ok(3))?;
+    let job = validate(line, "0b7e5c1e-6a1f-4d2b-9d5e-3f0c2a1b4c5d", &limits, &|_, _| Ok(vec![1; 3]))?;
     assert_eq!(job.result_key, "results/default/q1.json");
-    let refused = validate(b"{not json", "msg-2", &limits, &|_| Ok(3)).err();
+    let refused = validate(b"{not json", "msg-2", &limits, &|_, _| Ok(vec![1; 3])).err();
     assert_eq!(
         refused.as_deref().map(ResultLine::rejected).as_ref().and_then(ResultLine::error_code),
         Some("invalid_json")

@@ -7,16 +7,18 @@ use super::key::{component_problem, default_result_key, rejected_result_key, sto
 use super::messages::chat_messages;
 use super::params::{check_parameters, generation};
 use super::{JobError, JobLimits, RejectedJob, ValidJob};
-use crate::engine::{GenerateRequest, Prompt};
+use ember_engine::{GenerateRequest, Prompt};
 
 /// The model name that means "the first model this worker serves", for job files written
 /// without knowing which model will run them. A missing or empty `model` is refused instead:
 /// OpenAI requires the field, and its absence more often means a malformed line than a choice.
 pub const DEFAULT_MODEL: &str = "default";
 
-/// Counts the tokens of a prompt as the model will see them (chat template applied). An error
-/// (a template that refuses the conversation, say) refuses the job.
-pub type TokenCounter<'a> = &'a dyn Fn(&Prompt) -> Result<usize, String>;
+/// Encodes a prompt as the model will see it (chat template applied; the flag allows
+/// special-token text in chat content, see `GenerateRequest::allow_special_tokens`). The ids
+/// are counted against the context and handed to the engine with the job, so the prompt is
+/// encoded once. An error (a template that refuses the conversation, say) refuses the job.
+pub type PromptEncoder<'a> = &'a dyn Fn(&Prompt, bool) -> Result<Vec<u32>, String>;
 
 /// Checks one queue message body. `message_id` is the queue's id for the message: the result
 /// ids derive from it, and a refused job without a usable `custom_id` is answered under it.
@@ -25,7 +27,7 @@ pub fn validate(
     body: &[u8],
     message_id: &str,
     limits: &JobLimits,
-    count_tokens: TokenCounter<'_>,
+    encode: PromptEncoder<'_>,
 ) -> Result<ValidJob, Box<RejectedJob>> {
     let mut target = Target {
         custom_id: message_id.to_string(),
@@ -36,13 +38,13 @@ pub fn validate(
     let checked = parse_object(body, limits.max_body_bytes).and_then(|line| {
         let top = Fields::new(&line, "");
         identify(&top, message_id, &mut target)?;
-        request(&top, limits, count_tokens)
+        request(&top, limits, target.allow_special_tokens, encode)
     });
     match checked {
         Ok(r) => Ok(ValidJob {
             message_id: message_id.to_string(),
             custom_id: target.custom_id,
-            request: GenerateRequest { allow_special_tokens: target.allow_special_tokens, ..r.request },
+            request: r.request,
             model: r.model,
             chat: r.chat,
             result_key: target.result_key,
@@ -130,7 +132,12 @@ struct Request {
     prompt_tokens: usize,
 }
 
-fn request(top: &Fields<'_>, limits: &JobLimits, count_tokens: TokenCounter<'_>) -> Result<Request, JobError> {
+fn request(
+    top: &Fields<'_>,
+    limits: &JobLimits,
+    allow_special_tokens: bool,
+    encode: PromptEncoder<'_>,
+) -> Result<Request, JobError> {
     let method = top.str("method")?.unwrap_or_default();
     if method != "POST" {
         return Err(JobError::WrongMethod { method: method.to_string() });
@@ -141,15 +148,40 @@ fn request(top: &Fields<'_>, limits: &JobLimits, count_tokens: TokenCounter<'_>)
         url => return Err(JobError::UnsupportedUrl { url: url.to_string() }),
     };
     let map = top.object("body")?.ok_or(JobError::MissingBody)?;
-    let body = Fields::new(map, "body");
+    body_request(&Fields::new(map, "body"), chat, limits, allow_special_tokens, encode)
+}
+
+/// Checks the body of a chat completion request on its own, by the rules a queued job's body
+/// goes through: the typed entry point for callers that hold a request rather than a batch
+/// line (a pipeline's `ember:generate` step). Answers the request, ready for the engine with
+/// its prompt encoded, and the served model's name.
+pub fn validate_chat_request(
+    body: &serde_json::Map<String, serde_json::Value>,
+    limits: &JobLimits,
+    allow_special_tokens: bool,
+    encode: PromptEncoder<'_>,
+) -> Result<(GenerateRequest, String), JobError> {
+    let r = body_request(&Fields::new(body, ""), true, limits, allow_special_tokens, encode)?;
+    Ok((r.request, r.model))
+}
+
+fn body_request(
+    body: &Fields<'_>,
+    chat: bool,
+    limits: &JobLimits,
+    allow_special_tokens: bool,
+    encode: PromptEncoder<'_>,
+) -> Result<Request, JobError> {
     let model = served_model(body.str("model")?, limits)?;
-    let prompt = if chat { Prompt::Chat(chat_messages(&body)?) } else { Prompt::Text(text_prompt(&body)?) };
-    check_parameters(&body, chat)?;
-    let g = generation(&body, limits)?;
-    let prompt_tokens = count_tokens(&prompt).map_err(JobError::PromptEncoding)?;
+    let prompt = if chat { Prompt::Chat(chat_messages(body)?) } else { Prompt::Text(text_prompt(body)?) };
+    check_parameters(body, chat)?;
+    let g = generation(body, limits)?;
+    let ids = encode(&prompt, allow_special_tokens).map_err(JobError::PromptEncoding)?;
+    let prompt_tokens = ids.len();
     check_prompt_length(prompt_tokens, limits.context_length)?;
     let request = GenerateRequest {
-        allow_special_tokens: false,
+        allow_special_tokens,
+        prompt_ids: Some(ids),
         prompt,
         max_tokens: g.max_tokens,
         sampling: g.sampling,

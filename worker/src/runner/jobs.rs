@@ -14,8 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{retry_backoff, Handler, Outcome, Shutdown};
-use crate::engine::{Batcher, Engine};
-use crate::error::EngineError;
 use crate::job::{
     derived_id, error_result_key, rejected_result_key, validate, JobError, JobLimits, RejectedJob, ResultLine,
     ValidJob, DEFAULT_BATCH,
@@ -23,6 +21,8 @@ use crate::job::{
 use crate::queue::{Queue, ReceivedMessage};
 use crate::store::{ObjectStore, PutOutcome};
 use crate::telemetry::metrics;
+use ember_engine::EngineError;
+use ember_engine::{Batcher, Engine};
 
 /// Where jobs that fail for good are sent.
 #[derive(Clone)]
@@ -73,8 +73,8 @@ impl JobHandler {
         let (engine, limits, body, id) =
             (self.engine.clone(), self.limits.clone(), msg.body.clone(), msg.id.as_str().to_string());
         let checked = tokio::task::spawn_blocking(move || {
-            let count = |p: &crate::engine::Prompt| engine.encode_prompt(p).map(|t| t.len()).map_err(|e| e.to_string());
-            validate(&body, &id, &limits, &count)
+            let encode = |p: &ember_engine::Prompt, allow: bool| engine.encode(p, allow).map_err(|e| e.to_string());
+            validate(&body, &id, &limits, &encode)
         })
         .await;
         match checked {

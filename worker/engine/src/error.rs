@@ -1,5 +1,5 @@
-//! The worker's error type, each error labelled and classed retryable or terminal: the class
-//! decides between redelivery and the dead-letter queue.
+//! The engine's error type, each error labelled and classed retryable or terminal: the
+//! worker's runner uses the class to decide between redelivery and the dead-letter queue.
 
 use ember_model_loader::LoadError;
 

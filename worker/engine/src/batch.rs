@@ -19,8 +19,10 @@ use std::sync::{mpsc, Arc};
 use ember_model_loader::SeqCache;
 use tokio::sync::oneshot;
 
-use super::{Completion, Engine, GenerateRequest, Sequence, Step};
-use crate::error::EngineError;
+#[cfg(feature = "cuda")]
+use crate::sampling::sample_error;
+use crate::EngineError;
+use crate::{Completion, Engine, GenerateRequest, Sequence, Step};
 
 /// How big batches may get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +163,7 @@ impl Loop {
     fn take(&mut self, s: Submission) {
         match Sequence::start(&self.engine, &s.req) {
             Ok((seq, _)) if seq.wants_nothing() => {
-                let _ = s.reply.send(Ok(seq.finish(0.0)));
+                let _ = s.reply.send(Ok(seq.finish(&self.engine, 0.0)));
             }
             Ok((seq, prompt)) => self.waiting.push_back(Waiting { seq, prompt, cancel: s.cancel, reply: s.reply }),
             Err(e) => {
@@ -220,7 +222,7 @@ impl Loop {
         let (mut tails, mut joining) = (Vec::with_capacity(admitted.len()), Vec::with_capacity(admitted.len()));
         for w in admitted {
             let mut cache = SeqCache::new();
-            let tail = super::prefill_last(&self.engine, &w.prompt, &mut cache).map(<[u32]>::to_vec);
+            let tail = crate::prefill_last(&self.engine, &w.prompt, &mut cache).map(<[u32]>::to_vec);
             let reserved = w.seq.max_len();
             let r = Running { seq: w.seq, cache, next: 0, reserved, cancel: w.cancel, reply: w.reply };
             match tail {
@@ -265,7 +267,7 @@ impl Loop {
                 if i >= old {
                     r.seq.prefilled();
                 }
-                let step = row_token(token).and_then(|t| r.seq.accept(&self.engine, t));
+                let step = token.map_err(sample_error).and_then(|t| r.seq.accept_drawn(&self.engine, t));
                 self.settle(r, step);
             }
             return;
@@ -274,11 +276,11 @@ impl Loop {
             Ok(rows) => rows,
             Err(e) => return fail_all(batch, &e.into()),
         };
-        for (i, (mut r, mut row)) in batch.into_iter().zip(rows).enumerate() {
+        for (i, (mut r, row)) in batch.into_iter().zip(rows).enumerate() {
             if i >= old {
                 r.seq.prefilled();
             }
-            let step = r.seq.step(&self.engine, &mut row);
+            let step = r.seq.step(&self.engine, &row);
             self.settle(r, step);
         }
     }
@@ -292,23 +294,13 @@ impl Loop {
             }
             Ok(Step::Finished) => {
                 let decode_s = r.seq.decode_s();
-                let _ = r.reply.send(Ok(r.seq.finish(decode_s)));
+                let _ = r.reply.send(Ok(r.seq.finish(&self.engine, decode_s)));
             }
             Err(e) => {
                 let _ = r.reply.send(Err(e));
             }
         }
     }
-}
-
-/// One row's answer from the batched sampler, as the engine's result for that sequence.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn row_token(row: ember_kernels::RowResult) -> Result<u32, EngineError> {
-    use ember_kernels::SampleError;
-    row.map_err(|e| match e {
-        SampleError::Params { message, .. } => EngineError::InvalidSampling(message),
-        other => EngineError::NumericalError(other.to_string()),
-    })
 }
 
 /// Answers every job of a failed pass with its own copy of the error.

@@ -5,10 +5,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ember_engine::EngineError;
+use ember_engine::{Batcher, BatcherOptions, Engine, GenerateRequest, Prompt, SamplingParams};
 use ember_model_loader::{load, DTypeChoice, LoadOptions, Message};
 use ember_tests::{smollm_gguf, smollm_hf};
-use ember_worker::engine::{Batcher, BatcherOptions, Engine, GenerateRequest, Prompt, SamplingParams};
-use ember_worker::EngineError;
 
 const PROMPTS: [&str; 16] = [
     "What is the capital of France?",
@@ -38,6 +38,7 @@ fn request(i: usize) -> GenerateRequest {
     };
     GenerateRequest {
         allow_special_tokens: false,
+        prompt_ids: None,
         prompt,
         max_tokens: 6 + 5 * (i % 7),
         sampling: SamplingParams::default(),
@@ -121,7 +122,7 @@ fn a_tight_kv_budget_queues_jobs_instead_of_failing_them() -> anyhow::Result<()>
     let model = rt.block_on(load(&smollm_hf("f32")?.to_string_lossy().parse()?, &LoadOptions::default()))?;
     let engine = Arc::new(Engine::new(model));
     // Room for about one job at a time (a chat prompt here is ~40 tokens, plus max_tokens).
-    let per_token = ember_worker::engine::batch::kv_bytes_per_token(&engine);
+    let per_token = ember_engine::batch::kv_bytes_per_token(&engine);
     let batcher = Arc::new(Batcher::start(engine.clone(), BatcherOptions::new(8, Some(per_token * 60)))?);
     assert_eq!(batcher.budget_tokens(), 60);
     let alone: Vec<Vec<u32>> =
@@ -144,13 +145,14 @@ fn a_long_prompt_is_prefilled_in_chunks_with_the_same_answer_alone_and_batched()
     // About 1400 tokens: prefilled in chunks of 512, then the tail.
     let long = GenerateRequest {
         allow_special_tokens: false,
+        prompt_ids: None,
         prompt: Prompt::Text(format!("{} The story so far, in one sentence:", PROMPTS.join(" ").repeat(12))),
         max_tokens: 8,
         sampling: SamplingParams::default(),
         stop: vec![],
     };
     let alone = engine.generate(&long)?;
-    assert!(alone.usage.prompt_tokens > 2 * ember_worker::engine::PREFILL_CHUNK, "{:?}", alone.usage);
+    assert!(alone.usage.prompt_tokens > 2 * ember_engine::PREFILL_CHUNK, "{:?}", alone.usage);
     let short_alone = engine.generate(&request(1))?.tokens;
     let batcher = Batcher::start(engine.clone(), BatcherOptions::new(4, None))?;
     let (a, b) = rt.block_on(async {

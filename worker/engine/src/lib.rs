@@ -1,7 +1,27 @@
-//! The generation engine: prompt rendering, prefill then decode with a KV cache, sampling,
-//! stop conditions, and the OpenAI-shaped result with usage counts.
+//! Ember's generation engine: prompt rendering and tokenizing, prefill then decode with a KV
+//! cache, continuous batching, sampling, incremental detokenizing, stop conditions, and the
+//! OpenAI-shaped result with usage counts. It sits between the model loader (which builds the
+//! model) and the worker (which takes jobs from queues and writes results).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use ember_model_loader::{load, LoadOptions, Message};
+//! use ember_engine::{Engine, GenerateRequest, Prompt, SamplingParams};
+//! let engine = Engine::new(load(&"/models/smollm2".parse()?, &LoadOptions::default()).await?);
+//! let done = engine.generate(&GenerateRequest {
+//!     prompt: Prompt::Chat(vec![Message::new("user", "What is the capital of France?")]),
+//!     max_tokens: 32,
+//!     sampling: SamplingParams::default(),
+//!     stop: vec![],
+//!     allow_special_tokens: false,
+//!     prompt_ids: None,
+//! })?;
+//! println!("{}", done.text);
+//! # Ok(()) }
+//! ```
 
 pub mod batch;
+mod error;
 pub mod sampling;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,8 +30,8 @@ use std::time::Instant;
 use ember_model_loader::{LoadedModel, Message, SeqCache};
 use serde::{Deserialize, Serialize};
 
-use crate::error::EngineError;
 pub use batch::{Batcher, BatcherOptions};
+pub use error::EngineError;
 pub use sampling::{Sampler, SamplingParams};
 
 /// What to complete.
@@ -39,6 +59,11 @@ pub struct GenerateRequest {
     /// model input and keep their special tokens.
     #[serde(default)]
     pub allow_special_tokens: bool,
+    /// The prompt's token ids when the caller already encoded it with [`Engine::encode`]
+    /// (job validation does, to count them): the engine then does not render and tokenize the
+    /// prompt again. `None`: the engine encodes it.
+    #[serde(skip)]
+    pub prompt_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,7 +216,7 @@ impl Engine {
     pub fn generate_until(&self, req: &GenerateRequest, cancel: &AtomicBool) -> Result<Completion, EngineError> {
         let (mut seq, prompt) = Sequence::start(self, req)?;
         if seq.wants_nothing() {
-            return Ok(seq.finish(0.0));
+            return Ok(seq.finish(self, 0.0));
         }
         let mut cache = SeqCache::new();
         let mut logits = self.loaded.model.forward(prefill_last(self, &prompt, &mut cache)?, &mut cache)?;
@@ -200,11 +225,11 @@ impl Engine {
             if cancel.load(Ordering::Relaxed) {
                 return Err(EngineError::Cancelled);
             }
-            match seq.step(self, &mut logits.to_vec1::<f32>()?)? {
+            match seq.step(self, &logits.to_vec1::<f32>()?)? {
                 Step::Next(token) => logits = self.loaded.model.forward(&[token], &mut cache)?,
                 Step::Finished => {
                     let decode_s = seq.decode_s();
-                    return Ok(seq.finish(decode_s));
+                    return Ok(seq.finish(self, decode_s));
                 }
             }
         }
@@ -219,7 +244,7 @@ pub struct Sequence {
     seen: Vec<u32>,
     prompt_len: usize,
     out: Vec<u32>,
-    text: String,
+    text: Detokenizer,
     stop: Vec<String>,
     max_tokens: usize,
     finish: FinishReason,
@@ -238,7 +263,10 @@ impl Sequence {
     /// Checks the request and renders its prompt; answers the prompt tokens to prefill.
     pub fn start(engine: &Engine, req: &GenerateRequest) -> Result<(Self, Vec<u32>), EngineError> {
         req.sampling.validate()?;
-        let prompt = engine.encode(&req.prompt, req.allow_special_tokens)?;
+        let prompt = match &req.prompt_ids {
+            Some(ids) => ids.clone(),
+            None => engine.encode(&req.prompt, req.allow_special_tokens)?,
+        };
         let context = engine.context_length();
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
@@ -251,7 +279,7 @@ impl Sequence {
             seen: prompt.clone(),
             prompt_len: prompt.len(),
             out: Vec::new(),
-            text: String::new(),
+            text: Detokenizer::default(),
             stop: req.stop.clone(),
             max_tokens: req.max_tokens.min(context - prompt.len()),
             finish: FinishReason::Length,
@@ -272,7 +300,7 @@ impl Sequence {
     }
 
     /// Samples from the logits that follow the last token fed, and checks the stop rules.
-    pub fn step(&mut self, engine: &Engine, logits: &mut [f32]) -> Result<Step, EngineError> {
+    pub fn step(&mut self, engine: &Engine, logits: &[f32]) -> Result<Step, EngineError> {
         let next = self.sampler.sample(logits, &self.seen)?;
         self.accept(engine, next)
     }
@@ -282,32 +310,32 @@ impl Sequence {
         &self.seen
     }
 
-    /// This step's settings for the fused CUDA sampler (`ember_kernels::cuda`): the row's RNG
-    /// seed is mixed with the number of tokens sampled so far, so each step draws anew and a
-    /// sequence's draws do not depend on which batch it ran in.
-    #[cfg(feature = "cuda")]
+    /// This draw's settings for a sampler that runs on the device (the fused CUDA kernel, at
+    /// step 0): the same algorithm and RNG as [`Sequence::step`], so the same token.
     pub fn row_params(&self) -> ember_kernels::RowParams {
-        let p = self.sampler.params();
-        ember_kernels::RowParams {
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            repetition_penalty: p.repetition_penalty,
-            seed: ember_kernels::sampling::splitmix64(self.sampler.device_seed(), self.out.len() as u64),
-        }
+        self.sampler.row_params()
     }
 
-    /// Takes `next` as the sampled token (from [`Sequence::step`], or from a sampler that ran
-    /// on the device) and checks the stop rules.
-    pub fn accept(&mut self, engine: &Engine, next: u32) -> Result<Step, EngineError> {
+    /// Takes `next`, the token a device-side sampler picked with [`Sequence::row_params`], and
+    /// checks the stop rules.
+    pub fn accept_drawn(&mut self, engine: &Engine, next: u32) -> Result<Step, EngineError> {
+        self.sampler.drew();
+        self.accept(engine, next)
+    }
+
+    /// Takes `next` as the sampled token and checks the stop rules. The text grows by the
+    /// new token's piece only and only its end is searched for stop strings, so a step costs
+    /// the same at token 2,000 as at token 2.
+    fn accept(&mut self, engine: &Engine, next: u32) -> Result<Step, EngineError> {
         if engine.eos.contains(&next) {
             self.finish = FinishReason::Stop;
             return Ok(Step::Finished);
         }
         self.out.push(next);
         self.seen.push(next);
-        self.text = engine.decode(&self.out)?;
-        if let Some(cut) = first_stop(&self.text, &self.stop) {
+        let before = self.text.len();
+        self.text.push(engine, &self.out)?;
+        if let Some(cut) = first_stop_after(self.text.as_str(), before, &self.stop) {
             self.text.truncate(cut);
             self.finish = FinishReason::Stop;
             return Ok(Step::Finished);
@@ -324,14 +352,15 @@ impl Sequence {
     }
 
     /// The completion, once [`Step::Finished`] (or at once for `max_tokens` 0).
-    pub fn finish(self, decode_s: f64) -> Completion {
+    pub fn finish(self, engine: &Engine, decode_s: f64) -> Completion {
         let usage = Usage {
             prompt_tokens: self.prompt_len,
             completion_tokens: self.out.len(),
             total_tokens: self.prompt_len + self.out.len(),
         };
         let timings = GenerationTimings { prefill_s: self.prefill_s, decode_s };
-        Completion { text: self.text, tokens: self.out, finish_reason: self.finish, usage, timings }
+        let text = self.text.finish(engine, &self.out);
+        Completion { text, tokens: self.out, finish_reason: self.finish, usage, timings }
     }
 
     /// Seconds since the sequence started, less its prefill.
@@ -359,9 +388,84 @@ pub fn prefill_last<'a>(engine: &Engine, prompt: &'a [u32], cache: &mut SeqCache
     Ok(&prompt[split..])
 }
 
+/// Byte offset of the earliest stop sequence in `text`, given that none is in its first
+/// `before` bytes: only a stop that ends after them can be new, so the search starts at most
+/// the longest stop's length less one before that point.
+fn first_stop_after(text: &str, before: usize, stops: &[String]) -> Option<usize> {
+    let longest = stops.iter().map(String::len).max().unwrap_or(0);
+    let mut from = before.saturating_sub(longest.saturating_sub(1)).min(text.len());
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    first_stop(&text[from..], stops).map(|at| from + at)
+}
+
 /// Byte offset of the earliest stop sequence in `text`.
 fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// Incremental detokenizing, as Hugging Face's `DecodeStream` and TGI do it: each new token's
+/// text is the decode of a short window of recent tokens less the decode of the window
+/// without the new ones. The window gives a token the context it needs (a SentencePiece
+/// space, the rest of a UTF-8 character split across byte tokens); a piece that ends in an
+/// incomplete character waits for the next token. The text so far is never decoded again.
+#[derive(Debug, Default)]
+struct Detokenizer {
+    text: String,
+    /// Where the window starts: tokens before it are already in `text` and not needed again.
+    prefix: usize,
+    /// Tokens up to here are in `text`.
+    read: usize,
+}
+
+impl Detokenizer {
+    /// Adds the text of the tokens of `out` not yet read.
+    fn push(&mut self, engine: &Engine, out: &[u32]) -> Result<(), EngineError> {
+        let known = engine.decode(&out[self.prefix..self.read])?;
+        let window = engine.decode(&out[self.prefix..])?;
+        if window.len() > known.len() && !window.ends_with('\u{FFFD}') {
+            self.append(&window, known.len());
+            self.prefix = self.read;
+            self.read = out.len();
+        }
+        Ok(())
+    }
+
+    /// The whole text at the end: what is still waiting (an incomplete character the model
+    /// never finished) is added as the decoder renders it.
+    fn finish(mut self, engine: &Engine, out: &[u32]) -> String {
+        if self.read < out.len() {
+            if let (Ok(known), Ok(window)) =
+                (engine.decode(&out[self.prefix..self.read]), engine.decode(&out[self.prefix..]))
+            {
+                self.append(&window, known.len());
+            }
+        }
+        self.text
+    }
+
+    /// Appends `window` past its first `known` bytes (on a character boundary: a decoder can
+    /// render the known tokens differently once more follow them).
+    fn append(&mut self, window: &str, known: usize) {
+        let mut at = known.min(window.len());
+        while !window.is_char_boundary(at) {
+            at -= 1;
+        }
+        self.text.push_str(&window[at..]);
+    }
+
+    fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    fn len(&self) -> usize {
+        self.text.len()
+    }
+
+    fn truncate(&mut self, at: usize) {
+        self.text.truncate(at);
+    }
 }
 
 #[cfg(test)]
