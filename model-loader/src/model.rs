@@ -38,15 +38,60 @@ pub struct Model {
 }
 
 /// The keys and values one sequence has seen so far.
-#[derive(Debug, Clone, Default)]
+///
+/// Each layer's keys and values live in buffers with room for more tokens than they hold
+/// (`(kv_heads, capacity, head_dim)`), so a decode step writes only the new token's keys and
+/// values; attention reads the filled part in place. When a buffer is full it is replaced by
+/// one twice as large (at most the reserved length), so the copies made while growing add up
+/// to less than the final length: amortized, a step costs the same at token 2,000 as at
+/// token 2. Keys are kept in f32, the precision attention scores are computed in, so a
+/// half-precision model does not convert the whole cache on every step; values stay in the
+/// model's dtype.
+///
+/// Not `Clone`: a buffer is written in place, and a clone would share it.
+#[derive(Debug, Default)]
 pub struct SeqCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     len: usize,
+    /// The most tokens this sequence will hold, when known: buffers never grow past it.
+    reserve: Option<usize>,
+    /// Grow by concatenation, a copy of the whole cache per layer per step: how the cache
+    /// worked before 2026-11-30, kept as the baseline the generation benchmark measures.
+    concat: bool,
 }
+
+/// One layer's keys (f32) and values, `(kv_heads, capacity, head_dim)`; the first
+/// [`SeqCache::len`] tokens are filled.
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+}
+
+impl LayerKv {
+    fn capacity(&self) -> usize {
+        self.k.dims().get(1).copied().unwrap_or(0)
+    }
+}
+
+/// The smallest buffer allocated, in tokens.
+const MIN_KV_CAPACITY: usize = 64;
 
 impl SeqCache {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A cache for a sequence that will hold at most `tokens` tokens (prompt and completion):
+    /// its buffers grow up to that length and no further.
+    pub fn with_reserve(tokens: usize) -> Self {
+        Self { reserve: Some(tokens), ..Self::default() }
+    }
+
+    /// A cache that grows by concatenating (a copy of the whole cache per layer per step), as
+    /// Ember's did before 2026-11-30: the baseline of the generation benchmark.
+    pub fn concatenating() -> Self {
+        Self { concat: true, ..Self::default() }
     }
 
     /// Tokens already in the cache (the position of the next token).
@@ -56,6 +101,44 @@ impl SeqCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Appends `t` new keys and values `(kv_heads, t, head_dim)` to layer `l`, which holds
+    /// [`SeqCache::len`] tokens, and answers the layer's keys and values so far, read in
+    /// place.
+    fn append(&mut self, l: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (len, t) = (self.len, k.dim(1)?);
+        let total = len + t;
+        let k = k.to_dtype(DType::F32)?.contiguous()?;
+        let v = v.contiguous()?;
+        let layer = &mut self.layers[l];
+        if self.concat {
+            let (k, v) = match layer.take() {
+                None => (k, v),
+                Some(old) => (Tensor::cat(&[&old.k, &k], 1)?, Tensor::cat(&[&old.v, &v], 1)?),
+            };
+            *layer = Some(LayerKv { k: k.clone(), v: v.clone() });
+            return Ok((k, v));
+        }
+        let capacity = layer.as_ref().map_or(0, LayerKv::capacity);
+        if total > capacity {
+            let grown = (2 * capacity).max(total).max(MIN_KV_CAPACITY);
+            let grown = self.reserve.map_or(grown, |r| grown.min(r.max(total)));
+            let (heads, dim) = (k.dim(0)?, k.dim(2)?);
+            let nk = Tensor::zeros((heads, grown, dim), DType::F32, k.device())?;
+            let nv = Tensor::zeros((heads, grown, dim), v.dtype(), v.device())?;
+            if let Some(old) = layer.take() {
+                nk.slice_set(&old.k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                nv.slice_set(&old.v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            }
+            *layer = Some(LayerKv { k: nk, v: nv });
+        }
+        let Some(kv) = layer.as_ref() else {
+            return Err(candle_core::Error::Msg("KV cache layer missing after allocation".into()).into());
+        };
+        kv.k.slice_set(&k, 1, len)?;
+        kv.v.slice_set(&v, 1, len)?;
+        Ok((kv.k.narrow(1, 0, total)?, kv.v.narrow(1, 0, total)?))
     }
 }
 
@@ -147,35 +230,32 @@ impl Model {
     /// extended by the new keys and values `(1, kv_heads, t, head_dim)`. Grouped-query heads
     /// are matched by reshaping the queries (`kv_heads` groups of `heads / kv_heads`), not by
     /// copying the keys. Scores and softmax in f32 whatever the weights are: half precision
-    /// there changes greedy answers. Returns `(1, t, heads * head_dim)`, before the output
-    /// projection.
+    /// there changes greedy answers. `l` is the layer. Returns `(1, t, heads * head_dim)`,
+    /// before the output projection.
     fn attend(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         mask: Option<&Tensor>,
-        kv: &mut Option<(Tensor, Tensor)>,
+        cache: &mut SeqCache,
+        l: usize,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let t = q.dim(2)?;
-        let (k, v) = match kv.take() {
-            None => (k.clone(), v.clone()),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, k], 2)?, Tensor::cat(&[&pv, v], 2)?),
-        };
-        *kv = Some((k.clone(), v.clone()));
-        let total = k.dim(2)?;
+        // (1, nkv, t, hd) -> (nkv, t, hd): the cache's layout.
+        let (k, v) = cache.append(l, &k.squeeze(0)?, &v.squeeze(0)?)?;
+        let total = k.dim(1)?;
         let group = nh / nkv;
         // (1, nh, t, hd) -> (nkv, group * t, hd): the queries of each kv head's group together.
         let q = q.reshape((nkv, group * t, hd))?.to_dtype(DType::F32)?;
-        let k = k.reshape((nkv, total, hd))?.to_dtype(DType::F32)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if let Some(mask) = mask {
             scores = scores.reshape((nkv, group, t, total))?.broadcast_add(mask)?.reshape((nkv, group * t, total))?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
-        let y = probs.matmul(&v.reshape((nkv, total, hd))?)?;
+        let y = probs.matmul(&v)?;
         // (nkv, group * t, hd) -> (1, nh, t, hd) -> (1, t, nh * hd)
         Ok(y.reshape((1, nh, t, hd))?.transpose(1, 2)?.reshape((1, t, nh * hd))?)
     }
@@ -213,7 +293,7 @@ impl Model {
         let mut lasts = Vec::with_capacity(b);
         for (chunk, cache) in chunks.iter().zip(caches.iter_mut()) {
             if cache.layers.len() != self.layers.len() {
-                cache.layers = vec![None; self.layers.len()];
+                cache.layers = (0..self.layers.len()).map(|_| None).collect();
             }
             let (start, t) = (cache.len, chunk.len());
             spans.push((positions.len(), t, self.mask(start, t)?));
@@ -232,7 +312,7 @@ impl Model {
             let mut ys = Vec::with_capacity(b);
             for (cache, (at, t, mask)) in caches.iter_mut().zip(&spans) {
                 let pick = |x: &Tensor| x.narrow(2, *at, *t);
-                ys.push(self.attend(&pick(&q)?, &pick(&k)?, &pick(&v)?, mask.as_ref(), &mut cache.layers[l])?);
+                ys.push(self.attend(&pick(&q)?, &pick(&k)?, &pick(&v)?, mask.as_ref(), cache, l)?);
             }
             let y = Tensor::cat(&ys, 1)?.reshape((1, rows, width))?;
             (x, h) = self.add_norm(&x, &linear(&layer.o, &y)?, &layer.post_norm)?;

@@ -63,6 +63,7 @@ async fn run_chain(client: &Client, queue_url: &str, def: &str) -> anyhow::Resul
         sender: Arc::new(SqsSender { client: client.clone(), queue_url: queue_url.to_string() }),
         runner: Arc::new(Tools::builtin()),
         options: Options::default(),
+        definitions: Default::default(),
     };
     let t0 = Instant::now();
     let id = start_execution(&env, def, json!({"payload": "x".repeat(200)}), StartOptions::default()).await?;

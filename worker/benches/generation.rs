@@ -6,11 +6,12 @@
 //! Prints, for f32 and f16 weights and the Q4_1 GGUF: Ember's prefill and decode tokens/s
 //! beside llama.cpp's (node-llama-cpp) on the same weights and thread count, as ratios; then
 //! the cold start of `ember generate` (process start to first token, model from S3 on a local
-//! SeaweedFS) beside a bare parallel download of the same bytes.
+//! SeaweedFS) beside a bare parallel download of the same bytes; then decode tokens/s at 128 and
+//! 2,000 generated tokens with the KV cache grown in place and grown by concatenation (before).
 //!
 //! Settings (environment): EMBER_BENCH_THREADS (1), EMBER_BENCH_PROMPT (17 tokens),
 //! EMBER_BENCH_GEN (128 tokens), EMBER_BENCH_RUNS (3; the best run counts for both sides),
-//! EMBER_BENCH_SKIP (comma list of `speed`, `cold`).
+//! EMBER_BENCH_SKIP (comma list of `speed`, `cold`, `kv`), EMBER_BENCH_KV_RUNS (1).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -235,6 +236,37 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Decode speed over long generations, the KV cache that grows in place against the one that
+/// grew by concatenation (`SeqCache::concatenating`, Ember's cache before 2026-11-30), same
+/// model, same run: one decode step copied the whole cache before, only the new token now.
+async fn kv_cache_table(threads: usize, p: usize, runs: usize) -> anyhow::Result<()> {
+    let model = model_path("hf-f32")?;
+    let loaded = load(&ModelRef::Local(model), &LoadOptions { dtype: DTypeChoice::F32, ..Default::default() }).await?;
+    let enc = loaded.tokenizer.encode(PROMPT_TEXT.repeat(4), false).map_err(anyhow::Error::msg)?;
+    let prompt: Vec<u32> = enc.get_ids().iter().copied().take(p).collect();
+    let decode_tps = |g: usize, concat: bool| -> anyhow::Result<f64> {
+        let mut best = 0f64;
+        for _ in 0..runs {
+            let mut cache = if concat { SeqCache::concatenating() } else { SeqCache::with_reserve(prompt.len() + g) };
+            let mut next = ember_model_loader::model::argmax(&loaded.model.forward(&prompt, &mut cache)?)?;
+            let t0 = Instant::now();
+            for _ in 0..g {
+                next = ember_model_loader::model::argmax(&loaded.model.forward(&[next], &mut cache)?)?;
+            }
+            best = best.max(g as f64 / t0.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    println!("\n## KV cache: decode tok/s over long generations (f32 SmolLM2, {threads} thread(s), {p}-token prompt, best of {runs})");
+    println!("| generated tokens | grown by concatenation (before) | grown in place (now) | ratio |");
+    println!("| ---: | ---: | ---: | ---: |");
+    for g in [128, 2000] {
+        let (before, now) = (decode_tps(g, true)?, decode_tps(g, false)?);
+        println!("| {g} | {before:.1} | {now:.1} | {:.2} |", now / before);
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let threads = env_usize("EMBER_BENCH_THREADS", 1);
     // candle sizes its thread pool from this variable: set it before any tensor work.
@@ -249,6 +281,9 @@ fn main() -> anyhow::Result<()> {
     }
     if !skip.contains("cold") {
         rt.block_on(cold_start(runs))?;
+    }
+    if !skip.contains("kv") {
+        rt.block_on(kv_cache_table(threads, p, env_usize("EMBER_BENCH_KV_RUNS", 1)))?;
     }
     Ok(())
 }

@@ -23,7 +23,8 @@ use crate::runner::{retry_backoff, Handler, Outcome, Shutdown};
 use crate::store::{ObjectStore, PutOutcome};
 use ember_engine::{Batcher, Engine};
 
-/// Where execution records live in the object store.
+/// Where execution records live in the object store: the orchestrator's keys
+/// (`executions/{id}/...`) go under it, so records are at `pipelines/executions/{id}/...`.
 pub const EXECUTIONS_PREFIX: &str = "pipelines";
 
 /// The worker's object store as an execution store, under [`EXECUTIONS_PREFIX`].
@@ -215,6 +216,7 @@ impl HopHandler {
             sender: Arc::new(QueueSender(queue)),
             runner,
             options: Options { max_hops, ..Options::default() },
+            definitions: Default::default(),
         }
     }
 }

@@ -317,6 +317,13 @@ fn the_example_pipelines_run_on_the_small_model() -> anyhow::Result<()> {
         .count();
     assert_eq!(generated, 4, "three summaries and the join");
     eprintln!("summarize output: {}", d["output"]);
+    // The execution's records are where the docs say: pipelines/executions/{id}/ in the store.
+    let records = dir.path().join("results/pipelines/executions");
+    let ids: Vec<String> = std::fs::read_dir(&records)?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    assert_eq!(ids.len(), 2, "one record folder per execution under {}: {ids:?}", records.display());
+    assert!(ids.iter().all(|id| records.join(id).join("meta.json").is_file()), "{ids:?}");
     Ok(())
 }
 

@@ -53,6 +53,7 @@ pub async fn run_to_completion<R: TaskRunner + 'static>(
         sender: queue.clone(),
         runner: Arc::new(runner),
         options: Options { max_hops: opts.max_hops, clock: clock.clone() },
+        definitions: Default::default(),
     };
     let id = start_execution(&env, definition, input, StartOptions { name: opts.name.as_deref() }).await?;
     let mut hops = 0;

@@ -151,9 +151,11 @@ pub struct ExecutionMeta {
     pub start_ms: u64,
 }
 
-/// Key prefix of everything an execution stores.
+/// Key prefix of everything an execution stores, relative to the execution store (the
+/// worker's store puts it under `pipelines/`, so records land in
+/// `pipelines/executions/{execution}/`).
 pub fn execution_prefix(execution: &str) -> String {
-    format!("pipelines/executions/{execution}/")
+    format!("executions/{execution}/")
 }
 
 fn scope_key(scope: &[Frame]) -> String {

@@ -91,6 +91,50 @@ pub struct Env {
     pub runner: Arc<dyn TaskRunner>,
     /// Limits and clock.
     pub options: Options,
+    /// Definitions already validated, so a hop does not parse and check its whole state
+    /// machine again.
+    pub definitions: Arc<DefinitionCache>,
+}
+
+/// Validated state machines by definition text (with the runner's resources, fixed for an
+/// [`Env`]): every hop of an execution, and every execution of one machine, reuse one parse.
+/// Holds at most [`DefinitionCache::CAPACITY`] definitions; when full it starts over, which
+/// only costs a parse each.
+#[derive(Default)]
+pub struct DefinitionCache {
+    parsed: std::sync::Mutex<std::collections::HashMap<String, Arc<crate::asl::Definition>>>,
+}
+
+impl DefinitionCache {
+    pub const CAPACITY: usize = 256;
+
+    /// The validated `definition`, parsed now or earlier.
+    pub fn get(
+        &self,
+        definition: &str,
+        resources: &crate::asl::Resources,
+    ) -> Result<Arc<crate::asl::Definition>, crate::asl::InvalidDefinition> {
+        let cached = self.parsed.lock().unwrap_or_else(|p| p.into_inner()).get(definition).cloned();
+        if let Some(def) = cached {
+            return Ok(def);
+        }
+        let def = Arc::new(crate::asl::validate(definition, resources)?);
+        let mut parsed = self.parsed.lock().unwrap_or_else(|p| p.into_inner());
+        if parsed.len() >= Self::CAPACITY {
+            parsed.clear();
+        }
+        parsed.insert(definition.to_string(), def.clone());
+        Ok(def)
+    }
+
+    /// How many definitions are held.
+    pub fn len(&self) -> usize {
+        self.parsed.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A pipeline operation that failed (not an execution failure: those are recorded).

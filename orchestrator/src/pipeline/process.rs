@@ -111,7 +111,7 @@ pub async fn record_hop(env: &Env, msg: &HopMessage) -> Result<(Transition, bool
         return Ok((t, true));
     }
     let meta = load_meta(env, &msg.execution).await?;
-    let def = asl::validate(&meta.definition, &env.runner.resources())?;
+    let def = env.definitions.get(&meta.definition, &env.runner.resources())?;
     let run = HopRun { env, meta: &meta, top: &def.machine, msg, now_ms: now_ms(env), events: Vec::new() };
     let t = run.transition().await?;
     if put_json(env, &key, &t).await? {
@@ -210,7 +210,7 @@ async fn branch_done(env: &Env, msg: &HopMessage, done: &BranchResult) -> Result
     let results: Vec<(usize, bool, u64, &String)> =
         listed.iter().filter_map(|k| parse_result_key(k).map(|(i, ok, h)| (i, ok, h, k))).collect();
     let meta = load_meta(env, exec).await?;
-    let def = asl::validate(&meta.definition, &env.runner.resources())?;
+    let def = env.definitions.get(&meta.definition, &env.runner.resources())?;
     let machine = super::engine::machine_for(&def.machine, parent)?;
     let failures: Vec<&String> = results.iter().filter(|r| !r.1).map(|r| r.3).collect();
     let failure = match machine.state(&frame.state).map(|s| &s.kind) {
@@ -278,7 +278,7 @@ pub async fn start_execution(
     input: Value,
     opts: StartOptions<'_>,
 ) -> Result<String, PipelineError> {
-    let def = asl::validate(definition, &env.runner.resources())?;
+    let def = env.definitions.get(definition, &env.runner.resources())?;
     let name = match opts.name {
         Some(n) => {
             if n.is_empty() || n.len() > 80 || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {

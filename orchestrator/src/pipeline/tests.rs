@@ -18,6 +18,7 @@ fn env_with(runner: impl TaskRunner + 'static) -> (Env, Arc<MemoryQueue>, Arc<Me
         sender: queue.clone(),
         runner: Arc::new(runner),
         options: Options { max_hops: 1000, clock },
+        definitions: Default::default(),
     };
     (env, queue, store)
 }
@@ -375,4 +376,22 @@ async fn oversized_output_is_data_limit_exceeded() {
         "Catch": [{"ErrorEquals": ["States.ALL"], "Next": "D"}]}, "D": {"Type": "Succeed"}}}"#;
     let run = run_to_completion(tools, def, json!({}), DriverOptions::default()).await.unwrap();
     assert_eq!(run.description.error.as_deref(), Some("States.DataLimitExceeded"));
+}
+
+/// The definition is parsed once per state machine, not once per hop: two executions of one
+/// machine, every hop of each, share one validated definition; another machine adds one.
+#[tokio::test]
+async fn hops_reuse_one_parsed_definition_per_state_machine() {
+    let (tools, runs) = counting();
+    let (env, queue, _store) = env_with(tools);
+    for name in ["one", "two"] {
+        start_execution(&env, CHAIN, json!({"x": 1}), StartOptions { name: Some(name) }).await.unwrap();
+    }
+    drain(&env, &queue).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "both executions ran their task");
+    assert_eq!(env.definitions.len(), 1);
+    let other = r#"{"StartAt": "P", "States": {"P": {"Type": "Pass", "End": true}}}"#;
+    start_execution(&env, other, json!({}), StartOptions { name: Some("three") }).await.unwrap();
+    drain(&env, &queue).await;
+    assert_eq!(env.definitions.len(), 2);
 }

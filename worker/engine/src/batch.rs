@@ -42,11 +42,12 @@ impl BatcherOptions {
     }
 }
 
-/// Bytes of keys and values one token takes in the cache of this model.
+/// Bytes of keys and values one token takes in the cache of this model: keys in f32 (the
+/// precision of the attention scores), values in the model's dtype (see `SeqCache`).
 pub fn kv_bytes_per_token(engine: &Engine) -> u64 {
     let cfg = engine.loaded.config();
-    let dtype = engine.loaded.model.dtype().size_in_bytes();
-    (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype) as u64
+    let value = engine.loaded.model.dtype().size_in_bytes();
+    (cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (4 + value)) as u64
 }
 
 /// `MemAvailable` from `/proc/meminfo`, in bytes.
@@ -221,7 +222,7 @@ impl Loop {
         // joins the pass. The admitted requests then run like the others.
         let (mut tails, mut joining) = (Vec::with_capacity(admitted.len()), Vec::with_capacity(admitted.len()));
         for w in admitted {
-            let mut cache = SeqCache::new();
+            let mut cache = SeqCache::with_reserve(w.seq.max_len());
             let tail = crate::prefill_last(&self.engine, &w.prompt, &mut cache).map(<[u32]>::to_vec);
             let reserved = w.seq.max_len();
             let r = Running { seq: w.seq, cache, next: 0, reserved, cancel: w.cancel, reply: w.reply };

@@ -218,7 +218,7 @@ impl Engine {
         if seq.wants_nothing() {
             return Ok(seq.finish(self, 0.0));
         }
-        let mut cache = SeqCache::new();
+        let mut cache = SeqCache::with_reserve(seq.max_len());
         let mut logits = self.loaded.model.forward(prefill_last(self, &prompt, &mut cache)?, &mut cache)?;
         seq.prefilled();
         loop {

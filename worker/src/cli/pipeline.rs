@@ -180,5 +180,6 @@ async fn read_env(args: &ReadArgs) -> anyhow::Result<Env> {
         sender: Arc::new(NoSend),
         runner: Arc::new(tools(&[])),
         options: Options::default(),
+        definitions: Default::default(),
     })
 }
