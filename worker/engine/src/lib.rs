@@ -334,7 +334,7 @@ impl Sequence {
         self.out.push(next);
         self.seen.push(next);
         let before = self.text.len();
-        self.text.push(engine, &self.out)?;
+        self.text.push(&engine.loaded.tokenizer, &self.out)?;
         if let Some(cut) = first_stop_after(self.text.as_str(), before, &self.stop) {
             self.text.truncate(cut);
             self.finish = FinishReason::Stop;
@@ -359,7 +359,7 @@ impl Sequence {
             total_tokens: self.prompt_len + self.out.len(),
         };
         let timings = GenerationTimings { prefill_s: self.prefill_s, decode_s };
-        let text = self.text.finish(engine, &self.out);
+        let text = self.text.finish(&engine.loaded.tokenizer, &self.out);
         Completion { text, tokens: self.out, finish_reason: self.finish, usage, timings }
     }
 
@@ -421,9 +421,10 @@ struct Detokenizer {
 
 impl Detokenizer {
     /// Adds the text of the tokens of `out` not yet read.
-    fn push(&mut self, engine: &Engine, out: &[u32]) -> Result<(), EngineError> {
-        let known = engine.decode(&out[self.prefix..self.read])?;
-        let window = engine.decode(&out[self.prefix..])?;
+    fn push(&mut self, tokenizer: &tokenizers::Tokenizer, out: &[u32]) -> Result<(), EngineError> {
+        let decode = |ids: &[u32]| tokenizer.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()));
+        let known = decode(&out[self.prefix..self.read])?;
+        let window = decode(&out[self.prefix..])?;
         if window.len() > known.len() && !window.ends_with('\u{FFFD}') {
             self.append(&window, known.len());
             self.prefix = self.read;
@@ -434,10 +435,10 @@ impl Detokenizer {
 
     /// The whole text at the end: what is still waiting (an incomplete character the model
     /// never finished) is added as the decoder renders it.
-    fn finish(mut self, engine: &Engine, out: &[u32]) -> String {
+    fn finish(mut self, tokenizer: &tokenizers::Tokenizer, out: &[u32]) -> String {
         if self.read < out.len() {
             if let (Ok(known), Ok(window)) =
-                (engine.decode(&out[self.prefix..self.read]), engine.decode(&out[self.prefix..]))
+                (tokenizer.decode(&out[self.prefix..self.read], true), tokenizer.decode(&out[self.prefix..], true))
             {
                 self.append(&window, known.len());
             }
@@ -471,6 +472,42 @@ impl Detokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The incremental text is the whole decode, token by token, on the real tokenizer: text
+    /// with characters split across byte tokens (accents, CJK, an emoji), special tokens
+    /// (skipped) and spaces; and what was streamed so far is always a prefix of the result.
+    #[test]
+    fn incremental_text_is_the_whole_decode() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let dir = ember_tests::smollm_hf("f32")?;
+        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))?;
+        for text in [
+            "The capital of France is Paris.",
+            "Un café, s'il vous plaît: naïve façade, 日本語のテキスト, and a cup ☕ 🎉!",
+            "<|im_start|>assistant\nHello<|im_end|>  two  spaces\n\nand lines",
+        ] {
+            let ids = tokenizer.encode(text, false)?.get_ids().to_vec();
+            let mut d = Detokenizer::default();
+            let mut streamed = String::new();
+            for n in 1..=ids.len() {
+                d.push(&tokenizer, &ids[..n])?;
+                assert!(d.as_str().starts_with(&streamed), "{text:?}: text so far changed");
+                streamed = d.as_str().to_string();
+            }
+            assert_eq!(d.finish(&tokenizer, &ids), tokenizer.decode(&ids, true)?, "{text:?}");
+        }
+        Ok(())
+    }
+
+    /// A stop string is found when it ends in the newest piece, however it straddles pieces.
+    #[test]
+    fn a_stop_across_pieces_is_found_at_its_start() {
+        let stops = vec!["END".to_string(), "x".to_string()];
+        // "...E" then "ND": only the search window from before the new piece finds it.
+        assert_eq!(first_stop_after("abcEND", 4, &stops), Some(3));
+        assert_eq!(first_stop_after("abcEN", 4, &stops), None);
+        // Multi-byte text before the window start: the start moves back to a char boundary.
+        assert_eq!(first_stop_after("ééEND", 5, &stops), Some(4));
+    }
 
     #[test]
     fn earliest_stop_wins() {
