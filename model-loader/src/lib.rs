@@ -12,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod aws;
 pub mod chat;
 pub mod config;
 pub mod error;

@@ -30,11 +30,9 @@ impl Default for FetchOptions {
     }
 }
 
-/// Builds an S3 client from an SDK config; path-style addressing when an endpoint is set
-/// (local S3-compatible servers do not resolve bucket subdomains).
+/// An S3 client for an SDK config ([`crate::aws::s3_client`]).
 pub fn client(sdk: &aws_config::SdkConfig) -> aws_sdk_s3::Client {
-    let conf = aws_sdk_s3::config::Builder::from(sdk).force_path_style(sdk.endpoint_url().is_some()).build();
-    aws_sdk_s3::Client::from_conf(conf)
+    crate::aws::s3_client(sdk)
 }
 
 /// Splits `s3://bucket/prefix` into its parts.
@@ -47,27 +45,21 @@ pub fn parse_s3_url(url: &str) -> Option<(String, String)> {
     Some((bucket.to_string(), prefix.trim_end_matches('/').to_string()))
 }
 
-fn s3_error<E: ProvideErrorMetadata + std::error::Error + 'static>(
+fn s3_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
     bucket: &str,
     key: &str,
     err: SdkError<E>,
 ) -> LoadError {
-    let retryable = match &err {
-        SdkError::ServiceError(se) => {
-            let status = se.raw().status().as_u16();
-            status >= 500 || status == 429 || se.err().code() == Some("SlowDown")
-        }
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
-        _ => false,
-    };
-    if err.code() == Some("NoSuchBucket") {
+    let failure = crate::aws::classify(&err);
+    if failure.code == "NoSuchBucket" {
         return LoadError::NoSuchBucket { bucket: bucket.into() };
     }
-    let message = match err.message() {
-        Some(m) => format!("{}: {m}", err.code().unwrap_or("error")),
-        None => format!("{}", aws_smithy_types::error::display::DisplayErrorContext(&err)),
-    };
-    LoadError::S3 { bucket: bucket.into(), key: key.into(), message, retryable }
+    LoadError::S3 {
+        bucket: bucket.into(),
+        key: key.into(),
+        message: failure.describe(),
+        retryable: failure.kind.is_retryable(),
+    }
 }
 
 struct Object {

@@ -16,8 +16,10 @@ use crate::asl::{choice, names, retry, timestamp, StatesError};
 /// Longest queue delay (SQS `DelaySeconds` maximum); longer waits re-delay.
 pub const MAX_QUEUE_DELAY_SECONDS: f64 = 900.0;
 
-/// Largest hop message (the SQS message size limit).
-pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Largest hop message: Step Functions' limit on the data a state passes on (256 KiB, beyond
+/// which an execution fails with `States.DataLimitExceeded`). A hop message this size also
+/// fits in one SQS message (1 MiB), with room to spare.
+pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 
 enum Step {
     Next { state: String, output: Value, delay: f64, not_before: Option<String> },
@@ -150,19 +152,19 @@ impl HopRun<'_> {
             Err(e) if fatal => self.terminal(&mut t, Err(e)).await?,
             Err(e) => self.handle_error(state, e, &mut t).await?,
         }
-        // A hop must fit in one queue message (SQS: 256 KiB).
+        // A hop's data must stay within Step Functions' payload limit.
         if let Some(big) = t
             .sends
             .iter()
             .map(|o| serde_json::to_vec(&o.message).map(|b| b.len()).unwrap_or(0))
-            .find(|n| *n > MAX_MESSAGE_BYTES)
+            .find(|n| *n > MAX_PAYLOAD_BYTES)
         {
             t.sends.clear();
             self.terminal(
                 &mut t,
                 Err(StatesError::new(
                     names::DATA_LIMIT_EXCEEDED,
-                    format!("The state/task '{}' returned a result with a size exceeding the maximum number of bytes service limit ({big} > {MAX_MESSAGE_BYTES})", self.msg.state),
+                    format!("The state/task '{}' returned a result with a size exceeding the maximum number of bytes service limit ({big} > {MAX_PAYLOAD_BYTES})", self.msg.state),
                 )),
             )
             .await?;

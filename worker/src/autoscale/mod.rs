@@ -14,7 +14,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_ecs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
 use ember_orchestrator::autoscale::{Backlog, Decision, Driver, DriverError, Observation, Policy, WorkerState};
 
 use crate::queue::Queue;
@@ -105,22 +105,12 @@ async fn tick(
     Ok(Some((backlog, active, draining, decision)))
 }
 
-/// An AWS SDK error as a driver error: throttling, 5xx and network failures are retryable.
-/// (`SdkError` is the same type in every SDK crate; the ECS crate's re-export names it.)
-pub(crate) fn api_error<E, R>(op: &'static str, err: SdkError<E, R>) -> DriverError
+/// An AWS SDK error as a driver error: throttling, 5xx and network failures are retryable
+/// (the shared classification, `ember_model_loader::aws`).
+pub(crate) fn api_error<E>(op: &'static str, err: SdkError<E>) -> DriverError
 where
     E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let retryable = match &err {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
-        SdkError::ServiceError(e) => {
-            let code = e.err().code().unwrap_or_default();
-            ["Throttl", "TooManyRequests", "ServiceUnavailable", "ServerException", "ServiceException"]
-                .iter()
-                .any(|c| code.contains(c))
-        }
-        _ => false,
-    };
-    DriverError::Api { op, message: DisplayErrorContext(&err).to_string(), retryable }
+    let f = ember_model_loader::aws::classify(&err);
+    DriverError::Api { op, message: f.describe(), retryable: f.kind.is_retryable() }
 }

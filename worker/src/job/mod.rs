@@ -49,10 +49,10 @@ pub use validate::{check_prompt_length, validate, validate_chat_request, PromptE
 
 use ember_engine::GenerateRequest;
 
-/// The largest job body accepted by default: 256 KiB, SQS's classic message limit. Queues
-/// carry up to 1 MiB, but no context window of the models Ember serves needs that much text
-/// (8k tokens are about 32 KB), and refusing by size is instant where tokenizing a megabyte
-/// is not.
+/// The largest job body accepted by default: 256 KiB, Ember's own limit (not a queue's).
+/// Queues carry up to 1 MiB (`queue::MAX_BODY_BYTES`), but no context window of the models
+/// Ember serves needs that much text (8k tokens are about 32 KB), and refusing by size is
+/// instant where tokenizing a megabyte is not.
 pub const MAX_JOB_BODY_BYTES: usize = 256 * 1024;
 
 /// What this worker accepts. Built once per process from the loaded model.

@@ -36,8 +36,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(20);
 pub const MAX_DELAY: Duration = Duration::from_secs(900);
 /// Longest visibility timeout (the SQS limit).
 pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
-/// Largest message body (the SQS limit since 2025, also what moto enforces).
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest message body: the SQS limit ([`ember_model_loader::aws::SQS_MAX_MESSAGE_BYTES`]),
+/// which the embedded queue keeps too.
+pub const MAX_BODY_BYTES: usize = ember_model_loader::aws::SQS_MAX_MESSAGE_BYTES;
 /// Name of the string attribute that carries the reason on a message sent to the DLQ.
 pub const DLQ_REASON_ATTRIBUTE: &str = "ember-reason";
 

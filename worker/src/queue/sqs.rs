@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
     BatchResultErrorEntry, DeleteMessageBatchRequestEntry, Message, MessageAttributeValue, MessageSystemAttributeName,
     QueueAttributeName, SendMessageBatchRequestEntry,
@@ -491,7 +491,10 @@ async fn get_or_create(
 /// The error of one failed entry of a batch request.
 fn entry_error(op: &'static str, failed: &BatchResultErrorEntry) -> QueueError {
     let status = if failed.sender_fault() { 400 } else { 500 };
-    from_code(op, failed.code(), failed.message().unwrap_or_default().to_string(), status)
+    let code = failed.code();
+    let kind = ember_model_loader::aws::kind_of(code, Some(status));
+    let short = code.rsplit('.').next().unwrap_or(code);
+    from_code(op, short, code, failed.message().unwrap_or_default().to_string(), status, kind)
 }
 
 /// SQS takes whole seconds; round up so that a delay or timeout is never shorter than asked.
@@ -504,42 +507,40 @@ fn sdk_error<E>(op: &'static str, err: SdkError<E>) -> QueueError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    match &err {
-        SdkError::ServiceError(service) => {
-            let status = service.raw().status().as_u16();
-            let code = service.err().code().unwrap_or("Unknown");
-            from_code(op, code, service.err().message().unwrap_or_default().to_string(), status)
+    use ember_model_loader::aws::FailureKind;
+    let f = ember_model_loader::aws::classify(&err);
+    match f.kind {
+        FailureKind::Transport if f.status.is_none() => QueueError::Transport { op, message: f.message },
+        FailureKind::Construction => QueueError::InvalidArgument(format!("{op}: {}", f.message)),
+        kind => {
+            let short = f.short_code().to_string();
+            from_code(op, &short, &f.code, f.message, f.status.unwrap_or(0), kind)
         }
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            QueueError::Transport { op, message: DisplayErrorContext(&err).to_string() }
-        }
-        _ => QueueError::InvalidArgument(format!("{op}: {}", DisplayErrorContext(&err))),
     }
 }
 
-/// Classifies an SQS error code (query-protocol codes carry an `AWS.SimpleQueueService.`
-/// prefix, JSON-protocol ones do not).
-fn from_code(op: &'static str, code: &str, message: String, status: u16) -> QueueError {
-    let short = code.rsplit('.').next().unwrap_or(code);
+/// An SQS error by its code (query-protocol codes carry an `AWS.SimpleQueueService.`
+/// prefix, JSON-protocol ones do not: `short` is without it), on top of the shared
+/// classification `kind`.
+fn from_code(
+    op: &'static str,
+    short: &str,
+    code: &str,
+    message: String,
+    status: u16,
+    kind: ember_model_loader::aws::FailureKind,
+) -> QueueError {
+    use ember_model_loader::aws::FailureKind;
     match short {
         "NonExistentQueue" | "QueueDoesNotExist" => QueueError::QueueNotFound(message),
         "ReceiptHandleIsInvalid" | "MessageNotInflight" | "InvalidIdFormat" => QueueError::ReceiptInvalid(message),
         "InvalidParameterValue" if message.contains("ReceiptHandle") => QueueError::ReceiptInvalid(message),
-        "RequestThrottled" | "ThrottlingException" | "Throttling" | "OverLimit" | "KmsThrottled" => {
-            QueueError::Throttled { op, message }
-        }
         "InvalidMessageContents" | "MessageTooLong" | "BatchRequestTooLong" => QueueError::BodyInvalid(message),
-        "AccessDenied"
-        | "AccessDeniedException"
-        | "InvalidClientTokenId"
-        | "UnrecognizedClientException"
-        | "SignatureDoesNotMatch"
-        | "InvalidSecurity"
-        | "MissingAuthenticationToken"
-        | "ExpiredToken" => QueueError::Auth(format!("{code}: {message}")),
-        _ if (400..500).contains(&status) && !matches!(short, "RequestTimeout") => {
-            QueueError::InvalidArgument(format!("{op}: {code}: {message}"))
-        }
-        _ => QueueError::Service { op, code: code.to_string(), message, status },
+        _ => match kind {
+            FailureKind::Throttled => QueueError::Throttled { op, message },
+            FailureKind::Auth => QueueError::Auth(format!("{code}: {message}")),
+            FailureKind::Invalid => QueueError::InvalidArgument(format!("{op}: {code}: {message}")),
+            _ => QueueError::Service { op, code: code.to_string(), message, status },
+        },
     }
 }

@@ -38,8 +38,7 @@ impl S3Store {
     /// A client for `config`, with path-style addressing when an endpoint is set: local
     /// S3-compatible servers (moto, SeaweedFS) serve buckets as paths, not host names.
     pub fn from_config(config: &aws_config::SdkConfig, bucket: impl Into<String>, prefix: &str) -> Self {
-        let s3 = aws_sdk_s3::config::Builder::from(config).force_path_style(config.endpoint_url().is_some()).build();
-        Self::new(Client::from_conf(s3), bucket, prefix)
+        Self::new(ember_model_loader::aws::s3_client(config), bucket, prefix)
     }
 
     pub fn client(&self) -> &Client {
@@ -132,24 +131,19 @@ fn sdk_error<E>(op: &'static str, err: SdkError<E>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let message = DisplayErrorContext(&err).to_string();
-    let (code, status) = match &err {
-        SdkError::ServiceError(_) => (err.code().unwrap_or("Unknown").to_string(), status(&err).unwrap_or(0)),
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            return StoreError::Transport { op, message }
+    use ember_model_loader::aws::FailureKind;
+    let f = ember_model_loader::aws::classify(&err);
+    let message = f.describe();
+    match f.kind {
+        _ if f.code == "NoSuchBucket" => StoreError::BucketNotFound(message),
+        FailureKind::Auth => StoreError::Auth(message),
+        FailureKind::Throttled => StoreError::Throttled { op, message },
+        FailureKind::Transport => StoreError::Transport { op, message },
+        FailureKind::Construction => {
+            StoreError::Service { op, code: "ConstructionFailure".into(), message, status: 400 }
         }
-        _ => ("ConstructionFailure".to_string(), 400),
-    };
-    match code.as_str() {
-        "NoSuchBucket" => StoreError::BucketNotFound(message),
-        "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "AllAccessDisabled" => {
-            StoreError::Auth(message)
+        FailureKind::Invalid | FailureKind::Service => {
+            StoreError::Service { op, code: f.code, message, status: f.status.unwrap_or(0) }
         }
-        "SlowDown" | "Throttling" | "ThrottlingException" | "RequestLimitExceeded" => {
-            StoreError::Throttled { op, message }
-        }
-        "RequestTimeout" => StoreError::Transport { op, message },
-        _ if status == 503 => StoreError::Throttled { op, message },
-        _ => StoreError::Service { op, code, message, status },
     }
 }
