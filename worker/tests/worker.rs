@@ -581,7 +581,7 @@ fn a_job_longer_than_the_visibility_timeout_is_not_redelivered() -> anyhow::Resu
     // Stopped now, the job is released: it was received once, and never again while it ran,
     // although a worker with a free slot polled every second.
     serve.signal("TERM")?;
-    let (stats, _) = serve.wait(Duration::from_secs(300))?;
+    let stats = serve.wait(Duration::from_secs(300))?;
     assert_eq!(stats["received"], 1, "{stats}");
     assert_eq!((stats["done"].clone(), stats["released"].clone()), (json!(0), json!(1)), "{stats}");
     Ok(())
@@ -649,8 +649,7 @@ struct Serve {
 impl Serve {
     fn start(cmd: &mut Command, dir: &Path) -> anyhow::Result<Self> {
         let (stdout, stderr) = (dir.join("serve.stdout"), dir.join("serve.stderr"));
-        let child =
-            cmd.stdout(std::fs::File::create(&stdout)?).stderr(std::fs::File::create(&stderr)?).spawn()?;
+        let child = cmd.stdout(std::fs::File::create(&stdout)?).stderr(std::fs::File::create(&stderr)?).spawn()?;
         Ok(Self { child, stdout, stderr })
     }
 
@@ -679,8 +678,8 @@ impl Serve {
     }
 
     /// Waits for a successful exit (killing it after `hang_guard`); answers its final counts
-    /// (stdout) and its log.
-    fn wait(mut self, hang_guard: Duration) -> anyhow::Result<(Value, String)> {
+    /// (stdout).
+    fn wait(mut self, hang_guard: Duration) -> anyhow::Result<Value> {
         let start = Instant::now();
         let status = loop {
             if let Some(status) = self.child.try_wait()? {
@@ -692,11 +691,10 @@ impl Serve {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let log = std::fs::read_to_string(&self.stderr)?;
         if !status.success() {
-            bail!("serve exited with {status}:\n{log}");
+            bail!("serve exited with {status}:\n{}", std::fs::read_to_string(&self.stderr)?);
         }
-        Ok((serde_json::from_slice(&std::fs::read(&self.stdout)?)?, log))
+        Ok(serde_json::from_slice(&std::fs::read(&self.stdout)?)?)
     }
 }
 
@@ -727,7 +725,7 @@ fn sigterm_during_a_job(backend: &Backend, max_tokens: usize, grace: &str) -> an
     serve.wait_for_log("waiting for messages", 2)?;
     serve.signal("TERM")?;
     // Minutes: a hang guard, not a bound on how fast the job stops.
-    Ok(serve.wait(Duration::from_secs(300))?.0)
+    serve.wait(Duration::from_secs(300))
 }
 
 #[test]
