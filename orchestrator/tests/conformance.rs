@@ -17,7 +17,8 @@
 //! which fails with `SQS.SdkClientException` / `The specified queue does not exist.`; on
 //! Ember the fail tool is given that same error and cause.
 //!
-//! Skipped (with a message) only when `moto_server` is not installed.
+//! Needs `moto_server` (`scripts/install-test-deps.sh` installs it): without it the test
+//! fails and says so; it never passes without comparing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -184,20 +185,12 @@ async fn run_moto(
     }
 }
 
-fn moto_available() -> bool {
-    let bin = std::env::var("MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
-    std::process::Command::new(&bin)
-        .arg("--help")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok()
-}
-
 async fn enable_sfn_execution(port: u16) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = r#"{"stepfunctions":{"execute_state_machine":true}}"#;
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| panic!("moto on 127.0.0.1:{port} (to enable Step Functions executions): {e}"));
     let req = format!(
         "POST /moto-api/config HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -210,13 +203,14 @@ async fn enable_sfn_execution(port: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ember_matches_step_functions_on_moto() {
-    if !moto_available() {
-        println!("SKIPPED: moto_server is not installed (pip install 'moto[server]==5.2.5'); the conformance test did not run");
-        return;
-    }
     let cases = load_cases();
     assert!(cases.len() >= 40, "only {} conformance cases", cases.len());
-    let moto = ember_tests::MotoServer::start().expect("moto_server");
+    let moto = ember_tests::MotoServer::start().unwrap_or_else(|e| {
+        panic!(
+            "this test compares with moto's Step Functions, and moto_server did not start: {e:#}. \
+             Install it with scripts/install-test-deps.sh (moto[server]==5.2.5), or point MOTO_SERVER at it"
+        )
+    });
     enable_sfn_execution(moto.port).await;
     let cfg = moto.aws_config().await;
     let client = aws_sdk_sfn::Client::new(&cfg);

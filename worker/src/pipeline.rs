@@ -189,7 +189,7 @@ pub fn tools(http_allow: &[String]) -> Tools {
 pub struct HopHandler {
     env: Env,
     queue: Arc<dyn Queue>,
-    crash_after_record: Option<f64>,
+    crash_after_record: Option<CrashAfterRecord>,
 }
 
 /// A failpoint for crash tests: with `EMBER_FAULT_CRASH_AFTER_RECORD=P` (0 < P <= 1) a worker
@@ -197,14 +197,52 @@ pub struct HopHandler {
 /// next hops, the worst moment for exactly-once. Never set it in production.
 pub const CRASH_AFTER_RECORD_ENV: &str = "EMBER_FAULT_CRASH_AFTER_RECORD";
 
-impl HopHandler {
-    pub fn new(env: Env, queue: Arc<dyn Queue>) -> Self {
-        let crash_after_record = std::env::var(CRASH_AFTER_RECORD_ENV)
+/// The seed of the failpoint's draws (a random one, logged, when unset). Which hops crash is
+/// a function of the seed and the hop alone, so a crash test run again with the seed its
+/// failure printed crashes at the same hops, whichever worker records them and when.
+pub const CRASH_SEED_ENV: &str = "EMBER_FAULT_SEED";
+
+/// The failpoint's settings.
+#[derive(Debug, Clone, Copy)]
+struct CrashAfterRecord {
+    rate: f64,
+    seed: u64,
+}
+
+impl CrashAfterRecord {
+    fn from_env() -> Option<Self> {
+        let rate = std::env::var(CRASH_AFTER_RECORD_ENV)
             .ok()
             .and_then(|v| v.parse::<f64>().ok())
-            .filter(|p| *p > 0.0 && *p <= 1.0);
-        if let Some(p) = crash_after_record {
-            tracing::warn!(probability = p, "failpoint on: this worker will crash after recording some hops");
+            .filter(|p| *p > 0.0 && *p <= 1.0)?;
+        let seed = std::env::var(CRASH_SEED_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
+        Some(Self { rate, seed })
+    }
+
+    /// Whether recording `hop_id` crashes the worker: FNV-1a of the id, mixed with the seed by
+    /// SplitMix64's finaliser, as a fraction of 2^64.
+    fn hits(&self, hop_id: &str) -> bool {
+        let mut h = 0xcbf2_9ce4_8422_2325_u64;
+        for b in hop_id.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let mut z = h ^ self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        ((z >> 11) as f64 / (1u64 << 53) as f64) < self.rate
+    }
+}
+
+impl HopHandler {
+    pub fn new(env: Env, queue: Arc<dyn Queue>) -> Self {
+        let crash_after_record = CrashAfterRecord::from_env();
+        if let Some(f) = crash_after_record {
+            tracing::warn!(
+                probability = f.rate,
+                seed = f.seed,
+                "failpoint on: this worker will crash after recording some hops"
+            );
         }
         Self { env, queue, crash_after_record }
     }
@@ -236,12 +274,12 @@ impl Handler for HopHandler {
         // Whether this delivery recorded the transition itself (through the failpoint below);
         // process_hop then finds the record, which is not a redelivery.
         let mut recorded_here = false;
-        if let Some(rate) = self.crash_after_record.filter(|_| hop.not_before.is_none()) {
+        if let Some(failpoint) = self.crash_after_record.filter(|_| hop.not_before.is_none()) {
             // Failpoint for the crash tests: die like a SIGKILL right after the transition is
             // recorded and before any next hop is sent.
             if let Ok((_, false)) = ember_orchestrator::pipeline::record_hop(&self.env, &hop).await {
                 recorded_here = true;
-                if rand::random::<f64>() < rate {
+                if failpoint.hits(&hop.id()) {
                     tracing::warn!(%execution, hop = %hop.id(), "failpoint: crashing after recording the transition");
                     std::process::abort();
                 }
@@ -301,5 +339,24 @@ impl HopHandler {
             Ok(()) => Outcome::Poisoned { label: label.into() },
             Err(e) => Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CrashAfterRecord;
+
+    #[test]
+    fn the_failpoint_picks_hops_by_seed_and_id_alone() {
+        let ids: Vec<String> = (0..4000).map(|i| format!("run-{}/Fan/{}", i % 16, i)).collect();
+        let picks = |seed| {
+            let f = CrashAfterRecord { rate: 0.03, seed };
+            ids.iter().filter(|id| f.hits(id)).cloned().collect::<Vec<_>>()
+        };
+        assert_eq!(picks(7), picks(7), "the same seed picks the same hops");
+        assert_ne!(picks(7), picks(8), "another seed picks other hops");
+        let n = picks(7).len();
+        assert!((60..=180).contains(&n), "{n} of 4000 hops at a rate of 0.03");
+        assert!(ids.iter().all(|id| CrashAfterRecord { rate: 1.0, seed: 3 }.hits(id)));
     }
 }

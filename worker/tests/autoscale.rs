@@ -140,7 +140,7 @@ fn a_burst_scales_the_local_pool_from_zero_to_max_and_back_without_killing_jobs(
     });
     let mut seen = Vec::new();
     // The queue is empty: no worker.
-    wait_for(&lines, &mut seen, Duration::from_secs(60), "0 workers on the empty queue", |d| {
+    wait_for(&lines, &mut seen, Duration::from_secs(300), "0 workers on the empty queue", |d| {
         d["workers"] == 0 && d["desired"] == 0
     })?;
 
@@ -156,7 +156,7 @@ fn a_burst_scales_the_local_pool_from_zero_to_max_and_back_without_killing_jobs(
     let out = ember(&env).args(["submit", &file.to_string_lossy(), "--batch-id", "burst"]).output()?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    wait_for(&lines, &mut seen, Duration::from_secs(60), "the maximum of workers", |d| {
+    wait_for(&lines, &mut seen, Duration::from_secs(300), "the maximum of workers", |d| {
         d["workers"].as_u64() == Some(MAX_WORKERS)
     })?;
     // The prediction: 200 jobs at 8 per worker and about 1.55 jobs/s each (the configured

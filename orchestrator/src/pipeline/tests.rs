@@ -260,7 +260,9 @@ async fn map_with_concurrency_limit_and_tolerated_failures() {
     assert_eq!(run.description.error.as_deref(), Some("States.ExceedToleratedFailureThreshold"));
 }
 
-#[tokio::test]
+// Paused time: the timers race on tokio's clock, which jumps ahead whenever every task
+// waits, so the outcome does not depend on how busy the machine is and nothing sleeps.
+#[tokio::test(start_paused = true)]
 async fn task_timeout_and_heartbeat() {
     let tools = Tools::builtin().register("slow", |_v: Value| async {
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
@@ -282,7 +284,9 @@ async fn a_path_that_matches_nothing_names_the_path() {
     assert!(run.description.cause.unwrap().contains("$.missing.field"));
 }
 
-#[tokio::test]
+// Paused time: the timers race on tokio's clock, which jumps ahead whenever every task
+// waits, so the outcome does not depend on how busy the machine is and nothing sleeps.
+#[tokio::test(start_paused = true)]
 async fn heartbeat_timeout_unless_the_task_beats() {
     let def = r#"{"StartAt": "T", "States": {"T": {"Type": "Task", "Resource": "ember:tool:quiet",
         "TimeoutSeconds": 10, "HeartbeatSeconds": 1, "End": true}}}"#;

@@ -91,28 +91,37 @@ fn sixteen_batched_jobs_match_their_single_runs_q4_1_gguf() -> anyhow::Result<()
     batched_equals_alone(Engine::new(model))
 }
 
+/// A completion that counts on and on: no end of text before `max_tokens`.
+fn counting(max_tokens: usize) -> GenerateRequest {
+    GenerateRequest { prompt: Prompt::Text("1, 2, 3, 4, 5, 6, 7, 8,".into()), max_tokens, ..request(0) }
+}
+
 #[test]
 fn a_cancelled_job_leaves_the_batch_and_the_others_finish() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let model = rt.block_on(load(&smollm_hf("f32")?.to_string_lossy().parse()?, &LoadOptions::default()))?;
     let engine = Arc::new(Engine::new(model));
     let batcher = Batcher::start(engine.clone(), BatcherOptions::new(4, None))?;
-    let alone = engine.generate(&request(0))?.tokens;
-    let long = GenerateRequest { max_tokens: 4000, ..request(12) };
+    let (short_alone, medium_alone) = (engine.generate(&request(0))?.tokens, engine.generate(&counting(40))?.tokens);
     let cancel = Arc::new(AtomicBool::new(false));
-    let (a, b) = rt.block_on(async {
-        let stop = cancel.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        });
+    // Three jobs share the batch; the long one is cancelled when the short one is answered,
+    // an event rather than a time: the long one is then mid-decode (4,000 counting tokens) and
+    // the medium one still has most of its 40 to go.
+    let (long, short, medium) = rt.block_on(async {
+        let short = async {
+            let answer = batcher.generate(request(0), Arc::new(AtomicBool::new(false))).await;
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            answer
+        };
         tokio::join!(
-            batcher.generate(long, cancel.clone()),
-            batcher.generate(request(0), Arc::new(AtomicBool::new(false)))
+            batcher.generate(counting(4000), cancel.clone()),
+            short,
+            batcher.generate(counting(40), Arc::new(AtomicBool::new(false)))
         )
     });
-    assert!(matches!(a, Err(EngineError::Cancelled)), "{a:?}");
-    assert_eq!(b?.tokens, alone);
+    assert!(matches!(long, Err(EngineError::Cancelled)), "{long:?}");
+    assert_eq!(short?.tokens, short_alone);
+    assert_eq!(medium?.tokens, medium_alone);
     Ok(())
 }
 
