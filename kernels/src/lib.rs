@@ -2,6 +2,7 @@
 //! defines what the CUDA version (behind the `cuda` feature) must compute; the tests run the
 //! reference against a plain candle implementation of the same math.
 
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod norm;

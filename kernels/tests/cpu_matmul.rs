@@ -1,0 +1,166 @@
+//! Ember's CPU quantized matmul against a plain reference (candle dequantizes the weights,
+//! then an f32 matmul), on every code path this CPU has, and the portable path against the
+//! SIMD ones. Seeded: the seed is printed, and `EMBER_TEST_SEED=N` replays one.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use ember_kernels::cpu::{self, Format, Isa, Q8Rows, QuantLinear, BLOCK};
+use rand::{Rng, SeedableRng};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const FORMATS: [(Format, GgmlDType); 4] = [
+    (Format::Q4_0, GgmlDType::Q4_0),
+    (Format::Q4_1, GgmlDType::Q4_1),
+    (Format::Q5_0, GgmlDType::Q5_0),
+    (Format::Q8_0, GgmlDType::Q8_0),
+];
+
+fn seed() -> u64 {
+    let seed = std::env::var("EMBER_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(7, |d| d.as_nanos() as u64)
+    });
+    println!("EMBER_TEST_SEED={seed}");
+    seed
+}
+
+fn random(rng: &mut impl Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect()
+}
+
+/// A random weight matrix quantized by candle, with its dequantized values.
+fn weights(rng: &mut impl Rng, dtype: GgmlDType, n: usize, k: usize) -> candle_core::Result<(Arc<QTensor>, Vec<f32>)> {
+    let w = Tensor::from_vec(random(rng, n * k, 0.1), (n, k), &Device::Cpu)?;
+    let q = QTensor::quantize(&w, dtype)?;
+    let deq = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok((Arc::new(q), deq))
+}
+
+#[test]
+fn block_decoding_matches_candle_dequantize() -> TestResult {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    for (format, dtype) in FORMATS {
+        let (n, k) = (3, 32 * 5);
+        let (q, deq) = weights(&mut rng, dtype, n, k)?;
+        let mut ours = vec![0f32; n * k];
+        for (row, out) in q.data()?.chunks_exact(k / BLOCK * format.block_bytes()).zip(ours.chunks_exact_mut(k)) {
+            cpu::format::dequantize_row(format, row, out);
+        }
+        assert_eq!(ours, deq, "{format:?}: the block layout is read as candle reads it");
+    }
+    Ok(())
+}
+
+/// Every path against the reference on random shapes: odd row counts (not multiples of the
+/// 4-row tile), odd output counts, k any multiple of the 32-element block.
+///
+/// Tolerance, from the format: the weights are exactly the dequantized ones on both sides, so
+/// the only approximation is the activation quantization. Each activation `x_i` becomes
+/// `d * round(x_i / d)` with `d = max|x| of its block / 127`, off by at most `d / 2`; so
+/// `|y - y_ref| <= Σ_i |w_i| * d_block(i) / 2`. On top of that, f32 rounding of sums of
+/// `k` terms in a different order: `k * 2^-23 * Σ|w_i x_i|` bounds it, generously.
+#[test]
+fn every_path_matches_dequantize_then_matmul() -> TestResult {
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    println!("code paths on this CPU: {:?}", Isa::available());
+    for case in 0..40 {
+        let (format, dtype) = FORMATS[case % FORMATS.len()];
+        let n = rng.random_range(1..70);
+        let k = BLOCK * rng.random_range(1..24);
+        let m = [1, 2, 3, 4, 5, 7, 9, 16, 17][rng.random_range(0..9)];
+        let (q, w) = weights(&mut rng, dtype, n, k)?;
+        let x_scale = [1e-3f32, 1.0, 30.0][rng.random_range(0..3)];
+        let x = random(&mut rng, m * k, x_scale);
+        let bytes = q.data()?;
+        for isa in Isa::available() {
+            let mut y = vec![0f32; m * n];
+            cpu::matmul(isa, format, &bytes, n, k, &x, m, &mut y);
+            for r in 0..m {
+                let xr = &x[r * k..(r + 1) * k];
+                for j in 0..n {
+                    let wj = &w[j * k..(j + 1) * k];
+                    let want: f64 = wj.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let mut quant_err = 0f64;
+                    for (wb, xb) in wj.chunks(BLOCK).zip(xr.chunks(BLOCK)) {
+                        let d = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                        quant_err += wb.iter().map(|w| w.abs() as f64).sum::<f64>() * d / 2.0;
+                    }
+                    let abs_sum: f64 = wj.iter().zip(xr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                    let tol = quant_err * 1.001 + k as f64 * f32::EPSILON as f64 * (abs_sum + quant_err) + 1e-30;
+                    let got = y[r * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "seed {seed} case {case} {isa:?} {format:?} m={m} n={n} k={k} [{r},{j}]: {got} vs {want} (tol {tol})"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The SIMD paths do the same integer arithmetic as the portable one: every block's integer
+/// dot product is bit for bit equal, on random block bytes (all code values, all high bits)
+/// and activation codes across the whole -127..=127 range. The float sums after it differ
+/// only in summation order (eight lanes, then a horizontal add, against one running sum), so
+/// whole outputs agree to a few ulps of the sum of absolute terms, checked below.
+#[test]
+fn simd_paths_agree_with_the_portable_one() -> TestResult {
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for (format, dtype) in FORMATS {
+        for _ in 0..2000 {
+            let mut block = vec![0u8; format.block_bytes()];
+            rng.fill(&mut block[..]);
+            let q: Vec<i8> = (0..BLOCK).map(|_| rng.random_range(-127i8..=127)).collect();
+            let want = cpu::scalar::block_isum(format, &block, &q);
+            for isa in Isa::available() {
+                #[cfg(target_arch = "x86_64")]
+                if let Isa::X86(level) = isa {
+                    // SAFETY: `Isa::available` lists only levels this CPU has.
+                    let got = unsafe { cpu::x86::block_isum(level, format, &block, &q) };
+                    assert_eq!(got, want, "seed {seed} {level:?} {format:?} block {block:?} q {q:?}");
+                }
+                let _ = isa;
+            }
+        }
+        let (n, k, m) = (37, 32 * 13, 11);
+        let (q, w) = weights(&mut rng, dtype, n, k)?;
+        let x = random(&mut rng, m * k, 2.0);
+        let acts = Q8Rows::quantize(&x, m, k);
+        let mut base = vec![0f32; m * n];
+        cpu::matmul_q8(Isa::Scalar, format, &q.data()?, n, &acts, &mut base);
+        for isa in Isa::available() {
+            let mut y = vec![0f32; m * n];
+            cpu::matmul_q8(isa, format, &q.data()?, n, &acts, &mut y);
+            for r in 0..m {
+                for j in 0..n {
+                    let abs_sum: f32 = (0..k).map(|i| (w[j * k + i] * x[r * k + i]).abs()).sum();
+                    let (a, b) = (y[r * n + j], base[r * n + j]);
+                    assert!((a - b).abs() <= 64.0 * f32::EPSILON * (abs_sum + 1e-20), "seed {seed} {isa:?} {format:?}: {a} vs {b}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn quant_linear_takes_batched_shapes_and_declines_what_it_cannot_do() -> TestResult {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let (q, _) = weights(&mut rng, GgmlDType::Q4_1, 40, 96)?;
+    let linear = QuantLinear::new(q.clone()).ok_or("Q4_1 is taken")?;
+    let x = Tensor::from_vec(random(&mut rng, 2 * 3 * 96, 1.0), (2, 3, 96), &Device::Cpu)?;
+    let y = linear.forward(&x)?;
+    assert_eq!(y.dims(), &[2, 3, 40]);
+    // Row by row gives the same numbers as all rows at once (the tile size does not change them).
+    let one = linear.forward(&x.narrow(1, 2, 1)?)?;
+    assert_eq!(one.flatten_all()?.to_vec1::<f32>()?, y.narrow(1, 2, 1)?.flatten_all()?.to_vec1::<f32>()?);
+    assert!(linear.forward(&Tensor::zeros((1, 95), candle_core::DType::F32, &Device::Cpu)?).is_err());
+    let (k_quant, _) = weights(&mut rng, GgmlDType::Q4K, 4, 256)?;
+    assert!(QuantLinear::new(k_quant).is_none(), "formats without a kernel stay on candle");
+    Ok(())
+}
