@@ -17,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod files;
 pub mod gguf;
+pub mod linear;
 pub mod loader;
 pub mod manifest;
 pub mod model;
