@@ -164,3 +164,33 @@ fn quant_linear_takes_batched_shapes_and_declines_what_it_cannot_do() -> TestRes
     assert!(QuantLinear::new(k_quant).is_none(), "formats without a kernel stay on candle");
     Ok(())
 }
+
+/// The dense kernels (f32, f16, bf16 weights) against candle's f32 matmul of the same weights
+/// converted to f32, portable and SIMD. Both sides multiply the exact same f32 values (a
+/// half-precision value converts to f32 exactly), so only the summation order differs: the
+/// bound is `k * 2^-23 * Σ|w_i x_i|`, the classic worst case of a length-k float sum.
+#[test]
+fn dense_kernels_match_candle() -> TestResult {
+    use candle_core::DType;
+    use ember_kernels::cpu::DenseLinear;
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for case in 0..24 {
+        let dtype = [DType::F32, DType::F16, DType::BF16][case % 3];
+        let (n, k, m) = (rng.random_range(1..50), rng.random_range(1..300), [1, 2, 3, 4, 5, 9, 17][case % 7]);
+        let w = Tensor::from_vec(random(&mut rng, n * k, 0.2), (n, k), &Device::Cpu)?.to_dtype(dtype)?;
+        let x = Tensor::from_vec(random(&mut rng, m * k, 3.0), (1, m, k), &Device::Cpu)?;
+        let w32 = w.to_dtype(DType::F32)?;
+        let want = x.broadcast_matmul(&w32.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        let abs = x.abs()?.broadcast_matmul(&w32.abs()?.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        for simd in [false, cfg!(target_arch = "x86_64") && DenseLinear::new(&w).is_some()] {
+            let Some(layer) = DenseLinear::with_simd(&w, simd) else { continue };
+            let got = layer.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            for (i, ((g, w), a)) in got.iter().zip(&want).zip(&abs).enumerate() {
+                let tol = 2.0 * k as f32 * f32::EPSILON * a + 1e-30;
+                assert!((g - w).abs() <= tol, "seed {seed} case {case} {dtype:?} simd={simd} m={m} n={n} k={k} [{i}]: {g} vs {w}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -21,6 +21,7 @@ pub mod linear;
 pub mod loader;
 pub mod manifest;
 pub mod model;
+pub mod quantize;
 pub mod s3;
 pub mod staging;
 pub mod stream;

@@ -3,11 +3,11 @@
 //! quantized formats, any GPU). The weight is the same `QTensor` either way: nothing is
 //! copied or dequantized.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
-use ember_kernels::cpu::QuantLinear;
+use ember_kernels::cpu::{DenseLinear, QuantLinear};
 
 use crate::error::Result;
 
@@ -16,34 +16,49 @@ use crate::error::Result;
 pub enum Linear {
     /// Ember's CPU kernel: Q4_0, Q4_1, Q5_0 and Q8_0 on the CPU.
     Ember(QuantLinear),
+    /// Ember's CPU kernel for dense f32/f16/bf16 weights (x86-64 with AVX2).
+    EmberDense(DenseLinear),
     /// Candle's matmul.
     Candle(QMatMul),
 }
 
-/// `EMBER_CPU_KERNELS=0` keeps every layer on candle (to compare, or to rule the kernels out).
+/// 0: not set (read `EMBER_CPU_KERNELS`), 1: on, 2: off.
+static KERNELS: AtomicU8 = AtomicU8::new(0);
+
+/// Whether models loaded from now on use Ember's CPU kernels where they can (the default;
+/// `EMBER_CPU_KERNELS=0` turns them off). Off keeps every layer on candle: to compare the two,
+/// or to rule the kernels out.
+pub fn set_cpu_kernels(on: bool) {
+    KERNELS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
 fn kernels_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("EMBER_CPU_KERNELS").map_or(true, |v| v != "0"))
+    match KERNELS.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => std::env::var("EMBER_CPU_KERNELS").map_or(true, |v| v != "0"),
+    }
 }
 
 impl Linear {
     /// Picks the kernel for `weight`: Ember's where it takes the format (measured faster than
     /// candle's on every row count, see BENCHMARKS.md), candle's otherwise.
     pub fn new(weight: QMatMul) -> Self {
-        if let QMatMul::QTensor(q) = &weight {
-            if kernels_enabled() {
-                if let Some(ours) = QuantLinear::new(q.clone()) {
-                    return Linear::Ember(ours);
-                }
-            }
+        if !kernels_enabled() {
+            return Linear::Candle(weight);
         }
-        Linear::Candle(weight)
+        match &weight {
+            QMatMul::QTensor(q) => QuantLinear::new(q.clone()).map(Linear::Ember),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => DenseLinear::new(t).map(Linear::EmberDense),
+        }
+        .unwrap_or(Linear::Candle(weight))
     }
 
     /// Which kernel runs this layer, for logs and benchmarks.
     pub fn path(&self) -> &'static str {
         match self {
             Linear::Ember(_) => "ember-cpu",
+            Linear::EmberDense(_) => "ember-cpu-dense",
             Linear::Candle(QMatMul::QTensor(_)) => "candle-quantized",
             Linear::Candle(_) => "candle-dense",
         }
@@ -56,6 +71,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Ember(w) => Ok(w.forward(x)?),
+            Linear::EmberDense(w) => Ok(w.forward(x)?),
             Linear::Candle(QMatMul::Tensor(weight)) => {
                 let (b, t, k) = x.dims3()?;
                 let out = weight.dim(0)?;

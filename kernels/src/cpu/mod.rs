@@ -23,18 +23,18 @@
 //! # Ok(()) }
 //! ```
 
+pub mod dense;
 pub mod format;
+mod linear;
 pub mod q8;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
 
-use std::sync::{Arc, OnceLock};
-
-use candle_core::quantized::QTensor;
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use std::sync::OnceLock;
 
 pub use format::{Format, BLOCK};
+pub use linear::{DenseLinear, QuantLinear};
 pub use q8::Q8Rows;
 
 /// Which code path runs the dot products.
@@ -124,10 +124,61 @@ pub fn matmul_q8(isa: Isa, format: Format, w: &[u8], n: usize, acts: &Q8Rows, y:
     }
 }
 
+/// `y (m, n) = x (m, k) · Wᵀ` for a dense weight `w` (`n * k` values of f32, f16 or bf16),
+/// with the SIMD kernel when `simd` (the CPU must have [`dense::x86::available`]) or the
+/// portable one.
+pub fn dense_matmul<T: DenseElement>(simd: bool, w: &[T], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32]) {
+    assert!(w.len() == n * k && x.len() == m * k && y.len() == m * n, "matmul sizes");
+    #[cfg(target_arch = "x86_64")]
+    assert!(!simd || dense::x86::available(), "SIMD kernels on a CPU without them");
+    #[cfg(not(target_arch = "x86_64"))]
+    assert!(!simd, "no SIMD dense kernels on this target");
+    let out = SharedOut(y.as_mut_ptr());
+    let rows = |range: std::ops::Range<usize>| {
+        let mut dots = [0f32; dense::ROW_TILE];
+        for j in range {
+            let wr = &w[j * k..(j + 1) * k];
+            for r0 in (0..m).step_by(dense::ROW_TILE) {
+                let t = dense::ROW_TILE.min(m - r0);
+                if simd {
+                    // SAFETY: the features were checked against this CPU above.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        dense::x86::row_dots(wr, x, r0, t, &mut dots)
+                    };
+                } else {
+                    dense::row_dots_scalar(wr, x, r0, t, &mut dots);
+                }
+                for (r, d) in dots[..t].iter().enumerate() {
+                    // SAFETY: as in `matmul_q8`: in bounds, and column j is this thread's alone.
+                    unsafe { *out.at((r0 + r) * n + j) = *d };
+                }
+            }
+        }
+    };
+    if n * m * k < 1 << 16 {
+        rows(0..n);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(n, rows);
+    }
+}
+
+/// A dense weight element the kernels read: f32, f16 or bf16.
+#[cfg(target_arch = "x86_64")]
+pub trait DenseElement: dense::x86::Load8 {}
+#[cfg(target_arch = "x86_64")]
+impl<T: dense::x86::Load8> DenseElement for T {}
+/// A dense weight element the kernels read: f32, f16 or bf16.
+#[cfg(not(target_arch = "x86_64"))]
+pub trait DenseElement: dense::Element {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: dense::Element> DenseElement for T {}
+
 /// The output buffer, written by several threads at disjoint indices.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
-// SAFETY: only used in `matmul_q8`, where each thread writes its own output columns.
+// SAFETY: only used in `matmul_q8` and `dense_matmul`, where each thread writes its own
+// output columns.
 unsafe impl Send for SharedOut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedOut {}
@@ -140,69 +191,3 @@ impl SharedOut {
     }
 }
 
-/// A linear layer whose weight is a CPU `QTensor` in one of the [`Format`]s, multiplied by
-/// Ember's kernels. Holds the `QTensor` itself (shared with candle where the model uses it for
-/// embeddings too), so no bytes are copied.
-#[derive(Clone)]
-pub struct QuantLinear {
-    weight: Arc<QTensor>,
-    format: Format,
-    n: usize,
-    k: usize,
-    isa: Isa,
-}
-
-impl std::fmt::Debug for QuantLinear {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "QuantLinear({:?}, {}x{}, {:?})", self.format, self.n, self.k, self.isa)
-    }
-}
-
-impl QuantLinear {
-    /// None when the kernels do not take this tensor (not on the CPU, another format, not 2-D,
-    /// rows not whole blocks): the caller keeps candle's matmul for it.
-    pub fn new(weight: Arc<QTensor>) -> Option<Self> {
-        Self::with_isa(weight, Isa::detect())
-    }
-
-    /// [`QuantLinear::new`] on a chosen code path (it must be in [`Isa::available`]).
-    pub fn with_isa(weight: Arc<QTensor>, isa: Isa) -> Option<Self> {
-        let format = Format::of(weight.dtype())?;
-        let (n, k) = weight.shape().dims2().ok()?;
-        if !weight.device().is_cpu() || k == 0 || !k.is_multiple_of(BLOCK) || !Isa::available().contains(&isa) {
-            return None;
-        }
-        Some(Self { weight, format, n, k, isa })
-    }
-
-    pub fn format(&self) -> Format {
-        self.format
-    }
-
-    /// `x (..., k)` -> `(..., n)`, f32 (activations in another float dtype are converted).
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        if dims.last() != Some(&self.k) {
-            candle_core::bail!("QuantLinear: input {:?} does not end in k = {}", dims, self.k);
-        }
-        let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let m = x.elem_count() / self.k;
-        let bytes = self.weight.data()?;
-        let mut y = vec![0f32; m * self.n];
-        {
-            let (storage, layout) = x.storage_and_layout();
-            let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-                candle_core::bail!("QuantLinear: input is not f32 on the CPU");
-            };
-            let Some((start, end)) = layout.contiguous_offsets() else {
-                candle_core::bail!("QuantLinear: input is not contiguous");
-            };
-            matmul(self.isa, self.format, &bytes, self.n, self.k, &data[start..end], m, &mut y);
-        }
-        let mut out = dims;
-        if let Some(last) = out.last_mut() {
-            *last = self.n;
-        }
-        Tensor::from_vec(y, out, &Device::Cpu)
-    }
-}
