@@ -152,7 +152,7 @@ fn simd_paths_agree_with_the_portable_one() -> TestResult {
 fn quant_linear_takes_batched_shapes_and_declines_what_it_cannot_do() -> TestResult {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
     let (q, _) = weights(&mut rng, GgmlDType::Q4_1, 40, 96)?;
-    let linear = QuantLinear::new(q.clone()).ok_or("Q4_1 is taken")?;
+    let linear = QuantLinear::new(q.clone()).map_err(|_| "Q4_1 is taken")?;
     let x = Tensor::from_vec(random(&mut rng, 2 * 3 * 96, 1.0), (2, 3, 96), &Device::Cpu)?;
     let y = linear.forward(&x)?;
     assert_eq!(y.dims(), &[2, 3, 40]);
@@ -160,8 +160,22 @@ fn quant_linear_takes_batched_shapes_and_declines_what_it_cannot_do() -> TestRes
     let one = linear.forward(&x.narrow(1, 2, 1)?)?;
     assert_eq!(one.flatten_all()?.to_vec1::<f32>()?, y.narrow(1, 2, 1)?.flatten_all()?.to_vec1::<f32>()?);
     assert!(linear.forward(&Tensor::zeros((1, 95), candle_core::DType::F32, &Device::Cpu)?).is_err());
+    // Held by nobody else, the weight is repacked into tiles where the CPU has AVX-512 VNNI:
+    // same products up to summation order, same embedding rows exactly.
+    let tiled = QuantLinear::new(Arc::new(QTensor::quantize(&q.dequantize(&Device::Cpu)?, GgmlDType::Q4_1)?))
+        .map_err(|_| "Q4_1 is taken")?;
+    println!("tiled: {}", tiled.is_tiled());
+    let (a, b) = (tiled.forward(&x)?.flatten_all()?.to_vec1::<f32>()?, y.flatten_all()?.to_vec1::<f32>()?);
+    for (a, b) in a.iter().zip(&b) {
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+    let ids = Tensor::new(&[3u32, 0, 39], &Device::Cpu)?;
+    assert_eq!(
+        tiled.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?,
+        q.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?
+    );
     let (k_quant, _) = weights(&mut rng, GgmlDType::Q4K, 4, 256)?;
-    assert!(QuantLinear::new(k_quant).is_none(), "formats without a kernel stay on candle");
+    assert!(QuantLinear::new(k_quant).is_err(), "formats without a kernel stay on candle");
     Ok(())
 }
 
@@ -190,6 +204,69 @@ fn dense_kernels_match_candle() -> TestResult {
                 let tol = 2.0 * k as f32 * f32::EPSILON * a + 1e-30;
                 assert!((g - w).abs() <= tol, "seed {seed} case {case} {dtype:?} simd={simd} m={m} n={n} k={k} [{i}]: {g} vs {w}");
             }
+        }
+    }
+    Ok(())
+}
+
+/// The tiled layout (AVX-512 VNNI) holds the file's codes exactly, its SIMD integer dot
+/// products equal the portable ones bit for bit (Q8_0's carry the +128 offset, removed later
+/// through the activation sums), and whole matmuls meet the same reference bound as above.
+#[test]
+fn tiled_layout_and_kernel() -> TestResult {
+    use ember_kernels::cpu::tiled::{self, Tiled, TILE};
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for case in 0..16 {
+        let (format, dtype) = FORMATS[case % FORMATS.len()];
+        let (n, k, m) = (rng.random_range(1..60), BLOCK * rng.random_range(1..12), [1, 2, 3, 4, 5, 9, 17][case % 7]);
+        let (q, w) = weights(&mut rng, dtype, n, k)?;
+        let bytes = q.data()?;
+        let t = Tiled::new(format, &bytes, n, k);
+        let nb = k / BLOCK;
+        let mut c = [0i32; BLOCK];
+        for j in 0..n {
+            for b in 0..nb {
+                cpu::format::codes(format, &bytes[(j * nb + b) * format.block_bytes()..], &mut c);
+                assert_eq!(t.codes(j / TILE, b, j % TILE), c, "seed {seed} {format:?} row {j} block {b}");
+            }
+        }
+        let x = random(&mut rng, m * k, 1.0);
+        let acts = Q8Rows::quantize(&x, m, k);
+        let mut want = vec![0f32; m * n];
+        tiled::matmul_q8_scalar(&t, &acts, &mut want);
+        let mut base = vec![0f32; m * n];
+        cpu::matmul_q8(Isa::Scalar, format, &bytes, n, &acts, &mut base);
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            for r in 0..m {
+                for j in 0..n {
+                    let abs_sum: f32 = (0..k).map(|i| (w[j * k + i] * x[r * k + i]).abs()).sum();
+                    let (a, b) = (a[r * n + j], b[r * n + j]);
+                    assert!((a - b).abs() <= 64.0 * f32::EPSILON * (abs_sum + 1e-20), "seed {seed} {what} {format:?}: {a} vs {b}");
+                }
+            }
+        };
+        close(&want, &base, "portable tiled vs blocks");
+        #[cfg(target_arch = "x86_64")]
+        if tiled::avx512::available() {
+            for tile in 0..n.div_ceil(TILE) {
+                for b in 0..nb {
+                    let qa = &acts.qs[b * BLOCK..(b + 1) * BLOCK];
+                    // SAFETY: the CPU has the features (checked just above).
+                    let got = unsafe { tiled::avx512::record_isums(&t, tile, b, qa) };
+                    for (r, got) in got.iter().enumerate().take(n.saturating_sub(tile * TILE).min(TILE)) {
+                        let c = t.codes(tile, b, r);
+                        let off = if format == Format::Q8_0 { 128 } else { 0 };
+                        let exact: i32 = c.iter().zip(qa).map(|(&c, &q)| (c + off) * q as i32).sum();
+                        assert_eq!(*got, exact, "seed {seed} {format:?} tile {tile} block {b} row {r}");
+                    }
+                }
+            }
+            let mut y = vec![0f32; m * n];
+            tiled::matmul_q8(&t, &acts, &mut y);
+            close(&y, &want, "AVX-512 tiled vs portable");
+        } else {
+            println!("AVX-512 VNNI not on this CPU: the tiled SIMD kernel was not tested");
         }
     }
     Ok(())

@@ -47,11 +47,18 @@ impl Linear {
         if !kernels_enabled() {
             return Linear::Candle(weight);
         }
-        match &weight {
-            QMatMul::QTensor(q) => QuantLinear::new(q.clone()).map(Linear::Ember),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => DenseLinear::new(t).map(Linear::EmberDense),
+        match weight {
+            // Moved in, not cloned: a tensor held by the layer alone can be repacked in place.
+            QMatMul::QTensor(q) => match QuantLinear::new(q) {
+                Ok(ours) => Linear::Ember(ours),
+                Err(q) => Linear::Candle(QMatMul::QTensor(q)),
+            },
+            QMatMul::Tensor(t) => match DenseLinear::new(&t) {
+                Some(ours) => Linear::EmberDense(ours),
+                None => Linear::Candle(QMatMul::Tensor(t)),
+            },
+            other => Linear::Candle(other),
         }
-        .unwrap_or(Linear::Candle(weight))
     }
 
     /// Which kernel runs this layer, for logs and benchmarks.
@@ -62,6 +69,16 @@ impl Linear {
             Linear::Candle(QMatMul::QTensor(_)) => "candle-quantized",
             Linear::Candle(_) => "candle-dense",
         }
+    }
+
+    /// Rows `ids` of the weight as embeddings `(ids..., in)`: the token table, which a tied
+    /// head shares with the output layer (held once, in whichever layout the kernel uses).
+    pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Ember(w) => w.embedding(ids)?,
+            Linear::EmberDense(w) => w.embedding(ids)?,
+            Linear::Candle(w) => w.embedding(ids)?,
+        })
     }
 
     /// `x (b, t, in)` -> `(b, t, out)`. Dense weights are multiplied as `W · xᵀ`: the weight

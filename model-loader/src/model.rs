@@ -4,7 +4,6 @@
 //! sequence's keys and values live in its own [`SeqCache`], so one loaded model can serve
 //! many sequences.
 
-use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::{Llama3RopeScaling, ModelConfig};
@@ -27,7 +26,7 @@ struct Layer {
 /// A built model on one device.
 pub struct Model {
     cfg: ModelConfig,
-    embed: QMatMul,
+    embed: Linear,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
@@ -66,10 +65,10 @@ impl Model {
     /// checkpoint that does not match the config.
     pub fn load(source: &dyn WeightSource, cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         let act = source.activation_dtype(dtype);
-        let embed = source.matmul("model.embed_tokens.weight", act, device)?;
-        // A tied head shares the embedding's tensor (an `Arc`), whichever kernel multiplies it.
+        let embed = Linear::new(source.matmul("model.embed_tokens.weight", act, device)?);
+        // A tied head shares the embedding's weight (an `Arc`): the table is held once.
         let lm_head =
-            Linear::new(if cfg.tie_word_embeddings { embed.clone() } else { source.matmul("lm_head.weight", act, device)? });
+            if cfg.tie_word_embeddings { embed.clone() } else { Linear::new(source.matmul("lm_head.weight", act, device)?) };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");

@@ -306,7 +306,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             prepare_files()?;
             // One child per thread count: the pools are sized once per process.
-            for t in counts {
+            for &t in &counts {
                 let status = Command::new(std::env::current_exe()?)
                     .args(std::env::args().skip(1))
                     .env("EMBER_BENCH_THREADS", t.to_string())

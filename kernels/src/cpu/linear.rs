@@ -7,7 +7,8 @@ use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::{dense_matmul, matmul, Format, Isa, BLOCK};
+use super::tiled::Tiled;
+use super::{dense_matmul, matmul, Format, Isa, Q8Rows, BLOCK};
 
 /// `x (..., k)` as f32 row-major values, and the number of rows.
 fn input_rows(x: &Tensor, k: usize, what: &str) -> candle_core::Result<(Vec<usize>, Tensor, usize)> {
@@ -40,50 +41,127 @@ fn output(mut dims: Vec<usize>, n: usize, y: Vec<f32>) -> candle_core::Result<Te
 }
 
 /// A linear layer whose weight is a CPU `QTensor` in one of the [`Format`]s, multiplied by
-/// Ember's kernels. Holds the `QTensor` itself (shared with candle where the model uses it for
-/// embeddings too), so no bytes are copied.
+/// Ember's kernels. On a CPU with AVX-512 VNNI the weight is repacked once into the tiled
+/// layout ([`super::tiled`], the same number of bytes) when nothing else holds the tensor;
+/// otherwise (a head tied to the embedding table, or another CPU) the kernels read the
+/// `QTensor`'s own blocks, so no bytes are ever held twice.
 #[derive(Clone)]
 pub struct QuantLinear {
-    weight: Arc<QTensor>,
+    weight: Weight,
     format: Format,
     n: usize,
     k: usize,
     isa: Isa,
 }
 
+#[derive(Clone)]
+enum Weight {
+    Blocks(Arc<QTensor>),
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Tiled(Arc<Tiled>),
+}
+
 impl std::fmt::Debug for QuantLinear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "QuantLinear({:?}, {}x{}, {:?})", self.format, self.n, self.k, self.isa)
+        let layout = match self.weight {
+            Weight::Blocks(_) => "blocks",
+            Weight::Tiled(_) => "tiled",
+        };
+        write!(f, "QuantLinear({:?} {layout}, {}x{}, {:?})", self.format, self.n, self.k, self.isa)
     }
 }
 
 impl QuantLinear {
-    /// None when the kernels do not take this tensor (not on the CPU, another format, not 2-D,
-    /// rows not whole blocks): the caller keeps candle's matmul for it.
-    pub fn new(weight: Arc<QTensor>) -> Option<Self> {
-        Self::with_isa(weight, Isa::detect())
+    /// Gives the tensor back when the kernels do not take it (not on the CPU, another
+    /// format, not 2-D, rows not whole blocks): the caller keeps candle's matmul for it.
+    pub fn new(weight: Arc<QTensor>) -> Result<Self, Arc<QTensor>> {
+        let isa = Isa::detect();
+        if !Self::takes(&weight, isa) {
+            return Err(weight);
+        }
+        let Some(mut out) = Self::with_isa(weight.clone(), isa) else { return Err(weight) };
+        drop(weight);
+        #[cfg(target_arch = "x86_64")]
+        if isa != Isa::Scalar && super::tiled::avx512::available() {
+            if let Weight::Blocks(q) = &out.weight {
+                // Only a tensor no one else holds: a second copy would double its memory.
+                if Arc::strong_count(q) == 1 {
+                    if let Ok(bytes) = q.data() {
+                        let tiled = Tiled::new(out.format, &bytes, out.n, out.k);
+                        drop(bytes);
+                        out.weight = Weight::Tiled(Arc::new(tiled));
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
-    /// [`QuantLinear::new`] on a chosen code path (it must be in [`Isa::available`]).
+    /// Whether the kernels on `isa` take this tensor.
+    pub fn takes(weight: &QTensor, isa: Isa) -> bool {
+        let Ok((_, k)) = weight.shape().dims2() else { return false };
+        Format::of(weight.dtype()).is_some()
+            && weight.device().is_cpu()
+            && k > 0
+            && k.is_multiple_of(BLOCK)
+            && Isa::available().contains(&isa)
+    }
+
+    /// A layer on a chosen code path (it must be in [`Isa::available`]), reading the
+    /// `QTensor`'s blocks in place.
     pub fn with_isa(weight: Arc<QTensor>, isa: Isa) -> Option<Self> {
-        let format = Format::of(weight.dtype())?;
-        let (n, k) = weight.shape().dims2().ok()?;
-        if !weight.device().is_cpu() || k == 0 || !k.is_multiple_of(BLOCK) || !Isa::available().contains(&isa) {
+        if !Self::takes(&weight, isa) {
             return None;
         }
-        Some(Self { weight, format, n, k, isa })
+        let format = Format::of(weight.dtype())?;
+        let (n, k) = weight.shape().dims2().ok()?;
+        Some(Self { weight: Weight::Blocks(weight), format, n, k, isa })
     }
 
     pub fn format(&self) -> Format {
         self.format
     }
 
+    /// Whether the weight was repacked into tiles.
+    pub fn is_tiled(&self) -> bool {
+        matches!(self.weight, Weight::Tiled(_))
+    }
+
+    /// Rows `ids` of the weight, dequantized to f32: `(ids..., k)`. For a weight that is also
+    /// the token embedding table (a tied head), so the table is held once.
+    pub fn embedding(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Weight::Blocks(q) => q.embedding(ids),
+            Weight::Tiled(t) => {
+                let mut dims = ids.dims().to_vec();
+                let ids = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+                let mut out = vec![0f32; ids.len() * self.k];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(self.k)) {
+                    if id as usize >= self.n {
+                        candle_core::bail!("embedding: id {id} is out of range (0..{})", self.n);
+                    }
+                    t.dequantize_row(id as usize, row);
+                }
+                dims.push(self.k);
+                Tensor::from_vec(out, dims, &Device::Cpu)
+            }
+        }
+    }
+
     /// `x (..., k)` -> `(..., n)`, f32 (activations in another float dtype are converted).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (dims, x, m) = input_rows(x, self.k, "QuantLinear")?;
-        let bytes = self.weight.data()?;
         let mut y = vec![0f32; m * self.n];
-        with_f32(&x, |x| matmul(self.isa, self.format, &bytes, self.n, self.k, x, m, &mut y))?;
+        match &self.weight {
+            Weight::Blocks(q) => {
+                let bytes = q.data()?;
+                with_f32(&x, |x| matmul(self.isa, self.format, &bytes, self.n, self.k, x, m, &mut y))?;
+            }
+            #[cfg(target_arch = "x86_64")]
+            Weight::Tiled(t) => with_f32(&x, |x| super::tiled::matmul_q8(t, &Q8Rows::quantize(x, m, self.k), &mut y))?,
+            #[cfg(not(target_arch = "x86_64"))]
+            Weight::Tiled(_) => candle_core::bail!("tiled weights on a target without the tiled kernel"),
+        }
         output(dims, self.n, y)
     }
 }
@@ -121,6 +199,13 @@ impl DenseLinear {
             return None;
         }
         Some(Self { weight: weight.contiguous().ok()?, n, k, simd })
+    }
+
+    /// Rows `ids` of the weight, `(ids..., k)`, as candle's dense embedding.
+    pub fn embedding(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.k);
+        self.weight.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
     }
 
     /// `x (..., k)` -> `(..., n)` in `x`'s dtype; the sums are f32 whatever the dtypes.

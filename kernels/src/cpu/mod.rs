@@ -18,7 +18,7 @@
 //!
 //! let w = Tensor::randn(0f32, 1.0, (64, 128), &Device::Cpu)?;
 //! let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1)?);
-//! let linear = QuantLinear::new(q).expect("a CPU Q4_1 tensor with k a multiple of 32");
+//! let Ok(linear) = QuantLinear::new(q) else { panic!("a CPU Q4_1 tensor, k a multiple of 32") };
 //! let y = linear.forward(&Tensor::randn(0f32, 1.0, (1, 3, 128), &Device::Cpu)?)?; // (1, 3, 64)
 //! # Ok(()) }
 //! ```
@@ -28,6 +28,7 @@ pub mod format;
 mod linear;
 pub mod q8;
 pub mod scalar;
+pub mod tiled;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
 
