@@ -14,9 +14,9 @@ use crate::error::Result;
 /// One linear layer's weight `(out, in)`, and the code that multiplies by it.
 #[derive(Debug, Clone)]
 pub enum Linear {
-    /// Ember's CPU kernel: Q4_0, Q4_1, Q5_0 and Q8_0 on the CPU.
+    /// Ember's CPU kernel: Q4_0, Q4_1, Q5_0 and Q8_0 on the CPU (any target).
     Ember(QuantLinear),
-    /// Ember's CPU kernel for dense f32/f16/bf16 weights (x86-64 with AVX2).
+    /// Ember's CPU kernel for dense f16/bf16 weights (x86-64 with AVX2).
     EmberDense(DenseLinear),
     /// Candle's matmul.
     Candle(QMatMul),
@@ -53,6 +53,9 @@ impl Linear {
                 Ok(ours) => Linear::Ember(ours),
                 Err(q) => Linear::Candle(QMatMul::QTensor(q)),
             },
+            // f32 stays on candle's gemm, which is as fast (BENCHMARKS.md); the kernel wins on
+            // f16 and bf16, which candle has no native arithmetic for on the CPU.
+            QMatMul::Tensor(t) if t.dtype() == candle_core::DType::F32 => Linear::Candle(QMatMul::Tensor(t)),
             QMatMul::Tensor(t) => match DenseLinear::new(&t) {
                 Some(ours) => Linear::EmberDense(ours),
                 None => Linear::Candle(QMatMul::Tensor(t)),

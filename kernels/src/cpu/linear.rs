@@ -76,7 +76,10 @@ impl QuantLinear {
     /// format, not 2-D, rows not whole blocks): the caller keeps candle's matmul for it.
     pub fn new(weight: Arc<QTensor>) -> Result<Self, Arc<QTensor>> {
         let isa = Isa::detect();
-        if !Self::takes(&weight, isa) {
+        // Without SIMD kernels (aarch64, old x86) candle's own (NEON) kernels are the better
+        // choice; the portable path runs when asked for (`EMBER_CPU_ISA=scalar`) and in tests.
+        let forced = std::env::var("EMBER_CPU_ISA").is_ok_and(|v| v == "scalar");
+        if !Self::takes(&weight, isa) || (isa == Isa::Scalar && !forced) {
             return Err(weight);
         }
         let Some(mut out) = Self::with_isa(weight.clone(), isa) else { return Err(weight) };

@@ -28,9 +28,12 @@ impl Q8Rows {
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut sum = 0i32;
             for (q, &v) in qb.iter_mut().zip(xb) {
-                // Ties to even, as the SIMD conversion would; the clamp only guards -128,
-                // which the signed-byte tricks of the dot products must never see.
-                let r = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+                // Round to nearest, ties to even, by adding and removing 1.5 * 2^23 (exact for
+                // |v| < 2^22; here |v| <= 127): `round_ties_even` is a libm call on baseline
+                // x86-64, and this loop then vectorizes. The clamp only guards -128, which the
+                // signed-byte tricks of the dot products must never see.
+                const MAGIC: f32 = 12_582_912.0;
+                let r = ((v * id + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8;
                 *q = r;
                 sum += r as i32;
             }
