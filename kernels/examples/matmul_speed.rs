@@ -26,7 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let iters = (2e9 / (n * k * m) as f64).ceil() as usize;
         let t0 = Instant::now();
         for _ in 0..iters {
-            cpu::matmul(isa, format, &bytes, n, k, &x, m, &mut y);
+            cpu::matmul(isa, format, &bytes, n, &x, m, &mut y);
         }
         let s = t0.elapsed().as_secs_f64() / iters as f64;
         println!("{isa:?} {format:?} n={n} k={k} m={m}: {:.1} us, {:.2} GMAC/s", s * 1e6, (n * k * m) as f64 / s / 1e9);

@@ -77,7 +77,7 @@ fn every_path_matches_dequantize_then_matmul() -> TestResult {
         let bytes = q.data()?;
         for isa in Isa::available() {
             let mut y = vec![0f32; m * n];
-            cpu::matmul(isa, format, &bytes, n, k, &x, m, &mut y);
+            cpu::matmul(isa, format, &bytes, n, &x, m, &mut y);
             for r in 0..m {
                 let xr = &x[r * k..(r + 1) * k];
                 for j in 0..n {
@@ -140,7 +140,10 @@ fn simd_paths_agree_with_the_portable_one() -> TestResult {
                 for j in 0..n {
                     let abs_sum: f32 = (0..k).map(|i| (w[j * k + i] * x[r * k + i]).abs()).sum();
                     let (a, b) = (y[r * n + j], base[r * n + j]);
-                    assert!((a - b).abs() <= 64.0 * f32::EPSILON * (abs_sum + 1e-20), "seed {seed} {isa:?} {format:?}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 64.0 * f32::EPSILON * (abs_sum + 1e-20),
+                        "seed {seed} {isa:?} {format:?}: {a} vs {b}"
+                    );
                 }
             }
         }
@@ -202,7 +205,10 @@ fn dense_kernels_match_candle() -> TestResult {
             let got = layer.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
             for (i, ((g, w), a)) in got.iter().zip(&want).zip(&abs).enumerate() {
                 let tol = 2.0 * k as f32 * f32::EPSILON * a + 1e-30;
-                assert!((g - w).abs() <= tol, "seed {seed} case {case} {dtype:?} simd={simd} m={m} n={n} k={k} [{i}]: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= tol,
+                    "seed {seed} case {case} {dtype:?} simd={simd} m={m} n={n} k={k} [{i}]: {g} vs {w}"
+                );
             }
         }
     }
@@ -242,7 +248,10 @@ fn tiled_layout_and_kernel() -> TestResult {
                 for j in 0..n {
                     let abs_sum: f32 = (0..k).map(|i| (w[j * k + i] * x[r * k + i]).abs()).sum();
                     let (a, b) = (a[r * n + j], b[r * n + j]);
-                    assert!((a - b).abs() <= 64.0 * f32::EPSILON * (abs_sum + 1e-20), "seed {seed} {what} {format:?}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 64.0 * f32::EPSILON * (abs_sum + 1e-20),
+                        "seed {seed} {what} {format:?}: {a} vs {b}"
+                    );
                 }
             }
         };

@@ -67,12 +67,17 @@ impl Model {
         let act = source.activation_dtype(dtype);
         let embed = Linear::new(source.matmul("model.embed_tokens.weight", act, device)?);
         // A tied head shares the embedding's weight (an `Arc`): the table is held once.
-        let lm_head =
-            if cfg.tie_word_embeddings { embed.clone() } else { Linear::new(source.matmul("lm_head.weight", act, device)?) };
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            Linear::new(source.matmul("lm_head.weight", act, device)?)
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let m = |n: &str| -> Result<Linear> { Ok(Linear::new(source.matmul(&format!("{p}.{n}.weight"), act, device)?)) };
+            let m = |n: &str| -> Result<Linear> {
+                Ok(Linear::new(source.matmul(&format!("{p}.{n}.weight"), act, device)?))
+            };
             layers.push(Layer {
                 input_norm: source.tensor(&format!("{p}.input_layernorm.weight"), act, device)?,
                 q: m("self_attn.q_proj")?,

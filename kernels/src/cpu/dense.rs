@@ -111,10 +111,10 @@ pub mod x86 {
             while i + 16 <= k {
                 let w0 = T::load8(wp.add(i));
                 let w1 = T::load8(wp.add(i + 8));
-                for r in 0..R {
+                for (r, acc) in acc.iter_mut().enumerate() {
                     let xr = xp.add((r0 + r) * k + i);
-                    acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr.add(8)), acc[r][1]);
+                    acc[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[0]);
+                    acc[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr.add(8)), acc[1]);
                 }
                 i += 16;
             }

@@ -158,7 +158,7 @@ impl QuantLinear {
         match &self.weight {
             Weight::Blocks(q) => {
                 let bytes = q.data()?;
-                with_f32(&x, |x| matmul(self.isa, self.format, &bytes, self.n, self.k, x, m, &mut y))?;
+                with_f32(&x, |x| matmul(self.isa, self.format, &bytes, self.n, x, m, &mut y))?;
             }
             #[cfg(target_arch = "x86_64")]
             Weight::Tiled(t) => with_f32(&x, |x| super::tiled::matmul_q8(t, &Q8Rows::quantize(x, m, self.k), &mut y))?,

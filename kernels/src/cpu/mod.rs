@@ -81,9 +81,11 @@ impl Isa {
 /// Activation rows decoded together against one weight row.
 const ROW_TILE: usize = 4;
 
-/// `y (m, n) = x (m, k) · Wᵀ` where `w` holds `n` rows of `k / 32` blocks of `format`.
-/// Panics if the lengths do not fit those sizes (callers check them: [`QuantLinear`]).
-pub fn matmul(isa: Isa, format: Format, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32]) {
+/// `y (m, n) = x (m, k) · Wᵀ` where `w` holds `n` rows of `k / 32` blocks of `format` and
+/// `x` holds `m` rows. Panics if the lengths do not fit those sizes (callers check them:
+/// [`QuantLinear`]).
+pub fn matmul(isa: Isa, format: Format, w: &[u8], n: usize, x: &[f32], m: usize, y: &mut [f32]) {
+    let Some(k) = x.len().checked_div(m) else { return };
     let acts = Q8Rows::quantize(x, m, k);
     matmul_q8(isa, format, w, n, &acts, y)
 }
@@ -191,4 +193,3 @@ impl SharedOut {
         unsafe { self.0.add(i) }
     }
 }
-

@@ -272,7 +272,14 @@ pub mod avx512 {
     /// # Safety
     /// The CPU has the features of [`available`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
-    pub unsafe fn tile_dots(w: &Tiled, acts: &Q8Rows, tile: usize, r0: usize, n_rows: usize, out: &mut [[f32; TILE]; 4]) {
+    pub unsafe fn tile_dots(
+        w: &Tiled,
+        acts: &Q8Rows,
+        tile: usize,
+        r0: usize,
+        n_rows: usize,
+        out: &mut [[f32; TILE]; 4],
+    ) {
         // SAFETY: this function enables the features the body needs.
         unsafe {
             match n_rows {

@@ -192,7 +192,15 @@ dispatch_rows!(row_dots_avxvnni, AVXVNNI, "avx2,fma,f16c,avxvnni");
 ///
 /// # Safety
 /// The CPU must have `level`'s features ([`has`]).
-pub unsafe fn row_dots(level: Level, format: Format, w: &[u8], acts: &Q8Rows, r0: usize, n_rows: usize, out: &mut [f32]) {
+pub unsafe fn row_dots(
+    level: Level,
+    format: Format,
+    w: &[u8],
+    acts: &Q8Rows,
+    r0: usize,
+    n_rows: usize,
+    out: &mut [f32],
+) {
     debug_assert!((1..=4).contains(&n_rows));
     // SAFETY: the caller guarantees the features of `level`.
     unsafe {
