@@ -5,6 +5,7 @@
 #     SmolLM2-135M-Instruct.Q4_1.gguf   the file as shipped
 #     hf-f32/, hf-f16/                  Hugging Face directories made by `ember model import-gguf`
 #     f16.gguf, f32.gguf                the same weights as GGUF, for llama.cpp comparisons
+#     q8_0.gguf, q4_0.gguf, q4_k_m.gguf, bf16.gguf   made from f32.gguf by `ember model quantize`
 # Idempotent: a second run only checks what is there.
 set -euo pipefail
 
@@ -49,6 +50,12 @@ for dtype in f32 f16; do
   if [ ! -f "$DIR/$dtype.gguf" ]; then
     "$EMBER_BIN" model convert-gguf "$DIR/$GGUF" "$DIR/$dtype.gguf.part" --dtype "$dtype" >/dev/null
     mv "$DIR/$dtype.gguf.part" "$DIR/$dtype.gguf"
+  fi
+done
+for ty in q8_0 q4_0 q4_k_m bf16; do
+  if [ ! -f "$DIR/$ty.gguf" ]; then
+    "$EMBER_BIN" model quantize "$DIR/f32.gguf" "$DIR/$ty.gguf.part" --type "$ty" >/dev/null
+    mv "$DIR/$ty.gguf.part" "$DIR/$ty.gguf"
   fi
 done
 echo "$DIR"

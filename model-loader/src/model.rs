@@ -1,34 +1,35 @@
-//! One Llama/Mistral model for every weight format: linear layers are `QMatMul`s, which hold
-//! either a quantized GGUF tensor or a dense float tensor. The model is immutable; each
+//! One Llama/Mistral model for every weight format: linear layers are [`Linear`]s, which hold
+//! either a quantized GGUF tensor or a dense float tensor, multiplied by Ember's CPU kernels
+//! or candle's. The model is immutable; each
 //! sequence's keys and values live in its own [`SeqCache`], so one loaded model can serve
 //! many sequences.
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Llama3RopeScaling, ModelConfig};
 use crate::error::Result;
+use crate::linear::Linear;
 use crate::weights::WeightSource;
 
 struct Layer {
     input_norm: Tensor,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     post_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 /// A built model on one device.
 pub struct Model {
     cfg: ModelConfig,
-    embed: QMatMul,
+    embed: Linear,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
     rope_interleaved: bool,
@@ -147,13 +148,19 @@ impl Model {
     /// checkpoint that does not match the config.
     pub fn load(source: &dyn WeightSource, cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         let act = source.activation_dtype(dtype);
-        let embed = source.matmul("model.embed_tokens.weight", act, device)?;
-        let lm_head =
-            if cfg.tie_word_embeddings { embed.clone() } else { source.matmul("lm_head.weight", act, device)? };
+        let embed = Linear::new(source.matmul("model.embed_tokens.weight", act, device)?);
+        // A tied head shares the embedding's weight (an `Arc`): the table is held once.
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            Linear::new(source.matmul("lm_head.weight", act, device)?)
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let m = |n: &str| source.matmul(&format!("{p}.{n}.weight"), act, device);
+            let m = |n: &str| -> Result<Linear> {
+                Ok(Linear::new(source.matmul(&format!("{p}.{n}.weight"), act, device)?))
+            };
             layers.push(Layer {
                 input_norm: source.tensor(&format!("{p}.input_layernorm.weight"), act, device)?,
                 q: m("self_attn.q_proj")?,
@@ -213,7 +220,7 @@ impl Model {
     fn project(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let heads = |w: &QMatMul, n: usize| -> Result<Tensor> {
+        let heads = |w: &Linear, n: usize| -> Result<Tensor> {
             Ok(linear(w, x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
         let rope = |x: Tensor| -> Result<Tensor> {
@@ -377,20 +384,9 @@ impl Model {
     }
 }
 
-/// `x (b, t, in)` through a linear layer `(out, in)`. Dense weights are multiplied as
-/// `W · xᵀ`: the weight matrix is the left operand, read in place, where candle's `x · Wᵀ` has
-/// the CPU gemm pack (copy) the whole weight matrix on every call once `x` has more than one
-/// row, which doubles the memory traffic of a batched decode step.
-fn linear(w: &QMatMul, x: &Tensor) -> Result<Tensor> {
-    match w {
-        QMatMul::Tensor(weight) => {
-            let (b, t, k) = x.dims3()?;
-            let out = weight.dim(0)?;
-            let y = weight.matmul(&x.reshape((b * t, k))?.t()?)?;
-            Ok(y.t()?.reshape((b, t, out))?)
-        }
-        _ => Ok(w.forward(x)?),
-    }
+/// `x (b, t, in)` through a linear layer `(out, in)` (see [`Linear::forward`]).
+fn linear(w: &Linear, x: &Tensor) -> Result<Tensor> {
+    w.forward(x)
 }
 
 /// Inverse frequencies of the rotary embedding, with Llama 3 scaling or GGUF `rope_freqs`.

@@ -13,6 +13,17 @@ use ember_tests::{smollm_gguf, smollm_hf};
 
 const PARIS: [u32; 7] = [504, 3575, 282, 4649, 314, 7042, 30];
 const LLAMA_CPP_Q4_1: [u32; 10] = [60, 23, 39614, 1141, 552, 28, 2618, 2828, 313, 7712];
+/// llama.cpp's greedy tokens on the files `ember model quantize` makes from the same weights
+/// (scripts/fetch-model.sh), by scripts/llamacpp-greedy.mjs on PROMPT_IDS. Not Q4_K_M: there
+/// llama.cpp answers [60, 23, 39614, 1141, 552, 365, 504, 4206, 282, 9017] ("L'..."), and Ember
+/// does not match it: its first token differs ("Alles"), and its portable and SIMD paths
+/// already disagree with each other after "L'" on the CLI, the sign of a near-tie in the
+/// logits (as the Q4_1 file has at the first step) rather than of one wrong kernel; not yet
+/// pinned down.
+const LLAMA_CPP_QUANTIZED: [(&str, [u32; 10]); 2] = [
+    ("q8_0.gguf", [60, 23, 39614, 1141, 552, 28, 2618, 12693, 2756, 28]),
+    ("q4_0.gguf", [504, 3575, 282, 4649, 314, 7042, 28, 3575, 282, 260]),
+];
 /// llama.cpp's tokenization of the rendered ChatML prompt (trailing newline included).
 const PROMPT_IDS: [u32; 37] = [
     1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2, 198,
@@ -93,6 +104,18 @@ async fn gguf_q4_1_matches_llama_cpp_token_for_token() -> anyhow::Result<()> {
     let done = engine.generate(&capital_of_france(LLAMA_CPP_Q4_1.len()))?;
     assert_eq!(done.tokens, LLAMA_CPP_Q4_1, "got {:?}", done.text);
     assert_eq!(done.finish_reason, FinishReason::Length);
+    Ok(())
+}
+
+/// Quantized formats through Ember's CPU kernels (Q8_0, Q4_0; Q4_1 above) against llama.cpp
+/// on the same file.
+#[tokio::test(flavor = "multi_thread")]
+async fn quantized_files_match_llama_cpp_token_for_token() -> anyhow::Result<()> {
+    for (file, want) in LLAMA_CPP_QUANTIZED {
+        let engine = engine(ember_tests::model_path(file)?, DTypeChoice::Auto).await?;
+        let done = engine.generate(&capital_of_france(want.len()))?;
+        assert_eq!(done.tokens, want, "{file}: got {:?}", done.text);
+    }
     Ok(())
 }
 

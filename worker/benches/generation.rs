@@ -3,21 +3,30 @@
 //!     scripts/fetch-model.sh && scripts/install-peers.sh
 //!     cargo bench -p ember-worker --bench generation
 //!
-//! Prints, for f32 and f16 weights and the Q4_1 GGUF: Ember's prefill and decode tokens/s
-//! beside llama.cpp's (node-llama-cpp) on the same weights and thread count, as ratios; then
-//! the cold start of `ember generate` (process start to first token, model from S3 on a local
-//! SeaweedFS) beside a bare parallel download of the same bytes; then decode tokens/s at 128 and
-//! 2,000 generated tokens with the KV cache grown in place and grown by concatenation (before).
+//! Prints, for f32, f16 and bf16 weights and the Q8_0, Q4_0, Q4_1 and Q4_K_M GGUF files:
+//! Ember's prefill and decode tokens/s beside llama.cpp's (node-llama-cpp) on the same weights
+//! and thread count, as ratios, and Ember with every matmul on candle (its CPU kernels off) to
+//! show what they change; at 1 thread and at 2 (one child process per thread count, as the
+//! thread pools are sized once per process). Then the cold start of `ember generate` (process
+//! start to first token, model from S3 on a local SeaweedFS) beside a bare parallel download
+//! of the same bytes; then decode tokens/s at 128 and 2,000 generated tokens with the KV cache
+//! grown in place and grown by concatenation (before).
 //!
-//! Settings (environment): EMBER_BENCH_THREADS (1), EMBER_BENCH_PROMPT (17 tokens),
+//! The files it compares are made on first use next to the shipped Q4_1 file, from the same
+//! weights: `ember model quantize f32.gguf q8_0.gguf --type q8_0` (and q4_0, q4_k_m, bf16),
+//! `ember model import-gguf ... hf-bf16 --dtype bf16`.
+//!
+//! Settings (environment): EMBER_BENCH_THREADS (`1,2`), EMBER_BENCH_PROMPT (17 tokens),
 //! EMBER_BENCH_GEN (128 tokens), EMBER_BENCH_RUNS (3; the best run counts for both sides),
-//! EMBER_BENCH_SKIP (comma list of `speed`, `cold`, `kv`), EMBER_BENCH_KV_RUNS (1).
+//! EMBER_BENCH_FORMATS (comma list of row labels, all by default), EMBER_BENCH_SKIP (comma
+//! list of `speed`, `cold`, `candle`, `kv`), EMBER_BENCH_KV_RUNS (1).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ember_model_loader::linear::set_cpu_kernels;
 use ember_model_loader::{load, DTypeChoice, LoadOptions, ModelRef, SeqCache};
 use ember_tests::{aws_config_for, free_port, model_path};
 
@@ -89,20 +98,66 @@ fn llama_cpp_speed(model: &Path, threads: usize, p: usize, g: usize, runs: usize
     Ok(best)
 }
 
-async fn speed_table(threads: usize, p: usize, g: usize, runs: usize) -> anyhow::Result<()> {
+/// The weights compared: label, Ember's file, its dtype, llama.cpp's file.
+const ROWS: [(&str, &str, DTypeChoice, &str); 7] = [
+    ("f32", "hf-f32", DTypeChoice::F32, "f32.gguf"),
+    ("f16", "hf-f16", DTypeChoice::F16, "f16.gguf"),
+    ("bf16", "hf-bf16", DTypeChoice::BF16, "bf16.gguf"),
+    ("Q8_0", "q8_0.gguf", DTypeChoice::Auto, "q8_0.gguf"),
+    ("Q4_0", "q4_0.gguf", DTypeChoice::Auto, "q4_0.gguf"),
+    ("Q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf", DTypeChoice::Auto, "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    ("Q4_K_M", "q4_k_m.gguf", DTypeChoice::Auto, "q4_k_m.gguf"),
+];
+
+/// Makes the files of [`ROWS`] that scripts/fetch-model.sh does not, with the `ember` binary.
+fn prepare_files() -> anyhow::Result<()> {
+    let dir = model_path("f32.gguf")?.parent().map(Path::to_path_buf).context("model directory")?;
+    let ember = PathBuf::from(env!("CARGO_BIN_EXE_ember"));
+    let run = |args: &[&str], out: &Path| -> anyhow::Result<()> {
+        if out.exists() {
+            return Ok(());
+        }
+        let part = out.with_extension("part");
+        let mut cmd = Command::new(&ember);
+        cmd.args(["model"]).args(&args[..args.len() - 1]).arg(&part).args(&args[args.len() - 1..]);
+        let done = cmd.output()?;
+        if !done.status.success() {
+            bail!("ember model {args:?} failed: {}", String::from_utf8_lossy(&done.stderr));
+        }
+        std::fs::rename(&part, out)?;
+        Ok(())
+    };
+    let src = dir.join("f32.gguf").to_string_lossy().into_owned();
+    for ty in ["q8_0", "q4_0", "q4_k_m", "bf16"] {
+        run(&["quantize", &src, &format!("--type={ty}")], &dir.join(format!("{ty}.gguf")))?;
+    }
+    let q4_1 = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf").to_string_lossy().into_owned();
+    run(&["import-gguf", &q4_1, "--dtype=bf16"], &dir.join("hf-bf16"))
+}
+
+async fn speed_table(threads: usize, p: usize, g: usize, runs: usize, skip: &str) -> anyhow::Result<()> {
+    let only = std::env::var("EMBER_BENCH_FORMATS").unwrap_or_default();
+    let with_candle = !skip.contains("candle");
     println!("\n## Generation speed: SmolLM2-135M-Instruct, {p}-token prompt, {g} decoded tokens, {threads} thread(s), best of {runs}");
-    println!("| weights | Ember file | llama.cpp file | Ember prefill tok/s | llama.cpp prefill tok/s | ratio | Ember decode tok/s | llama.cpp decode tok/s | ratio |");
-    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-    let rows = [
-        ("f32", "hf-f32", DTypeChoice::F32, "f32.gguf"),
-        ("f16", "hf-f16", DTypeChoice::F16, "f16.gguf"),
-        ("Q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf", DTypeChoice::Auto, "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    ];
-    for (label, ember_file, dtype, peer_file) in rows {
+    println!("| weights | Ember file | llama.cpp file | Ember prefill tok/s | llama.cpp prefill tok/s | ratio | Ember decode tok/s | llama.cpp decode tok/s | ratio | candle-only prefill / decode tok/s |");
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (label, ember_file, dtype, peer_file) in ROWS {
+        if !only.is_empty() && !only.split(',').any(|f| f.eq_ignore_ascii_case(label)) {
+            continue;
+        }
+        set_cpu_kernels(true);
         let e = ember_speed(&model_path(ember_file)?, dtype, p, g, runs).await?;
         let l = llama_cpp_speed(&model_path(peer_file)?, threads, p, g, runs)?;
+        let candle = if with_candle {
+            set_cpu_kernels(false);
+            let c = ember_speed(&model_path(ember_file)?, dtype, p, g, runs).await?;
+            set_cpu_kernels(true);
+            format!("{:.1} / {:.1}", c.prefill_tps, c.decode_tps)
+        } else {
+            "-".into()
+        };
         println!(
-            "| {label} | {ember_file} | {peer_file} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.2} |",
+            "| {label} | {ember_file} | {peer_file} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.2} | {candle} |",
             e.prefill_tps,
             l.prefill_tps,
             e.prefill_tps / l.prefill_tps,
@@ -268,22 +323,44 @@ async fn kv_cache_table(threads: usize, p: usize, runs: usize) -> anyhow::Result
 }
 
 fn main() -> anyhow::Result<()> {
-    let threads = env_usize("EMBER_BENCH_THREADS", 1);
-    // candle sizes its thread pool from this variable: set it before any tensor work.
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let threads = std::env::var("EMBER_BENCH_THREADS").unwrap_or_else(|_| "1,2".into());
     let p = env_usize("EMBER_BENCH_PROMPT", 17);
     let g = env_usize("EMBER_BENCH_GEN", 128);
     let runs = env_usize("EMBER_BENCH_RUNS", 3).max(1);
     let skip = std::env::var("EMBER_BENCH_SKIP").unwrap_or_default();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let counts: Vec<usize> = threads.split(',').filter_map(|t| t.trim().parse().ok()).collect();
     if !skip.contains("speed") {
-        rt.block_on(speed_table(threads, p, g, runs))?;
+        if let [one] = counts.as_slice() {
+            // candle sizes its thread pools from this variable: set it before any tensor work.
+            std::env::set_var("RAYON_NUM_THREADS", one.to_string());
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(speed_table(*one, p, g, runs, &skip))?;
+        } else {
+            prepare_files()?;
+            // One child per thread count: the pools are sized once per process.
+            for &t in &counts {
+                let status = Command::new(std::env::current_exe()?)
+                    .args(std::env::args().skip(1))
+                    .env("EMBER_BENCH_THREADS", t.to_string())
+                    .env("EMBER_BENCH_SKIP", format!("{skip},cold,kv"))
+                    .status()?;
+                if !status.success() {
+                    bail!("the {t}-thread bench failed");
+                }
+            }
+        }
     }
     if !skip.contains("cold") {
+        std::env::set_var("RAYON_NUM_THREADS", counts.first().copied().unwrap_or(1).to_string());
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         rt.block_on(cold_start(runs))?;
     }
     if !skip.contains("kv") {
-        rt.block_on(kv_cache_table(threads, p, env_usize("EMBER_BENCH_KV_RUNS", 1)))?;
+        // The first thread count (candle's pool is sized once per process, so the same as above).
+        let t = counts.first().copied().unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        rt.block_on(kv_cache_table(t, p, env_usize("EMBER_BENCH_KV_RUNS", 1)))?;
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! `ember model ...`: import a GGUF as a Hugging Face directory, write a manifest.
+//! `ember model ...`: import a GGUF as a Hugging Face directory, quantize a GGUF, write a
+//! manifest.
 
 use std::path::PathBuf;
 
@@ -8,6 +9,7 @@ use candle_core::DType;
 use clap::Subcommand;
 use ember_model_loader::gguf::{convert_gguf, import_gguf, ImportOptions};
 use ember_model_loader::manifest::Manifest;
+use ember_model_loader::quantize::{quantize_gguf, QuantType};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -32,6 +34,18 @@ pub enum ModelCommand {
         /// f32 or f16.
         #[arg(long, env = "EMBER_CONVERT_DTYPE", default_value = "f16")]
         dtype: String,
+    },
+    /// Rewrite a GGUF file with its weights quantized (or as f32/f16/bf16), metadata kept:
+    /// q8_0, q4_0, q4_1, q5_0, q4_k_m (Q4_K with Q6_K for half of attn_v/ffn_down and the
+    /// output, as llama.cpp's Q4_K_M), f32, f16, bf16.
+    Quantize {
+        /// The source .gguf file (any type candle reads).
+        file: PathBuf,
+        /// The .gguf file to write.
+        out: PathBuf,
+        /// The target type.
+        #[arg(long = "type", env = "EMBER_QUANTIZE_TYPE")]
+        ty: String,
     },
     /// Write ember-manifest.json (SHA-256 and size of every file) into a model directory.
     Manifest {
@@ -68,6 +82,21 @@ pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || convert_gguf(&file, &out, dtype))
                 .await
                 .context("convert task failed")??;
+            println!("wrote {shown}");
+            Ok(())
+        }
+        ModelCommand::Quantize { file, out, ty } => {
+            let ty: QuantType = ty.parse()?;
+            if file.is_dir() {
+                anyhow::bail!(
+                    "`{}` is a directory: quantize reads a .gguf file (safetensors input is not supported yet)",
+                    file.display()
+                );
+            }
+            let shown = out.display().to_string();
+            tokio::task::spawn_blocking(move || quantize_gguf(&file, &out, ty))
+                .await
+                .context("quantize task failed")??;
             println!("wrote {shown}");
             Ok(())
         }

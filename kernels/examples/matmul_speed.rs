@@ -1,0 +1,57 @@
+//! Times one quantized matmul shape on every code path (GMAC/s), to see where a model's time
+//! goes: `cargo run --release -p ember-kernels --example matmul_speed -- q4_1 1536 576 1`.
+
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use ember_kernels::cpu::{self, Format, Isa};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize, d: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
+    let (format, dtype) = match args.first().map(String::as_str).unwrap_or("q4_1") {
+        "q4_0" => (Format::Q4_0, GgmlDType::Q4_0),
+        "q5_0" => (Format::Q5_0, GgmlDType::Q5_0),
+        "q8_0" => (Format::Q8_0, GgmlDType::Q8_0),
+        _ => (Format::Q4_1, GgmlDType::Q4_1),
+    };
+    let (n, k, m) = (arg(1, 1536), arg(2, 576), arg(3, 1));
+    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+    let q = QTensor::quantize(&w, dtype)?;
+    let bytes = q.data()?;
+    let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut y = vec![0f32; m * n];
+    for isa in Isa::available() {
+        let iters = (2e9 / (n * k * m) as f64).ceil() as usize;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            cpu::matmul(isa, format, &bytes, n, &x, m, &mut y);
+        }
+        let s = t0.elapsed().as_secs_f64() / iters as f64;
+        println!("{isa:?} {format:?} n={n} k={k} m={m}: {:.1} us, {:.2} GMAC/s", s * 1e6, (n * k * m) as f64 / s / 1e9);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if cpu::tiled::avx512::available() {
+        let t = cpu::tiled::Tiled::new(format, &bytes, n, k);
+        let iters = (2e9 / (n * k * m) as f64).ceil() as usize;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            let acts = cpu::Q8Rows::quantize(&x, m, k);
+            cpu::tiled::matmul_q8(&t, &acts, &mut y);
+        }
+        let s = t0.elapsed().as_secs_f64() / iters as f64;
+        println!("tiled AVX-512 {format:?}: {:.1} us, {:.2} GMAC/s", s * 1e6, (n * k * m) as f64 / s / 1e9);
+    }
+    drop(bytes);
+    let qm = candle_core::quantized::QMatMul::from_qtensor(q)?;
+    let xt = Tensor::from_vec(x, (m, k), &Device::Cpu)?;
+    let t0 = Instant::now();
+    let iters = (2e9 / (n * k * m) as f64).ceil() as usize;
+    for _ in 0..iters {
+        candle_core::Module::forward(&qm, &xt)?;
+    }
+    let s = t0.elapsed().as_secs_f64() / iters as f64;
+    println!("candle {format:?}: {:.1} us, {:.2} GMAC/s", s * 1e6, (n * k * m) as f64 / s / 1e9);
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! The kernels as candle-tensor layers: [`QuantLinear`] for GGUF block formats, [`DenseLinear`]
+//! for f32/f16/bf16 weights.
+
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use half::{bf16, f16};
+
+use super::tiled::Tiled;
+use super::{dense_matmul, matmul, Format, Isa, Q8Rows, BLOCK};
+
+/// `x (..., k)` as f32 row-major values, and the number of rows.
+fn input_rows(x: &Tensor, k: usize, what: &str) -> candle_core::Result<(Vec<usize>, Tensor, usize)> {
+    let dims = x.dims().to_vec();
+    if dims.last() != Some(&k) {
+        candle_core::bail!("{what}: input {dims:?} does not end in k = {k}");
+    }
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let m = x.elem_count() / k;
+    Ok((dims, x, m))
+}
+
+/// Runs `f` on the f32 values of a contiguous CPU tensor.
+fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        candle_core::bail!("input is not f32 on the CPU");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("input is not contiguous");
+    };
+    Ok(f(&data[start..end]))
+}
+
+fn output(mut dims: Vec<usize>, n: usize, y: Vec<f32>) -> candle_core::Result<Tensor> {
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(y, dims, &Device::Cpu)
+}
+
+/// A linear layer whose weight is a CPU `QTensor` in one of the [`Format`]s, multiplied by
+/// Ember's kernels. On a CPU with AVX-512 VNNI the weight is repacked once into the tiled
+/// layout ([`super::tiled`], the same number of bytes) when nothing else holds the tensor;
+/// otherwise (a head tied to the embedding table, or another CPU) the kernels read the
+/// `QTensor`'s own blocks, so no bytes are ever held twice.
+#[derive(Clone)]
+pub struct QuantLinear {
+    weight: Weight,
+    format: Format,
+    n: usize,
+    k: usize,
+    isa: Isa,
+}
+
+#[derive(Clone)]
+enum Weight {
+    Blocks(Arc<QTensor>),
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Tiled(Arc<Tiled>),
+}
+
+impl std::fmt::Debug for QuantLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let layout = match self.weight {
+            Weight::Blocks(_) => "blocks",
+            Weight::Tiled(_) => "tiled",
+        };
+        write!(f, "QuantLinear({:?} {layout}, {}x{}, {:?})", self.format, self.n, self.k, self.isa)
+    }
+}
+
+impl QuantLinear {
+    /// Gives the tensor back when the kernels do not take it (not on the CPU, another
+    /// format, not 2-D, rows not whole blocks): the caller keeps candle's matmul for it.
+    pub fn new(weight: Arc<QTensor>) -> Result<Self, Arc<QTensor>> {
+        let isa = Isa::detect();
+        // Without SIMD kernels (aarch64, old x86) candle's own (NEON) kernels are the better
+        // choice; the portable path runs when asked for (`EMBER_CPU_ISA=scalar`) and in tests.
+        let forced = std::env::var("EMBER_CPU_ISA").is_ok_and(|v| v == "scalar");
+        if !Self::takes(&weight, isa) || (isa == Isa::Scalar && !forced) {
+            return Err(weight);
+        }
+        let Some(mut out) = Self::with_isa(weight.clone(), isa) else { return Err(weight) };
+        drop(weight);
+        #[cfg(target_arch = "x86_64")]
+        if isa != Isa::Scalar && super::tiled::avx512::available() {
+            if let Weight::Blocks(q) = &out.weight {
+                // Only a tensor no one else holds: a second copy would double its memory.
+                if Arc::strong_count(q) == 1 {
+                    if let Ok(bytes) = q.data() {
+                        let tiled = Tiled::new(out.format, &bytes, out.n, out.k);
+                        drop(bytes);
+                        out.weight = Weight::Tiled(Arc::new(tiled));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the kernels on `isa` take this tensor.
+    pub fn takes(weight: &QTensor, isa: Isa) -> bool {
+        let Ok((_, k)) = weight.shape().dims2() else { return false };
+        Format::of(weight.dtype()).is_some()
+            && weight.device().is_cpu()
+            && k > 0
+            && k.is_multiple_of(BLOCK)
+            && Isa::available().contains(&isa)
+    }
+
+    /// A layer on a chosen code path (it must be in [`Isa::available`]), reading the
+    /// `QTensor`'s blocks in place.
+    pub fn with_isa(weight: Arc<QTensor>, isa: Isa) -> Option<Self> {
+        if !Self::takes(&weight, isa) {
+            return None;
+        }
+        let format = Format::of(weight.dtype())?;
+        let (n, k) = weight.shape().dims2().ok()?;
+        Some(Self { weight: Weight::Blocks(weight), format, n, k, isa })
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Whether the weight was repacked into tiles.
+    pub fn is_tiled(&self) -> bool {
+        matches!(self.weight, Weight::Tiled(_))
+    }
+
+    /// Rows `ids` of the weight, dequantized to f32: `(ids..., k)`. For a weight that is also
+    /// the token embedding table (a tied head), so the table is held once.
+    pub fn embedding(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Weight::Blocks(q) => q.embedding(ids),
+            Weight::Tiled(t) => {
+                let mut dims = ids.dims().to_vec();
+                let ids = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+                let mut out = vec![0f32; ids.len() * self.k];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(self.k)) {
+                    if id as usize >= self.n {
+                        candle_core::bail!("embedding: id {id} is out of range (0..{})", self.n);
+                    }
+                    t.dequantize_row(id as usize, row);
+                }
+                dims.push(self.k);
+                Tensor::from_vec(out, dims, &Device::Cpu)
+            }
+        }
+    }
+
+    /// `x (..., k)` -> `(..., n)`, f32 (activations in another float dtype are converted).
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (dims, x, m) = input_rows(x, self.k, "QuantLinear")?;
+        let mut y = vec![0f32; m * self.n];
+        match &self.weight {
+            Weight::Blocks(q) => {
+                let bytes = q.data()?;
+                with_f32(&x, |x| matmul(self.isa, self.format, &bytes, self.n, x, m, &mut y))?;
+            }
+            #[cfg(target_arch = "x86_64")]
+            Weight::Tiled(t) => with_f32(&x, |x| super::tiled::matmul_q8(t, &Q8Rows::quantize(x, m, self.k), &mut y))?,
+            #[cfg(not(target_arch = "x86_64"))]
+            Weight::Tiled(_) => candle_core::bail!("tiled weights on a target without the tiled kernel"),
+        }
+        output(dims, self.n, y)
+    }
+}
+
+/// A linear layer with a dense CPU weight `(n, k)` in f32, f16 or bf16, multiplied in place by
+/// Ember's FMA kernel (x86-64 with AVX2, FMA and F16C only: elsewhere [`DenseLinear::new`]
+/// declines and candle keeps the layer). Holds the weight tensor itself: no copy.
+#[derive(Debug, Clone)]
+pub struct DenseLinear {
+    weight: Tensor,
+    n: usize,
+    k: usize,
+    simd: bool,
+}
+
+impl DenseLinear {
+    /// None when the kernel does not take this weight (not 2-D on the CPU in f32/f16/bf16, or
+    /// no SIMD kernel on this CPU).
+    pub fn new(weight: &Tensor) -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        let simd = super::dense::x86::available() && Isa::detect() != Isa::Scalar;
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
+        if !simd {
+            return None;
+        }
+        Self::with_simd(weight, simd)
+    }
+
+    /// [`DenseLinear::new`] with the portable kernel (`simd` false) or the SIMD one (the CPU
+    /// must have it), for the tests.
+    pub fn with_simd(weight: &Tensor, simd: bool) -> Option<Self> {
+        let (n, k) = weight.dims2().ok()?;
+        if !weight.device().is_cpu() || !matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+            return None;
+        }
+        Some(Self { weight: weight.contiguous().ok()?, n, k, simd })
+    }
+
+    /// Rows `ids` of the weight, `(ids..., k)`, as candle's dense embedding.
+    pub fn embedding(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.k);
+        self.weight.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
+    }
+
+    /// `x (..., k)` -> `(..., n)` in `x`'s dtype; the sums are f32 whatever the dtypes.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let (dims, x, m) = input_rows(x, self.k, "DenseLinear")?;
+        let mut y = vec![0f32; m * self.n];
+        let (n, k, simd) = (self.n, self.k, self.simd);
+        with_f32(&x, |x| -> candle_core::Result<()> {
+            let (storage, layout) = self.weight.storage_and_layout();
+            let Some((a, b)) = layout.contiguous_offsets() else {
+                candle_core::bail!("DenseLinear: weight is not contiguous");
+            };
+            match &*storage {
+                Storage::Cpu(CpuStorage::F32(w)) => dense_matmul::<f32>(simd, &w[a..b], n, k, x, m, &mut y),
+                Storage::Cpu(CpuStorage::F16(w)) => dense_matmul::<f16>(simd, &w[a..b], n, k, x, m, &mut y),
+                Storage::Cpu(CpuStorage::BF16(w)) => dense_matmul::<bf16>(simd, &w[a..b], n, k, x, m, &mut y),
+                _ => candle_core::bail!("DenseLinear: weight is not f32/f16/bf16 on the CPU"),
+            }
+            Ok(())
+        })??;
+        output(dims, n, y)?.to_dtype(dtype)
+    }
+}

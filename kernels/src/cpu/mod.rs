@@ -1,0 +1,195 @@
+//! CPU matmul kernels for GGUF block-quantized weights: `y = x · Wᵀ` with `W` kept as the
+//! file's blocks (no dequantized copy, nothing repacked: resident weight memory is the file's).
+//!
+//! The llama.cpp approach: the activation rows are quantized once per matmul to 8-bit blocks
+//! ([`Q8Rows`]), and each weight block meets them in integer dot products (AVX2 `maddubs`, or
+//! VNNI `vpdpbusd` where the CPU has it), scaled by the two block scales. One weight row is
+//! decoded once for up to four activation rows, so a prefill decodes each weight block
+//! `rows / 4` times, not `rows` times. Work is split by output rows (weight rows) over candle's
+//! own thread pool, so `RAYON_NUM_THREADS` / `CANDLE_NUM_THREADS` mean the same here as for
+//! candle's ops.
+//!
+//! ```no_run
+//! # fn main() -> candle_core::Result<()> {
+//! use std::sync::Arc;
+//! use candle_core::quantized::{GgmlDType, QTensor};
+//! use candle_core::{Device, Tensor};
+//! use ember_kernels::cpu::QuantLinear;
+//!
+//! let w = Tensor::randn(0f32, 1.0, (64, 128), &Device::Cpu)?;
+//! let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1)?);
+//! let Ok(linear) = QuantLinear::new(q) else { panic!("a CPU Q4_1 tensor, k a multiple of 32") };
+//! let y = linear.forward(&Tensor::randn(0f32, 1.0, (1, 3, 128), &Device::Cpu)?)?; // (1, 3, 64)
+//! # Ok(()) }
+//! ```
+
+pub mod dense;
+pub mod format;
+mod linear;
+pub mod q8;
+pub mod scalar;
+pub mod tiled;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+
+use std::sync::OnceLock;
+
+pub use format::{Format, BLOCK};
+pub use linear::{DenseLinear, QuantLinear};
+pub use q8::Q8Rows;
+
+/// Which code path runs the dot products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust ([`scalar`]); every target.
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    X86(x86::Level),
+}
+
+impl Isa {
+    /// The best path this CPU has (detected once). `EMBER_CPU_ISA=scalar` forces the portable
+    /// one, to compare or to rule the SIMD code out.
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            if std::env::var("EMBER_CPU_ISA").is_ok_and(|v| v == "scalar") {
+                return Isa::Scalar;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if let Some(level) = x86::Level::detect() {
+                return Isa::X86(level);
+            }
+            Isa::Scalar
+        })
+    }
+
+    /// Every path this CPU can run, the portable one first (for the tests).
+    pub fn available() -> Vec<Isa> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut out = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        for level in [x86::Level::Avx2, x86::Level::Avx512Vnni, x86::Level::AvxVnni] {
+            if x86::has(level) {
+                out.push(Isa::X86(level));
+            }
+        }
+        out
+    }
+}
+
+/// Activation rows decoded together against one weight row.
+const ROW_TILE: usize = 4;
+
+/// `y (m, n) = x (m, k) · Wᵀ` where `w` holds `n` rows of `k / 32` blocks of `format` and
+/// `x` holds `m` rows. Panics if the lengths do not fit those sizes (callers check them:
+/// [`QuantLinear`]).
+pub fn matmul(isa: Isa, format: Format, w: &[u8], n: usize, x: &[f32], m: usize, y: &mut [f32]) {
+    let Some(k) = x.len().checked_div(m) else { return };
+    let acts = Q8Rows::quantize(x, m, k);
+    matmul_q8(isa, format, w, n, &acts, y)
+}
+
+/// [`matmul`] with the activations already quantized.
+pub fn matmul_q8(isa: Isa, format: Format, w: &[u8], n: usize, acts: &Q8Rows, y: &mut [f32]) {
+    let (m, k) = (acts.rows, acts.k);
+    let row_bytes = k / BLOCK * format.block_bytes();
+    assert!(k.is_multiple_of(BLOCK) && w.len() == n * row_bytes && y.len() == m * n, "matmul sizes");
+    if let Isa::X86(level) = isa {
+        assert!(x86::has(level), "{level:?} kernels on a CPU without them");
+    }
+    let out = SharedOut(y.as_mut_ptr());
+    let rows = |range: std::ops::Range<usize>| {
+        let mut dots = [0f32; ROW_TILE];
+        for j in range {
+            let wr = &w[j * row_bytes..(j + 1) * row_bytes];
+            for r0 in (0..m).step_by(ROW_TILE) {
+                let t = ROW_TILE.min(m - r0);
+                match isa {
+                    Isa::Scalar => scalar::row_dots(format, wr, acts, r0..r0 + t, &mut dots),
+                    // SAFETY: the level's features were checked against this CPU above.
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::X86(level) => unsafe { x86::row_dots(level, format, wr, acts, r0, t, &mut dots) },
+                }
+                for (r, d) in dots[..t].iter().enumerate() {
+                    // SAFETY: (r0 + r) < m and j < n, so the index is inside y; each j (output
+                    // column) belongs to exactly one range, so no two threads write one element.
+                    unsafe { *out.at((r0 + r) * n + j) = *d };
+                }
+            }
+        }
+    };
+    // Small products are not worth waking the pool for (a few microseconds per dispatch).
+    if n * m * k < 1 << 16 {
+        rows(0..n);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(n, rows);
+    }
+}
+
+/// `y (m, n) = x (m, k) · Wᵀ` for a dense weight `w` (`n * k` values of f32, f16 or bf16),
+/// with the SIMD kernel when `simd` (the CPU must have [`dense::x86::available`]) or the
+/// portable one.
+pub fn dense_matmul<T: DenseElement>(simd: bool, w: &[T], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32]) {
+    assert!(w.len() == n * k && x.len() == m * k && y.len() == m * n, "matmul sizes");
+    #[cfg(target_arch = "x86_64")]
+    assert!(!simd || dense::x86::available(), "SIMD kernels on a CPU without them");
+    #[cfg(not(target_arch = "x86_64"))]
+    assert!(!simd, "no SIMD dense kernels on this target");
+    let out = SharedOut(y.as_mut_ptr());
+    let rows = |range: std::ops::Range<usize>| {
+        let mut dots = [0f32; dense::ROW_TILE];
+        for j in range {
+            let wr = &w[j * k..(j + 1) * k];
+            for r0 in (0..m).step_by(dense::ROW_TILE) {
+                let t = dense::ROW_TILE.min(m - r0);
+                if simd {
+                    // SAFETY: the features were checked against this CPU above.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        dense::x86::row_dots(wr, x, r0, t, &mut dots)
+                    };
+                } else {
+                    dense::row_dots_scalar(wr, x, r0, t, &mut dots);
+                }
+                for (r, d) in dots[..t].iter().enumerate() {
+                    // SAFETY: as in `matmul_q8`: in bounds, and column j is this thread's alone.
+                    unsafe { *out.at((r0 + r) * n + j) = *d };
+                }
+            }
+        }
+    };
+    if n * m * k < 1 << 16 {
+        rows(0..n);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(n, rows);
+    }
+}
+
+/// A dense weight element the kernels read: f32, f16 or bf16.
+#[cfg(target_arch = "x86_64")]
+pub trait DenseElement: dense::x86::Load8 {}
+#[cfg(target_arch = "x86_64")]
+impl<T: dense::x86::Load8> DenseElement for T {}
+/// A dense weight element the kernels read: f32, f16 or bf16.
+#[cfg(not(target_arch = "x86_64"))]
+pub trait DenseElement: dense::Element {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: dense::Element> DenseElement for T {}
+
+/// The output buffer, written by several threads at disjoint indices.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: only used in `matmul_q8` and `dense_matmul`, where each thread writes its own
+// output columns.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    /// # Safety
+    /// `i` is inside the buffer and no other thread touches element `i`.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: see the function's contract.
+        unsafe { self.0.add(i) }
+    }
+}

@@ -1,0 +1,282 @@
+//! Ember's CPU quantized matmul against a plain reference (candle dequantizes the weights,
+//! then an f32 matmul), on every code path this CPU has, and the portable path against the
+//! SIMD ones. Seeded: the seed is printed, and `EMBER_TEST_SEED=N` replays one.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use ember_kernels::cpu::{self, Format, Isa, Q8Rows, QuantLinear, BLOCK};
+use rand::{Rng, SeedableRng};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const FORMATS: [(Format, GgmlDType); 4] = [
+    (Format::Q4_0, GgmlDType::Q4_0),
+    (Format::Q4_1, GgmlDType::Q4_1),
+    (Format::Q5_0, GgmlDType::Q5_0),
+    (Format::Q8_0, GgmlDType::Q8_0),
+];
+
+fn seed() -> u64 {
+    let seed = std::env::var("EMBER_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(7, |d| d.as_nanos() as u64)
+    });
+    println!("EMBER_TEST_SEED={seed}");
+    seed
+}
+
+fn random(rng: &mut impl Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect()
+}
+
+/// A random weight matrix quantized by candle, with its dequantized values.
+fn weights(rng: &mut impl Rng, dtype: GgmlDType, n: usize, k: usize) -> candle_core::Result<(Arc<QTensor>, Vec<f32>)> {
+    let w = Tensor::from_vec(random(rng, n * k, 0.1), (n, k), &Device::Cpu)?;
+    let q = QTensor::quantize(&w, dtype)?;
+    let deq = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok((Arc::new(q), deq))
+}
+
+#[test]
+fn block_decoding_matches_candle_dequantize() -> TestResult {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    for (format, dtype) in FORMATS {
+        let (n, k) = (3, 32 * 5);
+        let (q, deq) = weights(&mut rng, dtype, n, k)?;
+        let mut ours = vec![0f32; n * k];
+        for (row, out) in q.data()?.chunks_exact(k / BLOCK * format.block_bytes()).zip(ours.chunks_exact_mut(k)) {
+            cpu::format::dequantize_row(format, row, out);
+        }
+        assert_eq!(ours, deq, "{format:?}: the block layout is read as candle reads it");
+    }
+    Ok(())
+}
+
+/// Every path against the reference on random shapes: odd row counts (not multiples of the
+/// 4-row tile), odd output counts, k any multiple of the 32-element block.
+///
+/// Tolerance, from the format: the weights are exactly the dequantized ones on both sides, so
+/// the only approximation is the activation quantization. Each activation `x_i` becomes
+/// `d * round(x_i / d)` with `d = max|x| of its block / 127`, off by at most `d / 2`; so
+/// `|y - y_ref| <= Σ_i |w_i| * d_block(i) / 2`. On top of that, f32 rounding of sums of
+/// `k` terms in a different order: `k * 2^-23 * Σ|w_i x_i|` bounds it, generously.
+#[test]
+fn every_path_matches_dequantize_then_matmul() -> TestResult {
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    println!("code paths on this CPU: {:?}", Isa::available());
+    for case in 0..40 {
+        let (format, dtype) = FORMATS[case % FORMATS.len()];
+        let n = rng.random_range(1..70);
+        let k = BLOCK * rng.random_range(1..24);
+        let m = [1, 2, 3, 4, 5, 7, 9, 16, 17][rng.random_range(0..9)];
+        let (q, w) = weights(&mut rng, dtype, n, k)?;
+        let x_scale = [1e-3f32, 1.0, 30.0][rng.random_range(0..3)];
+        let x = random(&mut rng, m * k, x_scale);
+        let bytes = q.data()?;
+        for isa in Isa::available() {
+            let mut y = vec![0f32; m * n];
+            cpu::matmul(isa, format, &bytes, n, &x, m, &mut y);
+            for r in 0..m {
+                let xr = &x[r * k..(r + 1) * k];
+                for j in 0..n {
+                    let wj = &w[j * k..(j + 1) * k];
+                    let want: f64 = wj.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let mut quant_err = 0f64;
+                    for (wb, xb) in wj.chunks(BLOCK).zip(xr.chunks(BLOCK)) {
+                        let d = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                        quant_err += wb.iter().map(|w| w.abs() as f64).sum::<f64>() * d / 2.0;
+                    }
+                    let abs_sum: f64 = wj.iter().zip(xr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                    let tol = quant_err * 1.001 + k as f64 * f32::EPSILON as f64 * (abs_sum + quant_err) + 1e-30;
+                    let got = y[r * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "seed {seed} case {case} {isa:?} {format:?} m={m} n={n} k={k} [{r},{j}]: {got} vs {want} (tol {tol})"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The SIMD paths do the same integer arithmetic as the portable one: every block's integer
+/// dot product is bit for bit equal, on random block bytes (all code values, all high bits)
+/// and activation codes across the whole -127..=127 range. The float sums after it differ
+/// only in summation order (eight lanes, then a horizontal add, against one running sum), so
+/// whole outputs agree to a few ulps of the sum of absolute terms, checked below.
+#[test]
+fn simd_paths_agree_with_the_portable_one() -> TestResult {
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for (format, dtype) in FORMATS {
+        for _ in 0..2000 {
+            let mut block = vec![0u8; format.block_bytes()];
+            rng.fill(&mut block[..]);
+            let q: Vec<i8> = (0..BLOCK).map(|_| rng.random_range(-127i8..=127)).collect();
+            let want = cpu::scalar::block_isum(format, &block, &q);
+            for isa in Isa::available() {
+                #[cfg(target_arch = "x86_64")]
+                if let Isa::X86(level) = isa {
+                    // SAFETY: `Isa::available` lists only levels this CPU has.
+                    let got = unsafe { cpu::x86::block_isum(level, format, &block, &q) };
+                    assert_eq!(got, want, "seed {seed} {level:?} {format:?} block {block:?} q {q:?}");
+                }
+                let _ = isa;
+            }
+        }
+        let (n, k, m) = (37, 32 * 13, 11);
+        let (q, w) = weights(&mut rng, dtype, n, k)?;
+        let x = random(&mut rng, m * k, 2.0);
+        let acts = Q8Rows::quantize(&x, m, k);
+        let mut base = vec![0f32; m * n];
+        cpu::matmul_q8(Isa::Scalar, format, &q.data()?, n, &acts, &mut base);
+        for isa in Isa::available() {
+            let mut y = vec![0f32; m * n];
+            cpu::matmul_q8(isa, format, &q.data()?, n, &acts, &mut y);
+            for r in 0..m {
+                for j in 0..n {
+                    let abs_sum: f32 = (0..k).map(|i| (w[j * k + i] * x[r * k + i]).abs()).sum();
+                    let (a, b) = (y[r * n + j], base[r * n + j]);
+                    assert!(
+                        (a - b).abs() <= 64.0 * f32::EPSILON * (abs_sum + 1e-20),
+                        "seed {seed} {isa:?} {format:?}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn quant_linear_takes_batched_shapes_and_declines_what_it_cannot_do() -> TestResult {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let (q, _) = weights(&mut rng, GgmlDType::Q4_1, 40, 96)?;
+    let linear = QuantLinear::new(q.clone()).map_err(|_| "Q4_1 is taken")?;
+    let x = Tensor::from_vec(random(&mut rng, 2 * 3 * 96, 1.0), (2, 3, 96), &Device::Cpu)?;
+    let y = linear.forward(&x)?;
+    assert_eq!(y.dims(), &[2, 3, 40]);
+    // Row by row gives the same numbers as all rows at once (the tile size does not change them).
+    let one = linear.forward(&x.narrow(1, 2, 1)?)?;
+    assert_eq!(one.flatten_all()?.to_vec1::<f32>()?, y.narrow(1, 2, 1)?.flatten_all()?.to_vec1::<f32>()?);
+    assert!(linear.forward(&Tensor::zeros((1, 95), candle_core::DType::F32, &Device::Cpu)?).is_err());
+    // Held by nobody else, the weight is repacked into tiles where the CPU has AVX-512 VNNI:
+    // same products up to summation order, same embedding rows exactly.
+    let tiled = QuantLinear::new(Arc::new(QTensor::quantize(&q.dequantize(&Device::Cpu)?, GgmlDType::Q4_1)?))
+        .map_err(|_| "Q4_1 is taken")?;
+    println!("tiled: {}", tiled.is_tiled());
+    let (a, b) = (tiled.forward(&x)?.flatten_all()?.to_vec1::<f32>()?, y.flatten_all()?.to_vec1::<f32>()?);
+    for (a, b) in a.iter().zip(&b) {
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+    let ids = Tensor::new(&[3u32, 0, 39], &Device::Cpu)?;
+    assert_eq!(
+        tiled.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?,
+        q.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?
+    );
+    let (k_quant, _) = weights(&mut rng, GgmlDType::Q4K, 4, 256)?;
+    assert!(QuantLinear::new(k_quant).is_err(), "formats without a kernel stay on candle");
+    Ok(())
+}
+
+/// The dense kernels (f32, f16, bf16 weights) against candle's f32 matmul of the same weights
+/// converted to f32, portable and SIMD. Both sides multiply the exact same f32 values (a
+/// half-precision value converts to f32 exactly), so only the summation order differs: the
+/// bound is `k * 2^-23 * Σ|w_i x_i|`, the classic worst case of a length-k float sum.
+#[test]
+fn dense_kernels_match_candle() -> TestResult {
+    use candle_core::DType;
+    use ember_kernels::cpu::DenseLinear;
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for case in 0..24 {
+        let dtype = [DType::F32, DType::F16, DType::BF16][case % 3];
+        let (n, k, m) = (rng.random_range(1..50), rng.random_range(1..300), [1, 2, 3, 4, 5, 9, 17][case % 7]);
+        let w = Tensor::from_vec(random(&mut rng, n * k, 0.2), (n, k), &Device::Cpu)?.to_dtype(dtype)?;
+        let x = Tensor::from_vec(random(&mut rng, m * k, 3.0), (1, m, k), &Device::Cpu)?;
+        let w32 = w.to_dtype(DType::F32)?;
+        let want = x.broadcast_matmul(&w32.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        let abs = x.abs()?.broadcast_matmul(&w32.abs()?.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        for simd in [false, cfg!(target_arch = "x86_64") && DenseLinear::new(&w).is_some()] {
+            let Some(layer) = DenseLinear::with_simd(&w, simd) else { continue };
+            let got = layer.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            for (i, ((g, w), a)) in got.iter().zip(&want).zip(&abs).enumerate() {
+                let tol = 2.0 * k as f32 * f32::EPSILON * a + 1e-30;
+                assert!(
+                    (g - w).abs() <= tol,
+                    "seed {seed} case {case} {dtype:?} simd={simd} m={m} n={n} k={k} [{i}]: {g} vs {w}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The tiled layout (AVX-512 VNNI) holds the file's codes exactly, its SIMD integer dot
+/// products equal the portable ones bit for bit (Q8_0's carry the +128 offset, removed later
+/// through the activation sums), and whole matmuls meet the same reference bound as above.
+#[test]
+fn tiled_layout_and_kernel() -> TestResult {
+    use ember_kernels::cpu::tiled::{self, Tiled, TILE};
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for case in 0..16 {
+        let (format, dtype) = FORMATS[case % FORMATS.len()];
+        let (n, k, m) = (rng.random_range(1..60), BLOCK * rng.random_range(1..12), [1, 2, 3, 4, 5, 9, 17][case % 7]);
+        let (q, w) = weights(&mut rng, dtype, n, k)?;
+        let bytes = q.data()?;
+        let t = Tiled::new(format, &bytes, n, k);
+        let nb = k / BLOCK;
+        let mut c = [0i32; BLOCK];
+        for j in 0..n {
+            for b in 0..nb {
+                cpu::format::codes(format, &bytes[(j * nb + b) * format.block_bytes()..], &mut c);
+                assert_eq!(t.codes(j / TILE, b, j % TILE), c, "seed {seed} {format:?} row {j} block {b}");
+            }
+        }
+        let x = random(&mut rng, m * k, 1.0);
+        let acts = Q8Rows::quantize(&x, m, k);
+        let mut want = vec![0f32; m * n];
+        tiled::matmul_q8_scalar(&t, &acts, &mut want);
+        let mut base = vec![0f32; m * n];
+        cpu::matmul_q8(Isa::Scalar, format, &bytes, n, &acts, &mut base);
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            for r in 0..m {
+                for j in 0..n {
+                    let abs_sum: f32 = (0..k).map(|i| (w[j * k + i] * x[r * k + i]).abs()).sum();
+                    let (a, b) = (a[r * n + j], b[r * n + j]);
+                    assert!(
+                        (a - b).abs() <= 64.0 * f32::EPSILON * (abs_sum + 1e-20),
+                        "seed {seed} {what} {format:?}: {a} vs {b}"
+                    );
+                }
+            }
+        };
+        close(&want, &base, "portable tiled vs blocks");
+        #[cfg(target_arch = "x86_64")]
+        if tiled::avx512::available() {
+            for tile in 0..n.div_ceil(TILE) {
+                for b in 0..nb {
+                    let qa = &acts.qs[b * BLOCK..(b + 1) * BLOCK];
+                    // SAFETY: the CPU has the features (checked just above).
+                    let got = unsafe { tiled::avx512::record_isums(&t, tile, b, qa) };
+                    for (r, got) in got.iter().enumerate().take(n.saturating_sub(tile * TILE).min(TILE)) {
+                        let c = t.codes(tile, b, r);
+                        let off = if format == Format::Q8_0 { 128 } else { 0 };
+                        let exact: i32 = c.iter().zip(qa).map(|(&c, &q)| (c + off) * q as i32).sum();
+                        assert_eq!(*got, exact, "seed {seed} {format:?} tile {tile} block {b} row {r}");
+                    }
+                }
+            }
+            let mut y = vec![0f32; m * n];
+            tiled::matmul_q8(&t, &acts, &mut y);
+            close(&y, &want, "AVX-512 tiled vs portable");
+        } else {
+            println!("AVX-512 VNNI not on this CPU: the tiled SIMD kernel was not tested");
+        }
+    }
+    Ok(())
+}

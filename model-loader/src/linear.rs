@@ -1,0 +1,104 @@
+//! The model's linear layers: Ember's CPU kernels ([`ember_kernels::cpu`]) for the quantized
+//! formats they beat candle on, candle's `QMatMul` for everything else (dense weights, other
+//! quantized formats, any GPU). The weight is the same `QTensor` either way: nothing is
+//! copied or dequantized.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Module, Tensor};
+use ember_kernels::cpu::{DenseLinear, QuantLinear};
+
+use crate::error::Result;
+
+/// One linear layer's weight `(out, in)`, and the code that multiplies by it.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    /// Ember's CPU kernel: Q4_0, Q4_1, Q5_0 and Q8_0 on the CPU (any target).
+    Ember(QuantLinear),
+    /// Ember's CPU kernel for dense f16/bf16 weights (x86-64 with AVX2).
+    EmberDense(DenseLinear),
+    /// Candle's matmul.
+    Candle(QMatMul),
+}
+
+/// 0: not set (read `EMBER_CPU_KERNELS`), 1: on, 2: off.
+static KERNELS: AtomicU8 = AtomicU8::new(0);
+
+/// Whether models loaded from now on use Ember's CPU kernels where they can (the default;
+/// `EMBER_CPU_KERNELS=0` turns them off). Off keeps every layer on candle: to compare the two,
+/// or to rule the kernels out.
+pub fn set_cpu_kernels(on: bool) {
+    KERNELS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+fn kernels_enabled() -> bool {
+    match KERNELS.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => std::env::var("EMBER_CPU_KERNELS").map_or(true, |v| v != "0"),
+    }
+}
+
+impl Linear {
+    /// Picks the kernel for `weight`: Ember's where it takes the format (measured faster than
+    /// candle's on every row count, see BENCHMARKS.md), candle's otherwise.
+    pub fn new(weight: QMatMul) -> Self {
+        if !kernels_enabled() {
+            return Linear::Candle(weight);
+        }
+        match weight {
+            // Moved in, not cloned: a tensor held by the layer alone can be repacked in place.
+            QMatMul::QTensor(q) => match QuantLinear::new(q) {
+                Ok(ours) => Linear::Ember(ours),
+                Err(q) => Linear::Candle(QMatMul::QTensor(q)),
+            },
+            // f32 stays on candle's gemm, which is as fast (BENCHMARKS.md); the kernel wins on
+            // f16 and bf16, which candle has no native arithmetic for on the CPU.
+            QMatMul::Tensor(t) if t.dtype() == candle_core::DType::F32 => Linear::Candle(QMatMul::Tensor(t)),
+            QMatMul::Tensor(t) => match DenseLinear::new(&t) {
+                Some(ours) => Linear::EmberDense(ours),
+                None => Linear::Candle(QMatMul::Tensor(t)),
+            },
+            other => Linear::Candle(other),
+        }
+    }
+
+    /// Which kernel runs this layer, for logs and benchmarks.
+    pub fn path(&self) -> &'static str {
+        match self {
+            Linear::Ember(_) => "ember-cpu",
+            Linear::EmberDense(_) => "ember-cpu-dense",
+            Linear::Candle(QMatMul::QTensor(_)) => "candle-quantized",
+            Linear::Candle(_) => "candle-dense",
+        }
+    }
+
+    /// Rows `ids` of the weight as embeddings `(ids..., in)`: the token table, which a tied
+    /// head shares with the output layer (held once, in whichever layout the kernel uses).
+    pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Ember(w) => w.embedding(ids)?,
+            Linear::EmberDense(w) => w.embedding(ids)?,
+            Linear::Candle(w) => w.embedding(ids)?,
+        })
+    }
+
+    /// `x (b, t, in)` -> `(b, t, out)`. Dense weights are multiplied as `W · xᵀ`: the weight
+    /// matrix is the left operand, read in place, where candle's `x · Wᵀ` has the CPU gemm
+    /// pack (copy) the whole weight matrix on every call once `x` has more than one row, which
+    /// doubles the memory traffic of a batched decode step.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Ember(w) => Ok(w.forward(x)?),
+            Linear::EmberDense(w) => Ok(w.forward(x)?),
+            Linear::Candle(QMatMul::Tensor(weight)) => {
+                let (b, t, k) = x.dims3()?;
+                let out = weight.dim(0)?;
+                let y = weight.matmul(&x.reshape((b * t, k))?.t()?)?;
+                Ok(y.t()?.reshape((b, t, out))?)
+            }
+            Linear::Candle(w) => Ok(w.forward(x)?),
+        }
+    }
+}
