@@ -245,13 +245,19 @@ pub fn convert_gguf(src: &Path, dst: &Path, dtype: GgmlDType) -> Result<()> {
         tensors.push((n.as_str(), QTensor::quantize(&t, target)?));
     }
     let file_type = Value::U32(if dtype == GgmlDType::F16 { 1 } else { 0 });
-    let mut metadata: Vec<(&str, &Value)> = weights
-        .content
-        .metadata
-        .iter()
-        .filter(|(k, _)| k.as_str() != "general.file_type")
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
+    write_gguf(dst, &weights.content.metadata, file_type, &tensors)
+}
+
+/// Writes a GGUF file: `metadata` as it was but for `general.file_type`, which becomes
+/// `file_type`, and `tensors` in the order given.
+pub(crate) fn write_gguf(
+    dst: &Path,
+    metadata: &std::collections::HashMap<String, Value>,
+    file_type: Value,
+    tensors: &[(&str, QTensor)],
+) -> Result<()> {
+    let mut metadata: Vec<(&str, &Value)> =
+        metadata.iter().filter(|(k, _)| k.as_str() != "general.file_type").map(|(k, v)| (k.as_str(), v)).collect();
     metadata.push(("general.file_type", &file_type));
     metadata.sort_by(|a, b| a.0.cmp(b.0));
     let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();

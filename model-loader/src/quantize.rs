@@ -125,21 +125,7 @@ pub fn quantize_gguf(src: &Path, dst: &Path, target: QuantType) -> Result<()> {
         let t = if q.dtype() == ty { q } else { QTensor::quantize(&q.dequantize(&cpu)?, ty)? };
         tensors.push((n.as_str(), t));
     }
-    let file_type = Value::U32(target.file_type());
-    let mut metadata: Vec<(&str, &Value)> = weights
-        .content
-        .metadata
-        .iter()
-        .filter(|(k, _)| k.as_str() != "general.file_type")
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    metadata.push(("general.file_type", &file_type));
-    metadata.sort_by(|a, b| a.0.cmp(b.0));
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-    let mut out = std::io::BufWriter::new(std::fs::File::create(dst).map_err(|e| LoadError::io(dst, e))?);
-    candle_core::quantized::gguf_file::write(&mut out, &metadata, &refs)?;
-    std::io::Write::flush(&mut out).map_err(|e| LoadError::io(dst, e))?;
-    Ok(())
+    crate::gguf::write_gguf(dst, &weights.content.metadata, Value::U32(target.file_type()), &tensors)
 }
 
 #[cfg(test)]

@@ -85,16 +85,7 @@ pub mod x86 {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
     }
 
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        // SAFETY (caller): AVX is enabled where this inlines.
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            _mm_cvtss_f32(s)
-        }
-    }
+    use crate::cpu::x86::hsum;
 
     #[inline(always)]
     unsafe fn body<T: Load8, const R: usize>(w: &[T], x: &[f32], r0: usize, out: &mut [f32]) {

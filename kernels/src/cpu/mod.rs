@@ -119,12 +119,7 @@ pub fn matmul_q8(isa: Isa, format: Format, w: &[u8], n: usize, acts: &Q8Rows, y:
             }
         }
     };
-    // Small products are not worth waking the pool for (a few microseconds per dispatch).
-    if n * m * k < 1 << 16 {
-        rows(0..n);
-    } else {
-        candle_core::utils::barrier_pool().execute_chunked(n, rows);
-    }
+    by_output_rows(n, n * m * k, rows);
 }
 
 /// `y (m, n) = x (m, k) · Wᵀ` for a dense weight `w` (`n * k` values of f32, f16 or bf16),
@@ -159,7 +154,14 @@ pub fn dense_matmul<T: DenseElement>(simd: bool, w: &[T], n: usize, k: usize, x:
             }
         }
     };
-    if n * m * k < 1 << 16 {
+    by_output_rows(n, n * m * k, rows);
+}
+
+/// Runs `rows` over the output rows (or row tiles) `0..n`, split across candle's thread pool, or on this
+/// thread when the product is small (`work` multiply-adds): waking the pool costs a few
+/// microseconds per dispatch.
+pub(crate) fn by_output_rows(n: usize, work: usize, rows: impl Fn(std::ops::Range<usize>) + Sync) {
+    if work < 1 << 16 {
         rows(0..n);
     } else {
         candle_core::utils::barrier_pool().execute_chunked(n, rows);

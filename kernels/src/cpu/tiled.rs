@@ -334,12 +334,7 @@ pub fn matmul_q8(w: &Tiled, acts: &Q8Rows, y: &mut [f32]) {
             }
         }
     };
-    let n_tiles = n.div_ceil(TILE);
-    if n * m * w.k < 1 << 16 {
-        tiles(0..n_tiles);
-    } else {
-        candle_core::utils::barrier_pool().execute_chunked(n_tiles, tiles);
-    }
+    super::by_output_rows(n.div_ceil(TILE), n * m * w.k, tiles);
 }
 
 /// Portable reference of [`matmul_q8`] on the tiled layout (tests).

@@ -110,8 +110,9 @@ unsafe fn isum<const L: u8>(format: Format, c: __m256i, q: __m256i) -> __m256i {
     }
 }
 
+/// The sum of the eight lanes of `v`.
 #[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(crate) unsafe fn hsum(v: __m256) -> f32 {
     // SAFETY (caller): inlined only into functions compiled with AVX.
     unsafe {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -71,10 +71,6 @@ impl Sampler {
         Self { params, seed, drawn: 0 }
     }
 
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
-    }
-
     /// This draw's settings for the kernel's sampler, on either device: the sequence's seed is
     /// mixed with the number of tokens sampled so far, so each draw is new and a sequence's
     /// draws do not depend on which batch it ran in. Pass step 0 with them.
