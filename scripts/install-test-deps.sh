@@ -7,11 +7,20 @@ set -euo pipefail
 want_moto=5.2.5
 want_cargo_lambda=1.9.2
 want_cfn_lint=1.51.0
+# The minisign tool (the signing tests check Ember's signatures against it): Debian's package.
+want_minisign=0.11
+want_minisign_deb=0.11-1
 version_of() { python3 -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || true; }
 if [ "$(version_of moto)" != "$want_moto" ] || ! python3 -c 'import flask, flask_cors' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check "moto[server]==$want_moto"
 fi
 command -v moto_server >/dev/null || { echo "moto_server is not on PATH after installing moto" >&2; exit 1; }
+if [ "$(minisign -v 2>/dev/null || true)" != "minisign $want_minisign" ]; then
+  sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "minisign=$want_minisign_deb" >/dev/null
+fi
+[ "$(minisign -v)" = "minisign $want_minisign" ] || { echo "minisign $want_minisign is not on PATH after installing it" >&2; exit 1; }
 # cfn-lint checks the CloudFormation templates in infra/ (.ci/run).
 if [ "$(version_of cfn-lint)" != "$want_cfn_lint" ]; then
   python3 -m pip install --quiet --disable-pip-version-check "cfn-lint==$want_cfn_lint"

@@ -41,6 +41,20 @@ pub enum LoadError {
     ManifestFileMissing(String),
     #[error("the model at `{0}` has no ember-manifest.json, and verified weights are required (--require-manifest, on by default for s3:// models): write one with `ember model manifest DIR` and upload it beside the weights, or pass --require-manifest=false to load unverified weights")]
     ManifestRequired(String),
+    #[error("the model at `{0}` has no signature (ember-manifest.json.minisig beside ember-manifest.json), and trusted keys are set (--trusted-key / EMBER_TRUSTED_KEYS): sign the manifest with `ember model sign DIR --key SECRET_KEY` or `minisign -Sm ember-manifest.json`, and put the signature beside it")]
+    Unsigned(String),
+    #[error("the manifest of the model at `{model}` is signed by key {key_id}, which is not trusted (trusted: {trusted}): load models signed by a trusted key, or add the signer's public key to --trusted-key / EMBER_TRUSTED_KEYS")]
+    UntrustedKey { model: String, key_id: String, trusted: String },
+    #[error("the manifest of the model at `{model}` does not match its signature by key {key_id}: ember-manifest.json was changed after it was signed; do not load it, and re-sign only a manifest you have checked")]
+    SignatureMismatch { model: String, key_id: String },
+    #[error(
+        "the signature of the model at `{model}` (ember-manifest.json.minisig) is not a minisign signature: {message}"
+    )]
+    BadSignature { model: String, message: String },
+    #[error("trusted key `{key}` is neither a minisign public key (RW...) nor a readable .pub file: {message}")]
+    BadTrustedKey { key: String, message: String },
+    #[error("signing: {0}")]
+    Signing(String),
     #[error("weights file `{file}` is unreadable: {message} (truncated or not a safetensors/GGUF file?)")]
     BadWeights { file: String, message: String },
     #[error("tensor `{name}` is missing from the weights: the checkpoint does not match config.json")]
@@ -79,6 +93,12 @@ impl LoadError {
             Self::ManifestRequired(_) => "manifest_required",
             Self::NotAModel(_) => "not_a_model",
             Self::AmbiguousModel { .. } => "ambiguous_model",
+            Self::Unsigned(_) => "unsigned",
+            Self::UntrustedKey { .. } => "untrusted_key",
+            Self::SignatureMismatch { .. } => "signature_mismatch",
+            Self::BadSignature { .. } => "bad_signature",
+            Self::BadTrustedKey { .. } => "bad_trusted_key",
+            Self::Signing(_) => "signing",
             Self::BadWeights { .. } => "bad_weights",
             Self::MissingTensor { .. } => "missing_tensor",
             Self::BadTensorShape { .. } => "bad_tensor_shape",

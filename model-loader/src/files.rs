@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::error::{LoadError, Result};
 use crate::manifest::{digest_bytes, Manifest, MANIFEST_FILE};
+use crate::signing::{TrustedKeys, SIGNATURE_FILE};
 
 /// One file's bytes.
 pub enum FileBytes {
@@ -39,6 +40,9 @@ pub struct ModelFiles {
     /// Where they came from, for error messages.
     pub origin: String,
     pub files: Vec<(String, FileBytes)>,
+    /// One `.gguf` file taken out of a folder: a manifest here is the folder's, so only the
+    /// files read from it must match, not every file it lists.
+    pub lone_file: bool,
 }
 
 impl ModelFiles {
@@ -54,19 +58,25 @@ impl ModelFiles {
         self.files.iter().map(|(n, _)| n.as_str())
     }
 
-    /// Verifies every file against `ember-manifest.json` when there is one, hashing files in
-    /// parallel. Returns whether a manifest was found.
-    pub fn verify(&self) -> Result<bool> {
+    /// Checks the manifest's signature when keys are trusted (before anything else is
+    /// read), then every file against `ember-manifest.json` when there is one, hashing
+    /// files in parallel. Returns whether a manifest was found.
+    pub fn verify(&self, trusted: &TrustedKeys) -> Result<bool> {
+        self.verify_signature(trusted)?;
         let Some(bytes) = self.get(MANIFEST_FILE) else {
             return Ok(false);
         };
         let manifest = Manifest::from_json(bytes)?;
         for listed in manifest.files.keys() {
-            if self.get(listed).is_none() {
+            // A lone GGUF file still needs the tokenizer files its manifest lists: without
+            // them it would quietly fall back to the tokenizer inside the GGUF.
+            let needed = !self.lone_file || matches!(listed.as_str(), "tokenizer.json" | "tokenizer_config.json");
+            if needed && self.get(listed).is_none() {
                 return Err(LoadError::ManifestFileMissing(listed.clone()));
             }
         }
-        let to_check: Vec<&(String, FileBytes)> = self.files.iter().filter(|(n, _)| n != MANIFEST_FILE).collect();
+        let to_check: Vec<&(String, FileBytes)> =
+            self.files.iter().filter(|(n, _)| n != MANIFEST_FILE && n != SIGNATURE_FILE).collect();
         std::thread::scope(|s| {
             let handles: Vec<_> = to_check
                 .iter()
@@ -86,6 +96,30 @@ impl ModelFiles {
         })?;
         Ok(true)
     }
+
+    /// With trusted keys: the manifest must be there and signed by one of them.
+    pub fn verify_signature(&self, trusted: &TrustedKeys) -> Result<()> {
+        if trusted.is_empty() {
+            return Ok(());
+        }
+        let manifest = self.get(MANIFEST_FILE).ok_or_else(|| LoadError::ManifestRequired(self.origin.clone()))?;
+        let signer = trusted.verify(&self.origin, manifest, self.get(SIGNATURE_FILE))?;
+        tracing::info!(model = %self.origin, key_id = %signer, "manifest signature verified");
+        Ok(())
+    }
+
+    /// For a lone `.gguf` file: takes the manifest and its signature from the file's folder,
+    /// so a signed folder vouches for the file.
+    pub fn add_folder_manifest(&mut self, gguf: &Path) -> Result<()> {
+        let Some(dir) = gguf.parent().filter(|_| self.lone_file) else { return Ok(()) };
+        for name in [MANIFEST_FILE, SIGNATURE_FILE] {
+            let p = dir.join(name);
+            if p.is_file() && self.get(name).is_none() {
+                self.files.push((name.into(), FileBytes::map(&p)?));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The files Ember reads from a model directory or prefix.
@@ -98,6 +132,7 @@ pub fn is_model_file(name: &str) -> bool {
             | "generation_config.json"
             | "model.safetensors.index.json"
             | MANIFEST_FILE
+            | SIGNATURE_FILE
     ) || name.ends_with(".safetensors")
         || name.ends_with(".gguf")
 }
@@ -108,8 +143,9 @@ pub fn local_files(path: &Path) -> Result<ModelFiles> {
     if !path.exists() {
         return Err(LoadError::NotFound(path.to_path_buf()));
     }
-    let mut files = ModelFiles { origin: path.display().to_string(), files: Vec::new() };
+    let mut files = ModelFiles { origin: path.display().to_string(), ..Default::default() };
     if path.is_file() {
+        files.lone_file = true;
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if !name.ends_with(".gguf") {
             return Err(LoadError::NotAModel(path.to_path_buf()));

@@ -166,6 +166,10 @@ pub struct LoadOptions {
     /// instead of loading them unverified. The CLI turns it on by default for `s3://` models,
     /// where the bytes crossed a network and a bucket others can write.
     pub require_manifest: bool,
+    /// When not empty, the manifest must be signed by one of these keys
+    /// ([`crate::signing`]), and so is required too: every load path refuses an unsigned,
+    /// untrusted or altered manifest before any weight is used.
+    pub trusted_keys: crate::signing::TrustedKeys,
 }
 
 impl LoadOptions {
@@ -218,7 +222,13 @@ impl LoadedModel {
 /// Fetches the files of a model reference.
 pub async fn fetch_files(reference: &ModelRef, opts: &LoadOptions) -> Result<ModelFiles> {
     match reference {
-        ModelRef::Local(path) => local_files(path),
+        ModelRef::Local(path) => {
+            let mut files = local_files(path)?;
+            if !opts.trusted_keys.is_empty() {
+                files.add_folder_manifest(path)?;
+            }
+            Ok(files)
+        }
         ModelRef::S3 { bucket, prefix } => {
             let sdk = opts.aws_config()?;
             s3::fetch(&s3::client(sdk), bucket, prefix, &opts.fetch).await
@@ -230,11 +240,10 @@ pub async fn fetch_files(reference: &ModelRef, opts: &LoadOptions) -> Result<Mod
 pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedModel> {
     let device = select_device(opts.device)?;
     let t0 = Instant::now();
-    if let (ModelRef::S3 { bucket, prefix }, true) = (reference, opts.require_manifest) {
+    let require_manifest = opts.require_manifest || !opts.trusted_keys.is_empty();
+    if let (ModelRef::S3 { bucket, prefix }, true) = (reference, require_manifest) {
         let sdk = opts.aws_config()?;
-        if !s3::has_manifest(&s3::client(sdk), bucket, prefix).await? {
-            return Err(LoadError::ManifestRequired(reference.to_string()));
-        }
+        s3::check_before_download(&s3::client(sdk), bucket, prefix, require_manifest, &opts.trusted_keys).await?;
     }
     if let ModelRef::S3 { bucket, prefix } = reference {
         let wanted = match opts.stream {
@@ -245,8 +254,10 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
         if wanted {
             let sdk = opts.aws_config()?;
             let mut sink = device_sink(&device)?;
-            let streamed = s3::fetch_streaming(&s3::client(sdk), bucket, prefix, &opts.fetch, sink.as_mut()).await?;
-            if opts.require_manifest && !streamed.verified {
+            let client = s3::client(sdk);
+            let streamed =
+                s3::fetch_streaming(&client, bucket, prefix, &opts.fetch, &opts.trusted_keys, sink.as_mut()).await?;
+            if require_manifest && !streamed.verified {
                 return Err(LoadError::ManifestRequired(reference.to_string()));
             }
             let fetch_s = t0.elapsed();
@@ -258,14 +269,15 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
         }
     }
     let files = fetch_files(reference, opts).await?;
-    if opts.require_manifest && files.get(crate::manifest::MANIFEST_FILE).is_none() {
+    if require_manifest && files.get(crate::manifest::MANIFEST_FILE).is_none() {
         return Err(LoadError::ManifestRequired(reference.to_string()));
     }
     let fetch_s = t0.elapsed();
     let name = model_name(reference);
     let dtype = opts.dtype;
+    let trusted = opts.trusted_keys.clone();
     // Hashing and building are CPU-bound: keep them off the async runtime's threads.
-    tokio::task::spawn_blocking(move || build(name, &files, dtype, &device, fetch_s))
+    tokio::task::spawn_blocking(move || build(name, &files, &trusted, dtype, &device, fetch_s))
         .await
         .map_err(|e| LoadError::BadConfig(format!("model build task failed: {e}")))?
 }
@@ -275,12 +287,13 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
 pub fn build(
     name: String,
     files: &ModelFiles,
+    trusted: &crate::signing::TrustedKeys,
     dtype_choice: DTypeChoice,
     device: &Device,
     fetch_s: Duration,
 ) -> Result<LoadedModel> {
     let t1 = Instant::now();
-    let verified = files.verify()?;
+    let verified = files.verify(trusted)?;
     assemble(name, files, None, dtype_choice, device, fetch_s, (verified, t1.elapsed()))
 }
 

@@ -38,7 +38,12 @@ impl Manifest {
             let entry = entry.map_err(|e| LoadError::io(dir, e))?;
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !path.is_file() || name == MANIFEST_FILE || name.starts_with('.') {
+            // The signature signs the manifest, so the manifest cannot list it.
+            if !path.is_file()
+                || name == MANIFEST_FILE
+                || name == crate::signing::SIGNATURE_FILE
+                || name.starts_with('.')
+            {
                 continue;
             }
             files.insert(name, digest_file(&path)?);

@@ -105,12 +105,43 @@ async fn list(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result
     Ok(out)
 }
 
-/// Whether the model at `prefix` has an `ember-manifest.json` beside its files: one LIST
-/// request, so a model that must be verified is refused before any weight is downloaded. A
-/// `.gguf` key on its own has no place for a manifest (put it in a folder with one).
-pub async fn has_manifest(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result<bool> {
+/// Refuses, before any weight is downloaded, a model that would be refused after it: one
+/// without a manifest when a manifest is required, and with trusted keys, one whose manifest
+/// is unsigned or not validly signed by a trusted key. One LIST, and with keys two small GETs.
+/// The manifest that is downloaded with the weights is checked again: it could change between.
+/// A `.gguf` key on its own has no place for a manifest (put it in a folder with one).
+pub async fn check_before_download(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+    require_manifest: bool,
+    trusted: &crate::signing::TrustedKeys,
+) -> Result<()> {
+    use crate::manifest::MANIFEST_FILE;
+    use crate::signing::SIGNATURE_FILE;
+
+    let model = format!("s3://{bucket}/{prefix}");
     let objects = list(client, bucket, prefix).await?;
-    Ok(objects.iter().any(|o| o.name == crate::manifest::MANIFEST_FILE))
+    let find = |name: &str| objects.iter().find(|o| o.name == name);
+    let Some(manifest) = find(MANIFEST_FILE) else {
+        if require_manifest || !trusted.is_empty() {
+            return Err(LoadError::ManifestRequired(model));
+        }
+        return Ok(());
+    };
+    if trusted.is_empty() {
+        return Ok(());
+    }
+    let Some(signature) = find(SIGNATURE_FILE) else {
+        return Err(LoadError::Unsigned(model));
+    };
+    let (manifest, signature) = futures::future::try_join(
+        get_range(client, bucket, &manifest.key, 0, manifest.size),
+        get_range(client, bucket, &signature.key, 0, signature.size),
+    )
+    .await?;
+    trusted.verify(&model, &manifest, Some(&signature))?;
+    Ok(())
 }
 
 fn cache_paths(dir: &Path, bucket: &str, key: &str) -> (PathBuf, PathBuf) {
@@ -203,6 +234,7 @@ pub async fn fetch_streaming(
     bucket: &str,
     prefix: &str,
     opts: &FetchOptions,
+    trusted: &crate::signing::TrustedKeys,
     sink: &mut dyn crate::stream::TensorSink,
 ) -> Result<Streamed> {
     use sha2::Digest;
@@ -222,11 +254,13 @@ pub async fn fetch_streaming(
     weights.sort_by(|a, b| a.name.cmp(&b.name));
     let small_bytes =
         futures::future::try_join_all(small.iter().map(|o| get_range(client, bucket, &o.key, 0, o.size))).await?;
-    let mut files = ModelFiles { origin: format!("s3://{bucket}/{prefix}"), files: Vec::new() };
+    let mut files = ModelFiles { origin: format!("s3://{bucket}/{prefix}"), ..Default::default() };
     for (o, b) in small.iter().zip(small_bytes) {
         files.files.push((o.name.clone(), FileBytes::Owned(b.to_vec())));
     }
     files.files.sort_by(|a, b| a.0.cmp(&b.0));
+    // The weights go to the device as they arrive: the signature is checked before the first.
+    files.verify_signature(trusted)?;
     let manifest = files.get(MANIFEST_FILE).map(Manifest::from_json).transpose()?;
     if let Some(m) = &manifest {
         for listed in m.files.keys() {
@@ -234,7 +268,8 @@ pub async fn fetch_streaming(
                 return Err(LoadError::ManifestFileMissing(listed.clone()));
             }
         }
-        for (name, bytes) in files.files.iter().filter(|(n, _)| n != MANIFEST_FILE) {
+        let unlisted = |n: &str| n == MANIFEST_FILE || n == crate::signing::SIGNATURE_FILE;
+        for (name, bytes) in files.files.iter().filter(|(n, _)| !unlisted(n)) {
             m.check(name, &digest_bytes(bytes))?;
         }
     }
@@ -273,7 +308,7 @@ pub async fn fetch_streaming(
 pub async fn fetch(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str, opts: &FetchOptions) -> Result<ModelFiles> {
     let started = Instant::now();
     let objects = list(client, bucket, prefix).await?;
-    let mut files = ModelFiles { origin: format!("s3://{bucket}/{prefix}"), files: Vec::new() };
+    let mut files = ModelFiles { origin: format!("s3://{bucket}/{prefix}"), ..Default::default() };
     let mut to_fetch = Vec::new();
     for obj in objects {
         match opts.cache_dir.as_deref().and_then(|d| cached(d, bucket, &obj)) {

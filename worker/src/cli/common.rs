@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use aws_config::BehaviorVersion;
-use ember_model_loader::{DTypeChoice, DeviceChoice, FetchOptions, LoadOptions, ModelRef, StreamWeights};
+use ember_model_loader::{DTypeChoice, DeviceChoice, FetchOptions, LoadOptions, ModelRef, StreamWeights, TrustedKeys};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
@@ -23,7 +23,25 @@ pub struct ModelArgs {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub require_manifest: Option<bool>,
     #[command(flatten)]
+    pub trust: TrustArgs,
+    #[command(flatten)]
     pub fetch: FetchArgs,
+}
+
+/// Which keys a model's manifest must be signed by.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrustArgs {
+    /// Load only models whose ember-manifest.json is signed (ember-manifest.json.minisig) by
+    /// one of these minisign public keys: the key string (RW...) or the path of a .pub file.
+    /// Repeat the option, or separate keys with commas in the variable.
+    #[arg(long = "trusted-key", env = "EMBER_TRUSTED_KEYS", value_delimiter = ',')]
+    pub trusted_keys: Vec<String>,
+}
+
+impl TrustArgs {
+    pub fn keys(&self) -> anyhow::Result<TrustedKeys> {
+        Ok(TrustedKeys::parse(&self.trusted_keys)?)
+    }
 }
 
 /// Where AWS is: the standard environment (region, credentials), plus an endpoint override
@@ -89,6 +107,7 @@ impl ModelArgs {
                 _ => StreamWeights::Auto,
             },
             require_manifest: self.require_manifest.unwrap_or(remote),
+            trusted_keys: self.trust.keys()?,
         })
     }
 }

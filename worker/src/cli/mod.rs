@@ -35,7 +35,7 @@ pub struct Cli {
 pub enum Command {
     /// Generate a completion for one prompt and print it.
     Generate(generate::GenerateArgs),
-    /// Work with model files: import a GGUF, write a manifest.
+    /// Work with model files: import a GGUF, write, sign and verify a manifest.
     #[command(subcommand)]
     Model(model::ModelCommand),
     /// Run jobs from the queue until stopped (SIGTERM/SIGINT finish or release running jobs).

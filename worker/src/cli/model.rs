@@ -10,6 +10,9 @@ use clap::Subcommand;
 use ember_model_loader::gguf::{convert_gguf, import_gguf, ImportOptions};
 use ember_model_loader::manifest::Manifest;
 use ember_model_loader::quantize::{quantize_gguf, QuantType};
+use ember_model_loader::signing::{generate_keypair, read_secret_key, sign_manifest};
+
+use super::common::TrustArgs;
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -51,6 +54,33 @@ pub enum ModelCommand {
     Manifest {
         /// The model directory.
         dir: PathBuf,
+    },
+    /// Sign a model directory's ember-manifest.json with a minisign secret key, writing
+    /// ember-manifest.json.minisig beside it (checkable with `minisign -Vm`).
+    Sign {
+        /// The model directory (with its ember-manifest.json: `ember model manifest DIR`).
+        dir: PathBuf,
+        /// The minisign secret key file (from `minisign -G` or `ember model keygen`).
+        #[arg(long, env = "EMBER_SIGNING_KEY")]
+        key: PathBuf,
+        /// The password of an encrypted secret key; asked for on the terminal when unset.
+        #[arg(long, env = "EMBER_SIGNING_KEY_PASSWORD", hide_env_values = true)]
+        key_password: Option<String>,
+    },
+    /// Check a model directory offline: its manifest's signature by a trusted key, then every
+    /// file against the manifest.
+    Verify {
+        /// The model directory, or a .gguf file in a signed directory.
+        dir: PathBuf,
+        #[command(flatten)]
+        trust: TrustArgs,
+    },
+    /// Make a minisign key pair without a password (minisign -G makes password-protected
+    /// ones): SECRET_KEY_FILE (keep it private) and SECRET_KEY_FILE.pub.
+    Keygen {
+        /// Where to write the secret key; the public key goes to the same path + `.pub`.
+        #[arg(long, env = "EMBER_SIGNING_KEY")]
+        key: PathBuf,
     },
 }
 
@@ -112,5 +142,51 @@ pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        ModelCommand::Sign { dir, key, key_password } => {
+            let secret = read_secret_key(&key, key_password)?;
+            let key_id = sign_manifest(&dir, &secret)?;
+            println!("signed {} with key {key_id}", dir.join(ember_model_loader::signing::SIGNATURE_FILE).display());
+            Ok(())
+        }
+        ModelCommand::Verify { dir, trust } => {
+            let trusted = trust.keys()?;
+            if trusted.is_empty() {
+                anyhow::bail!("give the key(s) to trust with --trusted-key or EMBER_TRUSTED_KEYS");
+            }
+            let files = ember_model_loader::loader::fetch_files(
+                &ember_model_loader::ModelRef::Local(dir.clone()),
+                &ember_model_loader::LoadOptions { trusted_keys: trusted.clone(), ..Default::default() },
+            )
+            .await?;
+            let verified =
+                tokio::task::spawn_blocking(move || files.verify(&trusted)).await.context("verify task failed")??;
+            if !verified {
+                anyhow::bail!("`{}` has no ember-manifest.json", dir.display());
+            }
+            println!("{}: signature and every file verified", dir.display());
+            Ok(())
+        }
+        ModelCommand::Keygen { key } => {
+            let (secret, public, key_id) = generate_keypair()?;
+            let public_path = PathBuf::from(format!("{}.pub", key.display()));
+            write_new(&key, &secret, 0o600)?;
+            write_new(&public_path, &public, 0o644)?;
+            println!("key {key_id}: secret key {}, public key {}", key.display(), public_path.display());
+            Ok(())
+        }
     }
+}
+
+/// Writes a new file (never over an existing key) with the given Unix permissions.
+fn write_new(path: &std::path::Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("writing `{}` (it must not exist yet)", path.display()))?;
+    file.write_all(text.as_bytes()).with_context(|| format!("writing `{}`", path.display()))?;
+    Ok(())
 }
