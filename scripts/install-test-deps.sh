@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Ember's tests need besides Rust (pinned): moto's server for SQS and S3,
-# cfn-lint for the templates in infra/, and cargo-lambda for the local Lambda Runtime API (its
+# the minisign tool, Arize Phoenix (an OpenTelemetry trace backend), cfn-lint for the
+# templates in infra/, and cargo-lambda for the local Lambda Runtime API (its
 # PyPI wheel is a prebuilt binary; `cargo install` would take close to an hour).
 # Idempotent and quick when everything is already there.
 set -euo pipefail
@@ -10,6 +11,10 @@ want_cfn_lint=1.51.0
 # The minisign tool (the signing tests check Ember's signatures against it): Debian's package.
 want_minisign=0.11
 want_minisign_deb=0.11-1
+# Arize Phoenix, a real OpenTelemetry trace backend (OTLP in, REST queries out) for the tracing
+# tests; in its own virtualenv, its dependencies being many and pinned tightly.
+want_phoenix=20.26.1
+phoenix_venv=${EMBER_PHOENIX_VENV:-$HOME/.cache/ember/phoenix-venv}
 version_of() { python3 -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || true; }
 if [ "$(version_of moto)" != "$want_moto" ] || ! python3 -c 'import flask, flask_cors' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check "moto[server]==$want_moto"
@@ -21,6 +26,11 @@ if [ "$(minisign -v 2>/dev/null || true)" != "minisign $want_minisign" ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "minisign=$want_minisign_deb" >/dev/null
 fi
 [ "$(minisign -v)" = "minisign $want_minisign" ] || { echo "minisign $want_minisign is not on PATH after installing it" >&2; exit 1; }
+if [ "$("$phoenix_venv/bin/python" -c "import importlib.metadata as m; print(m.version('arize-phoenix'))" 2>/dev/null || true)" != "$want_phoenix" ]; then
+  python3 -m venv "$phoenix_venv"
+  "$phoenix_venv/bin/pip" install --quiet --disable-pip-version-check "arize-phoenix==$want_phoenix"
+fi
+[ -x "$phoenix_venv/bin/phoenix" ] || { echo "phoenix is not in $phoenix_venv after installing it" >&2; exit 1; }
 # cfn-lint checks the CloudFormation templates in infra/ (.ci/run).
 if [ "$(version_of cfn-lint)" != "$want_cfn_lint" ]; then
   python3 -m pip install --quiet --disable-pip-version-check "cfn-lint==$want_cfn_lint"

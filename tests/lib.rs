@@ -77,6 +77,123 @@ impl Drop for MotoServer {
     }
 }
 
+/// An Arize Phoenix server on 127.0.0.1 (a real OpenTelemetry trace backend: it receives OTLP
+/// over HTTP and answers queries over REST), with its data in a temporary folder; killed when
+/// dropped. `scripts/install-test-deps.sh` installs it (pinned) in its own virtualenv.
+pub struct PhoenixServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PhoenixServer {
+    /// Starts `phoenix serve` (`PHOENIX_SERVER`, or the install script's virtualenv, or PATH)
+    /// and waits until it answers.
+    pub fn start() -> anyhow::Result<Self> {
+        let bin = std::env::var("PHOENIX_SERVER").unwrap_or_else(|_| {
+            let venv = match std::env::var_os("EMBER_PHOENIX_VENV") {
+                Some(v) => PathBuf::from(v),
+                None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/ember/phoenix-venv"),
+            }
+            .join("bin/phoenix");
+            if venv.exists() {
+                venv.to_string_lossy().into_owned()
+            } else {
+                "phoenix".into()
+            }
+        });
+        let dir = tempfile::tempdir()?;
+        let (port, grpc_port) = (free_port()?, free_port()?);
+        let child = Command::new(&bin)
+            .arg("serve")
+            .env("PHOENIX_HOST", "127.0.0.1")
+            .env("PHOENIX_PORT", port.to_string())
+            .env("PHOENIX_GRPC_PORT", grpc_port.to_string())
+            .env("PHOENIX_WORKING_DIR", dir.path())
+            .env("PHOENIX_TELEMETRY_ENABLED", "false")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting `{bin} serve`: run scripts/install-test-deps.sh (arize-phoenix)"))?;
+        let mut server = Self { child, port, _dir: dir };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(180) {
+            if let Some(status) = server.child.try_wait()? {
+                bail!("phoenix exited early: {status}");
+            }
+            if http_get(port, "/healthz").is_ok_and(|(status, _)| status == 200) {
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("phoenix did not answer on 127.0.0.1:{port} within 180 s")
+    }
+
+    /// The OTLP endpoint to give as `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub fn otlp_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Every span Phoenix holds for its default project, through its REST API.
+    pub fn spans(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = "/v1/projects/default/spans?limit=1000".to_string();
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let (status, body) = http_get(self.port, &path)?;
+            if status == 404 {
+                return Ok(out); // no project yet: nothing received
+            }
+            anyhow::ensure!(status == 200, "phoenix answered {status}: {body}");
+            let page: serde_json::Value = serde_json::from_str(&body)?;
+            out.extend(page["data"].as_array().cloned().unwrap_or_default());
+            match page["next_cursor"].as_str() {
+                Some(c) if !c.is_empty() => cursor = Some(c.to_string()),
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
+impl Drop for PhoenixServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.1 GET to 127.0.0.1: (status, body). Enough for a test server's JSON API.
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    Ok((status, if chunked { dechunk(body) } else { body.to_string() }))
+}
+
+/// The body of a chunked HTTP response.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
 /// SDK configuration for a local endpoint with static test credentials.
 pub async fn aws_config_for(endpoint: &str) -> aws_config::SdkConfig {
     aws_config::defaults(BehaviorVersion::latest())

@@ -152,12 +152,15 @@ pub fn received_message(record: SqsMessage, index: usize) -> ReceivedMessage {
         .and_then(|ms| ms.parse::<u64>().ok())
         .and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms)))
         .unwrap_or_else(SystemTime::now);
+    let traceparent =
+        record.message_attributes.get(crate::telemetry::otel::TRACEPARENT).and_then(|a| a.string_value.clone());
     ReceivedMessage {
         id: MessageId(id),
         receipt: ReceiptHandle(record.receipt_handle.unwrap_or_default()),
         body: record.body.unwrap_or_default().into_bytes(),
         receive_count,
         sent_at,
+        traceparent,
     }
 }
 
@@ -188,7 +191,10 @@ pub async fn run_batch<H: Handler + ?Sized>(
             continue;
         }
         let msg = received_message(record, index);
-        match handler.handle(&msg, &shutdown).await {
+        let span = crate::telemetry::otel::job_span(&msg);
+        let outcome = tracing::Instrument::instrument(handler.handle(&msg, &shutdown), span.clone()).await;
+        crate::telemetry::otel::record_outcome(&span, &outcome);
+        match outcome {
             Outcome::Done => report.done += 1,
             Outcome::Poisoned { .. } => report.poisoned += 1,
             Outcome::Rejected { label, .. } => {

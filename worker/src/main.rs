@@ -17,7 +17,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before the runtime spawns threads.
     telemetry::set_thread_count(cli.threads);
-    telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -25,7 +24,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    // The trace exporter is a task on the runtime.
+    let tracing = match runtime.block_on(async { telemetry::init(cli.log_format) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    tracing.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -67,7 +67,7 @@ impl HopSender for QueueSender {
         let mut out = Vec::with_capacity(hops.len());
         for (hop, delay) in hops {
             let body = serde_json::to_vec(&hop).map_err(|e| SendError { message: e.to_string(), retryable: false })?;
-            out.push(OutgoingMessage { body, delay: (!delay.is_zero()).then_some(delay) });
+            out.push(OutgoingMessage { body, delay: (!delay.is_zero()).then_some(delay), traceparent: None });
         }
         for chunk in out.chunks(10) {
             for result in self.0.send_batch(chunk.to_vec()).await {

@@ -1,4 +1,5 @@
-//! Structured logs on stderr: JSON in Lambda (or when asked), human-readable elsewhere.
+//! Structured logs on stderr: JSON in Lambda (or when asked), human-readable elsewhere; and
+//! OpenTelemetry traces when an OTLP endpoint is configured ([`otel`]).
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -6,6 +7,7 @@ use std::time::Instant;
 use tracing_subscriber::EnvFilter;
 
 pub mod metrics;
+pub mod otel;
 
 static PROCESS_START: OnceLock<Instant> = OnceLock::new();
 
@@ -25,16 +27,36 @@ pub enum LogFormat {
     Json,
 }
 
-/// JSON when running in AWS Lambda, text otherwise, unless a format is given.
-pub fn init(format: Option<LogFormat>) {
+/// Logs: JSON when running in AWS Lambda, text otherwise, unless a format is given. Traces:
+/// see [`otel`]. Call inside the tokio runtime; keep the answer until the end and shut it down.
+pub fn init(format: Option<LogFormat>) -> Result<otel::Tracing, otel::TraceError> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let format = format.unwrap_or(if in_lambda() { LogFormat::Json } else { LogFormat::Text });
+    // Trace spans are for the trace backend, not the logs (unless EMBER_LOG asks for them).
     let filter = EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.compact().fmt_fields(EscapedFields::default()).try_init(),
+    let filter = match format!("{}=off", otel::TARGET).parse() {
+        Ok(d) if !std::env::var("EMBER_LOG").is_ok_and(|v| v.contains(otel::TARGET)) => filter.add_directive(d),
+        _ => filter,
     };
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let logs = match format {
+        LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
+        LogFormat::Text => fmt.compact().fmt_fields(EscapedFields::default()).with_filter(filter).boxed(),
+    };
+    let (traces, guard) = otel::layer()?;
+    // Only Ember's trace spans, and its warnings and errors as events on them.
+    let traces = traces.map(|l| {
+        l.with_filter(tracing_subscriber::filter::filter_fn(|m| {
+            m.target() == otel::TARGET
+                || (m.is_event() && *m.level() <= tracing::Level::WARN && m.target().starts_with("ember"))
+        }))
+    });
+    let _ = tracing_subscriber::registry().with(logs).with(traces).try_init();
+    Ok(guard)
 }
 
 /// Text-log fields with every control character escaped (`\n` as the two characters `\` `n`),

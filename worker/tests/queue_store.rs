@@ -71,6 +71,19 @@ async fn one(q: &dyn Queue, secs: u64) -> Result<ReceivedMessage> {
     msgs.pop().context("one message")
 }
 
+/// Receives `n` messages, in as many long polls as they take (a few at most).
+async fn receive_n(q: &dyn Queue, n: usize) -> Result<Vec<ReceivedMessage>> {
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        if got.len() >= n {
+            break;
+        }
+        got.extend(q.receive(&wait(5)).await?);
+    }
+    ensure!(got.len() == n, "expected {n} messages, got {}", got.len());
+    Ok(got)
+}
+
 async fn delete_all(q: &dyn Queue, msgs: &[ReceivedMessage]) -> Result<()> {
     let receipts: Vec<_> = msgs.iter().map(|m| m.receipt.clone()).collect();
     for result in q.delete_batch(&receipts).await {
@@ -101,7 +114,34 @@ fn queue_checks(b: &Backend) -> Vec<Check<'_>> {
         ("batch_of_25", Box::pin(batch_of_25(b))),
         ("depth", Box::pin(depth(b))),
         ("redrive_sent_to_dlq", Box::pin(redrive_sent_to_dlq(b))),
+        ("trace_context", Box::pin(trace_context(b))),
     ]
+}
+
+/// The W3C trace context sent with a message comes back with it, and stays through a redrive.
+async fn trace_context(b: &Backend) -> Result<()> {
+    let q = b.queue("trace-context", 30, 1).await?;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let sent = q
+        .send_batch(vec![
+            OutgoingMessage::new("traced").with_traceparent(Some(tp.into())),
+            OutgoingMessage::new("plain"),
+        ])
+        .await;
+    ensure!(sent.iter().all(Result::is_ok), "{sent:?}");
+    let mut got = receive_n(&*q, 2).await?;
+    got.sort_by(|a, b| a.body.cmp(&b.body));
+    ensure!(got[0].body == b"plain" && got[0].traceparent.is_none(), "{:?}", got[0]);
+    ensure!(got[1].traceparent.as_deref() == Some(tp), "{:?}", got[1]);
+    // Released past max_receive_count 1: the next receive moves it to the DLQ; redrive brings it back.
+    for m in &got {
+        q.change_visibility(&m.receipt, Duration::ZERO).await?;
+    }
+    ensure!(q.receive(&wait(1)).await?.is_empty(), "messages past max_receive_count came back");
+    ensure!(q.redrive().await? == 2, "both redriven");
+    let back = receive_n(&*q, 2).await?;
+    ensure!(back.iter().any(|m| m.traceparent.as_deref() == Some(tp)), "trace context lost in the redrive: {back:?}");
+    delete_all(&*q, &back).await
 }
 
 async fn round_trip(b: &Backend) -> Result<()> {
@@ -314,7 +354,33 @@ async fn embedded_and_local() -> Result<()> {
     checks.push(("shared_file_and_crashed_holder", Box::pin(shared_file_and_crashed_holder(&backend))));
     checks.push(("concurrent_receivers", Box::pin(concurrent_receivers(&backend))));
     checks.push(("any_bytes", Box::pin(any_bytes(&backend))));
+    checks.push(("schema_1_file", Box::pin(schema_1_file(&backend))));
     run_all("embedded", checks).await
+}
+
+/// A queue file written by an ember before trace contexts (schema 1) opens, keeps its
+/// messages, and carries trace contexts from then on.
+async fn schema_1_file(b: &Backend) -> Result<()> {
+    let Backend::Embedded(dir) = b else { return Ok(()) };
+    let path = dir.path().join("schema-1.db");
+    {
+        let conn = rusqlite::Connection::open(&path)?;
+        conn.execute_batch(
+            "CREATE TABLE messages (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+                 queue TEXT NOT NULL, body BLOB NOT NULL, sent_at INTEGER NOT NULL, visible_at INTEGER NOT NULL,
+                 receive_count INTEGER NOT NULL DEFAULT 0, receipt TEXT, reason TEXT);
+             INSERT INTO messages (id, queue, body, sent_at, visible_at) VALUES ('old', 'schema-1', CAST('from before' AS BLOB), 0, 0);
+             PRAGMA user_version = 1;",
+        )?;
+    }
+    let q = EmbeddedQueue::open(&path, embedded_options("schema-1", Duration::from_secs(30), 5)).await?;
+    let old = one(&q, 5).await?;
+    ensure!(old.body == b"from before" && old.traceparent.is_none(), "{old:?}");
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    q.send_batch(vec![OutgoingMessage::new("new").with_traceparent(Some(tp.into()))]).await;
+    let new = one(&q, 5).await?;
+    ensure!(new.traceparent.as_deref() == Some(tp), "{new:?}");
+    delete_all(&q, &[old, new]).await
 }
 
 /// Of many concurrent create-only writes of one key, exactly one wins.

@@ -62,8 +62,13 @@ fn available_memory() -> Option<u64> {
 /// ones by a bounded amount (a longer single prompt still goes in alone).
 pub const MAX_PREFILL_TOKENS: usize = 512;
 
+/// The target of the trace spans (the worker exports it to OpenTelemetry, keeps it out of logs).
+const TRACE: &str = "ember::trace";
+
 struct Submission {
     req: GenerateRequest,
+    /// The caller's span: admission, prefill and decode are its children.
+    span: tracing::Span,
     cancel: Arc<AtomicBool>,
     reply: oneshot::Sender<Result<Completion, EngineError>>,
 }
@@ -109,7 +114,8 @@ impl Batcher {
     /// `cancel` is set (checked every step).
     pub async fn generate(&self, req: GenerateRequest, cancel: Arc<AtomicBool>) -> Result<Completion, EngineError> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Submission { req, cancel, reply }).map_err(|_| EngineError::Stopped)?;
+        let span = tracing::Span::current();
+        self.tx.send(Submission { req, span, cancel, reply }).map_err(|_| EngineError::Stopped)?;
         answer.await.map_err(|_| EngineError::Stopped)?
     }
 }
@@ -117,12 +123,18 @@ impl Batcher {
 struct Waiting {
     seq: Sequence,
     prompt: Vec<u32>,
+    span: tracing::Span,
+    /// Open while the request waits for room in the batch.
+    admission: tracing::Span,
     cancel: Arc<AtomicBool>,
     reply: oneshot::Sender<Result<Completion, EngineError>>,
 }
 
 struct Running {
     seq: Sequence,
+    span: tracing::Span,
+    /// `prefill` until the prompt is in the cache, then `decode`.
+    phase: tracing::Span,
     cache: SeqCache,
     next: u32,
     reserved: usize,
@@ -166,7 +178,12 @@ impl Loop {
             Ok((seq, _)) if seq.wants_nothing() => {
                 let _ = s.reply.send(Ok(seq.finish(&self.engine, 0.0)));
             }
-            Ok((seq, prompt)) => self.waiting.push_back(Waiting { seq, prompt, cancel: s.cancel, reply: s.reply }),
+            Ok((seq, prompt)) => {
+                let admission = tracing::info_span!(target: TRACE, parent: &s.span, "batcher admission",
+                    ember.waiting = self.waiting.len(), ember.running = self.running.len());
+                let (span, cancel, reply) = (s.span, s.cancel, s.reply);
+                self.waiting.push_back(Waiting { seq, prompt, span, admission, cancel, reply })
+            }
             Err(e) => {
                 let _ = s.reply.send(Err(e));
             }
@@ -222,10 +239,14 @@ impl Loop {
         // joins the pass. The admitted requests then run like the others.
         let (mut tails, mut joining) = (Vec::with_capacity(admitted.len()), Vec::with_capacity(admitted.len()));
         for w in admitted {
+            drop(w.admission);
+            let phase = tracing::info_span!(target: TRACE, parent: &w.span, "prefill",
+                gen_ai.usage.input_tokens = w.prompt.len(), ember.batch = self.running.len() + 1);
             let mut cache = SeqCache::with_reserve(w.seq.max_len());
-            let tail = crate::prefill_last(&self.engine, &w.prompt, &mut cache).map(<[u32]>::to_vec);
+            let tail = phase.in_scope(|| crate::prefill_last(&self.engine, &w.prompt, &mut cache).map(<[u32]>::to_vec));
             let reserved = w.seq.max_len();
-            let r = Running { seq: w.seq, cache, next: 0, reserved, cancel: w.cancel, reply: w.reply };
+            let (seq, span, cancel, reply) = (w.seq, w.span, w.cancel, w.reply);
+            let r = Running { seq, span, phase, cache, next: 0, reserved, cancel, reply };
             match tail {
                 Ok(tail) => {
                     tails.push(tail);
@@ -267,6 +288,7 @@ impl Loop {
             for (i, (mut r, token)) in batch.into_iter().zip(rows).enumerate() {
                 if i >= old {
                     r.seq.prefilled();
+                    r.start_decode();
                 }
                 let step = token.map_err(sample_error).and_then(|t| r.seq.accept_drawn(&self.engine, t));
                 self.settle(r, step);
@@ -280,6 +302,7 @@ impl Loop {
         for (i, (mut r, row)) in batch.into_iter().zip(rows).enumerate() {
             if i >= old {
                 r.seq.prefilled();
+                r.start_decode();
             }
             let step = r.seq.step(&self.engine, &row);
             self.settle(r, step);
@@ -295,12 +318,22 @@ impl Loop {
             }
             Ok(Step::Finished) => {
                 let decode_s = r.seq.decode_s();
-                let _ = r.reply.send(Ok(r.seq.finish(&self.engine, decode_s)));
+                let completion = r.seq.finish(&self.engine, decode_s);
+                r.phase.record("gen_ai.usage.output_tokens", completion.usage.completion_tokens);
+                let _ = r.reply.send(Ok(completion));
             }
             Err(e) => {
                 let _ = r.reply.send(Err(e));
             }
         }
+    }
+}
+
+impl Running {
+    /// The prompt is in: the prefill span ends, the decode span starts.
+    fn start_decode(&mut self) {
+        self.phase = tracing::info_span!(target: TRACE, parent: &self.span, "decode",
+            gen_ai.usage.output_tokens = tracing::field::Empty);
     }
 }
 

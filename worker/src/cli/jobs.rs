@@ -21,6 +21,7 @@ use crate::job::{
 use crate::queue::{DeadLetter, OutgoingMessage, Queue, MAX_BATCH, MAX_BODY_BYTES};
 use crate::runner::{serve, ServeStats, Shutdown};
 use crate::store::{validate_key, ObjectStore, StoreError};
+use crate::telemetry::otel;
 
 #[derive(Debug, clap::Args)]
 pub struct SubmitArgs {
@@ -282,11 +283,25 @@ async fn send_lines(
     let mut failures = Vec::new();
     let todo: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].answer.is_none()).collect();
     for chunk in todo.chunks(MAX_BATCH) {
-        let batch = chunk.iter().map(|&i| OutgoingMessage::new(lines[i].body.clone())).collect();
-        for (&i, sent) in chunk.iter().zip(queue.send_batch(batch).await) {
+        // One trace per job, started here or continued from the line's own `traceparent`.
+        let spans: Vec<tracing::Span> = chunk.iter().map(|&i| submit_span(&lines[i])).collect();
+        let batch = chunk
+            .iter()
+            .zip(&spans)
+            .map(|(&i, span)| {
+                let traceparent = otel::traceparent_of(span).or_else(|| traceparent_in(&lines[i].body));
+                OutgoingMessage::new(lines[i].body.clone()).with_traceparent(traceparent)
+            })
+            .collect();
+        for ((&i, sent), span) in chunk.iter().zip(queue.send_batch(batch).await).zip(&spans) {
             match sent {
-                Ok(id) => ids[i] = Some(id.0),
+                Ok(id) => {
+                    span.record("messaging.message.id", id.as_str());
+                    ids[i] = Some(id.0)
+                }
                 Err(e) => {
+                    span.record("otel.status_code", "error");
+                    span.record("error.type", e.label());
                     failures.push(format!("line {}: {e}", lines[i].number));
                     let local_id = format!("line-{}-not-queued", lines[i].number);
                     let custom_id = custom_id_of(&lines[i].body).unwrap_or_else(|| local_id.clone());
@@ -311,6 +326,31 @@ async fn send_lines(
         tracing::warn!(failure = %f, "line not queued; answered with an error line");
     }
     Ok(ids)
+}
+
+/// The span of one line's submission: the root of its job's trace, or a child of the
+/// `traceparent` in the line's `ember` metadata.
+fn submit_span(line: &Line) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: otel::TARGET,
+        "submit",
+        otel.kind = "producer",
+        messaging.system = "aws_sqs",
+        messaging.operation.type = "send",
+        messaging.message.id = tracing::field::Empty,
+        ember.line = line.number,
+        ember.custom_id = custom_id_of(&line.body).unwrap_or_default(),
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    otel::continue_from(&span, traceparent_in(&line.body).as_deref());
+    span
+}
+
+/// The `ember.traceparent` of a line, when it has one.
+fn traceparent_in(raw: &[u8]) -> Option<String> {
+    let line: Value = serde_json::from_slice(raw).ok()?;
+    line.get("ember")?.get(otel::TRACEPARENT)?.as_str().map(str::to_string)
 }
 
 fn new_batch_id(given: &Option<String>) -> String {

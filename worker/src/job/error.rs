@@ -28,7 +28,7 @@ pub enum JobError {
     InvalidBatchId { reason: String },
     #[error("`ember.result_key` is not accepted: a job's result always goes to results/{{batch_id}}/{{custom_id}}.json, so that no job can write where another job's result (or a pipeline's record) belongs; remove it and choose `custom_id` and `ember.batch_id` instead")]
     ResultKeyNotAllowed,
-    #[error("`ember.{field}` is not an Ember option: the `ember` object takes `batch_id` and `allow_special_tokens`")]
+    #[error("`ember.{field}` is not an Ember option: the `ember` object takes `batch_id`, `allow_special_tokens` and `traceparent`")]
     UnknownEmberField { field: String },
     #[error("`ember.allow_special_tokens` must be true or false")]
     InvalidSpecialTokensOption,

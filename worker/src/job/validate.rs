@@ -114,7 +114,10 @@ fn ember_options(top: &Fields<'_>, message_id: &str, target: &mut Target) -> Res
     if ember.get("result_key").is_some() {
         return Err(JobError::ResultKeyNotAllowed);
     }
-    if let Some((field, _)) = ember.names().find(|(name, _)| !matches!(*name, "batch_id" | "allow_special_tokens")) {
+    // `traceparent` is read by `ember submit` (the trace travels as a message attribute); a
+    // malformed one only means a new trace, never a refused job.
+    let known = |name: &str| matches!(name, "batch_id" | "allow_special_tokens" | "traceparent");
+    if let Some((field, _)) = ember.names().find(|(name, _)| !known(name)) {
         return Err(JobError::UnknownEmberField { field: field.to_string() });
     }
     target.allow_special_tokens = match ember.get("allow_special_tokens") {

@@ -10,7 +10,7 @@
 //! and each delivery gets a fresh receipt handle stored in the row: a delete or visibility
 //! change must quote the latest handle, so a stale holder cannot touch a redelivered message.
 //!
-//! Schema (`user_version` 1): one table `messages` holds the queue and its DLQ, told apart by
+//! Schema (`user_version` 2): one table `messages` holds the queue and its DLQ, told apart by
 //! the `queue` column (`<name>` and `<name>-dlq`), so one file can hold several queues:
 //!
 //! | column | meaning |
@@ -23,6 +23,7 @@
 //! | `receive_count` | deliveries so far; 0 and not yet visible means delayed |
 //! | `receipt` | the latest delivery's receipt handle, NULL before the first and in the DLQ |
 //! | `reason` | why the message is in the DLQ |
+//! | `traceparent` | the W3C trace context it was sent with (schema 2) |
 //!
 //! `max_receive_count` and the visibility timeout are options of each opener, not stored in
 //! the file: processes sharing a file should pass the same values.
@@ -39,7 +40,7 @@ use super::{
     QueueDepth, QueueError, ReceiptHandle, ReceiveOptions, ReceivedMessage, MAX_BODY_BYTES,
 };
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -50,7 +51,8 @@ CREATE TABLE IF NOT EXISTS messages (
     visible_at INTEGER NOT NULL,
     receive_count INTEGER NOT NULL DEFAULT 0,
     receipt TEXT,
-    reason TEXT
+    reason TEXT,
+    traceparent TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, visible_at);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_receipt ON messages (receipt) WHERE receipt IS NOT NULL;
@@ -88,6 +90,14 @@ impl Default for EmbeddedOptions {
 }
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// One message to insert.
+struct Row {
+    body: Vec<u8>,
+    delay_ms: i64,
+    reason: Option<String>,
+    traceparent: Option<String>,
+}
 
 /// A handle to the queue; clones share one connection, owned by one thread (the actor) that
 /// runs the blocking SQLite calls off the async runtime, one at a time.
@@ -164,11 +174,7 @@ impl EmbeddedQueue {
         rx.await.map_err(|_| QueueError::Closed)?
     }
 
-    async fn insert(
-        &self,
-        queue_is_dlq: bool,
-        rows: Vec<(Vec<u8>, i64, Option<String>)>,
-    ) -> Result<Vec<MessageId>, QueueError> {
+    async fn insert(&self, queue_is_dlq: bool, rows: Vec<Row>) -> Result<Vec<MessageId>, QueueError> {
         let ids = self
             .call(move |conn, s| {
                 let queue = if queue_is_dlq { &s.dlq } else { &s.main };
@@ -177,12 +183,12 @@ impl EmbeddedQueue {
                 let mut ids = Vec::with_capacity(rows.len());
                 {
                     let mut stmt = tx.prepare_cached(
-                        "INSERT INTO messages (id, queue, body, sent_at, visible_at, reason)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        "INSERT INTO messages (id, queue, body, sent_at, visible_at, reason, traceparent)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     )?;
-                    for (body, delay_ms, reason) in rows {
+                    for Row { body, delay_ms, reason, traceparent } in rows {
                         let id = uuid::Uuid::new_v4().to_string();
-                        stmt.execute(params![id, queue, body, now, now + delay_ms, reason])?;
+                        stmt.execute(params![id, queue, body, now, now + delay_ms, reason, traceparent])?;
                         ids.push(MessageId(id));
                     }
                 }
@@ -231,7 +237,7 @@ impl EmbeddedQueue {
         {
             let mut deliver = tx.prepare_cached(
                 "UPDATE messages SET receipt = ?1, receive_count = receive_count + 1, visible_at = ?2
-                 WHERE seq = ?3 RETURNING id, body, receive_count, sent_at",
+                 WHERE seq = ?3 RETURNING id, body, receive_count, sent_at, traceparent",
             )?;
             for seq in seqs {
                 let receipt = format!("{seq}:{}", uuid::Uuid::new_v4());
@@ -242,6 +248,7 @@ impl EmbeddedQueue {
                         body: r.get(1)?,
                         receive_count: r.get(2)?,
                         sent_at: UNIX_EPOCH + Duration::from_millis(r.get::<_, i64>(3)?.max(0) as u64),
+                        traceparent: r.get(4)?,
                     })
                 })?;
                 out.push(msg);
@@ -257,7 +264,8 @@ impl Queue for EmbeddedQueue {
     async fn send(&self, body: Vec<u8>, delay: Option<Duration>) -> Result<MessageId, QueueError> {
         check_delay(delay)?;
         check_size(&body, self.opts.max_body_bytes)?;
-        let mut ids = self.insert(false, vec![(body, delay.map_or(0, millis), None)]).await?;
+        let row = Row { body, delay_ms: delay.map_or(0, millis), reason: None, traceparent: None };
+        let mut ids = self.insert(false, vec![row]).await?;
         ids.pop().ok_or_else(|| QueueError::MalformedResponse("the new message id".into()))
     }
 
@@ -268,7 +276,8 @@ impl Queue for EmbeddedQueue {
         for (i, m) in messages.into_iter().enumerate() {
             match check_delay(m.delay).and_then(|()| check_size(&m.body, self.opts.max_body_bytes)) {
                 Ok(()) => {
-                    rows.push((m.body, m.delay.map_or(0, millis), None));
+                    let delay_ms = m.delay.map_or(0, millis);
+                    rows.push(Row { body: m.body, delay_ms, reason: None, traceparent: m.traceparent });
                     slots.push(i);
                     results.push(Err(QueueError::Closed)); // replaced below
                 }
@@ -360,7 +369,8 @@ impl Queue for EmbeddedQueue {
     }
 
     async fn send_to_dlq(&self, body: Vec<u8>, reason: &str) -> Result<MessageId, QueueError> {
-        let mut ids = self.insert(true, vec![(body, 0, Some(reason.to_string()))]).await?;
+        let row = Row { body, delay_ms: 0, reason: Some(reason.to_string()), traceparent: None };
+        let mut ids = self.insert(true, vec![row]).await?;
         ids.pop().ok_or_else(|| QueueError::MalformedResponse("the new message id".into()))
     }
 
@@ -461,6 +471,10 @@ fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Connection, Qu
         )));
     }
     tx.execute_batch(SCHEMA)?;
+    // Schema 1 files (from an older ember) get the trace context column.
+    if version == 1 {
+        tx.execute_batch("ALTER TABLE messages ADD COLUMN traceparent TEXT")?;
+    }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
     Ok(conn)

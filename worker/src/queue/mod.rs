@@ -79,6 +79,8 @@ pub struct ReceivedMessage {
     pub receive_count: u32,
     /// When the message was first sent; the queue wait of a job is measured from here.
     pub sent_at: SystemTime,
+    /// The W3C trace context it was sent with (the `traceparent` message attribute).
+    pub traceparent: Option<String>,
 }
 
 /// A message waiting in the dead-letter queue, as `ember dlq list` shows it.
@@ -97,11 +99,18 @@ pub struct OutgoingMessage {
     pub body: Vec<u8>,
     /// Hidden for this long after sending (at most [`MAX_DELAY`]).
     pub delay: Option<Duration>,
+    /// The W3C trace context to send with it (see [`crate::telemetry::otel`]).
+    pub traceparent: Option<String>,
 }
 
 impl OutgoingMessage {
     pub fn new(body: impl Into<Vec<u8>>) -> Self {
-        Self { body: body.into(), delay: None }
+        Self { body: body.into(), delay: None, traceparent: None }
+    }
+
+    pub fn with_traceparent(mut self, traceparent: Option<String>) -> Self {
+        self.traceparent = traceparent;
+        self
     }
 }
 

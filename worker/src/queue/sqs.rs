@@ -25,6 +25,7 @@ use super::{
     QueueDepth, QueueError, ReceiptHandle, ReceiveOptions, ReceivedMessage, DLQ_REASON_ATTRIBUTE, MAX_BATCH,
     MAX_BODY_BYTES,
 };
+use crate::telemetry::otel::TRACEPARENT;
 
 /// Longest reason kept on a message sent to the DLQ (it counts against the message size).
 const MAX_REASON_CHARS: usize = 1024;
@@ -151,6 +152,7 @@ impl SqsQueue {
                 .id(i.to_string())
                 .message_body(body)
                 .set_delay_seconds(m.delay.map(ceil_secs))
+                .set_message_attributes(trace_attribute(m.traceparent))
                 .build();
             match entry {
                 Ok(entry) => chunk.push(entry),
@@ -208,6 +210,7 @@ impl SqsQueue {
             .set_visibility_timeout(opts.visibility_timeout.map(ceil_secs))
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .message_attribute_names(TRACEPARENT)
             .send()
             .await
             .map_err(|e| sdk_error("ReceiveMessage", e))?;
@@ -382,7 +385,11 @@ impl Queue for SqsQueue {
             if batch.is_empty() {
                 return Ok(moved);
             }
-            let bodies = batch.iter().map(|m| OutgoingMessage::new(m.body.clone())).collect();
+            // A redriven job stays in its trace.
+            let bodies = batch
+                .iter()
+                .map(|m| OutgoingMessage::new(m.body.clone()).with_traceparent(m.traceparent.clone()))
+                .collect();
             let sent = self.send_batch_to(&self.url, bodies).await;
             let mut done = Vec::new();
             let mut first_error = None;
@@ -415,7 +422,20 @@ fn clean_reason(reason: &str) -> String {
     }
 }
 
+/// The `traceparent` message attribute; a value SQS would refuse is left out (the job still
+/// runs, in a new trace).
+fn trace_attribute(traceparent: Option<String>) -> Option<HashMap<String, MessageAttributeValue>> {
+    let value = traceparent.filter(|t| !t.is_empty() && t.len() <= 256 && t.chars().all(sqs_allows))?;
+    let attribute = MessageAttributeValue::builder().data_type("String").string_value(value).build().ok()?;
+    Some(HashMap::from([(TRACEPARENT.to_string(), attribute)]))
+}
+
 fn received(m: Message) -> Result<ReceivedMessage, QueueError> {
+    let traceparent = m
+        .message_attributes
+        .as_ref()
+        .and_then(|a| a.get(TRACEPARENT))
+        .and_then(|v| v.string_value().map(str::to_string));
     let attrs = m.attributes.unwrap_or_default();
     let number = |name: MessageSystemAttributeName| attrs.get(&name).and_then(|v| v.parse::<u64>().ok());
     Ok(ReceivedMessage {
@@ -428,6 +448,7 @@ fn received(m: Message) -> Result<ReceivedMessage, QueueError> {
             .map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX)),
         sent_at: number(MessageSystemAttributeName::SentTimestamp)
             .map_or_else(SystemTime::now, |ms| UNIX_EPOCH + Duration::from_millis(ms)),
+        traceparent,
     })
 }
 

@@ -21,8 +21,10 @@ use crate::job::{
 use crate::queue::{Queue, ReceivedMessage};
 use crate::store::{ObjectStore, PutOutcome};
 use crate::telemetry::metrics;
+use crate::telemetry::otel::TARGET;
 use ember_engine::EngineError;
 use ember_engine::{Batcher, Engine};
+use tracing::Instrument;
 
 /// Where jobs that fail for good are sent.
 #[derive(Clone)]
@@ -72,11 +74,16 @@ impl JobHandler {
     async fn check(&self, msg: &ReceivedMessage) -> Result<Result<ValidJob, Box<RejectedJob>>, Outcome> {
         let (engine, limits, body, id) =
             (self.engine.clone(), self.limits.clone(), msg.body.clone(), msg.id.as_str().to_string());
+        let span = tracing::info_span!(target: TARGET, "validation", error.type = tracing::field::Empty);
         let checked = tokio::task::spawn_blocking(move || {
             let encode = |p: &ember_engine::Prompt, allow: bool| engine.encode(p, allow).map_err(|e| e.to_string());
             validate(&body, &id, &limits, &encode)
         })
+        .instrument(span.clone())
         .await;
+        if let Ok(Err(rejected)) = &checked {
+            span.record("error.type", rejected.error.label());
+        }
         match checked {
             Ok(c) => Ok(c),
             Err(e) => {
@@ -134,7 +141,8 @@ impl JobHandler {
             }
         };
         bytes.push(b'\n');
-        match self.store.put_if_absent(key, bytes).await {
+        let span = tracing::info_span!(target: TARGET, "result write", ember.result_key = key);
+        match self.store.put_if_absent(key, bytes).instrument(span).await {
             Ok(PutOutcome::Created) => Ok(true),
             Ok(PutOutcome::AlreadyExists) => {
                 tracing::info!(message_id = %msg.id, key, "result already written by an earlier delivery");
@@ -162,22 +170,25 @@ impl JobHandler {
             Err(outcome) => return outcome,
         }
         let queue_wait_s = msg.sent_at.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        let generated = match &self.batcher {
-            Some(batcher) => batcher.generate(job.request.clone(), shutdown.cancel_flag()).await,
-            None => {
-                let (engine, request, stop) = (self.engine.clone(), job.request.clone(), shutdown.clone());
-                match tokio::task::spawn_blocking(move || engine.generate_until(&request, stop.flag())).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::error!(message_id = %msg.id, error = %e, "generation panicked");
-                        let message = format!("the worker failed on this job: {e}");
-                        let line =
-                            ResultLine::not_run(&job.message_id, &job.custom_id, "generation_panicked", &message);
-                        return self.retry_or_give_up(msg, &job.result_key, &line, "generation_panicked").await;
-                    }
-                }
-            }
+        let span = generation_span(&job);
+        let generated = self.generate(msg, &job, shutdown).instrument(span.clone()).await;
+        let generated = match generated {
+            Ok(g) => g,
+            Err(outcome) => return outcome,
         };
+        match &generated {
+            _ if span.is_disabled() => {}
+            Ok(c) => {
+                span.record("gen_ai.usage.input_tokens", c.usage.prompt_tokens);
+                span.record("gen_ai.usage.output_tokens", c.usage.completion_tokens);
+                span.record("gen_ai.response.finish_reasons", format!("{:?}", c.finish_reason).to_lowercase());
+            }
+            Err(e) => {
+                span.record("otel.status_code", "error");
+                span.record("error.type", e.label());
+            }
+        }
+        drop(span);
         let completion = match generated {
             Ok(c) => c,
             // Released on its last allowed delivery, the job would next be moved to the DLQ by
@@ -230,6 +241,27 @@ impl JobHandler {
     }
 }
 
+/// The generation span, named and described by the GenAI semantic conventions.
+fn generation_span(job: &ValidJob) -> tracing::Span {
+    let operation = if job.chat { "chat" } else { "text_completion" };
+    tracing::info_span!(
+        target: TARGET,
+        "generate",
+        otel.name = %format!("{operation} {}", job.model),
+        gen_ai.operation.name = operation,
+        gen_ai.provider.name = "ember",
+        gen_ai.request.model = %job.model,
+        gen_ai.request.max_tokens = job.request.max_tokens,
+        gen_ai.request.temperature = f64::from(job.request.sampling.temperature),
+        gen_ai.request.top_p = f64::from(job.request.sampling.top_p),
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        gen_ai.response.finish_reasons = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
+}
+
 /// Who holds a job's result key.
 enum Slot {
     Free,
@@ -240,6 +272,32 @@ enum Slot {
 }
 
 impl JobHandler {
+    /// Runs the generation: in the shared batch, or alone on a blocking thread. `Err` is the
+    /// outcome of a generation that panicked.
+    async fn generate(
+        &self,
+        msg: &ReceivedMessage,
+        job: &ValidJob,
+        shutdown: &Shutdown,
+    ) -> Result<Result<ember_engine::Completion, EngineError>, Outcome> {
+        Ok(match &self.batcher {
+            Some(batcher) => batcher.generate(job.request.clone(), shutdown.cancel_flag()).await,
+            None => {
+                let (engine, request, stop) = (self.engine.clone(), job.request.clone(), shutdown.clone());
+                match tokio::task::spawn_blocking(move || engine.generate_until(&request, stop.flag())).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(message_id = %msg.id, error = %e, "generation panicked");
+                        let message = format!("the worker failed on this job: {e}");
+                        let line =
+                            ResultLine::not_run(&job.message_id, &job.custom_id, "generation_panicked", &message);
+                        return Err(self.retry_or_give_up(msg, &job.result_key, &line, "generation_panicked").await);
+                    }
+                }
+            }
+        })
+    }
+
     async fn slot_owner(&self, msg: &ReceivedMessage, job: &ValidJob) -> Result<Slot, Outcome> {
         match self.store.get(&job.result_key).await {
             Ok(None) => Ok(Slot::Free),

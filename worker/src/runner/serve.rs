@@ -9,7 +9,12 @@ use tokio::task::JoinSet;
 
 use super::heartbeat::Heartbeat;
 use super::{Handler, Outcome, Shutdown};
-use crate::queue::{Queue, ReceiptHandle, ReceiveOptions, ReceivedMessage, MAX_BATCH};
+use crate::queue::{MessageId, Queue, ReceiptHandle, ReceiveOptions, ReceivedMessage, MAX_BATCH};
+use crate::telemetry::otel::{self, TARGET};
+use tracing::Instrument;
+
+/// A finished message to delete, and the span of its job (the delete's parent).
+type ToDelete = (ReceiptHandle, MessageId, tracing::Span);
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -164,13 +169,13 @@ async fn drain(running: &mut JoinSet<()>, within: Duration) -> Result<(), tokio:
 /// idle one deletes at once. A crash before a delete only means a redelivery, which finds the
 /// result written and deletes the message then.
 struct Deleter {
-    tx: mpsc::UnboundedSender<(ReceiptHandle, crate::queue::MessageId)>,
+    tx: mpsc::UnboundedSender<ToDelete>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Deleter {
     fn start(queue: Arc<dyn Queue>) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(ReceiptHandle, crate::queue::MessageId)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<ToDelete>();
         let task = tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
@@ -180,9 +185,17 @@ impl Deleter {
                         Err(_) => break,
                     }
                 }
-                let receipts: Vec<ReceiptHandle> = batch.iter().map(|(r, _)| r.clone()).collect();
-                for ((_, id), result) in batch.iter().zip(queue.delete_batch(&receipts).await) {
+                let receipts: Vec<ReceiptHandle> = batch.iter().map(|(r, ..)| r.clone()).collect();
+                let spans: Vec<tracing::Span> = batch
+                    .iter()
+                    .map(|(.., job)| {
+                        tracing::info_span!(target: TARGET, parent: job, "delete",
+                            messaging.batch.message_count = receipts.len(), error.type = tracing::field::Empty)
+                    })
+                    .collect();
+                for (((_, id, _), result), span) in batch.iter().zip(queue.delete_batch(&receipts).await).zip(&spans) {
                     if let Err(e) = result {
+                        span.record("error.type", e.label());
                         // The result is written: a failed delete only means a redelivery,
                         // which the create-only result write turns into a no-op.
                         tracing::warn!(message_id = %id, error = %e, "could not delete a finished message");
@@ -215,15 +228,17 @@ async fn run_one(
     visibility: Duration,
     shutdown: &Shutdown,
     stats: &ServeStats,
-    deletes: &mpsc::UnboundedSender<(ReceiptHandle, crate::queue::MessageId)>,
+    deletes: &mpsc::UnboundedSender<ToDelete>,
 ) {
+    let span = otel::job_span(&msg);
     let outcome = {
         let _heartbeat = Heartbeat::start(queue.clone(), msg.receipt.clone(), visibility);
-        handler.handle(&msg, shutdown).await
+        handler.handle(&msg, shutdown).instrument(span.clone()).await
     };
+    otel::record_outcome(&span, &outcome);
     let settled = match &outcome {
         Outcome::Done | Outcome::Poisoned { .. } => {
-            deletes.send((msg.receipt.clone(), msg.id.clone())).map_err(|_| crate::queue::QueueError::Closed)
+            deletes.send((msg.receipt.clone(), msg.id.clone(), span)).map_err(|_| crate::queue::QueueError::Closed)
         }
         Outcome::Retry { after, .. } | Outcome::Rejected { after, .. } => {
             queue.change_visibility(&msg.receipt, *after).await

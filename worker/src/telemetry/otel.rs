@@ -1,0 +1,199 @@
+//! OpenTelemetry traces: one trace per job, from `ember submit` through the queue, the worker
+//! and the batcher to the result write and the delete, exported over OTLP (HTTP/protobuf).
+//!
+//! Configured by the standard environment: `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) turns it on, `OTEL_SERVICE_NAME` names the service,
+//! `OTEL_TRACES_SAMPLER` (and `_ARG`) samples. With no endpoint nothing is installed: the
+//! trace spans (target [`TARGET`]) have no subscriber that wants them, so creating one costs
+//! a callsite check, and no trace context is read or written.
+//!
+//! The W3C trace context travels with each message as the `traceparent` message attribute
+//! ([`TRACEPARENT`]) on SQS and in the embedded queue; a malformed one starts a new trace.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{Span as _, SpanKind, TraceContextExt, Tracer as _, TracerProvider as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The target of Ember's trace spans: exported to OpenTelemetry, kept out of the logs.
+pub const TARGET: &str = "ember::trace";
+/// The message attribute (and `ember` metadata field) that carries the W3C trace context.
+pub const TRACEPARENT: &str = "traceparent";
+/// The instrumentation scope name.
+const SCOPE: &str = "ember";
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether traces are exported (an OTLP endpoint was configured).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Why tracing could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error(
+        "OpenTelemetry: the OTLP exporter could not be built from OTEL_EXPORTER_OTLP_* ({0}): check the endpoint URL"
+    )]
+    Exporter(String),
+}
+
+/// The endpoint from the standard environment, if any.
+fn endpoint() -> Option<String> {
+    ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find(|v| !v.trim().is_empty())
+}
+
+/// Keeps the exporter alive; [`Tracing::shutdown`] sends what is still buffered.
+pub struct Tracing(Option<SdkTracerProvider>);
+
+impl Tracing {
+    /// Flushes and stops the exporter (call before the process exits, inside the runtime's
+    /// lifetime: the exporter runs on it).
+    pub fn shutdown(self) {
+        if let Some(provider) = self.0 {
+            if let Err(e) = provider.shutdown() {
+                eprintln!("warning: OpenTelemetry: could not send the last spans: {e}");
+            }
+        }
+    }
+}
+
+/// The OpenTelemetry layer for the subscriber when an endpoint is configured, and the guard
+/// that flushes it. Must run inside the tokio runtime (the batch exporter is a task on it).
+#[allow(clippy::type_complexity)]
+pub fn layer<S>() -> Result<(Option<tracing_opentelemetry::OpenTelemetryLayer<S, SdkTracer>>, Tracing), TraceError>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    if endpoint().is_none() {
+        return Ok((None, Tracing(None)));
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+        .map_err(|e| TraceError::Exporter(e.to_string()))?;
+    let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+        exporter,
+        opentelemetry_sdk::runtime::Tokio,
+    )
+    .build();
+    // The builder reads OTEL_TRACES_SAMPLER(_ARG) and the resource reads OTEL_SERVICE_NAME
+    // and OTEL_RESOURCE_ATTRIBUTES.
+    let resource = opentelemetry_sdk::Resource::builder().build();
+    let provider = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource).build();
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(SCOPE))
+        .with_threads(false)
+        .with_location(false)
+        .with_tracked_inactivity(false)
+        .with_target(false);
+    ENABLED.store(true, Ordering::Relaxed);
+    Ok((Some(layer), Tracing(Some(provider))))
+}
+
+/// The `traceparent` of `span`, to send with a message; `None` when tracing is off or the
+/// span is not sampled into a trace.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    if !enabled() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
+    carrier.remove(TRACEPARENT)
+}
+
+/// Makes `span` a child of the trace context in `traceparent`. A missing or malformed one
+/// leaves `span` the root of a new trace.
+pub fn continue_from(span: &tracing::Span, traceparent: Option<&str>) {
+    if !enabled() {
+        return;
+    }
+    let Some(cx) = remote_context(traceparent) else { return };
+    let _ = span.set_parent(cx);
+}
+
+fn remote_context(traceparent: Option<&str>) -> Option<opentelemetry::Context> {
+    let carrier = HashMap::from([(TRACEPARENT.to_string(), traceparent?.trim().to_string())]);
+    let cx = TraceContextPropagator::new().extract(&carrier);
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
+/// The span of one delivery of a job, continuing the trace the message was sent in, with the
+/// time it waited on the queue as its first child.
+pub fn job_span(msg: &crate::queue::ReceivedMessage) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: TARGET,
+        "job",
+        otel.kind = "consumer",
+        messaging.operation.type = "process",
+        messaging.message.id = %msg.id,
+        messaging.message.delivery_count = msg.receive_count,
+        ember.outcome = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    if enabled() {
+        continue_from(&span, msg.traceparent.as_deref());
+        queue_wait(&span, msg.sent_at, SystemTime::now());
+    }
+    span
+}
+
+/// Puts what became of the job on its span: retries and failures as errors with their label.
+pub fn record_outcome(span: &tracing::Span, outcome: &crate::runner::Outcome) {
+    use crate::runner::Outcome;
+    if span.is_disabled() {
+        return;
+    }
+    let (name, label) = match outcome {
+        Outcome::Done => ("done", None),
+        Outcome::Released => ("released", None),
+        Outcome::Poisoned { label } => ("dead_lettered", Some(label)),
+        Outcome::Retry { label, .. } => ("retry", Some(label)),
+        Outcome::Rejected { label, .. } => ("rejected", Some(label)),
+    };
+    span.record("ember.outcome", name);
+    if let Some(label) = label {
+        span.record("otel.status_code", "error");
+        span.record("error.type", label.as_str());
+    }
+}
+
+/// Records the time a message spent on the queue, `sent_at` to `received_at`, as a span under
+/// `parent` (a span cannot be given past start times through `tracing`).
+pub fn queue_wait(parent: &tracing::Span, sent_at: SystemTime, received_at: SystemTime) {
+    if !enabled() {
+        return;
+    }
+    let tracer = opentelemetry::global::tracer(SCOPE);
+    let mut span = tracer
+        .span_builder("queue wait")
+        .with_kind(SpanKind::Internal)
+        .with_start_time(sent_at.min(received_at))
+        .start_with_context(&tracer, &parent.context());
+    span.end_with_timestamp(received_at);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_trace_contexts_start_a_new_trace() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(remote_context(Some(good)).is_some());
+        for bad in ["", "garbage", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", "zz-4bf9-00f0-01"] {
+            assert!(remote_context(Some(bad)).is_none(), "{bad}");
+        }
+        assert!(remote_context(None).is_none());
+    }
+}

@@ -1,0 +1,155 @@
+//! OpenTelemetry traces read back from a real trace backend (Arize Phoenix on 127.0.0.1, which
+//! scripts/install-test-deps.sh installs): jobs submitted through SQS (moto) and run by two
+//! workers each appear as one trace, submit -> job -> its stages, with the right parents; a
+//! job whose `traceparent` is given continues that trace, and one whose `traceparent` is
+//! malformed still runs, in a new trace.
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use ember_tests::{aws_config_for, aws_env, smollm_gguf, MotoServer, PhoenixServer};
+
+const GIVEN_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const GIVEN_PARENT: &str = "00f067aa0ba902b7";
+
+fn ember(env: &[(&'static str, String)], args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+    cmd.args(args).env("EMBER_LOG", "warn").env("EMBER_NO_PROGRESS", "1").env_remove("AWS_ENDPOINT_URL");
+    cmd.envs(env.iter().cloned());
+    cmd
+}
+
+fn job_line(custom_id: &str, traceparent: Option<&str>) -> String {
+    let mut line = json!({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "default", "messages": [{"role": "user", "content": format!("Say {custom_id}.")}],
+                 "max_tokens": 4}});
+    if let Some(t) = traceparent {
+        line["ember"] = json!({ "traceparent": t });
+    }
+    line.to_string()
+}
+
+fn attr<'a>(span: &'a Value, name: &str) -> Option<&'a str> {
+    span["attributes"][name].as_str()
+}
+
+/// Waits (polling the backend, not a clock) until it holds at least `want` spans.
+fn spans_when_all_arrived(phoenix: &PhoenixServer, want: usize) -> anyhow::Result<Vec<Value>> {
+    let start = Instant::now();
+    loop {
+        let spans = phoenix.spans()?;
+        if spans.len() >= want || start.elapsed() > Duration::from_secs(120) {
+            return Ok(spans);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn jobs_through_sqs_on_two_workers_are_one_trace_each_with_the_right_parents() -> anyhow::Result<()> {
+    let phoenix = PhoenixServer::start()?;
+    let moto = MotoServer::start()?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let conf = aws_config_for(&moto.endpoint()).await;
+        let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&conf).force_path_style(true).build());
+        s3.create_bucket().bucket("ember-results").send().await
+    })?;
+    let mut env = aws_env(&moto.endpoint());
+    env.extend([
+        ("EMBER_SQS_QUEUE", "traced".to_string()),
+        ("EMBER_CREATE_QUEUES", "true".into()),
+        ("EMBER_RESULTS", "s3://ember-results/out".into()),
+        ("EMBER_MODEL", smollm_gguf()?.to_string_lossy().into_owned()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", phoenix.otlp_endpoint()),
+    ]);
+
+    let dir = tempfile::tempdir()?;
+    let given = format!("00-{GIVEN_TRACE}-{GIVEN_PARENT}-01");
+    let mut lines: Vec<String> = (0..4).map(|i| job_line(&format!("job-{i}"), None)).collect();
+    lines.push(job_line("continued", Some(&given)));
+    lines.push(job_line("malformed", Some("00-not-a-trace-context")));
+    let file = dir.path().join("batch.jsonl");
+    std::fs::write(&file, lines.join("\n"))?;
+    let out = ember(&env, &["submit", &file.to_string_lossy(), "--batch-id", "traced"])
+        .env("OTEL_SERVICE_NAME", "ember-submit")
+        .output()?;
+    anyhow::ensure!(out.status.success(), "submit: {}", String::from_utf8_lossy(&out.stderr));
+
+    let workers: Vec<_> = (1..=2)
+        .map(|n| {
+            ember(&env, &["serve", "--exit-when-idle", "--wait-seconds", "1", "--concurrency", "2"])
+                .env("OTEL_SERVICE_NAME", format!("ember-worker-{n}"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    let mut done = 0;
+    for w in workers {
+        let out = w.wait_with_output()?;
+        anyhow::ensure!(out.status.success(), "serve: {}", String::from_utf8_lossy(&out.stderr));
+        let stats: Value = serde_json::from_slice(&out.stdout)?;
+        done += stats["done"].as_u64().unwrap_or(0);
+    }
+    assert_eq!(done, lines.len() as u64, "every job runs, the malformed trace context too");
+
+    // Per job: submit, job, queue wait, validation, the generation, batcher admission,
+    // prefill, decode, result write, delete.
+    let stages = 10;
+    let spans = spans_when_all_arrived(&phoenix, lines.len() * stages)?;
+    let mut traces: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for s in &spans {
+        traces.entry(s["context"]["trace_id"].as_str().unwrap_or_default().to_string()).or_default().push(s);
+    }
+    let mut seen_jobs = HashSet::new();
+    for (trace, spans) in &traces {
+        let one = |name: &str| -> anyhow::Result<&Value> {
+            let found: Vec<_> = spans.iter().filter(|s| s["name"] == name).collect();
+            anyhow::ensure!(found.len() == 1, "trace {trace}: {} spans named {name:?}", found.len());
+            Ok(found[0])
+        };
+        let id = |s: &Value| s["context"]["span_id"].as_str().unwrap_or_default().to_string();
+        let parent = |s: &Value| s["parent_id"].as_str().map(str::to_string);
+        assert_eq!(spans.len(), stages, "trace {trace}: {:?}", spans.iter().map(|s| &s["name"]).collect::<Vec<_>>());
+
+        let submit = one("submit")?;
+        let custom_id = attr(submit, "ember.custom_id").unwrap_or_default().to_string();
+        match custom_id.as_str() {
+            "continued" => {
+                assert_eq!(trace, GIVEN_TRACE);
+                assert_eq!(parent(submit).as_deref(), Some(GIVEN_PARENT));
+            }
+            _ => {
+                assert_ne!(trace, GIVEN_TRACE);
+                assert_eq!(parent(submit), None, "{custom_id}: submit starts the trace");
+            }
+        }
+        let job = one("job")?;
+        assert_eq!(parent(job), Some(id(submit)));
+        assert_eq!(attr(job, "messaging.message.id"), attr(submit, "messaging.message.id"));
+        assert_eq!(attr(job, "ember.outcome"), Some("done"));
+        let generation = spans
+            .iter()
+            .find(|s| s["name"].as_str().is_some_and(|n| n.starts_with("chat ")))
+            .ok_or_else(|| anyhow::anyhow!("trace {trace} has no generation span"))?;
+        assert_eq!(attr(generation, "gen_ai.operation.name"), Some("chat"));
+        assert_eq!(attr(generation, "gen_ai.request.max_tokens"), Some("4"));
+        assert!(attr(generation, "gen_ai.usage.input_tokens").is_some());
+        assert!(attr(generation, "gen_ai.usage.output_tokens").is_some());
+        for name in ["queue wait", "validation", "result write", "delete"] {
+            assert_eq!(parent(one(name)?), Some(id(job)), "{name} is a child of the job");
+        }
+        assert_eq!(parent(generation), Some(id(job)));
+        for name in ["batcher admission", "prefill", "decode"] {
+            assert_eq!(parent(one(name)?), Some(id(generation)), "{name} is a child of the generation");
+        }
+        seen_jobs.insert(custom_id);
+    }
+    let want: HashSet<String> =
+        (0..4).map(|i| format!("job-{i}")).chain(["continued".into(), "malformed".into()]).collect();
+    assert_eq!(seen_jobs, want, "one trace per job");
+    Ok(())
+}
