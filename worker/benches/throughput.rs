@@ -10,6 +10,12 @@
 //! `max_tokens` 1, results written create-only to moto S3. Prints both rates and the ratio
 //! (the target is 0.8x or more).
 //!
+//! Then the cost of tracing: the same worker run in child processes, in turn with
+//! OpenTelemetry off (no endpoint), on with every trace sampled out (`always_off`: the
+//! instrumentation alone), and exporting every span over OTLP to Arize Phoenix on 127.0.0.1 (a
+//! real backend, installed by scripts/install-test-deps.sh, sharing the machine's cores).
+//! Prints the rates and their ratios to tracing off (the target is 0.97x or more).
+//!
 //! Settings (environment): EMBER_BENCH_JOBS (300), EMBER_BENCH_CONCURRENCY (8),
 //! EMBER_BENCH_RUNS (3, the median counts).
 
@@ -19,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use ember_engine::{Batcher, BatcherOptions, Engine};
 use ember_model_loader::{load, LoadOptions};
-use ember_tests::{smollm_hf, MotoServer};
+use ember_tests::{aws_config_for, smollm_hf, MotoServer, PhoenixServer};
 use ember_worker::queue::sqs::{SqsQueue, SqsQueueSetup};
 use ember_worker::queue::{OutgoingMessage, Queue, ReceiveOptions};
 use ember_worker::runner::{serve, DeadLetters, JobHandler, ServeOptions, ServeStats, Shutdown};
@@ -116,9 +122,64 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Set in the child processes of the tracing comparison: the moto endpoint to use.
+const CHILD_ENV: &str = "EMBER_BENCH_CHILD_MOTO";
+
 fn main() -> anyhow::Result<()> {
     ember_worker::telemetry::set_thread_count(None);
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench())
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match std::env::var(CHILD_ENV) {
+        Ok(endpoint) => runtime.block_on(child(&endpoint)),
+        Err(_) => runtime.block_on(bench()),
+    }
+}
+
+/// The queue on moto and a job handler as `ember serve` builds it: the real model, its
+/// batcher (the jobs in flight share forward passes), results to moto S3.
+async fn worker_setup(
+    conf: &aws_config::SdkConfig,
+    concurrency: usize,
+) -> anyhow::Result<(Arc<dyn Queue>, Arc<JobHandler>)> {
+    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(conf).force_path_style(true).build());
+    if s3.head_bucket().bucket("bench").send().await.is_err() {
+        s3.create_bucket().bucket("bench").send().await?;
+    }
+    let setup =
+        SqsQueueSetup { name: "throughput".into(), visibility_timeout: Duration::from_secs(60), max_receive_count: 3 };
+    let queue: Arc<dyn Queue> = Arc::new(SqsQueue::ensure(aws_sdk_sqs::Client::new(conf), &setup).await?);
+    let engine =
+        Arc::new(Engine::new(load(&smollm_hf("f32")?.to_string_lossy().parse()?, &LoadOptions::default()).await?));
+    let store = Arc::new(S3Store::new(s3, "bench", "out"));
+    let batcher = Arc::new(Batcher::start(engine.clone(), BatcherOptions::new(concurrency, None))?);
+    let handler = Arc::new(JobHandler::new(engine, store, DeadLetters::Queue(queue.clone()), 3).with_batcher(batcher));
+    Ok((queue, handler))
+}
+
+/// One worker run in this process, with the telemetry `ember` sets up (tracing on when
+/// OTEL_EXPORTER_OTLP_ENDPOINT is set); prints the rate.
+async fn child(endpoint: &str) -> anyhow::Result<()> {
+    let tracing = ember_worker::telemetry::init(None)?;
+    let (n, concurrency) = (env_usize("EMBER_BENCH_JOBS", 300), env_usize("EMBER_BENCH_CONCURRENCY", 8));
+    let (queue, handler) = worker_setup(&aws_config_for(endpoint).await, concurrency).await?;
+    let batch = std::env::var("EMBER_BENCH_BATCH").unwrap_or_else(|_| "child".into());
+    let rate = worker_rate(queue, handler, n, concurrency, &batch).await?;
+    // Flushing the last spans is part of the cost, but not of the jobs' rate.
+    tokio::task::spawn_blocking(move || tracing.shutdown()).await?;
+    println!("{rate}");
+    Ok(())
+}
+
+/// A worker run in a child process, with the given OpenTelemetry environment.
+fn child_rate(endpoint: &str, otel: &[(&str, &str)], batch: &str) -> anyhow::Result<f64> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.env(CHILD_ENV, endpoint).env("EMBER_BENCH_BATCH", batch).env("EMBER_LOG", "warn");
+    for var in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_SAMPLER"] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(otel.iter().copied()).env("OTEL_SERVICE_NAME", "ember-bench");
+    let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
+    anyhow::ensure!(out.status.success(), "the benchmark's child process failed");
+    Ok(String::from_utf8(out.stdout)?.trim().parse()?)
 }
 
 async fn bench() -> anyhow::Result<()> {
@@ -126,17 +187,7 @@ async fn bench() -> anyhow::Result<()> {
         (env_usize("EMBER_BENCH_JOBS", 300), env_usize("EMBER_BENCH_CONCURRENCY", 8), env_usize("EMBER_BENCH_RUNS", 3));
     let moto = MotoServer::start()?;
     let conf = moto.aws_config().await;
-    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&conf).force_path_style(true).build());
-    s3.create_bucket().bucket("bench").send().await?;
-    let setup =
-        SqsQueueSetup { name: "throughput".into(), visibility_timeout: Duration::from_secs(60), max_receive_count: 3 };
-    let queue: Arc<dyn Queue> = Arc::new(SqsQueue::ensure(aws_sdk_sqs::Client::new(&conf), &setup).await?);
-    let engine =
-        Arc::new(Engine::new(load(&smollm_hf("f32")?.to_string_lossy().parse()?, &LoadOptions::default()).await?));
-    let store = Arc::new(S3Store::new(s3, "bench", "out"));
-    // As `ember serve` runs it: the jobs in flight share forward passes (continuous batching).
-    let batcher = Arc::new(Batcher::start(engine.clone(), BatcherOptions::new(concurrency, None))?);
-    let handler = Arc::new(JobHandler::new(engine, store, DeadLetters::Queue(queue.clone()), 3).with_batcher(batcher));
+    let (queue, handler) = worker_setup(&conf, concurrency).await?;
 
     let (mut raw, mut worker) = (Vec::new(), Vec::new());
     for run in 0..runs {
@@ -149,5 +200,35 @@ async fn bench() -> anyhow::Result<()> {
     println!("| raw receive + batch delete | ember worker (validate, generate, write result, delete) | ratio |");
     println!("| ---: | ---: | ---: |");
     println!("| {r:.1} msg/s | {w:.1} jobs/s | {:.2} |", w / r);
+
+    // Tracing off, on but sampled out (the instrumentation alone), and every span exported:
+    // interleaved, each in a fresh process (the subscriber is global).
+    let phoenix = PhoenixServer::start()?;
+    let otlp = phoenix.otlp_endpoint();
+    let variants: [&[(&str, &str)]; 3] = [
+        &[],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp), ("OTEL_TRACES_SAMPLER", "always_off")],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)],
+    ];
+    let mut rates = vec![Vec::new(); variants.len()];
+    for run in 0..runs {
+        for (v, otel) in variants.iter().enumerate() {
+            let rate = tokio::task::block_in_place(|| child_rate(&moto.endpoint(), otel, &format!("t{v}-{run}")))?;
+            rates[v].push(rate);
+        }
+        eprintln!(
+            "run {run}: off {:.1}/s, sampled out {:.1}/s, exported {:.1}/s",
+            rates[0][run], rates[1][run], rates[2][run]
+        );
+    }
+    let [off, sampled_out, exported] = [0, 1, 2].map(|v| median(rates[v].clone()));
+    println!("\n## Tracing overhead: the same worker with OpenTelemetry off, on but sampled out, and exporting every span (OTLP HTTP to Arize Phoenix on the same 127.0.0.1 machine), {n} jobs, median of {runs}");
+    println!("| tracing off | sampled out (ratio) | every span exported (ratio) |");
+    println!("| ---: | ---: | ---: |");
+    println!(
+        "| {off:.1} jobs/s | {sampled_out:.1} jobs/s ({:.3}) | {exported:.1} jobs/s ({:.3}) |",
+        sampled_out / off,
+        exported / off
+    );
     Ok(())
 }

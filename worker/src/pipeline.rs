@@ -65,9 +65,12 @@ pub struct QueueSender(pub Arc<dyn Queue>);
 impl HopSender for QueueSender {
     async fn send(&self, hops: Vec<(HopMessage, Duration)>) -> Result<(), SendError> {
         let mut out = Vec::with_capacity(hops.len());
+        // The next hops continue the trace of the hop (or the start) that sends them.
+        let traceparent = crate::telemetry::otel::traceparent_of(&tracing::Span::current());
         for (hop, delay) in hops {
             let body = serde_json::to_vec(&hop).map_err(|e| SendError { message: e.to_string(), retryable: false })?;
-            out.push(OutgoingMessage { body, delay: (!delay.is_zero()).then_some(delay), traceparent: None });
+            let delay = (!delay.is_zero()).then_some(delay);
+            out.push(OutgoingMessage { body, delay, traceparent: traceparent.clone() });
         }
         for chunk in out.chunks(10) {
             for result in self.0.send_batch(chunk.to_vec()).await {
@@ -289,8 +292,19 @@ impl Handler for HopHandler {
         // crash would, and hand the message back. Every effect of a hop is create-only, so its
         // redelivery finishes it; a tool waiting on the network (http_get) does not hold the
         // worker.
+        let span = tracing::info_span!(
+            target: crate::telemetry::otel::TARGET,
+            "hop",
+            otel.name = %hop.state,
+            ember.pipeline.execution = %execution,
+            ember.pipeline.state = %hop.state,
+            ember.pipeline.hop = hop.hop,
+            ember.pipeline.retry_count = hop.attempt,
+            otel.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
         let processed = tokio::select! {
-            r = process_hop(&self.env, hop) => r,
+            r = tracing::Instrument::instrument(process_hop(&self.env, hop), span.clone()) => r,
             _ = shutdown.wait() => {
                 tracing::info!(%execution, "shutdown: hop stopped; its message goes back to the queue");
                 return Outcome::Released;
@@ -298,6 +312,10 @@ impl Handler for HopHandler {
         };
         match processed {
             Ok(mut outcome) => {
+                if let Some(Err(err)) = outcome.finished.as_ref().map(|end| &end.result) {
+                    span.record("otel.status_code", "error");
+                    span.record("error.type", err.error.as_str());
+                }
                 outcome.duplicate &= !recorded_here;
                 if outcome.duplicate {
                     tracing::info!(%execution, hop = %outcome.hop_id, "hop redelivered: its transition was recorded, next hops sent again");
@@ -318,16 +336,30 @@ impl Handler for HopHandler {
                 }
                 Outcome::Done
             }
-            Err(e) if e.is_retryable() => {
-                tracing::warn!(message_id = %msg.id, %execution, error = %e, "hop failed; will retry");
-                Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() }
-            }
             Err(e) => {
-                tracing::warn!(message_id = %msg.id, %execution, error = %e, "hop refused");
-                let record = json!({"execution": execution, "error": e.label(), "cause": e.to_string()});
-                self.park(msg, record.to_string().as_bytes(), e.label(), e.label()).await
+                span.record("otel.status_code", "error");
+                span.record("error.type", e.label());
+                self.failed(msg, &execution, &e).await
             }
         }
+    }
+}
+
+impl HopHandler {
+    /// A hop the engine could not process: retried when that may pass, parked otherwise.
+    async fn failed(
+        &self,
+        msg: &ReceivedMessage,
+        execution: &str,
+        e: &ember_orchestrator::pipeline::PipelineError,
+    ) -> Outcome {
+        if e.is_retryable() {
+            tracing::warn!(message_id = %msg.id, %execution, error = %e, "hop failed; will retry");
+            return Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() };
+        }
+        tracing::warn!(message_id = %msg.id, %execution, error = %e, "hop refused");
+        let record = json!({"execution": execution, "error": e.label(), "cause": e.to_string()});
+        self.park(msg, record.to_string().as_bytes(), e.label(), e.label()).await
     }
 }
 

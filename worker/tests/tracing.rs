@@ -153,3 +153,90 @@ fn jobs_through_sqs_on_two_workers_are_one_trace_each_with_the_right_parents() -
     assert_eq!(seen_jobs, want, "one trace per job");
     Ok(())
 }
+
+/// Three states, the middle one a Parallel of two branches, run by two workers as six hop
+/// messages (Prepare, Fan, Left, Right, Fan again for the join, Done): one trace for the
+/// execution, each hop a span named by its state under the delivery that ran it, each delivery
+/// a child of the hop (or the start) that sent it.
+const FAN: &str = r#"{"StartAt": "Prepare", "States": {
+  "Prepare": {"Type": "Pass", "Result": {"n": 1}, "Next": "Fan"},
+  "Fan": {"Type": "Parallel", "ResultPath": "$.fan", "Next": "Done", "Branches": [
+      {"StartAt": "Left", "States": {"Left": {"Type": "Pass", "Result": "l", "End": true}}},
+      {"StartAt": "Right", "States": {"Right": {"Type": "Pass", "Result": "r", "End": true}}}]},
+  "Done": {"Type": "Succeed"}}}"#;
+
+#[test]
+fn a_parallel_pipeline_on_two_workers_is_one_trace_of_its_hops() -> anyhow::Result<()> {
+    let phoenix = PhoenixServer::start()?;
+    let moto = MotoServer::start()?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let conf = aws_config_for(&moto.endpoint()).await;
+        let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&conf).force_path_style(true).build());
+        s3.create_bucket().bucket("ember-results").send().await
+    })?;
+    let mut env = aws_env(&moto.endpoint());
+    env.extend([
+        ("EMBER_SQS_QUEUE", "jobs".to_string()),
+        ("EMBER_PIPELINE_SQS_QUEUE", "hops".to_string()),
+        ("EMBER_CREATE_QUEUES", "true".into()),
+        ("EMBER_RESULTS", "s3://ember-results/out".into()),
+        ("EMBER_MODEL", smollm_gguf()?.to_string_lossy().into_owned()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", phoenix.otlp_endpoint()),
+    ]);
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("fan.asl.json");
+    std::fs::write(&file, FAN)?;
+    let out =
+        ember(&env, &["pipeline", "start", &file.to_string_lossy(), "--name", "fan", "--input", "{}"]).output()?;
+    anyhow::ensure!(out.status.success(), "start: {}", String::from_utf8_lossy(&out.stderr));
+    let workers: Vec<_> = (1..=2)
+        .map(|_| {
+            ember(&env, &["serve", "--pipelines", "--exit-when-idle", "--wait-seconds", "1"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    for w in workers {
+        let out = w.wait_with_output()?;
+        anyhow::ensure!(out.status.success(), "serve: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    // The start, and per hop message: the delivery, its queue wait, the hop, the delete.
+    let spans = spans_when_all_arrived(&phoenix, 1 + 6 * 4)?;
+    let traces: HashSet<&str> = spans.iter().filter_map(|s| s["context"]["trace_id"].as_str()).collect();
+    assert_eq!(traces.len(), 1, "one trace for the execution: {traces:?}");
+    let by_id: BTreeMap<&str, &Value> =
+        spans.iter().filter_map(|s| Some((s["context"]["span_id"].as_str()?, s))).collect();
+    let parent_of = |s: &Value| s["parent_id"].as_str().and_then(|p| by_id.get(p).copied());
+    let start: Vec<_> = spans.iter().filter(|s| s["name"] == "pipeline start").collect();
+    assert_eq!(start.len(), 1);
+    assert_eq!(start[0]["parent_id"], Value::Null, "the start is the root");
+    let hops: Vec<&Value> = spans.iter().filter(|s| attr(s, "ember.pipeline.state").is_some()).collect();
+    let mut states: Vec<&str> = hops.iter().filter_map(|s| s["name"].as_str()).collect();
+    states.sort_unstable();
+    assert_eq!(states, ["Done", "Fan", "Fan", "Left", "Prepare", "Right"]);
+    let mut fan_senders = Vec::new();
+    for hop in &hops {
+        let name = hop["name"].as_str().unwrap_or_default();
+        assert_eq!(attr(hop, "ember.pipeline.state"), Some(name));
+        assert_eq!(attr(hop, "ember.pipeline.execution"), Some("fan"));
+        let delivery = parent_of(hop).ok_or_else(|| anyhow::anyhow!("{name} has no parent"))?;
+        assert_eq!(delivery["name"], "job", "{name} runs inside a delivery");
+        let sender = parent_of(delivery).ok_or_else(|| anyhow::anyhow!("{name}'s delivery has no parent"))?;
+        let sender_name = sender["name"].as_str().unwrap_or_default();
+        let want = match name {
+            "Prepare" => "pipeline start",
+            "Left" | "Right" | "Done" => "Fan",
+            // Entered from Prepare, and again for the join by whichever branch ended last.
+            _ => {
+                fan_senders.push(sender_name);
+                sender_name
+            }
+        };
+        assert_eq!(sender_name, want, "{name} was sent by {want}");
+    }
+    fan_senders.sort_unstable();
+    assert!(matches!(fan_senders[..], ["Left", "Prepare"] | ["Prepare", "Right"]), "Fan was sent by {fan_senders:?}");
+    Ok(())
+}

@@ -131,9 +131,15 @@ pub async fn run(cmd: PipelineCommand) -> anyhow::Result<()> {
             let (queue, store) =
                 tokio::try_join!(args.pipeline_queue.open(&args.queue, &args.aws), args.store.open(&args.aws))?;
             let env = HopHandler::env(queue, store, Arc::new(tools(&args.tools.http_allow)), args.tools.max_hops);
-            let id = start_execution(&env, &source, input, StartOptions { name: args.name.as_deref() })
-                .await
-                .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+            // The root of the execution's trace: every hop continues it.
+            let span = tracing::info_span!(target: crate::telemetry::otel::TARGET, "pipeline start",
+                otel.kind = "producer", ember.pipeline.definition = %args.file.display());
+            let id = tracing::Instrument::instrument(
+                start_execution(&env, &source, input, StartOptions { name: args.name.as_deref() }),
+                span,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
             println!("{id}");
             Ok(())
         }
