@@ -31,6 +31,8 @@ pub enum LoadError {
     BadConfig(String),
     #[error("`{file}` failed its checksum: the manifest says sha256 {expected}, the bytes hash to {actual}; the file is corrupt or was changed, fetch it again")]
     ChecksumMismatch { file: String, expected: String, actual: String },
+    #[error("`{file}` failed its checksum in chunk {chunk} (bytes {start}..{end}): the manifest says sha256 {expected}, the bytes hash to {actual}; the file is corrupt or was changed, fetch it again")]
+    ChunkMismatch { file: String, chunk: usize, start: u64, end: u64, expected: String, actual: String },
     #[error("`{file}` has {actual} bytes but the manifest says {expected}")]
     SizeMismatch { file: String, expected: u64, actual: u64 },
     #[error("`{}` is a file but not a model: --model takes a model directory (config.json, tokenizer.json, model.safetensors), a .gguf file, or s3://bucket/prefix", .0.display())]
@@ -75,6 +77,7 @@ impl LoadError {
             Self::BadConfig(_) => "bad_config",
             Self::ChecksumMismatch { .. } => "checksum_mismatch",
             Self::SizeMismatch { .. } => "size_mismatch",
+            Self::ChunkMismatch { .. } => "chunk_mismatch",
             Self::ManifestFileMissing(_) => "manifest_file_missing",
             Self::ManifestRequired(_) => "manifest_required",
             Self::NotAModel(_) => "not_a_model",

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::error::{LoadError, Result};
-use crate::manifest::{digest_bytes, Manifest, MANIFEST_FILE};
+use crate::manifest::{Manifest, MANIFEST_FILE};
 
 /// One file's bytes.
 pub enum FileBytes {
@@ -39,6 +39,13 @@ pub struct ModelFiles {
     /// Where they came from, for error messages.
     pub origin: String,
     pub files: Vec<(String, FileBytes)>,
+    /// Set when the fetch already verified every file (`Some(true)`) or found no manifest to
+    /// verify against (`Some(false)`); None when [`ModelFiles::verify`] still has to.
+    pub verified: Option<bool>,
+    /// Holds the local tier's copy of this model while it is in use.
+    pub pin: Option<crate::tier::Pin>,
+    /// Where the bytes came from and how long each stage took.
+    pub stats: crate::fetch::FetchStats,
 }
 
 impl ModelFiles {
@@ -57,6 +64,9 @@ impl ModelFiles {
     /// Verifies every file against `ember-manifest.json` when there is one, hashing files in
     /// parallel. Returns whether a manifest was found.
     pub fn verify(&self) -> Result<bool> {
+        if let Some(done) = self.verified {
+            return Ok(done);
+        }
         let Some(bytes) = self.get(MANIFEST_FILE) else {
             return Ok(false);
         };
@@ -72,7 +82,7 @@ impl ModelFiles {
                 .iter()
                 .map(|(name, bytes)| {
                     let manifest = &manifest;
-                    s.spawn(move || manifest.check(name, &digest_bytes(bytes)))
+                    s.spawn(move || manifest.check_bytes(name, bytes))
                 })
                 .collect();
             let mut first_err = None;
@@ -108,7 +118,7 @@ pub fn local_files(path: &Path) -> Result<ModelFiles> {
     if !path.exists() {
         return Err(LoadError::NotFound(path.to_path_buf()));
     }
-    let mut files = ModelFiles { origin: path.display().to_string(), files: Vec::new() };
+    let mut files = ModelFiles { origin: path.display().to_string(), ..Default::default() };
     if path.is_file() {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if !name.ends_with(".gguf") {

@@ -16,6 +16,7 @@ pub mod aws;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod fetch;
 pub mod files;
 pub mod gguf;
 pub mod linear;
@@ -26,6 +27,7 @@ pub mod quantize;
 pub mod s3;
 pub mod staging;
 pub mod stream;
+pub mod tier;
 pub mod weights;
 
 pub use chat::{ChatTemplate, Message};

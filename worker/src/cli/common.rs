@@ -49,9 +49,14 @@ impl AwsArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FetchArgs {
-    /// Where downloaded models are cached, keyed by ETag (none when unset).
+    /// The local tier: a folder where verified copies of s3:// models are kept, so the next
+    /// start maps them instead of downloading (none when unset; /tmp/ember-cache in Lambda).
     #[arg(long, env = "EMBER_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// The most MiB of model files the cache keeps; least recently used models not in use are
+    /// deleted to make room (no limit when unset; 90% of /tmp in Lambda).
+    #[arg(long, env = "EMBER_CACHE_MAX_MB")]
+    pub cache_max_mb: Option<u64>,
     /// Size of each ranged GET, in MiB.
     #[arg(long, env = "EMBER_PART_SIZE_MB", default_value_t = 16)]
     pub part_size_mb: usize,
@@ -98,8 +103,37 @@ impl FetchArgs {
         FetchOptions {
             part_size: self.part_size_mb.max(1) << 20,
             concurrency: self.fetch_concurrency.max(1),
-            cache_dir: self.cache_dir.clone(),
+            cache_dir: self.cache_dir.clone().or_else(|| in_lambda().then(|| PathBuf::from(LAMBDA_CACHE_DIR))),
+            cache_max_bytes: self.cache_max_mb.map(|mb| mb << 20).or_else(|| {
+                // Lambda's /tmp is the function's ephemeral storage (512 MB to 10 GB); leave
+                // a tenth of it for everything else.
+                in_lambda().then(|| fs_size(std::path::Path::new("/tmp")).map(|b| b / 10 * 9)).flatten()
+            }),
             progress: !self.no_progress,
         }
     }
+}
+
+/// Where the local tier lives in Lambda when `--cache-dir` is not given: the only writable
+/// disk there, kept between invocations of one execution environment.
+const LAMBDA_CACHE_DIR: &str = "/tmp/ember-cache";
+
+fn in_lambda() -> bool {
+    crate::telemetry::in_lambda()
+}
+
+/// The size of the file system holding `path`.
+fn fs_size(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable memory the size
+    // of a statvfs, which statvfs fills on success (and only then is it read).
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_blocks as u64 * st.f_frsize as u64)
 }

@@ -59,6 +59,11 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let opts = args.model.load_options(&args.aws).await?;
     let loaded = load(&reference, &opts).await?;
     let load_done = since_process_start();
+    crate::telemetry::metrics::cold_start(&crate::telemetry::metrics::ColdStart {
+        model: &loaded.name,
+        timings: &loaded.timings,
+        ready_s: load_done,
+    });
     let engine = Engine::new(loaded);
     let prompt = if args.raw {
         Prompt::Text(args.prompt.clone())

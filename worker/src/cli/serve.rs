@@ -114,12 +114,9 @@ pub async fn load_engine(model: &ModelArgs, aws: &AwsArgs) -> anyhow::Result<Eng
     let reference = model.reference()?;
     let opts = model.load_options(aws).await?;
     let loaded = load(&reference, &opts).await?;
-    let t = loaded.timings;
     metrics::cold_start(&metrics::ColdStart {
         model: &loaded.name,
-        fetch_s: t.fetch_s,
-        verify_s: t.verify_s,
-        build_s: t.build_s,
+        timings: &loaded.timings,
         ready_s: since_process_start(),
     });
     Ok(Engine::new(loaded))
