@@ -116,35 +116,12 @@ pub async fn has_manifest(client: &aws_sdk_s3::Client, bucket: &str, prefix: &st
     Ok(objects.iter().any(|o| o.name == crate::manifest::MANIFEST_FILE))
 }
 
-/// One ranged GET, `[start, end)`, checked for length.
+/// The bytes `[start, end)` of an object, in parallel with nothing: one ranged GET (resumed
+/// if the connection drops, see [`get_into`]).
 async fn get_range(client: &aws_sdk_s3::Client, bucket: &str, key: &str, start: u64, end: u64) -> Result<bytes::Bytes> {
-    if end <= start {
-        return Ok(bytes::Bytes::new()); // an empty file: S3 refuses a range of nothing
-    }
-    let resp = client
-        .get_object()
-        .bucket(bucket)
-        .key(key)
-        .range(format!("bytes={}-{}", start, end - 1))
-        .send()
-        .await
-        .map_err(|e| s3_error(bucket, key, e))?;
-    let body = resp.body.collect().await.map_err(|e| LoadError::S3 {
-        bucket: bucket.into(),
-        key: key.into(),
-        message: format!("reading the body: {e}"),
-        retryable: true,
-    })?;
-    let bytes = body.into_bytes();
-    if bytes.len() as u64 != end - start {
-        return Err(LoadError::S3 {
-            bucket: bucket.into(),
-            key: key.into(),
-            message: format!("asked for {} bytes at {start}, got {}", end - start, bytes.len()),
-            retryable: true,
-        });
-    }
-    Ok(bytes)
+    let mut buf = vec![0u8; end.saturating_sub(start) as usize];
+    get_into(client, bucket, key, start, &mut buf).await?;
+    Ok(bytes::Bytes::from(buf))
 }
 
 /// Logs how much came down and how fast.
