@@ -1,5 +1,5 @@
 //! Model loading for Ember: model references (a local directory, a `.gguf` file,
-//! `s3://bucket/prefix`), fetching (parallel ranged GETs, progress, ETag cache, SHA-256
+//! `s3://bucket/prefix`), fetching (parallel ranged GETs into place, progress, a local tier of verified copies, SHA-256
 //! manifest), parsing config, tokenizer and chat template, and building one Llama/Mistral
 //! model for every weight format on the chosen device.
 //!

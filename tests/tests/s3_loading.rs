@@ -1,5 +1,5 @@
 //! Loading the real model from S3 (moto on 127.0.0.1): same answer as from disk, a corrupted
-//! byte refused by the manifest, a warm start served from the ETag cache; and the streaming
+//! byte refused by the manifest, a warm start served from the local tier; and the streaming
 //! path CUDA uses (weights to the device as the parts arrive), run here with its CPU sink.
 
 use std::path::Path;
