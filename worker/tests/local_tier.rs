@@ -191,8 +191,7 @@ impl CuttingProxy {
                     });
                     let mut sent = 0u64;
                     let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        let Ok(n) = sr.read(&mut buf).await else { break };
+                    while let Ok(n) = sr.read(&mut buf).await {
                         if n == 0 {
                             break;
                         }

@@ -135,5 +135,8 @@ fn fs_size(path: &std::path::Path) -> Option<u64> {
     }
     // SAFETY: statvfs returned 0, so it initialised `st`.
     let st = unsafe { st.assume_init() };
-    Some(st.f_blocks as u64 * st.f_frsize as u64)
+    // The fields are 32-bit on some targets.
+    #[allow(clippy::unnecessary_cast)]
+    let bytes = st.f_blocks as u64 * st.f_frsize as u64;
+    Some(bytes)
 }
