@@ -264,3 +264,36 @@ fn bad_requests_get_the_batch_error_bodies_and_the_server_keeps_serving() -> any
     assert!(!got["after"]["text"].as_str().unwrap_or_default().is_empty(), "{got}");
     Ok(())
 }
+
+#[test]
+fn a_served_model_name_and_an_api_key() -> anyhow::Result<()> {
+    let server = Server::start(&["--served-model-name", "gpt-4o-mini", "--api-key", "sk-test-key"])?;
+    let key = |k: &str| json!({"api_key": k, "model": "gpt-4o-mini"});
+    let mut wrong = key("sk-wrong");
+    wrong["op"] = json!("refused");
+    wrong["prompt"] = json!("Hi");
+    wrong["max_tokens"] = json!(4);
+    let refused = server.client(wrong)?;
+    assert_eq!(refused["status"], 401, "{refused}");
+    assert_eq!(refused["body"]["error"]["code"], "invalid_api_key", "{refused}");
+
+    let mut models = key("sk-test-key");
+    models["op"] = json!("models");
+    assert_eq!(server.client(models)?, json!(["gpt-4o-mini"]));
+    let mut chat = key("sk-test-key");
+    chat["op"] = json!("chat");
+    chat["prompt"] = json!(FRANCE);
+    chat["max_tokens"] = json!(8);
+    let answer = server.client(chat)?;
+    assert_eq!(answer["model"], "gpt-4o-mini", "{answer}");
+    // Health needs no key: load balancers probe it.
+    assert_eq!(server.client(json!({"op": "health"}))?["status"], 200);
+
+    // Batch files name the same model.
+    let mut line = chat_line("named", FRANCE, 8);
+    line["body"]["model"] = json!("gpt-4o-mini");
+    let batch = batch_run(&[line], &["--served-model-name", "gpt-4o-mini"])?;
+    assert_eq!(batch["named"]["response"]["body"]["model"], "gpt-4o-mini", "{:?}", batch["named"]);
+    assert_eq!(batch_text(&batch["named"])?, answer["text"].as_str().unwrap_or_default());
+    Ok(())
+}

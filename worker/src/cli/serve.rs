@@ -5,8 +5,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ember_model_loader::load;
-
 use super::backends::{QueueArgs, StoreArgs};
 use super::common::{AwsArgs, ModelArgs};
 use crate::queue::Queue;
@@ -114,9 +112,7 @@ impl Worker {
 
 /// Loads the model into an engine and logs where the start-up time went.
 pub async fn load_engine(model: &ModelArgs, aws: &AwsArgs) -> anyhow::Result<Engine> {
-    let reference = model.reference()?;
-    let opts = model.load_options(aws).await?;
-    let loaded = load(&reference, &opts).await?;
+    let loaded = model.load(aws).await?;
     let t = loaded.timings;
     metrics::cold_start(&metrics::ColdStart {
         model: &loaded.name,
