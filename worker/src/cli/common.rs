@@ -22,6 +22,11 @@ pub struct ModelArgs {
     #[arg(long, env = "EMBER_REQUIRE_MANIFEST", num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub require_manifest: Option<bool>,
+    /// The name the model is served as: what jobs and HTTP requests put in `model` (besides
+    /// "default") and what answers carry (default: the model's own name). For clients that
+    /// send a name of their own, such as `gpt-4o-mini`.
+    #[arg(long, env = "EMBER_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
     #[command(flatten)]
     pub fetch: FetchArgs,
 }
@@ -73,6 +78,17 @@ pub struct FetchArgs {
 }
 
 impl ModelArgs {
+    /// Loads the model, under `--served-model-name` when given.
+    pub async fn load(&self, aws: &AwsArgs) -> anyhow::Result<ember_model_loader::LoadedModel> {
+        let reference = self.reference()?;
+        let opts = self.load_options(aws).await?;
+        let mut loaded = ember_model_loader::load(&reference, &opts).await?;
+        if let Some(name) = self.served_model_name.as_ref().filter(|n| !n.is_empty()) {
+            loaded.name = name.clone();
+        }
+        Ok(loaded)
+    }
+
     pub fn reference(&self) -> anyhow::Result<ModelRef> {
         Ok(self.model.parse()?)
     }

@@ -338,7 +338,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let batch_id = new_batch_id(&args.batch_id);
     let mut lines = read_lines(&args.file, &batch_id, BadLines::Answer)?;
-    let worker = Worker::start(&args.worker).await?;
+    let worker = Worker::start(&args.worker, false).await?;
     let hidden = args.worker.model.fetch.no_progress;
     // Results already under the batch's prefix (a reused --batch-id) do not count as progress.
     let prefix = format!("results/{batch_id}/");

@@ -4,6 +4,7 @@ pub mod autoscale;
 pub mod backends;
 pub mod common;
 pub mod generate;
+pub mod http;
 pub mod jobs;
 pub mod lambda;
 pub mod model;
