@@ -46,20 +46,16 @@ pub fn parse_s3_url(url: &str) -> Option<(String, String)> {
 }
 
 fn s3_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
+    op: &'static str,
     bucket: &str,
     key: &str,
     err: SdkError<E>,
 ) -> LoadError {
-    let failure = crate::aws::classify(&err);
-    if failure.code == "NoSuchBucket" {
+    let err = crate::aws::AwsError::new(op, format!("s3://{bucket}/{key}"), &err);
+    if err.failure.code == "NoSuchBucket" {
         return LoadError::NoSuchBucket { bucket: bucket.into() };
     }
-    LoadError::S3 {
-        bucket: bucket.into(),
-        key: key.into(),
-        message: failure.describe(),
-        retryable: failure.kind.is_retryable(),
-    }
+    LoadError::Aws(err)
 }
 
 struct Object {
@@ -81,7 +77,7 @@ async fn list(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result
         .send()
         .try_collect()
         .await
-        .map_err(|e| s3_error(bucket, prefix, e))?;
+        .map_err(|e| s3_error("ListObjectsV2", bucket, prefix, e))?;
     let mut out = Vec::new();
     for page in pages {
         for obj in page.contents() {
@@ -157,7 +153,7 @@ async fn get_range(client: &aws_sdk_s3::Client, bucket: &str, key: &str, start: 
         .range(format!("bytes={}-{}", start, end - 1))
         .send()
         .await
-        .map_err(|e| s3_error(bucket, key, e))?;
+        .map_err(|e| s3_error("GetObject", bucket, key, e))?;
     let body = resp.body.collect().await.map_err(|e| LoadError::S3 {
         bucket: bucket.into(),
         key: key.into(),

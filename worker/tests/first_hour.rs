@@ -1,0 +1,182 @@
+//! What a new user meets in a first hour with AWS configured wrong, through the real `ember`
+//! binary: missing credentials and a missing results bucket are named at startup, before the
+//! model loads, with what to check; a queue without a DLQ is reported, not refused, by
+//! `status`; `ember run` leaves other batches' jobs on a shared queue alone. SQS and S3 are
+//! moto on 127.0.0.1.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use ember_tests::{aws_env, smollm_hf, MotoServer};
+use serde_json::{json, Value};
+
+fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+/// `ember` in `dir`, logging at info (so a model load would show), with `env` on top of a
+/// clean AWS environment.
+fn ember(dir: &Path, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Output> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+    cmd.current_dir(dir)
+        .args(args)
+        .env("EMBER_LOG", "info")
+        .env("EMBER_NO_PROGRESS", "1")
+        .env("EMBER_THREADS", "1")
+        .env_remove("RUST_BACKTRACE");
+    for var in [
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "EMBER_SQS_QUEUE",
+        "EMBER_RESULTS",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    Ok(cmd.output()?)
+}
+
+/// Runs a command that must fail with exit 1 and a clean message; returns its stderr.
+fn fails(dir: &Path, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<String> {
+    let out = ember(dir, args, env)?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "expected exit 1, stderr: {stderr}");
+    for dump in ["panicked", "DispatchFailure", "ServiceError", "<?xml", "ProviderChainError"] {
+        assert!(!stderr.contains(dump), "an SDK dump or panic ({dump}):\n{stderr}");
+    }
+    Ok(stderr)
+}
+
+fn model() -> anyhow::Result<String> {
+    Ok(smollm_hf("f32")?.to_string_lossy().into_owned())
+}
+
+#[test]
+fn missing_credentials_are_named_at_startup_with_what_to_set() -> anyhow::Result<()> {
+    let moto = MotoServer::start()?;
+    let dir = tempfile::tempdir()?;
+    // Everything but credentials; IMDS off, so the credential chain ends at once and offline.
+    let env: Vec<(&str, String)> = aws_env(&moto.endpoint())
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("AWS_ACCESS") && !k.starts_with("AWS_SECRET"))
+        .collect();
+    assert!(env.contains(&("AWS_EC2_METADATA_DISABLED", "true".into())));
+    let model = model()?;
+    let serve = ["serve", "--model", &model, "--sqs-queue", "jobs", "--results", "s3://results/ember"];
+    let err = fails(dir.path(), &serve, &env)?;
+    assert!(err.contains("no AWS credentials were found"), "{err}");
+    assert!(err.contains("SQS queue `jobs`") || err.contains("S3 bucket `results`"), "the resource is named: {err}");
+    assert!(err.contains("set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"), "{err}");
+    assert!(err.contains("AWS_ENDPOINT_URL"), "{err}");
+    assert!(!err.contains("model loaded"), "the model loaded before the check:\n{err}");
+
+    // The embedded queue with S3 results: the bucket check finds it.
+    let serve = ["serve", "--model", &model, "--results", "s3://results/ember"];
+    let err = fails(dir.path(), &serve, &env)?;
+    assert!(err.contains("HeadBucket on S3 bucket `results` failed") && err.contains("no AWS credentials"), "{err}");
+    assert!(!err.contains("model loaded"), "{err}");
+
+    let err = fails(dir.path(), &["status", "--sqs-queue", "jobs"], &env)?;
+    assert!(err.contains("GetQueueUrl on SQS queue `jobs` failed") && err.contains("AWS_PROFILE"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_missing_results_bucket_stops_serve_before_the_model_loads() -> anyhow::Result<()> {
+    let moto = MotoServer::start()?;
+    let dir = tempfile::tempdir()?;
+    let env = aws_env(&moto.endpoint());
+    let model = model()?;
+    // A job waiting: before, serve loaded the model, failed every result write, and exited 0.
+    std::fs::write(dir.path().join("b.jsonl"), job("q1", "Hi").to_string())?;
+    let out = ember(dir.path(), &["submit", "b.jsonl", "--sqs-queue", "jobs", "--create-queues"], &env)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let serve = ["serve", "--model", &model, "--sqs-queue", "jobs", "--results", "s3://no-such-bucket/ember"];
+    let err = fails(dir.path(), &[&serve[..], &["--exit-when-idle"]].concat(), &env)?;
+    assert!(err.contains("S3 bucket `no-such-bucket` does not exist"), "{err}");
+    assert!(err.contains("check the bucket name in --results"), "{err}");
+    assert!(!err.contains("model loaded"), "the model loaded before the check:\n{err}");
+
+    // The job is still there for a worker with the right bucket.
+    let status = ember(dir.path(), &["status", "--sqs-queue", "jobs", "--json"], &env)?;
+    let status: Value = serde_json::from_slice(&status.stdout)?;
+    assert_eq!(status, json!({"visible": 1, "in_flight": 0, "delayed": 0, "dlq": 0}));
+    Ok(())
+}
+
+#[test]
+fn status_reports_a_queue_without_a_dlq_and_workers_refuse_it() -> anyhow::Result<()> {
+    let moto = MotoServer::start()?;
+    let dir = tempfile::tempdir()?;
+    let env = aws_env(&moto.endpoint());
+    rt()?.block_on(async {
+        let sqs = aws_sdk_sqs::Client::new(&moto.aws_config().await);
+        sqs.create_queue().queue_name("plain").send().await
+    })?;
+    std::fs::write(dir.path().join("b.jsonl"), [job("a", "Hi"), job("b", "Hi")].map(|j| j.to_string()).join("\n"))?;
+    let out = ember(dir.path(), &["submit", "b.jsonl", "--sqs-queue", "plain"], &env)?;
+    assert!(out.status.success(), "submit needs no DLQ: {}", String::from_utf8_lossy(&out.stderr));
+
+    let out = ember(dir.path(), &["status", "--sqs-queue", "plain", "--json"], &env)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let status: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(status, json!({"visible": 2, "in_flight": 0, "delayed": 0, "dlq": null}));
+    assert!(stderr.contains("warning: the queue has no redrive policy, so no dead-letter queue"), "{stderr}");
+
+    let out = ember(dir.path(), &["status", "--sqs-queue", "plain"], &env)?;
+    assert!(String::from_utf8(out.stdout)?.contains("dlq        none (no DLQ)"));
+
+    // A worker dead-letters jobs that fail for good: it refuses the queue, before loading.
+    let err = fails(dir.path(), &["serve", "--model", &model()?, "--sqs-queue", "plain"], &env)?;
+    assert!(err.contains("SQS queue `plain` has no redrive policy, so no dead-letter queue"), "{err}");
+    assert!(!err.contains("model loaded"), "{err}");
+    let err = fails(dir.path(), &["dlq", "redrive", "--sqs-queue", "plain"], &env)?;
+    assert!(err.contains("has no redrive policy"), "{err}");
+    Ok(())
+}
+
+fn job(custom_id: &str, prompt: &str) -> Value {
+    json!({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4}})
+}
+
+#[test]
+fn run_leaves_other_batches_on_a_shared_queue_untouched() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = model()?;
+    let none = [];
+    std::fs::write(dir.path().join("theirs.jsonl"), job("theirs", "Hi").to_string())?;
+    let out = ember(dir.path(), &["submit", "theirs.jsonl", "--batch-id", "theirs"], &none)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    std::fs::write(
+        dir.path().join("mine.jsonl"),
+        [job("m1", "Hi"), job("m2", "Hello")].map(|j| j.to_string()).join("\n"),
+    )?;
+    let out = ember(dir.path(), &["run", "mine.jsonl", "--model", &model, "--batch-id", "mine"], &none)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("2 succeeded, 0 failed"), "{stderr}");
+    let output = std::fs::read_to_string(dir.path().join("mine.output.jsonl"))?;
+    let ids: Vec<String> = output
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).map(|v| v["custom_id"].as_str().unwrap_or_default().to_string()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(ids, ["m1", "m2"]);
+
+    // The other batch's job is still queued, and has no result.
+    let status = ember(dir.path(), &["status", "--json"], &none)?;
+    let status: Value = serde_json::from_slice(&status.stdout)?;
+    assert_eq!(status, json!({"visible": 1, "in_flight": 0, "delayed": 0, "dlq": 0}));
+    assert!(!dir.path().join(".ember/results/theirs").exists(), "run answered another batch's job");
+    assert!(dir.path().join(".ember/results/mine/m1.json").is_file());
+    Ok(())
+}
