@@ -315,7 +315,7 @@ fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
     if !enabled || total == 0 {
         return indicatif::ProgressBar::hidden();
     }
-    let bar = indicatif::ProgressBar::new(total);
+    let bar = crate::progress::add(indicatif::ProgressBar::new(total));
     if let Ok(style) =
         indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
     {

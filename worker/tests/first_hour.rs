@@ -180,3 +180,114 @@ fn run_leaves_other_batches_on_a_shared_queue_untouched() -> anyhow::Result<()> 
     assert!(dir.path().join(".ember/results/mine/m1.json").is_file());
     Ok(())
 }
+
+/// What a terminal shows for `bytes` (carriage return, line feed, erase-line, cursor up/down;
+/// colours ignored), every line that scrolled by included.
+fn screen(bytes: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut lines: Vec<Vec<char>> = vec![Vec::new()];
+    let (mut row, mut col) = (0usize, 0usize);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' => {
+                row += 1;
+                col = 0;
+                if lines.len() <= row {
+                    lines.push(Vec::new());
+                }
+            }
+            '\r' => col = 0,
+            '\u{1b}' if chars.peek() == Some(&'[') => {
+                chars.next();
+                let mut params = String::new();
+                let mut last = ' ';
+                for p in chars.by_ref() {
+                    if ('\u{40}'..='\u{7e}').contains(&p) {
+                        last = p;
+                        break;
+                    }
+                    params.push(p);
+                }
+                let n: usize = params.trim_start_matches('?').parse().unwrap_or(0);
+                let line = &mut lines[row];
+                match last {
+                    'K' if n == 2 => line.clear(),
+                    'K' if n == 0 => line.truncate(col),
+                    'A' => row = row.saturating_sub(n.max(1)),
+                    'B' => row = (row + n.max(1)).min(lines.len() - 1),
+                    'J' => {
+                        line.truncate(col);
+                        lines.truncate(row + 1);
+                    }
+                    _ => {}
+                }
+            }
+            c if c.is_control() => {}
+            c => {
+                let line = &mut lines[row];
+                if line.len() <= col {
+                    line.resize(col + 1, ' ');
+                }
+                line[col] = c;
+                col += 1;
+            }
+        }
+    }
+    lines.into_iter().map(|l| l.into_iter().collect::<String>().trim_end().to_string()).collect()
+}
+
+/// On a terminal (a pty from `script`), log lines written while the jobs bar is shown start
+/// lines of their own instead of landing inside the bar; without `EMBER_LOG`, `run` shows
+/// warnings, not info lines.
+#[test]
+fn log_lines_do_not_tear_the_progress_bar_and_run_logs_warnings_by_default() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = model()?;
+    let mut lines = Vec::new();
+    for i in 0..3 {
+        lines.push(job(&format!("ok{i}"), "Hi").to_string());
+        // A refused job logs a warning while the bar is up.
+        lines.push(
+            json!({"custom_id": format!("bad{i}"), "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "default", "messages": []}})
+            .to_string(),
+        );
+    }
+    std::fs::write(dir.path().join("b.jsonl"), lines.join("\n"))?;
+    let ember = env!("CARGO_BIN_EXE_ember");
+    let command = format!("'{ember}' run b.jsonl --model '{model}' --concurrency 1 --batch-id tty");
+    let out = Command::new("script")
+        .current_dir(dir.path())
+        .args(["-qec", &command, "/dev/null"])
+        .env("EMBER_LOG", "info")
+        .env("EMBER_THREADS", "1")
+        .env_remove("AWS_ENDPOINT_URL")
+        .env_remove("EMBER_NO_PROGRESS")
+        .output()?;
+    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{raw}");
+    let bar_at = raw.find("jobs ").ok_or_else(|| anyhow::anyhow!("no jobs bar was drawn:\n{raw}"))?;
+    assert!(raw[bar_at..].contains("job refused"), "no warning came while the bar was up:\n{raw}");
+    let shown = screen(out.stdout.as_slice());
+    for line in &shown {
+        if [" INFO ", " WARN ", " ERROR "].iter().any(|level| line.contains(level)) {
+            assert!(line.starts_with("20"), "a log line landed inside the progress bar: {line:?}\n{shown:#?}");
+        }
+    }
+    assert!(shown.iter().any(|l| l.contains("3 succeeded, 3 failed")), "{shown:#?}");
+
+    // The default level: warnings, no info lines.
+    let out = Command::new(ember)
+        .current_dir(dir.path())
+        .args(["run", "b.jsonl", "--model", &model, "--batch-id", "quiet", "--no-progress"])
+        .env("EMBER_THREADS", "1")
+        .env_remove("EMBER_LOG")
+        .env_remove("AWS_ENDPOINT_URL")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(" WARN ") && stderr.contains("job refused"), "{stderr}");
+    assert!(!stderr.contains(" INFO "), "info lines by default:\n{stderr}");
+    Ok(())
+}

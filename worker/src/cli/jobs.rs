@@ -258,7 +258,7 @@ fn bar(len: u64, what: &str, hidden: bool) -> ProgressBar {
     if hidden {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::new(len);
+    let bar = ember_model_loader::progress::add(ProgressBar::new(len));
     if let Ok(style) =
         ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} [{{elapsed}}, eta {{eta}}]"))
     {

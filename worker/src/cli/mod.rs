@@ -60,6 +60,19 @@ pub enum Command {
     Autoscale(Box<autoscale::AutoscaleArgs>),
 }
 
+impl Command {
+    /// The log level when `EMBER_LOG` is unset. Services (`serve`, `lambda`, `autoscale`) log
+    /// at info: their logs are what an operator reads (per-job metrics, the cold start,
+    /// CloudWatch EMF). Commands a person runs and waits for log warnings and errors only, as
+    /// cargo and the AWS CLI do: their answer is on stdout, their progress on a bar.
+    pub fn default_log_level(&self) -> &'static str {
+        match self {
+            Self::Serve(_) | Self::Lambda(_) | Self::Autoscale(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
