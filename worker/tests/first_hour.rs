@@ -291,3 +291,89 @@ fn log_lines_do_not_tear_the_progress_bar_and_run_logs_warnings_by_default() -> 
     assert!(!stderr.contains(" INFO "), "info lines by default:\n{stderr}");
     Ok(())
 }
+
+/// After `submit`, `batch status` follows the batch from the result store and `batch output`
+/// writes its output lines in submission order once it is done.
+#[test]
+fn batch_status_and_output_follow_a_submitted_batch() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let none = [];
+    let bad = json!({"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "default", "messages": []}});
+    let lines = [job("q2", "Hi"), bad, job("q1", "Hello")].map(|j| j.to_string()).join("\n");
+    std::fs::write(dir.path().join("b.jsonl"), lines)?;
+    let out = ember(dir.path(), &["submit", "b.jsonl", "--batch-id", "nightly"], &none)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let status =
+        |args: &[&str]| -> anyhow::Result<Output> { ember(dir.path(), &[&["batch", "status"], args].concat(), &none) };
+    let out = status(&["nightly", "--json"])?;
+    let got: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(got["status"], "in_progress", "{got}");
+    assert_eq!(got["request_counts"], json!({"total": 3, "completed": 0, "failed": 0}));
+    let err = fails(dir.path(), &["batch", "output", "nightly"], &none)?;
+    assert!(err.contains("batch nightly is in progress: 3 of 3 jobs have no result yet"), "{err}");
+
+    let out = ember(dir.path(), &["serve", "--model", &model()?, "--exit-when-idle", "--wait-seconds", "1"], &none)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&status(&["nightly", "--json"])?.stdout)?;
+    assert_eq!(
+        (got["status"].clone(), got["request_counts"].clone()),
+        (json!("completed"), json!({"total": 3, "completed": 2, "failed": 1}))
+    );
+    let table = String::from_utf8(status(&["nightly"])?.stdout)?;
+    assert!(table.contains("status     completed") && table.contains("failed     1"), "{table}");
+
+    let out = ember(dir.path(), &["batch", "output", "nightly", "--output", "nightly.jsonl"], &none)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let written = std::fs::read_to_string(dir.path().join("nightly.jsonl"))?;
+    let lines: Vec<Value> = written.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let ids: Vec<&str> = lines.iter().filter_map(|l| l["custom_id"].as_str()).collect();
+    assert_eq!(ids, ["q2", "bad", "q1"]);
+    assert_eq!(lines[0]["response"]["status_code"], 200);
+    assert_eq!(lines[1]["response"]["status_code"], 400);
+
+    let err = fails(dir.path(), &["batch", "status", "nigthly"], &none)?;
+    assert!(err.contains("no batch \"nigthly\" in this result store"), "{err}");
+    Ok(())
+}
+
+/// `--region` and `--profile` choose where and as whom (moto keeps queues per region).
+#[test]
+fn region_and_profile_options_choose_the_aws_account_and_region() -> anyhow::Result<()> {
+    let moto = MotoServer::start()?;
+    let dir = tempfile::tempdir()?;
+    rt()?.block_on(async {
+        let conf = aws_sdk_sqs::config::Builder::from(&moto.aws_config().await)
+            .region(aws_sdk_sqs::config::Region::new("eu-west-1"))
+            .build();
+        aws_sdk_sqs::Client::from_conf(conf).create_queue().queue_name("regional").send().await
+    })?;
+    let env = aws_env(&moto.endpoint());
+    let err = fails(dir.path(), &["status", "--sqs-queue", "regional"], &env)?;
+    assert!(err.contains("SQS queue `regional` does not exist"), "us-east-1 has no such queue: {err}");
+    let out = ember(dir.path(), &["status", "--sqs-queue", "regional", "--region", "eu-west-1", "--json"], &env)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Credentials and region from a named profile only.
+    let credentials = dir.path().join("credentials");
+    std::fs::write(&credentials, "[moto]\naws_access_key_id = test\naws_secret_access_key = test\n")?;
+    let config = dir.path().join("config");
+    std::fs::write(&config, "[profile moto]\nregion = eu-west-1\n")?;
+    let env: Vec<(&str, String)> = env
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("AWS_ACCESS") && !k.starts_with("AWS_SECRET") && *k != "AWS_REGION")
+        .map(|(k, v)| match k {
+            "AWS_SHARED_CREDENTIALS_FILE" => (k, credentials.to_string_lossy().into_owned()),
+            "AWS_CONFIG_FILE" => (k, config.to_string_lossy().into_owned()),
+            _ => (k, v),
+        })
+        .collect();
+    let err = fails(dir.path(), &["status", "--sqs-queue", "regional"], &env)?;
+    assert!(err.contains("no AWS credentials were found"), "{err}");
+    let out = ember(dir.path(), &["status", "--sqs-queue", "regional", "--profile", "moto", "--json"], &env)?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(status["visible"], 0);
+    Ok(())
+}

@@ -34,6 +34,10 @@ pub struct SubmitArgs {
     pub aws: AwsArgs,
     #[command(flatten)]
     pub queue: QueueArgs,
+    /// Where the batch's results will go: the submission is recorded there, for `ember batch
+    /// status|output`.
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Hide the progress bar.
     #[arg(long, env = "EMBER_NO_PROGRESS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_progress: bool,
@@ -319,9 +323,32 @@ fn new_batch_id(given: &Option<String>) -> String {
 
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     let batch_id = new_batch_id(&args.batch_id);
+    if let Some(problem) = component_problem(&batch_id) {
+        anyhow::bail!("--batch-id {batch_id:?} {problem}: results are stored under it; choose another");
+    }
     let mut lines = read_lines(&args.file, &batch_id, BadLines::Refuse)?;
-    let queue = args.queue.open_to_send(&args.aws).await?;
+    let (queue, store) = tokio::try_join!(args.queue.open_to_send(&args.aws), args.store.open(&args.aws))?;
     let ids = send_lines(queue.as_ref(), &mut lines, args.no_progress, BadLines::Refuse).await?;
+    let submission = super::batch::Submission {
+        batch_id: batch_id.clone(),
+        created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        lines: lines
+            .iter()
+            .zip(&ids)
+            .filter_map(|(line, id)| {
+                Some(super::batch::SubmittedLine {
+                    line: line.number,
+                    custom_id: custom_id_of(&line.body),
+                    message_id: id.clone()?,
+                    result_key: line.result_key.clone(),
+                })
+            })
+            .collect(),
+    };
+    // The jobs are queued whatever happens here: say so rather than fail the submit.
+    if let Err(e) = super::batch::record(store.as_ref(), &submission).await {
+        tracing::warn!(error = %format!("{e:#}"), "the submission was not recorded: `ember batch status` will not know it");
+    }
     println!("{}", serde_json::json!({"batch_id": batch_id, "submitted": ids.iter().flatten().count()}));
     Ok(())
 }
@@ -499,7 +526,7 @@ async fn collect(
     Ok(out)
 }
 
-async fn read_result(store: &dyn ObjectStore, key: &str) -> anyhow::Result<Option<ResultLine>> {
+pub(super) async fn read_result(store: &dyn ObjectStore, key: &str) -> anyhow::Result<Option<ResultLine>> {
     let bytes = match store.get(key).await {
         Ok(Some(bytes)) => bytes,
         Ok(None) => return Ok(None),

@@ -2,6 +2,7 @@
 
 pub mod autoscale;
 pub mod backends;
+pub mod batch;
 pub mod common;
 pub mod generate;
 pub mod jobs;
@@ -42,6 +43,9 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Put a JSONL batch file (OpenAI batch input lines) on the queue.
     Submit(jobs::SubmitArgs),
+    /// A submitted batch: its status, and its output once done (as the OpenAI Batch API).
+    #[command(subcommand)]
+    Batch(batch::BatchCommand),
     /// Run a JSONL batch file to an output JSONL: submit, serve until done, collect.
     Run(jobs::RunArgs),
     /// Queue depths: visible, in flight, delayed, dead-lettered.
@@ -81,6 +85,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args).await,
         Command::Submit(args) => jobs::submit(args).await,
         Command::Run(args) => jobs::run(args).await,
+        Command::Batch(cmd) => batch::run(cmd).await,
         Command::Status(args) => jobs::status(args).await,
         Command::Dlq(cmd) => jobs::dlq(cmd).await,
         Command::Lambda(args) => lambda::run(args).await,
