@@ -79,7 +79,7 @@ fn missing_credentials_are_named_at_startup_with_what_to_set() -> anyhow::Result
     // The embedded queue with S3 results: the bucket check finds it.
     let serve = ["serve", "--model", &model, "--results", "s3://results/ember"];
     let err = fails(dir.path(), &serve, &env)?;
-    assert!(err.contains("HeadBucket on S3 bucket `results` failed") && err.contains("no AWS credentials"), "{err}");
+    assert!(err.contains("ListObjectsV2 on S3 bucket `results` failed") && err.contains("no AWS credentials"), "{err}");
     assert!(!err.contains("model loaded"), "{err}");
 
     let err = fails(dir.path(), &["status", "--sqs-queue", "jobs"], &env)?;

@@ -50,12 +50,15 @@ impl S3Store {
         &self.bucket
     }
 
-    /// Checks that the bucket exists and the credentials reach it (`HeadBucket`), so that a
-    /// typo or missing credentials stop a worker at startup, not after the model loaded.
+    /// Checks that the bucket exists and the credentials reach it, so that a typo or missing
+    /// credentials stop a worker at startup, not after the model loaded. A one-key listing
+    /// under the prefix rather than `HeadBucket`: a role allowed `s3:ListBucket` only under
+    /// its prefix (infra/ember.yaml's) may list there but not head the bucket.
     pub async fn check(&self) -> Result<(), StoreError> {
-        match self.client.head_bucket().bucket(&self.bucket).send().await {
+        let listed = self.client.list_objects_v2().bucket(&self.bucket).prefix(&self.prefix).max_keys(1).send().await;
+        match listed {
             Ok(_) => Ok(()),
-            Err(e) => Err(self.sdk_error("HeadBucket", e)),
+            Err(e) => Err(self.sdk_error("ListObjectsV2", e)),
         }
     }
 
@@ -64,9 +67,7 @@ impl S3Store {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         let err = AwsError::new(op, format!("S3 bucket `{}`", self.bucket), &err);
-        // HeadBucket's 404 has no body, so no code.
-        let missing = err.failure.code == "NoSuchBucket" || (op == "HeadBucket" && err.failure.status == Some(404));
-        if missing {
+        if err.failure.code == "NoSuchBucket" {
             StoreError::BucketNotFound(self.bucket.clone())
         } else {
             StoreError::Aws(err)
