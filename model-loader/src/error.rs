@@ -15,6 +15,8 @@ pub enum LoadError {
     NoSuchBucket { bucket: String },
     #[error("nothing found in S3 at `s3://{bucket}/{prefix}`: check the bucket and prefix")]
     NoSuchKey { bucket: String, prefix: String },
+    #[error(transparent)]
+    Aws(#[from] crate::aws::AwsError),
     #[error("S3 request for `s3://{bucket}/{key}` failed: {message}")]
     S3 { bucket: String, key: String, message: String, retryable: bool },
     #[error("I/O error on `{}`: {source}", path.display())]
@@ -70,7 +72,7 @@ impl LoadError {
             Self::MissingFile { .. } => "missing_file",
             Self::NoSuchBucket { .. } => "no_such_bucket",
             Self::NoSuchKey { .. } => "no_such_key",
-            Self::S3 { .. } => "s3",
+            Self::S3 { .. } | Self::Aws(_) => "s3",
             Self::Io { .. } => "io",
             Self::BadJson { .. } => "bad_json",
             Self::UnsupportedArchitecture(_) => "unsupported_architecture",
@@ -98,6 +100,7 @@ impl LoadError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::S3 { retryable, .. } => *retryable,
+            Self::Aws(e) => e.is_retryable(),
             Self::Io { .. } => true,
             _ => false,
         }

@@ -23,6 +23,7 @@ pub mod linear;
 pub mod loader;
 pub mod manifest;
 pub mod model;
+pub mod progress;
 pub mod quantize;
 pub mod s3;
 pub mod staging;

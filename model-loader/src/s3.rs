@@ -49,20 +49,16 @@ pub fn parse_s3_url(url: &str) -> Option<(String, String)> {
 }
 
 fn s3_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
+    op: &'static str,
     bucket: &str,
     key: &str,
     err: SdkError<E>,
 ) -> LoadError {
-    let failure = crate::aws::classify(&err);
-    if failure.code == "NoSuchBucket" {
+    let err = crate::aws::AwsError::new(op, format!("s3://{bucket}/{key}"), &err);
+    if err.failure.code == "NoSuchBucket" {
         return LoadError::NoSuchBucket { bucket: bucket.into() };
     }
-    LoadError::S3 {
-        bucket: bucket.into(),
-        key: key.into(),
-        message: failure.describe(),
-        retryable: failure.kind.is_retryable(),
-    }
+    LoadError::Aws(err)
 }
 
 struct Object {
@@ -84,7 +80,7 @@ async fn list(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result
         .send()
         .try_collect()
         .await
-        .map_err(|e| s3_error(bucket, prefix, e))?;
+        .map_err(|e| s3_error("ListObjectsV2", bucket, prefix, e))?;
     let mut out = Vec::new();
     for page in pages {
         for obj in page.contents() {
@@ -332,7 +328,7 @@ async fn get_some(
     let resp =
         match client.get_object().bucket(bucket).key(key).range(format!("bytes={}-{}", start, end - 1)).send().await {
             Ok(r) => r,
-            Err(e) => return (0, Err(s3_error(bucket, key, e))),
+            Err(e) => return (0, Err(s3_error("GetObject", bucket, key, e))),
         };
     let mut body = resp.body;
     let mut at = 0usize;
@@ -366,7 +362,7 @@ pub(crate) fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar 
     if !enabled || total == 0 {
         return indicatif::ProgressBar::hidden();
     }
-    let bar = indicatif::ProgressBar::new(total);
+    let bar = crate::progress::add(indicatif::ProgressBar::new(total));
     if let Ok(style) =
         indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
     {

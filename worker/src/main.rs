@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before the runtime spawns threads.
     telemetry::set_thread_count(cli.threads);
-    telemetry::init(cli.log_format);
+    telemetry::init(cli.log_format, cli.command.default_log_level());
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -25,16 +25,56 @@ pub enum LogFormat {
     Json,
 }
 
-/// JSON when running in AWS Lambda, text otherwise, unless a format is given.
-pub fn init(format: Option<LogFormat>) {
+/// JSON when running in AWS Lambda, text otherwise, unless a format is given. `default_level`
+/// applies when `EMBER_LOG` is unset (an `EnvFilter` directive such as `warn`).
+pub fn init(format: Option<LogFormat>, default_level: &str) {
     let format = format.unwrap_or(if in_lambda() { LogFormat::Json } else { LogFormat::Text });
-    let filter = EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(BarSafeStderr).with_ansi(ansi);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.compact().fmt_fields(EscapedFields::default()).try_init(),
     };
+}
+
+/// Stderr for log lines, one event at a time, written with the progress bars cleared
+/// ([`ember_model_loader::progress::suspend`]) so that a line never lands inside a bar.
+struct BarSafeStderr;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BarSafeStderr {
+    type Writer = EventBuffer;
+
+    fn make_writer(&'a self) -> EventBuffer {
+        EventBuffer(Vec::new())
+    }
+}
+
+/// One event's text, written out whole when the formatter is done with it (on drop).
+struct EventBuffer(Vec<u8>);
+
+impl std::io::Write for EventBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for EventBuffer {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let text = std::mem::take(&mut self.0);
+        // A log line that cannot be written has nowhere else to go.
+        ember_model_loader::progress::suspend(|| {
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), &text);
+        });
+    }
 }
 
 /// Text-log fields with every control character escaped (`\n` as the two characters `\` `n`),

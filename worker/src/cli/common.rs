@@ -38,13 +38,35 @@ pub struct AwsArgs {
     /// S3/SQS-compatible endpoint (for example a local server); AWS's own when unset.
     #[arg(long, env = "AWS_ENDPOINT_URL")]
     pub endpoint_url: Option<String>,
+    /// AWS region (default: the profile's region, else us-east-1).
+    #[arg(long, env = "AWS_REGION")]
+    pub region: Option<String>,
+    /// Named profile from ~/.aws/config and ~/.aws/credentials (default: the standard chain:
+    /// environment keys, the default profile, the instance or task role).
+    #[arg(long, env = "AWS_PROFILE")]
+    pub profile: Option<String>,
 }
 
 impl AwsArgs {
-    /// AWS configuration from the standard environment, with the endpoint override.
+    /// AWS configuration from the standard environment, with the region, profile and
+    /// endpoint given.
     pub async fn config(&self) -> aws_config::SdkConfig {
-        let region = aws_config::meta::region::RegionProviderChain::default_provider().or_else("us-east-1");
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region);
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(profile) = &self.profile {
+            loader = loader.profile_name(profile);
+        }
+        loader = match &self.region {
+            Some(region) => loader.region(aws_config::Region::new(region.clone())),
+            None => {
+                let mut chain = aws_config::meta::region::RegionProviderChain::first_try(None);
+                if let Some(profile) = &self.profile {
+                    chain = chain.or_else(
+                        aws_config::profile::ProfileFileRegionProvider::builder().profile_name(profile).build(),
+                    );
+                }
+                loader.region(chain.or_default_provider().or_else("us-east-1"))
+            }
+        };
         if let Some(url) = &self.endpoint_url {
             loader = loader.endpoint_url(url);
         }

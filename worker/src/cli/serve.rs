@@ -35,7 +35,7 @@ pub struct LoopArgs {
 }
 
 /// What a worker process needs: the model, the queue, the result store and how to poll.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
     #[command(flatten)]
     pub model: ModelArgs,
