@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs what Ember's tests need besides Rust (pinned): moto's server for SQS and S3,
 # the minisign tool, Arize Phoenix (an OpenTelemetry trace backend), cfn-lint for the
-# templates in infra/, and cargo-lambda for the local Lambda Runtime API (its
+# templates in infra/, the official `openai` client (the HTTP API's tests talk to `ember serve
+# --http` through it), and cargo-lambda for the local Lambda Runtime API (its
 # PyPI wheel is a prebuilt binary; `cargo install` would take close to an hour).
 # Idempotent and quick when everything is already there.
 set -euo pipefail
 want_moto=5.2.5
 want_cargo_lambda=1.9.2
 want_cfn_lint=1.51.0
+want_openai=3.57.0
 # The minisign tool (the signing tests check Ember's signatures against it): Debian's package.
 want_minisign=0.11
 want_minisign_deb=0.11-1
@@ -36,6 +38,10 @@ if [ "$(version_of cfn-lint)" != "$want_cfn_lint" ]; then
   python3 -m pip install --quiet --disable-pip-version-check "cfn-lint==$want_cfn_lint"
 fi
 command -v cfn-lint >/dev/null || { echo "cfn-lint is not on PATH after installing it" >&2; exit 1; }
+if [ "$(version_of openai)" != "$want_openai" ]; then
+  python3 -m pip install --quiet --disable-pip-version-check "openai==$want_openai"
+fi
+python3 -c 'import openai' || { echo "the openai package does not import after installing it" >&2; exit 1; }
 if [ "$(version_of cargo-lambda)" != "$want_cargo_lambda" ]; then
   python3 -m pip install --quiet --disable-pip-version-check "cargo-lambda==$want_cargo_lambda"
 fi

@@ -15,6 +15,8 @@ pub enum LoadError {
     NoSuchBucket { bucket: String },
     #[error("nothing found in S3 at `s3://{bucket}/{prefix}`: check the bucket and prefix")]
     NoSuchKey { bucket: String, prefix: String },
+    #[error(transparent)]
+    Aws(#[from] crate::aws::AwsError),
     #[error("S3 request for `s3://{bucket}/{key}` failed: {message}")]
     S3 { bucket: String, key: String, message: String, retryable: bool },
     #[error("I/O error on `{}`: {source}", path.display())]
@@ -31,6 +33,8 @@ pub enum LoadError {
     BadConfig(String),
     #[error("`{file}` failed its checksum: the manifest says sha256 {expected}, the bytes hash to {actual}; the file is corrupt or was changed, fetch it again")]
     ChecksumMismatch { file: String, expected: String, actual: String },
+    #[error("`{file}` failed its checksum in chunk {chunk} (bytes {start}..{end}): the manifest says sha256 {expected}, the bytes hash to {actual}; the file is corrupt or was changed, fetch it again")]
+    ChunkMismatch { file: String, chunk: usize, start: u64, end: u64, expected: String, actual: String },
     #[error("`{file}` has {actual} bytes but the manifest says {expected}")]
     SizeMismatch { file: String, expected: u64, actual: u64 },
     #[error("`{}` is a file but not a model: --model takes a model directory (config.json, tokenizer.json, model.safetensors), a .gguf file, or s3://bucket/prefix", .0.display())]
@@ -82,13 +86,14 @@ impl LoadError {
             Self::MissingFile { .. } => "missing_file",
             Self::NoSuchBucket { .. } => "no_such_bucket",
             Self::NoSuchKey { .. } => "no_such_key",
-            Self::S3 { .. } => "s3",
+            Self::S3 { .. } | Self::Aws(_) => "s3",
             Self::Io { .. } => "io",
             Self::BadJson { .. } => "bad_json",
             Self::UnsupportedArchitecture(_) => "unsupported_architecture",
             Self::BadConfig(_) => "bad_config",
             Self::ChecksumMismatch { .. } => "checksum_mismatch",
             Self::SizeMismatch { .. } => "size_mismatch",
+            Self::ChunkMismatch { .. } => "chunk_mismatch",
             Self::ManifestFileMissing(_) => "manifest_file_missing",
             Self::ManifestRequired(_) => "manifest_required",
             Self::NotAModel(_) => "not_a_model",
@@ -115,6 +120,7 @@ impl LoadError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::S3 { retryable, .. } => *retryable,
+            Self::Aws(e) => e.is_retryable(),
             Self::Io { .. } => true,
             _ => false,
         }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::error::{LoadError, Result};
-use crate::manifest::{digest_bytes, Manifest, MANIFEST_FILE};
+use crate::manifest::{Manifest, MANIFEST_FILE};
 use crate::signing::{TrustedKeys, SIGNATURE_FILE};
 
 /// One file's bytes.
@@ -40,6 +40,13 @@ pub struct ModelFiles {
     /// Where they came from, for error messages.
     pub origin: String,
     pub files: Vec<(String, FileBytes)>,
+    /// Set when the fetch already verified every file (`Some(true)`) or found no manifest to
+    /// verify against (`Some(false)`); None when [`ModelFiles::verify`] still has to.
+    pub verified: Option<bool>,
+    /// Holds the local tier's copy of this model while it is in use.
+    pub pin: Option<crate::tier::Pin>,
+    /// Where the bytes came from and how long each stage took.
+    pub stats: crate::fetch::FetchStats,
     /// One `.gguf` file taken out of a folder: a manifest here is the folder's, so only the
     /// files read from it must match, not every file it lists.
     pub lone_file: bool,
@@ -63,6 +70,9 @@ impl ModelFiles {
     /// files in parallel. Returns whether a manifest was found.
     pub fn verify(&self, trusted: &TrustedKeys) -> Result<bool> {
         self.verify_signature(trusted)?;
+        if let Some(done) = self.verified {
+            return Ok(done);
+        }
         let Some(bytes) = self.get(MANIFEST_FILE) else {
             return Ok(false);
         };
@@ -82,7 +92,7 @@ impl ModelFiles {
                 .iter()
                 .map(|(name, bytes)| {
                     let manifest = &manifest;
-                    s.spawn(move || manifest.check(name, &digest_bytes(bytes)))
+                    s.spawn(move || manifest.check_bytes(name, bytes))
                 })
                 .collect();
             let mut first_err = None;

@@ -1,5 +1,5 @@
 //! Model loading for Ember: model references (a local directory, a `.gguf` file,
-//! `s3://bucket/prefix`), fetching (parallel ranged GETs, progress, ETag cache, SHA-256
+//! `s3://bucket/prefix`), fetching (parallel ranged GETs into place, progress, a local tier of verified copies, SHA-256
 //! manifest), parsing config, tokenizer and chat template, and building one Llama/Mistral
 //! model for every weight format on the chosen device.
 //!
@@ -16,17 +16,20 @@ pub mod aws;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod fetch;
 pub mod files;
 pub mod gguf;
 pub mod linear;
 pub mod loader;
 pub mod manifest;
 pub mod model;
+pub mod progress;
 pub mod quantize;
 pub mod s3;
 pub mod signing;
 pub mod staging;
 pub mod stream;
+pub mod tier;
 pub mod weights;
 
 pub use chat::{ChatTemplate, Message};

@@ -195,12 +195,18 @@ pub enum StreamWeights {
     Never,
 }
 
-/// Where the time of a load went.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+/// Where the time of a load went: the stages a cold start logs (and emits as metrics in
+/// Lambda), so a user sees which link is the bottleneck.
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct LoadTimings {
+    /// Reference to every byte fetched (and, for S3, verified on the way).
     pub fetch_s: f64,
+    /// Verification after the fetch (local models, and S3 files hashed after landing).
     pub verify_s: f64,
+    /// Tensors built (and repacked for the CPU kernels), tokenizer and chat template parsed.
     pub build_s: f64,
+    /// The fetch, stage by stage, with bytes (zero for local models).
+    pub fetch: crate::fetch::FetchStats,
 }
 
 /// A model ready to generate with.
@@ -211,6 +217,8 @@ pub struct LoadedModel {
     pub chat_template: ChatTemplate,
     pub verified: bool,
     pub timings: LoadTimings,
+    /// Keeps the local tier's copy from eviction while the model is loaded.
+    pub cache_pin: Option<crate::tier::Pin>,
 }
 
 impl LoadedModel {
@@ -268,7 +276,8 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
                 .map_err(|e| LoadError::BadConfig(format!("model build task failed: {e}")))?;
         }
     }
-    let files = fetch_files(reference, opts).await?;
+    let mut files = fetch_files(reference, opts).await?;
+    let cache_pin = files.pin.take();
     if require_manifest && files.get(crate::manifest::MANIFEST_FILE).is_none() {
         return Err(LoadError::ManifestRequired(reference.to_string()));
     }
@@ -277,9 +286,11 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
     let dtype = opts.dtype;
     let trusted = opts.trusted_keys.clone();
     // Hashing and building are CPU-bound: keep them off the async runtime's threads.
-    tokio::task::spawn_blocking(move || build(name, &files, &trusted, dtype, &device, fetch_s))
+    let mut loaded = tokio::task::spawn_blocking(move || build(name, &files, &trusted, dtype, &device, fetch_s))
         .await
-        .map_err(|e| LoadError::BadConfig(format!("model build task failed: {e}")))?
+        .map_err(|e| LoadError::BadConfig(format!("model build task failed: {e}")))??;
+    loaded.cache_pin = cache_pin;
+    Ok(loaded)
 }
 
 /// Builds a model from fetched files (blocking). GGUF weights stay quantized unless a dtype
@@ -294,7 +305,9 @@ pub fn build(
 ) -> Result<LoadedModel> {
     let t1 = Instant::now();
     let verified = files.verify(trusted)?;
-    assemble(name, files, None, dtype_choice, device, fetch_s, (verified, t1.elapsed()))
+    let mut loaded = assemble(name, files, None, dtype_choice, device, fetch_s, (verified, t1.elapsed()))?;
+    loaded.timings.fetch = files.stats.clone();
+    Ok(loaded)
 }
 
 /// Builds the model from files whose bytes were checked (`verified`, taking `verify_s`), with
@@ -361,6 +374,7 @@ fn assemble(
         fetch_s: fetch_s.as_secs_f64(),
         verify_s: verify_s.as_secs_f64(),
         build_s: t2.elapsed().as_secs_f64(),
+        fetch: files.stats.clone(),
     };
     tracing::info!(
         model = %name,
@@ -369,9 +383,11 @@ fn assemble(
         fetch_s = timings.fetch_s,
         verify_s = timings.verify_s,
         build_s = timings.build_s,
+        downloaded_bytes = timings.fetch.downloaded_bytes,
+        cached_bytes = timings.fetch.cached_bytes,
         "model loaded"
     );
-    Ok(LoadedModel { name, model, tokenizer, chat_template, verified, timings })
+    Ok(LoadedModel { name, model, tokenizer, chat_template, verified, timings, cache_pin: None })
 }
 
 /// The sink that puts streamed weights on `device`: pinned buffers and async copies on CUDA.

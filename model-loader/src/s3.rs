@@ -2,7 +2,7 @@
 //! memory, with a progress bar and a local cache keyed by ETag and size so a warm start
 //! downloads nothing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -18,15 +18,18 @@ pub struct FetchOptions {
     pub part_size: usize,
     /// Ranged GETs in flight at once, across all files.
     pub concurrency: usize,
-    /// Where downloaded files are kept for the next start; None disables the cache.
+    /// The local tier: where verified copies are kept for the next start ([`crate::tier`]);
+    /// None disables it.
     pub cache_dir: Option<PathBuf>,
+    /// The most bytes of model files the local tier holds; None for no limit.
+    pub cache_max_bytes: Option<u64>,
     /// Draw a progress bar on a terminal.
     pub progress: bool,
 }
 
 impl Default for FetchOptions {
     fn default() -> Self {
-        Self { part_size: 16 << 20, concurrency: 8, cache_dir: None, progress: true }
+        Self { part_size: 16 << 20, concurrency: 8, cache_dir: None, cache_max_bytes: None, progress: true }
     }
 }
 
@@ -46,20 +49,16 @@ pub fn parse_s3_url(url: &str) -> Option<(String, String)> {
 }
 
 fn s3_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
+    op: &'static str,
     bucket: &str,
     key: &str,
     err: SdkError<E>,
 ) -> LoadError {
-    let failure = crate::aws::classify(&err);
-    if failure.code == "NoSuchBucket" {
+    let err = crate::aws::AwsError::new(op, format!("s3://{bucket}/{key}"), &err);
+    if err.failure.code == "NoSuchBucket" {
         return LoadError::NoSuchBucket { bucket: bucket.into() };
     }
-    LoadError::S3 {
-        bucket: bucket.into(),
-        key: key.into(),
-        message: failure.describe(),
-        retryable: failure.kind.is_retryable(),
-    }
+    LoadError::Aws(err)
 }
 
 struct Object {
@@ -81,7 +80,7 @@ async fn list(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result
         .send()
         .try_collect()
         .await
-        .map_err(|e| s3_error(bucket, prefix, e))?;
+        .map_err(|e| s3_error("ListObjectsV2", bucket, prefix, e))?;
     let mut out = Vec::new();
     for page in pages {
         for obj in page.contents() {
@@ -144,67 +143,12 @@ pub async fn check_before_download(
     Ok(())
 }
 
-fn cache_paths(dir: &Path, bucket: &str, key: &str) -> (PathBuf, PathBuf) {
-    let file = dir.join(bucket).join(key);
-    let tag = dir.join(bucket).join(format!("{key}.ember-etag"));
-    (file, tag)
-}
-
-fn cache_tag(obj: &Object) -> String {
-    format!("{} {}", obj.etag, obj.size)
-}
-
-fn cached(dir: &Path, bucket: &str, obj: &Object) -> Option<FileBytes> {
-    let (file, tag) = cache_paths(dir, bucket, &obj.key);
-    let stored = std::fs::read_to_string(&tag).ok()?;
-    if stored.trim() != cache_tag(obj) || obj.etag.is_empty() {
-        return None;
-    }
-    let bytes = FileBytes::map(&file).ok()?;
-    (bytes.len() as u64 == obj.size).then_some(bytes)
-}
-
-/// Writes to a temporary name and renames, so a reader never maps a half-written file.
-fn store(dir: &Path, bucket: &str, obj: &Object, bytes: &[u8]) -> std::io::Result<()> {
-    let (file, tag) = cache_paths(dir, bucket, &obj.key);
-    if let Some(parent) = file.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let tmp = file.with_extension(format!("part-{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, &file)?;
-    std::fs::write(tag, cache_tag(obj))
-}
-
-/// One ranged GET, `[start, end)`, checked for length.
+/// The bytes `[start, end)` of an object, in parallel with nothing: one ranged GET (resumed
+/// if the connection drops, see [`get_into`]).
 async fn get_range(client: &aws_sdk_s3::Client, bucket: &str, key: &str, start: u64, end: u64) -> Result<bytes::Bytes> {
-    if end <= start {
-        return Ok(bytes::Bytes::new()); // an empty file: S3 refuses a range of nothing
-    }
-    let resp = client
-        .get_object()
-        .bucket(bucket)
-        .key(key)
-        .range(format!("bytes={}-{}", start, end - 1))
-        .send()
-        .await
-        .map_err(|e| s3_error(bucket, key, e))?;
-    let body = resp.body.collect().await.map_err(|e| LoadError::S3 {
-        bucket: bucket.into(),
-        key: key.into(),
-        message: format!("reading the body: {e}"),
-        retryable: true,
-    })?;
-    let bytes = body.into_bytes();
-    if bytes.len() as u64 != end - start {
-        return Err(LoadError::S3 {
-            bucket: bucket.into(),
-            key: key.into(),
-            message: format!("asked for {} bytes at {start}, got {}", end - start, bytes.len()),
-            retryable: true,
-        });
-    }
-    Ok(bytes)
+    let mut buf = vec![0u8; end.saturating_sub(start) as usize];
+    get_into(client, bucket, key, start, &mut buf).await?;
+    Ok(bytes::Bytes::from(buf))
 }
 
 /// Logs how much came down and how fast.
@@ -239,7 +183,7 @@ pub async fn fetch_streaming(
 ) -> Result<Streamed> {
     use sha2::Digest;
 
-    use crate::manifest::{digest_bytes, FileDigest, Manifest, MANIFEST_FILE};
+    use crate::manifest::{FileDigest, Manifest, MANIFEST_FILE};
     use crate::stream::{Offset, SafetensorsStream};
 
     let started = Instant::now();
@@ -270,32 +214,45 @@ pub async fn fetch_streaming(
         }
         let unlisted = |n: &str| n == MANIFEST_FILE || n == crate::signing::SIGNATURE_FILE;
         for (name, bytes) in files.files.iter().filter(|(n, _)| !unlisted(n)) {
-            m.check(name, &digest_bytes(bytes))?;
+            m.check_bytes(name, bytes)?;
         }
     }
     let total: u64 = weights.iter().map(|o| o.size).sum();
     let bar = progress_bar(opts.progress, total);
-    let part = opts.part_size.max(1) as u64;
     let mut base = 0;
     for obj in &weights {
         let mut parser = SafetensorsStream::new(&obj.name);
         let mut hasher = sha2::Sha256::new();
+        // With chunk digests each part is one chunk, checked before it reaches the device.
+        let chunked = manifest.as_ref().and_then(|m| m.files.get(&obj.name)).and_then(FileDigest::chunking);
+        let part = chunked.unwrap_or(opts.part_size.max(1) as u64);
         let ranges: Vec<(u64, u64)> =
             (0..obj.size.div_ceil(part)).map(|p| (p * part, ((p + 1) * part).min(obj.size))).collect();
         let mut parts = futures::stream::iter(
             ranges.into_iter().map(|(start, end)| get_range(client, bucket, &obj.key, start, end)),
         )
         .buffered(opts.concurrency.max(1));
+        let mut index = 0;
         while let Some(bytes) = parts.next().await {
             let bytes = bytes?;
-            hasher.update(&bytes);
+            match (&manifest, chunked) {
+                (Some(m), Some(_)) => m.check_chunk(&obj.name, index, &bytes)?,
+                _ => hasher.update(&bytes),
+            }
+            index += 1;
             parser.feed(&bytes, &mut Offset { sink: &mut *sink, base })?;
             bar.inc(bytes.len() as u64);
         }
         parser.finish()?;
         base += parser.tensor_count();
-        if let Some(m) = &manifest {
-            m.check(&obj.name, &FileDigest { sha256: hex::encode(hasher.finalize()), size: obj.size })?;
+        if let (Some(m), None) = (&manifest, chunked) {
+            let digest = FileDigest {
+                sha256: hex::encode(hasher.finalize()),
+                size: obj.size,
+                chunk_size: None,
+                chunks: Vec::new(),
+            };
+            m.check(&obj.name, &digest)?;
         }
     }
     bar.finish_and_clear();
@@ -304,57 +261,143 @@ pub async fn fetch_streaming(
     Ok(Streamed { files, tensors, verified: manifest.is_some() })
 }
 
-/// Downloads (or takes from the cache) every model file under `s3://bucket/prefix`.
+/// Downloads (or takes from the local tier) every model file under `s3://bucket/prefix`: see
+/// [`crate::fetch`].
 pub async fn fetch(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str, opts: &FetchOptions) -> Result<ModelFiles> {
     let started = Instant::now();
     let objects = list(client, bucket, prefix).await?;
+    let list_s = started.elapsed().as_secs_f64();
+    let (large, small): (Vec<Object>, Vec<Object>) = objects.into_iter().partition(|o| is_weights(&o.name));
+    let small_bytes =
+        futures::future::try_join_all(small.iter().map(|o| get_range(client, bucket, &o.key, 0, o.size))).await?;
     let mut files = ModelFiles { origin: format!("s3://{bucket}/{prefix}"), ..Default::default() };
-    let mut to_fetch = Vec::new();
-    for obj in objects {
-        match opts.cache_dir.as_deref().and_then(|d| cached(d, bucket, &obj)) {
-            Some(bytes) => files.files.push((obj.name.clone(), bytes)),
-            None => to_fetch.push(obj),
-        }
+    for (o, b) in small.iter().zip(small_bytes) {
+        files.files.push((o.name.clone(), FileBytes::Owned(b.to_vec())));
     }
-    let total: u64 = to_fetch.iter().map(|o| o.size).sum();
-    let bar = progress_bar(opts.progress, total);
-    let part = opts.part_size.max(1) as u64;
-    let ranges: Vec<(usize, u64, u64)> = to_fetch
-        .iter()
-        .enumerate()
-        .flat_map(|(i, o)| (0..o.size.div_ceil(part)).map(move |p| (i, p * part, ((p + 1) * part).min(o.size))))
-        .collect();
-    let mut buffers: Vec<Vec<u8>> = to_fetch.iter().map(|o| vec![0u8; o.size as usize]).collect();
-    let mut parts = futures::stream::iter(ranges.into_iter().map(|(i, start, end)| {
-        let key = &to_fetch[i].key;
-        async move { Ok::<_, LoadError>((i, start, end, get_range(client, bucket, key, start, end).await?)) }
-    }))
-    .buffer_unordered(opts.concurrency.max(1));
-    while let Some(res) = parts.next().await {
-        let (i, start, end, bytes) = res?;
-        buffers[i][start as usize..end as usize].copy_from_slice(&bytes);
-        bar.inc(bytes.len() as u64);
+    let small_s = started.elapsed().as_secs_f64() - list_s;
+    let job = crate::fetch::Fill {
+        client: client.clone(),
+        bucket: bucket.to_string(),
+        objects: large
+            .into_iter()
+            .map(|o| crate::fetch::Remote { key: o.key, name: o.name, size: o.size, etag: o.etag })
+            .collect(),
+        opts: opts.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    };
+    let mut filled = tokio::task::spawn_blocking(move || crate::fetch::fill(job, files))
+        .await
+        .map_err(|e| LoadError::BadConfig(format!("the download task failed: {e}")))??;
+    filled.stats.list_s = list_s;
+    filled.stats.small_s = small_s;
+    let stats = &filled.stats;
+    let total = stats.downloaded_bytes;
+    if total > 0 {
+        log_download(bucket, prefix, total, started, "model downloaded");
     }
-    drop(parts);
-    bar.finish_and_clear();
-    log_download(bucket, prefix, total, started, "model downloaded");
-    for (obj, buf) in to_fetch.iter().zip(buffers) {
-        if let Some(dir) = &opts.cache_dir {
-            if let Err(e) = store(dir, bucket, obj, &buf) {
-                tracing::warn!(key = obj.key, error = %e, "could not write the download cache");
-            }
-        }
-        files.files.push((obj.name.clone(), FileBytes::Owned(buf)));
-    }
-    files.files.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(files)
+    Ok(filled)
 }
 
-fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
+/// Weights files: the large ones, fetched into place in parallel parts.
+fn is_weights(name: &str) -> bool {
+    name.ends_with(".safetensors") || name.ends_with(".gguf")
+}
+
+/// Writes the object's bytes `[start, start + dest.len())` into `dest` as they arrive, one
+/// copy from the network buffers. A connection that drops mid-body resumes from the last byte
+/// written, up to [`RESUME_ATTEMPTS`] times without progress; then the error says where it
+/// stopped.
+pub(crate) async fn get_into(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    start: u64,
+    dest: &mut [u8],
+) -> Result<()> {
+    let mut at = 0usize;
+    let mut failures = 0;
+    while at < dest.len() {
+        let (written, outcome) = get_some(client, bucket, key, start + at as u64, &mut dest[at..]).await;
+        at += written;
+        match outcome {
+            Ok(()) if at == dest.len() => break,
+            Ok(()) => {}
+            Err(e) if !e.is_retryable() => return Err(e),
+            Err(e) => {
+                if written > 0 {
+                    failures = 0;
+                }
+                failures += 1;
+                if failures > RESUME_ATTEMPTS {
+                    return Err(LoadError::S3 {
+                        bucket: bucket.into(),
+                        key: key.into(),
+                        message: format!(
+                            "the download stopped at byte {} of the part at {start} ({} bytes) after {RESUME_ATTEMPTS} attempts to resume: {e}",
+                            start + at as u64,
+                            dest.len()
+                        ),
+                        retryable: true,
+                    });
+                }
+                tracing::warn!(bucket, key, at = start + at as u64, error = %e, "download interrupted; resuming from the last byte received");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tries to resume a part this many times in a row without receiving a byte.
+const RESUME_ATTEMPTS: u32 = 3;
+
+/// One ranged GET into `dest`: how many bytes landed, and how it ended (a body shorter than
+/// asked is a retryable error).
+async fn get_some(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    start: u64,
+    dest: &mut [u8],
+) -> (usize, Result<()>) {
+    let end = start + dest.len() as u64;
+    let resp =
+        match client.get_object().bucket(bucket).key(key).range(format!("bytes={}-{}", start, end - 1)).send().await {
+            Ok(r) => r,
+            Err(e) => return (0, Err(s3_error("GetObject", bucket, key, e))),
+        };
+    let mut body = resp.body;
+    let mut at = 0usize;
+    loop {
+        match body.try_next().await {
+            Ok(Some(bytes)) => {
+                let Some(slot) = dest.get_mut(at..at + bytes.len()) else {
+                    let message = format!("asked for {} bytes at {start}, got more", dest.len());
+                    return (
+                        at,
+                        Err(LoadError::S3 { bucket: bucket.into(), key: key.into(), message, retryable: false }),
+                    );
+                };
+                slot.copy_from_slice(&bytes);
+                at += bytes.len();
+            }
+            Ok(None) if at == dest.len() => return (at, Ok(())),
+            Ok(None) => {
+                let message = format!("the body ended after {at} of {} bytes", dest.len());
+                return (at, Err(LoadError::S3 { bucket: bucket.into(), key: key.into(), message, retryable: true }));
+            }
+            Err(e) => {
+                let message = format!("reading the body: {e}");
+                return (at, Err(LoadError::S3 { bucket: bucket.into(), key: key.into(), message, retryable: true }));
+            }
+        }
+    }
+}
+
+pub(crate) fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
     if !enabled || total == 0 {
         return indicatif::ProgressBar::hidden();
     }
-    let bar = indicatif::ProgressBar::new(total);
+    let bar = crate::progress::add(indicatif::ProgressBar::new(total));
     if let Ok(style) =
         indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
     {

@@ -226,68 +226,277 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A model to start cold: its files (name, path) uploaded to `s3://bench/<key>/`.
+struct ColdModel {
+    label: String,
+    key: String,
+    dir: tempfile::TempDir,
+    dtype: &'static str,
+}
+
+impl ColdModel {
+    /// A folder holding `files` and a manifest with chunk digests (what `ember model manifest`
+    /// writes).
+    fn new(label: &str, key: &str, dtype: &'static str, files: &[(&str, PathBuf)]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        for (name, path) in files {
+            std::fs::copy(path, dir.path().join(name))?;
+        }
+        ember_model_loader::manifest::Manifest::write_for_dir(dir.path())?;
+        Ok(Self { label: label.into(), key: key.into(), dir, dtype })
+    }
+
+    /// A Llama-shaped checkpoint of about 2.1 GB (TinyLlama-1.1B's shape with SmolLM2's
+    /// tokenizer and vocabulary) with random f16 weights, made here so nothing large is
+    /// committed.
+    fn synthetic(seed: u64) -> anyhow::Result<Self> {
+        let (h, inter, layers, heads, kv_heads, vocab) = (2048usize, 5632usize, 22usize, 32usize, 4usize, 49152usize);
+        let hf = model_path("hf-f16")?;
+        let dir = tempfile::tempdir()?;
+        for name in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(hf.join(name), dir.path().join(name))?;
+        }
+        let config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true,
+            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"
+        });
+        std::fs::write(dir.path().join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+        let head_dim = h / heads;
+        let mut shapes: Vec<(String, Vec<usize>)> =
+            vec![("model.embed_tokens.weight".into(), vec![vocab, h]), ("model.norm.weight".into(), vec![h])];
+        for i in 0..layers {
+            let p = format!("model.layers.{i}");
+            shapes.extend([
+                (format!("{p}.input_layernorm.weight"), vec![h]),
+                (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+                (format!("{p}.self_attn.q_proj.weight"), vec![h, h]),
+                (format!("{p}.self_attn.k_proj.weight"), vec![kv_heads * head_dim, h]),
+                (format!("{p}.self_attn.v_proj.weight"), vec![kv_heads * head_dim, h]),
+                (format!("{p}.self_attn.o_proj.weight"), vec![h, h]),
+                (format!("{p}.mlp.gate_proj.weight"), vec![inter, h]),
+                (format!("{p}.mlp.up_proj.weight"), vec![inter, h]),
+                (format!("{p}.mlp.down_proj.weight"), vec![h, inter]),
+            ]);
+        }
+        // Small random values (|x| in [2^-8, 2^-3)), or 1.0 for norm scales: finite, so the
+        // model runs to a first token.
+        let mut state = seed | 1;
+        let mut header = serde_json::Map::new();
+        let mut offset = 0usize;
+        for (name, shape) in &shapes {
+            let n: usize = shape.iter().product::<usize>() * 2;
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + n]}),
+            );
+            offset += n;
+        }
+        let mut head = serde_json::to_vec(&header)?;
+        while head.len() % 8 != 0 {
+            head.push(b' ');
+        }
+        let path = dir.path().join("model.safetensors");
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        use std::io::Write;
+        out.write_all(&(head.len() as u64).to_le_bytes())?;
+        out.write_all(&head)?;
+        let mut buf = Vec::with_capacity(1 << 20);
+        for (name, shape) in &shapes {
+            let n: usize = shape.iter().product();
+            let norm = name.ends_with("norm.weight");
+            for _ in 0..n {
+                let bits: u16 = if norm {
+                    0x3C00
+                } else {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let r = state as u16;
+                    (r & 0x83FF) | (((r >> 11) % 5 + 7) << 10)
+                };
+                buf.extend_from_slice(&bits.to_le_bytes());
+                if buf.len() >= 1 << 20 {
+                    out.write_all(&buf)?;
+                    buf.clear();
+                }
+            }
+        }
+        out.write_all(&buf)?;
+        out.flush()?;
+        drop(out);
+        ember_model_loader::manifest::Manifest::write_for_dir(dir.path())?;
+        Ok(Self { label: "synthetic Llama 1.1B, f16 safetensors".into(), key: "synthetic".into(), dir, dtype: "f16" })
+    }
+
+    fn files(&self) -> anyhow::Result<Vec<(String, PathBuf)>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(self.dir.path())? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            out.push((name, path));
+        }
+        Ok(out)
+    }
+}
+
+/// What one `ember generate` run logged: seconds from process start to model ready and to
+/// first token, the prompt's prefill, and the load breakdown.
+struct Start {
+    ready_s: f64,
+    first_token_s: f64,
+    prefill_s: f64,
+    breakdown: String,
+}
+
+fn ember_generate(endpoint: &str, model: &ColdModel, cache: Option<&Path>) -> anyhow::Result<Start> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ember"));
+    cmd.args(["generate", "--model", &format!("s3://bench/{}", model.key), "--dtype", model.dtype])
+        .args([
+            "--max-tokens",
+            "1",
+            "--prompt",
+            "What is the capital of France?",
+            "--log-format",
+            "json",
+            "--no-progress",
+        ])
+        .env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("EMBER_CACHE_DIR");
+    if let Some(dir) = cache {
+        cmd.arg("--cache-dir").arg(dir);
+    }
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("ember generate failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut start = Start { ready_s: f64::NAN, first_token_s: f64::NAN, prefill_s: f64::NAN, breakdown: String::new() };
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let num = |k: &str| v.get(k).and_then(|t| t.as_f64());
+        match v.get("message").and_then(|m| m.as_str()) {
+            Some("cold start") => {
+                start.ready_s = num("ready_s").unwrap_or(f64::NAN);
+                let keys = [
+                    "list_s",
+                    "small_files_s",
+                    "cache_s",
+                    "download_s",
+                    "download_mb_s",
+                    "verify_after_download_s",
+                    "build_s",
+                ];
+                start.breakdown = keys
+                    .iter()
+                    .map(|k| format!("{k} {:.3}", num(k).unwrap_or(f64::NAN)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+            }
+            Some("generation finished") => {
+                start.first_token_s = num("first_token_s").unwrap_or(f64::NAN);
+                let (p, tps) = (num("prompt_tokens").unwrap_or(0.0), num("prefill_tok_s").unwrap_or(f64::NAN));
+                start.prefill_s = p / tps;
+            }
+            _ => {}
+        }
+    }
+    Ok(start)
+}
+
+/// Reads every file of a cached model (already in the page cache): the floor a warm start is
+/// measured against.
+fn read_cached(cache: &Path) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let mut total = 0usize;
+    for entry in std::fs::read_dir(cache)? {
+        for file in std::fs::read_dir(entry?.path())? {
+            let path = file?.path();
+            if path.file_name().is_some_and(|n| n != "lock" && n != "entry.json") {
+                total += std::hint::black_box(std::fs::read(&path)?).len();
+            }
+        }
+    }
+    if total == 0 {
+        bail!("nothing cached in {}", cache.display());
+    }
+    Ok(t0.elapsed())
+}
+
 async fn cold_start(runs: usize) -> anyhow::Result<()> {
     let weed = Seaweed::start()?;
     let endpoint = format!("http://127.0.0.1:{}", weed.port);
     let aws = aws_config_for(&endpoint).await;
     let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
     s3.create_bucket().bucket("bench").send().await?;
-    let dir = model_path("hf-f16")?;
-    let mut keys = Vec::new();
-    for entry in std::fs::read_dir(&dir)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        let key = format!("smollm2-f16/{name}");
-        let body = aws_sdk_s3::primitives::ByteStream::from_path(&path).await?;
-        s3.put_object().bucket("bench").key(&key).body(body).send().await?;
-        keys.push((key, std::fs::metadata(&path)?.len()));
+    let hf = model_path("hf-f16")?;
+    let names = ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"];
+    let seed = std::env::var("EMBER_BENCH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
+    let mut models = vec![
+        ColdModel::new("SmolLM2 f16 safetensors", "smollm2-f16", "f16", &names.map(|n| (n, hf.join(n))))?,
+        ColdModel::new(
+            "SmolLM2 Q4_1 GGUF",
+            "smollm2-q4_1",
+            "auto",
+            &[("model.gguf", model_path("SmolLM2-135M-Instruct.Q4_1.gguf")?)],
+        )?,
+    ];
+    if !std::env::var("EMBER_BENCH_SKIP").unwrap_or_default().contains("synthetic") {
+        println!("(making the synthetic checkpoint, seed {seed}: EMBER_BENCH_SEED)");
+        models.push(ColdModel::synthetic(seed)?);
     }
-    let bytes: u64 = keys.iter().map(|(_, s)| s).sum();
-    let mut bare = Vec::new();
-    let mut cold = Vec::new();
-    let mut breakdown = String::new();
-    let ember = PathBuf::from(env!("CARGO_BIN_EXE_ember"));
-    for _ in 0..runs {
-        bare.push(bare_download(&s3, "bench", &keys).await?.as_secs_f64());
-        let t0 = Instant::now();
-        let out = Command::new(&ember)
-            .args(["generate", "--model", "s3://bench/smollm2-f16", "--dtype", "f16", "--max-tokens", "1"])
-            .args(["--prompt", "What is the capital of France?", "--log-format", "json", "--no-progress"])
-            .env("AWS_ENDPOINT_URL", &endpoint)
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env_remove("EMBER_CACHE_DIR")
-            .output()?;
-        let wall = t0.elapsed().as_secs_f64();
-        if !out.status.success() {
-            bail!("ember generate failed: {}", String::from_utf8_lossy(&out.stderr));
+    println!("\n## Cold start: model from S3 (SeaweedFS on 127.0.0.1) to ready and to first token, median of {runs}");
+    println!("| model | MB | bare parallel download s | Ember to ready s | x bare | Ember to first token s | prefill s | warm start (local tier) s | page-cache read s | x read |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut breakdowns = Vec::new();
+    let only = std::env::var("EMBER_BENCH_COLD_MODELS").unwrap_or_default();
+    for model in models.iter().filter(|m| only.is_empty() || only.split(',').any(|o| m.key.contains(o))) {
+        let mut keys = Vec::new();
+        for (name, path) in model.files()? {
+            let key = format!("{}/{name}", model.key);
+            let body = aws_sdk_s3::primitives::ByteStream::from_path(&path).await?;
+            s3.put_object().bucket("bench").key(&key).body(body).send().await?;
+            keys.push((key, std::fs::metadata(&path)?.len()));
         }
-        let logs = String::from_utf8_lossy(&out.stderr);
-        let mut first = None;
-        for line in logs.lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-            if let Some(t) = v.get("first_token_s").and_then(|t| t.as_f64()) {
-                first = Some(t);
-            }
-            if v.get("message").and_then(|m| m.as_str()) == Some("model loaded") {
-                breakdown = v.get("timings").map(|t| t.to_string()).unwrap_or_default();
-            }
+        let bytes: u64 = keys.iter().map(|(_, s)| s).sum();
+        let (mut bare, mut ready, mut first, mut prefill, mut warm, mut read) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut last, mut last_warm) = (String::new(), String::new());
+        for _ in 0..runs {
+            bare.push(bare_download(&s3, "bench", &keys).await?.as_secs_f64());
+            let cold = ember_generate(&endpoint, model, None)?;
+            ready.push(cold.ready_s);
+            first.push(cold.first_token_s);
+            prefill.push(cold.prefill_s);
+            last = cold.breakdown;
+            let cache = tempfile::tempdir()?;
+            ember_generate(&endpoint, model, Some(cache.path()))?; // fills the local tier
+            let hot = ember_generate(&endpoint, model, Some(cache.path()))?;
+            warm.push(hot.ready_s);
+            last_warm = hot.breakdown;
+            read.push(read_cached(cache.path())?.as_secs_f64());
         }
-        cold.push(first.unwrap_or(wall));
+        let (b, r, f, p, w, rd) =
+            (median(bare), median(ready), median(first), median(prefill), median(warm), median(read));
+        println!(
+            "| {} | {:.0} | {b:.3} | {r:.3} | {:.2} | {f:.3} | {p:.3} | {w:.3} | {rd:.3} | {:.2} |",
+            model.label,
+            bytes as f64 / 1e6,
+            r / b,
+            w / rd
+        );
+        breakdowns.push(format!("{}, cold: {last}", model.label));
+        breakdowns.push(format!("{}, warm: {last_warm}", model.label));
     }
-    let (b, c) = (median(bare), median(cold));
-    println!(
-        "\n## Cold start: model from S3 (SeaweedFS on 127.0.0.1), {:.0} MB f16, median of {runs}",
-        bytes as f64 / 1e6
-    );
-    println!(
-        "| bare parallel download (8 x 16 MiB ranged GETs) | ember generate: process start to first token | ratio |"
-    );
-    println!("| ---: | ---: | ---: |");
-    println!("| {b:.3} s ({:.0} MB/s) | {c:.3} s | {:.2} |", bytes as f64 / 1e6 / b, c / b);
-    println!("last ember load breakdown: {breakdown}");
+    println!("\nLast cold run's breakdown (seconds; download_mb_s in MB/s):");
+    for b in breakdowns {
+        println!("- {b}");
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 
 pub mod autoscale;
 pub mod cli;
+pub mod http;
 pub mod job;
 pub mod lambda;
 pub mod openai;

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
         }
     };
     // The trace exporter is a task on the runtime.
-    let tracing = match runtime.block_on(async { telemetry::init(cli.log_format) }) {
+    let tracing = match runtime.block_on(async { telemetry::init(cli.log_format, cli.command.default_log_level()) }) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");

@@ -27,22 +27,24 @@ pub enum LogFormat {
     Json,
 }
 
-/// Logs: JSON when running in AWS Lambda, text otherwise, unless a format is given. Traces:
-/// see [`otel`]. Call inside the tokio runtime; keep the answer until the end and shut it down.
-pub fn init(format: Option<LogFormat>) -> Result<otel::Tracing, otel::TraceError> {
+/// Logs: JSON when running in AWS Lambda, text otherwise, unless a format is given;
+/// `default_level` applies when `EMBER_LOG` is unset (an `EnvFilter` directive such as `warn`).
+/// Traces: see [`otel`]. Call inside the tokio runtime; keep the answer until the end and shut
+/// it down.
+pub fn init(format: Option<LogFormat>, default_level: &str) -> Result<otel::Tracing, otel::TraceError> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
 
     let format = format.unwrap_or(if in_lambda() { LogFormat::Json } else { LogFormat::Text });
     // Trace spans are for the trace backend, not the logs (unless EMBER_LOG asks for them).
-    let filter = EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let filter = match format!("{}=off", otel::TARGET).parse() {
         Ok(d) if !std::env::var("EMBER_LOG").is_ok_and(|v| v.contains(otel::TARGET)) => filter.add_directive(d),
         _ => filter,
     };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(BarSafeStderr).with_ansi(ansi);
     let logs = match format {
         LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
         LogFormat::Text => fmt.compact().fmt_fields(EscapedFields::default()).with_filter(filter).boxed(),
@@ -57,6 +59,45 @@ pub fn init(format: Option<LogFormat>) -> Result<otel::Tracing, otel::TraceError
     });
     let _ = tracing_subscriber::registry().with(logs).with(traces).try_init();
     Ok(guard)
+}
+
+/// Stderr for log lines, one event at a time, written with the progress bars cleared
+/// ([`ember_model_loader::progress::suspend`]) so that a line never lands inside a bar.
+struct BarSafeStderr;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BarSafeStderr {
+    type Writer = EventBuffer;
+
+    fn make_writer(&'a self) -> EventBuffer {
+        EventBuffer(Vec::new())
+    }
+}
+
+/// One event's text, written out whole when the formatter is done with it (on drop).
+struct EventBuffer(Vec<u8>);
+
+impl std::io::Write for EventBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for EventBuffer {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let text = std::mem::take(&mut self.0);
+        // A log line that cannot be written has nowhere else to go.
+        ember_model_loader::progress::suspend(|| {
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), &text);
+        });
+    }
 }
 
 /// Text-log fields with every control character escaped (`\n` as the two characters `\` `n`),

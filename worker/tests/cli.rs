@@ -42,6 +42,31 @@ fn generate_prints_the_answer_and_the_openai_object() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The text comes out while the model is still generating: the first bytes are read while a
+/// 2,000-token answer is far from done, and the process is then stopped by the test, not by
+/// finishing.
+#[test]
+fn generate_prints_tokens_as_they_are_made() -> anyhow::Result<()> {
+    use std::io::Read;
+    let model = smollm_gguf()?.to_string_lossy().into_owned();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["generate", "--model", &model, "--prompt", "What is the capital of France?", "--max-tokens", "2000"])
+        .env("EMBER_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut first = [0u8; 64];
+    let n = stdout.read(&mut first)?;
+    let still_running = child.try_wait()?.is_none();
+    child.kill()?;
+    let status = child.wait()?;
+    assert!(n > 0, "nothing printed");
+    assert!(still_running && status.code().is_none(), "the answer came only at the end ({status})");
+    // Greedy: the same start as the whole answer (this quantized model's own).
+    assert!("L'Étoile, la Marseillaise".as_bytes().starts_with(&first[..n.min(10)]), "{:?}", &first[..n]);
+    Ok(())
+}
+
 #[test]
 fn options_are_environment_variables_too() -> anyhow::Result<()> {
     let model = smollm_gguf()?.to_string_lossy().into_owned();

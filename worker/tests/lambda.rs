@@ -271,6 +271,17 @@ async fn cargo_lambda_runs_a_batch_and_reports_the_bad_records() -> Result<()> {
     let log = watch.log();
     assert_eq!(log.matches("ready for SQS events").count(), 1, "{}", watch.log_tail());
     assert_eq!(log.matches("cold start").count(), 1, "{}", watch.log_tail());
+    // The init's cold-start breakdown, stage by stage, in the logs and as EMF metrics.
+    for stage in [
+        "\"list_s\"",
+        "\"downloaded_bytes\"",
+        "\"build_s\"",
+        "\"ready_s\"",
+        "ColdStartBuild",
+        "ColdStartDownloadedBytes",
+    ] {
+        assert!(log.contains(stage), "no {stage} in the logs: {}", watch.log_tail());
+    }
     Ok(())
 }
 

@@ -335,7 +335,7 @@ async fn sqs_open_finds_dlq(b: &Backend) -> Result<()> {
     let created = b.queue("open", 30, 5).await?;
     created.send_to_dlq(b"x".to_vec(), "reason").await?;
     let opened = SqsQueue::open(client.clone(), "open").await?;
-    ensure!(opened.dlq_url().ends_with("open-dlq"), "DLQ {}", opened.dlq_url());
+    ensure!(opened.dlq_url().is_some_and(|u| u.ends_with("open-dlq")), "DLQ {:?}", opened.dlq_url());
     ensure!(opened.depth().await?.dlq_visible == 1);
     match SqsQueue::open(client.clone(), "no-such-queue").await {
         Err(QueueError::QueueNotFound(_)) => Ok(()),

@@ -11,10 +11,15 @@
 //! Admission keeps the KV cache within a budget: each sequence reserves room for its prompt
 //! and its `max_tokens` when it joins, and a request waits while the reservations of the
 //! running ones leave no room for it (a request bigger than the whole budget runs alone).
+//!
+//! Interactive requests (the HTTP server's) wait ahead of batch jobs (the queue's) but never
+//! push out a running one; they may give up waiting after a bound ([`Submit::admit_within`])
+//! and can follow their text as it is made ([`Batcher::submit`]).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use ember_model_loader::SeqCache;
 use tokio::sync::oneshot;
@@ -65,11 +70,78 @@ pub const MAX_PREFILL_TOKENS: usize = 512;
 /// The target of the trace spans (the worker exports it to OpenTelemetry, keeps it out of logs).
 const TRACE: &str = "ember::trace";
 
+/// Which waiting requests go first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    /// Queued work: waits behind interactive requests.
+    #[default]
+    Batch,
+    /// Someone is waiting for the answer: admitted before any waiting batch job.
+    Interactive,
+}
+
+/// How a request joins the batch.
+#[derive(Debug, Clone, Default)]
+pub struct Submit {
+    pub priority: Priority,
+    /// Give up with [`EngineError::Overloaded`] when the request has not been admitted this
+    /// long after it arrived (`None`: wait as long as it takes).
+    pub admit_within: Option<Duration>,
+    /// Follow the request with [`Event`]s on [`Ticket::events`].
+    pub stream: bool,
+    /// Set to stop the request (checked every step); a dropped [`Ticket`] stops it too.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// What a followed request reports while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// It left the waiting line and runs from the next pass.
+    Admitted,
+    /// New text ([`Sequence::take_ready_text`](crate::Sequence::take_ready_text)).
+    Text(String),
+}
+
+/// A request in the batcher. `events` ends when the request leaves the batch; `done` then
+/// holds its answer. Dropping the ticket frees its slot at the next step.
+pub struct Ticket {
+    pub events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    pub done: oneshot::Receiver<Result<Completion, EngineError>>,
+}
+
+/// Counts of what the batcher is doing and has done, for health checks and benchmarks.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    pub running: AtomicU64,
+    pub waiting: AtomicU64,
+    pub finished: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub overloaded: AtomicU64,
+}
+
+impl BatchStats {
+    /// The counts as `(name, value)` pairs.
+    pub fn snapshot(&self) -> [(&'static str, u64); 5] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("running", get(&self.running)),
+            ("waiting", get(&self.waiting)),
+            ("finished", get(&self.finished)),
+            ("cancelled", get(&self.cancelled)),
+            ("overloaded", get(&self.overloaded)),
+        ]
+    }
+}
+
 struct Submission {
     req: GenerateRequest,
+    priority: Priority,
+    deadline: Option<Instant>,
+    arrived: Instant,
     /// The caller's span: admission, prefill and decode are its children.
     span: tracing::Span,
     cancel: Arc<AtomicBool>,
+    events: Option<tokio::sync::mpsc::UnboundedSender<Event>>,
     reply: oneshot::Sender<Result<Completion, EngineError>>,
 }
 
@@ -78,6 +150,7 @@ pub struct Batcher {
     tx: mpsc::Sender<Submission>,
     budget_tokens: usize,
     opts: BatcherOptions,
+    stats: Arc<BatchStats>,
 }
 
 impl Batcher {
@@ -88,9 +161,19 @@ impl Batcher {
         let budget_tokens = ((opts.kv_budget_bytes / per_token) as usize).min(opts.max_batch * engine.context_length());
         opts.kv_budget_bytes = budget_tokens as u64 * per_token;
         let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(BatchStats::default());
+        let counts = stats.clone();
         std::thread::Builder::new().name("ember-batcher".into()).spawn(move || {
-            Loop { engine, rx, max_batch: opts.max_batch, budget_tokens, waiting: VecDeque::new(), running: Vec::new() }
-                .run()
+            Loop {
+                engine,
+                rx,
+                max_batch: opts.max_batch,
+                budget_tokens,
+                waiting: VecDeque::new(),
+                running: Vec::new(),
+                stats: counts,
+            }
+            .run()
         })?;
         tracing::info!(
             max_batch = opts.max_batch,
@@ -98,7 +181,7 @@ impl Batcher {
             budget_tokens,
             "batching"
         );
-        Ok(Self { tx, budget_tokens, opts })
+        Ok(Self { tx, budget_tokens, opts, stats })
     }
 
     pub fn options(&self) -> BatcherOptions {
@@ -110,13 +193,35 @@ impl Batcher {
         self.budget_tokens
     }
 
-    /// Runs one request in the shared batch; gives up with [`EngineError::Cancelled`] once
-    /// `cancel` is set (checked every step).
+    pub fn stats(&self) -> &BatchStats {
+        &self.stats
+    }
+
+    /// Runs one batch-priority request in the shared batch; gives up with
+    /// [`EngineError::Cancelled`] once `cancel` is set (checked every step).
     pub async fn generate(&self, req: GenerateRequest, cancel: Arc<AtomicBool>) -> Result<Completion, EngineError> {
-        let (reply, answer) = oneshot::channel();
+        let ticket = self.submit(req, Submit { cancel, ..Submit::default() })?;
+        ticket.done.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Puts a request in the batch and answers at once with its [`Ticket`].
+    pub fn submit(&self, req: GenerateRequest, opts: Submit) -> Result<Ticket, EngineError> {
+        let (reply, done) = oneshot::channel();
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let arrived = Instant::now();
         let span = tracing::Span::current();
-        self.tx.send(Submission { req, span, cancel, reply }).map_err(|_| EngineError::Stopped)?;
-        answer.await.map_err(|_| EngineError::Stopped)?
+        let submission = Submission {
+            req,
+            priority: opts.priority,
+            deadline: opts.admit_within.map(|d| arrived + d),
+            arrived,
+            span,
+            cancel: opts.cancel,
+            events: opts.stream.then_some(events_tx),
+            reply,
+        };
+        self.tx.send(submission).map_err(|_| EngineError::Stopped)?;
+        Ok(Ticket { events, done })
     }
 }
 
@@ -126,7 +231,11 @@ struct Waiting {
     span: tracing::Span,
     /// Open while the request waits for room in the batch.
     admission: tracing::Span,
+    priority: Priority,
+    deadline: Option<Instant>,
+    arrived: Instant,
     cancel: Arc<AtomicBool>,
+    events: Option<tokio::sync::mpsc::UnboundedSender<Event>>,
     reply: oneshot::Sender<Result<Completion, EngineError>>,
 }
 
@@ -139,7 +248,25 @@ struct Running {
     next: u32,
     reserved: usize,
     cancel: Arc<AtomicBool>,
+    events: Option<tokio::sync::mpsc::UnboundedSender<Event>>,
     reply: oneshot::Sender<Result<Completion, EngineError>>,
+}
+
+impl Running {
+    /// Gone: cancelled, or nobody is left to read the answer (a client that disconnected).
+    fn abandoned(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+            || self.reply.is_closed()
+            || self.events.as_ref().is_some_and(|e| e.is_closed())
+    }
+}
+
+impl Waiting {
+    fn abandoned(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+            || self.reply.is_closed()
+            || self.events.as_ref().is_some_and(|e| e.is_closed())
+    }
 }
 
 struct Loop {
@@ -149,6 +276,7 @@ struct Loop {
     budget_tokens: usize,
     waiting: VecDeque<Waiting>,
     running: Vec<Running>,
+    stats: Arc<BatchStats>,
 }
 
 impl Loop {
@@ -164,12 +292,19 @@ impl Loop {
                 self.take(s);
             }
             self.drop_cancelled();
+            self.count();
             // A panic in one pass (model, tokenizer, template) must not stop the batcher for
             // good: the jobs it dropped see `Stopped` and are retried; the rest go on.
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step())).is_err() {
                 tracing::error!("a batched pass panicked; its jobs will be retried");
             }
+            self.count();
         }
+    }
+
+    fn count(&self) {
+        self.stats.running.store(self.running.len() as u64, Ordering::Relaxed);
+        self.stats.waiting.store(self.waiting.len() as u64, Ordering::Relaxed);
     }
 
     /// Checks and renders a new request; a bad one is answered at once.
@@ -181,8 +316,26 @@ impl Loop {
             Ok((seq, prompt)) => {
                 let admission = tracing::info_span!(target: TRACE, parent: &s.span, "batcher admission",
                     ember.waiting = self.waiting.len(), ember.running = self.running.len());
-                let (span, cancel, reply) = (s.span, s.cancel, s.reply);
-                self.waiting.push_back(Waiting { seq, prompt, span, admission, cancel, reply })
+                let w = Waiting {
+                    seq,
+                    prompt,
+                    span: s.span,
+                    admission,
+                    priority: s.priority,
+                    deadline: s.deadline,
+                    arrived: s.arrived,
+                    cancel: s.cancel,
+                    events: s.events,
+                    reply: s.reply,
+                };
+                // Interactive requests line up behind each other, ahead of every batch job.
+                let at = match w.priority {
+                    Priority::Interactive => {
+                        self.waiting.iter().position(|o| o.priority == Priority::Batch).unwrap_or(self.waiting.len())
+                    }
+                    Priority::Batch => self.waiting.len(),
+                };
+                self.waiting.insert(at, w);
             }
             Err(e) => {
                 let _ = s.reply.send(Err(e));
@@ -195,17 +348,31 @@ impl Loop {
     }
 
     fn drop_cancelled(&mut self) {
-        let (cancelled, kept): (Vec<_>, Vec<_>) =
-            self.running.drain(..).partition(|r| r.cancel.load(Ordering::Relaxed) || r.reply.is_closed());
+        let (cancelled, kept): (Vec<_>, Vec<_>) = self.running.drain(..).partition(Running::abandoned);
         self.running = kept;
+        self.stats.cancelled.fetch_add(cancelled.len() as u64, Ordering::Relaxed);
         for r in cancelled {
             let _ = r.reply.send(Err(EngineError::Cancelled));
         }
-        let (cancelled, kept): (Vec<_>, Vec<_>) =
-            self.waiting.drain(..).partition(|w| w.cancel.load(Ordering::Relaxed) || w.reply.is_closed());
+        let (cancelled, kept): (Vec<_>, Vec<_>) = self.waiting.drain(..).partition(Waiting::abandoned);
         self.waiting = kept.into();
+        self.stats.cancelled.fetch_add(cancelled.len() as u64, Ordering::Relaxed);
         for w in cancelled {
             let _ = w.reply.send(Err(EngineError::Cancelled));
+        }
+    }
+
+    /// Answers the waiting requests whose bound on waiting has passed (after this turn's
+    /// admissions, so each gets at least one chance).
+    fn refuse_overdue(&mut self) {
+        let now = Instant::now();
+        let (overdue, kept): (Vec<_>, Vec<_>) =
+            self.waiting.drain(..).partition(|w| w.deadline.is_some_and(|d| d <= now));
+        self.waiting = kept.into();
+        self.stats.overloaded.fetch_add(overdue.len() as u64, Ordering::Relaxed);
+        for w in overdue {
+            let waited_ms = u64::try_from(now.duration_since(w.arrived).as_millis()).unwrap_or(u64::MAX);
+            let _ = w.reply.send(Err(EngineError::Overloaded { waited_ms }));
         }
     }
 
@@ -235,6 +402,7 @@ impl Loop {
     /// every running sequence, together; then each samples its next token.
     fn step(&mut self) {
         let admitted = self.admit();
+        self.refuse_overdue();
         // A long prompt's head is prefilled in chunks first (it was admitted alone); its tail
         // joins the pass. The admitted requests then run like the others.
         let (mut tails, mut joining) = (Vec::with_capacity(admitted.len()), Vec::with_capacity(admitted.len()));
@@ -245,8 +413,11 @@ impl Loop {
             let mut cache = SeqCache::with_reserve(w.seq.max_len());
             let tail = phase.in_scope(|| crate::prefill_last(&self.engine, &w.prompt, &mut cache).map(<[u32]>::to_vec));
             let reserved = w.seq.max_len();
-            let (seq, span, cancel, reply) = (w.seq, w.span, w.cancel, w.reply);
-            let r = Running { seq, span, phase, cache, next: 0, reserved, cancel, reply };
+            if let Some(events) = &w.events {
+                let _ = events.send(Event::Admitted);
+            }
+            let (seq, span, cancel, events, reply) = (w.seq, w.span, w.cancel, w.events, w.reply);
+            let r = Running { seq, span, phase, cache, next: 0, reserved, cancel, events, reply };
             match tail {
                 Ok(tail) => {
                     tails.push(tail);
@@ -314,9 +485,15 @@ impl Loop {
         match step {
             Ok(Step::Next(next)) => {
                 r.next = next;
+                if let Some(events) = &r.events {
+                    if let Some(piece) = r.seq.take_ready_text() {
+                        let _ = events.send(Event::Text(piece));
+                    }
+                }
                 self.running.push(r);
             }
             Ok(Step::Finished) => {
+                self.stats.finished.fetch_add(1, Ordering::Relaxed);
                 let decode_s = r.seq.decode_s();
                 let completion = r.seq.finish(&self.engine, decode_s);
                 r.phase.record("gen_ai.usage.output_tokens", completion.usage.completion_tokens);

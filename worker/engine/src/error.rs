@@ -21,6 +21,8 @@ pub enum EngineError {
     Cancelled,
     #[error("the generation engine has stopped; the job will run again")]
     Stopped,
+    #[error("the server is at capacity: the request waited {waited_ms} ms for room in the batch; retry later")]
+    Overloaded { waited_ms: u64 },
     #[error("model execution failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -37,6 +39,7 @@ impl EngineError {
             Self::Candle(_) => "model_execution",
             Self::Cancelled => "cancelled",
             Self::Stopped => "engine_stopped",
+            Self::Overloaded { .. } => "overloaded",
         }
     }
 
@@ -45,7 +48,7 @@ impl EngineError {
         match self {
             Self::Load(e) => e.is_retryable(),
             // Out of memory on a device surfaces as a candle error: worth another try.
-            Self::Candle(_) | Self::Cancelled | Self::Stopped => true,
+            Self::Candle(_) | Self::Cancelled | Self::Stopped | Self::Overloaded { .. } => true,
             _ => false,
         }
     }

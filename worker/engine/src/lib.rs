@@ -30,7 +30,7 @@ use std::time::Instant;
 use ember_model_loader::{LoadedModel, Message, SeqCache};
 use serde::{Deserialize, Serialize};
 
-pub use batch::{Batcher, BatcherOptions};
+pub use batch::{BatchStats, Batcher, BatcherOptions, Event, Priority, Submit, Ticket};
 pub use error::EngineError;
 pub use sampling::{Sampler, SamplingParams};
 
@@ -214,6 +214,18 @@ impl Engine {
     /// Runs one request, giving up with [`EngineError::Cancelled`] once `cancel` is set
     /// (checked between tokens).
     pub fn generate_until(&self, req: &GenerateRequest, cancel: &AtomicBool) -> Result<Completion, EngineError> {
+        self.generate_streaming(req, cancel, &mut |_| {})
+    }
+
+    /// [`Engine::generate_until`], handing each piece of text to `on_text` as soon as no stop
+    /// sequence can cut it (see [`Sequence::take_ready_text`]). The pieces joined are a prefix
+    /// of the completion's text; the rest, if any, is known only at the end.
+    pub fn generate_streaming(
+        &self,
+        req: &GenerateRequest,
+        cancel: &AtomicBool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Completion, EngineError> {
         let (mut seq, prompt) = Sequence::start(self, req)?;
         if seq.wants_nothing() {
             return Ok(seq.finish(self, 0.0));
@@ -226,7 +238,12 @@ impl Engine {
                 return Err(EngineError::Cancelled);
             }
             match seq.step(self, &logits.to_vec1::<f32>()?)? {
-                Step::Next(token) => logits = self.loaded.model.forward(&[token], &mut cache)?,
+                Step::Next(token) => {
+                    if let Some(piece) = seq.take_ready_text() {
+                        on_text(&piece);
+                    }
+                    logits = self.loaded.model.forward(&[token], &mut cache)?
+                }
                 Step::Finished => {
                     let decode_s = seq.decode_s();
                     return Ok(seq.finish(self, decode_s));
@@ -250,6 +267,8 @@ pub struct Sequence {
     finish: FinishReason,
     started: Instant,
     prefill_s: f64,
+    /// Bytes of `text` already handed out by [`Sequence::take_ready_text`].
+    streamed: usize,
 }
 
 /// What a sequence needs next.
@@ -285,6 +304,7 @@ impl Sequence {
             finish: FinishReason::Length,
             started: Instant::now(),
             prefill_s: 0.0,
+            streamed: 0,
         };
         Ok((seq, prompt))
     }
@@ -344,6 +364,25 @@ impl Sequence {
             return Ok(Step::Finished);
         }
         Ok(Step::Next(next))
+    }
+
+    /// The text made since the last call that no stop sequence can still cut, for streaming.
+    /// A stop found later ends in a later piece, so it starts at most the longest stop's
+    /// length less one before the end of the text known now: holding those bytes back means
+    /// nothing handed out is ever taken back.
+    pub fn take_ready_text(&mut self) -> Option<String> {
+        let hold = self.stop.iter().map(String::len).max().unwrap_or(0).saturating_sub(1);
+        let text = self.text.as_str();
+        let mut end = text.len().saturating_sub(hold);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end <= self.streamed {
+            return None;
+        }
+        let piece = text[self.streamed..end].to_string();
+        self.streamed = end;
+        Some(piece)
     }
 
     /// Whether the request asked for no tokens at all.

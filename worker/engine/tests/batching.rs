@@ -174,3 +174,65 @@ fn a_long_prompt_is_prefilled_in_chunks_with_the_same_answer_alone_and_batched()
     assert_eq!(b?.tokens, alone.tokens);
     Ok(())
 }
+
+/// Collects a followed request's text events until it leaves the batch.
+async fn streamed_text(events: &mut tokio::sync::mpsc::UnboundedReceiver<ember_engine::Event>) -> String {
+    let mut text = String::new();
+    while let Some(e) = events.recv().await {
+        if let ember_engine::Event::Text(piece) = e {
+            text.push_str(&piece);
+        }
+    }
+    text
+}
+
+/// With one slot taken, an interactive request that arrives after a batch job is admitted
+/// first (the batch job's admission is only sent after the interactive answer), the running job
+/// is not pushed out, a request that may not wait is refused at once, and streamed text adds
+/// up to the answer, never past a stop sequence.
+#[test]
+fn interactive_requests_go_first_and_stream_their_text() -> anyhow::Result<()> {
+    use ember_engine::{Event, Priority, Submit};
+    let rt = tokio::runtime::Runtime::new()?;
+    let opts = LoadOptions { dtype: DTypeChoice::Auto, ..LoadOptions::default() };
+    let model = rt.block_on(load(&smollm_gguf()?.to_string_lossy().parse()?, &opts))?;
+    let engine = Arc::new(Engine::new(model));
+    // This model's greedy answer here is "L'Étoile, la Marseillaise, la femme, ...": the stop
+    // begins like text that comes before it, which streaming must hold back and then let go.
+    let stopped = GenerateRequest { stop: vec![" la femme".into()], max_tokens: 30, ..request(0) };
+    let (running_alone, stopped_alone) = (engine.generate(&counting(60))?, engine.generate(&stopped)?);
+    let batcher = Batcher::start(engine.clone(), BatcherOptions::new(1, None))?;
+    let follow = |priority, admit_within| Submit { priority, admit_within, stream: true, ..Submit::default() };
+    rt.block_on(async {
+        let mut running = batcher.submit(counting(60), follow(Priority::Batch, None))?;
+        assert_eq!(running.events.recv().await, Some(Event::Admitted));
+        let mut batch = batcher.submit(request(1), follow(Priority::Batch, None))?;
+        let mut interactive = batcher.submit(stopped.clone(), follow(Priority::Interactive, None))?;
+        let impatient = batcher.submit(request(2), follow(Priority::Interactive, Some(Duration::ZERO)))?;
+        assert!(matches!(impatient.done.await?, Err(EngineError::Overloaded { .. })));
+
+        assert_eq!(batch.events.recv().await, Some(Event::Admitted));
+        let answered = interactive.done.try_recv();
+        assert!(matches!(answered, Ok(Ok(_))), "the batch job was admitted before the interactive one: {answered:?}");
+        let interactive_text = streamed_text(&mut interactive.events).await;
+        let answer = answered.map_err(|e| anyhow::anyhow!("{e}"))??;
+        assert_eq!(answer.tokens, stopped_alone.tokens);
+        assert!(
+            answer.text.starts_with(&interactive_text),
+            "{interactive_text:?} is not a prefix of {:?}",
+            answer.text
+        );
+        assert_eq!(answer.finish_reason, ember_engine::FinishReason::Stop, "{:?}", answer.text);
+        assert!(interactive_text.contains(" la Marseillaise"), "{interactive_text:?}");
+
+        let running_text = streamed_text(&mut running.events).await;
+        let done = running.done.await??;
+        assert_eq!(done.tokens, running_alone.tokens, "the running job was disturbed");
+        // Every piece but the last token's, which comes with the answer.
+        assert!(done.text.starts_with(&running_text) && running_text.len() > done.text.len() / 2, "{running_text:?}");
+        batch.done.await??;
+        anyhow::Ok(())
+    })?;
+    assert_eq!(batcher.stats().overloaded.load(std::sync::atomic::Ordering::Relaxed), 1);
+    Ok(())
+}

@@ -22,6 +22,10 @@ impl EcsService {
         Self { client, cluster, service }
     }
 
+    fn resource(&self) -> String {
+        format!("ECS service `{}` in cluster `{}`", self.service, self.cluster)
+    }
+
     async fn counts(&self) -> Result<(i32, i32, i32), DriverError> {
         let out = self
             .client
@@ -30,7 +34,7 @@ impl EcsService {
             .services(&self.service)
             .send()
             .await
-            .map_err(|e| api_error("ecs:DescribeServices", e))?;
+            .map_err(|e| api_error("ecs:DescribeServices", self.resource(), e))?;
         let s = out.services().first().ok_or_else(|| {
             DriverError::Config(format!(
                 "ECS service `{}` not found in cluster `{}`: check --ecs-cluster and --ecs-service",
@@ -73,7 +77,7 @@ impl Driver for EcsService {
                 .desired_count(want)
                 .send()
                 .await
-                .map_err(|e| api_error("ecs:UpdateService", e))?;
+                .map_err(|e| api_error("ecs:UpdateService", self.resource(), e))?;
             tracing::info!(service = %self.service, from = desired, to = want, "ECS desired count");
         }
         Ok(())

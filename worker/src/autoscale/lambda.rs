@@ -26,6 +26,10 @@ impl LambdaMapping {
         Self { client, uuid }
     }
 
+    fn resource(&self) -> String {
+        format!("Lambda event source mapping `{}`", self.uuid)
+    }
+
     /// (enabled, maximum concurrency)
     async fn current(&self) -> Result<(bool, i32), DriverError> {
         let m = self
@@ -34,7 +38,7 @@ impl LambdaMapping {
             .uuid(&self.uuid)
             .send()
             .await
-            .map_err(|e| api_error("lambda:GetEventSourceMapping", e))?;
+            .map_err(|e| api_error("lambda:GetEventSourceMapping", self.resource(), e))?;
         let enabled = matches!(m.state(), Some("Enabled" | "Enabling" | "Creating" | "Updating"));
         let max = m.scaling_config().and_then(|c| c.maximum_concurrency()).unwrap_or(MAX_CONCURRENCY);
         Ok((enabled, max))
@@ -77,7 +81,7 @@ impl Driver for LambdaMapping {
         if let Some(c) = want {
             req = req.scaling_config(aws_sdk_lambda::types::ScalingConfig::builder().maximum_concurrency(c).build());
         }
-        req.send().await.map_err(|e| api_error("lambda:UpdateEventSourceMapping", e))?;
+        req.send().await.map_err(|e| api_error("lambda:UpdateEventSourceMapping", self.resource(), e))?;
         tracing::info!(mapping = %self.uuid, ?want, "Lambda event source mapping concurrency");
         Ok(())
     }

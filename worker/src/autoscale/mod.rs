@@ -105,12 +105,13 @@ async fn tick(
     Ok(Some((backlog, active, draining, decision)))
 }
 
-/// An AWS SDK error as a driver error: throttling, 5xx and network failures are retryable
+/// An AWS SDK error as a driver error, saying what to check ([`ember_model_loader::aws::AwsError`]): throttling, 5xx and network failures are retryable
 /// (the shared classification, `ember_model_loader::aws`).
-pub(crate) fn api_error<E>(op: &'static str, err: SdkError<E>) -> DriverError
+pub(crate) fn api_error<E>(op: &'static str, resource: String, err: SdkError<E>) -> DriverError
 where
     E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
 {
-    let f = ember_model_loader::aws::classify(&err);
-    DriverError::Api { op, message: f.describe(), retryable: f.kind.is_retryable() }
+    let e = ember_model_loader::aws::AwsError::new(op, resource, &err);
+    let message = format!("on {}: {}; {}", e.resource, e.failure.describe(), e.hint());
+    DriverError::Api { op, message, retryable: e.is_retryable() }
 }

@@ -46,7 +46,8 @@ pub struct StoreArgs {
 
 impl QueueArgs {
     /// The queue, for commands that only look at it (`status`, `dlq`): an embedded queue file
-    /// that does not exist is an error (a mistyped path), not a new empty queue.
+    /// that does not exist is an error (a mistyped path), not a new empty queue. An SQS queue
+    /// without a redrive policy opens (with no DLQ: [`Queue::has_dlq`]).
     pub async fn open_existing(&self, aws: &AwsArgs) -> anyhow::Result<Arc<dyn Queue>> {
         if self.sqs_queue.is_none() && !self.queue_path.exists() {
             anyhow::bail!(
@@ -55,14 +56,25 @@ impl QueueArgs {
                 self.queue_path.display()
             );
         }
-        self.open(aws).await
+        self.open_with(aws, Dlq::Optional).await
+    }
+
+    /// The queue, for commands that add to it (`submit`): an SQS queue without a DLQ is fine.
+    pub async fn open_to_send(&self, aws: &AwsArgs) -> anyhow::Result<Arc<dyn Queue>> {
+        self.open_with(aws, Dlq::Optional).await
     }
 
     pub fn visibility(&self) -> Duration {
         Duration::from_secs(self.visibility_timeout.max(1))
     }
 
+    /// The queue a worker takes jobs from: an SQS queue must have a DLQ (through its redrive
+    /// policy), since a worker dead-letters the jobs that fail for good.
     pub async fn open(&self, aws: &AwsArgs) -> anyhow::Result<Arc<dyn Queue>> {
+        self.open_with(aws, Dlq::Required).await
+    }
+
+    async fn open_with(&self, aws: &AwsArgs, dlq: Dlq) -> anyhow::Result<Arc<dyn Queue>> {
         match &self.sqs_queue {
             Some(name) => {
                 let client = aws_sdk_sqs::Client::new(&aws.config().await);
@@ -73,8 +85,10 @@ impl QueueArgs {
                         max_receive_count: self.max_receive_count,
                     };
                     SqsQueue::ensure(client, &setup).await?
-                } else {
+                } else if dlq == Dlq::Required {
                     SqsQueue::open(client, name).await?
+                } else {
+                    SqsQueue::inspect(client, name).await?
                 };
                 Ok(Arc::new(queue))
             }
@@ -91,6 +105,12 @@ impl QueueArgs {
             }
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dlq {
+    Required,
+    Optional,
 }
 
 /// `scheme:...` (`s3:/bucket`, `s3//bucket`, `https://...`): a mistyped URL, which would
@@ -112,7 +132,11 @@ fn looks_like_a_url(value: &str) -> bool {
 impl StoreArgs {
     pub async fn open(&self, aws: &AwsArgs) -> anyhow::Result<Arc<dyn ObjectStore>> {
         match ember_model_loader::s3::parse_s3_url(&self.results) {
-            Some((bucket, prefix)) => Ok(Arc::new(S3Store::from_config(&aws.config().await, bucket, &prefix))),
+            Some((bucket, prefix)) => {
+                let store = S3Store::from_config(&aws.config().await, bucket, &prefix);
+                store.check().await?;
+                Ok(Arc::new(store))
+            }
             None if looks_like_a_url(&self.results) => {
                 anyhow::bail!(
                     "--results `{}` looks like a URL but is not s3://bucket/prefix: fix the URL, or give a local \

@@ -22,6 +22,11 @@ pub struct ModelArgs {
     #[arg(long, env = "EMBER_REQUIRE_MANIFEST", num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub require_manifest: Option<bool>,
+    /// The name the model is served as: what jobs and HTTP requests put in `model` (besides
+    /// "default") and what answers carry (default: the model's own name). For clients that
+    /// send a name of their own, such as `gpt-4o-mini`.
+    #[arg(long, env = "EMBER_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
     #[command(flatten)]
     pub trust: TrustArgs,
     #[command(flatten)]
@@ -51,13 +56,35 @@ pub struct AwsArgs {
     /// S3/SQS-compatible endpoint (for example a local server); AWS's own when unset.
     #[arg(long, env = "AWS_ENDPOINT_URL")]
     pub endpoint_url: Option<String>,
+    /// AWS region (default: the profile's region, else us-east-1).
+    #[arg(long, env = "AWS_REGION")]
+    pub region: Option<String>,
+    /// Named profile from ~/.aws/config and ~/.aws/credentials (default: the standard chain:
+    /// environment keys, the default profile, the instance or task role).
+    #[arg(long, env = "AWS_PROFILE")]
+    pub profile: Option<String>,
 }
 
 impl AwsArgs {
-    /// AWS configuration from the standard environment, with the endpoint override.
+    /// AWS configuration from the standard environment, with the region, profile and
+    /// endpoint given.
     pub async fn config(&self) -> aws_config::SdkConfig {
-        let region = aws_config::meta::region::RegionProviderChain::default_provider().or_else("us-east-1");
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region);
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(profile) = &self.profile {
+            loader = loader.profile_name(profile);
+        }
+        loader = match &self.region {
+            Some(region) => loader.region(aws_config::Region::new(region.clone())),
+            None => {
+                let mut chain = aws_config::meta::region::RegionProviderChain::first_try(None);
+                if let Some(profile) = &self.profile {
+                    chain = chain.or_else(
+                        aws_config::profile::ProfileFileRegionProvider::builder().profile_name(profile).build(),
+                    );
+                }
+                loader.region(chain.or_default_provider().or_else("us-east-1"))
+            }
+        };
         if let Some(url) = &self.endpoint_url {
             loader = loader.endpoint_url(url);
         }
@@ -67,9 +94,14 @@ impl AwsArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FetchArgs {
-    /// Where downloaded models are cached, keyed by ETag (none when unset).
+    /// The local tier: a folder where verified copies of s3:// models are kept, so the next
+    /// start maps them instead of downloading (none when unset; /tmp/ember-cache in Lambda).
     #[arg(long, env = "EMBER_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// The most MiB of model files the cache keeps; least recently used models not in use are
+    /// deleted to make room (no limit when unset; 90% of /tmp in Lambda).
+    #[arg(long, env = "EMBER_CACHE_MAX_MB")]
+    pub cache_max_mb: Option<u64>,
     /// Size of each ranged GET, in MiB.
     #[arg(long, env = "EMBER_PART_SIZE_MB", default_value_t = 16)]
     pub part_size_mb: usize,
@@ -86,6 +118,17 @@ pub struct FetchArgs {
 }
 
 impl ModelArgs {
+    /// Loads the model, under `--served-model-name` when given.
+    pub async fn load(&self, aws: &AwsArgs) -> anyhow::Result<ember_model_loader::LoadedModel> {
+        let reference = self.reference()?;
+        let opts = self.load_options(aws).await?;
+        let mut loaded = ember_model_loader::load(&reference, &opts).await?;
+        if let Some(name) = self.served_model_name.as_ref().filter(|n| !n.is_empty()) {
+            loaded.name = name.clone();
+        }
+        Ok(loaded)
+    }
+
     pub fn reference(&self) -> anyhow::Result<ModelRef> {
         Ok(self.model.parse()?)
     }
@@ -117,8 +160,40 @@ impl FetchArgs {
         FetchOptions {
             part_size: self.part_size_mb.max(1) << 20,
             concurrency: self.fetch_concurrency.max(1),
-            cache_dir: self.cache_dir.clone(),
+            cache_dir: self.cache_dir.clone().or_else(|| in_lambda().then(|| PathBuf::from(LAMBDA_CACHE_DIR))),
+            cache_max_bytes: self.cache_max_mb.map(|mb| mb << 20).or_else(|| {
+                // Lambda's /tmp is the function's ephemeral storage (512 MB to 10 GB); leave
+                // a tenth of it for everything else.
+                in_lambda().then(|| fs_size(std::path::Path::new("/tmp")).map(|b| b / 10 * 9)).flatten()
+            }),
             progress: !self.no_progress,
         }
     }
+}
+
+/// Where the local tier lives in Lambda when `--cache-dir` is not given: the only writable
+/// disk there, kept between invocations of one execution environment.
+const LAMBDA_CACHE_DIR: &str = "/tmp/ember-cache";
+
+fn in_lambda() -> bool {
+    crate::telemetry::in_lambda()
+}
+
+/// The size of the file system holding `path`.
+fn fs_size(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable memory the size
+    // of a statvfs, which statvfs fills on success (and only then is it read).
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    // The fields are 32-bit on some targets.
+    #[allow(clippy::unnecessary_cast)]
+    let bytes = st.f_blocks as u64 * st.f_frsize as u64;
+    Some(bytes)
 }

@@ -1,7 +1,10 @@
-//! `ember generate`: one prompt, one completion, printed (or as an OpenAI chat.completion
-//! object with `--json`).
+//! `ember generate`: one prompt, one completion, printed as it is made (or as an OpenAI
+//! chat.completion object with `--json`).
 
-use ember_model_loader::{load, Message};
+use std::io::Write;
+use std::sync::atomic::AtomicBool;
+
+use ember_model_loader::Message;
 
 use super::common::{AwsArgs, ModelArgs};
 use crate::openai::{completion_body, unix_now};
@@ -55,10 +58,13 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     // Bad settings fail before the model is loaded, not after.
     sampling.validate()?;
-    let reference = args.model.reference()?;
-    let opts = args.model.load_options(&args.aws).await?;
-    let loaded = load(&reference, &opts).await?;
+    let loaded = args.model.load(&args.aws).await?;
     let load_done = since_process_start();
+    crate::telemetry::metrics::cold_start(&crate::telemetry::metrics::ColdStart {
+        model: &loaded.name,
+        timings: &loaded.timings,
+        ready_s: load_done,
+    });
     let engine = Engine::new(loaded);
     let prompt = if args.raw {
         Prompt::Text(args.prompt.clone())
@@ -78,7 +84,16 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         sampling,
         stop: args.stop.clone(),
     };
-    let done = tokio::task::block_in_place(|| engine.generate(&req))?;
+    // Text goes out as it is made, unless the whole object is wanted.
+    let mut stdout = std::io::stdout().lock();
+    let mut printed = 0;
+    let mut print = |piece: &str| {
+        printed += piece.len();
+        let _ = stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush());
+    };
+    let mut quiet = |_: &str| {};
+    let on_text: &mut dyn FnMut(&str) = if args.json { &mut quiet } else { &mut print };
+    let done = tokio::task::block_in_place(|| engine.generate_streaming(&req, &AtomicBool::new(false), on_text))?;
     let t = done.timings;
     let decode_tokens = done.usage.completion_tokens.saturating_sub(1);
     tracing::info!(
@@ -96,7 +111,9 @@ pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
         let body = completion_body(&id, &engine.loaded.name, unix_now(), !args.raw, &done);
         println!("{body}");
     } else {
-        println!("{}", done.text);
+        // What a stop sequence held back until the end.
+        let rest = done.text.get(printed..).unwrap_or_default();
+        let _ = writeln!(stdout, "{rest}").and_then(|()| stdout.flush());
     }
     Ok(())
 }

@@ -35,6 +35,10 @@ pub struct SubmitArgs {
     pub aws: AwsArgs,
     #[command(flatten)]
     pub queue: QueueArgs,
+    /// Where the batch's results will go: the submission is recorded there, for `ember batch
+    /// status|output`.
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Hide the progress bar.
     #[arg(long, env = "EMBER_NO_PROGRESS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_progress: bool,
@@ -259,7 +263,7 @@ fn bar(len: u64, what: &str, hidden: bool) -> ProgressBar {
     if hidden {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::new(len);
+    let bar = ember_model_loader::progress::add(ProgressBar::new(len));
     if let Ok(style) =
         ProgressStyle::with_template(&format!("{what} {{bar:40}} {{pos}}/{{len}} [{{elapsed}}, eta {{eta}}]"))
     {
@@ -359,9 +363,32 @@ fn new_batch_id(given: &Option<String>) -> String {
 
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     let batch_id = new_batch_id(&args.batch_id);
+    if let Some(problem) = component_problem(&batch_id) {
+        anyhow::bail!("--batch-id {batch_id:?} {problem}: results are stored under it; choose another");
+    }
     let mut lines = read_lines(&args.file, &batch_id, BadLines::Refuse)?;
-    let queue = args.queue.open(&args.aws).await?;
+    let (queue, store) = tokio::try_join!(args.queue.open_to_send(&args.aws), args.store.open(&args.aws))?;
     let ids = send_lines(queue.as_ref(), &mut lines, args.no_progress, BadLines::Refuse).await?;
+    let submission = super::batch::Submission {
+        batch_id: batch_id.clone(),
+        created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        lines: lines
+            .iter()
+            .zip(&ids)
+            .filter_map(|(line, id)| {
+                Some(super::batch::SubmittedLine {
+                    line: line.number,
+                    custom_id: custom_id_of(&line.body),
+                    message_id: id.clone()?,
+                    result_key: line.result_key.clone(),
+                })
+            })
+            .collect(),
+    };
+    // The jobs are queued whatever happens here: say so rather than fail the submit.
+    if let Err(e) = super::batch::record(store.as_ref(), &submission).await {
+        tracing::warn!(error = %format!("{e:#}"), "the submission was not recorded: `ember batch status` will not know it");
+    }
     println!("{}", serde_json::json!({"batch_id": batch_id, "submitted": ids.iter().flatten().count()}));
     Ok(())
 }
@@ -378,7 +405,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let batch_id = new_batch_id(&args.batch_id);
     let mut lines = read_lines(&args.file, &batch_id, BadLines::Answer)?;
-    let worker = Worker::start(&args.worker).await?;
+    // `run` works a queue of its own, so it runs only its own batch: a shared queue (SQS or
+    // the embedded file) may hold other batches' jobs, which are left to the workers serving
+    // it. Releasing them after receiving would not leave them untouched: every receive counts
+    // toward their maxReceiveCount, and so toward the DLQ.
+    if let Some(name) = &args.worker.queue.sqs_queue {
+        tracing::warn!(queue = %name, "`ember run` works a private local queue; the SQS queue is not used (`ember submit` puts a batch on it)");
+    }
+    let private = tempfile::Builder::new().prefix("ember-run-").tempdir().context("creating the run's queue folder")?;
+    let mut worker_args = args.worker.clone();
+    worker_args.queue.sqs_queue = None;
+    worker_args.queue.queue_path = private.path().join("queue.db");
+    let worker = Worker::start(&worker_args, false).await?;
     let hidden = args.worker.model.fetch.no_progress;
     // Results already under the batch's prefix (a reused --batch-id) do not count as progress.
     let prefix = format!("results/{batch_id}/");
@@ -443,7 +481,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     eprintln!(
         "{ok} succeeded, {failed} failed{} ; output: {}",
-        if missing > 0 { format!(", {missing} not finished (see `ember status`)") } else { String::new() },
+        if missing > 0 {
+            format!(", {missing} not finished (run the file again with --batch-id {batch_id} to retry them)")
+        } else {
+            String::new()
+        },
         output.display()
     );
     if missing > 0 {
@@ -516,7 +558,7 @@ async fn collect(
                     message_id,
                     &custom_id,
                     "not_finished",
-                    "the job has no result: it is still queued or in the dead-letter queue (see `ember status`)",
+                    "the job has no result: it failed on every delivery; run the file again with the same --batch-id to retry it",
                 ))
             }
         });
@@ -524,7 +566,7 @@ async fn collect(
     Ok(out)
 }
 
-async fn read_result(store: &dyn ObjectStore, key: &str) -> anyhow::Result<Option<ResultLine>> {
+pub(super) async fn read_result(store: &dyn ObjectStore, key: &str) -> anyhow::Result<Option<ResultLine>> {
     let bytes = match store.get(key).await {
         Ok(Some(bytes)) => bytes,
         Ok(None) => return Ok(None),
@@ -544,15 +586,21 @@ async fn read_result(store: &dyn ObjectStore, key: &str) -> anyhow::Result<Optio
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let queue = args.queue.open_existing(&args.aws).await?;
     let d = queue.depth().await?;
+    let dlq = queue.has_dlq().then_some(d.dlq_visible);
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"visible": d.visible, "in_flight": d.in_flight, "delayed": d.delayed, "dlq": d.dlq_visible})
+            serde_json::json!({"visible": d.visible, "in_flight": d.in_flight, "delayed": d.delayed, "dlq": dlq})
         );
     } else {
-        println!(
-            "visible    {}\nin flight  {}\ndelayed    {}\ndlq        {}",
-            d.visible, d.in_flight, d.delayed, d.dlq_visible
+        let dlq = dlq.map_or_else(|| "none (no DLQ)".to_string(), |n| n.to_string());
+        println!("visible    {}\nin flight  {}\ndelayed    {}\ndlq        {dlq}", d.visible, d.in_flight, d.delayed);
+    }
+    if !queue.has_dlq() {
+        eprintln!(
+            "warning: the queue has no redrive policy, so no dead-letter queue: a job that fails on every delivery \
+             is retried until it expires, and `ember serve` refuses it; give it one (infra/ember.yaml, or \
+             --create-queues for development)"
         );
     }
     Ok(())

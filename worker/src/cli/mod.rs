@@ -2,8 +2,10 @@
 
 pub mod autoscale;
 pub mod backends;
+pub mod batch;
 pub mod common;
 pub mod generate;
+pub mod http;
 pub mod jobs;
 pub mod lambda;
 pub mod model;
@@ -42,6 +44,9 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Put a JSONL batch file (OpenAI batch input lines) on the queue.
     Submit(jobs::SubmitArgs),
+    /// A submitted batch: its status, and its output once done (as the OpenAI Batch API).
+    #[command(subcommand)]
+    Batch(batch::BatchCommand),
     /// Run a JSONL batch file to an output JSONL: submit, serve until done, collect.
     Run(jobs::RunArgs),
     /// Queue depths: visible, in flight, delayed, dead-lettered.
@@ -60,6 +65,19 @@ pub enum Command {
     Autoscale(Box<autoscale::AutoscaleArgs>),
 }
 
+impl Command {
+    /// The log level when `EMBER_LOG` is unset. Services (`serve`, `lambda`, `autoscale`) log
+    /// at info: their logs are what an operator reads (per-job metrics, the cold start,
+    /// CloudWatch EMF). Commands a person runs and waits for log warnings and errors only, as
+    /// cargo and the AWS CLI do: their answer is on stdout, their progress on a bar.
+    pub fn default_log_level(&self) -> &'static str {
+        match self {
+            Self::Serve(_) | Self::Lambda(_) | Self::Autoscale(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -68,6 +86,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args).await,
         Command::Submit(args) => jobs::submit(args).await,
         Command::Run(args) => jobs::run(args).await,
+        Command::Batch(cmd) => batch::run(cmd).await,
         Command::Status(args) => jobs::status(args).await,
         Command::Dlq(cmd) => jobs::dlq(cmd).await,
         Command::Lambda(args) => lambda::run(args).await,

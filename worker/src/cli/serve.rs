@@ -5,8 +5,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ember_model_loader::load;
-
 use super::backends::{QueueArgs, StoreArgs};
 use super::common::{AwsArgs, ModelArgs};
 use crate::queue::Queue;
@@ -37,7 +35,7 @@ pub struct LoopArgs {
 }
 
 /// What a worker process needs: the model, the queue, the result store and how to poll.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -72,6 +70,8 @@ pub struct ServeArgs {
     /// --driver local` sets it for each worker it starts).
     #[arg(long, env = "EMBER_WORKER_REPORT")]
     pub report_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub http: super::http::HttpArgs,
 }
 
 /// A loaded worker: the model, the queue, the result store, and the handler that runs jobs
@@ -87,7 +87,8 @@ pub struct Worker {
 
 impl Worker {
     /// Loads the model and opens the queue and the store, logging the cold-start breakdown.
-    pub async fn start(args: &WorkerArgs) -> anyhow::Result<Self> {
+    /// `always_batch` starts the batcher even for one job at a time (the HTTP server needs it).
+    pub async fn start(args: &WorkerArgs, always_batch: bool) -> anyhow::Result<Self> {
         // Open the queue and the store first: a typo in a queue name should not cost a model load.
         let (queue, store) = tokio::try_join!(args.queue.open(&args.aws), args.store.open(&args.aws))?;
         let engine = Arc::new(load_engine(&args.model, &args.aws).await?);
@@ -97,7 +98,7 @@ impl Worker {
             DeadLetters::Queue(queue.clone()),
             args.queue.max_receive_count,
         );
-        let batcher = match args.looping.batcher_options() {
+        let batcher = match args.looping.batcher_options(always_batch) {
             Some(opts) => Some(Arc::new(Batcher::start(engine.clone(), opts)?)),
             None => None,
         };
@@ -111,24 +112,20 @@ impl Worker {
 
 /// Loads the model into an engine and logs where the start-up time went.
 pub async fn load_engine(model: &ModelArgs, aws: &AwsArgs) -> anyhow::Result<Engine> {
-    let reference = model.reference()?;
-    let opts = model.load_options(aws).await?;
-    let loaded = load(&reference, &opts).await?;
-    let t = loaded.timings;
+    let loaded = model.load(aws).await?;
     metrics::cold_start(&metrics::ColdStart {
         model: &loaded.name,
-        fetch_s: t.fetch_s,
-        verify_s: t.verify_s,
-        build_s: t.build_s,
+        timings: &loaded.timings,
         ready_s: since_process_start(),
     });
     Ok(Engine::new(loaded))
 }
 
 impl LoopArgs {
-    /// Batching when more than one job runs at once.
-    pub fn batcher_options(&self) -> Option<BatcherOptions> {
-        (self.concurrency > 1).then(|| BatcherOptions::new(self.concurrency, self.kv_cache_mb.map(|mb| mb << 20)))
+    /// Batching when more than one job runs at once, or when `always`.
+    pub fn batcher_options(&self, always: bool) -> Option<BatcherOptions> {
+        (always || self.concurrency > 1)
+            .then(|| BatcherOptions::new(self.concurrency, self.kv_cache_mb.map(|mb| mb << 20)))
     }
 
     pub fn options(&self, queue: &QueueArgs, exit_when_idle: bool) -> anyhow::Result<ServeOptions> {
@@ -153,7 +150,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Signals first: SIGTERM during the model load ends the process cleanly once it is loaded.
     let shutdown = Shutdown::new();
     shutdown.on_signals();
-    let worker = Worker::start(&args.worker).await?;
+    // Listening before the model loads: /health answers "loading" meanwhile.
+    let http = args.http.bind().await?;
+    if args.http.http_only {
+        let server = http.ok_or_else(|| anyhow::anyhow!("--http-only needs --http ADDR"))?;
+        return serve_http_only(&args.worker, server, shutdown).await;
+    }
+    let worker = Worker::start(&args.worker, http.is_some()).await?;
+    let http_task = match (http, &worker.batcher) {
+        (Some(server), Some(batcher)) => Some(start_http(server, worker.engine.clone(), batcher.clone(), &shutdown)),
+        _ => None,
+    };
     let stats = Arc::new(ServeStats::default());
     let report_stop = Shutdown::new();
     let report = args.report_file.clone().map(|path| {
@@ -165,6 +172,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let jobs = serve(worker.queue.clone(), worker.handler.clone(), &opts, &shutdown, stats.clone());
     if !args.pipelines {
         let served = jobs.await;
+        stop_http(http_task, &shutdown).await;
         report_stop.trigger();
         if let Some(task) = report {
             let _ = task.await;
@@ -184,12 +192,49 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let hop_stats = Arc::new(ServeStats::default());
     let hop_loop = serve(hop_queue, hops, &opts, &shutdown, hop_stats.clone());
     let served = tokio::try_join!(jobs, hop_loop);
+    stop_http(http_task, &shutdown).await;
     report_stop.trigger();
     if let Some(task) = report {
         let _ = task.await;
     }
     served?;
     println!("{}", serde_json::json!({"jobs": stats_json(&stats), "hops": stats_json(&hop_stats)}));
+    Ok(())
+}
+
+/// Makes the server ready and serves it in a task until `shutdown`.
+fn start_http(
+    server: crate::http::HttpServer,
+    engine: Arc<Engine>,
+    batcher: Arc<Batcher>,
+    shutdown: &Shutdown,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let model = engine.loaded.name.clone();
+    server.readiness().set(engine, batcher);
+    println!("{}", serde_json::json!({"event": "ready", "model": model}));
+    tracing::info!(%model, "HTTP API ready");
+    tokio::spawn(server.serve(shutdown.clone()))
+}
+
+/// Stops the HTTP server once the queue loop is done (shut down, or idle with
+/// `--exit-when-idle`), letting open requests finish.
+async fn stop_http(task: Option<tokio::task::JoinHandle<std::io::Result<()>>>, shutdown: &Shutdown) {
+    let Some(task) = task else { return };
+    shutdown.trigger();
+    match task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "the HTTP server stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "the HTTP server task failed"),
+    }
+}
+
+/// `--http-only`: the model and a batcher, no queue and no result store.
+async fn serve_http_only(args: &WorkerArgs, server: crate::http::HttpServer, shutdown: Shutdown) -> anyhow::Result<()> {
+    let engine = Arc::new(load_engine(&args.model, &args.aws).await?);
+    let opts = args.looping.batcher_options(true).ok_or_else(|| anyhow::anyhow!("no batcher options"))?;
+    let batcher = Arc::new(Batcher::start(engine.clone(), opts)?);
+    let task = start_http(server, engine, batcher, &shutdown);
+    task.await??;
     Ok(())
 }
 

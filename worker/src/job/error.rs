@@ -80,6 +80,8 @@ pub enum JobError {
     PromptEncoding(String),
     #[error("the prompt is {prompt_tokens} tokens but the model's context is {context} tokens: shorten the prompt to under {context} tokens")]
     PromptTooLong { prompt_tokens: usize, context: usize },
+    #[error("the prompt and max_tokens need {tokens} tokens of KV cache, more than this server's whole budget of {budget}: lower max_tokens or shorten the prompt")]
+    OverMemoryBudget { tokens: usize, budget: usize },
 }
 
 impl JobError {
@@ -121,6 +123,15 @@ impl JobError {
             Self::TooManyStops { .. } => "too_many_stop_sequences",
             Self::PromptEncoding(_) => "prompt_encoding",
             Self::PromptTooLong { .. } => "context_length_exceeded",
+            Self::OverMemoryBudget { .. } => "kv_budget_exceeded",
+        }
+    }
+
+    /// The HTTP status of the answer: 413 for a body over the size limit, 400 otherwise.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::BodyTooLarge { .. } => 413,
+            _ => 400,
         }
     }
 
@@ -167,7 +178,8 @@ impl JobError {
             | Self::NotJson { .. }
             | Self::NotAnObject { .. }
             | Self::PromptEncoding(_)
-            | Self::PromptTooLong { .. } => None,
+            | Self::PromptTooLong { .. }
+            | Self::OverMemoryBudget { .. } => None,
         }
     }
 }

@@ -44,8 +44,11 @@ pub use key::{
     default_result_key, derived_id, error_result_key, rejected_result_key, DEFAULT_BATCH, MAX_CUSTOM_ID_BYTES,
 };
 pub use messages::ROLES;
-pub use output::{ResultError, ResultLine, ResultResponse};
-pub use validate::{check_prompt_length, validate, validate_chat_request, PromptEncoder, DEFAULT_MODEL};
+pub use output::{engine_error_answer, error_body, ResultError, ResultLine, ResultResponse};
+pub use validate::{
+    check_budget, check_prompt_length, validate, validate_api_request, validate_chat_request, ApiRequest,
+    PromptEncoder, StreamOptions, DEFAULT_MODEL,
+};
 
 use ember_engine::GenerateRequest;
 

@@ -68,13 +68,7 @@ impl ResultLine {
     /// The answer to a valid job the engine failed on for good: 400 when the engine refused the
     /// request itself, 500 otherwise.
     pub fn failed(job: &ValidJob, error: &EngineError) -> Self {
-        let (status, kind) = match error {
-            EngineError::InvalidSampling(_) | EngineError::PromptTooLong { .. } | EngineError::EmptyPrompt => {
-                (400, "invalid_request_error")
-            }
-            _ => (500, "server_error"),
-        };
-        let body = error_body(&error.to_string(), kind, None, error.label());
+        let (status, body) = engine_error_answer(error);
         Self::answered(&job.message_id, &job.custom_id, status, body)
     }
 
@@ -119,8 +113,21 @@ impl ResultLine {
     }
 }
 
+/// The HTTP status and OpenAI error body for an engine error: 400 when the engine refused
+/// the request itself, 429 when it had no room for it, 500 otherwise.
+pub fn engine_error_answer(error: &EngineError) -> (u16, Value) {
+    let (status, kind) = match error {
+        EngineError::InvalidSampling(_) | EngineError::PromptTooLong { .. } | EngineError::EmptyPrompt => {
+            (400, "invalid_request_error")
+        }
+        EngineError::Overloaded { .. } => (429, "rate_limit_error"),
+        _ => (500, "server_error"),
+    };
+    (status, error_body(&error.to_string(), kind, None, error.label()))
+}
+
 /// An OpenAI API error body.
-fn error_body(message: &str, kind: &str, param: Option<String>, code: &str) -> Value {
+pub fn error_body(message: &str, kind: &str, param: Option<String>, code: &str) -> Value {
     json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
 }
 

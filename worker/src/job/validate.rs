@@ -61,6 +61,72 @@ pub fn validate(
     }
 }
 
+/// A request the HTTP server takes: the body of a batch line, alone, which may ask for
+/// streaming.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiRequest {
+    pub request: GenerateRequest,
+    /// The served model's name (`"default"` already resolved).
+    pub model: String,
+    pub prompt_tokens: usize,
+    /// `stream: true`, with whether `stream_options.include_usage` asked for a usage chunk.
+    pub stream: Option<StreamOptions>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamOptions {
+    pub include_usage: bool,
+}
+
+/// Checks an HTTP request body by the rules a queued job's body goes through (errors name
+/// fields as `body.x`, as in batch error results), plus `stream` and `stream_options`, which
+/// only an HTTP request can act on.
+pub fn validate_api_request(
+    body: &[u8],
+    chat: bool,
+    limits: &JobLimits,
+    encode: PromptEncoder<'_>,
+) -> Result<ApiRequest, JobError> {
+    let mut map = parse_object(body, limits.max_body_bytes)?;
+    let stream = {
+        let fields = Fields::new(&map, "body");
+        match fields.get("stream") {
+            None => None,
+            Some(v) if v.as_bool() == Some(false) => None,
+            Some(v) if v.as_bool() == Some(true) => {
+                let include_usage = match fields.object("stream_options")? {
+                    None => false,
+                    Some(o) => {
+                        let options = Fields::new(o, "body.stream_options");
+                        match options.get("include_usage") {
+                            None => false,
+                            Some(v) => {
+                                v.as_bool().ok_or_else(|| options.wrong_type("include_usage", "a boolean", v))?
+                            }
+                        }
+                    }
+                };
+                Some(StreamOptions { include_usage })
+            }
+            Some(v) => return Err(fields.wrong_type("stream", "a boolean", v)),
+        }
+    };
+    // Read here; the shared rules refuse `stream: true` for batch lines, which cannot stream.
+    map.remove("stream");
+    let r = body_request(&Fields::new(&map, "body"), chat, limits, false, encode)?;
+    Ok(ApiRequest { request: r.request, model: r.model, prompt_tokens: r.prompt_tokens, stream })
+}
+
+/// A request must fit the batch's KV cache budget on its own (prompt and `max_tokens`):
+/// otherwise it could never be admitted while anything else runs.
+pub fn check_budget(request: &GenerateRequest, prompt_tokens: usize, budget_tokens: usize) -> Result<(), JobError> {
+    let tokens = prompt_tokens + request.max_tokens;
+    if tokens > budget_tokens {
+        return Err(JobError::OverMemoryBudget { tokens, budget: budget_tokens });
+    }
+    Ok(())
+}
+
 /// The model needs one token of room after the prompt, as in the engine.
 pub fn check_prompt_length(prompt_tokens: usize, context_length: usize) -> Result<(), JobError> {
     if prompt_tokens >= context_length {

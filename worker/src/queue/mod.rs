@@ -184,6 +184,12 @@ pub trait Queue: Send + Sync {
     /// Every message in the DLQ, left there (at most `max`).
     async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError>;
 
+    /// Whether the queue has a dead-letter queue (an SQS queue without a redrive policy has
+    /// none: its DLQ operations answer [`QueueError::NoDlq`]).
+    fn has_dlq(&self) -> bool {
+        true
+    }
+
     /// Whether a receive in progress may be dropped at shutdown without hiding messages from
     /// other workers: true where the long poll is a local wait between short attempts (the
     /// embedded queue), false where the request is out with a server that will hand messages
@@ -215,16 +221,13 @@ pub enum QueueError {
     InvalidArgument(String),
     #[error("the receipt handle is no longer valid (the message was deleted or delivered again): {0}")]
     ReceiptInvalid(String),
-    #[error("queue not found: {0}")]
+    #[error("SQS queue `{0}` does not exist: check the queue name and the region (AWS_REGION), or create it (--create-queues for development)")]
     QueueNotFound(String),
-    #[error("not allowed to use the queue: {0}")]
-    Auth(String),
-    #[error("{op}: throttled: {message}")]
-    Throttled { op: &'static str, message: String },
-    #[error("{op}: could not reach the queue: {message}")]
-    Transport { op: &'static str, message: String },
-    #[error("{op}: the queue answered {status} {code}: {message}")]
-    Service { op: &'static str, code: String, message: String, status: u16 },
+    #[error("SQS queue `{0}` has no redrive policy, so no dead-letter queue: give it one (infra/ember.yaml, or --create-queues for development) so that jobs failing for good are parked, not retried forever")]
+    NoDlq(String),
+    /// Any other failed SQS request, with what to check.
+    #[error(transparent)]
+    Aws(#[from] ember_model_loader::aws::AwsError),
     #[error("the queue's answer is missing {0}")]
     MalformedResponse(String),
     #[error("the queue file is busy (locked by another process): {0}")]
@@ -244,10 +247,17 @@ impl QueueError {
             Self::InvalidArgument(_) => "queue_invalid_argument",
             Self::ReceiptInvalid(_) => "queue_receipt_invalid",
             Self::QueueNotFound(_) => "queue_not_found",
-            Self::Auth(_) => "queue_auth",
-            Self::Throttled { .. } => "queue_throttled",
-            Self::Transport { .. } => "queue_transport",
-            Self::Service { .. } => "queue_service",
+            Self::NoDlq(_) => "queue_no_dlq",
+            Self::Aws(e) => {
+                use ember_model_loader::aws::FailureKind as K;
+                match e.failure.kind {
+                    K::Auth => "queue_auth",
+                    K::Throttled => "queue_throttled",
+                    K::Transport => "queue_transport",
+                    K::Invalid | K::Construction => "queue_invalid_argument",
+                    K::Service => "queue_service",
+                }
+            }
             Self::MalformedResponse(_) => "queue_malformed_response",
             Self::Busy(_) => "queue_busy",
             Self::Database(_) => "queue_database",
@@ -258,8 +268,8 @@ impl QueueError {
     /// Whether the same call could succeed later.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Throttled { .. } | Self::Transport { .. } | Self::Busy(_) => true,
-            Self::Service { status, .. } => *status >= 500,
+            Self::Busy(_) => true,
+            Self::Aws(e) => e.is_retryable(),
             _ => false,
         }
     }

@@ -19,6 +19,7 @@ use aws_sdk_sqs::types::{
     QueueAttributeName, SendMessageBatchRequestEntry,
 };
 use aws_sdk_sqs::Client;
+use ember_model_loader::aws::{AwsError, Failure};
 
 use super::{
     check_delay, check_receive, check_visibility, sqs_allows, sqs_text, DeadLetter, MessageId, OutgoingMessage, Queue,
@@ -37,7 +38,8 @@ const DLQ_RETENTION_SECS: &str = "1209600";
 pub struct SqsQueue {
     client: Client,
     url: String,
-    dlq_url: String,
+    /// `None` for a queue opened with [`SqsQueue::inspect`] that has no redrive policy.
+    dlq_url: Option<String>,
 }
 
 /// What [`SqsQueue::ensure`] creates: `<name>` with a redrive policy to `<name>-dlq`.
@@ -52,15 +54,20 @@ pub struct SqsQueueSetup {
 impl SqsQueue {
     /// A queue pair whose URLs are known.
     pub fn new(client: Client, url: impl Into<String>, dlq_url: impl Into<String>) -> Self {
-        Self { client, url: url.into(), dlq_url: dlq_url.into() }
+        Self { client, url: url.into(), dlq_url: Some(dlq_url.into()) }
     }
 
     pub fn url(&self) -> &str {
         &self.url
     }
 
-    pub fn dlq_url(&self) -> &str {
-        &self.dlq_url
+    /// The DLQ's URL; `None` when the queue has no redrive policy (see [`SqsQueue::inspect`]).
+    pub fn dlq_url(&self) -> Option<&str> {
+        self.dlq_url.as_deref()
+    }
+
+    fn dlq(&self) -> Result<&str, QueueError> {
+        self.dlq_url.as_deref().ok_or_else(|| QueueError::NoDlq(queue_name(&self.url).to_string()))
     }
 
     /// Creates the queue pair of `setup` or, when it exists, sets its visibility timeout and
@@ -88,12 +95,23 @@ impl SqsQueue {
         Ok(Self::new(client, url, dlq_url))
     }
 
-    /// Looks up an existing queue by name and finds its DLQ through its redrive policy.
+    /// Looks up an existing queue by name and finds its DLQ through its redrive policy: what a
+    /// worker needs, since it dead-letters jobs that fail for good. A queue without a redrive
+    /// policy is [`QueueError::NoDlq`].
     pub async fn open(client: Client, name: &str) -> Result<Self, QueueError> {
+        let queue = Self::inspect(client, name).await?;
+        queue.dlq()?;
+        Ok(queue)
+    }
+
+    /// Looks up an existing queue by name, and its DLQ when it has a redrive policy: for
+    /// commands that only look at the queue or add to it (`status`, `submit`), which work on a
+    /// queue without a DLQ. Its DLQ operations answer [`QueueError::NoDlq`].
+    pub async fn inspect(client: Client, name: &str) -> Result<Self, QueueError> {
         let url = queue_url(&client, name, None).await?;
-        let policy = queue_attribute(&client, &url, QueueAttributeName::RedrivePolicy)
-            .await?
-            .ok_or_else(|| QueueError::InvalidArgument(format!("queue {name} has no redrive policy (no DLQ)")))?;
+        let Some(policy) = queue_attribute(&client, &url, QueueAttributeName::RedrivePolicy).await? else {
+            return Ok(Self { client, url, dlq_url: None });
+        };
         let arn = serde_json::from_str::<serde_json::Value>(&policy)
             .ok()
             .and_then(|v| v.get("deadLetterTargetArn")?.as_str().map(str::to_owned))
@@ -126,7 +144,7 @@ impl SqsQueue {
             .set_message_attributes(reason.map(|r| HashMap::from([(DLQ_REASON_ATTRIBUTE.to_string(), r)])))
             .send()
             .await
-            .map_err(|e| sdk_error("SendMessage", e))?;
+            .map_err(|e| sdk_error("SendMessage", url, e))?;
         out.message_id.map(MessageId).ok_or_else(|| QueueError::MalformedResponse("MessageId".into()))
     }
 
@@ -180,7 +198,7 @@ impl SqsQueue {
         let out = match sent {
             Ok(out) => out,
             Err(e) => {
-                let e = sdk_error("SendMessageBatch", e);
+                let e = sdk_error("SendMessageBatch", url, e);
                 for i in indices {
                     results[i] = Some(Err(e.clone()));
                 }
@@ -194,7 +212,7 @@ impl SqsQueue {
         }
         for failed in out.failed() {
             if let Some(slot) = failed.id().parse::<usize>().ok().and_then(|i| results.get_mut(i)) {
-                *slot = Some(Err(entry_error("SendMessageBatch", failed)));
+                *slot = Some(Err(entry_error("SendMessageBatch", url, failed)));
             }
         }
     }
@@ -213,7 +231,7 @@ impl SqsQueue {
             .message_attribute_names(TRACEPARENT)
             .send()
             .await
-            .map_err(|e| sdk_error("ReceiveMessage", e))?;
+            .map_err(|e| sdk_error("ReceiveMessage", url, e))?;
         out.messages.unwrap_or_default().into_iter().map(received).collect()
     }
 
@@ -236,14 +254,14 @@ impl SqsQueue {
                     .set_entries(Some(entries))
                     .send()
                     .await
-                    .map_err(|e| sdk_error("DeleteMessageBatch", e)),
+                    .map_err(|e| sdk_error("DeleteMessageBatch", url, e)),
                 Err(e) => Err(QueueError::InvalidArgument(e.to_string())),
             };
             match sent {
                 Ok(out) => {
                     for failed in out.failed() {
                         if let Some(slot) = failed.id().parse::<usize>().ok().and_then(|i| answers.get_mut(i)) {
-                            *slot = Err(entry_error("DeleteMessageBatch", failed));
+                            *slot = Err(entry_error("DeleteMessageBatch", url, failed));
                         }
                     }
                 }
@@ -262,7 +280,7 @@ impl SqsQueue {
             .set_attribute_names(Some(names.to_vec()))
             .send()
             .await
-            .map_err(|e| sdk_error("GetQueueAttributes", e))?;
+            .map_err(|e| sdk_error("GetQueueAttributes", url, e))?;
         let attrs = out.attributes.unwrap_or_default();
         Ok(names.iter().map(|n| attrs.get(n).and_then(|v| v.parse().ok()).unwrap_or(0)).collect())
     }
@@ -295,12 +313,12 @@ impl Queue for SqsQueue {
             .visibility_timeout(ceil_secs(timeout))
             .send()
             .await
-            .map_err(|e| sdk_error("ChangeMessageVisibility", e))?;
+            .map_err(|e| sdk_error("ChangeMessageVisibility", &self.url, e))?;
         Ok(())
     }
 
     async fn send_to_dlq(&self, body: Vec<u8>, reason: &str) -> Result<MessageId, QueueError> {
-        self.send_one(&self.dlq_url, body, None, Some(reason)).await
+        self.send_one(self.dlq()?, body, None, Some(reason)).await
     }
 
     async fn depth(&self) -> Result<QueueDepth, QueueError> {
@@ -310,16 +328,24 @@ impl Queue for SqsQueue {
             A::ApproximateNumberOfMessagesNotVisible,
             A::ApproximateNumberOfMessagesDelayed,
         ];
-        let (main, dlq) = tokio::try_join!(
-            self.visible_count(&self.url, &main),
-            self.visible_count(&self.dlq_url, &[A::ApproximateNumberOfMessages]),
-        )?;
-        Ok(QueueDepth { visible: main[0], in_flight: main[1], delayed: main[2], dlq_visible: dlq[0] })
+        let dlq = async {
+            match &self.dlq_url {
+                Some(url) => Ok(self.visible_count(url, &[A::ApproximateNumberOfMessages]).await?[0]),
+                None => Ok(0),
+            }
+        };
+        let (main, dlq) = tokio::try_join!(self.visible_count(&self.url, &main), dlq)?;
+        Ok(QueueDepth { visible: main[0], in_flight: main[1], delayed: main[2], dlq_visible: dlq })
+    }
+
+    fn has_dlq(&self) -> bool {
+        self.dlq_url.is_some()
     }
 
     async fn dead_letters(&self, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
         // SQS cannot peek: receive until the DLQ is empty (each receive hides what it got for
         // a minute, so nothing comes twice), then make every message visible again.
+        let dlq_url = self.dlq()?;
         let mut out = Vec::new();
         let mut receipts = Vec::new();
         let result = async {
@@ -327,14 +353,14 @@ impl Queue for SqsQueue {
                 let got = self
                     .client
                     .receive_message()
-                    .queue_url(&self.dlq_url)
+                    .queue_url(dlq_url)
                     .max_number_of_messages(MAX_BATCH.min(max - out.len()) as i32)
                     .wait_time_seconds(1)
                     .visibility_timeout(60)
                     .message_attribute_names(DLQ_REASON_ATTRIBUTE)
                     .send()
                     .await
-                    .map_err(|e| sdk_error("ReceiveMessage", e))?;
+                    .map_err(|e| sdk_error("ReceiveMessage", dlq_url, e))?;
                 let messages = got.messages.unwrap_or_default();
                 if messages.is_empty() {
                     break;
@@ -359,13 +385,13 @@ impl Queue for SqsQueue {
             let visible = self
                 .client
                 .change_message_visibility()
-                .queue_url(&self.dlq_url)
+                .queue_url(dlq_url)
                 .receipt_handle(r.as_str())
                 .visibility_timeout(0)
                 .send()
                 .await;
             if let Err(e) = visible {
-                tracing::warn!(error = %sdk_error("ChangeMessageVisibility", e), "a dead letter stays hidden for a minute");
+                tracing::warn!(error = %sdk_error("ChangeMessageVisibility", dlq_url, e), "a dead letter stays hidden for a minute");
             }
         }
         result.map(|()| out)
@@ -379,9 +405,10 @@ impl Queue for SqsQueue {
             wait: Duration::from_secs(1),
             visibility_timeout: Some(Duration::from_secs(60)),
         };
+        let dlq_url = self.dlq()?;
         let mut moved = 0;
         loop {
-            let batch = self.receive_from(&self.dlq_url, &opts).await?;
+            let batch = self.receive_from(dlq_url, &opts).await?;
             if batch.is_empty() {
                 return Ok(moved);
             }
@@ -401,7 +428,7 @@ impl Queue for SqsQueue {
             }
             // A message sent but not deleted from the DLQ would come back there as a duplicate:
             // report the delete failure rather than count it as moved.
-            for result in self.delete_batch_from(&self.dlq_url, &done).await {
+            for result in self.delete_batch_from(dlq_url, &done).await {
                 result?;
                 moved += 1;
             }
@@ -459,10 +486,7 @@ async fn queue_url(client: &Client, name: &str, owner: Option<&str>) -> Result<S
         .set_queue_owner_aws_account_id(owner.map(str::to_owned))
         .send()
         .await
-        .map_err(|e| match sdk_error("GetQueueUrl", e) {
-            QueueError::QueueNotFound(_) => QueueError::QueueNotFound(name.to_string()),
-            other => other,
-        })?;
+        .map_err(|e| sdk_error("GetQueueUrl", name, e))?;
     out.queue_url.ok_or_else(|| QueueError::MalformedResponse("QueueUrl".into()))
 }
 
@@ -473,7 +497,7 @@ async fn queue_attribute(client: &Client, url: &str, name: QueueAttributeName) -
         .attribute_names(name.clone())
         .send()
         .await
-        .map_err(|e| sdk_error("GetQueueAttributes", e))?;
+        .map_err(|e| sdk_error("GetQueueAttributes", url, e))?;
     Ok(out.attributes.unwrap_or_default().remove(&name))
 }
 
@@ -492,7 +516,7 @@ async fn get_or_create(
                 .set_attributes(Some(attributes))
                 .send()
                 .await
-                .map_err(|e| sdk_error("SetQueueAttributes", e))?;
+                .map_err(|e| sdk_error("SetQueueAttributes", &url, e))?;
             Ok(url)
         }
         // Two processes creating the same queue with the same attributes both succeed.
@@ -502,7 +526,7 @@ async fn get_or_create(
             .set_attributes(Some(attributes))
             .send()
             .await
-            .map_err(|e| sdk_error("CreateQueue", e))?
+            .map_err(|e| sdk_error("CreateQueue", name, e))?
             .queue_url
             .ok_or_else(|| QueueError::MalformedResponse("QueueUrl".into())),
         Err(e) => Err(e),
@@ -510,12 +534,16 @@ async fn get_or_create(
 }
 
 /// The error of one failed entry of a batch request.
-fn entry_error(op: &'static str, failed: &BatchResultErrorEntry) -> QueueError {
+fn entry_error(op: &'static str, queue: &str, failed: &BatchResultErrorEntry) -> QueueError {
     let status = if failed.sender_fault() { 400 } else { 500 };
     let code = failed.code();
-    let kind = ember_model_loader::aws::kind_of(code, Some(status));
-    let short = code.rsplit('.').next().unwrap_or(code);
-    from_code(op, short, code, failed.message().unwrap_or_default().to_string(), status, kind)
+    let failure = Failure {
+        kind: ember_model_loader::aws::kind_of(code, Some(status)),
+        code: code.to_string(),
+        message: failed.message().unwrap_or_default().to_string(),
+        status: Some(status),
+    };
+    from_code(AwsError { op, resource: format!("SQS queue `{}`", queue_name(queue)), failure }, queue)
 }
 
 /// SQS takes whole seconds; round up so that a delay or timeout is never shorter than asked.
@@ -524,44 +552,27 @@ fn ceil_secs(d: Duration) -> i32 {
     i32::try_from(secs).unwrap_or(i32::MAX)
 }
 
-fn sdk_error<E>(op: &'static str, err: SdkError<E>) -> QueueError
+fn sdk_error<E>(op: &'static str, queue: &str, err: SdkError<E>) -> QueueError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    use ember_model_loader::aws::FailureKind;
-    let f = ember_model_loader::aws::classify(&err);
-    match f.kind {
-        FailureKind::Transport if f.status.is_none() => QueueError::Transport { op, message: f.message },
-        FailureKind::Construction => QueueError::InvalidArgument(format!("{op}: {}", f.message)),
-        kind => {
-            let short = f.short_code().to_string();
-            from_code(op, &short, &f.code, f.message, f.status.unwrap_or(0), kind)
-        }
-    }
+    from_code(AwsError::new(op, format!("SQS queue `{}`", queue_name(queue)), &err), queue)
+}
+
+/// A queue's name from its URL (`https://sqs.../123456789012/jobs` is `jobs`), or the name itself.
+fn queue_name(url_or_name: &str) -> &str {
+    url_or_name.rsplit('/').next().unwrap_or(url_or_name)
 }
 
 /// An SQS error by its code (query-protocol codes carry an `AWS.SimpleQueueService.`
-/// prefix, JSON-protocol ones do not: `short` is without it), on top of the shared
-/// classification `kind`.
-fn from_code(
-    op: &'static str,
-    short: &str,
-    code: &str,
-    message: String,
-    status: u16,
-    kind: ember_model_loader::aws::FailureKind,
-) -> QueueError {
-    use ember_model_loader::aws::FailureKind;
-    match short {
-        "NonExistentQueue" | "QueueDoesNotExist" => QueueError::QueueNotFound(message),
+/// prefix, JSON-protocol ones do not), on top of the shared classification.
+fn from_code(err: AwsError, queue: &str) -> QueueError {
+    let message = err.failure.message.clone();
+    match err.failure.short_code() {
+        "NonExistentQueue" | "QueueDoesNotExist" => QueueError::QueueNotFound(queue_name(queue).to_string()),
         "ReceiptHandleIsInvalid" | "MessageNotInflight" | "InvalidIdFormat" => QueueError::ReceiptInvalid(message),
         "InvalidParameterValue" if message.contains("ReceiptHandle") => QueueError::ReceiptInvalid(message),
         "InvalidMessageContents" | "MessageTooLong" | "BatchRequestTooLong" => QueueError::BodyInvalid(message),
-        _ => match kind {
-            FailureKind::Throttled => QueueError::Throttled { op, message },
-            FailureKind::Auth => QueueError::Auth(format!("{code}: {message}")),
-            FailureKind::Invalid => QueueError::InvalidArgument(format!("{op}: {code}: {message}")),
-            _ => QueueError::Service { op, code: code.to_string(), message, status },
-        },
+        _ => QueueError::Aws(err),
     }
 }

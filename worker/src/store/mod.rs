@@ -52,18 +52,13 @@ pub enum StoreError {
     InvalidKey { key: String, reason: &'static str },
     #[error("{op} {key}: {message}")]
     Io { op: &'static str, key: String, kind: std::io::ErrorKind, message: String },
-    #[error("bucket not found: {0}")]
+    #[error("S3 bucket `{0}` does not exist: check the bucket name in --results (EMBER_RESULTS), and that it exists in this account and region (AWS_REGION)")]
     BucketNotFound(String),
-    #[error("not allowed to use the bucket: {0}")]
-    Auth(String),
-    #[error("{op}: throttled: {message}")]
-    Throttled { op: &'static str, message: String },
-    #[error("{op}: could not reach the store: {message}")]
-    Transport { op: &'static str, message: String },
+    /// Any other failed S3 request, with what to check.
+    #[error(transparent)]
+    Aws(#[from] ember_model_loader::aws::AwsError),
     #[error("another write of {0} was still in progress; try again")]
     Conflict(String),
-    #[error("{op}: the store answered {status} {code}: {message}")]
-    Service { op: &'static str, code: String, message: String, status: u16 },
 }
 
 impl StoreError {
@@ -72,11 +67,16 @@ impl StoreError {
             Self::InvalidKey { .. } => "store_invalid_key",
             Self::Io { .. } => "store_io",
             Self::BucketNotFound(_) => "store_bucket_not_found",
-            Self::Auth(_) => "store_auth",
-            Self::Throttled { .. } => "store_throttled",
-            Self::Transport { .. } => "store_transport",
+            Self::Aws(e) => {
+                use ember_model_loader::aws::FailureKind as K;
+                match e.failure.kind {
+                    K::Auth => "store_auth",
+                    K::Throttled => "store_throttled",
+                    K::Transport => "store_transport",
+                    K::Invalid | K::Construction | K::Service => "store_service",
+                }
+            }
             Self::Conflict(_) => "store_conflict",
-            Self::Service { .. } => "store_service",
         }
     }
 
@@ -84,14 +84,14 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         use std::io::ErrorKind as K;
         match self {
-            Self::Throttled { .. } | Self::Transport { .. } | Self::Conflict(_) => true,
+            Self::Conflict(_) => true,
+            Self::Aws(e) => e.is_retryable(),
             // A full disk or an interrupted call may clear; a permission or path problem will not.
             Self::Io { kind, .. } => !matches!(
                 kind,
                 K::PermissionDenied | K::ReadOnlyFilesystem | K::InvalidInput | K::NotADirectory | K::Unsupported
             ),
-            Self::Service { status, .. } => *status >= 500,
-            Self::InvalidKey { .. } | Self::BucketNotFound(_) | Self::Auth(_) => false,
+            Self::InvalidKey { .. } | Self::BucketNotFound(_) => false,
         }
     }
 }

@@ -10,9 +10,10 @@
 
 use std::time::Duration;
 
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
+use ember_model_loader::aws::{causes, AwsError, Failure, FailureKind};
 
 use super::{validate_key, ObjectStore, PutOutcome, StoreError};
 
@@ -48,6 +49,30 @@ impl S3Store {
     pub fn bucket(&self) -> &str {
         &self.bucket
     }
+
+    /// Checks that the bucket exists and the credentials reach it, so that a typo or missing
+    /// credentials stop a worker at startup, not after the model loaded. A one-key listing
+    /// under the prefix rather than `HeadBucket`: a role allowed `s3:ListBucket` only under
+    /// its prefix (infra/ember.yaml's) may list there but not head the bucket.
+    pub async fn check(&self) -> Result<(), StoreError> {
+        let listed = self.client.list_objects_v2().bucket(&self.bucket).prefix(&self.prefix).max_keys(1).send().await;
+        match listed {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.sdk_error("ListObjectsV2", e)),
+        }
+    }
+
+    fn sdk_error<E>(&self, op: &'static str, err: SdkError<E>) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let err = AwsError::new(op, format!("S3 bucket `{}`", self.bucket), &err);
+        if err.failure.code == "NoSuchBucket" {
+            StoreError::BucketNotFound(self.bucket.clone())
+        } else {
+            StoreError::Aws(err)
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -79,7 +104,7 @@ impl ObjectStore for S3Store {
                 tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
                 continue;
             }
-            return Err(sdk_error("PutObject", err));
+            return Err(self.sdk_error("PutObject", err));
         }
         Err(StoreError::Conflict(full))
     }
@@ -92,11 +117,20 @@ impl ObjectStore for S3Store {
             Err(e) if e.code() == Some("NoSuchKey") || (e.code().is_none() && status(&e) == Some(404)) => {
                 return Ok(None)
             }
-            Err(e) => return Err(sdk_error("GetObject", e)),
+            Err(e) => return Err(self.sdk_error("GetObject", e)),
         };
-        let body = out.body.collect().await.map_err(|e| StoreError::Transport {
-            op: "GetObject",
-            message: format!("reading {key}: {}", DisplayErrorContext(&e)),
+        let body = out.body.collect().await.map_err(|e| {
+            let failure = Failure {
+                kind: FailureKind::Transport,
+                code: String::new(),
+                message: format!("reading the body: {}", causes(&e)),
+                status: None,
+            };
+            StoreError::Aws(AwsError {
+                op: "GetObject",
+                resource: format!("s3://{}/{}{key}", self.bucket, self.prefix),
+                failure,
+            })
         })?;
         Ok(Some(body.into_bytes().to_vec()))
     }
@@ -111,7 +145,7 @@ impl ObjectStore for S3Store {
             .send();
         let mut keys = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| sdk_error("ListObjectsV2", e))?;
+            let page = page.map_err(|e| self.sdk_error("ListObjectsV2", e))?;
             for object in page.contents.unwrap_or_default() {
                 if let Some(key) = object.key.as_deref().and_then(|k| k.strip_prefix(&self.prefix)) {
                     keys.push(key.to_string());
@@ -125,25 +159,4 @@ impl ObjectStore for S3Store {
 
 fn status<E>(err: &SdkError<E>) -> Option<u16> {
     err.raw_response().map(|r| r.status().as_u16())
-}
-
-fn sdk_error<E>(op: &'static str, err: SdkError<E>) -> StoreError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    use ember_model_loader::aws::FailureKind;
-    let f = ember_model_loader::aws::classify(&err);
-    let message = f.describe();
-    match f.kind {
-        _ if f.code == "NoSuchBucket" => StoreError::BucketNotFound(message),
-        FailureKind::Auth => StoreError::Auth(message),
-        FailureKind::Throttled => StoreError::Throttled { op, message },
-        FailureKind::Transport => StoreError::Transport { op, message },
-        FailureKind::Construction => {
-            StoreError::Service { op, code: "ConstructionFailure".into(), message, status: 400 }
-        }
-        FailureKind::Invalid | FailureKind::Service => {
-            StoreError::Service { op, code: f.code, message, status: f.status.unwrap_or(0) }
-        }
-    }
 }

@@ -35,9 +35,7 @@ pub struct JobMetrics<'a> {
 #[derive(Debug, Clone)]
 pub struct ColdStart<'a> {
     pub model: &'a str,
-    pub fetch_s: f64,
-    pub verify_s: f64,
-    pub build_s: f64,
+    pub timings: &'a ember_model_loader::loader::LoadTimings,
     /// Process start to ready to take jobs.
     pub ready_s: f64,
 }
@@ -70,20 +68,41 @@ pub fn job(m: &JobMetrics<'_>) {
     }
 }
 
+/// The cold-start breakdown, stage by stage with bytes and seconds: logged, and in Lambda also
+/// emitted as EMF metrics.
 pub fn cold_start(m: &ColdStart<'_>) {
+    let t = m.timings;
+    let f = &t.fetch;
+    let download_mb_s = f.downloaded_bytes as f64 / 1e6 / f.download_s.max(1e-9);
     tracing::info!(
         model = m.model,
-        fetch_s = m.fetch_s,
-        verify_s = m.verify_s,
-        build_s = m.build_s,
+        list_s = f.list_s,
+        small_files_s = f.small_s,
+        cache_s = f.cache_s,
+        cached_bytes = f.cached_bytes,
+        rehashed_bytes = f.rehashed_bytes,
+        downloaded_bytes = f.downloaded_bytes,
+        download_s = f.download_s,
+        download_mb_s,
+        verify_after_download_s = f.verify_tail_s,
+        fetch_s = t.fetch_s,
+        verify_s = t.verify_s,
+        build_s = t.build_s,
         ready_s = m.ready_s,
         "cold start"
     );
     if in_lambda() {
         let values = [
-            ("ColdStartFetch", "Seconds", json!(m.fetch_s)),
-            ("ColdStartVerify", "Seconds", json!(m.verify_s)),
-            ("ColdStartBuild", "Seconds", json!(m.build_s)),
+            ("ColdStartList", "Seconds", json!(f.list_s)),
+            ("ColdStartSmallFiles", "Seconds", json!(f.small_s)),
+            ("ColdStartCache", "Seconds", json!(f.cache_s)),
+            ("ColdStartCachedBytes", "Bytes", json!(f.cached_bytes)),
+            ("ColdStartDownload", "Seconds", json!(f.download_s)),
+            ("ColdStartDownloadedBytes", "Bytes", json!(f.downloaded_bytes)),
+            ("ColdStartVerifyTail", "Seconds", json!(f.verify_tail_s)),
+            ("ColdStartFetch", "Seconds", json!(t.fetch_s)),
+            ("ColdStartVerify", "Seconds", json!(t.verify_s)),
+            ("ColdStartBuild", "Seconds", json!(t.build_s)),
             ("ColdStartReady", "Seconds", json!(m.ready_s)),
         ];
         println!("{}", emf(m.model, &values, &[]));

@@ -1,0 +1,385 @@
+//! The download pipeline for weights files: parts fetched in parallel straight into the place
+//! the model reads them from, each verified as it lands, with the local tier in front.
+//!
+//! - **Into place, once.** Each weights file gets one landing area before its first byte
+//!   arrives: its file in the local tier (mapped, written through the mapping, renamed into
+//!   place when verified), or anonymous memory when there is no cache. Every part writes its
+//!   body into its own slice of that area as the bytes come off the connection: no assembly
+//!   buffer, no second copy.
+//! - **Verified as it lands.** With chunk digests in the manifest, each part is one chunk and
+//!   is hashed by a pool of threads (one per core) the moment it lands, so verification runs
+//!   beside the download instead of after it, and a bad chunk stops the download and is named.
+//!   A file without chunk digests is hashed whole by a thread of its own, in order, as its
+//!   parts become contiguous.
+//! - **Local tier first.** A file cached and verified before, and unchanged on disk since
+//!   ([`crate::tier`]), is mapped and not hashed; a cached file that changed is hashed again
+//!   and, if bad, dropped and downloaded.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::Instant;
+
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+
+use crate::error::{LoadError, Result};
+use crate::files::{FileBytes, ModelFiles};
+use crate::manifest::{FileDigest, Manifest, MANIFEST_FILE};
+use crate::s3::FetchOptions;
+use crate::tier::{Lookup, Tier};
+
+/// One weights object to fetch.
+pub struct Remote {
+    pub key: String,
+    pub name: String,
+    pub size: u64,
+    pub etag: String,
+}
+
+/// What [`fill`] needs: the objects and how to reach them.
+pub struct Fill {
+    pub client: aws_sdk_s3::Client,
+    pub bucket: String,
+    pub objects: Vec<Remote>,
+    pub opts: FetchOptions,
+    /// The runtime the download's futures run on (driven from [`fill`]'s blocking thread).
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// Where the bytes of a fetch came from and how long each stage took, for the cold-start
+/// breakdown.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FetchStats {
+    /// Listing the model's objects.
+    pub list_s: f64,
+    /// The small files (config, tokenizer, manifest).
+    pub small_s: f64,
+    /// Weights downloaded, and the wall time of the download (verification included: it runs
+    /// beside it).
+    pub downloaded_bytes: u64,
+    pub download_s: f64,
+    /// Verification left after the last byte landed.
+    pub verify_tail_s: f64,
+    /// Weights taken from the local tier without hashing, and with hashing (changed on disk).
+    pub cached_bytes: u64,
+    pub rehashed_bytes: u64,
+    pub cache_s: f64,
+}
+
+/// Fetches the weights into `files` (which holds the small files already), verifying every
+/// file against the manifest if there is one. Blocking: call from a blocking thread.
+pub fn fill(job: Fill, mut files: ModelFiles) -> Result<ModelFiles> {
+    let manifest = files.get(MANIFEST_FILE).map(Manifest::from_json).transpose()?;
+    if let Some(m) = &manifest {
+        for listed in m.files.keys() {
+            if files.get(listed).is_none() && !job.objects.iter().any(|o| &o.name == listed) {
+                return Err(LoadError::ManifestFileMissing(listed.clone()));
+            }
+        }
+        let unlisted = |n: &str| n == MANIFEST_FILE || n == crate::signing::SIGNATURE_FILE;
+        for (name, bytes) in files.files.iter().filter(|(n, _)| !unlisted(n)) {
+            m.check_bytes(name, bytes)?;
+        }
+    }
+    let digests: Vec<Option<FileDigest>> = job
+        .objects
+        .iter()
+        .map(|o| manifest.as_ref().map(|m| m.entry(&o.name).cloned()).transpose())
+        .collect::<Result<_>>()?;
+
+    let t_cache = Instant::now();
+    let tier = job.opts.cache_dir.clone().map(|dir| Tier { dir, max_bytes: job.opts.cache_max_bytes });
+    let mut entry = tier.as_ref().map(|t| t.open(&files.origin)).transpose()?;
+    let mut stats = FetchStats::default();
+    let mut to_fetch = Vec::new();
+    for (obj, digest) in job.objects.iter().zip(&digests) {
+        let found =
+            entry.as_ref().map_or(Lookup::Missing, |e| e.lookup(&obj.name, &obj.etag, obj.size, digest.as_ref()));
+        match found {
+            Lookup::Verified(path) => {
+                files.files.push((obj.name.clone(), FileBytes::map(&path)?));
+                stats.cached_bytes += obj.size;
+            }
+            Lookup::Changed(path) => {
+                let bytes = FileBytes::map(&path)?;
+                let checked = manifest.as_ref().map_or(Ok(()), |m| m.check_bytes(&obj.name, &bytes));
+                stats.rehashed_bytes += obj.size;
+                match (checked, entry.as_mut()) {
+                    (Ok(()), Some(e)) => {
+                        e.commit(&obj.name, &path, &obj.etag, Option::clone(digest))?;
+                        files.files.push((obj.name.clone(), bytes));
+                    }
+                    (Err(err), Some(e)) => {
+                        tracing::warn!(file = obj.name, error = %err, "cache: a cached file changed on disk after it was verified; dropping it and downloading it again");
+                        drop(bytes);
+                        e.drop_file(&obj.name);
+                        to_fetch.push((obj, digest));
+                    }
+                    (result, None) => result?,
+                }
+            }
+            Lookup::Missing => to_fetch.push((obj, digest)),
+        }
+    }
+    if let (Some(t), Some(e)) = (&tier, &entry) {
+        t.make_room(to_fetch.iter().map(|(o, _)| o.size).sum(), e);
+    }
+    stats.cache_s = t_cache.elapsed().as_secs_f64();
+
+    let mut landings = Vec::with_capacity(to_fetch.len());
+    for (obj, _) in &to_fetch {
+        landings.push(match &entry {
+            Some(e) => Landing::file(e.partial_path(&obj.name), obj.size)?,
+            None => Landing::memory(obj.size)?,
+        });
+    }
+    let t_download = Instant::now();
+    let plan: Vec<(&Remote, Option<&FileDigest>)> = to_fetch.iter().map(|(o, d)| (*o, d.as_ref())).collect();
+    let (download_s, tail_s) = match download(&job, &plan, &mut landings, manifest.as_ref()) {
+        Ok(times) => times,
+        Err(e) => {
+            for landing in landings {
+                landing.discard();
+            }
+            return Err(e);
+        }
+    };
+    stats.downloaded_bytes = to_fetch.iter().map(|(o, _)| o.size).sum();
+    stats.download_s = download_s.max(t_download.elapsed().as_secs_f64() - tail_s);
+    stats.verify_tail_s = tail_s;
+
+    for ((obj, digest), landing) in to_fetch.iter().zip(landings) {
+        let bytes = match (landing, entry.as_mut()) {
+            (Landing::File { map, path }, Some(e)) => {
+                let map = map.make_read_only().map_err(|err| LoadError::io(&path, err))?;
+                e.commit(&obj.name, &path, &obj.etag, Option::clone(digest))?;
+                FileBytes::Mapped(map)
+            }
+            (landing, _) => landing.into_bytes()?,
+        };
+        files.files.push((obj.name.clone(), bytes));
+    }
+    files.files.sort_by(|a, b| a.0.cmp(&b.0));
+    files.verified = Some(manifest.is_some());
+    files.pin = entry.map(|e| e.pin()).transpose()?;
+    files.stats = stats;
+    Ok(files)
+}
+
+/// Where one file's bytes land.
+enum Landing {
+    /// A file in the local tier, mapped for writing.
+    File {
+        map: memmap2::MmapMut,
+        path: std::path::PathBuf,
+    },
+    /// Anonymous memory (no cache).
+    Memory(memmap2::MmapMut),
+    Empty,
+}
+
+impl Landing {
+    fn file(path: std::path::PathBuf, size: u64) -> Result<Self> {
+        if size == 0 {
+            std::fs::write(&path, b"").map_err(|e| LoadError::io(&path, e))?;
+            return Ok(Self::Empty);
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| LoadError::io(&path, e))?;
+        file.set_len(size).map_err(|e| LoadError::io(&path, e))?;
+        // SAFETY: the file was just created under a name of this process's own
+        // (`*.partial-<pid>`, inside the model's folder, which this process holds the exclusive
+        // lock of), so no other process maps or writes it while this mapping lives.
+        let map = unsafe { memmap2::MmapMut::map_mut(&file) }.map_err(|e| LoadError::io(&path, e))?;
+        Ok(Self::File { map, path })
+    }
+
+    fn memory(size: u64) -> Result<Self> {
+        if size == 0 {
+            return Ok(Self::Empty);
+        }
+        let map = memmap2::MmapMut::map_anon(size as usize).map_err(|e| LoadError::io("<anonymous memory>", e))?;
+        // Fewer page faults while the parts land; advice only, so a refusal changes nothing.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        Ok(Self::Memory(map))
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Self::File { map, .. } | Self::Memory(map) => map,
+            Self::Empty => &mut [],
+        }
+    }
+
+    fn into_bytes(self) -> Result<FileBytes> {
+        match self {
+            Self::File { map, path } => {
+                Ok(FileBytes::Mapped(map.make_read_only().map_err(|e| LoadError::io(&path, e))?))
+            }
+            Self::Memory(map) => {
+                Ok(FileBytes::Mapped(map.make_read_only().map_err(|e| LoadError::io("<anonymous memory>", e))?))
+            }
+            Self::Empty => Ok(FileBytes::Owned(Vec::new())),
+        }
+    }
+
+    /// Drops a landing whose download failed (deleting its partial file).
+    fn discard(self) {
+        if let Self::File { map, path } = self {
+            drop(map);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Work for the hashing threads.
+enum Hash<'a> {
+    /// Check chunk `index` of `name`.
+    Chunk { name: &'a str, index: usize, bytes: &'a [u8] },
+}
+
+/// Downloads every planned file into its landing, verifying on the way. Returns the seconds
+/// until the last byte landed and the verification that ran after it.
+fn download(
+    job: &Fill,
+    plan: &[(&Remote, Option<&FileDigest>)],
+    landings: &mut [Landing],
+    manifest: Option<&Manifest>,
+) -> Result<(f64, f64)> {
+    struct Part<'a> {
+        file: usize,
+        index: usize,
+        start: u64,
+        dest: &'a mut [u8],
+    }
+    let started = Instant::now();
+    let mut parts = Vec::new();
+    let mut chunked = Vec::with_capacity(plan.len());
+    for (file, ((obj, digest), landing)) in plan.iter().zip(landings.iter_mut()).enumerate() {
+        let chunk = digest.and_then(FileDigest::chunking);
+        chunked.push(chunk.is_some());
+        let size = chunk.unwrap_or(job.opts.part_size.max(1) as u64) as usize;
+        let dest = landing.bytes_mut();
+        if dest.len() as u64 != obj.size {
+            return Err(LoadError::BadConfig(format!("landing for `{}` has the wrong size", obj.name)));
+        }
+        for (index, dest) in dest.chunks_mut(size).enumerate() {
+            parts.push(Part { file, index, start: (index * size) as u64, dest });
+        }
+    }
+    let total: u64 = plan.iter().map(|(o, _)| o.size).sum();
+    let bar = crate::s3::progress_bar(job.opts.progress, total);
+    let failed = AtomicBool::new(false);
+    let errors: Mutex<Vec<LoadError>> = Mutex::new(Vec::new());
+    let mut landed_s = 0.0;
+    // The chunk pool's queue: one thread per core takes from it.
+    let (pool_tx, pool_rx) = mpsc::channel::<Hash<'_>>();
+    let pool_rx = Mutex::new(pool_rx);
+    std::thread::scope(|s| {
+        // One core is left to the download itself (its copies, TLS and HTTP parsing): one core
+        // of SHA-256 (about 2 GB/s with SHA-NI) keeps up with this machine's loopback download.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_sub(1).max(1);
+        for _ in 0..threads {
+            let (rx, failed, errors) = (&pool_rx, &failed, &errors);
+            s.spawn(move || loop {
+                let next = rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ()));
+                let Ok(Hash::Chunk { name, index, bytes }) = next else { return };
+                if let (Some(m), false) = (manifest, failed.load(Ordering::Relaxed)) {
+                    if let Err(e) = m.check_chunk(name, index, bytes) {
+                        failed.store(true, Ordering::Relaxed);
+                        if let Ok(mut errs) = errors.lock() {
+                            errs.push(e);
+                        }
+                    }
+                }
+            });
+        }
+        // A whole-file hasher per file that has a manifest entry but no chunk digests.
+        let mut whole: BTreeMap<usize, mpsc::Sender<&[u8]>> = BTreeMap::new();
+        for (file, (obj, digest)) in plan.iter().enumerate() {
+            let (Some(m), Some(_), false) = (manifest, digest, chunked[file]) else { continue };
+            let (tx, rx) = mpsc::channel::<&[u8]>();
+            let (failed, errors) = (&failed, &errors);
+            whole.insert(file, tx);
+            s.spawn(move || {
+                let mut hasher = Sha256::new();
+                let mut size = 0u64;
+                for bytes in rx {
+                    hasher.update(bytes);
+                    size += bytes.len() as u64;
+                }
+                if failed.load(Ordering::Relaxed) || size != obj.size {
+                    return; // the download failed: its error is the one to report
+                }
+                let actual =
+                    FileDigest { sha256: hex::encode(hasher.finalize()), size, chunk_size: None, chunks: Vec::new() };
+                if let Err(e) = m.check(&obj.name, &actual) {
+                    failed.store(true, Ordering::Relaxed);
+                    if let Ok(mut errs) = errors.lock() {
+                        errs.push(e);
+                    }
+                }
+            });
+        }
+        // The parts of whole-hashed files wait here until they are next in file order.
+        let mut waiting: BTreeMap<usize, (usize, BTreeMap<usize, &[u8]>)> = BTreeMap::new();
+        let client = &job.client;
+        let bucket = job.bucket.as_str();
+        let result = job.runtime.block_on(async {
+            let mut fetches = futures::stream::iter(parts.into_iter().map(|part| async move {
+                let key = &plan[part.file].0.key;
+                crate::s3::get_into(client, bucket, key, part.start, &mut *part.dest).await?;
+                let bytes: &[u8] = part.dest;
+                Ok::<_, LoadError>((part.file, part.index, bytes))
+            }))
+            .buffer_unordered(job.opts.concurrency.max(1));
+            while let Some(landed) = fetches.next().await {
+                if failed.load(Ordering::Relaxed) {
+                    return Ok(()); // a chunk failed its check: stop downloading
+                }
+                let (file, index, bytes) = landed?;
+                bar.inc(bytes.len() as u64);
+                if chunked[file] {
+                    let name = plan[file].0.name.as_str();
+                    let _ = pool_tx.send(Hash::Chunk { name, index, bytes });
+                } else if let Some(tx) = whole.get(&file) {
+                    let (next, held) = waiting.entry(file).or_default();
+                    held.insert(index, bytes);
+                    while let Some(b) = held.remove(next) {
+                        let _ = tx.send(b);
+                        *next += 1;
+                    }
+                }
+            }
+            Ok(())
+        });
+        landed_s = started.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        drop(pool_tx);
+        whole.clear();
+        if let Err(e) = result {
+            failed.store(true, Ordering::Relaxed);
+            if let Ok(mut errs) = errors.lock() {
+                errs.insert(0, e);
+            }
+        }
+    });
+    let tail_s = started.elapsed().as_secs_f64() - landed_s;
+    let mut errors = errors.into_inner().unwrap_or_default();
+    // A failed check names the first bad chunk in file order; a download error comes first.
+    errors.sort_by_key(|e| match e {
+        LoadError::ChunkMismatch { chunk, .. } => *chunk,
+        _ => 0,
+    });
+    match errors.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok((landed_s, tail_s)),
+    }
+}
