@@ -158,7 +158,7 @@ async fn worker_setup(
 /// One worker run in this process, with the telemetry `ember` sets up (tracing on when
 /// OTEL_EXPORTER_OTLP_ENDPOINT is set); prints the rate.
 async fn child(endpoint: &str) -> anyhow::Result<()> {
-    let tracing = ember_worker::telemetry::init(None)?;
+    let tracing = ember_worker::telemetry::init(None, "warn")?;
     let (n, concurrency) = (env_usize("EMBER_BENCH_JOBS", 300), env_usize("EMBER_BENCH_CONCURRENCY", 8));
     let (queue, handler) = worker_setup(&aws_config_for(endpoint).await, concurrency).await?;
     let batch = std::env::var("EMBER_BENCH_BATCH").unwrap_or_else(|_| "child".into());
