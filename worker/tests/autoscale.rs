@@ -195,20 +195,24 @@ fn a_burst_scales_the_local_pool_from_zero_to_max_and_back_without_killing_jobs(
     assert!(status.success(), "autoscaler exited with {status}");
 
     let results = results(&endpoint, bucket, "out/results/burst/")?;
-    assert_eq!(results.len(), JOBS);
+    let ids: std::collections::BTreeSet<&str> = results.iter().filter_map(|r| r["custom_id"].as_str()).collect();
+    assert_eq!((results.len(), ids.len()), (JOBS, JOBS), "one result per job");
     for r in &results {
         let content = &r["response"]["body"]["choices"][0]["message"]["content"];
         assert_eq!(r["response"]["status_code"], 200, "{r}");
         assert!(content.as_str().is_some_and(|c| !c.is_empty()), "{r}");
     }
     // Every worker exited by itself after its SIGTERM (its stats line is there), and no job
-    // was cut short: none released by a drain, none retried, each run exactly once.
+    // was cut short: none released by a drain, retried or poisoned. How many deliveries it took
+    // is not asserted: on a loaded machine SQS (moto here, AWS alike) may hand a message out
+    // again, and the create-only result write keeps that harmless; what a user checks is one
+    // result per job (above) and an empty queue (below).
     let stats = worker_stats(&logs)?;
     assert_eq!(stats.len() as u64, seen.iter().map(|d| d["start"].as_u64().unwrap_or(0)).sum::<u64>(), "{stats:?}");
     assert!(stats.len() as u64 >= MAX_WORKERS);
     let sum = |k: &str| stats.iter().map(|s| s[k].as_u64().unwrap_or(0)).sum::<u64>();
-    assert_eq!((sum("done"), sum("released"), sum("retried"), sum("poisoned")), (JOBS as u64, 0, 0, 0), "{stats:?}");
-    assert_eq!(sum("received"), JOBS as u64, "a job was delivered twice: {stats:?}");
+    assert_eq!((sum("released"), sum("retried"), sum("poisoned")), (0, 0, 0), "{stats:?}");
+    assert!(sum("done") >= JOBS as u64 && sum("received") >= sum("done"), "{stats:?}");
     let status: Value = serde_json::from_slice(&ember(&env).args(["status", "--json"]).output()?.stdout)?;
     assert_eq!(status, json!({"visible": 0, "in_flight": 0, "delayed": 0, "dlq": 0}));
     Ok(())
