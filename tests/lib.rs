@@ -158,6 +158,34 @@ impl PhoenixServer {
     }
 }
 
+impl PhoenixServer {
+    /// Waits until Phoenix has stopped working (its CPU time grows by under 2% over a second):
+    /// it ingests spans well after they were sent, so a benchmark run right after an exported
+    /// one would otherwise share the cores with that backlog. Gives up after `timeout`.
+    pub fn wait_idle(&self, timeout: Duration) -> anyhow::Result<()> {
+        let cpu_ticks = || -> anyhow::Result<u64> {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+            // The fields after the command (which is in parentheses and may hold spaces).
+            let fields: Vec<&str> =
+                stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+            let (utime, stime) = (fields.get(11), fields.get(12));
+            Ok(utime.zip(stime).and_then(|(u, s)| Some(u.parse::<u64>().ok()? + s.parse::<u64>().ok()?)).unwrap_or(0))
+        };
+        let start = Instant::now();
+        let mut last = cpu_ticks()?;
+        while start.elapsed() < timeout {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = cpu_ticks()?;
+            // Clock ticks are 1/100 s on Linux: 2 ticks in a second is 2%.
+            if now.saturating_sub(last) <= 2 {
+                return Ok(());
+            }
+            last = now;
+        }
+        bail!("phoenix was still busy after {timeout:?}")
+    }
+}
+
 impl Drop for PhoenixServer {
     fn drop(&mut self) {
         let _ = self.child.kill();

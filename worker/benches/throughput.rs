@@ -14,7 +14,9 @@
 //! OpenTelemetry off (no endpoint), on with every trace sampled out (`always_off`: the
 //! instrumentation alone), and exporting every span over OTLP to Arize Phoenix on 127.0.0.1 (a
 //! real backend, installed by scripts/install-test-deps.sh, sharing the machine's cores).
-//! Prints the rates and their ratios to tracing off (the target is 0.97x or more).
+//! Also to a receiver in this process that only reads and counts the OTLP requests: the
+//! worker's own cost, as with a collector on another machine. Prints the rates and their
+//! ratios to tracing off (the target is 0.97x or more).
 //!
 //! Settings (environment): EMBER_BENCH_JOBS (300), EMBER_BENCH_CONCURRENCY (8),
 //! EMBER_BENCH_RUNS (3, the median counts).
@@ -201,34 +203,79 @@ async fn bench() -> anyhow::Result<()> {
     println!("| ---: | ---: | ---: |");
     println!("| {r:.1} msg/s | {w:.1} jobs/s | {:.2} |", w / r);
 
-    // Tracing off, on but sampled out (the instrumentation alone), and every span exported:
-    // interleaved, each in a fresh process (the subscriber is global).
+    // Tracing off, on but sampled out (the instrumentation alone), every span exported to
+    // Phoenix on these same two cores, and every span exported to a receiver that only reads
+    // and counts what it is sent (the worker's own cost, as with a collector on another
+    // machine): interleaved, each in a fresh process (the subscriber is global).
     let phoenix = PhoenixServer::start()?;
     let otlp = phoenix.otlp_endpoint();
-    let variants: [&[(&str, &str)]; 3] = [
+    let sink = OtlpSink::start().await?;
+    let sink_url = sink.endpoint.clone();
+    let variants: [&[(&str, &str)]; 4] = [
         &[],
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp), ("OTEL_TRACES_SAMPLER", "always_off")],
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &sink_url)],
     ];
     let mut rates = vec![Vec::new(); variants.len()];
     for run in 0..runs {
         for (v, otel) in variants.iter().enumerate() {
+            // Phoenix ingests for a while after an exported run: let it finish first.
+            tokio::task::block_in_place(|| phoenix.wait_idle(Duration::from_secs(300)))?;
             let rate = tokio::task::block_in_place(|| child_rate(&moto.endpoint(), otel, &format!("t{v}-{run}")))?;
             rates[v].push(rate);
         }
         eprintln!(
-            "run {run}: off {:.1}/s, sampled out {:.1}/s, exported {:.1}/s",
-            rates[0][run], rates[1][run], rates[2][run]
+            "run {run}: off {:.1}/s, sampled out {:.1}/s, exported to Phoenix {:.1}/s, exported to the sink {:.1}/s",
+            rates[0][run], rates[1][run], rates[2][run], rates[3][run]
         );
     }
-    let [off, sampled_out, exported] = [0, 1, 2].map(|v| median(rates[v].clone()));
-    println!("\n## Tracing overhead: the same worker with OpenTelemetry off, on but sampled out, and exporting every span (OTLP HTTP to Arize Phoenix on the same 127.0.0.1 machine), {n} jobs, median of {runs}");
-    println!("| tracing off | sampled out (ratio) | every span exported (ratio) |");
-    println!("| ---: | ---: | ---: |");
+    let [off, sampled_out, phoenix_rate, sink_rate] = [0, 1, 2, 3].map(|v| median(rates[v].clone()));
+    let (requests, bytes) = (sink.requests.load(Ordering::Relaxed), sink.bytes.load(Ordering::Relaxed));
+    anyhow::ensure!(bytes > 0, "the OTLP sink received nothing: the exported runs sent no spans");
+    println!("\n## Tracing overhead: the same worker with OpenTelemetry off, on but sampled out, and exporting every span over OTLP HTTP (to Arize Phoenix on the same two cores; to a receiver that only reads the requests, the worker's own cost), {n} jobs, median of {runs}");
+    println!("| tracing off | sampled out (ratio) | exported to Phoenix, same cores (ratio) | exported, worker's own cost (ratio) |");
+    println!("| ---: | ---: | ---: | ---: |");
     println!(
-        "| {off:.1} jobs/s | {sampled_out:.1} jobs/s ({:.3}) | {exported:.1} jobs/s ({:.3}) |",
+        "| {off:.1} jobs/s | {sampled_out:.1} jobs/s ({:.3}) | {phoenix_rate:.1} jobs/s ({:.3}) | {sink_rate:.1} jobs/s ({:.3}) |",
         sampled_out / off,
-        exported / off
+        phoenix_rate / off,
+        sink_rate / off
     );
+    println!("(the receiver read {requests} OTLP requests, {:.1} MB, over {runs} runs)", bytes as f64 / 1e6);
     Ok(())
+}
+
+/// An OTLP/HTTP endpoint that reads each export request whole and answers 200, counting
+/// requests and bytes: a collector that costs the worker's machine next to nothing.
+struct OtlpSink {
+    endpoint: String,
+    requests: Arc<std::sync::atomic::AtomicU64>,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl OtlpSink {
+    async fn start() -> anyhow::Result<Self> {
+        use std::sync::atomic::AtomicU64;
+        let (requests, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let counters = (requests.clone(), bytes.clone());
+        let app = axum::Router::new()
+            .route(
+                "/v1/traces",
+                axum::routing::post(move |body: axum::body::Bytes| {
+                    let (requests, bytes) = counters.clone();
+                    async move {
+                        requests.fetch_add(1, Ordering::Relaxed);
+                        bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+                        // An empty ExportTraceServiceResponse is an empty protobuf message.
+                        ([(axum::http::header::CONTENT_TYPE, "application/x-protobuf")], Vec::<u8>::new())
+                    }
+                }),
+            )
+            .layer(axum::extract::DefaultBodyLimit::disable());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(Self { endpoint, requests, bytes })
+    }
 }
