@@ -2,7 +2,8 @@
 //! scripts/install-test-deps.sh installs): jobs submitted through SQS (moto) and run by two
 //! workers each appear as one trace, submit -> job -> its stages, with the right parents; a
 //! job whose `traceparent` is given continues that trace, and one whose `traceparent` is
-//! malformed still runs, in a new trace.
+//! malformed still runs, in a new trace. Each worker's start-up is a trace of its own, the
+//! load's stages under `init`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::{Command, Stdio};
@@ -36,12 +37,41 @@ fn attr<'a>(span: &'a Value, name: &str) -> Option<&'a str> {
     span["attributes"][name].as_str()
 }
 
-/// Waits (polling the backend, not a clock) until it holds at least `want` spans.
-fn spans_when_all_arrived(phoenix: &PhoenixServer, want: usize) -> anyhow::Result<Vec<Value>> {
+/// Splits off the workers' start-up traces (rooted at `init`), checking each: the root marks
+/// the cold start and names the model, and the load's stages hang under it with their
+/// seconds. Returns the other spans and how many start-up traces there were.
+fn without_init_traces(spans: Vec<Value>) -> anyhow::Result<(Vec<Value>, usize)> {
+    let init_traces: HashSet<String> = spans
+        .iter()
+        .filter(|s| s["name"] == "init")
+        .filter_map(|s| s["context"]["trace_id"].as_str().map(str::to_string))
+        .collect();
+    let (init, rest): (Vec<Value>, Vec<Value>) =
+        spans.into_iter().partition(|s| s["context"]["trace_id"].as_str().is_some_and(|t| init_traces.contains(t)));
+    for trace in &init_traces {
+        let spans: Vec<&Value> = init.iter().filter(|s| s["context"]["trace_id"] == trace.as_str()).collect();
+        let root = spans.iter().find(|s| s["name"] == "init").ok_or_else(|| anyhow::anyhow!("no init span"))?;
+        assert_eq!(root["parent_id"], Value::Null, "init is the root of its trace");
+        assert!(!root["attributes"]["faas.coldstart"].is_null(), "{root}");
+        assert!(attr(root, "gen_ai.request.model").is_some_and(|m| !m.is_empty()), "{root}");
+        let names: Vec<&str> = spans.iter().filter_map(|s| s["name"].as_str()).collect();
+        assert!(names.contains(&"build"), "the load's stages are under init: {names:?}");
+        for stage in spans.iter().filter(|s| s["name"] != "init") {
+            assert_eq!(stage["parent_id"], root["context"]["span_id"], "{stage}");
+            assert!(!stage["attributes"]["ember.seconds"].is_null(), "{stage}");
+        }
+    }
+    Ok((rest, init_traces.len()))
+}
+
+/// Waits (polling the backend, not a clock) until it holds at least `want` spans besides the
+/// start-up traces of `workers` workers, and answers those spans (see [`without_init_traces`]).
+fn spans_when_all_arrived(phoenix: &PhoenixServer, want: usize, workers: usize) -> anyhow::Result<Vec<Value>> {
     let start = Instant::now();
     loop {
-        let spans = phoenix.spans()?;
-        if spans.len() >= want || start.elapsed() > Duration::from_secs(120) {
+        let (spans, starts) = without_init_traces(phoenix.spans()?)?;
+        if (spans.len() >= want && starts >= workers) || start.elapsed() > Duration::from_secs(120) {
+            assert_eq!(starts, workers, "each worker's start-up is a trace");
             return Ok(spans);
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -99,7 +129,7 @@ fn jobs_through_sqs_on_two_workers_are_one_trace_each_with_the_right_parents() -
     // Per job: submit, job, queue wait, validation, the generation, batcher admission,
     // prefill, decode, result write, delete.
     let stages = 10;
-    let spans = spans_when_all_arrived(&phoenix, lines.len() * stages)?;
+    let spans = spans_when_all_arrived(&phoenix, lines.len() * stages, 2)?;
     let mut traces: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
     for s in &spans {
         traces.entry(s["context"]["trace_id"].as_str().unwrap_or_default().to_string()).or_default().push(s);
@@ -203,7 +233,7 @@ fn a_parallel_pipeline_on_two_workers_is_one_trace_of_its_hops() -> anyhow::Resu
     }
 
     // The start, and per hop message: the delivery, its queue wait, the hop, the delete.
-    let spans = spans_when_all_arrived(&phoenix, 1 + 6 * 4)?;
+    let spans = spans_when_all_arrived(&phoenix, 1 + 6 * 4, 2)?;
     let traces: HashSet<&str> = spans.iter().filter_map(|s| s["context"]["trace_id"].as_str()).collect();
     assert_eq!(traces.len(), 1, "one trace for the execution: {traces:?}");
     let by_id: BTreeMap<&str, &Value> =

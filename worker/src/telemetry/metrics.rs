@@ -68,9 +68,10 @@ pub fn job(m: &JobMetrics<'_>) {
     }
 }
 
-/// The cold-start breakdown, stage by stage with bytes and seconds: logged, and in Lambda also
-/// emitted as EMF metrics.
+/// The cold-start breakdown, stage by stage with bytes and seconds: logged, in Lambda also
+/// emitted as EMF metrics, and with tracing on an `init` trace ([`super::otel::cold_start`]).
 pub fn cold_start(m: &ColdStart<'_>) {
+    super::otel::cold_start(m, std::time::SystemTime::now());
     let t = m.timings;
     let f = &t.fetch;
     let download_mb_s = f.downloaded_bytes as f64 / 1e6 / f.download_s.max(1e-9);

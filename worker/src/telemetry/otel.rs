@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::SystemTime;
 
 use opentelemetry::propagation::TextMapPropagator;
@@ -181,6 +182,79 @@ pub fn queue_wait(parent: &tracing::Span, sent_at: SystemTime, received_at: Syst
         .with_start_time(sent_at.min(received_at))
         .start_with_context(&tracer, &parent.context());
     span.end_with_timestamp(received_at);
+}
+
+/// The init span of this process, once [`cold_start`] recorded it: the first Lambda
+/// invocation links to it.
+static INIT: OnceLock<opentelemetry::trace::SpanContext> = OnceLock::new();
+
+/// The start-up of this process as a trace of its own: an `init` span (`faas.coldstart`)
+/// from process start to `ready_at`, and under it the model load's stages with their seconds
+/// and bytes (the list, the small files, the local tier, the download with the verification
+/// beside it, the verification after its last byte, the checks after the fetch, the build).
+/// The loader measures durations, not instants, and runs the stages one after another: they
+/// are laid end to end, the build ending at `ready_at`, the fetch's parts from its start.
+pub fn cold_start(m: &super::metrics::ColdStart<'_>, ready_at: SystemTime) {
+    if !enabled() {
+        return;
+    }
+    use opentelemetry::KeyValue;
+    let secs = |s: f64| std::time::Duration::from_secs_f64(s.max(0.0));
+    let (t, f) = (m.timings, &m.timings.fetch);
+    let started = ready_at.checked_sub(secs(m.ready_s)).unwrap_or(ready_at);
+    let tracer = opentelemetry::global::tracer(SCOPE);
+    let mut init = tracer
+        .span_builder("init")
+        .with_kind(SpanKind::Internal)
+        .with_start_time(started)
+        .with_attributes([
+            KeyValue::new("faas.coldstart", true),
+            KeyValue::new("gen_ai.request.model", m.model.to_string()),
+            KeyValue::new("ember.ready_s", m.ready_s),
+        ])
+        .start(&tracer);
+    let parent = opentelemetry::Context::current().with_remote_span_context(init.span_context().clone());
+    let stage = |name: &'static str, start: SystemTime, seconds: f64, bytes: Option<u64>| -> SystemTime {
+        let end = start + secs(seconds);
+        if seconds > 0.0 {
+            let mut attributes = vec![KeyValue::new("ember.seconds", seconds)];
+            if let Some(bytes) = bytes {
+                attributes.push(KeyValue::new("ember.bytes", bytes as i64));
+            }
+            let mut span = tracer
+                .span_builder(name)
+                .with_start_time(start)
+                .with_attributes(attributes)
+                .start_with_context(&tracer, &parent);
+            span.end_with_timestamp(end);
+        }
+        end
+    };
+    let build_start = ready_at.checked_sub(secs(t.build_s)).unwrap_or(ready_at);
+    let verify_start = build_start.checked_sub(secs(t.verify_s)).unwrap_or(build_start);
+    let fetch_start = verify_start.checked_sub(secs(t.fetch_s)).unwrap_or(verify_start).max(started);
+    let mut at = fetch_start;
+    at = stage("list", at, f.list_s, None);
+    at = stage("small files", at, f.small_s, None);
+    at = stage("local tier", at, f.cache_s, Some(f.cached_bytes));
+    at = stage("download", at, f.download_s, Some(f.downloaded_bytes));
+    stage("verify tail", at, f.verify_tail_s, None);
+    stage("verify", verify_start, t.verify_s, None);
+    stage("build", build_start, t.build_s, None);
+    init.end_with_timestamp(ready_at);
+    let _ = INIT.set(init.span_context().clone());
+}
+
+/// Links `span` to this process's init span ([`cold_start`]): for the first invocation after
+/// a cold start. Returns whether there was one.
+pub fn link_init(span: &tracing::Span) -> bool {
+    match INIT.get() {
+        Some(init) if enabled() => {
+            span.add_link(init.clone());
+            true
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
