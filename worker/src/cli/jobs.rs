@@ -454,7 +454,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         })
     };
     let stats = Arc::new(ServeStats::default());
+    let (started, tokens_before) = (std::time::Instant::now(), crate::telemetry::metrics::tokens_generated());
     serve(worker.queue.clone(), worker.handler.clone(), &opts, &shutdown, stats.clone()).await?;
+    let (seconds, tokens) =
+        (started.elapsed().as_secs_f64(), crate::telemetry::metrics::tokens_generated() - tokens_before);
     watcher.abort();
     progress.finish_and_clear();
     tracing::info!(stats = %stats_json(&stats), "batch served");
@@ -480,12 +483,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         std::fs::write(&output, out).with_context(|| format!("writing {}", output.display()))?;
     }
     eprintln!(
-        "{ok} succeeded, {failed} failed{} ; output: {}",
+        "{ok} succeeded, {failed} failed{}; {tokens} tokens generated in {seconds:.1} s ({:.1} tokens/s); output: {}",
         if missing > 0 {
             format!(", {missing} not finished (run the file again with --batch-id {batch_id} to retry them)")
         } else {
             String::new()
         },
+        tokens as f64 / seconds.max(1e-9),
         output.display()
     );
     if missing > 0 {
