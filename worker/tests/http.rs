@@ -241,8 +241,15 @@ fn batch_status(dir: &std::path::Path, batch_id: &str) -> anyhow::Result<Value> 
 fn queued_jobs_and_http_requests_share_one_model_and_one_batcher() -> anyhow::Result<()> {
     // Six jobs on the embedded queue and four streaming HTTP requests, all for one
     // `ember serve --http` process (a queue worker and the server) with four batch slots.
-    let jobs: Vec<Value> =
-        (1..=6).map(|i| chat_line(&format!("job{i}"), &format!("Name a fruit that starts with the letter {}.", (b'a' + i) as char), 16)).collect();
+    let jobs: Vec<Value> = (1..=6)
+        .map(|i| {
+            chat_line(
+                &format!("job{i}"),
+                &format!("Name a fruit that starts with the letter {}.", (b'a' + i) as char),
+                16,
+            )
+        })
+        .collect();
     let prompts: Vec<String> = (1..=4).map(|i| format!("Write one sentence about the color number {i}.")).collect();
     let http_lines: Vec<Value> =
         prompts.iter().enumerate().map(|(i, p)| chat_line(&format!("http{i}"), p, 16)).collect();

@@ -354,7 +354,8 @@ fn cargo_lambda_streams_function_url_answers_equal_to_the_batch_paths() -> Resul
             assert_eq!(got["usage"], chat_batch["usage"], "{got}");
         }
     }
-    let got = url(json!({"op": "complete", "prompt": completion_prompt, "max_tokens": 16, "stream": true, "usage": true}))?;
+    let got =
+        url(json!({"op": "complete", "prompt": completion_prompt, "max_tokens": 16, "stream": true, "usage": true}))?;
     assert_eq!(got["text"], text_batch["choices"][0]["text"], "{got}");
     assert_eq!(got["usage"], text_batch["usage"], "{got}");
 

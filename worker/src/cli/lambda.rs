@@ -126,9 +126,8 @@ pub async fn run(args: LambdaArgs) -> anyhow::Result<()> {
     let http = HttpOptions { api_key: None, admit_within: Duration::from_millis(args.http_admit_ms) };
     let mode = if args.url_streaming { UrlMode::Streamed } else { UrlMode::Buffered };
     let urls = Arc::new(UrlRoutes::new(ready_routes(engine.clone(), batcher.clone(), http), mode));
-    let handler = Arc::new(
-        JobHandler::new(engine, store, DeadLetters::Redrive, args.max_receive_count).with_batcher(batcher),
-    );
+    let handler =
+        Arc::new(JobHandler::new(engine, store, DeadLetters::Redrive, args.max_receive_count).with_batcher(batcher));
     let handlers = Handlers { jobs: handler, tasks, urls };
     tracing::info!(model = %model, results = %args.store.results, url_answers = ?mode, "ready for SQS events");
     lambda_runtime::run(service_fn(move |event| invocation(handlers.clone(), event, opts)))
@@ -146,7 +145,11 @@ struct Handlers {
 
 /// One invocation: a function URL request, an SQS batch through [`run_batch`], or one
 /// pipeline task.
-async fn invocation(handlers: Handlers, event: LambdaEvent<Value>, opts: BatchOptions) -> Result<UrlAnswer, Diagnostic> {
+async fn invocation(
+    handlers: Handlers,
+    event: LambdaEvent<Value>,
+    opts: BatchOptions,
+) -> Result<UrlAnswer, Diagnostic> {
     let LambdaEvent { payload, context } = event;
     if is_url_request(&payload) {
         return handlers.urls.answer(payload).await.map_err(|e| {

@@ -151,9 +151,7 @@ pub fn streamed(response: Response) -> StreamResponse<BodyDataStream> {
     let mut headers = parts.headers;
     // Lambda frames a streamed body itself.
     headers.remove(header::CONTENT_LENGTH);
-    let mut prelude = MetadataPrelude::default();
-    prelude.status_code = parts.status;
-    prelude.headers = headers;
+    let prelude = MetadataPrelude { status_code: parts.status, headers, cookies: Vec::new() };
     StreamResponse { metadata_prelude: prelude, stream: body.into_data_stream() }
 }
 
