@@ -1,7 +1,8 @@
 //! The Lambda entry point's core: one SQS event in, the records it could not finish out, as
 //! the partial batch failures (`batchItemFailures`) of an event source mapping with
 //! `ReportBatchItemFailures`. `ember lambda` wraps [`run_batch`] in `lambda_runtime`; nothing
-//! here needs a Runtime API, so it runs and is tested without one.
+//! here needs a Runtime API, so it runs and is tested without one. Function URL requests, which
+//! the same function answers, are [`url`]'s.
 //!
 //! What becomes of each record:
 //! - the handler finished it ([`Outcome::Done`], [`Outcome::Poisoned`]): not reported, so the
@@ -31,6 +32,8 @@
 //! let response = report.into_response()?; // Err when a failure cannot be reported
 //! # let _ = response; Ok(()) }
 //! ```
+
+pub mod url;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

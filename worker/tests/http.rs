@@ -5,93 +5,18 @@
 //! Each test starts its own server on port 0 and learns the port from the server's first
 //! stdout line; it sends nothing before the server's "ready" line, so nothing waits on a clock.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+#[path = "support/http_server.rs"]
+mod http_server;
+
+use std::path::PathBuf;
+use std::process::Command;
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use ember_tests::smollm_gguf;
+use http_server::{model, Server};
 
 const FRANCE: &str = "What is the capital of France?";
-
-fn model() -> anyhow::Result<String> {
-    Ok(smollm_gguf()?.to_string_lossy().into_owned())
-}
-
-/// A running `ember serve --http 127.0.0.1:0 --http-only`, killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-    _stdout: BufReader<ChildStdout>,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let stderr = std::fs::File::create(dir.path().join("stderr.log"))?;
-        let model = model()?;
-        let mut args = vec!["serve", "--http", "127.0.0.1:0", "--http-only", "--model", &model];
-        args.extend_from_slice(extra);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
-            .args(&args)
-            .current_dir(dir.path())
-            .env("EMBER_LOG", "warn")
-            .env_remove("EMBER_API_KEY")
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()?;
-        let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
-        let (mut url, mut line) = (None, String::new());
-        loop {
-            line.clear();
-            if stdout.read_line(&mut line)? == 0 {
-                let _ = child.wait();
-                let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
-                bail!("ember serve exited before it was ready: {log}");
-            }
-            let event: Value = serde_json::from_str(&line).with_context(|| format!("stdout line {line:?}"))?;
-            match event["event"].as_str() {
-                Some("listening") => url = event["url"].as_str().map(str::to_string),
-                Some("ready") => break,
-                _ => {}
-            }
-        }
-        let url = url.context("no listening line before ready")?;
-        Ok(Self { child, url, _stdout: stdout, _dir: dir })
-    }
-
-    /// Runs the `openai` client script with one op; its JSON answer.
-    fn client(&self, spec: Value) -> anyhow::Result<Value> {
-        let mut spec = spec;
-        if spec.get("base_url").is_none() {
-            spec["base_url"] = json!(self.url);
-        }
-        client(&spec)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn client(spec: &Value) -> anyhow::Result<Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openai_client.py");
-    let out = Command::new("python3").arg(&script).arg(spec.to_string()).output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        bail!(
-            "the openai client failed ({}); is `openai` installed (scripts/install-test-deps.sh)? {stderr}",
-            out.status
-        );
-    }
-    serde_json::from_slice(&out.stdout).with_context(|| format!("client output; stderr: {stderr}"))
-}
 
 /// Runs batch lines through the queue path (`ember run`, one job at a time, so every answer
 /// is a single run) and answers the output lines by custom_id.
@@ -295,5 +220,99 @@ fn a_served_model_name_and_an_api_key() -> anyhow::Result<()> {
     let batch = batch_run(&[line], &["--served-model-name", "gpt-4o-mini"])?;
     assert_eq!(batch["named"]["response"]["body"]["model"], "gpt-4o-mini", "{:?}", batch["named"]);
     assert_eq!(batch_text(&batch["named"])?, answer["text"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+/// `ember batch status ID --json` of the batch submitted in `dir`.
+fn batch_status(dir: &std::path::Path, batch_id: &str) -> anyhow::Result<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["batch", "status", batch_id, "--json"])
+        .current_dir(dir)
+        .env("EMBER_LOG", "warn")
+        .env_remove("AWS_ENDPOINT_URL")
+        .output()?;
+    if !out.status.success() {
+        bail!("ember batch status failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[test]
+fn queued_jobs_and_http_requests_share_one_model_and_one_batcher() -> anyhow::Result<()> {
+    // Six jobs on the embedded queue and four streaming HTTP requests, all for one
+    // `ember serve --http` process (a queue worker and the server) with four batch slots.
+    let jobs: Vec<Value> = (1..=6)
+        .map(|i| {
+            chat_line(
+                &format!("job{i}"),
+                &format!("Name a fruit that starts with the letter {}.", (b'a' + i) as char),
+                16,
+            )
+        })
+        .collect();
+    let prompts: Vec<String> = (1..=4).map(|i| format!("Write one sentence about the color number {i}.")).collect();
+    let http_lines: Vec<Value> =
+        prompts.iter().enumerate().map(|(i, p)| chat_line(&format!("http{i}"), p, 16)).collect();
+    let single = batch_run(&[jobs.clone(), http_lines].concat(), &[])?;
+
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("jobs.jsonl"), jobs.iter().map(|l| format!("{l}\n")).collect::<String>())?;
+    let submit = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["submit", "jobs.jsonl", "--batch-id", "mixed"])
+        .current_dir(dir.path())
+        .env("EMBER_LOG", "warn")
+        .env_remove("AWS_ENDPOINT_URL")
+        .output()?;
+    ensure_ok(&submit, "ember submit")?;
+    let model = model()?;
+    let server = Server::start_in(dir, &["--model", &model, "--concurrency", "4", "--wait-seconds", "1"])?;
+
+    let got = server.client(json!({"op": "concurrent", "prompts": prompts, "max_tokens": 16}))?;
+    let got = got.as_array().context("a list of answers")?;
+    assert_eq!(got.len(), prompts.len());
+    for (i, answer) in got.iter().enumerate() {
+        let line = &single[&format!("http{i}")];
+        assert_eq!(answer["text"].as_str(), Some(batch_text(line)?.as_str()), "request {i}: {answer}");
+        assert_eq!(answer["usage"], line["response"]["body"]["usage"], "request {i}: {answer}");
+    }
+
+    // The queue worker goes on until every job has its result; each poll is one `ember batch
+    // status`, and the bound only keeps a broken worker from hanging the test.
+    let start = std::time::Instant::now();
+    loop {
+        let status = batch_status(server.dir(), "mixed")?;
+        if status["status"] == "completed" {
+            assert_eq!(status["request_counts"], json!({"total": 6, "completed": 6, "failed": 0}), "{status}");
+            break;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(30 * 60) {
+            bail!("the batch did not complete: {status}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(["batch", "output", "mixed", "--output", "-"])
+        .current_dir(server.dir())
+        .env("EMBER_LOG", "warn")
+        .env_remove("AWS_ENDPOINT_URL")
+        .output()?;
+    ensure_ok(&output, "ember batch output")?;
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), jobs.len());
+    for line in &lines {
+        let id = line["custom_id"].as_str().context("a custom_id")?;
+        assert_eq!(batch_text(line)?, batch_text(&single[id])?, "job {id}: {line}");
+    }
+    // One batcher ran all ten: the server's health counts the queued jobs too.
+    let health = server.client(json!({"op": "health"}))?;
+    assert_eq!(health["body"]["batch"]["finished"], 10, "{health}");
+    Ok(())
+}
+
+fn ensure_ok(out: &std::process::Output, what: &str) -> anyhow::Result<()> {
+    if !out.status.success() {
+        bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
     Ok(())
 }

@@ -6,10 +6,17 @@
 //!   bucket, and a second invocation reuses the loaded model;
 //! - the batch function itself with the real job handler and model: the deadline cancels a
 //!   running generation and leaves the rest of the batch unstarted, all of it reported; a
-//!   record that cannot be reported fails the invocation.
+//!   record that cannot be reported fails the invocation;
+//! - function URL requests under cargo-lambda's function URL endpoint (`/lambda-url/ember/...`),
+//!   which passes a streamed response on as it comes: with `EMBER_URL_STREAMING`, the official
+//!   `openai` client reads streamed and whole answers equal to the SQS path's in the same
+//!   function, and bad requests get the statuses and bodies `ember serve --http` gives them.
 //!
 //! cargo-lambda comes from `pip install cargo-lambda==1.9.2` (scripts/install-test-deps.sh);
 //! it is found through `CARGO_LAMBDA`, on PATH, or in Python's scripts directory.
+
+#[path = "support/http_server.rs"]
+mod http_server;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -43,6 +50,7 @@ const FIXTURE: [(&str, &str, Option<&str>); 6] = [
 /// `SentTimestamp` of every fixture record, in milliseconds: 2026-01-01T00:00:00Z.
 const FIXTURE_SENT_MS: u64 = 1_767_225_600_000;
 const PARIS: &str = "The capital of France is Paris.";
+const FRANCE: &str = "What is the capital of France?";
 
 fn fixture_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sqs-event.json")
@@ -202,7 +210,10 @@ async fn cargo_lambda_runs_a_batch_and_reports_the_bad_records() -> Result<()> {
     let model = smollm_hf("f32")?;
 
     let logs = tempfile::tempdir()?;
-    let watch = Watch::start(&moto.endpoint(), &model, "s3://ember-results/lambda-test", logs.path())?;
+    let mut envs = aws_env(&moto.endpoint());
+    envs.push(("EMBER_MODEL", model.to_string_lossy().into_owned()));
+    envs.push(("EMBER_RESULTS", "s3://ember-results/lambda-test".into()));
+    let watch = Watch::start(&envs, logs.path())?;
     let response = watch.invoke(&fixture_path(), Duration::from_secs(40 * 60))?;
     let failed: Vec<&str> = response["batchItemFailures"]
         .as_array()
@@ -285,6 +296,101 @@ async fn cargo_lambda_runs_a_batch_and_reports_the_bad_records() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn cargo_lambda_streams_function_url_answers_equal_to_the_batch_paths() -> Result<()> {
+    let model = http_server::model()?;
+    let dir = tempfile::tempdir()?;
+    let results = dir.path().join("results");
+    let envs = [
+        ("EMBER_MODEL", model),
+        ("EMBER_RESULTS", results.to_string_lossy().into_owned()),
+        ("EMBER_URL_STREAMING", "true".to_string()),
+        ("EMBER_CONCURRENCY", "4".to_string()),
+    ];
+    let watch = Watch::start(&envs, dir.path())?;
+
+    // The batch path first, in the same function: an SQS event with a chat and a completion job.
+    let completion_prompt = "The three primary colors are";
+    let jobs = dir.path().join("jobs.json");
+    let text_job = json!({"custom_id": "text", "method": "POST", "url": "/v1/completions",
+        "body": {"model": "default", "prompt": completion_prompt, "max_tokens": 16}});
+    std::fs::write(
+        &jobs,
+        json!({"Records": [
+            {"messageId": "m-chat", "body": chat_job("chat", FRANCE, 24)},
+            {"messageId": "m-text", "body": text_job.to_string()},
+        ]})
+        .to_string(),
+    )?;
+    let response = watch.invoke_function("ember", &jobs, Duration::from_secs(40 * 60))?;
+    assert_eq!(response["batchItemFailures"], json!([]), "{response}\n{}", watch.log_tail());
+    let store = LocalStore::new(&results);
+    let batch_body = |id: &str| -> Result<Value> {
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        let bytes = rt.block_on(store.get(&format!("results/default/{id}.json")))?.context("no result")?;
+        let line: ResultLine = serde_json::from_slice(&bytes)?;
+        line.response.map(|r| r.body).context("no response in the result")
+    };
+    let (chat_batch, text_batch) = (batch_body("chat")?, batch_body("text")?);
+    let chat_text = chat_batch["choices"][0]["message"]["content"].as_str().context("chat text")?;
+    assert!(!chat_text.is_empty(), "{chat_batch}");
+
+    // Then the function URL, through cargo-lambda's function URL endpoint, with the official
+    // OpenAI client (it reads the server-sent events as they come).
+    let base = format!("http://127.0.0.1:{}/lambda-url/ember", watch.port);
+    let url = |mut spec: Value| -> Result<Value> {
+        spec["base_url"] = json!(base);
+        http_server::client(&spec).with_context(|| watch.log_tail())
+    };
+    for (stream, usage) in [(false, false), (true, false), (true, true)] {
+        let got = url(json!({"op": "chat", "prompt": FRANCE, "max_tokens": 24, "stream": stream, "usage": usage}))?;
+        assert_eq!(got["text"], chat_text, "stream {stream}: {got}");
+        assert_eq!(got["finish_reason"], chat_batch["choices"][0]["finish_reason"], "{got}");
+        if stream {
+            assert_eq!(got["objects"], json!(["chat.completion.chunk"]), "{got}");
+            assert!(got["pieces"].as_u64() > Some(1), "the answer came in one piece: {got}");
+        }
+        if usage || !stream {
+            assert_eq!(got["usage"], chat_batch["usage"], "{got}");
+        }
+    }
+    let got =
+        url(json!({"op": "complete", "prompt": completion_prompt, "max_tokens": 16, "stream": true, "usage": true}))?;
+    assert_eq!(got["text"], text_batch["choices"][0]["text"], "{got}");
+    assert_eq!(got["usage"], text_batch["usage"], "{got}");
+
+    // As raw events: the function answered in streaming mode (cargo-lambda passes the stream
+    // on, and says so in this header, only when the function streamed).
+    let sse = url(json!({"op": "sse", "prompt": FRANCE, "max_tokens": 24}))?;
+    assert_eq!(sse["status"], 200, "{sse}");
+    assert_eq!(sse["headers"]["content-type"], "text/event-stream", "{sse}");
+    assert_eq!(sse["headers"]["lambda-runtime-function-response-mode"], "streaming", "{sse}");
+    let events: Vec<&str> = sse["events"].as_array().context("events")?.iter().filter_map(Value::as_str).collect();
+    assert!(events.len() > 3, "{sse}");
+    assert_eq!(events.last(), Some(&"[DONE]"), "{sse}");
+
+    assert_eq!(url(json!({"op": "models"}))?, json!(["SmolLM2-135M-Instruct.Q4_1"]));
+    let health = url(json!({"op": "health"}))?;
+    assert_eq!((&health["status"], &health["body"]["status"]), (&json!(200), &json!("ok")), "{health}");
+
+    // Bad requests: the same statuses and bodies as `ember serve --http`, and the function
+    // keeps answering.
+    let errors = json!({"op": "errors", "over_context_words": 9000, "prompt": "Say hello.", "max_tokens": 8});
+    let from_lambda = url(errors.clone())?;
+    let server = http_server::Server::start(&[])?;
+    let from_server = server.client(errors)?;
+    for case in ["malformed_json", "unknown_field", "two_mb_body", "over_context"] {
+        assert!(from_lambda[case]["status"].as_u64().is_some_and(|s| (400..500).contains(&s)), "{from_lambda}");
+        assert_eq!(from_lambda[case]["status"], from_server[case]["status"], "{case}");
+        assert_eq!(from_lambda[case]["body"], from_server[case]["body"], "{case}");
+    }
+    assert_eq!(from_lambda["after"]["text"], from_server["after"]["text"]);
+
+    // One container, one model: loaded once for jobs and URL requests alike.
+    assert_eq!(watch.log().matches("cold start").count(), 1, "{}", watch.log_tail());
+    Ok(())
+}
+
 /// `cargo lambda watch` serving `ember lambda` from this package, stopped with everything it
 /// started when dropped.
 struct Watch {
@@ -298,7 +404,9 @@ struct Watch {
 }
 
 impl Watch {
-    fn start(aws_endpoint: &str, model: &Path, results: &str, log_dir: &Path) -> Result<Self> {
+    /// Serves `ember lambda` with `envs` (EMBER_MODEL, EMBER_RESULTS, ...) on top of the
+    /// test's environment.
+    fn start(envs: &[(&str, String)], log_dir: &Path) -> Result<Self> {
         let cargo_lambda = cargo_lambda()?;
         let port = free_port()?;
         let log = log_dir.join("watch.log");
@@ -312,9 +420,7 @@ impl Watch {
             .arg(port.to_string())
             .args(["--", "lambda"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .envs(aws_env(aws_endpoint))
-            .env("EMBER_MODEL", model)
-            .env("EMBER_RESULTS", results)
+            .envs(envs.iter().map(|(k, v)| (*k, v)))
             .env("EMBER_NO_PROGRESS", "true")
             .env("EMBER_LOG", "info")
             .env("EMBER_TEST_WATCH", &marker)
@@ -346,8 +452,15 @@ impl Watch {
     /// Sends the event in `data_file` and returns the function's answer. The first invocation
     /// builds and starts the function: cargo may wait for the build lock, so `timeout` is long.
     fn invoke(&self, data_file: &Path, timeout: Duration) -> Result<Value> {
+        self.invoke_function("_", data_file, timeout)
+    }
+
+    /// As [`Watch::invoke`], through the function named `function`: cargo-lambda runs one
+    /// instance per name, `_` (its default) apart from `ember` (the one the function URL
+    /// endpoint `/lambda-url/ember/...` reaches).
+    fn invoke_function(&self, function: &str, data_file: &Path, timeout: Duration) -> Result<Value> {
         let mut invoke = Command::new(&self.cargo_lambda)
-            .args(["lambda", "invoke", "--invoke-address", "127.0.0.1", "--invoke-port"])
+            .args(["lambda", "invoke", function, "--invoke-address", "127.0.0.1", "--invoke-port"])
             .arg(self.port.to_string())
             .arg("--data-file")
             .arg(data_file)

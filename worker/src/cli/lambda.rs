@@ -8,6 +8,14 @@
 //! task fails the invocation with the task's error name as `errorType`, so the state's `Retry`
 //! and `Catch` match it as they would in Ember.
 //!
+//! And it answers Lambda function URL requests (`requestContext.http`) with the HTTP server's
+//! routes ([`crate::lambda::url`]): `POST /v1/chat/completions`, `POST /v1/completions`,
+//! `GET /v1/models`, `GET /health`, streamed with `--url-streaming` (the URL's `InvokeMode`
+//! `RESPONSE_STREAM`). One handler takes every event as JSON and dispatches on its shape;
+//! `lambda_runtime` lets each invocation answer either way, so SQS batches and tasks answer
+//! buffered JSON as before while URL requests stream. Jobs, tasks and URL requests share the
+//! one model and the one continuous batcher.
+//!
 //! Needs `AWS_LAMBDA_RUNTIME_API` (set by Lambda, or by a local emulator such as
 //! `cargo lambda watch`). The event source mapping must have `ReportBatchItemFailures`, and
 //! the queue a redrive policy whose `maxReceiveCount` is `--max-receive-count`.
@@ -16,13 +24,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use ember_engine::Batcher;
 use ember_orchestrator::pipeline::{TaskContext, TaskRunner};
-use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
+use lambda_runtime::{service_fn, Diagnostic, FunctionResponse, LambdaEvent};
 use serde_json::Value;
 
 use super::backends::StoreArgs;
 use super::common::{AwsArgs, ModelArgs};
-use super::serve::load_engine;
+use super::serve::{load_engine, BatchArgs};
+use crate::http::{ready_routes, HttpOptions};
+use crate::lambda::url::{is_url_request, UrlAnswer, UrlMode, UrlRoutes};
 use crate::lambda::{run_batch, usable_deadline, BatchOptions};
 use crate::pipeline::ModelRunner;
 use crate::runner::{DeadLetters, JobHandler};
@@ -50,6 +61,17 @@ pub struct LambdaArgs {
     /// Hosts `ember:tool:http_get` may reach in pipeline task events (comma-separated).
     #[arg(long, env = "EMBER_HTTP_ALLOW", value_delimiter = ',')]
     pub http_allow: Vec<String>,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    /// Answer function URL requests as streamed responses (the URL's InvokeMode
+    /// RESPONSE_STREAM), so that `"stream": true` answers arrive token by token; without it,
+    /// whole (InvokeMode BUFFERED). It must match the URL's InvokeMode.
+    #[arg(long, env = "EMBER_URL_STREAMING", value_parser = clap::builder::BoolishValueParser::new())]
+    pub url_streaming: bool,
+    /// Milliseconds a function URL request may wait for room in the batch before it is
+    /// answered 429 with Retry-After.
+    #[arg(long, env = "EMBER_HTTP_ADMIT_MS", default_value_t = 30_000)]
+    pub http_admit_ms: u64,
 }
 
 impl LambdaArgs {
@@ -97,26 +119,57 @@ pub async fn run(args: LambdaArgs) -> anyhow::Result<()> {
     let store = args.store.open(&args.aws).await?;
     let engine = Arc::new(load_engine(&args.model, &args.aws).await?);
     let model = engine.loaded.name.clone();
-    let tasks = Arc::new(ModelRunner::new(engine.clone(), None, crate::pipeline::tools(&args.http_allow)));
-    let handler = Arc::new(JobHandler::new(engine, store, DeadLetters::Redrive, args.max_receive_count));
-    tracing::info!(model = %model, results = %args.store.results, "ready for SQS events");
-    lambda_runtime::run(service_fn(move |event| invocation(handler.clone(), tasks.clone(), event, opts)))
+    let batch = args.batch.batcher_options(true).ok_or_else(|| anyhow::anyhow!("no batcher options"))?;
+    let batcher = Arc::new(Batcher::start(engine.clone(), batch)?);
+    let tasks =
+        Arc::new(ModelRunner::new(engine.clone(), Some(batcher.clone()), crate::pipeline::tools(&args.http_allow)));
+    let http = HttpOptions { api_key: None, admit_within: Duration::from_millis(args.http_admit_ms) };
+    let mode = if args.url_streaming { UrlMode::Streamed } else { UrlMode::Buffered };
+    let urls = Arc::new(UrlRoutes::new(ready_routes(engine.clone(), batcher.clone(), http), mode));
+    let handler =
+        Arc::new(JobHandler::new(engine, store, DeadLetters::Redrive, args.max_receive_count).with_batcher(batcher));
+    let handlers = Handlers { jobs: handler, tasks, urls };
+    tracing::info!(model = %model, results = %args.store.results, url_answers = ?mode, "ready for SQS events");
+    lambda_runtime::run(service_fn(move |event| invocation(handlers.clone(), event, opts)))
         .await
         .map_err(|e| anyhow::anyhow!("the Lambda runtime stopped: {e}"))
 }
 
-/// One invocation: an SQS batch through [`run_batch`], or one pipeline task.
-async fn invocation(
-    handler: Arc<JobHandler>,
+/// What answers each kind of event.
+#[derive(Clone)]
+struct Handlers {
+    jobs: Arc<JobHandler>,
     tasks: Arc<ModelRunner>,
+    urls: Arc<UrlRoutes>,
+}
+
+/// One invocation: a function URL request, an SQS batch through [`run_batch`], or one
+/// pipeline task.
+async fn invocation(
+    handlers: Handlers,
     event: LambdaEvent<Value>,
     opts: BatchOptions,
-) -> Result<Value, Diagnostic> {
+) -> Result<UrlAnswer, Diagnostic> {
     let LambdaEvent { payload, context } = event;
+    if is_url_request(&payload) {
+        return handlers.urls.answer(payload).await.map_err(|e| {
+            tracing::warn!(label = e.label(), error = %e, "function URL request not answered");
+            Diagnostic { error_type: e.label().into(), error_message: e.to_string() }
+        });
+    }
+    buffered_invocation(&handlers, payload, &context, opts).await.map(FunctionResponse::BufferedResponse)
+}
+
+async fn buffered_invocation(
+    handlers: &Handlers,
+    payload: Value,
+    context: &lambda_runtime::Context,
+    opts: BatchOptions,
+) -> Result<Value, Diagnostic> {
     if let Some(resource) = payload.get("task").and_then(Value::as_str) {
         let input = payload.get("input").cloned().unwrap_or(Value::Null);
         let ctx = TaskContext::new("step-functions", resource, &context.request_id, 0);
-        return tasks.run(resource, input, &ctx).await.map_err(|f| {
+        return handlers.tasks.run(resource, input, &ctx).await.map_err(|f| {
             tracing::warn!(task = resource, error = %f.error, cause = %f.cause, "task failed");
             Diagnostic { error_type: f.error, error_message: f.cause }
         });
@@ -124,7 +177,8 @@ async fn invocation(
     let sqs: SqsEvent = serde_json::from_value(payload).map_err(|e| Diagnostic {
         error_type: "Ember.UnknownEvent".into(),
         error_message: format!(
-            "the event is neither an SQS batch (Records) nor a pipeline task ({{\"task\", \"input\"}}): {e}"
+            "the event is neither an SQS batch (Records), a pipeline task ({{\"task\", \"input\"}}) nor a \
+             function URL request (requestContext.http): {e}"
         ),
     })?;
     let deadline = usable_deadline(context.deadline, SystemTime::now());
@@ -135,7 +189,7 @@ async fn invocation(
              running without a deadline"
         );
     }
-    let report = run_batch(handler.as_ref(), sqs, deadline, &opts).await;
+    let report = run_batch(handlers.jobs.as_ref(), sqs, deadline, &opts).await;
     let response: SqsBatchResponse = report.into_response().map_err(|e| {
         tracing::error!(label = e.label(), error = %e, "failing the invocation");
         Diagnostic { error_type: e.label().into(), error_message: e.to_string() }

@@ -14,9 +14,9 @@ use crate::store::ObjectStore;
 use crate::telemetry::{metrics, since_process_start};
 use ember_engine::{Batcher, BatcherOptions, Engine};
 
-/// How the poll loop runs.
+/// The continuous batcher's size, shared by `serve` and `lambda`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct LoopArgs {
+pub struct BatchArgs {
     /// Jobs running at once in this process. Above 1 they share decode steps (continuous
     /// batching), within the KV cache budget.
     #[arg(long, env = "EMBER_CONCURRENCY", default_value_t = 8)]
@@ -25,6 +25,21 @@ pub struct LoopArgs {
     /// A job waits for room before it starts.
     #[arg(long, env = "EMBER_KV_CACHE_MB")]
     pub kv_cache_mb: Option<u64>,
+}
+
+impl BatchArgs {
+    /// Batching when more than one job runs at once, or when `always`.
+    pub fn batcher_options(&self, always: bool) -> Option<BatcherOptions> {
+        (always || self.concurrency > 1)
+            .then(|| BatcherOptions::new(self.concurrency, self.kv_cache_mb.map(|mb| mb << 20)))
+    }
+}
+
+/// How the poll loop runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoopArgs {
+    #[command(flatten)]
+    pub batch: BatchArgs,
     /// Long-poll wait of each receive, in seconds (at most 20).
     #[arg(long, env = "EMBER_WAIT_SECONDS", default_value_t = 20)]
     pub wait_seconds: u64,
@@ -122,21 +137,19 @@ pub async fn load_engine(model: &ModelArgs, aws: &AwsArgs) -> anyhow::Result<Eng
 }
 
 impl LoopArgs {
-    /// Batching when more than one job runs at once, or when `always`.
     pub fn batcher_options(&self, always: bool) -> Option<BatcherOptions> {
-        (always || self.concurrency > 1)
-            .then(|| BatcherOptions::new(self.concurrency, self.kv_cache_mb.map(|mb| mb << 20)))
+        self.batch.batcher_options(always)
     }
 
     pub fn options(&self, queue: &QueueArgs, exit_when_idle: bool) -> anyhow::Result<ServeOptions> {
         if self.wait_seconds > 20 {
             anyhow::bail!("--wait-seconds is {}, but queues long-poll for at most 20 seconds", self.wait_seconds);
         }
-        if self.concurrency == 0 {
+        if self.batch.concurrency == 0 {
             anyhow::bail!("--concurrency must be at least 1");
         }
         Ok(ServeOptions {
-            concurrency: self.concurrency,
+            concurrency: self.batch.concurrency,
             wait: Duration::from_secs(self.wait_seconds),
             visibility: queue.visibility(),
             grace: Duration::from_secs(self.grace_seconds),

@@ -92,20 +92,32 @@ impl HttpServer {
 
     /// Serves until `shutdown`, then lets open requests finish.
     pub async fn serve(self, shutdown: Shutdown) -> std::io::Result<()> {
-        let state = self.state;
-        let api = Router::new()
-            .route("/v1/chat/completions", post(completions::chat))
-            .route("/v1/completions", post(completions::text))
-            .route("/v1/models", get(models))
-            .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
-        let app = Router::new()
-            .merge(api)
-            .route("/health", get(health))
-            .fallback(not_found)
-            .layer(DefaultBodyLimit::max(READ_LIMIT))
-            .with_state(state);
+        let app = routes(self.state);
         axum::serve(self.listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await
     }
+}
+
+/// The routes, ready at once, for a caller that hands them requests itself rather than
+/// through a listener: the Lambda entry point answers function URL requests with them
+/// ([`crate::lambda::url`]), so those get exactly the server's answers.
+pub fn ready_routes(engine: Arc<Engine>, batcher: Arc<Batcher>, opts: HttpOptions) -> Router {
+    let state = AppState { ready: Arc::new(OnceLock::new()), opts: Arc::new(opts) };
+    Readiness(state.ready.clone()).set(engine, batcher);
+    routes(state)
+}
+
+fn routes(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(completions::chat))
+        .route("/v1/completions", post(completions::text))
+        .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
+    Router::new()
+        .merge(api)
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(READ_LIMIT))
+        .with_state(state)
 }
 
 impl AppState {
