@@ -195,6 +195,7 @@ pub async fn run_batch<H: Handler + ?Sized>(
         }
         let msg = received_message(record, index);
         let span = crate::telemetry::otel::job_span(&msg);
+        crate::telemetry::otel::link_job(&span);
         let outcome = tracing::Instrument::instrument(handler.handle(&msg, &shutdown), span.clone()).await;
         crate::telemetry::otel::record_outcome(&span, &outcome);
         match outcome {

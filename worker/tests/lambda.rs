@@ -560,3 +560,75 @@ fn cargo_lambda() -> Result<PathBuf> {
          run scripts/install-test-deps.sh (pip install cargo-lambda==1.9.2)",
     )
 }
+
+/// Traces from `ember lambda` under cargo-lambda, read back from a real trace backend (Arize
+/// Phoenix on 127.0.0.1): the start-up is an `init` trace with the load's stages; each
+/// invocation is a span named by the function with the FaaS attributes (`faas.coldstart` on
+/// the first only) and its batch's size; each job continues the trace its message carried.
+#[test]
+fn cargo_lambda_traces_the_init_and_each_invocation() -> Result<()> {
+    const GIVEN_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+    let phoenix = ember_tests::PhoenixServer::start()?;
+    let dir = tempfile::tempdir()?;
+    let envs = [
+        ("EMBER_MODEL", smollm_hf("f32")?.to_string_lossy().into_owned()),
+        ("EMBER_RESULTS", dir.path().join("results").to_string_lossy().into_owned()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", phoenix.otlp_endpoint()),
+        ("OTEL_SERVICE_NAME", "ember-lambda".to_string()),
+    ];
+    let watch = Watch::start(&envs, dir.path())?;
+    for (n, traceparent) in [(1, format!("00-{GIVEN_TRACE}-b7ad6b7169203331-01")), (2, "not-a-context".into())] {
+        let event = dir.path().join(format!("event-{n}.json"));
+        let attributes = json!({"traceparent": {"stringValue": traceparent, "dataType": "String"}});
+        let record = json!({"messageId": format!("m-{n}"), "body": chat_job(&format!("traced-{n}"), FRANCE, 4),
+            "messageAttributes": attributes});
+        std::fs::write(&event, json!({ "Records": [record] }).to_string())?;
+        let response = watch.invoke(&event, Duration::from_secs(40 * 60))?;
+        assert_eq!(response["batchItemFailures"], json!([]), "{response}\n{}", watch.log_tail());
+    }
+
+    // Poll the backend (not a clock) until the init trace, both invocations and both jobs are in.
+    let start = Instant::now();
+    let spans = loop {
+        let spans = phoenix.spans()?;
+        let named = |name: &str| spans.iter().filter(|s| s["name"] == name).count();
+        let invocations = spans.iter().filter(|s| !s["attributes"]["faas.invocation_id"].is_null()).count();
+        if (named("init") == 1 && invocations == 2 && named("job") == 2) || start.elapsed() > Duration::from_secs(120) {
+            break spans;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let trace_of = |s: &Value| s["context"]["trace_id"].as_str().unwrap_or_default().to_string();
+    let id_of = |s: &Value| s["context"]["span_id"].as_str().unwrap_or_default().to_string();
+    let init: Vec<&Value> = spans.iter().filter(|s| s["name"] == "init").collect();
+    assert_eq!(init.len(), 1, "one start-up: {spans:#?}");
+    let init = init[0];
+    let stages: Vec<&str> = spans
+        .iter()
+        .filter(|s| s["parent_id"].as_str() == Some(&id_of(init)))
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert!(stages.contains(&"build"), "the load's stages under init: {stages:?}");
+
+    let mut invocations: Vec<&Value> =
+        spans.iter().filter(|s| !s["attributes"]["faas.invocation_id"].is_null()).collect();
+    invocations.sort_by_key(|s| s["start_time"].as_str().unwrap_or_default().to_string());
+    assert_eq!(invocations.len(), 2, "{spans:#?}");
+    let jobs: Vec<&Value> = spans.iter().filter(|s| s["name"] == "job").collect();
+    assert_eq!(jobs.len(), 2, "{spans:#?}");
+    let continued = jobs.iter().filter(|j| trace_of(j) == GIVEN_TRACE).count();
+    assert_eq!(continued, 1, "the job with a traceparent continues its trace; the malformed one starts a new one");
+    for (n, invocation) in invocations.iter().enumerate() {
+        let attrs = &invocation["attributes"];
+        assert_eq!(attrs["faas.trigger"], "pubsub", "{invocation}");
+        let coldstart =
+            attrs["faas.coldstart"].as_bool().or_else(|| attrs["faas.coldstart"].as_str().map(|s| s == "true"));
+        assert_eq!(coldstart, Some(n == 0), "faas.coldstart on the first invocation only: {invocation}");
+        assert_eq!(invocation["parent_id"], Value::Null, "{invocation}");
+        assert_eq!(invocation["name"], "_", "named by the function (cargo-lambda's default name): {invocation}");
+        assert_eq!(attrs["messaging.batch.message_count"].to_string().trim_matches('"'), "1", "{invocation}");
+        // The links to the init and the jobs' traces are sent too (OTLP span links), but
+        // Phoenix's REST API does not return links, so they are not checked here.
+    }
+    Ok(())
+}

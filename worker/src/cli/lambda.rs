@@ -37,6 +37,7 @@ use crate::lambda::url::{is_url_request, UrlAnswer, UrlMode, UrlRoutes};
 use crate::lambda::{run_batch, usable_deadline, BatchOptions};
 use crate::pipeline::ModelRunner;
 use crate::runner::{DeadLetters, JobHandler};
+use crate::telemetry::otel;
 
 #[derive(Debug, clap::Args)]
 pub struct LambdaArgs {
@@ -150,14 +151,31 @@ async fn invocation(
     event: LambdaEvent<Value>,
     opts: BatchOptions,
 ) -> Result<UrlAnswer, Diagnostic> {
+    use tracing::Instrument;
     let LambdaEvent { payload, context } = event;
-    if is_url_request(&payload) {
-        return handlers.urls.answer(payload).await.map_err(|e| {
-            tracing::warn!(label = e.label(), error = %e, "function URL request not answered");
-            Diagnostic { error_type: e.label().into(), error_message: e.to_string() }
-        });
+    let trigger = match () {
+        _ if is_url_request(&payload) => "http",
+        _ if payload.get("task").is_some() => "other",
+        _ => "pubsub",
+    };
+    let records = payload.get("Records").and_then(Value::as_array).map(Vec::len);
+    let span = otel::invocation_span(&context.request_id, &context.invoked_function_arn, trigger, records);
+    let answer = async {
+        if trigger == "http" {
+            return handlers.urls.answer(payload).await.map_err(|e| {
+                tracing::warn!(label = e.label(), error = %e, "function URL request not answered");
+                Diagnostic { error_type: e.label().into(), error_message: e.to_string() }
+            });
+        }
+        buffered_invocation(&handlers, payload, &context, opts).await.map(FunctionResponse::BufferedResponse)
     }
-    buffered_invocation(&handlers, payload, &context, opts).await.map(FunctionResponse::BufferedResponse)
+    .instrument(span.clone())
+    .await;
+    if let Err(e) = &answer {
+        span.record("otel.status_code", "error");
+        span.record("error.type", e.error_type.as_str());
+    }
+    answer
 }
 
 async fn buffered_invocation(

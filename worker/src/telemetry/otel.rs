@@ -257,6 +257,56 @@ pub fn link_init(span: &tracing::Span) -> bool {
     }
 }
 
+/// The span of one Lambda invocation, named by the function (OpenTelemetry's FaaS
+/// conventions): `faas.invocation_id`, `faas.trigger` (`pubsub` for an SQS batch, `http` for a
+/// function URL request, `other` for a pipeline task), `cloud.resource_id`, the batch's
+/// `messaging.batch.message_count` (`records`), and
+/// `faas.coldstart` on the first invocation of the process, which links to its init trace
+/// ([`cold_start`]). The jobs of an SQS batch each continue their own trace and are linked
+/// from it ([`link_job`]).
+pub fn invocation_span(
+    request_id: &str,
+    function_arn: &str,
+    trigger: &'static str,
+    records: Option<usize>,
+) -> tracing::Span {
+    static FIRST: AtomicBool = AtomicBool::new(true);
+    if !enabled() {
+        return tracing::Span::none();
+    }
+    let coldstart = FIRST.swap(false, Ordering::Relaxed);
+    let function = std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "ember".into());
+    let span = tracing::info_span!(
+        target: TARGET,
+        "invocation",
+        otel.name = %function,
+        otel.kind = "server",
+        faas.invocation_id = request_id,
+        faas.trigger = trigger,
+        faas.coldstart = coldstart,
+        cloud.resource_id = function_arn,
+        messaging.batch.message_count = records,
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    if coldstart {
+        link_init(&span);
+    }
+    span
+}
+
+/// Links the current span (an invocation) to the trace `job` continues.
+pub fn link_job(job: &tracing::Span) {
+    if !enabled() {
+        return;
+    }
+    let cx = job.context();
+    let target = cx.span().span_context().clone();
+    if target.is_valid() {
+        tracing::Span::current().add_link(target);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
