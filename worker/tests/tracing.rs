@@ -270,3 +270,63 @@ fn a_parallel_pipeline_on_two_workers_is_one_trace_of_its_hops() -> anyhow::Resu
     assert!(matches!(fan_senders[..], ["Left", "Prepare"] | ["Prepare", "Right"]), "Fan was sent by {fan_senders:?}");
     Ok(())
 }
+
+/// An HTTP request to `ember serve --http` with a `traceparent` header continues that trace:
+/// the request's server span, and under it the batcher's admission, prefill and decode (before,
+/// each of those was a trace of its own).
+#[test]
+fn an_http_request_continues_its_traceparent_with_the_batchers_spans_under_it() -> anyhow::Result<()> {
+    const TRACE: &str = "5b8efff798038103d269b633813fc60c";
+    let phoenix = PhoenixServer::start()?;
+    let port = ember_tests::free_port()?;
+    let env = [
+        ("EMBER_MODEL", smollm_gguf()?.to_string_lossy().into_owned()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", phoenix.otlp_endpoint()),
+    ];
+    let mut server = ember(&env, &["serve", "--http-only", "--http", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let result = (|| -> anyhow::Result<()> {
+        let start = Instant::now();
+        while !ember_tests::http_get(port, "/health").is_ok_and(|(status, _)| status == 200) {
+            anyhow::ensure!(server.try_wait()?.is_none(), "the server exited");
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(600), "the server never became ready");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let body = json!({"model": "default", "max_tokens": 4, "stream": true,
+            "messages": [{"role": "user", "content": "Say hi."}]});
+        let traceparent = format!("00-{TRACE}-a3ce929d0e0e4736-01");
+        let (status, answer) = ember_tests::http_request(
+            port,
+            "POST",
+            "/v1/chat/completions",
+            &[("traceparent", &traceparent)],
+            &body.to_string(),
+        )?;
+        assert_eq!(status, 200, "{answer}");
+        assert!(answer.contains("[DONE]"), "{answer}");
+
+        let start = Instant::now();
+        let spans = loop {
+            let spans: Vec<Value> =
+                phoenix.spans()?.into_iter().filter(|s| s["context"]["trace_id"] == TRACE).collect();
+            if spans.len() >= 4 || start.elapsed() > Duration::from_secs(120) {
+                break spans;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        let named = |name: &str| spans.iter().find(|s| s["name"] == name);
+        let request =
+            named("POST /v1/chat/completions").ok_or_else(|| anyhow::anyhow!("no request span: {spans:#?}"))?;
+        assert_eq!(request["parent_id"], "a3ce929d0e0e4736", "the request continues the caller's span");
+        for name in ["batcher admission", "prefill", "decode"] {
+            let span = named(name).ok_or_else(|| anyhow::anyhow!("no {name} span in the trace: {spans:#?}"))?;
+            assert_eq!(span["parent_id"], request["context"]["span_id"], "{name} is under the request");
+        }
+        Ok(())
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    result
+}

@@ -80,7 +80,12 @@ async fn complete(
         cancel,
     };
     let retry_after_s = state.opts.admit_within.as_secs_f64().ceil() as u64;
-    let ticket = match ready.batcher.submit(api.request, submit) {
+    // The batcher's spans (admission, prefill, decode) hang under the span current at submit:
+    // the request's, which continues the caller's `traceparent` and stays open until the
+    // batcher lets go of the request.
+    let span = request_span(chat, &headers);
+    let submitted = span.in_scope(|| ready.batcher.submit(api.request, submit));
+    let ticket = match submitted {
         Ok(t) => t,
         Err(e) => return engine_error(&e, retry_after_s),
     };
@@ -101,4 +106,24 @@ async fn complete(
             Err(_) => engine_error(&EngineError::Stopped, retry_after_s),
         },
     }
+}
+
+/// The server span of one request, continuing the W3C `traceparent` header if there is one
+/// (and tracing is on; otherwise a disabled span that costs nothing).
+fn request_span(chat: bool, headers: &HeaderMap) -> tracing::Span {
+    use crate::telemetry::otel;
+    let route = if chat { "/v1/chat/completions" } else { "/v1/completions" };
+    let span = tracing::info_span!(
+        target: otel::TARGET,
+        "request",
+        otel.name = format!("POST {route}"),
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = route,
+    );
+    if otel::enabled() {
+        let traceparent = headers.get(otel::TRACEPARENT).and_then(|v| v.to_str().ok());
+        otel::continue_from(&span, traceparent);
+    }
+    span
 }
