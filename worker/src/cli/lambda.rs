@@ -175,6 +175,10 @@ async fn invocation(
         span.record("otel.status_code", "error");
         span.record("error.type", e.error_type.as_str());
     }
+    // The invocation's span ends here; a streamed answer's generation goes on and is sent
+    // with the next flush.
+    drop(span);
+    otel::flush().await;
     answer
 }
 

@@ -29,6 +29,21 @@ pub const TRACEPARENT: &str = "traceparent";
 const SCOPE: &str = "ember";
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// The provider, for [`flush`].
+static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// Sends every span that has ended so far, and waits for the exporter. Lambda freezes the
+/// environment as soon as an invocation has answered, so the batch exporter's timer would not
+/// run until the next invocation (or ever, if the environment is reclaimed): call this at the
+/// end of each invocation.
+pub async fn flush() {
+    let Some(provider) = PROVIDER.get().filter(|_| enabled()).cloned() else { return };
+    // force_flush blocks until the exporter task, which runs on this runtime, has sent.
+    let flushed = tokio::task::spawn_blocking(move || provider.force_flush()).await;
+    if let Ok(Err(e)) = flushed {
+        tracing::warn!(error = %e, "OpenTelemetry: could not send the invocation's spans");
+    }
+}
 
 /// Whether traces are exported (an OTLP endpoint was configured).
 pub fn enabled() -> bool {
@@ -91,6 +106,7 @@ where
     let resource = opentelemetry_sdk::Resource::builder().build();
     let provider = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource).build();
     opentelemetry::global::set_tracer_provider(provider.clone());
+    let _ = PROVIDER.set(provider.clone());
     let layer = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer(SCOPE))
         .with_threads(false)
