@@ -169,6 +169,11 @@ pub async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
         ModelCommand::Keygen { key } => {
             let (secret, public, key_id) = generate_keypair()?;
             let public_path = PathBuf::from(format!("{}.pub", key.display()));
+            // Both must be new: check the public key's path before writing the secret key, so
+            // a refusal leaves nothing half made behind.
+            if public_path.exists() {
+                anyhow::bail!("`{}` exists already: move it away or choose another --key", public_path.display());
+            }
             write_new(&key, &secret, 0o600)?;
             write_new(&public_path, &public, 0o644)?;
             println!("key {key_id}: secret key {}, public key {}", key.display(), public_path.display());
