@@ -78,8 +78,12 @@ fn spans_when_all_arrived(phoenix: &PhoenixServer, want: usize, workers: usize) 
     }
 }
 
-#[test]
-fn jobs_through_sqs_on_two_workers_are_one_trace_each_with_the_right_parents() -> anyhow::Result<()> {
+/// Environment variables for `ember`.
+type Env = Vec<(&'static str, String)>;
+
+/// Phoenix, moto with the results bucket, and the environment of a traced worker on them
+/// (queues created on first use, the GGUF model, OTLP to Phoenix), with `queues` added.
+fn traced_workers(queues: &[(&'static str, &str)]) -> anyhow::Result<(PhoenixServer, MotoServer, Env)> {
     let phoenix = PhoenixServer::start()?;
     let moto = MotoServer::start()?;
     tokio::runtime::Runtime::new()?.block_on(async {
@@ -88,13 +92,19 @@ fn jobs_through_sqs_on_two_workers_are_one_trace_each_with_the_right_parents() -
         s3.create_bucket().bucket("ember-results").send().await
     })?;
     let mut env = aws_env(&moto.endpoint());
+    env.extend(queues.iter().map(|(k, v)| (*k, v.to_string())));
     env.extend([
-        ("EMBER_SQS_QUEUE", "traced".to_string()),
         ("EMBER_CREATE_QUEUES", "true".into()),
         ("EMBER_RESULTS", "s3://ember-results/out".into()),
         ("EMBER_MODEL", smollm_gguf()?.to_string_lossy().into_owned()),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", phoenix.otlp_endpoint()),
     ]);
+    Ok((phoenix, moto, env))
+}
+
+#[test]
+fn jobs_through_sqs_on_two_workers_are_one_trace_each_with_the_right_parents() -> anyhow::Result<()> {
+    let (phoenix, _moto, env) = traced_workers(&[("EMBER_SQS_QUEUE", "traced")])?;
 
     let dir = tempfile::tempdir()?;
     let given = format!("00-{GIVEN_TRACE}-{GIVEN_PARENT}-01");
@@ -197,22 +207,7 @@ const FAN: &str = r#"{"StartAt": "Prepare", "States": {
 
 #[test]
 fn a_parallel_pipeline_on_two_workers_is_one_trace_of_its_hops() -> anyhow::Result<()> {
-    let phoenix = PhoenixServer::start()?;
-    let moto = MotoServer::start()?;
-    tokio::runtime::Runtime::new()?.block_on(async {
-        let conf = aws_config_for(&moto.endpoint()).await;
-        let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&conf).force_path_style(true).build());
-        s3.create_bucket().bucket("ember-results").send().await
-    })?;
-    let mut env = aws_env(&moto.endpoint());
-    env.extend([
-        ("EMBER_SQS_QUEUE", "jobs".to_string()),
-        ("EMBER_PIPELINE_SQS_QUEUE", "hops".to_string()),
-        ("EMBER_CREATE_QUEUES", "true".into()),
-        ("EMBER_RESULTS", "s3://ember-results/out".into()),
-        ("EMBER_MODEL", smollm_gguf()?.to_string_lossy().into_owned()),
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", phoenix.otlp_endpoint()),
-    ]);
+    let (phoenix, _moto, env) = traced_workers(&[("EMBER_SQS_QUEUE", "jobs"), ("EMBER_PIPELINE_SQS_QUEUE", "hops")])?;
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("fan.asl.json");
     std::fs::write(&file, FAN)?;
