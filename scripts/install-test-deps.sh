@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Ember's tests need besides Rust (pinned): moto's server for SQS and S3,
-# the minisign tool, Arize Phoenix (an OpenTelemetry trace backend), cfn-lint for the
+# the minisign tool, Arize Phoenix (an OpenTelemetry trace backend), jsonata-js (the reference
+# JSONata, from npm), cfn-lint for the
 # templates in infra/, the official `openai` client (the HTTP API's tests talk to `ember serve
 # --http` through it), and cargo-lambda for the local Lambda Runtime API (its
 # PyPI wheel is a prebuilt binary; `cargo install` would take close to an hour).
@@ -42,6 +43,15 @@ if [ "$(version_of openai)" != "$want_openai" ]; then
   python3 -m pip install --quiet --disable-pip-version-check "openai==$want_openai"
 fi
 python3 -c 'import openai' || { echo "the openai package does not import after installing it" >&2; exit 1; }
+# The reference JSONata implementation (jsonata-js, the one Step Functions follows): the
+# pipeline tests check Ember's JSONata results against it. npm, into its own folder.
+want_jsonata=2.2.2
+jsonata_dir=${EMBER_JSONATA_JS:-$HOME/.cache/ember/jsonata-js}
+if [ "$(node -p "require('$jsonata_dir/node_modules/jsonata/package.json').version" 2>/dev/null || true)" != "$want_jsonata" ]; then
+  mkdir -p "$jsonata_dir"
+  (cd "$jsonata_dir" && npm install --silent --no-audit --no-fund "jsonata@$want_jsonata" >/dev/null)
+fi
+[ -f "$jsonata_dir/node_modules/jsonata/jsonata.js" ] || { echo "jsonata $want_jsonata is not in $jsonata_dir after installing it" >&2; exit 1; }
 if [ "$(version_of cargo-lambda)" != "$want_cargo_lambda" ]; then
   python3 -m pip install --quiet --disable-pip-version-check "cargo-lambda==$want_cargo_lambda"
 fi

@@ -91,7 +91,8 @@ pub fn export_for_step_functions(definition: &Value, function_arn: &str) -> Resu
         return Err(ExportError::BadFunctionArn(function_arn.to_string()));
     }
     let mut out = definition.clone();
-    rewrite_machine(&mut out, "$", function_arn)?;
+    let jsonata = definition.get("QueryLanguage").and_then(Value::as_str) == Some("JSONata");
+    rewrite_machine(&mut out, "$", function_arn, jsonata)?;
     Ok(out)
 }
 
@@ -110,7 +111,8 @@ fn malformed(at: &str, message: &str) -> ExportError {
 }
 
 /// A state machine (or a Parallel branch, or a Map's processor): `{"StartAt", "States"}`.
-fn rewrite_machine(machine: &mut Value, at: &str, arn: &str) -> Result<(), ExportError> {
+/// `jsonata`: the machine's query language is JSONata (states may also choose it).
+fn rewrite_machine(machine: &mut Value, at: &str, arn: &str, jsonata: bool) -> Result<(), ExportError> {
     let states = machine
         .get_mut("States")
         .and_then(Value::as_object_mut)
@@ -118,7 +120,12 @@ fn rewrite_machine(machine: &mut Value, at: &str, arn: &str) -> Result<(), Expor
     for (name, state) in states.iter_mut() {
         let here = format!("{at}.States.{name}");
         let obj = state.as_object_mut().ok_or_else(|| malformed(&here, "a state must be an object"))?;
+        let state_jsonata = match obj.get("QueryLanguage").and_then(Value::as_str) {
+            Some(q) => q == "JSONata",
+            None => jsonata,
+        };
         match obj.get("Type").and_then(Value::as_str) {
+            Some("Task") if state_jsonata => rewrite_jsonata_task(obj, &here, arn)?,
             Some("Task") => rewrite_task(obj, &here, arn)?,
             Some("Parallel") => {
                 let branches = obj
@@ -126,13 +133,13 @@ fn rewrite_machine(machine: &mut Value, at: &str, arn: &str) -> Result<(), Expor
                     .and_then(Value::as_array_mut)
                     .ok_or_else(|| malformed(&here, "a Parallel state needs \"Branches\""))?;
                 for (i, b) in branches.iter_mut().enumerate() {
-                    rewrite_machine(b, &format!("{here}.Branches[{i}]"), arn)?;
+                    rewrite_machine(b, &format!("{here}.Branches[{i}]"), arn, jsonata)?;
                 }
             }
             Some("Map") => {
                 let key = if obj.contains_key("ItemProcessor") { "ItemProcessor" } else { "Iterator" };
                 let inner = obj.get_mut(key).ok_or_else(|| malformed(&here, "a Map state needs \"ItemProcessor\""))?;
-                rewrite_machine(inner, &format!("{here}.{key}"), arn)?;
+                rewrite_machine(inner, &format!("{here}.{key}"), arn, jsonata)?;
             }
             Some(_) => {}
             None => return Err(malformed(&here, "a state needs a \"Type\"")),
@@ -141,16 +148,41 @@ fn rewrite_machine(machine: &mut Value, at: &str, arn: &str) -> Result<(), Expor
     Ok(())
 }
 
-fn rewrite_task(task: &mut Map<String, Value>, at: &str, arn: &str) -> Result<(), ExportError> {
+/// The task's Ember resource; `None` when it already names an AWS resource.
+fn ember_resource(task: &Map<String, Value>, at: &str) -> Result<Option<String>, ExportError> {
     let Some(resource) = task.get("Resource").and_then(Value::as_str).map(str::to_string) else {
         return Err(malformed(at, "a Task needs a \"Resource\""));
     };
     if !resource.starts_with("ember:") {
-        return Ok(()); // already an AWS resource
+        return Ok(None);
     }
     if resource != "ember:generate" && resource.strip_prefix("ember:tool:").is_none_or(str::is_empty) {
         return Err(ExportError::UnknownResource { at: at.to_string(), resource });
     }
+    Ok(Some(resource))
+}
+
+/// Retries Lambda's transient errors after the task's own rules.
+fn retry_transient(task: &mut Map<String, Value>, at: &str) -> Result<(), ExportError> {
+    let retry = task.entry("Retry").or_insert_with(|| json!([]));
+    let rules = retry.as_array_mut().ok_or_else(|| malformed(at, "\"Retry\" must be an array"))?;
+    rules.push(json!({"ErrorEquals": LAMBDA_TRANSIENT, "IntervalSeconds": 1, "MaxAttempts": 3, "BackoffRate": 2.0}));
+    Ok(())
+}
+
+/// A JSONata task stays JSONata: it calls the function ARN directly (the integration that
+/// returns the bare result, so `$states.result` and `Output` mean what they mean in Ember),
+/// with `Arguments` `{"task": ..., "input": <the task's Arguments, or $states.input>}`.
+fn rewrite_jsonata_task(task: &mut Map<String, Value>, at: &str, arn: &str) -> Result<(), ExportError> {
+    let Some(resource) = ember_resource(task, at)? else { return Ok(()) };
+    let input = task.remove("Arguments").unwrap_or_else(|| json!("{% $states.input %}"));
+    task.insert("Resource".into(), json!(arn));
+    task.insert("Arguments".into(), json!({"task": resource, "input": input}));
+    retry_transient(task, at)
+}
+
+fn rewrite_task(task: &mut Map<String, Value>, at: &str, arn: &str) -> Result<(), ExportError> {
+    let Some(resource) = ember_resource(task, at)? else { return Ok(()) };
     let mut payload = Map::new();
     payload.insert("task".into(), Value::String(resource));
     match task.remove("Parameters") {
@@ -174,10 +206,7 @@ fn rewrite_task(task: &mut Map<String, Value>, at: &str, arn: &str) -> Result<()
         task.insert("Resource".into(), json!(arn));
         task.insert("Parameters".into(), Value::Object(payload));
     }
-    let retry = task.entry("Retry").or_insert_with(|| json!([]));
-    let rules = retry.as_array_mut().ok_or_else(|| malformed(at, "\"Retry\" must be an array"))?;
-    rules.push(json!({"ErrorEquals": LAMBDA_TRANSIENT, "IntervalSeconds": 1, "MaxAttempts": 3, "BackoffRate": 2.0}));
-    Ok(())
+    retry_transient(task, at)
 }
 
 fn invoke(task: &mut Map<String, Value>, arn: &str, payload: Map<String, Value>) {
@@ -213,6 +242,25 @@ mod tests {
 
     fn export(def: Value) -> Value {
         export_for_step_functions(&def, ARN).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn jsonata_tasks_stay_jsonata_and_call_the_function_directly() {
+        let out = export(json!({"QueryLanguage": "JSONata", "StartAt": "G", "States": {
+            "G": {"Type": "Task", "Resource": "ember:generate",
+                  "Arguments": {"prompt": "{% $states.input.q %}"}, "Output": "{% $states.result.text %}", "Next": "T"},
+            "T": {"Type": "Task", "Resource": "ember:tool:json", "End": true}}}));
+        let g = &out["States"]["G"];
+        assert_eq!(g["Resource"], ARN);
+        assert_eq!(g["Arguments"], json!({"task": "ember:generate", "input": {"prompt": "{% $states.input.q %}"}}));
+        assert_eq!(g["Output"], "{% $states.result.text %}");
+        assert!(g.get("Parameters").is_none() && g.get("OutputPath").is_none());
+        assert_eq!(out["States"]["T"]["Arguments"], json!({"task": "ember:tool:json", "input": "{% $states.input %}"}));
+        assert_eq!(out["QueryLanguage"], "JSONata");
+        // A JSONata state in a JSONPath machine is exported as JSONata too.
+        let out = export(json!({"StartAt": "G", "States": {"G": {"Type": "Task", "QueryLanguage": "JSONata",
+            "Resource": "ember:generate", "End": true}}}));
+        assert_eq!(out["States"]["G"]["Resource"], ARN);
     }
 
     #[test]

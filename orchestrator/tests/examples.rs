@@ -46,8 +46,17 @@ fn read(name: &str) -> String {
     std::fs::read_to_string(examples().join(name)).unwrap()
 }
 
+/// The agent example and its JSONata twin (variables instead of a carried state object).
+const AGENTS: [&str; 2] = ["agent.asl.json", "agent.jsonata.asl.json"];
+
 #[tokio::test]
 async fn agent_calls_a_tool_then_answers() {
+    for file in AGENTS {
+        agent_calls_a_tool_then_answers_in(file).await;
+    }
+}
+
+async fn agent_calls_a_tool_then_answers_in(file: &str) {
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
     let generate = move |req: Value| -> Result<Value, TaskFailure> {
@@ -69,13 +78,19 @@ async fn agent_calls_a_tool_then_answers() {
     });
     let runner = WithGenerate { tools, generate };
     let input = json!({"question": "What is the capital of France?", "max_iterations": 5});
-    let run = run_to_completion(runner, &read("agent.asl.json"), input, DriverOptions::default()).await.unwrap();
-    assert_eq!(run.description.status, ExecutionStatus::Succeeded, "{:?}", run.description);
-    assert_eq!(run.description.output, Some(json!({"answer": "Paris", "iterations": 3})));
+    let run = run_to_completion(runner, &read(file), input, DriverOptions::default()).await.unwrap();
+    assert_eq!(run.description.status, ExecutionStatus::Succeeded, "{file}: {:?}", run.description);
+    assert_eq!(run.description.output, Some(json!({"answer": "Paris", "iterations": 3})), "{file}");
 }
 
 #[tokio::test]
 async fn agent_stops_at_its_iteration_limit() {
+    for file in AGENTS {
+        agent_stops_at_its_iteration_limit_in(file).await;
+    }
+}
+
+async fn agent_stops_at_its_iteration_limit_in(file: &str) {
     let runner = WithGenerate {
         tools: Tools::builtin().register("http_get", |_v: Value| async { Ok(json!({"status": 404, "body": ""})) }),
         generate: |_req: Value| -> Result<Value, TaskFailure> {
@@ -83,9 +98,9 @@ async fn agent_stops_at_its_iteration_limit() {
         },
     };
     let input = json!({"question": "?", "max_iterations": 3});
-    let run = run_to_completion(runner, &read("agent.asl.json"), input, DriverOptions::default()).await.unwrap();
-    assert_eq!(run.description.error.as_deref(), Some("Agent.IterationLimit"));
-    assert_eq!(run.description.cause.as_deref(), Some("no answer after 3 iterations"));
+    let run = run_to_completion(runner, &read(file), input, DriverOptions::default()).await.unwrap();
+    assert_eq!(run.description.error.as_deref(), Some("Agent.IterationLimit"), "{file}");
+    assert_eq!(run.description.cause.as_deref(), Some("no answer after 3 iterations"), "{file}");
 }
 
 #[tokio::test]

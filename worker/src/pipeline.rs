@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ember_orchestrator::asl::Resources;
+use ember_orchestrator::asl::{Resources, StatesError};
 use ember_orchestrator::pipeline::{
     process_hop, Env, ExecutionStore, HopMessage, HopSender, Options, SendError, StoreError, TaskContext, TaskFailure,
     TaskRunner, Tools,
@@ -358,6 +358,14 @@ impl HopHandler {
             return Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() };
         }
         tracing::warn!(message_id = %msg.id, %execution, error = %e, "hop refused");
+        // The execution cannot go on: end it as failed, so `describe` says why instead of
+        // showing it running forever.
+        if let Ok(hop) = serde_json::from_slice::<HopMessage>(&msg.body) {
+            let error = StatesError::runtime(format!("a hop of state '{}' could not be processed: {e}", hop.state));
+            if let Err(fail) = ember_orchestrator::pipeline::fail_execution(&self.env, &hop, error).await {
+                tracing::warn!(%execution, error = %fail, "could not record the execution's failure");
+            }
+        }
         let record = json!({"execution": execution, "error": e.label(), "cause": e.to_string()});
         self.park(msg, record.to_string().as_bytes(), e.label(), e.label()).await
     }

@@ -299,7 +299,8 @@ fn killed_pipeline_workers_finish_every_execution_exactly_once() -> anyhow::Resu
 }
 
 /// The shipped examples on the real small model: the agent loop answers in JSON and its answer
-/// is taken; the summarizer maps over documents with the model and joins the summaries.
+/// is taken (the JSONPath agent and its JSONata twin alike); the summarizer maps over documents
+/// with the model and joins the summaries.
 #[test]
 fn the_example_pipelines_run_on_the_small_model() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -314,6 +315,8 @@ fn the_example_pipelines_run_on_the_small_model() -> anyhow::Result<()> {
     let agent = examples.join("agent.asl.json");
     let input = json!({"question": "What is the capital of France?", "max_iterations": 3}).to_string();
     ok(ember(&env, &["pipeline", "start", &agent.to_string_lossy(), "--name", "agent", "--input", &input])?)?;
+    let twin = examples.join("agent.jsonata.asl.json");
+    ok(ember(&env, &["pipeline", "start", &twin.to_string_lossy(), "--name", "agent-jsonata", "--input", &input])?)?;
     let docs = json!({"documents": [
         {"title": "Paris", "text": "Paris is the capital and largest city of France, on the Seine."},
         {"title": "Rome", "text": "Rome is the capital city of Italy, founded, says the legend, in 753 BC."},
@@ -327,6 +330,10 @@ fn the_example_pipelines_run_on_the_small_model() -> anyhow::Result<()> {
     let d = describe(&env, "agent")?;
     assert_eq!(d["status"], "SUCCEEDED", "{d}");
     assert!(d["output"]["answer"].as_str().unwrap_or_default().contains("Paris"), "{d}");
+    // Greedy decoding and the same prompts: the twin answers exactly as the JSONPath agent.
+    let twin = describe(&env, "agent-jsonata")?;
+    assert_eq!(twin["status"], "SUCCEEDED", "{twin}");
+    assert_eq!(twin["output"], d["output"], "the JSONata twin answers as the JSONPath agent");
     let d = describe(&env, "sum")?;
     assert_eq!(d["status"], "SUCCEEDED", "{d}");
     let generated = history(&env, "sum")?
@@ -340,7 +347,7 @@ fn the_example_pipelines_run_on_the_small_model() -> anyhow::Result<()> {
     let ids: Vec<String> = std::fs::read_dir(&records)?
         .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
         .collect::<std::io::Result<_>>()?;
-    assert_eq!(ids.len(), 2, "one record folder per execution under {}: {ids:?}", records.display());
+    assert_eq!(ids.len(), 3, "one record folder per execution under {}: {ids:?}", records.display());
     assert!(ids.iter().all(|id| records.join(id).join("meta.json").is_file()), "{ids:?}");
     Ok(())
 }

@@ -43,6 +43,9 @@ pub enum Rule {
         /// The literal or path operand.
         operand: Value,
     },
+    /// `Condition` (JSONata states): a `{% %}` expression, or a literal boolean, that must be
+    /// `true`. The interpreter evaluates it; [`eval`] only handles JSONPath rules.
+    Condition(Value),
 }
 
 const TYPE_TESTS: &[&str] = &["IsPresent", "IsNull", "IsNumeric", "IsString", "IsBoolean", "IsTimestamp"];
@@ -92,7 +95,8 @@ pub fn parse_rule(v: &Value, at: &str, top: bool, out: &mut Vec<(String, String)
     if !top && obj.contains_key("Next") {
         out.push((format!("{at}/Next"), "only top-level Choice rules may have a Next".into()));
     }
-    let ops: Vec<&String> = obj.keys().filter(|k| !matches!(k.as_str(), "Next" | "Comment" | "Variable")).collect();
+    let ops: Vec<&String> =
+        obj.keys().filter(|k| !matches!(k.as_str(), "Next" | "Comment" | "Variable" | "Assign")).collect();
     if ops.len() != 1 {
         out.push((
             at.to_string(),
@@ -182,6 +186,7 @@ pub fn eval(rule: &Rule, scope: &Scope<'_>) -> Result<bool, StatesError> {
             Ok(false)
         }
         Rule::Not(r) => Ok(!eval(r, scope)?),
+        Rule::Condition(_) => Err(StatesError::runtime("a JSONata Condition in a JSONPath Choice rule")),
         Rule::Compare { variable, operator, operand } => {
             let value = path::query_opt(variable, scope)?;
             if operator == "IsPresent" {
@@ -307,7 +312,7 @@ mod tests {
         let r = parse_rule(&rule, "/r", false, &mut errs).unwrap_or_else(|| panic!("{errs:?}"));
         assert!(errs.is_empty(), "{errs:?}");
         let ctx = json!({});
-        eval(&r, &Scope { input: &input, context: &ctx })
+        eval(&r, &Scope { input: &input, context: &ctx, vars: None })
     }
 
     #[test]

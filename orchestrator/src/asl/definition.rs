@@ -7,6 +7,27 @@ use serde_json::Value;
 
 use super::choice::Rule;
 
+/// How a state's fields select and transform data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueryLanguage {
+    /// `InputPath`, `Parameters`, `ResultSelector`, `ResultPath`, `OutputPath`, `.$` keys,
+    /// intrinsic functions (the default).
+    #[default]
+    JsonPath,
+    /// `Arguments` and `Output` with `{% %}` JSONata expressions, `$states`.
+    JsonAta,
+}
+
+impl QueryLanguage {
+    /// The name used in definitions (`JSONPath`, `JSONata`).
+    pub fn name(self) -> &'static str {
+        match self {
+            QueryLanguage::JsonPath => "JSONPath",
+            QueryLanguage::JsonAta => "JSONata",
+        }
+    }
+}
+
 /// A whole state machine (or a Parallel branch, or a Map item processor).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateMachine {
@@ -16,6 +37,8 @@ pub struct StateMachine {
     pub states: BTreeMap<String, State>,
     /// `TimeoutSeconds` of the whole machine, if given.
     pub timeout_seconds: Option<u64>,
+    /// `QueryLanguage` (a branch has its enclosing machine's); states may override it.
+    pub query_language: QueryLanguage,
 }
 
 impl StateMachine {
@@ -55,6 +78,8 @@ pub enum NumberSource {
     Value(f64),
     /// A path into the effective input.
     Path(String),
+    /// A JSONata expression (`{% %}`, JSONata states).
+    Expr(String),
 }
 
 /// One `Retry` entry.
@@ -81,8 +106,25 @@ pub struct Catcher {
     pub error_equals: Vec<String>,
     /// State to go to.
     pub next: String,
-    /// Where the error object goes in the state's input (default `$`).
+    /// Where the error object goes in the state's input (default `$`; JSONPath).
     pub result_path: PathField,
+    /// `Assign`: variables set when this catcher handles an error.
+    pub assign: Option<Value>,
+    /// `Output` (JSONata): the state's output when caught (default `$states.errorOutput`).
+    pub output: Option<Value>,
+}
+
+/// One Choice rule with where it leads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChoiceRule {
+    /// The test.
+    pub rule: Rule,
+    /// `Next`.
+    pub next: String,
+    /// `Assign` when this rule matches.
+    pub assign: Option<Value>,
+    /// `Output` (JSONata) when this rule matches.
+    pub output: Option<Value>,
 }
 
 /// How a Wait state waits.
@@ -94,6 +136,8 @@ pub enum WaitFor {
     Timestamp(String),
     /// Until the timestamp found at a path.
     TimestampPath(String),
+    /// Until the timestamp a JSONata expression gives.
+    TimestampExpr(String),
 }
 
 /// What a state does.
@@ -116,7 +160,7 @@ pub enum Kind {
     /// `Choice`.
     Choice {
         /// The rules with their Next.
-        choices: Vec<(Rule, String)>,
+        choices: Vec<ChoiceRule>,
         /// `Default`.
         default: Option<String>,
     },
@@ -144,8 +188,10 @@ pub enum Kind {
     Map {
         /// `ItemProcessor` (or the legacy `Iterator`).
         processor: Box<StateMachine>,
-        /// `ItemsPath` (default `$`).
+        /// `ItemsPath` (default `$`; JSONPath).
         items_path: String,
+        /// `Items` (JSONata): an array or an expression giving one (default `$states.input`).
+        items: Option<Value>,
         /// `ItemSelector` (or the legacy `Parameters`).
         item_selector: Option<Value>,
         /// `MaxConcurrency`, 0 = unlimited.
@@ -178,6 +224,15 @@ pub struct State {
     pub retry: Vec<Retrier>,
     /// `Catch`.
     pub catch: Vec<Catcher>,
+    /// The state's query language (its own `QueryLanguage` or its machine's).
+    pub query_language: QueryLanguage,
+    /// `Arguments` (JSONata): the task's or branches' input (default `$states.input`).
+    pub arguments: Option<Value>,
+    /// `Output` (JSONata): the state's output (default: the result, or the input for states
+    /// without one).
+    pub output: Option<Value>,
+    /// `Assign`: workflow variables set when the state succeeds.
+    pub assign: Option<Value>,
 }
 
 impl State {

@@ -29,6 +29,8 @@ pub mod names {
     pub const NO_CHOICE_MATCHED: &str = "States.NoChoiceMatched";
     /// A value exceeded a size limit. Never retried nor caught.
     pub const DATA_LIMIT_EXCEEDED: &str = "States.DataLimitExceeded";
+    /// A JSONata expression failed or evaluated to nothing (undefined).
+    pub const QUERY_EVALUATION_ERROR: &str = "States.QueryEvaluationError";
     /// The caller lacks permission.
     pub const PERMISSIONS: &str = "States.Permissions";
 }

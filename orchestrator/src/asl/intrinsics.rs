@@ -239,7 +239,13 @@ fn eval_call(call: &Call, scope: &Scope<'_>) -> Result<Value, StatesError> {
             Arg::Call(c) => eval_call(c, scope)?,
         });
     }
-    let f = call.name.as_str();
+    apply(&call.name, args)
+}
+
+/// Applies the intrinsic function `f` to evaluated arguments (also the body of the JSONata
+/// functions Step Functions defines with the same meaning: `$partition`, `$range`, `$hash`,
+/// `$parse`).
+pub(crate) fn apply(f: &str, args: Vec<Value>) -> Result<Value, StatesError> {
     match f {
         "States.Format" => {
             if args.is_empty() {
@@ -480,7 +486,7 @@ mod tests {
 
     fn ev(src: &str, input: Value) -> Result<Value, StatesError> {
         let ctx = json!({});
-        evaluate(src, &Scope { input: &input, context: &ctx })
+        evaluate(src, &Scope { input: &input, context: &ctx, vars: None })
     }
 
     #[test]

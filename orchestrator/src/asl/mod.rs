@@ -1,11 +1,12 @@
-//! Amazon States Language (JSONPath query language): parsing and validation
+//! Amazon States Language (JSONPath and JSONata query languages): parsing and validation
 //! ([`validate()`]), paths and payload templates ([`path`]), intrinsic functions
-//! ([`intrinsics`]), Choice rules ([`choice`]) and retry timing ([`retry`]).
+//! ([`intrinsics`]), JSONata expressions ([`jsonata`]), Choice rules ([`choice`]) and retry timing ([`retry`]).
 
 pub mod choice;
 pub mod definition;
 pub mod error;
 pub mod intrinsics;
+pub mod jsonata;
 pub mod path;
 pub mod retry;
 pub mod timestamp;

@@ -13,10 +13,25 @@ pub struct Scope<'a> {
     pub input: &'a Value,
     /// The context object `$$` refers to.
     pub context: &'a Value,
+    /// The workflow variables `$name` refers to.
+    pub vars: Option<&'a Map<String, Value>>,
+}
+
+/// A variable reference (`$name`, `$name.a[0]`): the name and the path into its value.
+fn variable(path: &str) -> Option<(&str, String)> {
+    let rest = path.strip_prefix('$')?;
+    if !rest.starts_with(|c: char| c.is_alphabetic() || c == '_') {
+        return None;
+    }
+    let end = rest.find(|c: char| !(c.is_alphanumeric() || c == '_')).unwrap_or(rest.len());
+    Some((&rest[..end], format!("${}", &rest[end..])))
 }
 
 /// Checks that `path` is a JSONPath (or a `$$` context path) the library accepts.
 pub fn check_path(path: &str) -> Result<(), String> {
+    if let Some((_, rest)) = variable(path) {
+        return check_path(&rest);
+    }
     let (_, p) = split_context(path);
     if !p.starts_with('$') {
         return Err(format!("'{path}' is not a JSONPath (it must start with '$')"));
@@ -69,6 +84,12 @@ pub fn query(path: &str, scope: &Scope<'_>) -> Result<Value, StatesError> {
 
 /// Like [`query`], but a definite path that matches nothing gives `None`.
 pub fn query_opt(path: &str, scope: &Scope<'_>) -> Result<Option<Value>, StatesError> {
+    if let Some((name, rest)) = variable(path) {
+        let value = scope.vars.and_then(|v| v.get(name)).ok_or_else(|| {
+            StatesError::runtime(format!("Invalid path '{path}': the variable '${name}' is not assigned"))
+        })?;
+        return query_opt(&rest, &Scope { input: value, context: scope.context, vars: None });
+    }
     let (ctx, p) = split_context(path);
     let doc = if ctx { scope.context } else { scope.input };
     if p == "$" {
@@ -255,7 +276,7 @@ mod tests {
     use serde_json::json;
 
     fn scope<'a>(input: &'a Value, ctx: &'a Value) -> Scope<'a> {
-        Scope { input, context: ctx }
+        Scope { input, context: ctx, vars: None }
     }
 
     #[test]

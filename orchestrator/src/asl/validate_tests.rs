@@ -108,3 +108,44 @@ fn a_good_definition_validates() {
     assert!(def.warnings.is_empty());
     assert_eq!(def.machine.start_at, "T");
 }
+
+#[test]
+fn jsonata_states_take_arguments_and_output_not_paths() {
+    let src = r#"{"QueryLanguage": "JSONata", "StartAt": "A", "States": {
+        "A": {"Type": "Task", "Resource": "ember:tool:json", "Parameters": {"x.$": "$.x"}, "Arguments": {"text": "{% $states.input.t %}"}, "Next": "B"},
+        "B": {"Type": "Pass", "QueryLanguage": "JSONPath", "Output": "{% 1 + %}", "End": true}}}"#;
+    let d = errors(src);
+    assert!(has(&d, "/States/A/Parameters", "use Arguments and Output"), "{d:#?}");
+    assert!(has(&d, "/States/B/QueryLanguage", "cannot use JSONPath"), "{d:#?}");
+    assert!(has(&d, "/States/B/Output", "invalid JSONata expression"), "{d:#?}");
+    let d = errors(r#"{"StartAt": "A", "States": {"A": {"Type": "Pass", "Output": {"a": 1}, "End": true}}}"#);
+    assert!(has(&d, "/States/A/Output", "needs QueryLanguage \"JSONata\""), "{d:#?}");
+    let d = errors(
+        r#"{"QueryLanguage": "JSONata", "StartAt": "C", "States": {
+        "C": {"Type": "Choice", "Choices": [{"Variable": "$.x", "IsPresent": true, "Next": "D"}], "Default": "D"},
+        "D": {"Type": "Succeed"}}}"#,
+    );
+    assert!(has(&d, "/States/C/Choices/0/Variable", "not allowed in a JSONata Choice rule"), "{d:#?}");
+    assert!(has(&d, "/States/C/Choices/0/Condition", "needs a Condition"), "{d:#?}");
+}
+
+#[test]
+fn variables_must_be_in_scope_and_branches_cannot_assign_outer_ones() {
+    let src = r#"{"StartAt": "A", "States": {
+        "A": {"Type": "Pass", "Assign": {"total": 1, "bad name": 2, "states": 3}, "Next": "P"},
+        "P": {"Type": "Parallel", "Branches": [{"StartAt": "B", "States": {
+            "B": {"Type": "Pass", "Assign": {"total.$": "$x", "inner": 1}, "End": true}}}], "Next": "E"},
+        "E": {"Type": "Pass", "Parameters": {"t.$": "$total", "i.$": "$inner"}, "End": true}}}"#;
+    let d = errors(src);
+    assert!(has(&d, "/States/A/Assign/bad name", "not a valid variable name"), "{d:#?}");
+    assert!(has(&d, "/States/A/Assign/states", "not a valid variable name"), "{d:#?}");
+    assert!(has(&d, "/States/P/Branches/0/States/B/Assign/total.$", "enclosing scope"), "{d:#?}");
+    assert!(has(&d, "/States/P/Branches/0/States/B/Assign/total.$", "enclosing scope"), "{d:#?}");
+    assert!(has(&d, "/States/E/Parameters/i.$", "'$inner' is not a variable"), "{d:#?}");
+    assert!(!d.iter().any(|x| x.message.contains("'$total' is not")), "{d:#?}");
+    let jsonata = r#"{"QueryLanguage": "JSONata", "StartAt": "A", "States": {
+        "A": {"Type": "Pass", "Assign": {"n": 1}, "Output": "{% $n + $m + $sum([1]) + ($k := 2; $k) %}", "End": true}}}"#;
+    let d = errors(jsonata);
+    assert!(has(&d, "/States/A/Output", "'$m' is not a variable"), "{d:#?}");
+    assert_eq!(d.iter().filter(|x| x.message.contains("is not a variable")).count(), 1, "{d:#?}");
+}

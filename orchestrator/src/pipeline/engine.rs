@@ -4,12 +4,14 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::hop::*;
 use super::tools::{run_task, TaskContext};
 use super::{Env, PipelineError};
-use crate::asl::definition::{Kind, NumberSource, State, StateMachine, WaitFor};
+use crate::asl::choice::Rule;
+use crate::asl::definition::{Kind, NumberSource, QueryLanguage, State, StateMachine, WaitFor};
+use crate::asl::jsonata::{self, Bindings};
 use crate::asl::path::{self, Scope};
 use crate::asl::{choice, names, retry, timestamp, StatesError};
 
@@ -54,13 +56,74 @@ pub(crate) struct HopRun<'a> {
     pub msg: &'a HopMessage,
     pub now_ms: u64,
     pub events: Vec<RecordedEvent>,
+    /// The variables after this state's `Assign` (`None`: unchanged), for the next hop.
+    pub assigned: Option<Map<String, Value>>,
 }
+
+/// Largest value one variable may hold, and all of one `Assign` together (Step Functions'
+/// limits).
+const MAX_VARIABLE_BYTES: usize = 256 * 1024;
 
 fn ts(ms: u64) -> String {
     timestamp::format(UNIX_EPOCH + Duration::from_millis(ms))
 }
 
 impl HopRun<'_> {
+    /// A JSONPath scope over `input` with this hop's variables.
+    fn scope<'s>(&'s self, input: &'s Value, context: &'s Value) -> Scope<'s> {
+        Scope { input, context, vars: Some(&self.msg.vars) }
+    }
+
+    /// JSONata bindings: `$states` and this hop's variables.
+    fn bindings<'s>(&'s self, states: &'s Value) -> Bindings<'s> {
+        Bindings { states, vars: &self.msg.vars }
+    }
+
+    /// Sets variables: the values are computed from the variables as they were when the
+    /// state was entered (all of one Assign, and the state's Output, see the old values).
+    fn set_variables(&mut self, values: Value) -> Result<(), StatesError> {
+        let Value::Object(values) = values else { return Ok(()) };
+        let total = serde_json::to_vec(&values).map(|b| b.len()).unwrap_or(0);
+        if total > MAX_VARIABLE_BYTES {
+            return Err(StatesError::new(
+                names::DATA_LIMIT_EXCEEDED,
+                format!("The variables assigned by state '{}' total {total} bytes, more than the limit of {MAX_VARIABLE_BYTES}", self.msg.state),
+            ));
+        }
+        let mut vars = self.msg.vars.clone();
+        vars.extend(values);
+        self.assigned = Some(vars);
+        Ok(())
+    }
+
+    /// JSONPath `Assign`: `.$` keys read `data` (the state's result, or its input for states
+    /// without one), `$$` and the variables.
+    fn assign_jsonpath(&mut self, assign: &Option<Value>, data: &Value, ctx: &Value) -> Result<(), StatesError> {
+        let Some(a) = assign else { return Ok(()) };
+        let values = path::eval_template(a, &self.scope(data, ctx))?;
+        self.set_variables(values)
+    }
+
+    /// JSONata `Assign` and `Output` of a state, both evaluated against the variables as they
+    /// were when it was entered. `Output` defaults to `default` (the result, or the input).
+    fn assign_and_output(
+        &mut self,
+        assign: &Option<Value>,
+        output: &Option<Value>,
+        states: &Value,
+        default: Value,
+    ) -> Result<Value, StatesError> {
+        let values = assign.as_ref().map(|a| jsonata::eval_template(a, "Assign", self.bindings(states))).transpose()?;
+        let out = match output {
+            Some(o) => jsonata::eval_template(o, "Output", self.bindings(states))?,
+            None => default,
+        };
+        if let Some(v) = values {
+            self.set_variables(v)?;
+        }
+        Ok(out)
+    }
+
     fn event(&mut self, kind: &str, details: Value) {
         self.events.push(RecordedEvent { kind: kind.to_string(), timestamp: ts(self.now_ms), details });
     }
@@ -185,6 +248,7 @@ impl HopRun<'_> {
             entered_time: None,
             not_before: None,
             join: None,
+            vars: self.assigned.clone().unwrap_or_else(|| self.msg.vars.clone()),
         }
     }
 
@@ -211,7 +275,14 @@ impl HopRun<'_> {
                 if let Some(last) = scope.last_mut() {
                     last.index = next;
                 }
-                let message = branch_start(&self.msg.execution, scope, frame.hop + 1, &machine.start_at, input);
+                let message = branch_start(
+                    &self.msg.execution,
+                    scope,
+                    frame.hop + 1,
+                    &machine.start_at,
+                    input,
+                    fan.message.vars.clone(),
+                );
                 t.sends.push(Outgoing { message, delay_seconds: 0.0 });
             }
         }
@@ -249,7 +320,19 @@ impl HopRun<'_> {
             }
             if let Some(c) = state.catch.iter().find(|c| c.error_equals.iter().any(|n| e.matches(n))) {
                 let err_obj = json!({"Error": e.error, "Cause": e.cause});
-                match path::apply_result_path(&self.msg.input, err_obj, c.result_path.get()) {
+                let ctx = self.context(state);
+                // Whatever the failed state assigned is dropped; the catcher's Assign applies.
+                self.assigned = None;
+                let caught = match state.query_language {
+                    QueryLanguage::JsonPath => self
+                        .assign_jsonpath(&c.assign, &err_obj, &ctx)
+                        .and_then(|_| path::apply_result_path(&self.msg.input, err_obj, c.result_path.get())),
+                    QueryLanguage::JsonAta => {
+                        let states = json!({"input": self.msg.input, "context": ctx, "errorOutput": err_obj});
+                        self.assign_and_output(&c.assign, &c.output, &states, err_obj.clone())
+                    }
+                };
+                match caught {
                     Ok(output) => {
                         self.event(
                             &format!("{}StateExited", state.type_name()),
@@ -266,7 +349,7 @@ impl HopRun<'_> {
     }
 
     fn effective_input(&self, state: &State, ctx: &Value) -> Result<Value, StatesError> {
-        let scope = Scope { input: &self.msg.input, context: ctx };
+        let scope = self.scope(&self.msg.input, ctx);
         match state.input_path.get() {
             None => Ok(json!({})),
             Some(p) => path::query(p, &scope),
@@ -277,7 +360,7 @@ impl HopRun<'_> {
         let combined = path::apply_result_path(raw, result, state.result_path.get())?;
         match state.output_path.get() {
             None => Ok(json!({})),
-            Some(p) => path::query(p, &Scope { input: &combined, context: ctx }),
+            Some(p) => path::query(p, &self.scope(&combined, ctx)),
         }
     }
 
@@ -292,9 +375,20 @@ impl HopRun<'_> {
         match src {
             NumberSource::Value(v) => Ok(*v),
             NumberSource::Path(p) => {
-                let v = path::query(p, &Scope { input, context: ctx })?;
+                let v = path::query(p, &self.scope(input, ctx))?;
                 v.as_f64().filter(|n| *n >= 0.0).ok_or_else(|| {
                     StatesError::runtime(format!("{what} path '{p}' must point to a non-negative number, found {v}"))
+                })
+            }
+            NumberSource::Expr(e) => {
+                let field = what.strip_suffix("Path").unwrap_or(what);
+                let states = json!({"input": self.msg.input, "context": ctx});
+                let v = jsonata::evaluate(e, field, self.bindings(&states))?;
+                v.as_f64().filter(|n| *n >= 0.0 && n.fract() == 0.0).ok_or_else(|| {
+                    StatesError::new(
+                        names::QUERY_EVALUATION_ERROR,
+                        format!("The JSONata expression '{e}' specified for the field '{field}' must give a non-negative integer, found {v}"),
+                    )
                 })
             }
         }
@@ -306,70 +400,57 @@ impl HopRun<'_> {
         if let Some(fan_hop) = self.msg.join {
             return self.join(state, fan_hop, &raw, &ctx).await;
         }
+        if state.query_language == QueryLanguage::JsonAta {
+            return self.run_jsonata(state, &ctx).await;
+        }
         match &state.kind {
             Kind::Pass { result } => {
                 let eff = self.effective_input(state, &ctx)?;
                 let res = match (&state.parameters, result) {
-                    (Some(p), _) => path::eval_template(p, &Scope { input: &eff, context: &ctx })?,
+                    (Some(p), _) => path::eval_template(p, &self.scope(&eff, &ctx))?,
                     (None, Some(r)) => r.clone(),
                     (None, None) => eff,
                 };
+                self.assign_jsonpath(&state.assign, &res, &ctx)?;
                 Ok(self.flow(state, self.output(state, &raw, res, &ctx)?))
             }
             Kind::Task { resource, timeout, heartbeat } => {
                 let eff = self.effective_input(state, &ctx)?;
                 let params = match &state.parameters {
-                    Some(p) => path::eval_template(p, &Scope { input: &eff, context: &ctx })?,
+                    Some(p) => path::eval_template(p, &self.scope(&eff, &ctx))?,
                     None => eff,
                 };
-                let timeout = timeout.as_ref().map(|t| self.number(t, &raw, &ctx, "TimeoutSecondsPath")).transpose()?;
-                let heartbeat =
-                    heartbeat.as_ref().map(|t| self.number(t, &raw, &ctx, "HeartbeatSecondsPath")).transpose()?;
-                self.event("TaskScheduled", json!({"resource": resource, "parameters": params, "timeoutInSeconds": timeout, "heartbeatInSeconds": heartbeat}));
-                let tctx = TaskContext::new(&self.msg.execution, &self.msg.state, &self.msg.id(), self.msg.attempt);
-                self.event("TaskStarted", json!({"resource": resource}));
-                let result = run_task(self.env.runner.as_ref(), resource, params, &tctx, timeout, heartbeat).await;
-                let result = match result {
-                    Ok(v) => v,
-                    Err(e) => {
-                        let kind = if e.error == names::TIMEOUT || e.error == names::HEARTBEAT_TIMEOUT {
-                            "TaskTimedOut"
-                        } else {
-                            "TaskFailed"
-                        };
-                        self.event(kind, json!({"resource": resource, "error": e.error, "cause": e.cause}));
-                        return Err(StatesError::new(e.error, e.cause));
-                    }
-                };
-                self.event("TaskSucceeded", json!({"resource": resource, "output": result}));
+                let result = self.call_task(resource, params, timeout, heartbeat, &ctx).await?;
+                self.assign_jsonpath(&state.assign, &result, &ctx)?;
                 let selected = match &state.result_selector {
-                    Some(sel) => path::eval_template(sel, &Scope { input: &result, context: &ctx })?,
+                    Some(sel) => path::eval_template(sel, &self.scope(&result, &ctx))?,
                     None => result,
                 };
                 Ok(self.flow(state, self.output(state, &raw, selected, &ctx)?))
             }
             Kind::Choice { choices, default } => {
                 let eff = self.effective_input(state, &ctx)?;
-                let scope = Scope { input: &eff, context: &ctx };
-                let mut next = None;
-                for (rule, n) in choices {
-                    if choice::eval(rule, &scope)? {
-                        next = Some(n.clone());
+                let mut matched = None;
+                for c in choices {
+                    if choice::eval(&c.rule, &self.scope(&eff, &ctx))? {
+                        matched = Some(c);
                         break;
                     }
                 }
-                let next = match next.or_else(|| default.clone()) {
-                    Some(n) => n,
-                    None => {
-                        return Err(StatesError::new(
-                            names::NO_CHOICE_MATCHED,
-                            format!("No Matches! (state '{}' has no matching rule and no Default)", self.msg.state),
-                        ))
+                let next = match (matched, default) {
+                    (Some(c), _) => {
+                        self.assign_jsonpath(&c.assign, &eff, &ctx)?;
+                        c.next.clone()
                     }
+                    (None, Some(d)) => {
+                        self.assign_jsonpath(&state.assign, &eff, &ctx)?;
+                        d.clone()
+                    }
+                    (None, None) => return Err(self.no_choice_matched()),
                 };
                 let output = match state.output_path.get() {
                     None => json!({}),
-                    Some(p) => path::query(p, &scope)?,
+                    Some(p) => path::query(p, &self.scope(&eff, &ctx))?,
                 };
                 Ok(Step::Next { state: next, output, delay: 0.0, not_before: None })
             }
@@ -380,17 +461,20 @@ impl HopRun<'_> {
                     WaitFor::Seconds(s) => self.number(s, &eff, &ctx, "SecondsPath")?,
                     WaitFor::Timestamp(t) => (timestamp::parse(t).unwrap_or(now_s) - now_s).max(0.0),
                     WaitFor::TimestampPath(p) => {
-                        let v = path::query(p, &Scope { input: &eff, context: &ctx })?;
+                        let v = path::query(p, &self.scope(&eff, &ctx))?;
                         let t = v
                             .as_str()
                             .and_then(timestamp::parse)
                             .ok_or_else(|| StatesError::runtime(format!("The TimestampPath parameter does not reference a valid ISO-8601 extended offset date-time format string: {p} == {v}")))?;
                         (t - now_s).max(0.0)
                     }
+                    WaitFor::TimestampExpr(_) => {
+                        return Err(StatesError::runtime("a JSONata Timestamp in a JSONPath state"))
+                    }
                 };
                 let output = match state.output_path.get() {
                     None => json!({}),
-                    Some(p) => path::query(p, &Scope { input: &eff, context: &ctx })?,
+                    Some(p) => path::query(p, &self.scope(&eff, &ctx))?,
                 };
                 let until_ms = self.now_ms + (seconds * 1000.0).round() as u64;
                 let (delay, not_before) = if seconds > MAX_QUEUE_DELAY_SECONDS {
@@ -398,6 +482,7 @@ impl HopRun<'_> {
                 } else {
                     (seconds, None)
                 };
+                self.assign_jsonpath(&state.assign, &eff, &ctx)?;
                 self.event("WaitScheduled", json!({"name": self.msg.state, "seconds": seconds, "until": ts(until_ms)}));
                 match &state.next {
                     Some(n) => Ok(Step::Next { state: n.clone(), output, delay, not_before }),
@@ -409,12 +494,12 @@ impl HopRun<'_> {
                 let eff = self.effective_input(state, &ctx)?;
                 let output = match state.output_path.get() {
                     None => json!({}),
-                    Some(p) => path::query(p, &Scope { input: &eff, context: &ctx })?,
+                    Some(p) => path::query(p, &self.scope(&eff, &ctx))?,
                 };
                 Ok(Step::End { output })
             }
             Kind::Fail { error, error_path, cause, cause_path } => {
-                let scope = Scope { input: &raw, context: &ctx };
+                let scope = self.scope(&raw, &ctx);
                 let eval = |lit: &Option<String>,
                             p: &Option<String>,
                             field: &str|
@@ -437,7 +522,7 @@ impl HopRun<'_> {
             Kind::Parallel { branches } => {
                 let eff = self.effective_input(state, &ctx)?;
                 let input = match &state.parameters {
-                    Some(p) => path::eval_template(p, &Scope { input: &eff, context: &ctx })?,
+                    Some(p) => path::eval_template(p, &self.scope(&eff, &ctx))?,
                     None => eff,
                 };
                 self.event("ParallelStateStarted", json!({"name": self.msg.state, "branches": branches.len()}));
@@ -456,7 +541,7 @@ impl HopRun<'_> {
             }
             Kind::Map { processor, items_path, item_selector, max_concurrency, .. } => {
                 let eff = self.effective_input(state, &ctx)?;
-                let items = path::query(items_path, &Scope { input: &eff, context: &ctx })?;
+                let items = path::query(items_path, &self.scope(&eff, &ctx))?;
                 let Value::Array(items) = items else {
                     return Err(StatesError::runtime(format!(
                         "Map ItemsPath '{items_path}' must point to an array, found {items}"
@@ -468,7 +553,7 @@ impl HopRun<'_> {
                         Some(sel) => {
                             let mut c = ctx.clone();
                             c["Map"] = json!({"Item": {"Index": i, "Value": item}});
-                            path::eval_template(sel, &Scope { input: &eff, context: &c })?
+                            path::eval_template(sel, &self.scope(&eff, &c))?
                         }
                         None => item.clone(),
                     });
@@ -494,10 +579,211 @@ impl HopRun<'_> {
         }
     }
 
+    /// Runs a Task's resource with its timeouts, recording the task events.
+    async fn call_task(
+        &mut self,
+        resource: &str,
+        params: Value,
+        timeout: &Option<NumberSource>,
+        heartbeat: &Option<NumberSource>,
+        ctx: &Value,
+    ) -> Result<Value, StatesError> {
+        let raw = self.msg.input.clone();
+        let timeout = timeout.as_ref().map(|t| self.number(t, &raw, ctx, "TimeoutSecondsPath")).transpose()?;
+        let heartbeat = heartbeat.as_ref().map(|t| self.number(t, &raw, ctx, "HeartbeatSecondsPath")).transpose()?;
+        self.event("TaskScheduled", json!({"resource": resource, "parameters": params, "timeoutInSeconds": timeout, "heartbeatInSeconds": heartbeat}));
+        let tctx = TaskContext::new(&self.msg.execution, &self.msg.state, &self.msg.id(), self.msg.attempt);
+        self.event("TaskStarted", json!({"resource": resource}));
+        let result = run_task(self.env.runner.as_ref(), resource, params, &tctx, timeout, heartbeat).await;
+        let result = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let kind = if e.error == names::TIMEOUT || e.error == names::HEARTBEAT_TIMEOUT {
+                    "TaskTimedOut"
+                } else {
+                    "TaskFailed"
+                };
+                self.event(kind, json!({"resource": resource, "error": e.error, "cause": e.cause}));
+                return Err(StatesError::new(e.error, e.cause));
+            }
+        };
+        self.event("TaskSucceeded", json!({"resource": resource, "output": result}));
+        Ok(result)
+    }
+
+    /// Runs a JSONata state: `Arguments` and `Output` with `$states`, `Assign`, `Condition`,
+    /// `Items`/`ItemSelector`, and expressions in the number, time and Fail fields.
+    async fn run_jsonata(&mut self, state: &State, ctx: &Value) -> Result<Step, StatesError> {
+        let input = self.msg.input.clone();
+        let states = json!({"input": input, "context": ctx});
+        let arguments = |run: &Self| match &state.arguments {
+            Some(a) => jsonata::eval_template(a, "Arguments", run.bindings(&states)),
+            None => Ok(input.clone()),
+        };
+        match &state.kind {
+            Kind::Pass { .. } => {
+                let output = self.assign_and_output(&state.assign, &state.output, &states, input.clone())?;
+                Ok(self.flow(state, output))
+            }
+            Kind::Task { resource, timeout, heartbeat } => {
+                let params = arguments(self)?;
+                let result = self.call_task(resource, params, timeout, heartbeat, ctx).await?;
+                let states = json!({"input": input, "context": ctx, "result": result});
+                let output = self.assign_and_output(&state.assign, &state.output, &states, result)?;
+                Ok(self.flow(state, output))
+            }
+            Kind::Choice { choices, default } => {
+                for c in choices {
+                    let holds = match &c.rule {
+                        Rule::Condition(Value::Bool(b)) => *b,
+                        Rule::Condition(cond) => {
+                            match jsonata::eval_template(cond, "Condition", self.bindings(&states))? {
+                                Value::Bool(b) => b,
+                                other => return Err(StatesError::new(
+                                    names::QUERY_EVALUATION_ERROR,
+                                    format!(
+                                        "The Condition field of state '{}' must give a boolean, but it gave {other}",
+                                        self.msg.state
+                                    ),
+                                )),
+                            }
+                        }
+                        _ => false,
+                    };
+                    if holds {
+                        let output = self.assign_and_output(&c.assign, &c.output, &states, input.clone())?;
+                        return Ok(Step::Next { state: c.next.clone(), output, delay: 0.0, not_before: None });
+                    }
+                }
+                let Some(next) = default else { return Err(self.no_choice_matched()) };
+                let output = self.assign_and_output(&state.assign, &state.output, &states, input.clone())?;
+                Ok(Step::Next { state: next.clone(), output, delay: 0.0, not_before: None })
+            }
+            Kind::Wait(w) => {
+                let now_s = self.now_ms as f64 / 1000.0;
+                let seconds = match w {
+                    WaitFor::Seconds(s) => self.number(s, &input, ctx, "Seconds")?,
+                    WaitFor::Timestamp(t) => (timestamp::parse(t).unwrap_or(now_s) - now_s).max(0.0),
+                    WaitFor::TimestampExpr(e) => {
+                        let v = jsonata::evaluate(e, "Timestamp", self.bindings(&states))?;
+                        let t = v.as_str().and_then(timestamp::parse).ok_or_else(|| {
+                            StatesError::new(
+                                names::QUERY_EVALUATION_ERROR,
+                                format!("The JSONata expression '{e}' specified for the field 'Timestamp' must give an ISO-8601 extended offset date-time string, but it gave {v}"),
+                            )
+                        })?;
+                        (t - now_s).max(0.0)
+                    }
+                    WaitFor::TimestampPath(_) => return Err(StatesError::runtime("TimestampPath in a JSONata state")),
+                };
+                let output = self.assign_and_output(&state.assign, &state.output, &states, input.clone())?;
+                let until_ms = self.now_ms + (seconds * 1000.0).round() as u64;
+                self.event("WaitScheduled", json!({"name": self.msg.state, "seconds": seconds, "until": ts(until_ms)}));
+                let (delay, not_before) = if seconds > MAX_QUEUE_DELAY_SECONDS {
+                    (MAX_QUEUE_DELAY_SECONDS, Some(ts(until_ms)))
+                } else {
+                    (seconds, None)
+                };
+                match &state.next {
+                    Some(n) => Ok(Step::Next { state: n.clone(), output, delay, not_before }),
+                    None => Ok(Step::End { output }),
+                }
+            }
+            Kind::Succeed => {
+                let output = self.assign_and_output(&None, &state.output, &states, input.clone())?;
+                Ok(Step::End { output })
+            }
+            Kind::Fail { error, cause, .. } => {
+                let text = |field: &str, v: &Option<String>| -> Result<String, StatesError> {
+                    let Some(v) = v else { return Ok(String::new()) };
+                    match jsonata::eval_template(&Value::String(v.clone()), field, self.bindings(&states))? {
+                        Value::String(s) => Ok(s),
+                        other => Err(StatesError::new(
+                            names::QUERY_EVALUATION_ERROR,
+                            format!(
+                                "The {field} field of state '{}' must give a string, but it gave {other}",
+                                self.msg.state
+                            ),
+                        )),
+                    }
+                };
+                let (error, cause) = (text("Error", error)?, text("Cause", cause)?);
+                Err(StatesError::new(error, cause))
+            }
+            Kind::Parallel { branches } => {
+                let input = arguments(self)?;
+                self.event("ParallelStateStarted", json!({"name": self.msg.state, "branches": branches.len()}));
+                let sends = branches
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| Outgoing {
+                        message: self.branch_message(i, &b.start_at, input.clone()),
+                        delay_seconds: 0.0,
+                    })
+                    .collect();
+                Ok(Step::FanOut {
+                    fan: FanOut { count: branches.len(), pending: Vec::new(), max_concurrency: 0 },
+                    sends,
+                })
+            }
+            Kind::Map { processor, items, item_selector, max_concurrency, .. } => {
+                let list = match items {
+                    Some(i) => jsonata::eval_template(i, "Items", self.bindings(&states))?,
+                    None => input.clone(),
+                };
+                let Value::Array(list) = list else {
+                    return Err(StatesError::new(
+                        names::QUERY_EVALUATION_ERROR,
+                        format!("The Items of Map state '{}' must be an array, but they are {list}", self.msg.state),
+                    ));
+                };
+                let mut inputs = Vec::with_capacity(list.len());
+                for (i, item) in list.into_iter().enumerate() {
+                    inputs.push(match item_selector {
+                        Some(sel) => {
+                            let mut c = ctx.clone();
+                            c["Map"] = json!({"Item": {"Index": i, "Value": item}});
+                            let item_states = json!({"input": input, "context": c});
+                            jsonata::eval_template(sel, "ItemSelector", self.bindings(&item_states))?
+                        }
+                        None => item,
+                    });
+                }
+                self.event("MapStateStarted", json!({"name": self.msg.state, "length": inputs.len()}));
+                if inputs.is_empty() {
+                    return self.after_join(state, Vec::new(), &input, ctx);
+                }
+                Ok(self.fan_out_items(&processor.start_at, *max_concurrency as usize, inputs))
+            }
+        }
+    }
+
+    /// Starts a Map's items: all of them, or the first `max_concurrency` (0 = no limit) with
+    /// the rest kept for each finishing item to start the next.
+    fn fan_out_items(&self, start: &str, max_concurrency: usize, inputs: Vec<Value>) -> Step {
+        let k = max_concurrency;
+        let first = if k == 0 { inputs.len() } else { k.min(inputs.len()) };
+        let pending = if k == 0 { Vec::new() } else { inputs[first..].to_vec() };
+        let sends = inputs
+            .iter()
+            .take(first)
+            .enumerate()
+            .map(|(i, v)| Outgoing { message: self.branch_message(i, start, v.clone()), delay_seconds: 0.0 })
+            .collect();
+        Step::FanOut { fan: FanOut { count: inputs.len(), pending, max_concurrency: k }, sends }
+    }
+
+    fn no_choice_matched(&self) -> StatesError {
+        StatesError::new(
+            names::NO_CHOICE_MATCHED,
+            format!("No Matches! (state '{}' has no matching rule and no Default)", self.msg.state),
+        )
+    }
+
     fn branch_message(&self, index: usize, start: &str, input: Value) -> HopMessage {
         let mut scope = self.msg.scope.clone();
         scope.push(Frame { state: self.msg.state.clone(), hop: self.msg.hop, index });
-        branch_start(&self.msg.execution, scope, self.msg.hop + 1, start, input)
+        branch_start(&self.msg.execution, scope, self.msg.hop + 1, start, input, self.msg.vars.clone())
     }
 
     async fn join(&mut self, state: &State, fan_hop: u64, raw: &Value, ctx: &Value) -> Result<Step, StatesError> {
@@ -527,10 +813,22 @@ impl HopRun<'_> {
         self.after_join(state, outputs, raw, ctx)
     }
 
-    fn after_join(&self, state: &State, outputs: Vec<Value>, raw: &Value, ctx: &Value) -> Result<Step, StatesError> {
+    fn after_join(
+        &mut self,
+        state: &State,
+        outputs: Vec<Value>,
+        raw: &Value,
+        ctx: &Value,
+    ) -> Result<Step, StatesError> {
         let result = Value::Array(outputs);
+        if state.query_language == QueryLanguage::JsonAta {
+            let states = json!({"input": raw, "context": ctx, "result": result});
+            let output = self.assign_and_output(&state.assign, &state.output, &states, result)?;
+            return Ok(self.flow(state, output));
+        }
+        self.assign_jsonpath(&state.assign, &result, ctx)?;
         let selected = match &state.result_selector {
-            Some(sel) => path::eval_template(sel, &Scope { input: &result, context: ctx })?,
+            Some(sel) => path::eval_template(sel, &self.scope(&result, ctx))?,
             None => result,
         };
         Ok(self.flow(state, self.output(state, raw, selected, ctx)?))
@@ -538,7 +836,14 @@ impl HopRun<'_> {
 }
 
 /// The first hop of a Parallel branch or a Map item: state `start` of the branch at `scope`.
-fn branch_start(execution: &str, scope: Vec<Frame>, hop: u64, start: &str, input: Value) -> HopMessage {
+fn branch_start(
+    execution: &str,
+    scope: Vec<Frame>,
+    hop: u64,
+    start: &str,
+    input: Value,
+    vars: Map<String, Value>,
+) -> HopMessage {
     HopMessage {
         execution: execution.to_string(),
         state: start.to_string(),
@@ -550,5 +855,6 @@ fn branch_start(execution: &str, scope: Vec<Frame>, hop: u64, start: &str, input
         entered_time: None,
         not_before: None,
         join: None,
+        vars,
     }
 }

@@ -1,7 +1,7 @@
 //! The hop message and the records an execution leaves in the store, with their keys.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::asl::StatesError;
 
@@ -50,6 +50,10 @@ pub struct HopMessage {
     /// `Some(fan-out hop)` when this hop resumes a Parallel/Map after its branches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join: Option<u64>,
+    /// The workflow variables this state sees (`Assign` of earlier states; in a branch, the
+    /// enclosing scope's too).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub vars: Map<String, Value>,
 }
 
 impl HopMessage {

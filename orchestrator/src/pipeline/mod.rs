@@ -55,12 +55,12 @@ pub use engine::MAX_QUEUE_DELAY_SECONDS;
 pub use hop::{BranchResult, ExecutionEnd, Frame, HopMessage, Outgoing, RecordedEvent, Transition};
 pub use http::HttpGet;
 pub use process::{
-    describe, history, process_hop, record_hop, start_execution, Description, ExecutionStatus, HistoryEvent,
-    HopOutcome, HopStatus, StartOptions,
+    describe, fail_execution, history, process_hop, record_hop, start_execution, Description, ExecutionStatus,
+    HistoryEvent, HopOutcome, HopStatus, StartOptions,
 };
 pub use queue::{Clock, HopSender, MemoryQueue, SendError};
 pub use store::{ExecutionStore, MemoryStore, StoreError};
-pub use tools::{TaskContext, TaskFailure, TaskRunner, ToolFn, Tools, WithGenerate};
+pub use tools::{TaskContext, TaskFailure, TaskRunner, ToolFn, Tools, WithGenerate, TOOL_UNAVAILABLE};
 
 /// Default maximum hops along one path of an execution.
 pub const DEFAULT_MAX_HOPS: u64 = 1000;

@@ -102,6 +102,14 @@ pub(crate) struct JoinRecord {
     pub message: HopMessage,
 }
 
+/// The resources a hop is validated with: the runner's, and any tool. The definition was
+/// checked against the starting worker's tools; a worker without one of them (say, started
+/// without `--http-allow`) fails that Task with `Ember.ToolUnavailable`, which Retry and Catch
+/// see and `describe` reports, instead of refusing the hop and leaving the execution running.
+fn hop_resources(env: &Env) -> asl::Resources {
+    env.runner.resources().with_any_tool()
+}
+
 /// Records the transition of `msg` without sending anything (the first half of
 /// [`process_hop`]). Returns the record and whether it already existed. A worker killed right
 /// after this call leaves a record whose next hops a redelivery sends.
@@ -111,8 +119,9 @@ pub async fn record_hop(env: &Env, msg: &HopMessage) -> Result<(Transition, bool
         return Ok((t, true));
     }
     let meta = load_meta(env, &msg.execution).await?;
-    let def = env.definitions.get(&meta.definition, &env.runner.resources())?;
-    let run = HopRun { env, meta: &meta, top: &def.machine, msg, now_ms: now_ms(env), events: Vec::new() };
+    let def = env.definitions.get(&meta.definition, &hop_resources(env))?;
+    let run =
+        HopRun { env, meta: &meta, top: &def.machine, msg, now_ms: now_ms(env), events: Vec::new(), assigned: None };
     let t = run.transition().await?;
     if put_json(env, &key, &t).await? {
         Ok((t, false))
@@ -210,7 +219,7 @@ async fn branch_done(env: &Env, msg: &HopMessage, done: &BranchResult) -> Result
     let results: Vec<(usize, bool, u64, &String)> =
         listed.iter().filter_map(|k| parse_result_key(k).map(|(i, ok, h)| (i, ok, h, k))).collect();
     let meta = load_meta(env, exec).await?;
-    let def = env.definitions.get(&meta.definition, &env.runner.resources())?;
+    let def = env.definitions.get(&meta.definition, &hop_resources(env))?;
     let machine = super::engine::machine_for(&def.machine, parent)?;
     let failures: Vec<&String> = results.iter().filter(|r| !r.1).map(|r| r.3).collect();
     let failure = match machine.state(&frame.state).map(|s| &s.kind) {
@@ -250,6 +259,7 @@ async fn branch_done(env: &Env, msg: &HopMessage, done: &BranchResult) -> Result
         entered_time: fm.entered_time.clone(),
         not_before: None,
         join: Some(frame.hop),
+        vars: fm.vars.clone(),
     };
     let rec = JoinRecord { owner: frame.index, failure, message };
     if put_json(env, &jkey, &rec).await? {
@@ -260,6 +270,34 @@ async fn branch_done(env: &Env, msg: &HopMessage, done: &BranchResult) -> Result
         Some(j) if j.owner == frame.index => vec![Outgoing { message: j.message, delay_seconds: 0.0 }],
         _ => Vec::new(),
     })
+}
+
+/// Ends an execution one of whose hops cannot be processed at all (its records cannot be
+/// read, its definition does not validate here): records an `ExecutionFailed` event at the
+/// hop's transition and the end, both create-only, so `describe` reports FAILED with the error
+/// and cause instead of RUNNING forever. Whatever the execution recorded first wins. Returns
+/// whether this call ended it.
+pub async fn fail_execution(env: &Env, msg: &HopMessage, error: StatesError) -> Result<bool, PipelineError> {
+    let now = now_ms(env);
+    let stop_time = timestamp::format(UNIX_EPOCH + Duration::from_millis(now));
+    let end = ExecutionEnd { result: Err(error.clone()), stop_time: stop_time.clone() };
+    let t = Transition {
+        message: msg.clone(),
+        events: vec![RecordedEvent {
+            kind: "ExecutionFailed".into(),
+            timestamp: stop_time,
+            details: json!({"error": error.error, "cause": error.cause}),
+        }],
+        sends: Vec::new(),
+        branch_done: None,
+        end: Some(end.clone()),
+        fan_out: None,
+        time_ms: now,
+    };
+    if !put_json(env, &transition_key(&msg.execution, &msg.scope, msg.hop), &t).await? {
+        return Ok(false);
+    }
+    put_json(env, &end_key(&msg.execution), &end).await
 }
 
 /// Options of [`start_execution`].
@@ -322,6 +360,7 @@ pub async fn start_execution(
         entered_time: None,
         not_before: None,
         join: None,
+        vars: Default::default(),
     };
     env.sender.send(vec![(first, Duration::ZERO)]).await?;
     Ok(name)

@@ -131,6 +131,9 @@ impl Tools {
     }
 }
 
+/// The error of a Task whose tool the worker running it does not offer.
+pub const TOOL_UNAVAILABLE: &str = "Ember.ToolUnavailable";
+
 #[async_trait::async_trait]
 impl TaskRunner for Tools {
     async fn run(&self, resource: &str, input: Value, _ctx: &TaskContext) -> Result<Value, TaskFailure> {
@@ -143,7 +146,13 @@ impl TaskRunner for Tools {
             )),
             Some(Tool::HttpGet(h)) => h.run(&input).await,
             Some(Tool::User(f)) => f(input).await,
-            None => Err(TaskFailure::new("States.TaskFailed", format!("no such resource '{resource}'"))),
+            None => Err(TaskFailure::new(
+                TOOL_UNAVAILABLE,
+                match name {
+                    "http_get" => format!("this worker does not offer '{resource}': start it with --http-allow HOSTS (EMBER_HTTP_ALLOW) naming the hosts http_get may reach"),
+                    _ => format!("this worker does not offer '{resource}' (it offers: {})", self.names().map(|n| format!("ember:tool:{n}")).collect::<Vec<_>>().join(", ")),
+                },
+            )),
         }
     }
 

@@ -74,6 +74,7 @@ impl Validator<'_> {
         Some(Kind::Map {
             processor: Box::new(processor?),
             items_path,
+            items: None,
             item_selector,
             max_concurrency,
             tolerated_percentage,
@@ -183,7 +184,7 @@ impl Validator<'_> {
         out
     }
 
-    pub(super) fn catchers(&mut self, obj: &Map<String, Value>, at: &str) -> Vec<Catcher> {
+    pub(super) fn catchers(&mut self, obj: &Map<String, Value>, at: &str, ql: QueryLanguage) -> Vec<Catcher> {
         let Some(v) = obj.get("Catch") else { return Vec::new() };
         let Some(items) = v.as_array() else {
             self.err(format!("{at}/Catch"), "Catch must be an array");
@@ -196,9 +197,20 @@ impl Validator<'_> {
                 self.err(cat, "a catcher must be an object");
                 continue;
             };
+            let fields: &[&str] = match ql {
+                QueryLanguage::JsonPath => &["ErrorEquals", "Next", "ResultPath", "Assign", "Comment"],
+                QueryLanguage::JsonAta => &["ErrorEquals", "Next", "Output", "Assign", "Comment"],
+            };
             for k in o.keys() {
-                if !["ErrorEquals", "Next", "ResultPath", "Comment"].contains(&k.as_str()) {
-                    self.err(format!("{cat}/{}", esc(k)), format!("unknown Catch field '{k}'"));
+                if !fields.contains(&k.as_str()) {
+                    self.err(
+                        format!("{cat}/{}", esc(k)),
+                        format!(
+                            "field '{k}' is not allowed in a Catch of a {} state (allowed: {})",
+                            ql.name(),
+                            fields.join(", ")
+                        ),
+                    );
                 }
             }
             let error_equals = self.error_equals(o, &cat, i + 1 == items.len());
@@ -207,7 +219,9 @@ impl Validator<'_> {
                 continue;
             };
             let result_path = self.path_field(o, "ResultPath", &cat, true);
-            out.push(Catcher { error_equals, next: next.to_string(), result_path });
+            let assign = self.assign(o, &cat, ql);
+            let output = self.jsonata_template(o, "Output", &cat);
+            out.push(Catcher { error_equals, next: next.to_string(), result_path, assign, output });
         }
         out
     }

@@ -8,6 +8,8 @@ use serde_json::{Map, Value};
 
 mod fields;
 mod graph;
+mod query;
+mod variables;
 
 use super::choice;
 use super::definition::*;
@@ -63,17 +65,29 @@ pub struct Definition {
 pub struct Resources {
     /// Registered tool names (without the `ember:tool:` prefix).
     pub tools: BTreeSet<String>,
+    /// Accept every `ember:tool:NAME` (a worker running the hops of an execution validated
+    /// when it started: a tool it lacks fails that Task, visibly, instead of the hop).
+    pub any_tool: bool,
 }
 
 impl Resources {
     /// The resources for a set of tool names.
     pub fn with_tools<I: IntoIterator<Item = S>, S: Into<String>>(tools: I) -> Self {
-        Self { tools: tools.into_iter().map(Into::into).collect() }
+        Self { tools: tools.into_iter().map(Into::into).collect(), any_tool: false }
+    }
+
+    /// These resources, accepting any `ember:tool:NAME` as well.
+    pub fn with_any_tool(mut self) -> Self {
+        self.any_tool = true;
+        self
     }
 
     /// Whether `resource` may be used in a Task.
     pub fn allows(&self, resource: &str) -> bool {
-        resource == "ember:generate" || resource.strip_prefix("ember:tool:").is_some_and(|n| self.tools.contains(n))
+        resource == "ember:generate"
+            || resource
+                .strip_prefix("ember:tool:")
+                .is_some_and(|n| self.tools.contains(n) || (self.any_tool && !n.is_empty()))
     }
 }
 
@@ -91,9 +105,12 @@ pub fn validate(source: &str, resources: &Resources) -> Result<Definition, Inval
 
 /// Like [`validate`] for an already parsed document.
 pub fn validate_value(doc: &Value, resources: &Resources) -> Result<Definition, InvalidDefinition> {
-    let mut v = Validator { resources, diags: Vec::new() };
+    let mut v = Validator { resources, diags: Vec::new(), ql: QueryLanguage::JsonPath };
     let machine = v.machine(doc, "", true);
     unknown_targets(doc, "", &mut v.diags);
+    if let Some(m) = &machine {
+        variables::check(doc, m.query_language, &mut v.diags);
+    }
     let has_error = v.diags.iter().any(|d| d.severity == Severity::Error);
     match machine {
         Some(machine) if !has_error => Ok(Definition { machine, warnings: v.diags }),
@@ -104,6 +121,8 @@ pub fn validate_value(doc: &Value, resources: &Resources) -> Result<Definition, 
 struct Validator<'a> {
     resources: &'a Resources,
     diags: Vec<Diagnostic>,
+    /// The query language of the machine being read (states inherit it).
+    ql: QueryLanguage,
 }
 
 fn esc(key: &str) -> String {
@@ -223,8 +242,13 @@ impl Validator<'_> {
             }
         }
         if let Some(q) = obj.get("QueryLanguage") {
-            if q != "JSONPath" {
-                self.err(format!("{at}/QueryLanguage"), "only the JSONPath query language is supported");
+            match q.as_str() {
+                Some("JSONPath") => self.ql = QueryLanguage::JsonPath,
+                Some("JSONata") => self.ql = QueryLanguage::JsonAta,
+                _ => self.err(
+                    format!("{at}/QueryLanguage"),
+                    format!("QueryLanguage must be \"JSONPath\" or \"JSONata\", not {q}"),
+                ),
             }
         }
         let timeout_seconds = match obj.get("TimeoutSeconds") {
@@ -260,10 +284,10 @@ impl Validator<'_> {
             self.err(format!("{at}/StartAt"), format!("StartAt names '{start_at}', which is not a state"));
         }
         self.graph(&start_at, states_v, at);
-        Some(StateMachine { start_at, states, timeout_seconds })
+        Some(StateMachine { start_at, states, timeout_seconds, query_language: self.ql })
     }
 
-    fn path_field(&mut self, obj: &Map<String, Value>, key: &str, at: &str, reference: bool) -> PathField {
+    pub(super) fn path_field(&mut self, obj: &Map<String, Value>, key: &str, at: &str, reference: bool) -> PathField {
         match obj.get(key) {
             None => PathField::Default,
             Some(Value::Null) => PathField::Null,
@@ -284,7 +308,7 @@ impl Validator<'_> {
         }
     }
 
-    fn template(&mut self, obj: &Map<String, Value>, key: &str, at: &str) -> Option<Value> {
+    pub(super) fn template(&mut self, obj: &Map<String, Value>, key: &str, at: &str) -> Option<Value> {
         let v = obj.get(key)?;
         let mut problems = Vec::new();
         path::check_template(v, &format!("{at}/{key}"), &mut problems);
@@ -294,7 +318,13 @@ impl Validator<'_> {
         Some(v.clone())
     }
 
-    fn number_source(&mut self, obj: &Map<String, Value>, key: &str, at: &str, min: f64) -> Option<NumberSource> {
+    pub(super) fn number_source(
+        &mut self,
+        obj: &Map<String, Value>,
+        key: &str,
+        at: &str,
+        min: f64,
+    ) -> Option<NumberSource> {
         let pkey = format!("{key}Path");
         match (obj.get(key), obj.get(&pkey)) {
             (Some(_), Some(_)) => {
@@ -341,11 +371,8 @@ impl Validator<'_> {
             return None;
         };
         let before = self.diags.len();
-        for k in obj.keys() {
-            if !allowed.contains(&k.as_str()) {
-                self.err(format!("{at}/{}", esc(k)), format!("field '{k}' is not allowed in a {ty} state"));
-            }
-        }
+        let ql = self.state_query_language(obj, at);
+        self.check_fields(obj, at, ty, allowed, ql);
         let flows = !matches!(ty, "Choice" | "Succeed" | "Fail");
         let next = obj.get("Next");
         let end = obj.get("End");
@@ -369,6 +396,9 @@ impl Validator<'_> {
         } else {
             None
         };
+        if ql == QueryLanguage::JsonAta {
+            return self.jsonata_state(obj, at, ty, next, before);
+        }
         let mut state = State {
             kind: Kind::Succeed,
             input_path: self.path_field(obj, "InputPath", at, false),
@@ -378,24 +408,16 @@ impl Validator<'_> {
             result_selector: self.template(obj, "ResultSelector", at),
             next,
             retry: self.retriers(obj, at),
-            catch: self.catchers(obj, at),
+            catch: self.catchers(obj, at, ql),
+            query_language: ql,
+            arguments: None,
+            output: None,
+            assign: self.assign(obj, at, ql),
         };
         state.kind = match ty {
             "Pass" => Kind::Pass { result: obj.get("Result").cloned() },
             "Task" => {
-                let resource = obj.get("Resource").and_then(Value::as_str).unwrap_or_default().to_string();
-                if resource.is_empty() {
-                    self.err(format!("{at}/Resource"), "a Task needs a Resource");
-                } else if !self.resources.allows(&resource) {
-                    let tools: Vec<String> = self.resources.tools.iter().map(|t| format!("ember:tool:{t}")).collect();
-                    self.err(
-                        format!("{at}/Resource"),
-                        format!(
-                            "unknown Task resource '{resource}': use ember:generate or a registered tool ({})",
-                            tools.join(", ")
-                        ),
-                    );
-                }
+                let resource = self.task_resource(obj, at);
                 let timeout = self.number_source(obj, "TimeoutSeconds", at, 1.0);
                 let heartbeat = self.number_source(obj, "HeartbeatSeconds", at, 1.0);
                 if let (Some(NumberSource::Value(t)), Some(NumberSource::Value(h))) = (&timeout, &heartbeat) {
@@ -419,8 +441,9 @@ impl Validator<'_> {
                             for (l, m) in problems {
                                 self.err(l, m);
                             }
+                            let assign = r.as_object().and_then(|o| self.assign(o, &rat, ql));
                             if let (Some(rule), Some(next)) = (rule, r.get("Next").and_then(Value::as_str)) {
-                                choices.push((rule, next.to_string()));
+                                choices.push(ChoiceRule { rule, next: next.to_string(), assign, output: None });
                             }
                         }
                     }
@@ -487,20 +510,7 @@ impl Validator<'_> {
                     cause_path: s("CausePath"),
                 }
             }
-            "Parallel" => {
-                let mut branches = Vec::new();
-                match obj.get("Branches").and_then(Value::as_array).filter(|a| !a.is_empty()) {
-                    Some(bs) => {
-                        for (i, b) in bs.iter().enumerate() {
-                            if let Some(m) = self.machine(b, &format!("{at}/Branches/{i}"), false) {
-                                branches.push(m);
-                            }
-                        }
-                    }
-                    None => self.err(format!("{at}/Branches"), "Branches must be a non-empty array of state machines"),
-                }
-                Kind::Parallel { branches }
-            }
+            "Parallel" => Kind::Parallel { branches: self.branches(obj, at) },
             "Map" => self.map(obj, at, &mut state)?,
             _ => return None,
         };
@@ -511,5 +521,42 @@ impl Validator<'_> {
             return None;
         }
         Some(state)
+    }
+
+    fn task_resource(&mut self, obj: &Map<String, Value>, at: &str) -> String {
+        let resource = obj.get("Resource").and_then(Value::as_str).unwrap_or_default().to_string();
+        if resource.is_empty() {
+            self.err(format!("{at}/Resource"), "a Task needs a Resource");
+        } else if !self.resources.allows(&resource) {
+            let tools: Vec<String> = self.resources.tools.iter().map(|t| format!("ember:tool:{t}")).collect();
+            let hint = if resource == "ember:tool:http_get" {
+                "; http_get is offered only with --http-allow HOSTS (EMBER_HTTP_ALLOW), the hosts it may reach"
+            } else {
+                ""
+            };
+            self.err(
+                format!("{at}/Resource"),
+                format!(
+                    "unknown Task resource '{resource}': use ember:generate or a registered tool ({}){hint}",
+                    tools.join(", ")
+                ),
+            );
+        }
+        resource
+    }
+
+    fn branches(&mut self, obj: &Map<String, Value>, at: &str) -> Vec<StateMachine> {
+        let mut branches = Vec::new();
+        match obj.get("Branches").and_then(Value::as_array).filter(|a| !a.is_empty()) {
+            Some(bs) => {
+                for (i, b) in bs.iter().enumerate() {
+                    if let Some(m) = self.machine(b, &format!("{at}/Branches/{i}"), false) {
+                        branches.push(m);
+                    }
+                }
+            }
+            None => self.err(format!("{at}/Branches"), "Branches must be a non-empty array of state machines"),
+        }
+        branches
     }
 }

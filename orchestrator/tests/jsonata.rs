@@ -1,0 +1,243 @@
+//! Ember's JSONata (the `jsonata-rs` library plus what Ember adds) against the reference
+//! implementation, jsonata-js 2.2.2 (Step Functions runs 2.0.6 of the same code), on the kinds
+//! of expressions Step Functions workflows use: paths over `$states.input`, variables,
+//! strings, numbers, arrays, objects, higher-order functions, dates.
+//!
+//! Every expression must give the reference's value. The few the library cannot evaluate
+//! are listed in [`KNOWN_GAPS`]: for those Ember must fail with `States.QueryEvaluationError`
+//! (which a state's Catch sees), never give a different value; a gap that starts working
+//! fails the test so the list stays true (and CONFORMANCE.md with it).
+//!
+//! Needs node and jsonata-js (`scripts/install-test-deps.sh` puts it in
+//! `~/.cache/ember/jsonata-js`, or `EMBER_JSONATA_JS`); without them the test fails and says so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Map, Value};
+
+use ember_orchestrator::asl::jsonata::{evaluate, Bindings};
+
+/// Expressions the library cannot evaluate yet, with why (jsonata-rs 0.3.4 lists these
+/// features as missing).
+const KNOWN_GAPS: &[(&str, &str)] = &[
+    ("$average($states.input.items.price)", "$average is not implemented"),
+    ("$formatNumber(1234.5, '#,##0.00')", "$formatNumber is not implemented"),
+    ("$type($states.input.items)", "$type is not implemented"),
+    ("$states.input.items[0].%.customer", "the parent operator is not implemented"),
+];
+
+/// The corpus: (expression, what it exercises).
+const EXPRESSIONS: &[&str] = &[
+    // Paths and filters over the input.
+    "$states.input.customer.name",
+    "$states.input.items.sku",
+    "$states.input.items[price > 10].sku",
+    "$states.input.items[0]",
+    "$states.input.items[-1].qty",
+    "$states.input.items[qty >= 2 and price < 20].sku",
+    "$count($states.input.items)",
+    "$states.input.tags[1]",
+    "$states.input.missing ? 'yes' : 'no'",
+    "$exists($states.input.customer.email)",
+    "$exists($states.input.customer.phone)",
+    // Variables.
+    "$customer.tier",
+    "$n * 2 + 1",
+    "$limits.max - $n",
+    "$states.input.items[qty > $n].sku",
+    // Strings.
+    "'Hello, ' & $states.input.customer.name & '!'",
+    "$uppercase($states.input.customer.name)",
+    "$lowercase('ÀB')",
+    "$substring($states.input.customer.name, 0, 3)",
+    "$substringBefore($states.input.customer.email, '@')",
+    "$substringAfter($states.input.customer.email, '@')",
+    "$split('a,b,,c', ',')",
+    "$join($states.input.tags, '-')",
+    "$trim('  padded   text ')",
+    "$pad('7', 3, '0')",
+    "$length('naïve')",
+    "$contains($states.input.customer.email, 'example')",
+    "$replace('a-b-c', '-', '+')",
+    "$string(42)",
+    "$string($states.input.customer)",
+    "$string([1, 'two', true, null])",
+    "$number('3.5') + 1",
+    "$base64encode('ember')",
+    "$base64decode('ZW1iZXI=')",
+    // Numbers.
+    "1 / 3",
+    "7 % 3",
+    "$round(2.675, 2)",
+    "$floor(-1.5)",
+    "$ceil(1.2)",
+    "$abs(-4)",
+    "$power(2, 10)",
+    "$sqrt(16)",
+    "$sum($states.input.items.(price * qty))",
+    "$max($states.input.items.price)",
+    "$min([3, 1, 2])",
+    "0.1 + 0.2",
+    "1e3",
+    // Booleans and comparisons.
+    "$boolean('')",
+    "$not(true)",
+    "'b' > 'a'",
+    "3 in [1, 2, 3]",
+    "$states.input.customer.tier = 'gold' or $n > 5",
+    // Arrays.
+    "[1..5]",
+    "$append([1, 2], [3])",
+    "$reverse([1, 2, 3])",
+    "$sort([3, 1, 2])",
+    "$sort($states.input.items, function($a, $b) { $a.price > $b.price }).sku",
+    "$distinct([1, 1, 2, 'a', 'a'])",
+    "$zip([1, 2], ['a', 'b'])",
+    "$count([])",
+    "$states.input.items^(price).sku",
+    // Objects.
+    "$keys($states.input.customer)",
+    "$lookup($states.input.customer, 'tier')",
+    "$merge([{'a': 1}, {'b': 2}, {'a': 3}])",
+    "{'total': $sum($states.input.items.price), 'n': $count($states.input.items)}",
+    "$states.input.items{sku: qty}",
+    "$each($states.input.customer, function($v, $k) { $k & '=' & $v })",
+    "$spread({'a': 1, 'b': 2})",
+    // Higher-order functions and blocks.
+    "$map($states.input.items, function($i) { $i.price * $i.qty })",
+    "$filter($states.input.items, function($i) { $i.qty > 1 }).sku",
+    "$reduce([1, 2, 3, 4], function($acc, $x) { $acc + $x })",
+    "($t := $states.input.items[0]; $t.sku & ':' & $t.qty)",
+    "($f := function($x) { $x * $x }; $f(7))",
+    "$single($states.input.items, function($i) { $i.sku = 'b-2' }).price",
+    "$states.input.items.{'sku': sku, 'cost': price * qty}",
+    // Dates.
+    "$toMillis('2026-11-30T12:00:00Z')",
+    "$fromMillis(1700000000000)",
+    // The context object.
+    "$states.context.Execution.Name",
+    "$states.context.State.Name & '@' & $states.context.State.RetryCount",
+];
+
+fn bindings() -> (Value, Map<String, Value>) {
+    let states = json!({
+        "input": {
+            "customer": {"name": "Ada Lovelace", "email": "ada@example.com", "tier": "gold"},
+            "items": [
+                {"sku": "a-1", "price": 12.5, "qty": 2},
+                {"sku": "b-2", "price": 3, "qty": 5},
+                {"sku": "c-3", "price": 40, "qty": 1}
+            ],
+            "tags": ["new", "priority", "eu"]
+        },
+        "context": {
+            "Execution": {"Id": "e1", "Name": "run-7", "StartTime": "2026-11-30T12:00:00Z"},
+            "State": {"Name": "Price", "EnteredTime": "2026-11-30T12:00:01Z", "RetryCount": 0}
+        }
+    });
+    let vars = json!({"customer": {"tier": "silver"}, "n": 3, "limits": {"max": 10}});
+    (states, vars.as_object().cloned().unwrap())
+}
+
+fn jsonata_js() -> PathBuf {
+    let dir = std::env::var_os("EMBER_JSONATA_JS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/ember/jsonata-js"));
+    let module = dir.join("node_modules/jsonata");
+    assert!(
+        module.join("jsonata.js").is_file(),
+        "jsonata-js is not in {} (scripts/install-test-deps.sh installs it): the reference is needed",
+        dir.display()
+    );
+    module
+}
+
+/// Each expression's value by jsonata-js: `{"value": ...}`, `{"undefined": true}` or
+/// `{"error": "..."}`.
+fn reference(exprs: &[&str], states: &Value, vars: &Map<String, Value>) -> Vec<Value> {
+    let script = r#"
+const jsonata = require(process.argv[1]);
+const req = JSON.parse(require('fs').readFileSync(0, 'utf8'));
+(async () => {
+  const out = [];
+  for (const e of req.exprs) {
+    try {
+      const v = await jsonata(e).evaluate(undefined, Object.assign({states: req.states}, req.vars));
+      out.push(v === undefined ? {undefined: true} : {value: JSON.parse(JSON.stringify(v))});
+    } catch (err) {
+      out.push({error: String(err.message || err)});
+    }
+  }
+  process.stdout.write(JSON.stringify(out));
+})();
+"#;
+    let mut child = Command::new("node")
+        .arg("-e")
+        .arg(script)
+        .arg(jsonata_js())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("node (the reference JSONata runs on it) is not on PATH");
+    let req = json!({"exprs": exprs, "states": states, "vars": vars});
+    child.stdin.take().unwrap().write_all(req.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "node failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Numbers compared as numbers (1 and 1.0 are the same JSON number to both sides).
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same(p, q)),
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+#[test]
+fn ember_jsonata_gives_the_reference_implementation_s_values() {
+    let (states, vars) = bindings();
+    let gaps: Vec<&str> = KNOWN_GAPS.iter().map(|g| g.0).collect();
+    let all: Vec<&str> = EXPRESSIONS.iter().copied().chain(gaps.iter().copied()).collect();
+    let want = reference(&all, &states, &vars);
+    let b = Bindings { states: &states, vars: &vars };
+    let mut wrong = Vec::new();
+    let (mut equal, mut gaps_seen) = (0, 0);
+    for (expr, want) in all.iter().zip(&want) {
+        let got = evaluate(expr, "Output", b);
+        let is_gap = gaps.contains(expr);
+        match (&got, want.get("value")) {
+            (Ok(v), Some(w)) if same(v, w) => {
+                if is_gap {
+                    wrong.push(format!(
+                        "{expr}: listed as a gap but now gives the reference's {w}: take it off KNOWN_GAPS"
+                    ));
+                } else {
+                    equal += 1;
+                }
+            }
+            (Err(e), _) if is_gap => {
+                assert_eq!(e.error, "States.QueryEvaluationError", "{expr}: {e:?}");
+                gaps_seen += 1;
+            }
+            (Err(e), None) if want.get("undefined").is_some() => {
+                assert!(e.cause.contains("returned nothing (undefined)"), "{expr}: {e:?}");
+                equal += 1;
+            }
+            (Err(e), None) if want.get("error").is_some() => {
+                assert_eq!(e.error, "States.QueryEvaluationError", "{expr}: {e:?}");
+                equal += 1;
+            }
+            _ => wrong.push(format!("{expr}: Ember {got:?}, reference {want}")),
+        }
+    }
+    eprintln!("{} expressions: {equal} equal to jsonata-js 2.2.2, {gaps_seen} known gaps failing cleanly", all.len());
+    assert!(wrong.is_empty(), "{} differ from the reference:\n{}", wrong.len(), wrong.join("\n"));
+}
