@@ -352,6 +352,40 @@ fn the_example_pipelines_run_on_the_small_model() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A pipeline started where `http_get` is offered, worked by a worker started without
+/// `--http-allow`: its Task fails with `Ember.ToolUnavailable` (a hop is not refused and left
+/// running), `describe` reports the execution FAILED with that error and a cause saying what to
+/// do, and the failed execution is parked in the pipeline DLQ.
+#[test]
+fn a_task_whose_tool_the_worker_lacks_fails_the_execution_visibly() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hops = dir.path().join("hops.db").to_string_lossy().into_owned();
+    let env = vec![
+        ("EMBER_QUEUE_PATH", dir.path().join("queue.db").to_string_lossy().into_owned()),
+        ("EMBER_PIPELINE_QUEUE_PATH", hops.clone()),
+        ("EMBER_RESULTS", dir.path().join("results").to_string_lossy().into_owned()),
+    ];
+    let def = dir.path().join("fetch.asl.json");
+    let fetch = json!({"StartAt": "Fetch", "States": {"Fetch": {"Type": "Task", "Resource": "ember:tool:http_get",
+        "Parameters": {"url": "http://127.0.0.1:9/page"}, "End": true}}});
+    std::fs::write(&def, fetch.to_string())?;
+    let mut start_env = env.clone();
+    start_env.push(("EMBER_HTTP_ALLOW", "127.0.0.1".to_string()));
+    ok(ember(&start_env, &["pipeline", "start", &def.to_string_lossy(), "--name", "fetch"])?)?;
+    let out = ember_cmd(&env, &["serve", "--pipelines", "--exit-when-idle", "--wait-seconds", "1"])?
+        .env_remove("EMBER_HTTP_ALLOW")
+        .output()?;
+    ok(out)?;
+    let d = describe(&env, "fetch")?;
+    assert_eq!(d["status"], "FAILED", "{d}");
+    assert_eq!(d["error"], "Ember.ToolUnavailable", "{d}");
+    assert!(d["cause"].as_str().unwrap_or_default().contains("--http-allow"), "{d}");
+    let status: Value = serde_json::from_str(&ok(ember(&env, &["status", "--queue-path", &hops, "--json"])?)?)?;
+    assert_eq!(status["dlq"], 1, "the failed execution is parked in the pipeline DLQ: {status}");
+    assert_eq!(status["visible"], 0, "{status}");
+    Ok(())
+}
+
 /// An `http_get` hop whose server drips its body (one byte every 200 ms, 10 minutes in all)
 /// does not hold a worker that is shutting down: after the grace period the hop is dropped
 /// (every effect of a hop is create-only, as after a crash), its message goes back to the

@@ -639,13 +639,15 @@ impl HopRun<'_> {
                         Rule::Condition(cond) => {
                             match jsonata::eval_template(cond, "Condition", self.bindings(&states))? {
                                 Value::Bool(b) => b,
-                                other => return Err(StatesError::new(
-                                    names::QUERY_EVALUATION_ERROR,
-                                    format!(
+                                other => {
+                                    return Err(StatesError::new(
+                                        names::QUERY_EVALUATION_ERROR,
+                                        format!(
                                         "The Condition field of state '{}' must give a boolean, but it gave {other}",
                                         self.msg.state
                                     ),
-                                )),
+                                    ))
+                                }
                             }
                         }
                         _ => false,
