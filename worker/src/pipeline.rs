@@ -267,6 +267,7 @@ impl Handler for HopHandler {
     async fn handle(&self, msg: &ReceivedMessage, shutdown: &Shutdown) -> Outcome {
         let hop: HopMessage = match serde_json::from_slice(&msg.body) {
             Ok(h) => h,
+            Err(_) if serde_json::from_slice::<ParkedFailure>(&msg.body).is_ok() => return self.redrive(msg).await,
             Err(e) => {
                 let reason = format!("not a pipeline hop message: {e}");
                 tracing::warn!(message_id = %msg.id, %reason, "refused");
@@ -274,6 +275,7 @@ impl Handler for HopHandler {
             }
         };
         let execution = hop.execution.clone();
+        let redrive = hop.redrive;
         // Whether this delivery recorded the transition itself (through the failpoint below);
         // process_hop then finds the record, which is not a redelivery.
         let mut recorded_here = false;
@@ -322,7 +324,7 @@ impl Handler for HopHandler {
                 }
                 if let Some(end) = &outcome.finished {
                     if let (Err(err), false) = (&end.result, outcome.duplicate) {
-                        let record = json!({"execution": execution, "error": err.error, "cause": err.cause});
+                        let record = json!({"execution": execution, "error": err.error, "cause": err.cause, "redrive_count": redrive});
                         tracing::warn!(%execution, error = %err.error, cause = %err.cause, "execution failed");
                         // The execution is over either way: the message goes once it is parked.
                         if let Outcome::Retry { after, label } =
@@ -345,7 +347,43 @@ impl Handler for HopHandler {
     }
 }
 
+/// What the pipeline DLQ holds for a failed execution; moved back to the hop queue (`ember
+/// dlq redrive`), it redrives that execution.
+#[derive(Debug, serde::Deserialize)]
+struct ParkedFailure {
+    execution: String,
+    /// The run that failed (0 before any redrive); absent in records of older versions.
+    #[serde(default)]
+    redrive_count: Option<u32>,
+}
+
 impl HopHandler {
+    /// A failed execution's record, back from the DLQ: redrive the execution from the state
+    /// that failed (once, however often the record is delivered).
+    async fn redrive(&self, msg: &ReceivedMessage) -> Outcome {
+        let Ok(parked) = serde_json::from_slice::<ParkedFailure>(&msg.body) else { return Outcome::Done };
+        let execution = parked.execution.as_str();
+        match ember_orchestrator::pipeline::redrive_execution(
+            &self.env,
+            execution,
+            Some(parked.redrive_count.unwrap_or(0)),
+        )
+        .await
+        {
+            Ok(r) => {
+                tracing::info!(%execution, redrive_count = r.redrive_count, state = %r.state, "execution redriven");
+                Outcome::Done
+            }
+            Err(e) if e.is_retryable() => {
+                Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() }
+            }
+            Err(e) => {
+                tracing::warn!(%execution, error = %e, "not redriven");
+                Outcome::Done
+            }
+        }
+    }
+
     /// A hop the engine could not process: retried when that may pass, parked otherwise.
     async fn failed(
         &self,
@@ -360,13 +398,16 @@ impl HopHandler {
         tracing::warn!(message_id = %msg.id, %execution, error = %e, "hop refused");
         // The execution cannot go on: end it as failed, so `describe` says why instead of
         // showing it running forever.
+        let mut redrive = 0;
         if let Ok(hop) = serde_json::from_slice::<HopMessage>(&msg.body) {
+            redrive = hop.redrive;
             let error = StatesError::runtime(format!("a hop of state '{}' could not be processed: {e}", hop.state));
             if let Err(fail) = ember_orchestrator::pipeline::fail_execution(&self.env, &hop, error).await {
                 tracing::warn!(%execution, error = %fail, "could not record the execution's failure");
             }
         }
-        let record = json!({"execution": execution, "error": e.label(), "cause": e.to_string()});
+        let record =
+            json!({"execution": execution, "error": e.label(), "cause": e.to_string(), "redrive_count": redrive});
         self.park(msg, record.to_string().as_bytes(), e.label(), e.label()).await
     }
 }

@@ -355,9 +355,22 @@ fn the_example_pipelines_run_on_the_small_model() -> anyhow::Result<()> {
 /// A pipeline started where `http_get` is offered, worked by a worker started without
 /// `--http-allow`: its Task fails with `Ember.ToolUnavailable` (a hop is not refused and left
 /// running), `describe` reports the execution FAILED with that error and a cause saying what to
-/// do, and the failed execution is parked in the pipeline DLQ.
+/// do, and the failed execution is parked in the pipeline DLQ. `ember dlq redrive --pipelines`
+/// then runs it again from that Task on a worker that offers the tool: it succeeds, with a
+/// redrive count of 1.
 #[test]
-fn a_task_whose_tool_the_worker_lacks_fails_the_execution_visibly() -> anyhow::Result<()> {
+fn a_task_whose_tool_the_worker_lacks_fails_visibly_and_redrives_from_the_dlq() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello");
+        }
+    });
     let dir = tempfile::tempdir()?;
     let hops = dir.path().join("hops.db").to_string_lossy().into_owned();
     let env = vec![
@@ -367,15 +380,13 @@ fn a_task_whose_tool_the_worker_lacks_fails_the_execution_visibly() -> anyhow::R
     ];
     let def = dir.path().join("fetch.asl.json");
     let fetch = json!({"StartAt": "Fetch", "States": {"Fetch": {"Type": "Task", "Resource": "ember:tool:http_get",
-        "Parameters": {"url": "http://127.0.0.1:9/page"}, "End": true}}});
+        "Parameters": {"url": format!("http://127.0.0.1:{port}/page")}, "ResultSelector": {"body.$": "$.body"}, "End": true}}});
     std::fs::write(&def, fetch.to_string())?;
-    let mut start_env = env.clone();
-    start_env.push(("EMBER_HTTP_ALLOW", "127.0.0.1".to_string()));
-    ok(ember(&start_env, &["pipeline", "start", &def.to_string_lossy(), "--name", "fetch"])?)?;
-    let out = ember_cmd(&env, &["serve", "--pipelines", "--exit-when-idle", "--wait-seconds", "1"])?
-        .env_remove("EMBER_HTTP_ALLOW")
-        .output()?;
-    ok(out)?;
+    let mut allowed = env.clone();
+    allowed.push(("EMBER_HTTP_ALLOW", format!("127.0.0.1:{port}")));
+    ok(ember(&allowed, &["pipeline", "start", &def.to_string_lossy(), "--name", "fetch"])?)?;
+    let serve = ["serve", "--pipelines", "--exit-when-idle", "--wait-seconds", "1"];
+    ok(ember_cmd(&env, &serve)?.env_remove("EMBER_HTTP_ALLOW").output()?)?;
     let d = describe(&env, "fetch")?;
     assert_eq!(d["status"], "FAILED", "{d}");
     assert_eq!(d["error"], "Ember.ToolUnavailable", "{d}");
@@ -383,6 +394,16 @@ fn a_task_whose_tool_the_worker_lacks_fails_the_execution_visibly() -> anyhow::R
     let status: Value = serde_json::from_str(&ok(ember(&env, &["status", "--queue-path", &hops, "--json"])?)?)?;
     assert_eq!(status["dlq"], 1, "the failed execution is parked in the pipeline DLQ: {status}");
     assert_eq!(status["visible"], 0, "{status}");
+
+    let moved: Value = serde_json::from_str(&ok(ember(&env, &["dlq", "redrive", "--pipelines"])?)?)?;
+    assert_eq!(moved["redriven"], 1, "{moved}");
+    ok(ember(&allowed, &serve)?)?;
+    let d = describe(&env, "fetch")?;
+    assert_eq!(d["status"], "SUCCEEDED", "{d}");
+    assert_eq!(d["output"], json!({"body": "hello"}), "{d}");
+    assert_eq!(d["redrive_count"], 1, "{d}");
+    let status: Value = serde_json::from_str(&ok(ember(&env, &["status", "--queue-path", &hops, "--json"])?)?)?;
+    assert_eq!((status["dlq"].as_u64(), status["visible"].as_u64()), (Some(0), Some(0)), "{status}");
     Ok(())
 }
 

@@ -249,6 +249,7 @@ impl HopRun<'_> {
             not_before: None,
             join: None,
             vars: self.assigned.clone().unwrap_or_else(|| self.msg.vars.clone()),
+            redrive: self.msg.redrive,
         }
     }
 
@@ -265,7 +266,7 @@ impl HopRun<'_> {
         // A Map with MaxConcurrency: this item's end starts item index + MaxConcurrency.
         let Some(frame) = self.msg.scope.last() else { return Ok(()) };
         let parent = &self.msg.scope[..self.msg.scope.len() - 1];
-        let fan = super::process::load_transition(self.env, &self.msg.execution, parent, frame.hop).await?;
+        let fan = super::process::load_transition(self.env, &self.msg.records(), parent, frame.hop).await?;
         if let Some(f) = fan.fan_out {
             let next = frame.index + f.max_concurrency;
             if f.max_concurrency > 0 && next < f.count {
@@ -275,14 +276,8 @@ impl HopRun<'_> {
                 if let Some(last) = scope.last_mut() {
                     last.index = next;
                 }
-                let message = branch_start(
-                    &self.msg.execution,
-                    scope,
-                    frame.hop + 1,
-                    &machine.start_at,
-                    input,
-                    fan.message.vars.clone(),
-                );
+                let message =
+                    branch_start(self.msg, scope, frame.hop + 1, &machine.start_at, input, fan.message.vars.clone());
                 t.sends.push(Outgoing { message, delay_seconds: 0.0 });
             }
         }
@@ -785,12 +780,12 @@ impl HopRun<'_> {
     fn branch_message(&self, index: usize, start: &str, input: Value) -> HopMessage {
         let mut scope = self.msg.scope.clone();
         scope.push(Frame { state: self.msg.state.clone(), hop: self.msg.hop, index });
-        branch_start(&self.msg.execution, scope, self.msg.hop + 1, start, input, self.msg.vars.clone())
+        branch_start(self.msg, scope, self.msg.hop + 1, start, input, self.msg.vars.clone())
     }
 
     async fn join(&mut self, state: &State, fan_hop: u64, raw: &Value, ctx: &Value) -> Result<Step, StatesError> {
         let storage = |e: PipelineError| StatesError::runtime(format!("could not read the branch results: {e}"));
-        let marker = super::process::load_join(self.env, &self.msg.execution, &self.msg.scope, fan_hop)
+        let marker = super::process::load_join(self.env, &self.msg.records(), &self.msg.scope, fan_hop)
             .await
             .map_err(storage)?;
         let kind = state.type_name();
@@ -801,7 +796,7 @@ impl HopRun<'_> {
             );
             return Err(f);
         }
-        let results = super::process::load_results(self.env, &self.msg.execution, &self.msg.scope, fan_hop)
+        let results = super::process::load_results(self.env, &self.msg.records(), &self.msg.scope, fan_hop)
             .await
             .map_err(storage)?;
         let outputs = results
@@ -837,9 +832,10 @@ impl HopRun<'_> {
     }
 }
 
-/// The first hop of a Parallel branch or a Map item: state `start` of the branch at `scope`.
+/// The first hop of a Parallel branch or a Map item: state `start` of the branch at `scope`
+/// (of the execution and redrive of `from`, the fan-out's hop).
 fn branch_start(
-    execution: &str,
+    from: &HopMessage,
     scope: Vec<Frame>,
     hop: u64,
     start: &str,
@@ -847,7 +843,7 @@ fn branch_start(
     vars: Map<String, Value>,
 ) -> HopMessage {
     HopMessage {
-        execution: execution.to_string(),
+        execution: from.execution.clone(),
         state: start.to_string(),
         input,
         hop,
@@ -858,5 +854,6 @@ fn branch_start(
         not_before: None,
         join: None,
         vars,
+        redrive: from.redrive,
     }
 }

@@ -54,12 +54,36 @@ pub struct HopMessage {
     /// enclosing scope's too).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub vars: Map<String, Value>,
+    /// How many times the execution was redriven when this hop was sent: a redriven
+    /// execution records its hops afresh, under `r{n}/` of the execution's records.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub redrive: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl HopMessage {
-    /// A stable id for the hop (what consumers dedupe on): execution, scope and hop number.
+    /// A stable id for the hop (what consumers dedupe on): execution, redrive, scope and hop
+    /// number.
     pub fn id(&self) -> String {
-        format!("{}/{}", self.execution, transition_suffix(&self.scope, self.hop))
+        format!("{}/{}", self.records(), transition_suffix(&self.scope, self.hop))
+    }
+
+    /// The id under which this hop's records (transitions, branch results, joins, the end)
+    /// are kept: the execution's, or its redrive's.
+    pub fn records(&self) -> String {
+        records_id(&self.execution, self.redrive)
+    }
+}
+
+/// The records id of redrive `n` of `execution` (the execution's own for 0).
+pub fn records_id(execution: &str, redrive: u32) -> String {
+    if redrive == 0 {
+        execution.to_string()
+    } else {
+        format!("{execution}/r{redrive}")
     }
 }
 
@@ -178,6 +202,11 @@ pub fn meta_key(execution: &str) -> String {
 /// The end record's key.
 pub fn end_key(execution: &str) -> String {
     format!("{}end.json", execution_prefix(execution))
+}
+
+/// The key of redrive `n`'s start marker (`executions/{id}/r{n}/start.json`).
+pub fn redrive_key(execution: &str, n: u32) -> String {
+    format!("{}start.json", execution_prefix(&records_id(execution, n)))
 }
 
 /// Prefix of all transition records.

@@ -55,8 +55,8 @@ pub use engine::MAX_QUEUE_DELAY_SECONDS;
 pub use hop::{BranchResult, ExecutionEnd, Frame, HopMessage, Outgoing, RecordedEvent, Transition};
 pub use http::HttpGet;
 pub use process::{
-    describe, fail_execution, history, process_hop, record_hop, start_execution, Description, ExecutionStatus,
-    HistoryEvent, HopOutcome, HopStatus, StartOptions,
+    describe, fail_execution, history, process_hop, record_hop, redrive_execution, start_execution, Description,
+    ExecutionStatus, HistoryEvent, HopOutcome, HopStatus, Redrive, StartOptions,
 };
 pub use queue::{Clock, HopSender, MemoryQueue, SendError};
 pub use store::{ExecutionStore, MemoryStore, StoreError};
@@ -158,6 +158,9 @@ pub enum PipelineError {
     /// Bad execution name.
     #[error("InvalidName: '{0}' (1-80 characters of letters, digits, '-' and '_')")]
     InvalidName(String),
+    /// Only a failed execution can be redriven.
+    #[error("ExecutionNotRedrivable: execution '{0}' is {1}; only a FAILED execution can be redriven")]
+    NotRedrivable(String, String),
     /// A stored record could not be read back.
     #[error("corrupt execution record: {0}")]
     Corrupt(String),
@@ -173,6 +176,7 @@ impl PipelineError {
             Self::ExecutionAlreadyExists(_) => "pipeline_execution_exists",
             Self::ExecutionNotFound(_) => "pipeline_execution_not_found",
             Self::InvalidName(_) => "pipeline_invalid_name",
+            Self::NotRedrivable(..) => "pipeline_not_redrivable",
             Self::Corrupt(_) => "pipeline_corrupt",
         }
     }

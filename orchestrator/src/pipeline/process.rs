@@ -114,7 +114,7 @@ fn hop_resources(env: &Env) -> asl::Resources {
 /// [`process_hop`]). Returns the record and whether it already existed. A worker killed right
 /// after this call leaves a record whose next hops a redelivery sends.
 pub async fn record_hop(env: &Env, msg: &HopMessage) -> Result<(Transition, bool), PipelineError> {
-    let key = transition_key(&msg.execution, &msg.scope, msg.hop);
+    let key = transition_key(&msg.records(), &msg.scope, msg.hop);
     if let Some(t) = get_json::<Transition>(env, &key).await? {
         return Ok((t, true));
     }
@@ -147,9 +147,9 @@ pub async fn process_hop(env: &Env, msg: HopMessage) -> Result<HopOutcome, Pipel
     }
     // Hops of a Parallel/Map that already failed stop here.
     for i in 0..msg.scope.len() {
-        if let Some(j) = load_join(env, &msg.execution, &msg.scope[..i], msg.scope[i].hop).await? {
+        if let Some(j) = load_join(env, &msg.records(), &msg.scope[..i], msg.scope[i].hop).await? {
             if j.failure.is_some()
-                && get_json::<Transition>(env, &transition_key(&msg.execution, &msg.scope, msg.hop)).await?.is_none()
+                && get_json::<Transition>(env, &transition_key(&msg.records(), &msg.scope, msg.hop)).await?.is_none()
             {
                 return Ok(HopOutcome {
                     hop_id,
@@ -164,7 +164,7 @@ pub async fn process_hop(env: &Env, msg: HopMessage) -> Result<HopOutcome, Pipel
     let (t, duplicate) = record_hop(env, &msg).await?;
     let mut sends: Vec<Outgoing> = t.sends.clone();
     if let Some(end) = &t.end {
-        put_json(env, &end_key(&msg.execution), end).await?;
+        put_json(env, &end_key(&msg.records()), end).await?;
     }
     if let Some(done) = &t.branch_done {
         sends.extend(branch_done(env, &t.message, done).await?);
@@ -175,7 +175,7 @@ pub async fn process_hop(env: &Env, msg: HopMessage) -> Result<HopOutcome, Pipel
         // its successors. Without this a duplicate would replay to the end of its branch.
         let mut fresh = Vec::with_capacity(sends.len());
         for o in sends {
-            let key = transition_key(&o.message.execution, &o.message.scope, o.message.hop);
+            let key = transition_key(&o.message.records(), &o.message.scope, o.message.hop);
             if get_json::<Transition>(env, &key).await?.is_none() {
                 fresh.push(o);
             }
@@ -202,7 +202,8 @@ pub async fn process_hop(env: &Env, msg: HopMessage) -> Result<HopOutcome, Pipel
 async fn branch_done(env: &Env, msg: &HopMessage, done: &BranchResult) -> Result<Vec<Outgoing>, PipelineError> {
     let Some(frame) = msg.scope.last() else { return Ok(Vec::new()) };
     let parent = &msg.scope[..msg.scope.len() - 1];
-    let exec = &msg.execution;
+    let records = msg.records();
+    let exec = &records;
     put_json(env, &result_key(exec, parent, frame.hop, frame.index, done), done).await?;
     let jkey = join_key(exec, parent, frame.hop);
     if let Some(j) = get_json::<JoinRecord>(env, &jkey).await? {
@@ -218,7 +219,7 @@ async fn branch_done(env: &Env, msg: &HopMessage, done: &BranchResult) -> Result
     let listed = env.store.list(&results_prefix(exec, parent, frame.hop)).await?;
     let results: Vec<(usize, bool, u64, &String)> =
         listed.iter().filter_map(|k| parse_result_key(k).map(|(i, ok, h)| (i, ok, h, k))).collect();
-    let meta = load_meta(env, exec).await?;
+    let meta = load_meta(env, &msg.execution).await?;
     let def = env.definitions.get(&meta.definition, &hop_resources(env))?;
     let machine = super::engine::machine_for(&def.machine, parent)?;
     let failures: Vec<&String> = results.iter().filter(|r| !r.1).map(|r| r.3).collect();
@@ -249,7 +250,7 @@ async fn branch_done(env: &Env, msg: &HopMessage, done: &BranchResult) -> Result
         if failure.is_some() { done.last_hop } else { results.iter().map(|r| r.2).max().unwrap_or(done.last_hop) } + 1;
     let fm = &fan_rec.message;
     let message = HopMessage {
-        execution: exec.clone(),
+        execution: msg.execution.clone(),
         state: frame.state.clone(),
         input: fm.input.clone(),
         hop,
@@ -260,6 +261,7 @@ async fn branch_done(env: &Env, msg: &HopMessage, done: &BranchResult) -> Result
         not_before: None,
         join: Some(frame.hop),
         vars: fm.vars.clone(),
+        redrive: fm.redrive,
     };
     let rec = JoinRecord { owner: frame.index, failure, message };
     if put_json(env, &jkey, &rec).await? {
@@ -294,10 +296,75 @@ pub async fn fail_execution(env: &Env, msg: &HopMessage, error: StatesError) -> 
         fan_out: None,
         time_ms: now,
     };
-    if !put_json(env, &transition_key(&msg.execution, &msg.scope, msg.hop), &t).await? {
+    if !put_json(env, &transition_key(&msg.records(), &msg.scope, msg.hop), &t).await? {
         return Ok(false);
     }
-    put_json(env, &end_key(&msg.execution), &end).await
+    put_json(env, &end_key(&msg.records()), &end).await
+}
+
+/// What [`redrive_execution`] did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Redrive {
+    /// The execution.
+    pub execution: String,
+    /// Its redrive count now.
+    pub redrive_count: u32,
+    /// The state it runs again from.
+    pub state: String,
+}
+
+/// Redrives a failed execution, as Step Functions' RedriveExecution: it runs again from the
+/// state that failed (a failed Parallel or Map runs again whole), with that state's input and
+/// the variables it saw; what succeeded before is not run again. Its hops are recorded afresh
+/// under the redrive's records, so `describe` follows the new run and `history` shows both.
+///
+/// `failure`: the redrive count of the failure being redriven (a parked record says which),
+/// so a record delivered twice redrives once; `None` redrives the current failure. A redrive
+/// whose first hop may not have gone out (a crash right after its marker) is sent again.
+pub async fn redrive_execution(env: &Env, execution: &str, failure: Option<u32>) -> Result<Redrive, PipelineError> {
+    let d = describe(env, execution).await?;
+    let current = d.redrive_count;
+    if current > 0 && failure.is_some_and(|f| f < current) {
+        // Already redriven: resume its first hop if nothing of it was recorded.
+        let marker: Option<Value> = get_json(env, &redrive_key(execution, current)).await?;
+        let hop = marker.and_then(|m| serde_json::from_value::<HopMessage>(m["hop"].clone()).ok());
+        let Some(hop) = hop else {
+            return Err(PipelineError::Corrupt(format!("redrive {current} of {execution} has no hop")));
+        };
+        if env.store.list(&transitions_prefix(&hop.records())).await?.is_empty() {
+            env.sender.send(vec![(hop.clone(), Duration::ZERO)]).await?;
+        }
+        return Ok(Redrive { execution: execution.to_string(), redrive_count: current, state: hop.state });
+    }
+    let last = records_id(execution, current);
+    let mut failed: Option<HopMessage> = None;
+    for key in env.store.list(&transitions_prefix(&last)).await? {
+        if let Some(t) = get_json::<Transition>(env, &key).await? {
+            if matches!(t.end, Some(ExecutionEnd { result: Err(_), .. })) {
+                failed = Some(t.message);
+                break;
+            }
+        }
+    }
+    let Some(mut hop) = failed.filter(|_| d.status == ExecutionStatus::Failed) else {
+        return Err(PipelineError::NotRedrivable(execution.to_string(), format!("{:?}", d.status).to_uppercase()));
+    };
+    // A failure recorded inside a branch (a hop that could not be processed) reruns the
+    // top-level Parallel or Map around it.
+    if let Some(outer) = hop.scope.first().cloned() {
+        hop = load_transition(env, &last, &[], outer.hop).await?.message;
+    }
+    let n = current + 1;
+    hop.redrive = n;
+    hop.join = None;
+    hop.attempt = 0;
+    hop.retries.clear();
+    hop.entered_time = None;
+    hop.not_before = None;
+    put_json(env, &redrive_key(execution, n), &json!({"from_state": hop.state, "hop": hop})).await?;
+    let state = hop.state.clone();
+    env.sender.send(vec![(hop, Duration::ZERO)]).await?;
+    Ok(Redrive { execution: execution.to_string(), redrive_count: n, state })
 }
 
 /// Options of [`start_execution`].
@@ -361,6 +428,7 @@ pub async fn start_execution(
         not_before: None,
         join: None,
         vars: Default::default(),
+        redrive: 0,
     };
     env.sender.send(vec![(first, Duration::ZERO)]).await?;
     Ok(name)
@@ -399,12 +467,24 @@ pub struct Description {
     pub start_time: String,
     /// RFC 3339, when ended.
     pub stop_time: Option<String>,
+    /// How many times it was redriven (Step Functions' `redriveCount`).
+    pub redrive_count: u32,
 }
 
-/// Describes an execution.
+/// The number of times `execution` was redriven (its redrive markers, 1, 2, ...).
+async fn redrive_count(env: &Env, execution: &str) -> Result<u32, PipelineError> {
+    let mut n = 0;
+    while env.store.get(&redrive_key(execution, n + 1)).await?.is_some() {
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Describes an execution (after a redrive, its latest run).
 pub async fn describe(env: &Env, execution: &str) -> Result<Description, PipelineError> {
     let meta = load_meta(env, execution).await?;
-    let end: Option<ExecutionEnd> = get_json(env, &end_key(execution)).await?;
+    let redrives = redrive_count(env, execution).await?;
+    let end: Option<ExecutionEnd> = get_json(env, &end_key(&records_id(execution, redrives))).await?;
     let mut d = Description {
         id: meta.id,
         name: meta.name,
@@ -415,6 +495,7 @@ pub async fn describe(env: &Env, execution: &str) -> Result<Description, Pipelin
         cause: None,
         start_time: meta.start_time,
         stop_time: None,
+        redrive_count: redrives,
     };
     if let Some(end) = end {
         d.stop_time = Some(end.stop_time);
@@ -454,13 +535,21 @@ pub struct HistoryEvent {
 pub async fn history(env: &Env, execution: &str) -> Result<Vec<HistoryEvent>, PipelineError> {
     let meta = load_meta(env, execution).await?;
     let mut recs: Vec<Transition> = Vec::new();
-    for key in env.store.list(&transitions_prefix(execution)).await? {
-        if let Some(t) = get_json::<Transition>(env, &key).await? {
-            recs.push(t);
+    let redrives = redrive_count(env, execution).await?;
+    for n in 0..=redrives {
+        for key in env.store.list(&transitions_prefix(&records_id(execution, n))).await? {
+            if let Some(t) = get_json::<Transition>(env, &key).await? {
+                recs.push(t);
+            }
         }
     }
     recs.sort_by(|a, b| {
-        (a.time_ms, a.message.hop, a.message.scope.len()).cmp(&(b.time_ms, b.message.hop, b.message.scope.len()))
+        (a.message.redrive, a.time_ms, a.message.hop, a.message.scope.len()).cmp(&(
+            b.message.redrive,
+            b.time_ms,
+            b.message.hop,
+            b.message.scope.len(),
+        ))
     });
     let mut out = vec![HistoryEvent {
         id: 1,

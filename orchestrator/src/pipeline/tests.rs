@@ -399,3 +399,69 @@ async fn hops_reuse_one_parsed_definition_per_state_machine() {
     drain(&env, &queue).await;
     assert_eq!(env.definitions.len(), 2);
 }
+
+/// Redrive, as Step Functions' RedriveExecution: a failed execution runs again from the state
+/// that failed (earlier states are not run again, variables are kept), `describe` follows the
+/// new run, `history` holds both, and a redrive record delivered twice redrives once.
+#[tokio::test]
+async fn a_failed_execution_redrives_from_the_state_that_failed() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let (first_runs, f) = {
+        let n = Arc::new(AtomicUsize::new(0));
+        (n.clone(), n)
+    };
+    let tools = Tools::builtin()
+        .register("first", move |v: Value| {
+            let f = f.clone();
+            async move {
+                f.fetch_add(1, Ordering::SeqCst);
+                Ok(v)
+            }
+        })
+        .register("flaky", move |v: Value| {
+            let c = c.clone();
+            async move {
+                match c.fetch_add(1, Ordering::SeqCst) {
+                    0 => Err(TaskFailure::new("Flaky.Down", "the service is down")),
+                    _ => Ok(json!({"got": v})),
+                }
+            }
+        });
+    let (env, queue, _store) = env_with(tools);
+    let def = r#"{"StartAt": "First", "States": {
+        "First": {"Type": "Task", "Resource": "ember:tool:first", "Assign": {"seen.$": "$.x"}, "Next": "Flaky"},
+        "Flaky": {"Type": "Task", "Resource": "ember:tool:flaky", "Parameters": {"x.$": "$seen"}, "End": true}}}"#;
+    let id = start_execution(&env, def, json!({"x": 7}), StartOptions { name: Some("rd") }).await.unwrap();
+    drain(&env, &queue).await;
+    let d = describe(&env, &id).await.unwrap();
+    assert_eq!((d.status, d.error.as_deref(), d.redrive_count), (ExecutionStatus::Failed, Some("Flaky.Down"), 0));
+
+    let r = redrive_execution(&env, &id, Some(0)).await.unwrap();
+    assert_eq!((r.redrive_count, r.state.as_str()), (1, "Flaky"));
+    assert_eq!(describe(&env, &id).await.unwrap().status, ExecutionStatus::Running);
+    // The same parked record delivered again before the redriven hop ran: no second
+    // redrive; its hop is sent again (a crash may have lost it) and dedupes by its id.
+    let r = redrive_execution(&env, &id, Some(0)).await.unwrap();
+    assert_eq!(r.redrive_count, 1);
+    let hops = queue.drain();
+    assert_eq!(hops.len(), 2, "{hops:?}");
+    assert_eq!(hops[0].id(), hops[1].id());
+    for h in hops {
+        process_hop(&env, h).await.unwrap();
+    }
+    drain(&env, &queue).await;
+    // Delivered once more after the redrive ran: nothing is sent.
+    redrive_execution(&env, &id, Some(0)).await.unwrap();
+    assert!(queue.is_empty());
+    let d = describe(&env, &id).await.unwrap();
+    assert_eq!(d.status, ExecutionStatus::Succeeded, "{d:?}");
+    assert_eq!(d.output, Some(json!({"got": {"x": 7}})), "the variable assigned before the failure is kept");
+    assert_eq!(d.redrive_count, 1);
+    assert_eq!(first_runs.load(Ordering::SeqCst), 1, "the state before the failure did not run again");
+    let kinds: Vec<String> = history(&env, &id).await.unwrap().into_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "ExecutionFailed").count(), 1, "{kinds:?}");
+    assert_eq!(kinds.last().map(String::as_str), Some("ExecutionSucceeded"), "{kinds:?}");
+    let e = redrive_execution(&env, &id, None).await.unwrap_err();
+    assert!(e.to_string().contains("only a FAILED execution"), "{e}");
+}

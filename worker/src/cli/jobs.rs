@@ -73,12 +73,21 @@ pub struct StatusArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum DlqCommand {
-    /// Move every message in the dead-letter queue back to the queue, to run again.
+    /// Move every message in the dead-letter queue back to the queue, to run again. With
+    /// --pipelines, the pipeline queue's: each failed execution there runs again from the
+    /// state that failed (as `ember pipeline redrive`) once a worker (`ember serve
+    /// --pipelines`) takes it.
     Redrive {
         #[command(flatten)]
         aws: AwsArgs,
         #[command(flatten)]
         queue: QueueArgs,
+        /// Redrive the pipeline queue's dead letters (the queue named by --pipeline-sqs-queue
+        /// or --pipeline-queue-path) instead of the jobs queue's.
+        #[arg(long, env = "EMBER_DLQ_PIPELINES", value_parser = clap::builder::BoolishValueParser::new())]
+        pipelines: bool,
+        #[command(flatten)]
+        pipeline_queue: super::pipeline::PipelineQueueArgs,
     },
     /// List the jobs in the dead-letter queue, one JSON object a line: message id, custom_id,
     /// batch, why it is there, and whether its owner has an answer (a result or error result).
@@ -612,7 +621,16 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
 
 pub async fn dlq(cmd: DlqCommand) -> anyhow::Result<()> {
     match cmd {
-        DlqCommand::Redrive { aws, queue } => {
+        DlqCommand::Redrive { aws, queue, pipelines, pipeline_queue } => {
+            let queue = if pipelines {
+                QueueArgs {
+                    sqs_queue: pipeline_queue.pipeline_sqs_queue,
+                    queue_path: pipeline_queue.pipeline_queue_path,
+                    ..queue
+                }
+            } else {
+                queue
+            };
             let moved = queue.open_existing(&aws).await?.redrive().await?;
             println!("{}", serde_json::json!({"redriven": moved}));
             Ok(())

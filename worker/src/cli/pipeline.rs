@@ -64,6 +64,9 @@ pub enum PipelineCommand {
     Describe(ReadArgs),
     /// An execution's events, Step Functions style, one JSON object per line.
     History(ReadArgs),
+    /// Run a failed execution again from the state that failed (like RedriveExecution): the
+    /// states that succeeded are not run again; `ember serve --pipelines` works the hops.
+    Redrive(RedriveArgs),
     /// Rewrite a definition's Ember tasks into Lambda invocations of the Ember function, to run
     /// the same pipeline on AWS Step Functions.
     Export {
@@ -95,6 +98,20 @@ pub struct StartArgs {
     pub store: StoreArgs,
     #[command(flatten)]
     pub tools: ToolArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RedriveArgs {
+    /// The failed execution's id.
+    pub id: String,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
+    #[command(flatten)]
+    pub pipeline_queue: PipelineQueueArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -147,6 +164,15 @@ pub async fn run(cmd: PipelineCommand) -> anyhow::Result<()> {
             let env = read_env(&args).await?;
             let d = describe(&env, &args.id).await?;
             println!("{}", serde_json::to_string_pretty(&d)?);
+            Ok(())
+        }
+        PipelineCommand::Redrive(args) => {
+            let (queue, store) =
+                tokio::try_join!(args.pipeline_queue.open(&args.queue, &args.aws), args.store.open(&args.aws))?;
+            let env =
+                HopHandler::env(queue, store, Arc::new(tools(&[])), ember_orchestrator::pipeline::DEFAULT_MAX_HOPS);
+            let r = ember_orchestrator::pipeline::redrive_execution(&env, &args.id, None).await?;
+            println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
         PipelineCommand::History(args) => {
