@@ -5,7 +5,7 @@
 //! Files per case: `NAME.asl.json` (the definition), `NAME.input.json`, and optionally
 //! `NAME.check.json`:
 //! - `"shape": ["key", ...]`: output keys whose values are random (UUID, times): compared by
-//!   JSON type only;
+//!   JSON type only (a key starting with `/` is a JSON pointer into the output);
 //! - `"error_only": true`: compare the error name, not the cause text (AWS causes name event
 //!   ids and embed the input);
 //! - `"moto_differs": "why", "aws": {"status": .., "output"|"error"|"cause": ..}`: moto
@@ -112,9 +112,10 @@ fn rewrite_in(v: &mut Value, moto_endpoint: Option<&str>, jsonata: bool) {
 /// The comparable result: status plus output or error (and cause).
 fn result(status: &str, output: Option<Value>, error: Option<String>, cause: Option<String>, check: &Value) -> Value {
     let mut output = output;
-    if let (Some(Value::Object(o)), Some(keys)) = (output.as_mut(), check.get("shape").and_then(Value::as_array)) {
+    if let (Some(out), Some(keys)) = (output.as_mut(), check.get("shape").and_then(Value::as_array)) {
         for k in keys.iter().filter_map(Value::as_str) {
-            if let Some(v) = o.get_mut(k) {
+            let v = if k.starts_with('/') { out.pointer_mut(k) } else { out.get_mut(k) };
+            if let Some(v) = v {
                 *v = json!(format!("<{}>", type_name(v)));
             }
         }
