@@ -269,7 +269,8 @@ async fn ember_matches_step_functions_on_moto() {
     let cfg = moto.aws_config().await;
     let client = aws_sdk_sfn::Client::new(&cfg);
 
-    let (without_moto, cases): (Vec<Case>, Vec<Case>) = cases.into_iter().partition(|c| c.check.get("moto_cannot").is_some());
+    let (without_moto, cases): (Vec<Case>, Vec<Case>) =
+        cases.into_iter().partition(|c| c.check.get("moto_cannot").is_some());
     let moto_runs: Vec<_> = cases
         .iter()
         .map(|c| {
