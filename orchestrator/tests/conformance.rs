@@ -5,12 +5,17 @@
 //! Files per case: `NAME.asl.json` (the definition), `NAME.input.json`, and optionally
 //! `NAME.check.json`:
 //! - `"shape": ["key", ...]`: output keys whose values are random (UUID, times): compared by
-//!   JSON type only;
+//!   JSON type only (a key starting with `/` is a JSON pointer into the output);
 //! - `"error_only": true`: compare the error name, not the cause text (AWS causes name event
 //!   ids and embed the input);
 //! - `"moto_differs": "why", "aws": {"status": .., "output"|"error"|"cause": ..}`: moto
 //!   disagrees with the AWS documentation; Ember is checked against `aws` instead (listed in
 //!   `orchestrator/CONFORMANCE.md`).
+//! - `"moto_cannot": "why", "aws": {..}, "source": "where"`: moto cannot run the case at all
+//!   (JSONata, workflow variables); it runs on Ember only and is compared with `aws`, the
+//!   result AWS recorded (`source` names the recording or the AWS doc page). With
+//!   `"invalid": "text"` instead of `aws`, Ember must reject the definition with an error
+//!   whose message contains `text` (AWS rejects it at CreateStateMachine).
 //!
 //! A Task with `"Resource": "ember:tool:fail"` stands for a task that fails: on moto it
 //! becomes an SQS `sendMessage` to a queue that does not exist (moto runs no Lambda code),
@@ -27,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use ember_orchestrator::pipeline::{run_to_completion, DriverOptions, ExecutionStatus, Tools};
+use ember_orchestrator::pipeline::{run_to_completion, DriverOptions, ExecutionStatus, Run, Tools};
 
 const FAIL_ERROR: &str = "SQS.SdkClientException";
 const FAIL_CAUSE: &str = "The specified queue does not exist.";
@@ -67,10 +72,19 @@ fn load_cases() -> Vec<Case> {
 }
 
 /// Rewrites every `ember:tool:fail` Task: `moto` gets an SQS sendMessage to a missing queue,
-/// Ember gets the error and cause moto produces.
+/// Ember gets the error and cause moto produces (as `Arguments` in a JSONata state, which has
+/// no `Parameters`).
 fn rewrite(v: &mut Value, moto_endpoint: Option<&str>) {
+    rewrite_in(v, moto_endpoint, false)
+}
+
+fn rewrite_in(v: &mut Value, moto_endpoint: Option<&str>, jsonata: bool) {
     match v {
         Value::Object(m) => {
+            let jsonata = match m.get("QueryLanguage").and_then(Value::as_str) {
+                Some(ql) => ql == "JSONata",
+                None => jsonata,
+            };
             if m.get("Type") == Some(&json!("Task")) && m.get("Resource") == Some(&json!("ember:tool:fail")) {
                 match moto_endpoint {
                     Some(ep) => {
@@ -81,15 +95,16 @@ fn rewrite(v: &mut Value, moto_endpoint: Option<&str>) {
                         );
                     }
                     None => {
-                        m.insert("Parameters".into(), json!({"Error": FAIL_ERROR, "Cause": FAIL_CAUSE}));
+                        let field = if jsonata { "Arguments" } else { "Parameters" };
+                        m.insert(field.into(), json!({"Error": FAIL_ERROR, "Cause": FAIL_CAUSE}));
                     }
                 }
             }
             for (_, x) in m.iter_mut() {
-                rewrite(x, moto_endpoint);
+                rewrite_in(x, moto_endpoint, jsonata);
             }
         }
-        Value::Array(a) => a.iter_mut().for_each(|x| rewrite(x, moto_endpoint)),
+        Value::Array(a) => a.iter_mut().for_each(|x| rewrite_in(x, moto_endpoint, jsonata)),
         _ => {}
     }
 }
@@ -97,9 +112,10 @@ fn rewrite(v: &mut Value, moto_endpoint: Option<&str>) {
 /// The comparable result: status plus output or error (and cause).
 fn result(status: &str, output: Option<Value>, error: Option<String>, cause: Option<String>, check: &Value) -> Value {
     let mut output = output;
-    if let (Some(Value::Object(o)), Some(keys)) = (output.as_mut(), check.get("shape").and_then(Value::as_array)) {
+    if let (Some(out), Some(keys)) = (output.as_mut(), check.get("shape").and_then(Value::as_array)) {
         for k in keys.iter().filter_map(Value::as_str) {
-            if let Some(v) = o.get_mut(k) {
+            let v = if k.starts_with('/') { out.pointer_mut(k) } else { out.get_mut(k) };
+            if let Some(v) = v {
                 *v = json!(format!("<{}>", type_name(v)));
             }
         }
@@ -122,19 +138,57 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-async fn run_ember(case: &Case) -> Value {
+/// The result `aws` in the check file describes, in the shape `result` gives.
+fn recorded_aws(check: &Value) -> Value {
+    let aws = &check["aws"];
+    result(
+        aws["status"].as_str().unwrap_or("SUCCEEDED"),
+        aws.get("output").cloned(),
+        aws.get("error").and_then(Value::as_str).map(str::to_string),
+        aws.get("cause").and_then(Value::as_str).map(str::to_string),
+        check,
+    )
+}
+
+async fn ember_run(case: &Case) -> Result<Run, String> {
     let mut def = case.definition.clone();
     rewrite(&mut def, None);
-    let run = run_to_completion(Tools::builtin(), &def.to_string(), case.input.clone(), DriverOptions::default())
+    run_to_completion(Tools::builtin(), &def.to_string(), case.input.clone(), DriverOptions::default())
         .await
-        .unwrap_or_else(|e| panic!("{}: Ember rejected the case: {e}", case.name));
+        .map_err(|e| e.to_string())
+}
+
+/// A case moto cannot run: Ember alone, against the recorded AWS answer. `None` when it agrees.
+async fn check_without_moto(case: &Case) -> Option<String> {
+    let run = ember_run(case).await;
+    if let Some(expected) = case.check.get("invalid").and_then(Value::as_str) {
+        return match run {
+            Err(e) if e.contains(expected) => None,
+            Err(e) => Some(format!("rejected, but the message does not name {expected:?}: {e}")),
+            Ok(run) => Some(format!("accepted (ran to {:?}); AWS rejects it: {expected}", run.description.status)),
+        };
+    }
+    let ember = match run {
+        Ok(run) => ember_result(run, &case.check),
+        Err(e) => return Some(format!("Ember rejected the case: {e}")),
+    };
+    let aws = recorded_aws(&case.check);
+    (ember != aws).then(|| format!("\n    aws:   {aws}\n    ember: {ember}"))
+}
+
+async fn run_ember(case: &Case) -> Value {
+    let run = ember_run(case).await.unwrap_or_else(|e| panic!("{}: Ember rejected the case: {e}", case.name));
+    ember_result(run, &case.check)
+}
+
+fn ember_result(run: Run, check: &Value) -> Value {
     let d = run.description;
     let status = match d.status {
         ExecutionStatus::Succeeded => "SUCCEEDED",
         ExecutionStatus::Failed => "FAILED",
         ExecutionStatus::Running => "RUNNING",
     };
-    result(status, d.output, d.error, d.cause, &case.check)
+    result(status, d.output, d.error, d.cause, check)
 }
 
 async fn run_moto(
@@ -215,6 +269,8 @@ async fn ember_matches_step_functions_on_moto() {
     let cfg = moto.aws_config().await;
     let client = aws_sdk_sfn::Client::new(&cfg);
 
+    let (without_moto, cases): (Vec<Case>, Vec<Case>) =
+        cases.into_iter().partition(|c| c.check.get("moto_cannot").is_some());
     let moto_runs: Vec<_> = cases
         .iter()
         .map(|c| {
@@ -230,17 +286,28 @@ async fn ember_matches_step_functions_on_moto() {
         .collect();
     let mut mismatches = Vec::new();
     let mut moto_diffs = BTreeMap::new();
+    for case in &without_moto {
+        assert!(
+            case.check.get("source").and_then(Value::as_str).is_some_and(|s| !s.is_empty()),
+            "{}: a moto_cannot case names the source of its expected answer",
+            case.name
+        );
+        let kind = if case.check.get("invalid").is_some() { "rejected as on AWS" } else { "recorded AWS result" };
+        match check_without_moto(case).await {
+            None => println!("{:<40} ok  {kind}", case.name),
+            Some(why) => {
+                println!("{:<40} MISMATCH with the {kind}: {why}", case.name);
+                mismatches.push(format!("{} ({kind}): {why}", case.name));
+            }
+        }
+    }
+    let aws_agree = without_moto.len() - mismatches.len();
+    let mut moto_equal = 0;
     for (case, moto_run) in cases.iter().zip(moto_runs) {
         let ember = run_ember(case).await;
         let moto = moto_run.await.unwrap();
         if let Some(why) = case.check.get("moto_differs") {
-            let aws = result(
-                case.check["aws"]["status"].as_str().unwrap_or("SUCCEEDED"),
-                case.check["aws"].get("output").cloned(),
-                case.check["aws"].get("error").and_then(Value::as_str).map(str::to_string),
-                case.check["aws"].get("cause").and_then(Value::as_str).map(str::to_string),
-                &case.check,
-            );
+            let aws = recorded_aws(&case.check);
             println!("{:<40} moto differs from AWS ({why}): moto {moto}, Ember {ember}", case.name);
             if ember != aws {
                 mismatches.push(format!("{}: Ember {ember} but the AWS documentation says {aws}", case.name));
@@ -252,6 +319,7 @@ async fn ember_matches_step_functions_on_moto() {
             continue;
         }
         if ember == moto {
+            moto_equal += 1;
             println!("{:<40} ok  {}", case.name, ember);
         } else {
             println!("{:<40} MISMATCH\n    moto:  {moto}\n    ember: {ember}", case.name);
@@ -259,10 +327,14 @@ async fn ember_matches_step_functions_on_moto() {
         }
     }
     println!(
-        "{} cases, {} equal to moto, {} where moto differs from the AWS docs",
+        "{} cases: {} compared with moto ({} equal, {} where moto differs from the AWS docs), \
+         {} moto cannot run compared with recorded AWS results ({} agree)",
+        cases.len() + without_moto.len(),
         cases.len(),
-        cases.len() - moto_diffs.len() - mismatches.len(),
-        moto_diffs.len()
+        moto_equal,
+        moto_diffs.len(),
+        without_moto.len(),
+        aws_agree,
     );
     assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
 }
