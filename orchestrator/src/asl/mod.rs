@@ -7,6 +7,7 @@ pub mod definition;
 pub mod error;
 pub mod intrinsics;
 pub mod path;
+pub mod path_numbers;
 pub mod retry;
 pub mod timestamp;
 pub mod validate;

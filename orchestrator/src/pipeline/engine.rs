@@ -11,7 +11,7 @@ use super::tools::{run_task, TaskContext};
 use super::{Env, PipelineError};
 use crate::asl::definition::{Kind, NumberSource, State, StateMachine, WaitFor};
 use crate::asl::path::{self, Scope};
-use crate::asl::{choice, names, retry, timestamp, StatesError};
+use crate::asl::{choice, names, path_numbers, retry, timestamp, StatesError};
 
 /// Longest queue delay (SQS `DelaySeconds` maximum); longer waits re-delay.
 pub const MAX_QUEUE_DELAY_SECONDS: f64 = 900.0;
@@ -192,7 +192,7 @@ impl HopRun<'_> {
         if self.msg.scope.is_empty() {
             match &result {
                 Ok(o) => self.event("ExecutionSucceeded", json!({"output": o})),
-                Err(e) => self.event("ExecutionFailed", json!({"error": e.error, "cause": e.cause})),
+                Err(e) => self.event("ExecutionFailed", e.details()),
             }
             t.end = Some(ExecutionEnd { result, stop_time: ts(self.now_ms) });
             return Ok(());
@@ -376,18 +376,24 @@ impl HopRun<'_> {
             Kind::Wait(w) => {
                 let eff = self.effective_input(state, &ctx)?;
                 let now_s = self.now_ms as f64 / 1000.0;
+                let scope = Scope { input: &eff, context: &ctx };
                 let seconds = match w {
-                    WaitFor::Seconds(s) => self.number(s, &eff, &ctx, "SecondsPath")?,
+                    WaitFor::Seconds(NumberSource::Value(v)) => *v,
+                    WaitFor::Seconds(NumberSource::Path(p)) => match path::query_opt(p, &scope)? {
+                        Some(v) => path_numbers::wait_seconds(&v, p)?,
+                        None => return Err(path_numbers::wait_seconds_missing(p)),
+                    },
                     WaitFor::Timestamp(t) => (timestamp::parse(t).unwrap_or(now_s) - now_s).max(0.0),
                     WaitFor::TimestampPath(p) => {
-                        let v = path::query(p, &Scope { input: &eff, context: &ctx })?;
-                        let t = v
-                            .as_str()
-                            .and_then(timestamp::parse)
-                            .ok_or_else(|| StatesError::runtime(format!("The TimestampPath parameter does not reference a valid ISO-8601 extended offset date-time format string: {p} == {v}")))?;
+                        let v = path::query(p, &scope)?;
+                        let t = v.as_str().and_then(timestamp::parse).ok_or_else(|| {
+                            let shown = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+                            StatesError::runtime(format!("The TimestampPath parameter does not reference a valid ISO-8601 extended offset date-time format string: {p} == {shown}"))
+                        })?;
                         (t - now_s).max(0.0)
                     }
                 };
+                let seconds = path_numbers::check_wait_length(seconds)?;
                 let output = match state.output_path.get() {
                     None => json!({}),
                     Some(p) => path::query(p, &Scope { input: &eff, context: &ctx })?,
@@ -432,6 +438,8 @@ impl HopRun<'_> {
                 };
                 let error = eval(error, error_path, "ErrorPath")?;
                 let cause = eval(cause, cause_path, "CausePath")?;
+                // Without Error or Cause the execution ends with none: an empty string, which
+                // DescribeExecution and the ExecutionFailed event leave out, as AWS does.
                 Err(StatesError::new(error.unwrap_or_default(), cause.unwrap_or_default()))
             }
             Kind::Parallel { branches } => {
@@ -450,12 +458,40 @@ impl HopRun<'_> {
                     })
                     .collect();
                 Ok(Step::FanOut {
-                    fan: FanOut { count: branches.len(), pending: Vec::new(), max_concurrency: 0 },
+                    fan: FanOut {
+                        count: branches.len(),
+                        pending: Vec::new(),
+                        max_concurrency: 0,
+                        tolerated_percentage: None,
+                        tolerated_count: None,
+                    },
                     sends,
                 })
             }
-            Kind::Map { processor, items_path, item_selector, max_concurrency, .. } => {
+            Kind::Map {
+                processor,
+                items_path,
+                item_selector,
+                max_concurrency,
+                tolerated_percentage,
+                tolerated_count,
+                limit_paths,
+            } => {
                 let eff = self.effective_input(state, &ctx)?;
+                let scope = Scope { input: &eff, context: &ctx };
+                let read = |p: &str| path::query(p, &scope);
+                let max_concurrency = match &limit_paths.max_concurrency {
+                    Some(p) => path_numbers::max_concurrency(&read(p)?, p)?,
+                    None => *max_concurrency,
+                };
+                let tolerated_percentage = match &limit_paths.tolerated_percentage {
+                    Some(p) => Some(path_numbers::tolerated_percentage(&read(p)?, p)?),
+                    None => *tolerated_percentage,
+                };
+                let tolerated_count = match &limit_paths.tolerated_count {
+                    Some(p) => Some(path_numbers::tolerated_count(&read(p)?, p)?),
+                    None => *tolerated_count,
+                };
                 let items = path::query(items_path, &Scope { input: &eff, context: &ctx })?;
                 let Value::Array(items) = items else {
                     return Err(StatesError::runtime(format!(
@@ -477,7 +513,7 @@ impl HopRun<'_> {
                 if inputs.is_empty() {
                     return self.after_join(state, Vec::new(), &raw, &ctx);
                 }
-                let k = *max_concurrency as usize;
+                let k = usize::try_from(max_concurrency).unwrap_or(usize::MAX).min(inputs.len());
                 let first = if k == 0 { inputs.len() } else { k.min(inputs.len()) };
                 let pending = if k == 0 { Vec::new() } else { inputs[first.min(k)..].to_vec() };
                 let sends = inputs
@@ -489,7 +525,14 @@ impl HopRun<'_> {
                         delay_seconds: 0.0,
                     })
                     .collect();
-                Ok(Step::FanOut { fan: FanOut { count: inputs.len(), pending, max_concurrency: k }, sends })
+                let fan = FanOut {
+                    count: inputs.len(),
+                    pending,
+                    max_concurrency: k,
+                    tolerated_percentage,
+                    tolerated_count,
+                };
+                Ok(Step::FanOut { fan, sends })
             }
         }
     }
