@@ -11,7 +11,7 @@ use super::path::{self, Scope};
 /// One argument of an intrinsic call.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Arg {
-    /// A literal (string, number, boolean or null).
+    /// A literal (string, number, boolean or null); a string keeps its `\{`, `\}`, `\\` escapes.
     Literal(Value),
     /// A path into the input (`$.x`) or the context (`$$.x`).
     Path(String),
@@ -141,12 +141,13 @@ impl Parser<'_> {
         while let Some((off, c)) = chars.next() {
             match c {
                 '\\' => match chars.next() {
-                    // `\{` and `\}` stay escaped so States.Format can tell them from placeholders.
-                    Some((_, e @ ('{' | '}'))) => {
+                    // `\{`, `\}` and `\\` stay escaped so States.Format can tell them from
+                    // placeholders; every other use unescapes them (see `literal`).
+                    Some((_, e @ ('{' | '}' | '\\'))) => {
                         out.push('\\');
                         out.push(e);
                     }
-                    Some((_, e @ ('\'' | '\\'))) => out.push(e),
+                    Some((_, '\'')) => out.push('\''),
                     // The developer guide reserves exactly ' { } \ for escaping; AWS rejects
                     // the definition for any other escape, e.g. `\"` (LocalStack's recording
                     // `test_illegal_escapes`).
@@ -282,8 +283,9 @@ fn as_int(f: &str, args: &[Value], i: usize) -> Result<i64, StatesError> {
 
 fn eval_call(call: &Call, scope: &Scope<'_>) -> Result<Value, StatesError> {
     let mut args = Vec::with_capacity(call.args.len());
-    for a in &call.args {
+    for (i, a) in call.args.iter().enumerate() {
         args.push(match a {
+            Arg::Literal(Value::String(s)) if !(i == 0 && call.name == "States.Format") => Value::String(unescape(s)),
             Arg::Literal(v) => v.clone(),
             Arg::Path(p) => path::query(p, scope)?,
             Arg::Call(c) => eval_call(c, scope)?,
@@ -488,6 +490,20 @@ fn format(tpl: &str, args: &[Value]) -> Result<Value, StatesError> {
     Ok(Value::String(out))
 }
 
+/// A string literal as a value: the escapes kept for `States.Format` (`\{`, `\}`, `\\`)
+/// resolved.
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.extend(chars.next()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// `-0` parses to the integer 0 on AWS (LocalStack's recording `test_string_to_json`);
 /// serde_json makes it the float -0.0.
 fn positive_zero(v: &mut Value) {
@@ -600,6 +616,37 @@ mod tests {
         assert_eq!(ev("States.StringSplit($.s, ',')", i.clone()).unwrap(), json!(["a", "b", "c"]));
         assert_eq!(ev("States.UUID()", i.clone()).unwrap().as_str().unwrap().len(), 36);
         assert_eq!(ev("States.ArrayLength(States.Array(1, 2))", i).unwrap(), json!(2));
+    }
+
+    #[test]
+    fn numbers_objects_and_empty_strings_as_aws() {
+        let i = json!({"o": {"Arg1": 1, "Arg2": [true, "s", null]}, "e": "", "b": " ", "z": "-0"});
+        // Math.round: half up, also for negatives.
+        assert_eq!(ev("States.MathAdd(1.49, 1.5)", i.clone()).unwrap(), json!(3));
+        assert_eq!(ev("States.MathAdd(-1.5, -1.51)", i.clone()).unwrap(), json!(-3));
+        assert_eq!(ev("States.MathAdd(-0.5, 0.5)", i.clone()).unwrap(), json!(1));
+        assert_eq!(ev("States.ArrayRange(1.4, 5.6, 2.0)", i.clone()).unwrap(), json!([1, 3, 5]));
+        assert_eq!(ev("States.ArrayGetItem(States.Array('a', 'b', 'c'), 1.6)", i.clone()).unwrap(), json!("c"));
+        let r = ev("States.MathRandom(12.5, 44.51)", i.clone()).unwrap().as_i64().unwrap();
+        assert!((13..45).contains(&r), "{r}");
+        assert_eq!(ev("States.Format('{}', $.o)", i.clone()).unwrap(), json!("{Arg1=1, Arg2=[true, s, null]}"));
+        assert_eq!(ev("States.Format('[{}]', $.e)", i.clone()).unwrap(), json!("[]"));
+        assert_eq!(ev("States.StringToJson($.e)", i.clone()).unwrap(), Value::Null);
+        assert_eq!(ev("States.StringToJson($.b)", i.clone()).unwrap(), Value::Null);
+        assert_eq!(ev("States.StringToJson($.z)", i.clone()).unwrap().to_string(), "0");
+        assert_eq!(ev("States.Base64Encode($.e)", i.clone()).unwrap(), json!(""));
+        assert_eq!(ev("States.StringSplit($.e, ',')", i).unwrap(), json!([]));
+    }
+
+    #[test]
+    fn only_reserved_characters_escape_in_intrinsic_strings() {
+        assert_eq!(ev(r"States.Format('it\'s \\ \{\}')", json!({})).unwrap(), json!(r"it's \ {}"));
+        assert_eq!(ev(r"States.StringSplit('a\\b\{c', '\\')", json!({})).unwrap(), json!(["a", "b{c"]));
+        let e = parse(r#"States.Format('say \"hi\"')"#).unwrap_err();
+        assert!(e.contains("is not an escape"), "{e}");
+        assert!(parse("States.Format('{}', $.detail-type)").is_err());
+        assert!(parse("States.Format('{}', $['detail-type'], $.a_b.c1)").is_ok());
+        assert!(parse(r"States.Format('{}', $['it\'s, (x)'])").is_ok());
     }
 
     #[test]

@@ -177,8 +177,8 @@ pub fn query_opt(path: &str, scope: &Scope<'_>) -> Result<Option<Value>, StatesE
     if p == "$" {
         return Ok(Some(doc.clone()));
     }
-    let jp = JsonPath::parse(&to_rfc9535(p))
-        .map_err(|e| StatesError::runtime(format!("Invalid path '{path}': {e}")))?;
+    let jp =
+        JsonPath::parse(&to_rfc9535(p)).map_err(|e| StatesError::runtime(format!("Invalid path '{path}': {e}")))?;
     let nodes = jp.query(doc);
     if is_definite(p) {
         Ok(nodes.all().first().map(|v| (*v).clone()))
@@ -375,6 +375,32 @@ mod tests {
         let err = query("$.missing", &s).unwrap_err();
         assert_eq!(err.error, "States.Runtime");
         assert!(err.cause.contains("$.missing"), "{}", err.cause);
+    }
+
+    #[test]
+    fn jayway_member_names_and_bracket_escapes() {
+        // Jayway names after '.' run to the next '.', '[', '(' or space.
+        assert_eq!(to_rfc9535("$.detail-type.x"), "$['detail-type'].x");
+        assert_eq!(to_rfc9535("$.1st"), "$['1st']");
+        assert_eq!(to_rfc9535("$..a-b"), "$..['a-b']");
+        assert_eq!(to_rfc9535("$.naïve"), "$.naïve");
+        assert_eq!(to_rfc9535("$.abc.['def ghi']"), "$.abc['def ghi']");
+        assert_eq!(to_rfc9535("$[\"x y\"]"), "$['x y']");
+        // A backslash keeps the quote from closing the name and stays in it.
+        assert_eq!(to_rfc9535(r#"$['Test\""Name"']"#), r#"$['Test\\""Name"']"#);
+        assert_eq!(to_rfc9535(r"$['a\'b']"), r"$['a\\\'b']");
+        assert_eq!(to_rfc9535("$.items[?(@.x > 1)]"), "$.items[?(@.x > 1)]");
+
+        let input = json!({"detail-type": 1, "1st": 2, "a\\'b": 3, "Test\\\"\"Name\"": 4, "x y": {"k": 5}});
+        let ctx = json!({});
+        let s = scope(&input, &ctx);
+        assert_eq!(query("$.detail-type", &s).unwrap(), json!(1));
+        assert_eq!(query("$.1st", &s).unwrap(), json!(2));
+        assert_eq!(query(r"$['a\'b']", &s).unwrap(), json!(3));
+        assert_eq!(query(r#"$['Test\""Name"']"#, &s).unwrap(), json!(4));
+        assert_eq!(query("$['x y'].k", &s).unwrap(), json!(5));
+        assert!(check_path("$.a b").is_err());
+        assert_eq!(apply_result_path(&json!({}), json!(1), Some("$.out-put")).unwrap(), json!({"out-put": 1}));
     }
 
     #[test]

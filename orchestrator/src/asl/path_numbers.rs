@@ -118,7 +118,10 @@ mod tests {
     fn map_limits_quote_the_value_as_aws_does() {
         assert_eq!(max_concurrency(&json!(0), "$.m").unwrap(), 0);
         let e = max_concurrency(&json!("NoNumber"), "$.m").unwrap_err();
-        assert_eq!(e.cause, "The MaxConcurrencyPath field refers to value \"NoNumber\" which is not a valid integer: $.m");
+        assert_eq!(
+            e.cause,
+            "The MaxConcurrencyPath field refers to value \"NoNumber\" which is not a valid integer: $.m"
+        );
         let e = max_concurrency(&json!({}), "$.m").unwrap_err();
         assert_eq!(e.cause, "The MaxConcurrencyPath field refers to value \"{}\" which is not a valid integer: $.m");
         assert!(max_concurrency(&json!(1.5), "$.m").is_err());

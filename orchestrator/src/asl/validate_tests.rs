@@ -108,3 +108,38 @@ fn a_good_definition_validates() {
     assert!(def.warnings.is_empty());
     assert_eq!(def.machine.start_at, "T");
 }
+
+#[test]
+fn map_limit_paths_exclude_their_literal_and_must_be_paths() {
+    let src = r#"{
+      "StartAt": "M",
+      "States": {
+        "M": {"Type": "Map", "MaxConcurrency": 2, "MaxConcurrencyPath": "$.m",
+              "ToleratedFailureCountPath": 3, "ToleratedFailurePercentagePath": "$.p",
+              "ItemProcessor": {"StartAt": "P", "States": {"P": {"Type": "Pass", "End": true}}}, "End": true}
+      }
+    }"#;
+    let d = errors(src);
+    assert!(has(&d, "/States/M/MaxConcurrencyPath", "give MaxConcurrency or MaxConcurrencyPath, not both"), "{d:#?}");
+    assert!(has(&d, "/States/M/ToleratedFailureCountPath", "must be a path string"), "{d:#?}");
+    assert!(!d.iter().any(|x| x.location.contains("ToleratedFailurePercentagePath")), "{d:#?}");
+}
+
+#[test]
+fn intrinsic_strings_and_paths_follow_the_intrinsic_grammar() {
+    let pass = |expr: &str| {
+        format!(
+            r#"{{"StartAt": "A", "States": {{"A": {{"Type": "Pass", "Parameters": {{"x.$": {}}}, "End": true}}}}}}"#,
+            serde_json::Value::String(expr.to_string())
+        )
+    };
+    // `\"` is not one of the escapes (' { } \) the developer guide defines.
+    let d = errors(&pass(r#"States.StringToJson('{"text":"An \"escaped\" quote"}')"#));
+    assert!(has(&d, "/States/A/Parameters/x.$", "is not an escape"), "{d:#?}");
+    // A dash after '.' is a member name in a `.$` path, but not inside an intrinsic call.
+    let d = errors(&pass("States.Format('{}', $.detail-type)"));
+    assert!(has(&d, "/States/A/Parameters/x.$", "$['detail-type']"), "{d:#?}");
+    assert!(errors(&pass("States.Format('{}', $['detail-type'])")).is_empty());
+    assert!(errors(&pass("$.detail-type")).is_empty());
+    assert!(errors(&pass(r"States.Format('it\'s {} \{\} \\', $['a\'b'])")).is_empty());
+}

@@ -525,13 +525,8 @@ impl HopRun<'_> {
                         delay_seconds: 0.0,
                     })
                     .collect();
-                let fan = FanOut {
-                    count: inputs.len(),
-                    pending,
-                    max_concurrency: k,
-                    tolerated_percentage,
-                    tolerated_count,
-                };
+                let fan =
+                    FanOut { count: inputs.len(), pending, max_concurrency: k, tolerated_percentage, tolerated_count };
                 Ok(Step::FanOut { fan, sends })
             }
         }

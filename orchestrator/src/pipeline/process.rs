@@ -361,9 +361,12 @@ pub struct Description {
     pub input: Value,
     /// Output when it succeeded.
     pub output: Option<Value>,
-    /// Error name when it failed.
+    /// Error name when it failed; left out when there is none (a Fail state without
+    /// `Error`), as DescribeExecution does.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Cause when it failed.
+    /// Cause when it failed; left out when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
     /// RFC 3339.
     pub start_time: String,
