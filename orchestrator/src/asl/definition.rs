@@ -200,7 +200,21 @@ pub enum Kind {
         tolerated_percentage: Option<f64>,
         /// `ToleratedFailureCount`.
         tolerated_count: Option<u64>,
+        /// `MaxConcurrencyPath`, `ToleratedFailurePercentagePath`, `ToleratedFailureCountPath`:
+        /// read from the effective input when the Map starts.
+        limit_paths: MapLimitPaths,
     },
+}
+
+/// The Map fields that take their value from a path (each excludes its literal field).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MapLimitPaths {
+    /// `MaxConcurrencyPath`.
+    pub max_concurrency: Option<String>,
+    /// `ToleratedFailurePercentagePath`.
+    pub tolerated_percentage: Option<String>,
+    /// `ToleratedFailureCountPath`.
+    pub tolerated_count: Option<String>,
 }
 
 /// One state with the data-flow fields every type may use (unused ones stay default).

@@ -56,6 +56,18 @@ impl StatesError {
         Self::new(names::RUNTIME, cause)
     }
 
+    /// The `{"error", "cause"}` of a failure event, leaving out an empty one (a Fail state
+    /// without `Error` or `Cause` has none).
+    pub fn details(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for (k, v) in [("error", &self.error), ("cause", &self.cause)] {
+            if !v.is_empty() {
+                m.insert(k.to_string(), serde_json::Value::String(v.clone()));
+            }
+        }
+        serde_json::Value::Object(m)
+    }
+
     /// Errors that neither Retry nor Catch may handle.
     pub fn is_terminal(&self) -> bool {
         self.error == names::RUNTIME || self.error == names::DATA_LIMIT_EXCEEDED

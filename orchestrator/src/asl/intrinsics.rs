@@ -11,7 +11,7 @@ use super::path::{self, Scope};
 /// One argument of an intrinsic call.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Arg {
-    /// A literal (string, number, boolean or null).
+    /// A literal (string, number, boolean or null); a string keeps its `\{`, `\}`, `\\` escapes.
     Literal(Value),
     /// A path into the input (`$.x`) or the context (`$$.x`).
     Path(String),
@@ -141,12 +141,21 @@ impl Parser<'_> {
         while let Some((off, c)) = chars.next() {
             match c {
                 '\\' => match chars.next() {
-                    // `\{` and `\}` stay escaped so States.Format can tell them from placeholders.
-                    Some((_, e @ ('{' | '}'))) => {
+                    // `\{`, `\}` and `\\` stay escaped so States.Format can tell them from
+                    // placeholders; every other use unescapes them (see `literal`).
+                    Some((_, e @ ('{' | '}' | '\\'))) => {
                         out.push('\\');
                         out.push(e);
                     }
-                    Some((_, e)) => out.push(e),
+                    Some((_, '\'')) => out.push('\''),
+                    // The developer guide reserves exactly ' { } \ for escaping; AWS rejects
+                    // the definition for any other escape, e.g. `\"` (LocalStack's recording
+                    // `test_illegal_escapes`).
+                    Some((_, e)) => {
+                        return Err(self.err(&format!(
+                            "'\\{e}' is not an escape: in an intrinsic string only \\', \\{{, \\}} and \\\\ are"
+                        )))
+                    }
                     None => return Err(self.err("unterminated escape")),
                 },
                 '\'' => {
@@ -173,6 +182,7 @@ impl Parser<'_> {
         while let Some(c) = self.peek() {
             match quote {
                 Some(q) if c == q => quote = None,
+                Some(_) if c == b'\\' => self.i += 1,
                 Some(_) => {}
                 None => match c {
                     b'\'' | b'"' => quote = Some(c),
@@ -186,10 +196,42 @@ impl Parser<'_> {
             }
             self.i += 1;
         }
-        let p = self.src[start..self.i].trim().to_string();
+        let p = self.src[start..self.i.min(self.s.len())].trim().to_string();
+        check_dot_names(&p)?;
         path::check_path(&p)?;
         Ok(Arg::Path(p))
     }
+}
+
+/// Inside an intrinsic call a dot-notation member name is letters, digits and `_` only (the
+/// intrinsic grammar's identifier); other names need brackets: AWS accepts `$.detail-type` in
+/// a `.$` field but not inside `States.Format(...)`, where `$['detail-type']` works.
+fn check_dot_names(p: &str) -> Result<(), String> {
+    let (mut depth, mut quote, mut after_dot) = (0i32, None::<char>, false);
+    let mut prev = ' ';
+    for c in p.chars() {
+        match quote {
+            Some(q) => {
+                if c == q && prev != '\\' {
+                    quote = None;
+                }
+            }
+            None => match c {
+                '\'' | '"' => quote = Some(c),
+                '[' => depth += 1,
+                ']' => depth -= 1,
+                '.' if depth == 0 => after_dot = true,
+                c if after_dot && depth == 0 && !(c.is_ascii_alphanumeric() || c == '_' || c == '*' || c == '$') => {
+                    return Err(format!(
+                        "'{p}': inside an intrinsic function a name after '.' may hold only letters, digits and '_'; write the member in brackets, like $['detail-type']"
+                    ));
+                }
+                _ => {}
+            },
+        }
+        prev = c;
+    }
+    Ok(())
 }
 
 /// Parses and evaluates an intrinsic call.
@@ -220,20 +262,30 @@ fn as_str<'a>(f: &str, args: &'a [Value], i: usize) -> Result<&'a str, StatesErr
 fn as_arr<'a>(f: &str, args: &'a [Value], i: usize) -> Result<&'a Vec<Value>, StatesError> {
     args[i].as_array().ok_or_else(|| arg_err(f, i, format!("expected an array, got {}", args[i])))
 }
+/// An integer argument. AWS takes any number and rounds it half up, as Java's `Math.round`
+/// does: `States.MathAdd(1.5, 0)` is 2, `States.MathAdd(-1.5, 0)` is -1 and
+/// `States.MathAdd(1.49, 1.5)` is 3 (LocalStack's recording `test_math_add`, and
+/// `test_math_random` with 12.5 and 44.51); every integer parameter is read the same way.
 fn as_int(f: &str, args: &[Value], i: usize) -> Result<i64, StatesError> {
     match &args[i] {
-        Value::Number(n) => n
-            .as_i64()
-            .or_else(|| n.as_f64().filter(|x| x.fract() == 0.0).map(|x| x as i64))
-            .ok_or_else(|| arg_err(f, i, format!("expected an integer, got {n}"))),
+        Value::Number(n) => match n.as_i64() {
+            Some(v) => Ok(v),
+            None => n
+                .as_f64()
+                .map(|x| (x + 0.5).floor())
+                .filter(|x| x.abs() < 9.0e18)
+                .map(|x| x as i64)
+                .ok_or_else(|| arg_err(f, i, format!("{n} is out of range for an integer"))),
+        },
         other => Err(arg_err(f, i, format!("expected an integer, got {other}"))),
     }
 }
 
 fn eval_call(call: &Call, scope: &Scope<'_>) -> Result<Value, StatesError> {
     let mut args = Vec::with_capacity(call.args.len());
-    for a in &call.args {
+    for (i, a) in call.args.iter().enumerate() {
         args.push(match a {
+            Arg::Literal(Value::String(s)) if !(i == 0 && call.name == "States.Format") => Value::String(unescape(s)),
             Arg::Literal(v) => v.clone(),
             Arg::Path(p) => path::query(p, scope)?,
             Arg::Call(c) => eval_call(c, scope)?,
@@ -257,7 +309,14 @@ pub(crate) fn apply(f: &str, args: Vec<Value>) -> Result<Value, StatesError> {
         "States.StringToJson" => {
             want_count(f, &args, 1..=1)?;
             let s = as_str(f, &args, 0)?;
-            serde_json::from_str(s).map_err(|e| arg_err(f, 0, format!("not JSON: {e}")))
+            // AWS parses an empty or blank string to null (LocalStack's recording
+            // `test_string_to_json` with "" and " ").
+            if s.trim().is_empty() {
+                return Ok(Value::Null);
+            }
+            let mut v: Value = serde_json::from_str(s).map_err(|e| arg_err(f, 0, format!("not JSON: {e}")))?;
+            positive_zero(&mut v);
+            Ok(v)
         }
         "States.JsonToString" => {
             want_count(f, &args, 1..=1)?;
@@ -422,17 +481,7 @@ fn format(tpl: &str, args: &[Value]) -> Result<Value, StatesError> {
                         args.len()
                     ))
                 })?;
-                match v {
-                    Value::String(s) => out.push_str(s),
-                    Value::Number(_) | Value::Bool(_) | Value::Null => out.push_str(&v.to_string()),
-                    other => {
-                        return Err(arg_err(
-                            F,
-                            next + 1,
-                            format!("expected a string, number, boolean or null, got {other}"),
-                        ))
-                    }
-                }
+                java_to_string(v, &mut out);
                 next += 1;
             }
             c => out.push(c),
@@ -445,6 +494,63 @@ fn format(tpl: &str, args: &[Value]) -> Result<Value, StatesError> {
         )));
     }
     Ok(Value::String(out))
+}
+
+/// A string literal as a value: the escapes kept for `States.Format` (`\{`, `\}`, `\\`)
+/// resolved.
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.extend(chars.next()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `-0` parses to the integer 0 on AWS (LocalStack's recording `test_string_to_json`);
+/// serde_json makes it the float -0.0.
+fn positive_zero(v: &mut Value) {
+    match v {
+        Value::Number(n) if n.as_f64() == Some(0.0) && n.is_f64() && n.to_string() == "-0.0" => *v = Value::from(0),
+        Value::Array(items) => items.iter_mut().for_each(positive_zero),
+        Value::Object(m) => m.values_mut().for_each(positive_zero),
+        _ => {}
+    }
+}
+
+/// A value as AWS's Java runtime prints it into `States.Format`: strings bare, objects as
+/// `{k=v, k2=v2}` and arrays as `[a, b]` (Java's `Map`/`List` `toString`); AWS formats
+/// `{"Arg1": 1, "Arg2": []}` as `{Arg1=1, Arg2=[]}` (LocalStack's recording `test_format_2`).
+fn java_to_string(v: &Value, out: &mut String) {
+    match v {
+        Value::String(s) => out.push_str(s),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                java_to_string(x, out);
+            }
+            out.push(']');
+        }
+        Value::Object(m) => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                out.push_str(k);
+                out.push('=');
+                java_to_string(x, out);
+            }
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
 }
 
 fn hash(algo: &str, data: &[u8]) -> Option<String> {
@@ -516,6 +622,37 @@ mod tests {
         assert_eq!(ev("States.StringSplit($.s, ',')", i.clone()).unwrap(), json!(["a", "b", "c"]));
         assert_eq!(ev("States.UUID()", i.clone()).unwrap().as_str().unwrap().len(), 36);
         assert_eq!(ev("States.ArrayLength(States.Array(1, 2))", i).unwrap(), json!(2));
+    }
+
+    #[test]
+    fn numbers_objects_and_empty_strings_as_aws() {
+        let i = json!({"o": {"Arg1": 1, "Arg2": [true, "s", null]}, "e": "", "b": " ", "z": "-0"});
+        // Math.round: half up, also for negatives.
+        assert_eq!(ev("States.MathAdd(1.49, 1.5)", i.clone()).unwrap(), json!(3));
+        assert_eq!(ev("States.MathAdd(-1.5, -1.51)", i.clone()).unwrap(), json!(-3));
+        assert_eq!(ev("States.MathAdd(-0.5, 0.5)", i.clone()).unwrap(), json!(1));
+        assert_eq!(ev("States.ArrayRange(1.4, 5.6, 2.0)", i.clone()).unwrap(), json!([1, 3, 5]));
+        assert_eq!(ev("States.ArrayGetItem(States.Array('a', 'b', 'c'), 1.6)", i.clone()).unwrap(), json!("c"));
+        let r = ev("States.MathRandom(12.5, 44.51)", i.clone()).unwrap().as_i64().unwrap();
+        assert!((13..45).contains(&r), "{r}");
+        assert_eq!(ev("States.Format('{}', $.o)", i.clone()).unwrap(), json!("{Arg1=1, Arg2=[true, s, null]}"));
+        assert_eq!(ev("States.Format('[{}]', $.e)", i.clone()).unwrap(), json!("[]"));
+        assert_eq!(ev("States.StringToJson($.e)", i.clone()).unwrap(), Value::Null);
+        assert_eq!(ev("States.StringToJson($.b)", i.clone()).unwrap(), Value::Null);
+        assert_eq!(ev("States.StringToJson($.z)", i.clone()).unwrap().to_string(), "0");
+        assert_eq!(ev("States.Base64Encode($.e)", i.clone()).unwrap(), json!(""));
+        assert_eq!(ev("States.StringSplit($.e, ',')", i).unwrap(), json!([]));
+    }
+
+    #[test]
+    fn only_reserved_characters_escape_in_intrinsic_strings() {
+        assert_eq!(ev(r"States.Format('it\'s \\ \{\}')", json!({})).unwrap(), json!(r"it's \ {}"));
+        assert_eq!(ev(r"States.StringSplit('a\\b\{c', '\\')", json!({})).unwrap(), json!(["a", "b{c"]));
+        let e = parse(r#"States.Format('say \"hi\"')"#).unwrap_err();
+        assert!(e.contains("is not an escape"), "{e}");
+        assert!(parse("States.Format('{}', $.detail-type)").is_err());
+        assert!(parse("States.Format('{}', $['detail-type'], $.a_b.c1)").is_ok());
+        assert!(parse(r"States.Format('{}', $['it\'s, (x)'])").is_ok());
     }
 
     #[test]

@@ -74,15 +74,12 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
 pub fn check_template(template: &Value, at: &str, out: &mut Vec<(String, String)>) {
     match template {
         Value::String(s) => {
+            // Only a string that is exactly `{% ... %}` is an expression; anything else, even
+            // ` {% x %} ` with a space before, is a literal (as Step Functions reads it).
             if let Some(e) = expression(s) {
                 if let Err(m) = check(e) {
                     out.push((at.to_string(), m));
                 }
-            } else if s.trim_start().starts_with("{%") || s.trim_end().ends_with("%}") {
-                out.push((
-                    at.to_string(),
-                    format!("'{s}' is not a JSONata expression: it must start with {{% and end with %}}"),
-                ));
             }
         }
         Value::Object(m) => {
@@ -337,7 +334,10 @@ fn fn_partition<'a>(ctx: FunctionContext<'a, '_>, args: &[&'a JValue<'a>]) -> js
 }
 
 fn fn_range<'a>(ctx: FunctionContext<'a, '_>, args: &[&'a JValue<'a>]) -> jsonata_rs::Result<&'a JValue<'a>> {
-    via_intrinsic(&ctx, "States.ArrayRange", args)
+    // A JSONata sequence: one number comes back as that number, not a one-element array (as
+    // Step Functions returns it).
+    let out = via_intrinsic(&ctx, "States.ArrayRange", args)?;
+    Ok(if out.is_array() && out.len() == 1 { out.get_member(0) } else { out })
 }
 
 fn fn_hash<'a>(ctx: FunctionContext<'a, '_>, args: &[&'a JValue<'a>]) -> jsonata_rs::Result<&'a JValue<'a>> {

@@ -8,6 +8,7 @@ pub mod error;
 pub mod intrinsics;
 pub mod jsonata;
 pub mod path;
+pub mod path_numbers;
 pub mod retry;
 pub mod timestamp;
 pub mod validate;

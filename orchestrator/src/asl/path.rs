@@ -27,7 +27,7 @@ fn variable(path: &str) -> Option<(&str, String)> {
     Some((&rest[..end], format!("${}", &rest[end..])))
 }
 
-/// Checks that `path` is a JSONPath (or a `$$` context path) the library accepts.
+/// Checks that `path` is a JSONPath (or a `$$` context path) Step Functions accepts.
 pub fn check_path(path: &str) -> Result<(), String> {
     if let Some((_, rest)) = variable(path) {
         return check_path(&rest);
@@ -36,7 +36,110 @@ pub fn check_path(path: &str) -> Result<(), String> {
     if !p.starts_with('$') {
         return Err(format!("'{path}' is not a JSONPath (it must start with '$')"));
     }
-    JsonPath::parse(p).map(|_| ()).map_err(|e| format!("invalid JSONPath '{path}': {e}"))
+    JsonPath::parse(&to_rfc9535(p)).map(|_| ()).map_err(|e| format!("invalid JSONPath '{path}': {e}"))
+}
+
+/// Rewrites a Step Functions (Jayway) path into RFC 9535 syntax, which `serde_json_path`
+/// parses. The two differ in member names, and AWS's answers follow Jayway:
+/// - after `.`, Jayway takes every character up to the next `.`, `[`, `(` or space as the
+///   name, so `$.detail-type`, `$.1st` and `$.a:b` are member names; RFC 9535 allows only
+///   letters, digits (not first) and `_` there. Such names become `['...']`.
+/// - inside a quoted bracket name, a backslash stops the next character from closing the
+///   string but is kept: AWS matches `$['Test\""Name"']` against the key `Test\""Name"`
+///   (LocalStack's recording `test_escape_sequence_parsing[ESCAPE_SEQUENCES_JSONPATH]`).
+///   RFC 9535 unescapes, so the name is re-quoted with the backslash escaped.
+pub fn to_rfc9535(path: &str) -> String {
+    let chars: Vec<char> = path.chars().collect();
+    let mut out = String::with_capacity(path.len() + 8);
+    let mut i = 0;
+    let mut depth = 0usize;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '.' if depth == 0 => {
+                out.push('.');
+                i += 1;
+                if chars.get(i) == Some(&'.') {
+                    out.push('.');
+                    i += 1;
+                }
+                let start = i;
+                while i < chars.len() && !matches!(chars[i], '.' | '[' | '(' | ' ') {
+                    i += 1;
+                }
+                let name: String = chars[start..i].iter().collect();
+                if name.is_empty() && chars.get(i) == Some(&'[') && !out.ends_with("..") {
+                    // Jayway reads `$.abc.['def ghi']` (the developer guide's own example) as
+                    // `$.abc['def ghi']`.
+                    out.pop();
+                } else if name.is_empty() || name == "*" || is_shorthand(&name) {
+                    out.push_str(&name);
+                } else {
+                    // `.['x']` is not RFC 9535; `..['x']` is.
+                    if !out.ends_with("..") {
+                        out.pop();
+                    }
+                    out.push('[');
+                    out.push_str(&quote(&name));
+                    out.push(']');
+                }
+            }
+            '[' => {
+                depth += 1;
+                out.push('[');
+                i += 1;
+            }
+            ']' => {
+                depth = depth.saturating_sub(1);
+                out.push(']');
+                i += 1;
+            }
+            '\'' | '"' => {
+                let start = i + 1;
+                i = start;
+                while i < chars.len() && chars[i] != c {
+                    i += if chars[i] == '\\' { 2 } else { 1 };
+                }
+                let end = i.min(chars.len());
+                let raw: String = chars[start..end].iter().collect();
+                if i < chars.len() {
+                    out.push_str(&quote(&raw));
+                    i += 1;
+                } else {
+                    // Unterminated: leave it for the parser to report.
+                    out.push(c);
+                    out.push_str(&raw);
+                }
+            }
+            _ => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// An RFC 9535 member-name-shorthand: a letter, `_` or non-ASCII first, then also digits.
+fn is_shorthand(name: &str) -> bool {
+    let mut cs = name.chars();
+    let first_ok = cs.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || !c.is_ascii());
+    first_ok && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || !c.is_ascii())
+}
+
+/// `name` as an RFC 9535 single-quoted string.
+fn quote(name: &str) -> String {
+    let mut q = String::from("'");
+    for ch in name.chars() {
+        match ch {
+            '\'' => q.push_str("\\'"),
+            '\\' => q.push_str("\\\\"),
+            c if (c as u32) < 0x20 => q.push_str(&format!("\\u{:04x}", c as u32)),
+            c => q.push(c),
+        }
+    }
+    q.push('\'');
+    q
 }
 
 fn split_context(path: &str) -> (bool, &str) {
@@ -95,7 +198,8 @@ pub fn query_opt(path: &str, scope: &Scope<'_>) -> Result<Option<Value>, StatesE
     if p == "$" {
         return Ok(Some(doc.clone()));
     }
-    let jp = JsonPath::parse(p).map_err(|e| StatesError::runtime(format!("Invalid path '{path}': {e}")))?;
+    let jp =
+        JsonPath::parse(&to_rfc9535(p)).map_err(|e| StatesError::runtime(format!("Invalid path '{path}': {e}")))?;
     let nodes = jp.query(doc);
     if is_definite(p) {
         Ok(nodes.all().first().map(|v| (*v).clone()))
@@ -292,6 +396,32 @@ mod tests {
         let err = query("$.missing", &s).unwrap_err();
         assert_eq!(err.error, "States.Runtime");
         assert!(err.cause.contains("$.missing"), "{}", err.cause);
+    }
+
+    #[test]
+    fn jayway_member_names_and_bracket_escapes() {
+        // Jayway names after '.' run to the next '.', '[', '(' or space.
+        assert_eq!(to_rfc9535("$.detail-type.x"), "$['detail-type'].x");
+        assert_eq!(to_rfc9535("$.1st"), "$['1st']");
+        assert_eq!(to_rfc9535("$..a-b"), "$..['a-b']");
+        assert_eq!(to_rfc9535("$.naïve"), "$.naïve");
+        assert_eq!(to_rfc9535("$.abc.['def ghi']"), "$.abc['def ghi']");
+        assert_eq!(to_rfc9535("$[\"x y\"]"), "$['x y']");
+        // A backslash keeps the quote from closing the name and stays in it.
+        assert_eq!(to_rfc9535(r#"$['Test\""Name"']"#), r#"$['Test\\""Name"']"#);
+        assert_eq!(to_rfc9535(r"$['a\'b']"), r"$['a\\\'b']");
+        assert_eq!(to_rfc9535("$.items[?(@.x > 1)]"), "$.items[?(@.x > 1)]");
+
+        let input = json!({"detail-type": 1, "1st": 2, "a\\'b": 3, "Test\\\"\"Name\"": 4, "x y": {"k": 5}});
+        let ctx = json!({});
+        let s = scope(&input, &ctx);
+        assert_eq!(query("$.detail-type", &s).unwrap(), json!(1));
+        assert_eq!(query("$.1st", &s).unwrap(), json!(2));
+        assert_eq!(query(r"$['a\'b']", &s).unwrap(), json!(3));
+        assert_eq!(query(r#"$['Test\""Name"']"#, &s).unwrap(), json!(4));
+        assert_eq!(query("$['x y'].k", &s).unwrap(), json!(5));
+        assert!(check_path("$.a b").is_err());
+        assert_eq!(apply_result_path(&json!({}), json!(1), Some("$.out-put")).unwrap(), json!({"out-put": 1}));
     }
 
     #[test]

@@ -130,7 +130,7 @@ fn jsonata_states_take_arguments_and_output_not_paths() {
 }
 
 #[test]
-fn variables_must_be_in_scope_and_branches_cannot_assign_outer_ones() {
+fn variables_out_of_scope_and_outer_variables_assigned_in_branches_are_reported() {
     let src = r#"{"StartAt": "A", "States": {
         "A": {"Type": "Pass", "Assign": {"total": 1, "bad name": 2, "states": 3}, "Next": "P"},
         "P": {"Type": "Parallel", "Branches": [{"StartAt": "B", "States": {
@@ -140,7 +140,6 @@ fn variables_must_be_in_scope_and_branches_cannot_assign_outer_ones() {
     assert!(has(&d, "/States/A/Assign/bad name", "not a valid variable name"), "{d:#?}");
     assert!(has(&d, "/States/A/Assign/states", "not a valid variable name"), "{d:#?}");
     assert!(has(&d, "/States/P/Branches/0/States/B/Assign/total.$", "enclosing scope"), "{d:#?}");
-    assert!(has(&d, "/States/P/Branches/0/States/B/Assign/total.$", "enclosing scope"), "{d:#?}");
     assert!(has(&d, "/States/E/Parameters/i.$", "'$inner' is not a variable"), "{d:#?}");
     assert!(!d.iter().any(|x| x.message.contains("'$total' is not")), "{d:#?}");
     let jsonata = r#"{"QueryLanguage": "JSONata", "StartAt": "A", "States": {
@@ -148,4 +147,41 @@ fn variables_must_be_in_scope_and_branches_cannot_assign_outer_ones() {
     let d = errors(jsonata);
     assert!(has(&d, "/States/A/Output", "'$m' is not a variable"), "{d:#?}");
     assert_eq!(d.iter().filter(|x| x.message.contains("is not a variable")).count(), 1, "{d:#?}");
+    // Scope findings warn (Step Functions runs such definitions; the read fails at run time).
+    assert!(d.iter().filter(|x| x.message.contains("is not a variable")).all(|x| x.severity == Severity::Warning));
+}
+
+#[test]
+fn map_limit_paths_exclude_their_literal_and_must_be_paths() {
+    let src = r#"{
+      "StartAt": "M",
+      "States": {
+        "M": {"Type": "Map", "MaxConcurrency": 2, "MaxConcurrencyPath": "$.m",
+              "ToleratedFailureCountPath": 3, "ToleratedFailurePercentagePath": "$.p",
+              "ItemProcessor": {"StartAt": "P", "States": {"P": {"Type": "Pass", "End": true}}}, "End": true}
+      }
+    }"#;
+    let d = errors(src);
+    assert!(has(&d, "/States/M/MaxConcurrencyPath", "give MaxConcurrency or MaxConcurrencyPath, not both"), "{d:#?}");
+    assert!(has(&d, "/States/M/ToleratedFailureCountPath", "must be a path string"), "{d:#?}");
+    assert!(!d.iter().any(|x| x.location.contains("ToleratedFailurePercentagePath")), "{d:#?}");
+}
+
+#[test]
+fn intrinsic_strings_and_paths_follow_the_intrinsic_grammar() {
+    let pass = |expr: &str| {
+        format!(
+            r#"{{"StartAt": "A", "States": {{"A": {{"Type": "Pass", "Parameters": {{"x.$": {}}}, "End": true}}}}}}"#,
+            serde_json::Value::String(expr.to_string())
+        )
+    };
+    // `\"` is not one of the escapes (' { } \) the developer guide defines.
+    let d = errors(&pass(r#"States.StringToJson('{"text":"An \"escaped\" quote"}')"#));
+    assert!(has(&d, "/States/A/Parameters/x.$", "is not an escape"), "{d:#?}");
+    // A dash after '.' is a member name in a `.$` path, but not inside an intrinsic call.
+    let d = errors(&pass("States.Format('{}', $.detail-type)"));
+    assert!(has(&d, "/States/A/Parameters/x.$", "$['detail-type']"), "{d:#?}");
+    assert!(errors(&pass("States.Format('{}', $['detail-type'])")).is_empty());
+    assert!(errors(&pass("$.detail-type")).is_empty());
+    assert!(errors(&pass(r"States.Format('it\'s {} \{\} \\', $['a\'b'])")).is_empty());
 }

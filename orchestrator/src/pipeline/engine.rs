@@ -13,7 +13,7 @@ use crate::asl::choice::Rule;
 use crate::asl::definition::{Kind, NumberSource, QueryLanguage, State, StateMachine, WaitFor};
 use crate::asl::jsonata::{self, Bindings};
 use crate::asl::path::{self, Scope};
-use crate::asl::{choice, names, retry, timestamp, StatesError};
+use crate::asl::{choice, names, path_numbers, retry, timestamp, StatesError};
 
 /// Longest queue delay (SQS `DelaySeconds` maximum); longer waits re-delay.
 pub const MAX_QUEUE_DELAY_SECONDS: f64 = 900.0;
@@ -136,14 +136,19 @@ impl HopRun<'_> {
                 "Name": self.meta.name,
                 "StartTime": self.meta.start_time,
                 "RoleArn": "arn:ember:iam::role/ember-pipelines",
+                "RedriveCount": self.msg.redrive,
             },
             "State": {
                 "Name": self.msg.state,
                 "EnteredTime": self.msg.entered_time.clone().unwrap_or_else(|| ts(self.now_ms)),
-                "RetryCount": self.msg.attempt,
             },
             "StateMachine": {"Id": self.meta.state_machine_id, "Name": self.meta.state_machine_id},
         });
+        // Only states that can retry have a retry count (recorded on AWS: a Task's context
+        // has State.RetryCount, a Pass's has none).
+        if matches!(state.kind, Kind::Task { .. } | Kind::Parallel { .. } | Kind::Map { .. }) {
+            c["State"]["RetryCount"] = json!(self.msg.attempt);
+        }
         if matches!(state.kind, Kind::Task { .. }) {
             c["Task"] = json!({"Token": self.msg.id()});
         }
@@ -257,7 +262,7 @@ impl HopRun<'_> {
         if self.msg.scope.is_empty() {
             match &result {
                 Ok(o) => self.event("ExecutionSucceeded", json!({"output": o})),
-                Err(e) => self.event("ExecutionFailed", json!({"error": e.error, "cause": e.cause})),
+                Err(e) => self.event("ExecutionFailed", e.details()),
             }
             t.end = Some(ExecutionEnd { result, stop_time: ts(self.now_ms) });
             return Ok(());
@@ -452,21 +457,27 @@ impl HopRun<'_> {
             Kind::Wait(w) => {
                 let eff = self.effective_input(state, &ctx)?;
                 let now_s = self.now_ms as f64 / 1000.0;
+                let scope = self.scope(&eff, &ctx);
                 let seconds = match w {
-                    WaitFor::Seconds(s) => self.number(s, &eff, &ctx, "SecondsPath")?,
+                    WaitFor::Seconds(NumberSource::Value(v)) => *v,
+                    WaitFor::Seconds(NumberSource::Path(p)) => match path::query_opt(p, &scope)? {
+                        Some(v) => path_numbers::wait_seconds(&v, p)?,
+                        None => return Err(path_numbers::wait_seconds_missing(p)),
+                    },
+                    WaitFor::Seconds(NumberSource::Expr(_)) | WaitFor::TimestampExpr(_) => {
+                        return Err(StatesError::runtime("a JSONata expression in a JSONPath Wait state"))
+                    }
                     WaitFor::Timestamp(t) => (timestamp::parse(t).unwrap_or(now_s) - now_s).max(0.0),
                     WaitFor::TimestampPath(p) => {
-                        let v = path::query(p, &self.scope(&eff, &ctx))?;
-                        let t = v
-                            .as_str()
-                            .and_then(timestamp::parse)
-                            .ok_or_else(|| StatesError::runtime(format!("The TimestampPath parameter does not reference a valid ISO-8601 extended offset date-time format string: {p} == {v}")))?;
+                        let v = path::query(p, &scope)?;
+                        let t = v.as_str().and_then(timestamp::parse).ok_or_else(|| {
+                            let shown = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+                            StatesError::runtime(format!("The TimestampPath parameter does not reference a valid ISO-8601 extended offset date-time format string: {p} == {shown}"))
+                        })?;
                         (t - now_s).max(0.0)
                     }
-                    WaitFor::TimestampExpr(_) => {
-                        return Err(StatesError::runtime("a JSONata Timestamp in a JSONPath state"))
-                    }
                 };
+                let seconds = path_numbers::check_wait_length(seconds)?;
                 let output = match state.output_path.get() {
                     None => json!({}),
                     Some(p) => path::query(p, &self.scope(&eff, &ctx))?,
@@ -512,6 +523,8 @@ impl HopRun<'_> {
                 };
                 let error = eval(error, error_path, "ErrorPath")?;
                 let cause = eval(cause, cause_path, "CausePath")?;
+                // Without Error or Cause the execution ends with none: an empty string, which
+                // DescribeExecution and the ExecutionFailed event leave out, as AWS does.
                 Err(StatesError::new(error.unwrap_or_default(), cause.unwrap_or_default()))
             }
             Kind::Parallel { branches } => {
@@ -530,12 +543,41 @@ impl HopRun<'_> {
                     })
                     .collect();
                 Ok(Step::FanOut {
-                    fan: FanOut { count: branches.len(), pending: Vec::new(), max_concurrency: 0 },
+                    fan: FanOut {
+                        count: branches.len(),
+                        pending: Vec::new(),
+                        max_concurrency: 0,
+                        tolerated_percentage: None,
+                        tolerated_count: None,
+                    },
                     sends,
                 })
             }
-            Kind::Map { processor, items_path, item_selector, max_concurrency, .. } => {
+            Kind::Map {
+                processor,
+                items_path,
+                item_selector,
+                max_concurrency,
+                tolerated_percentage,
+                tolerated_count,
+                limit_paths,
+                ..
+            } => {
                 let eff = self.effective_input(state, &ctx)?;
+                let scope = self.scope(&eff, &ctx);
+                let read = |p: &str| path::query(p, &scope);
+                let max_concurrency = match &limit_paths.max_concurrency {
+                    Some(p) => path_numbers::max_concurrency(&read(p)?, p)?,
+                    None => *max_concurrency,
+                };
+                let tolerated_percentage = match &limit_paths.tolerated_percentage {
+                    Some(p) => Some(path_numbers::tolerated_percentage(&read(p)?, p)?),
+                    None => *tolerated_percentage,
+                };
+                let tolerated_count = match &limit_paths.tolerated_count {
+                    Some(p) => Some(path_numbers::tolerated_count(&read(p)?, p)?),
+                    None => *tolerated_count,
+                };
                 let items = path::query(items_path, &self.scope(&eff, &ctx))?;
                 let Value::Array(items) = items else {
                     return Err(StatesError::runtime(format!(
@@ -557,19 +599,8 @@ impl HopRun<'_> {
                 if inputs.is_empty() {
                     return self.after_join(state, Vec::new(), &raw, &ctx);
                 }
-                let k = *max_concurrency as usize;
-                let first = if k == 0 { inputs.len() } else { k.min(inputs.len()) };
-                let pending = if k == 0 { Vec::new() } else { inputs[first.min(k)..].to_vec() };
-                let sends = inputs
-                    .iter()
-                    .take(first)
-                    .enumerate()
-                    .map(|(i, v)| Outgoing {
-                        message: self.branch_message(i, &processor.start_at, v.clone()),
-                        delay_seconds: 0.0,
-                    })
-                    .collect();
-                Ok(Step::FanOut { fan: FanOut { count: inputs.len(), pending, max_concurrency: k }, sends })
+                let limits = (max_concurrency, tolerated_percentage, tolerated_count);
+                Ok(self.fan_out_items(&processor.start_at, limits, inputs))
             }
         }
     }
@@ -719,11 +750,44 @@ impl HopRun<'_> {
                     })
                     .collect();
                 Ok(Step::FanOut {
-                    fan: FanOut { count: branches.len(), pending: Vec::new(), max_concurrency: 0 },
+                    fan: FanOut {
+                        count: branches.len(),
+                        pending: Vec::new(),
+                        max_concurrency: 0,
+                        tolerated_percentage: None,
+                        tolerated_count: None,
+                    },
                     sends,
                 })
             }
-            Kind::Map { processor, items, item_selector, max_concurrency, .. } => {
+            Kind::Map {
+                processor,
+                items,
+                item_selector,
+                max_concurrency,
+                tolerated_percentage,
+                tolerated_count,
+                limit_paths,
+                ..
+            } => {
+                let limit = |e: &Option<String>, field: &str| -> Result<Option<Value>, StatesError> {
+                    e.as_ref()
+                        .map(|e| jsonata::eval_template(&Value::String(e.clone()), field, self.bindings(&states)))
+                        .transpose()
+                };
+                let max_concurrency = match limit(&limit_paths.max_concurrency, "MaxConcurrency")? {
+                    Some(v) => path_numbers::max_concurrency(&v, "MaxConcurrency")?,
+                    None => *max_concurrency,
+                };
+                let tolerated_percentage = match limit(&limit_paths.tolerated_percentage, "ToleratedFailurePercentage")?
+                {
+                    Some(v) => Some(path_numbers::tolerated_percentage(&v, "ToleratedFailurePercentage")?),
+                    None => *tolerated_percentage,
+                };
+                let tolerated_count = match limit(&limit_paths.tolerated_count, "ToleratedFailureCount")? {
+                    Some(v) => Some(path_numbers::tolerated_count(&v, "ToleratedFailureCount")?),
+                    None => *tolerated_count,
+                };
                 let list = match items {
                     Some(i) => jsonata::eval_template(i, "Items", self.bindings(&states))?,
                     None => input.clone(),
@@ -750,16 +814,22 @@ impl HopRun<'_> {
                 if inputs.is_empty() {
                     return self.after_join(state, Vec::new(), &input, ctx);
                 }
-                Ok(self.fan_out_items(&processor.start_at, *max_concurrency as usize, inputs))
+                Ok(self.fan_out_items(
+                    &processor.start_at,
+                    (max_concurrency, tolerated_percentage, tolerated_count),
+                    inputs,
+                ))
             }
         }
     }
 
-    /// Starts a Map's items: all of them, or the first `max_concurrency` (0 = no limit) with
-    /// the rest kept for each finishing item to start the next.
-    fn fan_out_items(&self, start: &str, max_concurrency: usize, inputs: Vec<Value>) -> Step {
-        let k = max_concurrency;
-        let first = if k == 0 { inputs.len() } else { k.min(inputs.len()) };
+    /// Starts a Map's items: all of them, or the first `MaxConcurrency` (0 = no limit) with
+    /// the rest kept for each finishing item to start the next. `limits`: MaxConcurrency and
+    /// the tolerated failure percentage and count, as resolved when the Map started.
+    fn fan_out_items(&self, start: &str, limits: (u64, Option<f64>, Option<u64>), inputs: Vec<Value>) -> Step {
+        let (max_concurrency, tolerated_percentage, tolerated_count) = limits;
+        let k = usize::try_from(max_concurrency).unwrap_or(usize::MAX).min(inputs.len());
+        let first = if k == 0 { inputs.len() } else { k };
         let pending = if k == 0 { Vec::new() } else { inputs[first..].to_vec() };
         let sends = inputs
             .iter()
@@ -767,7 +837,8 @@ impl HopRun<'_> {
             .enumerate()
             .map(|(i, v)| Outgoing { message: self.branch_message(i, start, v.clone()), delay_seconds: 0.0 })
             .collect();
-        Step::FanOut { fan: FanOut { count: inputs.len(), pending, max_concurrency: k }, sends }
+        let fan = FanOut { count: inputs.len(), pending, max_concurrency: k, tolerated_percentage, tolerated_count };
+        Step::FanOut { fan, sends }
     }
 
     fn no_choice_matched(&self) -> StatesError {

@@ -136,6 +136,12 @@ pub struct FanOut {
     pub pending: Vec<Value>,
     /// How many run at once (0 = all).
     pub max_concurrency: usize,
+    /// A Map's `ToleratedFailurePercentage` as resolved when it started (literal or path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerated_percentage: Option<f64>,
+    /// A Map's `ToleratedFailureCount` as resolved when it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerated_count: Option<u64>,
 }
 
 /// The record of one transition: what happened and what it sends. Written create-only.

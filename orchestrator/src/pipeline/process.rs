@@ -223,8 +223,17 @@ async fn branch_done(env: &Env, msg: &HopMessage, done: &BranchResult) -> Result
     let def = env.definitions.get(&meta.definition, &hop_resources(env))?;
     let machine = super::engine::machine_for(&def.machine, parent)?;
     let failures: Vec<&String> = results.iter().filter(|r| !r.1).map(|r| r.3).collect();
-    let failure = match machine.state(&frame.state).map(|s| &s.kind) {
-        Some(asl::Kind::Map { tolerated_percentage, tolerated_count, .. })
+    // The thresholds the Map resolved when it started (they may come from paths).
+    let fan = fan_rec.fan_out.as_ref();
+    let tolerated = match machine.state(&frame.state).map(|s| &s.kind) {
+        Some(asl::Kind::Map { tolerated_percentage, tolerated_count, .. }) => Some((
+            fan.and_then(|f| f.tolerated_percentage).or(*tolerated_percentage),
+            fan.and_then(|f| f.tolerated_count).or(*tolerated_count),
+        )),
+        _ => None,
+    };
+    let failure = match tolerated {
+        Some((tolerated_percentage, tolerated_count))
             if tolerated_percentage.is_some() || tolerated_count.is_some() =>
         {
             let f = failures.len();
@@ -459,9 +468,12 @@ pub struct Description {
     pub input: Value,
     /// Output when it succeeded.
     pub output: Option<Value>,
-    /// Error name when it failed.
+    /// Error name when it failed; left out when there is none (a Fail state without
+    /// `Error`), as DescribeExecution does.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Cause when it failed.
+    /// Cause when it failed; left out when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
     /// RFC 3339.
     pub start_time: String,
@@ -506,8 +518,10 @@ pub async fn describe(env: &Env, execution: &str) -> Result<Description, Pipelin
             }
             Err(e) => {
                 d.status = ExecutionStatus::Failed;
-                d.error = Some(e.error);
-                d.cause = Some(e.cause);
+                // A Fail state without Error or Cause: AWS's DescribeExecution has neither
+                // field (LocalStack's recording `test_state_fail_empty`: ExecutionFailed `{}`).
+                d.error = Some(e.error).filter(|s| !s.is_empty());
+                d.cause = Some(e.cause).filter(|s| !s.is_empty());
             }
         }
     }

@@ -260,6 +260,33 @@ async fn map_with_concurrency_limit_and_tolerated_failures() {
     assert_eq!(run.description.error.as_deref(), Some("States.ExceedToleratedFailureThreshold"));
 }
 
+/// The same Map with its limits read from the input: the thresholds resolved at the start
+/// decide when the items end.
+#[tokio::test]
+async fn map_limits_from_paths() {
+    let def = r#"{"StartAt": "M", "States": {"M": {"Type": "Map", "ItemsPath": "$.xs",
+        "MaxConcurrencyPath": "$.limits.k", "ToleratedFailureCountPath": "$.limits.c",
+        "ToleratedFailurePercentagePath": "$.limits.p",
+        "ItemProcessor": {"StartAt": "C", "States": {
+            "C": {"Type": "Choice", "Choices": [{"Variable": "$", "NumericEquals": 3, "Next": "Bad"}], "Default": "Ok"},
+            "Bad": {"Type": "Fail", "Error": "Three", "Cause": "no threes"},
+            "Ok": {"Type": "Pass", "End": true}}},
+        "End": true}}}"#;
+    let run = |input: Value| run_to_completion(Tools::builtin(), def, input, DriverOptions::default());
+    let ok = run(json!({"xs": [1, 3, 2], "limits": {"k": 1, "c": 1, "p": 100}})).await.unwrap();
+    assert_eq!(ok.description.output, Some(json!([1, {"Error": "Three", "Cause": "no threes"}, 2])));
+    let over = run(json!({"xs": [1, 3, 3], "limits": {"k": 2, "c": 1, "p": 100}})).await.unwrap();
+    assert_eq!(over.description.error.as_deref(), Some("States.ExceedToleratedFailureThreshold"));
+    let pct = run(json!({"xs": [1, 3, 2, 2], "limits": {"k": 0, "c": 5, "p": 20}})).await.unwrap();
+    assert_eq!(pct.description.error.as_deref(), Some("States.ExceedToleratedFailureThreshold"));
+    let bad = run(json!({"xs": [1], "limits": {"k": 1.5, "c": 0, "p": 0}})).await.unwrap();
+    assert_eq!(bad.description.error.as_deref(), Some("States.Runtime"));
+    assert_eq!(
+        bad.description.cause.as_deref(),
+        Some("The MaxConcurrencyPath field refers to value \"1.5\" which is not a valid integer: $.limits.k")
+    );
+}
+
 // Paused time: the timers race on tokio's clock, which jumps ahead whenever every task
 // waits, so the outcome does not depend on how busy the machine is and nothing sleeps.
 #[tokio::test(start_paused = true)]
@@ -464,4 +491,32 @@ async fn a_failed_execution_redrives_from_the_state_that_failed() {
     assert_eq!(kinds.last().map(String::as_str), Some("ExecutionSucceeded"), "{kinds:?}");
     let e = redrive_execution(&env, &id, None).await.unwrap_err();
     assert!(e.to_string().contains("only a FAILED execution"), "{e}");
+}
+
+#[tokio::test]
+async fn fail_without_error_or_cause_reports_neither() {
+    let def = r#"{"StartAt": "F", "States": {"F": {"Type": "Fail", "Cause": "only a cause"}}}"#;
+    let run = run_to_completion(Tools::builtin(), def, json!({}), DriverOptions::default()).await.unwrap();
+    let d = serde_json::to_value(&run.description).unwrap();
+    assert_eq!(d["status"], "FAILED", "{d}");
+    assert!(d.get("error").is_none(), "DescribeExecution has no error field here: {d}");
+    assert_eq!(d["cause"], "only a cause", "{d}");
+    let failed = run.history.iter().find(|e| e.kind == "ExecutionFailed").unwrap();
+    assert_eq!(failed.details, json!({"cause": "only a cause"}));
+
+    let def = r#"{"StartAt": "F", "States": {"F": {"Type": "Fail"}}}"#;
+    let run = run_to_completion(Tools::builtin(), def, json!({}), DriverOptions::default()).await.unwrap();
+    let d = serde_json::to_value(&run.description).unwrap();
+    assert!(d.get("error").is_none() && d.get("cause").is_none(), "{d}");
+}
+
+/// AWS fails a wait whose delay does not fit a Java int of seconds (about 68 years).
+#[tokio::test]
+async fn wait_longer_than_aws_schedules_fails() {
+    let def = r#"{"StartAt": "W", "States": {"W": {"Type": "Wait", "TimestampPath": "$.t", "End": true}}}"#;
+    let run = run_to_completion(Tools::builtin(), def, json!({"t": "9999-01-01T00:00:00Z"}), DriverOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(run.description.error.as_deref(), Some("States.Runtime"));
+    assert_eq!(run.description.cause.as_deref(), Some("Wait state delay is too long."));
 }

@@ -71,6 +71,11 @@ impl Validator<'_> {
             }
             c
         });
+        let limit_paths = MapLimitPaths {
+            max_concurrency: self.limit_path(obj, "MaxConcurrency", at),
+            tolerated_percentage: self.limit_path(obj, "ToleratedFailurePercentage", at),
+            tolerated_count: self.limit_path(obj, "ToleratedFailureCount", at),
+        };
         Some(Kind::Map {
             processor: Box::new(processor?),
             items_path,
@@ -79,7 +84,29 @@ impl Validator<'_> {
             max_concurrency,
             tolerated_percentage,
             tolerated_count,
+            limit_paths,
         })
+    }
+
+    /// `{key}Path`: a path, and not given together with `{key}`.
+    fn limit_path(&mut self, obj: &Map<String, Value>, key: &str, at: &str) -> Option<String> {
+        let pkey = format!("{key}Path");
+        let p = obj.get(&pkey)?;
+        if obj.contains_key(key) {
+            self.err(format!("{at}/{pkey}"), format!("give {key} or {pkey}, not both"));
+        }
+        match p.as_str() {
+            Some(p) => {
+                if let Err(e) = path::check_path(p) {
+                    self.err(format!("{at}/{pkey}"), e);
+                }
+                Some(p.to_string())
+            }
+            None => {
+                self.err(format!("{at}/{pkey}"), format!("{pkey} must be a path string"));
+                None
+            }
+        }
     }
 
     fn error_equals(&mut self, obj: &Map<String, Value>, at: &str, last: bool) -> Vec<String> {

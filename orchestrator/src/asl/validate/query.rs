@@ -326,8 +326,25 @@ impl Validator<'_> {
             },
             "Parallel" => Kind::Parallel { branches: self.branches(obj, at) },
             "Map" => {
-                let mut kind = self.map(obj, at, &mut state)?;
-                if let Kind::Map { items, item_selector, .. } = &mut kind {
+                // Limits given as expressions are evaluated when the Map starts; the rest of
+                // the Map's fields read as in JSONPath states.
+                const LIMITS: [&str; 3] = ["MaxConcurrency", "ToleratedFailurePercentage", "ToleratedFailureCount"];
+                let mut plain = obj.clone();
+                let mut exprs: [Option<String>; 3] = Default::default();
+                for (i, key) in LIMITS.iter().enumerate() {
+                    if let Some(s) = obj.get(*key).and_then(Value::as_str).filter(|s| jsonata::expression(s).is_some())
+                    {
+                        self.jsonata_template(obj, key, at);
+                        plain.remove(*key);
+                        exprs[i] = Some(s.to_string());
+                    }
+                }
+                let mut kind = self.map(&plain, at, &mut state)?;
+                if let Kind::Map { items, item_selector, limit_paths, .. } = &mut kind {
+                    let [m, p, c] = exprs;
+                    limit_paths.max_concurrency = m.or(limit_paths.max_concurrency.take());
+                    limit_paths.tolerated_percentage = p.or(limit_paths.tolerated_percentage.take());
+                    limit_paths.tolerated_count = c.or(limit_paths.tolerated_count.take());
                     *items = match obj.get("Items") {
                         None => None,
                         Some(v @ Value::Array(_)) => self.jsonata_template(obj, "Items", at).or(Some(v.clone())),

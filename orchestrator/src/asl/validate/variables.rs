@@ -16,8 +16,11 @@ pub(super) fn check(doc: &Value, ql: QueryLanguage, out: &mut Vec<Diagnostic>) {
     scope(doc, "", ql, &BTreeSet::new(), out);
 }
 
+/// Scope findings are warnings: Step Functions accepts such definitions and fails (or reads
+/// nothing) when the state runs (recorded: a reference to a variable no state assigns is a
+/// `States.QueryEvaluationError` at run time), and Ember runs them the same way.
 fn err(out: &mut Vec<Diagnostic>, location: String, message: String) {
-    out.push(Diagnostic { severity: Severity::Error, location, message });
+    out.push(Diagnostic { severity: Severity::Warning, location, message });
 }
 
 /// The machine's query language for its states, and each state's.
