@@ -89,6 +89,11 @@ fn jsonata_fields(ty: &str) -> &'static [&'static str] {
     }
 }
 
+/// Whether `k` is `Assign` on a JSONPath state that may assign (all but Succeed and Fail).
+fn jsonpath_assign(k: &str, ty: &str) -> bool {
+    k == "Assign" && !matches!(ty, "Succeed" | "Fail")
+}
+
 /// Whether `name` can be a variable: a letter or `_`, then letters, digits or `_`; at most
 /// 80 characters; not `states` (reserved for `$states`).
 pub(super) fn valid_variable_name(name: &str) -> bool {
@@ -141,9 +146,7 @@ impl Validator<'_> {
                         self.err(loc, format!("field '{k}' is not allowed in a {ty} state"));
                     }
                 }
-                QueryLanguage::JsonPath
-                    if !jsonpath_fields.contains(&k) && !(k == "Assign" && !matches!(ty, "Succeed" | "Fail")) =>
-                {
+                QueryLanguage::JsonPath if !jsonpath_fields.contains(&k) && !jsonpath_assign(k, ty) => {
                     if JSONATA_ONLY.contains(&k) && jsonata_fields(ty).contains(&k) {
                         self.err(
                             loc,
