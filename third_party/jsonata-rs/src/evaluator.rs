@@ -270,7 +270,10 @@ impl<'a> Evaluator<'a> {
             pub index: usize,
         }
 
+        // Groups in the order their keys first appear (jsonata-js's object order); upstream
+        // iterated a HashMap, so the result's key order changed from run to run.
         let mut groups: HashMap<String, Group> = HashMap::new();
+        let mut group_order: Vec<String> = Vec::new();
         let reduce = input.has_flags(ArrayFlags::TUPLE_STREAM);
 
         let input = if input.is_array() && input.is_empty() {
@@ -316,6 +319,7 @@ impl<'a> Evaluator<'a> {
                         )?;
                     }
                     hash_map::Entry::Vacant(entry) => {
+                        group_order.push(key.to_string());
                         entry.insert(Group { data: item, index });
                     }
                 };
@@ -324,8 +328,8 @@ impl<'a> Evaluator<'a> {
 
         let result = Value::object(self.arena);
 
-        for key in groups.keys() {
-            let group = groups.get(key).unwrap();
+        for key in &group_order {
+            let group = &groups[key];
             let value = if reduce {
                 let tuple = self.reduce_tuple_stream(char_index, group.data, input, frame)?;
                 let context = tuple.get_entry("@");

@@ -187,8 +187,6 @@ mod tests {
     use chrono::{DateTime, Datelike, Local, Offset};
     use regress::Regex;
 
-    use bumpalo::collections::String as BumpString;
-
     use super::*;
 
     #[test]
@@ -731,10 +729,10 @@ mod tests {
             ArrayFlags::empty(),
         ));
 
-        let mut match_obj = hashbrown::HashMap::with_capacity_in(3, &arena);
-        match_obj.insert(BumpString::from_str_in("match", &arena), match_value);
-        match_obj.insert(BumpString::from_str_in("index", &arena), index_value);
-        match_obj.insert(BumpString::from_str_in("groups", &arena), groups_array);
+        let mut match_obj = evaluator::value::ObjectMap::with_capacity_in(3, &arena);
+        match_obj.insert("match", match_value);
+        match_obj.insert("index", index_value);
+        match_obj.insert("groups", groups_array);
 
         let expected_match: &Value = &*arena.alloc(Value::Object(match_obj));
 

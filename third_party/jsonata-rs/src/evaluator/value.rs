@@ -5,8 +5,6 @@ use bumpalo::boxed::Box;
 use bumpalo::collections::String as BumpString;
 use bumpalo::collections::Vec as BumpVec;
 use bumpalo::Bump;
-use hashbrown::DefaultHashBuilder;
-use hashbrown::HashMap;
 
 use super::frame::Frame;
 use super::functions::FunctionContext;
@@ -15,12 +13,14 @@ use crate::{Error, Result};
 
 pub mod impls;
 pub mod iterator;
+pub mod object;
 mod range;
 pub mod serialize;
 
 use self::range::Range;
 use self::serialize::{DumpFormatter, PrettyFormatter, Serializer};
 pub use iterator::MemberIterator;
+pub use object::ObjectMap;
 
 bitflags! {
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,7 +53,7 @@ pub enum Value<'a> {
     String(BumpString<'a>),
     Regex(std::boxed::Box<RegexLiteral>),
     Array(BumpVec<'a, &'a Value<'a>>, ArrayFlags),
-    Object(HashMap<BumpString<'a>, &'a Value<'a>, DefaultHashBuilder, &'a Bump>),
+    Object(ObjectMap<'a>),
     Range(Range<'a>),
     Lambda {
         ast: Box<'a, Ast>,
@@ -80,7 +80,7 @@ impl<'a> Value<'a> {
         unsafe { std::mem::transmute::<&Value<'static>, &'a Value<'a>>(&UNDEFINED) }
     }
 
-    pub fn null(arena: &Bump) -> &mut Value {
+    pub fn null(arena: &Bump) -> &mut Value<'_> {
         arena.alloc(Value::Null)
     }
 
@@ -92,11 +92,11 @@ impl<'a> Value<'a> {
         }
     }
 
-    pub fn number(arena: &Bump, value: impl Into<f64>) -> &mut Value {
+    pub fn number(arena: &Bump, value: impl Into<f64>) -> &mut Value<'_> {
         arena.alloc(Value::Number(value.into()))
     }
 
-    pub fn number_from_u128(arena: &Bump, value: u128) -> Result<&mut Value> {
+    pub fn number_from_u128(arena: &Bump, value: u128) -> Result<&mut Value<'_>> {
         let value_f64 = value as f64;
         if value_f64 as u128 != value {
             // number is too large to retain precision
@@ -109,7 +109,7 @@ impl<'a> Value<'a> {
         arena.alloc(Value::String(BumpString::from_str_in(value, arena)))
     }
 
-    pub fn array(arena: &Bump, flags: ArrayFlags) -> &mut Value {
+    pub fn array(arena: &Bump, flags: ArrayFlags) -> &mut Value<'_> {
         let v = BumpVec::new_in(arena);
         arena.alloc(Value::Array(v, flags))
     }
@@ -122,30 +122,27 @@ impl<'a> Value<'a> {
         arena.alloc(Value::Array(arr, flags))
     }
 
-    pub fn array_with_capacity(arena: &Bump, capacity: usize, flags: ArrayFlags) -> &mut Value {
+    pub fn array_with_capacity(
+        arena: &Bump,
+        capacity: usize,
+        flags: ArrayFlags,
+    ) -> &mut Value<'_> {
         arena.alloc(Value::Array(
             BumpVec::with_capacity_in(capacity, arena),
             flags,
         ))
     }
 
-    pub fn object(arena: &Bump) -> &mut Value {
-        arena.alloc(Value::Object(HashMap::new_in(arena)))
+    pub fn object(arena: &Bump) -> &mut Value<'_> {
+        arena.alloc(Value::Object(ObjectMap::new_in(arena)))
     }
 
-    pub fn object_from<H>(
-        hash: &HashMap<BumpString<'a>, &'a Value<'a>, H, &'a Bump>,
-        arena: &'a Bump,
-    ) -> &'a mut Value<'a> {
-        let result = Value::object_with_capacity(arena, hash.len());
-        if let Value::Object(o) = result {
-            o.extend(hash.iter().map(|(k, v)| (k.clone(), *v)));
-        }
-        result
+    pub fn object_from(map: &ObjectMap<'a>, arena: &'a Bump) -> &'a mut Value<'a> {
+        arena.alloc(Value::Object(map.clone_in(arena)))
     }
 
-    pub fn object_with_capacity(arena: &Bump, capacity: usize) -> &mut Value {
-        arena.alloc(Value::Object(HashMap::with_capacity_in(capacity, arena)))
+    pub fn object_with_capacity(arena: &Bump, capacity: usize) -> &mut Value<'_> {
+        arena.alloc(Value::Object(ObjectMap::with_capacity_in(capacity, arena)))
     }
 
     pub fn lambda(
@@ -342,7 +339,8 @@ impl<'a> Value<'a> {
         }
     }
 
-    pub fn entries(&self) -> hashbrown::hash_map::Iter<'_, BumpString<'a>, &'a Value> {
+    /// The entries in insertion order.
+    pub fn entries(&self) -> object::Iter<'_, 'a> {
         match self {
             Value::Object(map) => map.iter(),
             _ => panic!("Not an object"),
@@ -443,9 +441,7 @@ impl<'a> Value<'a> {
 
     pub fn insert(&mut self, key: &str, value: &'a Value<'a>) {
         match *self {
-            Value::Object(ref mut map) => {
-                map.insert(BumpString::from_str_in(key, map.allocator()), value);
-            }
+            Value::Object(ref mut map) => map.insert(key, value),
             _ => panic!("Not an object"),
         }
     }

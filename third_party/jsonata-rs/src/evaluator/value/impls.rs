@@ -120,12 +120,13 @@ impl Hash for Value<'_> {
             Value::String(s) => s.hash(state),
             Value::Array(a, _) => a.hash(state),
             Value::Object(map) => {
-                let mut keys_sorted = map.keys().collect::<Vec<_>>();
-                keys_sorted.sort();
+                // Sorted so that equal objects (in any key order) hash alike.
+                let mut entries_sorted = map.iter().collect::<Vec<_>>();
+                entries_sorted.sort_by(|a, b| a.0.cmp(b.0));
 
-                for key in keys_sorted {
+                for (key, value) in entries_sorted {
                     key.hash(state);
-                    map.get(key).hash(state);
+                    value.hash(state);
                 }
             }
             Value::Regex(r) => r.hash(state),
