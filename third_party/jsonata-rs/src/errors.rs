@@ -29,6 +29,9 @@ pub enum Error {
     S0302UnterminatedRegex(usize),
     // This variant is not present in the JS implementation
     S0303InvalidRegex(usize, String),
+    // Not in the JS implementation (Ember change): a feature this implementation lacks, such
+    // as the parent operator, reported as an error instead of a panic.
+    S0299UnsupportedFeature(usize, String),
 
     // Runtime errors
     D1001NumberOfOutRange(f64),
@@ -46,6 +49,11 @@ pub enum Error {
     D3060SqrtNegative(usize, String),
     D3061PowUnrepresentable(usize, String, String),
     D3070InvalidDefaultSort(usize),
+    // $formatNumber picture errors D3080 to D3093: (position, code, message).
+    D308xPictureError(usize, &'static str, &'static str),
+    D3100RadixOutOfRange(usize, String),
+    D3130UnsupportedIntegerPicture(usize, String),
+    D3140MalformedUrl(usize, String, String),
     D3141Assert(String),
     D3137Error(String),
     D3138Error(String),
@@ -120,6 +128,7 @@ impl Error {
             Error::S0301EmptyRegex(..) => "S0301",
             Error::S0302UnterminatedRegex(..) => "S0302",
             Error::S0303InvalidRegex(..) => "S0303",
+            Error::S0299UnsupportedFeature(..) => "S0299",
 
             // Runtime errors
             Error::D1001NumberOfOutRange(..) => "D1001",
@@ -137,6 +146,10 @@ impl Error {
             Error::D3060SqrtNegative(..) => "D3060",
             Error::D3061PowUnrepresentable(..) => "D3061",
             Error::D3070InvalidDefaultSort(..) => "D3070",
+            Error::D308xPictureError(_, code, _) => code,
+            Error::D3100RadixOutOfRange(..) => "D3100",
+            Error::D3130UnsupportedIntegerPicture(..) => "D3130",
+            Error::D3140MalformedUrl(..) => "D3140",
             Error::D3133PictureStringNameModifierError(..) => "D3133",
             Error::D3134TooManyTzDigits(..) => "D3134",
             Error::D3135PictureStringNoClosingBracketError(..) => "D3135",
@@ -227,6 +240,8 @@ impl fmt::Display for Error {
             S0303InvalidRegex(ref p, ref message) =>
                 // The error message from `regress::Regex` a "regex parse error: " prefix, so don't be redundant here.
                 write!(f, "{}: {}", p, message),
+            S0299UnsupportedFeature(ref p, ref what) =>
+                write!(f, "{}: {} is not supported by this implementation", p, what),
 
             // Runtime errors
             D1001NumberOfOutRange(ref n) => write!(f, "Number out of range: {}", n),
@@ -257,6 +272,14 @@ impl fmt::Display for Error {
                 write!(f, "{}: The power function has resulted in a value that cannot be represented as a JSON number: base={}, exponent={}", p, b, e),
             D3070InvalidDefaultSort(ref p) =>
                 write!(f, "{}: The single argument form of the sort function can only be applied to an array of strings or an array of numbers.  Use the second argument to specify a comparison function", p),
+            D308xPictureError(ref p, _, m) =>
+                write!(f, "{}: {}", p, m),
+            D3100RadixOutOfRange(ref p, ref v) =>
+                write!(f, "{}: The radix of the formatBase function must be between 2 and 36.  It was given {}", p, v),
+            D3130UnsupportedIntegerPicture(ref p, ref v) =>
+                write!(f, "{}: Formatting or parsing an integer as a sequence starting with {} is not supported by this implementation", p, v),
+            D3140MalformedUrl(ref p, ref func, ref v) =>
+                write!(f, "{}: Malformed URL passed to ${}(): {}", p, func, v),
             D3133PictureStringNameModifierError(ref m) =>
                 write!(f, "{}: The 'name' modifier can only be applied to months and days in the date/time picture string, not Y", m),
             D3134TooManyTzDigits(ref m) =>

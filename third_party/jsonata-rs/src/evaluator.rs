@@ -136,7 +136,12 @@ impl<'a> Evaluator<'a> {
                 // Wrap the regex literal in a `Value::Regex` and return it
                 self.arena.alloc(Value::Regex(regex_literal.clone()))
             }
-            _ => unimplemented!("TODO: node kind not yet supported: {:#?}", node.kind),
+            _ => {
+                return Err(Error::S0299UnsupportedFeature(
+                    node.char_index,
+                    format!("The expression {:?}", node.kind),
+                ))
+            }
         };
 
         if let Some(filters) = &node.predicates {
@@ -623,7 +628,10 @@ impl<'a> Evaluator<'a> {
                 Ok(Value::bool(false))
             }
 
-            _ => unimplemented!("TODO: binary op not supported yet: {:#?}", *op),
+            _ => Err(Error::S0299UnsupportedFeature(
+                node.char_index,
+                format!("The operator {}", op),
+            )),
         }
     }
 

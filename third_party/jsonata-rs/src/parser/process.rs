@@ -34,7 +34,12 @@ pub fn process_ast(node: Ast) -> Result<Ast> {
         }
         AstKind::Ternary { .. } => process_ternary(node)?,
         AstKind::Transform { .. } => process_transform(node)?,
-        AstKind::Parent => unimplemented!("Parent not yet implemented"),
+        AstKind::Parent => {
+            return Err(Error::S0299UnsupportedFeature(
+                node.char_index,
+                "The parent operator (%)".to_string(),
+            ))
+        }
         _ => node,
     };
 
