@@ -173,6 +173,20 @@ impl<'a> JsonAta<'a> {
         bind_native!("zip", 1, fn_zip);
         bind_native!("millis", 0, fn_millis);
         bind_native!("uuid", 0, fn_uuid);
+        // Ember change: functions missing upstream.
+        bind_native!("average", 1, fn_average);
+        bind_native!("decodeUrl", 1, fn_decode_url);
+        bind_native!("decodeUrlComponent", 1, fn_decode_url_component);
+        bind_native!("encodeUrl", 1, fn_encode_url);
+        bind_native!("encodeUrlComponent", 1, fn_encode_url_component);
+        bind_native!("formatBase", 2, fn_format_base);
+        bind_native!("formatInteger", 2, fn_format_integer);
+        bind_native!("formatNumber", 3, fn_format_number);
+        bind_native!("parseInteger", 2, fn_parse_integer);
+        bind_native!("shuffle", 1, fn_shuffle);
+        bind_native!("sift", 2, fn_sift);
+        bind_native!("spread", 1, fn_spread);
+        bind_native!("type", 1, fn_type);
 
         let chain_ast = Some(parser::parse(
             "function($f, $g) { function($x){ $g($f($x)) } }",

@@ -1,4 +1,6 @@
-//! An object's entries in insertion order, as JavaScript (and so jsonata-js) keeps them.
+//! An object's entries in JavaScript's property order (and so jsonata-js's): keys that are
+//! array indices ("0", "7", "42") first, in ascending numeric order, then the other keys in
+//! insertion order.
 //!
 //! Ember change: upstream stored objects in a hashbrown `HashMap` with a randomly seeded
 //! hasher, so `$keys`, `$string`, `$each` and object output came out in a different order on
@@ -21,6 +23,8 @@ type Entry<'a> = (BumpString<'a>, &'a Value<'a>);
 
 pub struct ObjectMap<'a> {
     entries: BumpVec<'a, Entry<'a>>,
+    /// How many of the first entries have array-index keys (kept sorted by value).
+    indices: usize,
     /// Positions in `entries`, by key; `None` while the object is small.
     index: Option<(HashTable<usize, &'a Bump>, DefaultHashBuilder)>,
 }
@@ -33,6 +37,7 @@ impl<'a> ObjectMap<'a> {
     pub fn with_capacity_in(capacity: usize, arena: &'a Bump) -> Self {
         ObjectMap {
             entries: BumpVec::with_capacity_in(capacity, arena),
+            indices: 0,
             index: None,
         }
     }
@@ -69,7 +74,19 @@ impl<'a> ObjectMap<'a> {
             return;
         }
         let arena = self.entries.bump();
-        self.entries.push((BumpString::from_str_in(key, arena), value));
+        let entry = (BumpString::from_str_in(key, arena), value);
+        if let Some(n) = array_index(key) {
+            let at = self.entries[..self.indices]
+                .partition_point(|(k, _)| array_index(k).is_some_and(|m| m < n));
+            self.entries.insert(at, entry);
+            self.indices += 1;
+            if at + 1 < self.entries.len() && self.index.is_some() {
+                self.build_index();
+                return;
+            }
+        } else {
+            self.entries.push(entry);
+        }
         let at = self.entries.len() - 1;
         match &mut self.index {
             Some((table, hasher)) => {
@@ -87,6 +104,9 @@ impl<'a> ObjectMap<'a> {
     pub fn remove(&mut self, key: &str) -> Option<&'a Value<'a>> {
         let i = self.position(key)?;
         let (_, value) = self.entries.remove(i);
+        if i < self.indices {
+            self.indices -= 1;
+        }
         if self.index.is_some() {
             self.build_index();
         }
@@ -127,7 +147,14 @@ impl<'a> ObjectMap<'a> {
     }
 }
 
-/// The entries in insertion order, as `(key, value)`.
+/// The key's value if it is an array index as JavaScript orders them: the canonical decimal
+/// form of an integer from 0 to 2^32 - 2.
+fn array_index(key: &str) -> Option<u32> {
+    let n: u32 = key.parse().ok()?;
+    (n != u32::MAX && n.to_string() == key).then_some(n)
+}
+
+/// The entries in order, as `(key, value)`.
 pub struct Iter<'m, 'a>(std::slice::Iter<'m, Entry<'a>>);
 
 impl<'m, 'a> Iterator for Iter<'m, 'a> {
@@ -164,6 +191,21 @@ impl std::fmt::Debug for ObjectMap<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn array_index_keys_come_first_in_numeric_order_as_in_javascript() {
+        let arena = Bump::new();
+        let mut m = ObjectMap::new_in(&arena);
+        for k in ["b", "10", "2", "a", "01", "4294967295", "0"] {
+            m.insert(k, Value::null(&arena));
+        }
+        let got: Vec<&str> = m.keys().map(|k| k.as_str()).collect();
+        assert_eq!(got, ["0", "2", "10", "b", "a", "01", "4294967295"]);
+        m.remove("2");
+        m.insert("3", Value::null(&arena));
+        let got: Vec<&str> = m.keys().map(|k| k.as_str()).collect();
+        assert_eq!(got, ["0", "3", "10", "b", "a", "01", "4294967295"]);
+    }
 
     #[test]
     fn keeps_insertion_order_and_finds_keys_small_and_large() {
