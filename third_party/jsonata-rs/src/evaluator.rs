@@ -1318,7 +1318,10 @@ impl<'a> Evaluator<'a> {
                 ref update,
                 ref delete,
             } => {
-                let input = &evaluated_args[0];
+                let input = evaluated_args
+                    .first()
+                    .copied()
+                    .unwrap_or_else(Value::undefined);
                 self.apply_transformer(input, pattern, update, delete, frame)
             }
             _ => Err(Error::T1006InvokedNonFunction(char_index)),

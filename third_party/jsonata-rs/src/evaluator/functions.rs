@@ -291,8 +291,10 @@ pub fn fn_each<'a>(
         };
 
         (obj_arg, args[0])
-    } else {
+    } else if args.len() == 2 {
         (args[0], args[1])
+    } else {
+        bad_arg!(context, 1)
     };
 
     if obj.is_undefined() {
@@ -1209,9 +1211,18 @@ pub fn fn_now<'a>(
 
     let now = Utc::now();
 
+    let string_or_empty = |v: &Value, index| match v {
+        Value::String(s) => Ok(Cow::Owned(s.to_string())),
+        Value::Undefined => Ok(Cow::Borrowed("")),
+        _ => Err(Error::T0410ArgumentNotValid(
+            context.char_index,
+            index,
+            context.name.to_string(),
+        )),
+    };
     let (picture, timezone) = match args {
-        [picture, timezone] => (picture.as_str(), timezone.as_str()),
-        [picture] => (picture.as_str(), Cow::Borrowed("")),
+        [picture, timezone] => (string_or_empty(picture, 1)?, string_or_empty(timezone, 2)?),
+        [picture] => (string_or_empty(picture, 1)?, Cow::Borrowed("")),
         [] => (Cow::Borrowed(""), Cow::Borrowed("")),
         _ => return Ok(Value::string(context.arena, "")),
     };
@@ -1852,7 +1863,7 @@ pub fn fn_round<'a>(
     args: &[&'a Value<'a>],
 ) -> Result<&'a Value<'a>> {
     max_args!(context, args, 2);
-    let number = &args[0];
+    let number = args.first().copied().unwrap_or_else(Value::undefined);
     if number.is_undefined() {
         return Ok(Value::undefined());
     }

@@ -224,7 +224,9 @@ impl Symbol for Token {
                         name.clone()
                     }
                     AstKind::Var(ref name) => name.clone(),
-                    _ => unreachable!(),
+                    // Ember change: any expression can be invoked, as in jsonata-js
+                    // (`function($a){$a}(1)`, `$f()(2)`); upstream hit `unreachable!`.
+                    _ => String::new(),
                 };
 
                 let func: Ast;
