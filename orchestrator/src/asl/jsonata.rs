@@ -1,6 +1,7 @@
 //! JSONata, the query language of `QueryLanguage: "JSONata"` states: `{% expression %}`
 //! strings in `Arguments`, `Output`, `Assign`, `Condition`, `Items`, `ItemSelector` and the
-//! other fields that take one, evaluated by the `jsonata-rs` library with the bindings Step
+//! other fields that take one, evaluated by the `jsonata-rs` library (vendored with fixes in
+//! third_party/jsonata-rs, see its EMBER-CHANGES.md) with the bindings Step
 //! Functions gives: `$states` (`input`, `context`, `result`, `errorOutput`), the workflow
 //! variables, and the functions Step Functions adds to JSONata (`$partition`, `$range`,
 //! `$hash`, `$random`, `$uuid`, `$parse`).

@@ -52,6 +52,8 @@ pub enum Error {
     // $formatNumber picture errors D3080 to D3093: (position, code, message).
     D308xPictureError(usize, &'static str, &'static str),
     D3100RadixOutOfRange(usize, String),
+    D3120EvalSyntax(usize, String),
+    D3121EvalDynamic(usize, String),
     D3130UnsupportedIntegerPicture(usize, String),
     D3140MalformedUrl(usize, String, String),
     D3141Assert(String),
@@ -148,6 +150,8 @@ impl Error {
             Error::D3070InvalidDefaultSort(..) => "D3070",
             Error::D308xPictureError(_, code, _) => code,
             Error::D3100RadixOutOfRange(..) => "D3100",
+            Error::D3120EvalSyntax(..) => "D3120",
+            Error::D3121EvalDynamic(..) => "D3121",
             Error::D3130UnsupportedIntegerPicture(..) => "D3130",
             Error::D3140MalformedUrl(..) => "D3140",
             Error::D3133PictureStringNameModifierError(..) => "D3133",
@@ -276,6 +280,10 @@ impl fmt::Display for Error {
                 write!(f, "{}: {}", p, m),
             D3100RadixOutOfRange(ref p, ref v) =>
                 write!(f, "{}: The radix of the formatBase function must be between 2 and 36.  It was given {}", p, v),
+            D3120EvalSyntax(ref p, ref v) =>
+                write!(f, "{}: Syntax error in expression passed to function eval: {}", p, v),
+            D3121EvalDynamic(ref p, ref v) =>
+                write!(f, "{}: Dynamic error evaluating the expression passed to function eval: {}", p, v),
             D3130UnsupportedIntegerPicture(ref p, ref v) =>
                 write!(f, "{}: Formatting or parsing an integer as a sequence starting with {} is not supported by this implementation", p, v),
             D3140MalformedUrl(ref p, ref func, ref v) =>

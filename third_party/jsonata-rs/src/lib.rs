@@ -175,9 +175,11 @@ impl<'a> JsonAta<'a> {
         bind_native!("uuid", 0, fn_uuid);
         // Ember change: functions missing upstream.
         bind_native!("average", 1, fn_average);
+        bind_native!("clone", 1, fn_clone);
         bind_native!("decodeUrl", 1, fn_decode_url);
         bind_native!("decodeUrlComponent", 1, fn_decode_url_component);
         bind_native!("encodeUrl", 1, fn_encode_url);
+        bind_native!("eval", 2, fn_eval);
         bind_native!("encodeUrlComponent", 1, fn_encode_url_component);
         bind_native!("formatBase", 2, fn_format_base);
         bind_native!("formatInteger", 2, fn_format_integer);

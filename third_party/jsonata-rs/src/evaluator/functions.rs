@@ -2136,12 +2136,14 @@ fn evaluate_match<'a>(
 
 // Ember change: functions missing upstream, each as jsonata-js 2.x defines it.
 mod arrays;
+mod eval;
 mod format_number;
 mod integers;
 mod objects;
 mod url;
 pub use arrays::{fn_average, fn_shuffle};
+pub use eval::fn_eval;
 pub use format_number::fn_format_number;
 pub use integers::{fn_format_base, fn_format_integer, fn_parse_integer};
-pub use objects::{fn_sift, fn_spread, fn_type};
+pub use objects::{fn_clone, fn_sift, fn_spread, fn_type};
 pub use url::{fn_decode_url, fn_decode_url_component, fn_encode_url, fn_encode_url_component};

@@ -103,3 +103,51 @@ pub fn fn_type<'a>(
     };
     Ok(Value::string(context.arena, name))
 }
+
+/// `$clone(value)`: a deep copy, as jsonata-js's `JSON.parse(JSON.stringify(value))`:
+/// functions inside objects are dropped, inside arrays become null.
+pub fn fn_clone<'a>(
+    context: FunctionContext<'a, '_>,
+    args: &[&'a Value<'a>],
+) -> Result<&'a Value<'a>> {
+    max_args!(context, args, 1);
+    let arg = args.first().copied().unwrap_or_else(Value::undefined);
+    if arg.is_undefined() {
+        return Ok(Value::undefined());
+    }
+    if arg.is_function() {
+        // JSON.parse of $string(function), which is "".
+        return Err(Error::D3137Error(
+            "$clone: a function cannot be cloned as JSON".to_string(),
+        ));
+    }
+    Ok(deep_copy(context.arena, arg))
+}
+
+fn deep_copy<'a>(arena: &'a Bump, v: &'a Value<'a>) -> &'a Value<'a> {
+    match v {
+        Value::Array(..) | Value::Range(_) => {
+            let out = Value::array_with_capacity(arena, v.len(), ArrayFlags::empty());
+            for member in v.members() {
+                if member.is_function() || member.is_undefined() {
+                    out.push(Value::null(arena));
+                } else {
+                    out.push(deep_copy(arena, member));
+                }
+            }
+            out
+        }
+        Value::Object(map) => {
+            let out = Value::object_with_capacity(arena, map.len());
+            for (key, value) in map.iter() {
+                if !value.is_function() && !value.is_undefined() {
+                    out.insert(key, deep_copy(arena, value));
+                }
+            }
+            out
+        }
+        Value::Number(n) if !n.is_finite() => Value::null(arena),
+        Value::Regex(_) => Value::object(arena),
+        _ => v.clone(arena),
+    }
+}
