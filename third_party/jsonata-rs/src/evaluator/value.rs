@@ -122,11 +122,7 @@ impl<'a> Value<'a> {
         arena.alloc(Value::Array(arr, flags))
     }
 
-    pub fn array_with_capacity(
-        arena: &Bump,
-        capacity: usize,
-        flags: ArrayFlags,
-    ) -> &mut Value<'_> {
+    pub fn array_with_capacity(arena: &Bump, capacity: usize, flags: ArrayFlags) -> &mut Value<'_> {
         arena.alloc(Value::Array(
             BumpVec::with_capacity_in(capacity, arena),
             flags,

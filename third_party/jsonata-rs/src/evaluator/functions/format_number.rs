@@ -59,15 +59,19 @@ impl Properties {
 
     fn is_active(&self, c: char) -> bool {
         self.is_family(c)
-            || [self.decimal, self.exponent, self.grouping, self.digit, self.pattern].contains(&c)
+            || [
+                self.decimal,
+                self.exponent,
+                self.grouping,
+                self.digit,
+                self.pattern,
+            ]
+            .contains(&c)
     }
 }
 
 fn index_of(s: &[char], c: char, from: usize) -> Option<usize> {
-    s.iter()
-        .skip(from)
-        .position(|&x| x == c)
-        .map(|i| i + from)
+    s.iter().skip(from).position(|&x| x == c).map(|i| i + from)
 }
 
 fn last_index_of(s: &[char], c: char) -> Option<usize> {
@@ -137,13 +141,22 @@ fn validate(p: &Properties, parts: &Parts) -> Option<(&'static str, &'static str
         error = Some(("D3081", "The sub-picture must not contain more than one instance of the 'decimal-separator' character"));
     }
     if index_of(sub, p.percent, 0) != last_index_of(sub, p.percent) {
-        error = Some(("D3082", "The sub-picture must not contain more than one instance of the 'percent' character"));
+        error = Some((
+            "D3082",
+            "The sub-picture must not contain more than one instance of the 'percent' character",
+        ));
     }
     if index_of(sub, p.per_mille, 0) != last_index_of(sub, p.per_mille) {
-        error = Some(("D3083", "The sub-picture must not contain more than one instance of the 'per-mille' character"));
+        error = Some((
+            "D3083",
+            "The sub-picture must not contain more than one instance of the 'per-mille' character",
+        ));
     }
     if sub.contains(&p.percent) && sub.contains(&p.per_mille) {
-        error = Some(("D3084", "The sub-picture must not contain both a 'percent' and a 'per-mille' character"));
+        error = Some((
+            "D3084",
+            "The sub-picture must not contain both a 'percent' and a 'per-mille' character",
+        ));
     }
     if !parts
         .mantissa
@@ -168,7 +181,10 @@ fn validate(p: &Properties, parts: &Parts) -> Option<(&'static str, &'static str
             }
         }
     }
-    if sub.windows(2).any(|w| w[0] == p.grouping && w[1] == p.grouping) {
+    if sub
+        .windows(2)
+        .any(|w| w[0] == p.grouping && w[1] == p.grouping)
+    {
         error = Some(("D3089", "The sub-picture must not contain two adjacent instances of the 'grouping-separator' character"));
     }
     if let Some(o) = index_of(&parts.integer, p.digit, 0) {
@@ -374,9 +390,7 @@ pub fn fn_format_number<'a>(
     }
     let decimal_pos = index_of(&s, p.decimal, 0).unwrap_or(s.len());
     let pad_left = pic.min_integer.saturating_sub(decimal_pos);
-    let pad_right = pic
-        .min_fractional
-        .saturating_sub(s.len() - decimal_pos - 1);
+    let pad_right = pic.min_fractional.saturating_sub(s.len() - decimal_pos - 1);
     s.splice(0..0, std::iter::repeat_n(p.zero, pad_left));
     s.extend(std::iter::repeat_n(p.zero, pad_right));
     let mut decimal_pos = index_of(&s, p.decimal, 0).unwrap_or(s.len());
@@ -405,10 +419,7 @@ pub fn fn_format_number<'a>(
         let mut digits: String = family(e.abs().to_string()).into_iter().collect();
         let width = digits.chars().count();
         if width < pic.min_exponent {
-            digits.insert_str(
-                0,
-                &p.zero.to_string().repeat(pic.min_exponent - width),
-            );
+            digits.insert_str(0, &p.zero.to_string().repeat(pic.min_exponent - width));
         }
         out.push(p.exponent);
         if e < 0 {

@@ -8,9 +8,9 @@ use super::*;
 /// The zero of each Unicode decimal digit family jsonata-js accepts in a picture.
 const DECIMAL_GROUPS: [u32; 37] = [
     0x30, 0x0660, 0x06F0, 0x07C0, 0x0966, 0x09E6, 0x0A66, 0x0AE6, 0x0B66, 0x0BE6, 0x0C66, 0x0CE6,
-    0x0D66, 0x0DE6, 0x0E50, 0x0ED0, 0x0F20, 0x1040, 0x1090, 0x17E0, 0x1810, 0x1946, 0x19D0,
-    0x1A80, 0x1A90, 0x1B50, 0x1BB0, 0x1C40, 0x1C50, 0xA620, 0xA8D0, 0xA900, 0xA9D0, 0xA9F0,
-    0xAA50, 0xABF0, 0xFF10,
+    0x0D66, 0x0DE6, 0x0E50, 0x0ED0, 0x0F20, 0x1040, 0x1090, 0x17E0, 0x1810, 0x1946, 0x19D0, 0x1A80,
+    0x1A90, 0x1B50, 0x1BB0, 0x1C40, 0x1C50, 0xA620, 0xA8D0, 0xA900, 0xA9D0, 0xA9F0, 0xAA50, 0xABF0,
+    0xFF10,
 ];
 
 /// `$formatBase(number, radix)`: the rounded number in base `radix` (2 to 36, default 10).
@@ -90,7 +90,10 @@ fn analyse(context: &FunctionContext<'_, '_>, picture: &str) -> Result<DecimalPi
     let mut separators = Vec::new();
     for c in primary.chars().rev() {
         let code = c as u32;
-        if let Some(group) = DECIMAL_GROUPS.iter().find(|g| (**g..=**g + 9).contains(&code)) {
+        if let Some(group) = DECIMAL_GROUPS
+            .iter()
+            .find(|g| (**g..=**g + 9).contains(&code))
+        {
             mandatory_digits += 1;
             position += 1;
             match zero {

@@ -221,7 +221,10 @@ mod tests {
             let got: Vec<&str> = m.keys().map(|k| k.as_str()).collect();
             assert_eq!(got, keys.iter().map(String::as_str).collect::<Vec<_>>());
             assert_eq!(m.get(&keys[1]).map(|v| v.as_f64()), Some(-1.0));
-            assert_eq!(m.get(&keys[n - 1]).map(|v| v.as_f64()), Some((n - 1) as f64));
+            assert_eq!(
+                m.get(&keys[n - 1]).map(|v| v.as_f64()),
+                Some((n - 1) as f64)
+            );
             assert!(m.get("absent").is_none());
             m.remove(&keys[0]);
             assert_eq!(m.keys().next().map(|k| k.as_str()), Some(keys[1].as_str()));
