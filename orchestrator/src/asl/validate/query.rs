@@ -142,7 +142,7 @@ impl Validator<'_> {
                     }
                 }
                 QueryLanguage::JsonPath
-                    if !jsonpath_fields.contains(&k) && !(k == "Assign" && !matches!(ty, "Succeed" | "Fail")) =>
+                    if !jsonpath_fields.contains(&k) && (k != "Assign" || matches!(ty, "Succeed" | "Fail")) =>
                 {
                     if JSONATA_ONLY.contains(&k) && jsonata_fields(ty).contains(&k) {
                         self.err(
