@@ -49,8 +49,9 @@ pub enum Error {
     D3060SqrtNegative(usize, String),
     D3061PowUnrepresentable(usize, String, String),
     D3070InvalidDefaultSort(usize),
-    // $formatNumber picture errors D3080 to D3093: (position, code, message).
-    D308xPictureError(usize, &'static str, &'static str),
+    // Picture-string errors of $formatNumber (D3080 to D3093) and $formatInteger (D3131):
+    // (position, code, message).
+    PictureError(usize, &'static str, &'static str),
     D3100RadixOutOfRange(usize, String),
     D3120EvalSyntax(usize, String),
     D3121EvalDynamic(usize, String),
@@ -70,6 +71,8 @@ pub enum Error {
     T1003NonStringKey(usize, String),
     T1005InvokedNonFunctionSuggest(usize, String),
     T1006InvokedNonFunction(usize),
+    T1007PartialNonFunctionSuggest(usize, String),
+    T1008PartialNonFunction(usize),
     T2001LeftSideNotNumber(usize, String),
     T2002RightSideNotNumber(usize, String),
     T2003LeftSideNotInteger(usize),
@@ -148,7 +151,7 @@ impl Error {
             Error::D3060SqrtNegative(..) => "D3060",
             Error::D3061PowUnrepresentable(..) => "D3061",
             Error::D3070InvalidDefaultSort(..) => "D3070",
-            Error::D308xPictureError(_, code, _) => code,
+            Error::PictureError(_, code, _) => code,
             Error::D3100RadixOutOfRange(..) => "D3100",
             Error::D3120EvalSyntax(..) => "D3120",
             Error::D3121EvalDynamic(..) => "D3121",
@@ -168,6 +171,8 @@ impl Error {
             Error::T1003NonStringKey(..) => "T1003",
             Error::T1005InvokedNonFunctionSuggest(..) => "T1005",
             Error::T1006InvokedNonFunction(..) => "T1006",
+            Error::T1007PartialNonFunctionSuggest(..) => "T1007",
+            Error::T1008PartialNonFunction(..) => "T1008",
             Error::T2001LeftSideNotNumber(..) => "T2001",
             Error::T2002RightSideNotNumber(..) => "T2002",
             Error::T2003LeftSideNotInteger(..) => "T2003",
@@ -276,7 +281,7 @@ impl fmt::Display for Error {
                 write!(f, "{}: The power function has resulted in a value that cannot be represented as a JSON number: base={}, exponent={}", p, b, e),
             D3070InvalidDefaultSort(ref p) =>
                 write!(f, "{}: The single argument form of the sort function can only be applied to an array of strings or an array of numbers.  Use the second argument to specify a comparison function", p),
-            D308xPictureError(ref p, _, m) =>
+            PictureError(ref p, _, m) =>
                 write!(f, "{}: {}", p, m),
             D3100RadixOutOfRange(ref p, ref v) =>
                 write!(f, "{}: The radix of the formatBase function must be between 2 and 36.  It was given {}", p, v),
@@ -311,6 +316,10 @@ impl fmt::Display for Error {
                 write!( f, "{}: Key in object structure must evaluate to a string; got: {}", p, v),
             T1005InvokedNonFunctionSuggest(ref p, ref t) =>
                 write!(f, "{}: Attempted to invoke a non-function. Did you mean ${}?", p, t),
+            T1007PartialNonFunctionSuggest(ref p, ref t) =>
+                write!(f, "{}: Attempted to partially apply a non-function. Did you mean ${}?", p, t),
+            T1008PartialNonFunction(ref p) =>
+                write!(f, "{}: Attempted to partially apply a non-function", p),
             T1006InvokedNonFunction(ref p) =>
                 write!(f, "{}: Attempted to invoke a non-function", p),
             T2001LeftSideNotNumber(ref p, ref o) =>

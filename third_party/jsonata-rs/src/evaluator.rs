@@ -567,15 +567,17 @@ impl<'a> Evaluator<'a> {
             )),
 
             BinaryOp::Apply => {
+                // A partial application on the right (`~> $f(?, 1)`) is a function value to
+                // chain or apply, as in jsonata-js (where it is a "partial" node, not a call).
                 if let AstKind::Function {
                     ref proc,
                     ref args,
-                    is_partial,
+                    is_partial: false,
                     ..
                 } = rhs_ast.kind
                 {
                     // Function invocation with lhs as the first argument
-                    Ok(self.evaluate_function(input, proc, args, is_partial, frame, Some(lhs))?)
+                    Ok(self.evaluate_function(input, proc, args, false, frame, Some(lhs))?)
                 } else {
                     let rhs = self.evaluate(rhs_ast, input, frame)?;
 
@@ -925,6 +927,11 @@ impl<'a> Evaluator<'a> {
             let mut result = 0;
 
             for (sort_term, descending) in sort_terms {
+                // Ember change: a later term only breaks ties (upstream let it overwrite an
+                // earlier term's order), as jsonata-js's `comp === 0` loop condition.
+                if result != 0 {
+                    break;
+                }
                 let aa = if is_tuple_sort {
                     let tuple_frame = Frame::from_tuple(frame, a);
                     self.evaluate(sort_term, &a["@"], &tuple_frame)?
@@ -1173,10 +1180,13 @@ impl<'a> Evaluator<'a> {
         input: &'a Value<'a>,
         proc: &Ast,
         args: &[Ast],
-        _is_partial: bool,
+        is_partial: bool,
         frame: &Frame<'a>,
         context: Option<&'a Value<'a>>,
     ) -> Result<&'a Value<'a>> {
+        if is_partial {
+            return self.partially_apply(input, proc, args, frame);
+        }
         let evaluated_proc = self.evaluate(proc, input, frame)?;
 
         // Help the user out if they forgot a '$'
@@ -1215,6 +1225,68 @@ impl<'a> Evaluator<'a> {
         let result = self.trampoline_evaluate_value(result, input, frame)?;
 
         Ok(result)
+    }
+
+    /// Ember change (upstream did not evaluate `?` arguments): a partial application such as
+    /// `$substring(?, 0, 5)` is a lambda taking the `?` arguments, which calls the function
+    /// with the other arguments evaluated now, as jsonata-js's `partialApplyProcedure`.
+    fn partially_apply(
+        &self,
+        input: &'a Value<'a>,
+        proc: &Ast,
+        args: &[Ast],
+        frame: &Frame<'a>,
+    ) -> Result<&'a Value<'a>> {
+        const PROC: &str = "__partial_proc";
+        let bound = Frame::new_with_parent(frame);
+        let mut params = Vec::new();
+        let mut call_args = Vec::with_capacity(args.len());
+        for (i, arg) in args.iter().enumerate() {
+            let name = if matches!(arg.kind, AstKind::PartialArg) {
+                let name = format!("__partial_param{i}");
+                params.push(Ast::new(AstKind::Var(name.clone()), arg.char_index));
+                name
+            } else {
+                let name = format!("__partial_arg{i}");
+                bound.bind(&name, self.evaluate(arg, input, frame)?);
+                name
+            };
+            call_args.push(Ast::new(AstKind::Var(name), arg.char_index));
+        }
+        let evaluated_proc = self.evaluate(proc, input, frame)?;
+        if !evaluated_proc.is_function() {
+            if let AstKind::Path(ref steps) = proc.kind {
+                if let Some(AstKind::Name(ref name)) = steps.first().map(|s| &s.kind) {
+                    if frame.lookup(name).is_some() {
+                        return Err(Error::T1007PartialNonFunctionSuggest(
+                            proc.char_index,
+                            name.clone(),
+                        ));
+                    }
+                }
+            }
+            return Err(Error::T1008PartialNonFunction(proc.char_index));
+        }
+        bound.bind(PROC, evaluated_proc);
+        let body = Ast::new(
+            AstKind::Function {
+                name: String::new(),
+                proc: Box::new(Ast::new(AstKind::Var(PROC.to_string()), proc.char_index)),
+                args: call_args,
+                is_partial: false,
+            },
+            proc.char_index,
+        );
+        let lambda = Ast::new(
+            AstKind::Lambda {
+                name: String::new(),
+                args: params,
+                body: Box::new(body),
+                thunk: false,
+            },
+            proc.char_index,
+        );
+        Ok(Value::lambda(self.arena, &lambda, input, bound))
     }
 
     /// Iteratively evaluate a function until a non-function value is returned.

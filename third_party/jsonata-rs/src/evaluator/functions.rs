@@ -1178,18 +1178,48 @@ pub fn fn_number<'a>(
         Value::Number(..) => Ok(arg),
         Value::Bool(true) => Ok(Value::number(context.arena, 1)),
         Value::Bool(false) => Ok(Value::number(context.arena, 0)),
-        Value::String(s) => {
-            let result: f64 = s
-                .parse()
-                .map_err(|_e| Error::D3030NonNumericCast(context.char_index, arg.to_string()))?;
-
-            if !result.is_nan() && !result.is_infinite() {
-                Ok(Value::number(context.arena, result))
-            } else {
-                Ok(Value::undefined())
-            }
-        }
+        Value::String(s) => match number_from_str(s) {
+            Some(result) if result.is_finite() => Ok(Value::number(context.arena, result)),
+            _ => Err(Error::D3030NonNumericCast(
+                context.char_index,
+                arg.to_string(),
+            )),
+        },
         _ => bad_arg!(context, 1),
+    }
+}
+
+/// The strings jsonata-js's `$number` casts (Ember change: upstream used Rust's float
+/// parser, which also takes "inf", "+1", ".5" and rejected "0x12"): JSON-like decimals, and
+/// hexadecimal, octal and binary integers with a `0x`, `0o` or `0b` prefix.
+fn number_from_str(s: &str) -> Option<f64> {
+    let radix = |p: &str| s.get(..2).is_some_and(|h| h.eq_ignore_ascii_case(p));
+    for (prefix, base) in [("0x", 16), ("0o", 8), ("0b", 2)] {
+        if radix(prefix) {
+            let digits = &s[2..];
+            if digits.is_empty() || !digits.chars().all(|c| c.is_digit(base)) {
+                return None;
+            }
+            return Some(digits.chars().fold(0.0, |n, c| {
+                n * base as f64 + c.to_digit(base).unwrap_or(0) as f64
+            }));
+        }
+    }
+    let body = s.strip_prefix('-').unwrap_or(s);
+    let (mantissa, exponent) = match body.find(['e', 'E']) {
+        Some(i) => (&body[..i], Some(&body[i + 1..])),
+        None => (body, None),
+    };
+    let (int, frac) = match mantissa.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (mantissa, None),
+    };
+    let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+    let exponent_ok = exponent.is_none_or(|e| digits(e.strip_prefix(['+', '-']).unwrap_or(e)));
+    if digits(int) && frac.is_none_or(digits) && exponent_ok {
+        s.parse().ok()
+    } else {
+        None
     }
 }
 

@@ -318,7 +318,7 @@ pub fn fn_format_number<'a>(
     let picture: Vec<char> = picture.as_str().chars().collect();
     let sub_pictures: Vec<&[char]> = picture.split(|&c| c == p.pattern).collect();
     if sub_pictures.len() > 2 {
-        return Err(Error::D308xPictureError(
+        return Err(Error::PictureError(
             context.char_index,
             "D3080",
             "The picture string must only contain a maximum of two sub-pictures",
@@ -327,7 +327,7 @@ pub fn fn_format_number<'a>(
     let parts: Vec<Parts> = sub_pictures.iter().map(|s| split_parts(&p, s)).collect();
     for part in &parts {
         if let Some((code, message)) = validate(&p, part) {
-            return Err(Error::D308xPictureError(context.char_index, code, message));
+            return Err(Error::PictureError(context.char_index, code, message));
         }
     }
     let mut variables: Vec<Analysed> = parts.iter().map(|part| analyse(&p, part)).collect();

@@ -98,11 +98,11 @@ fn analyse(context: &FunctionContext<'_, '_>, picture: &str) -> Result<DecimalPi
             position += 1;
             match zero {
                 None => zero = Some(*group),
-                Some(z) if z != *group => {
-                    return Err(Error::D3137Error(
-                        "D3131: In a decimal digit pattern, all digits must be from the same decimal group".to_string(),
-                    ))
-                }
+                Some(z) if z != *group => return Err(Error::PictureError(
+                    context.char_index,
+                    "D3131",
+                    "In a decimal digit pattern, all digits must be from the same decimal group",
+                )),
                 Some(_) => {}
             }
         } else if c == '#' {
