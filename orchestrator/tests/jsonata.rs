@@ -44,6 +44,14 @@ const EXPRESSIONS: &[&str] = &[
     "$states.input.missing ? 'yes' : 'no'",
     "$exists($states.input.customer.email)",
     "$exists($states.input.customer.phone)",
+    // The context value as a function's first argument inside a path.
+    "$states.input.tags.$uppercase()",
+    "$states.input.items.sku.$substring(0, 1)",
+    "$states.input.items.price.$string()",
+    "$states.input.items.sku.$substringAfter('-')",
+    "$states.input.items.qty.$formatNumber('00')",
+    "$states.input.items.$keys()",
+    "$states.input.items.price.$uppercase()",
     // Variables.
     "$customer.tier",
     "$n * 2 + 1",

@@ -67,6 +67,7 @@ pub enum Error {
 
     // Type errors
     T0410ArgumentNotValid(usize, usize, String),
+    T0411ContextNotCompatible(usize, usize, String),
     T0412ArgumentMustBeArrayOfType(usize, usize, String, String),
     T1003NonStringKey(usize, String),
     T1005InvokedNonFunctionSuggest(usize, String),
@@ -167,6 +168,7 @@ impl Error {
 
             // Type errors
             Error::T0410ArgumentNotValid(..) => "T0410",
+            Error::T0411ContextNotCompatible(..) => "T0411",
             Error::T0412ArgumentMustBeArrayOfType(..) => "T0412",
             Error::T1003NonStringKey(..) => "T1003",
             Error::T1005InvokedNonFunctionSuggest(..) => "T1005",
@@ -310,6 +312,8 @@ impl fmt::Display for Error {
             // Type errors
             T0410ArgumentNotValid(ref p, ref i, ref t) =>
                 write!(f, "{}: Argument {} of function {} does not match function signature", p, i, t),
+            T0411ContextNotCompatible(ref p, ref i, ref t) =>
+                write!(f, "{}: Context value is not a compatible type with argument {} of function {}", p, i, t),
             T0412ArgumentMustBeArrayOfType(ref p, ref i, ref t, ref ty) =>
                 write!(f, "{}: Argument {} of function {} must be an array of {}", p, i, t, ty),
             T1003NonStringKey(ref p, ref v) =>

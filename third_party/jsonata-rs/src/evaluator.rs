@@ -1,3 +1,4 @@
+mod context_args;
 pub mod frame;
 pub mod functions;
 pub mod value;
@@ -1383,7 +1384,10 @@ impl<'a> Evaluator<'a> {
                 ref name, ref func, ..
             } => {
                 let context = self.fn_context(name, char_index, input, frame);
-                func(context, evaluated_args)
+                match context_args::with_context(name, char_index, evaluated_args, input)? {
+                    Some(args) => func(context, &args),
+                    None => func(context, evaluated_args),
+                }
             }
             Value::Transformer {
                 ref pattern,

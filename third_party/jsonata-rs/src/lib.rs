@@ -775,8 +775,13 @@ mod tests {
 
     #[test]
     fn evaluate_expect_type_errors() {
+        // Ember change: `$fromMillis('foo')` takes 'foo' as the picture and the (undefined)
+        // context as the number, so it is undefined, as in jsonata-js 2.2.2.
+        let arena = Bump::new();
+        let jsonata = JsonAta::new("$fromMillis('foo')", &arena).unwrap();
+        assert!(jsonata.evaluate(None, None).unwrap().is_undefined());
+
         for expr in [
-            "$fromMillis('foo')",
             "$fromMillis(1, 1)",
             "$fromMillis(1, '', 1)",
             "$toMillis(1)",
