@@ -1,6 +1,7 @@
 //! JSONata, the query language of `QueryLanguage: "JSONata"` states: `{% expression %}`
 //! strings in `Arguments`, `Output`, `Assign`, `Condition`, `Items`, `ItemSelector` and the
-//! other fields that take one, evaluated by the `jsonata-rs` library with the bindings Step
+//! other fields that take one, evaluated by the `jsonata-rs` library (vendored with fixes in
+//! third_party/jsonata-rs, see its EMBER-CHANGES.md) with the bindings Step
 //! Functions gives: `$states` (`input`, `context`, `result`, `errorOutput`), the workflow
 //! variables, and the functions Step Functions adds to JSONata (`$partition`, `$range`,
 //! `$hash`, `$random`, `$uuid`, `$parse`).
@@ -50,8 +51,9 @@ thread_local! {
     static IN_LIBRARY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs library code that may panic (jsonata-rs panics on some features it lacks, such as
-/// the parent operator): `None` if it did. The panic is not printed (a bad expression is a
+/// Runs library code that may panic (upstream jsonata-rs panicked on features it lacks; the
+/// vendored copy in third_party/jsonata-rs returns errors for those it is known to reach, and
+/// this guard stays for any left): `None` if it did. The panic is not printed (a bad expression is a
 /// user's error, reported as one, not a crash); panics elsewhere print as before.
 fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
     static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
@@ -199,8 +201,8 @@ pub fn evaluate(expr: &str, field: &str, b: Bindings<'_>) -> Result<Value, State
         j.assign_var(k, from_json(&arena, v));
     }
     j.assign_var("states", from_json(&arena, b.states));
-    // The library panics on some inputs it does not expect; a bad expression must fail its
-    // state, never the worker. Depth and time limits stop runaway recursion.
+    // The library may still panic on some input it does not expect; a bad expression must
+    // fail its state, never the worker. Depth and time limits stop runaway recursion.
     let out = guarded(|| j.evaluate_timeboxed(None, Some(MAX_DEPTH), Some(MAX_MILLIS)))
         .ok_or_else(unsupported)?
         .map_err(|e| eval_error(field, expr, e))?;
