@@ -194,12 +194,8 @@ const EXPRESSIONS: &[&str] = &[
     "$states.input.customer.email ~> $substringAfter(?, '@')",
     "$map($states.input.items, $lookup(?, 'sku'))",
     "substring(?, 0, 1)",
-    "$eval('1 + 2')",
-    "$eval('$sum(a)', {'a': [1, 2, 3]})",
-    "$eval('$states.input.customer.name & $string($n)')",
-    "$eval('a', [{'a': 1}, {'a': 2}])",
-    "$eval('[1, 2')",
-    "$eval('$error(\"no\")')",
+    // `$eval` is left out: Step Functions does not offer it (its docs say to use `$parse`), and
+    // Ember answers it with that error (a unit test in asl/jsonata.rs).
     "$clone({'b': 1, 'a': [1, {'c': null}]})",
     "$keys($clone({'b': 1, 'a': 2}))",
     "$clone($states.input.items[0]).sku",

@@ -180,14 +180,22 @@ fn eval_error(state_field: &str, expr: &str, detail: impl std::fmt::Display) -> 
 /// errors, as `Output/result`).
 pub fn evaluate(expr: &str, field: &str, b: Bindings<'_>) -> Result<Value, StatesError> {
     let arena = Bump::new();
-    // Step Functions' `$random` takes an optional seed; the library's built-in one takes
-    // none and is bound after user functions, so a block rebinds the name for this expression.
+    // Step Functions' `$random` takes an optional seed, and Step Functions has no `$eval`
+    // (its docs: use `$parse`); the library binds its own built-ins after user functions, so
+    // a block rebinds those names for this expression.
+    let mut rebind = String::new();
+    if expr.contains("$random") {
+        rebind.push_str("$random := $__sfnRandom;\n");
+    }
+    if expr.contains("$eval") {
+        rebind.push_str("$eval := $__sfnNoEval;\n");
+    }
     let wrapped;
-    let source = if expr.contains("$random") {
-        wrapped = format!("($random := $__sfnRandom;\n{expr}\n)");
-        wrapped.as_str()
-    } else {
+    let source = if rebind.is_empty() {
         expr
+    } else {
+        wrapped = format!("({rebind}{expr}\n)");
+        wrapped.as_str()
     };
     let unsupported = || eval_error(field, expr, "the expression uses a feature Ember's JSONata does not support yet");
     let j =
@@ -197,6 +205,7 @@ pub fn evaluate(expr: &str, field: &str, b: Bindings<'_>) -> Result<Value, State
     j.register_function("hash", 2, fn_hash);
     j.register_function("parse", 1, fn_parse);
     j.register_function("__sfnRandom", 1, fn_random);
+    j.register_function("__sfnNoEval", 1, fn_no_eval);
     for (k, v) in b.vars {
         j.assign_var(k, from_json(&arena, v));
     }
@@ -350,6 +359,11 @@ fn fn_parse<'a>(ctx: FunctionContext<'a, '_>, args: &[&'a JValue<'a>]) -> jsonat
     via_intrinsic(&ctx, "States.StringToJson", args)
 }
 
+/// `$eval`, which Step Functions does not offer.
+fn fn_no_eval<'a>(_ctx: FunctionContext<'a, '_>, _args: &[&'a JValue<'a>]) -> jsonata_rs::Result<&'a JValue<'a>> {
+    Err(jsonata_rs::Error::D3137Error("$eval is not available in Step Functions: use $parse".to_string()))
+}
+
 /// `$random()` or `$random(seed)`: a number in [0, 1); the same seed gives the same number.
 fn fn_random<'a>(ctx: FunctionContext<'a, '_>, args: &[&'a JValue<'a>]) -> jsonata_rs::Result<&'a JValue<'a>> {
     use rand::{Rng, SeedableRng};
@@ -408,6 +422,8 @@ mod tests {
         assert_eq!(r1, eval("$random(7)", s.clone(), json!({})).unwrap());
         assert!(r1.as_f64().is_some_and(|x| (0.0..1.0).contains(&x)));
         assert_eq!(eval("$length($uuid())", s.clone(), json!({})).unwrap(), json!(36));
+        let e = eval("$eval('1 + 1')", s.clone(), json!({})).unwrap_err();
+        assert!(e.cause.contains("use $parse"), "{}", e.cause);
         let e = eval("$partition([1], 0)", s, json!({})).unwrap_err();
         assert_eq!(e.error, "States.QueryEvaluationError");
     }
