@@ -267,7 +267,9 @@ impl Handler for HopHandler {
     async fn handle(&self, msg: &ReceivedMessage, shutdown: &Shutdown) -> Outcome {
         let hop: HopMessage = match serde_json::from_slice(&msg.body) {
             Ok(h) => h,
-            Err(_) if serde_json::from_slice::<ParkedFailure>(&msg.body).is_ok() => return self.redrive(msg).await,
+            Err(_) if serde_json::from_slice::<ParkedFailure>(&msg.body).is_ok_and(|p| p.kind == PARKED_FAILURE) => {
+                return self.redrive(msg).await
+            }
             Err(e) => {
                 let reason = format!("not a pipeline hop message: {e}");
                 tracing::warn!(message_id = %msg.id, %reason, "refused");
@@ -324,7 +326,8 @@ impl Handler for HopHandler {
                 }
                 if let Some(end) = &outcome.finished {
                     if let (Err(err), false) = (&end.result, outcome.duplicate) {
-                        let record = json!({"execution": execution, "error": err.error, "cause": err.cause, "redrive_count": redrive});
+                        let record = json!({"kind": PARKED_FAILURE, "execution": execution, "error": err.error,
+                            "cause": err.cause, "redrive_count": redrive});
                         tracing::warn!(%execution, error = %err.error, cause = %err.cause, "execution failed");
                         // The execution is over either way: the message goes once it is parked.
                         if let Outcome::Retry { after, label } =
@@ -347,10 +350,16 @@ impl Handler for HopHandler {
     }
 }
 
+/// The `kind` of a failed execution's record in the pipeline DLQ.
+const PARKED_FAILURE: &str = "failed_execution";
+
 /// What the pipeline DLQ holds for a failed execution; moved back to the hop queue (`ember
 /// dlq redrive`), it redrives that execution.
 #[derive(Debug, serde::Deserialize)]
 struct ParkedFailure {
+    /// [`PARKED_FAILURE`]: only such records redrive (not any body with an `execution`).
+    #[serde(default)]
+    kind: String,
     execution: String,
     /// The run that failed (0 before any redrive); absent in records of older versions.
     #[serde(default)]
@@ -377,6 +386,20 @@ impl HopHandler {
             Err(e) if e.is_retryable() => {
                 Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() }
             }
+            // Still running (its failure was never recorded): keep the record where an operator
+            // sees it rather than drop the only trace of it.
+            Err(e @ ember_orchestrator::pipeline::PipelineError::NotRedrivable(..))
+                if e.to_string().contains("RUNNING") =>
+            {
+                tracing::warn!(%execution, error = %e, "not redriven: parked again");
+                self.park(
+                    msg,
+                    &msg.body,
+                    "the execution is still running; it was not redriven",
+                    "pipeline_not_redrivable",
+                )
+                .await
+            }
             Err(e) => {
                 tracing::warn!(%execution, error = %e, "not redriven");
                 Outcome::Done
@@ -402,12 +425,16 @@ impl HopHandler {
         if let Ok(hop) = serde_json::from_slice::<HopMessage>(&msg.body) {
             redrive = hop.redrive;
             let error = StatesError::runtime(format!("a hop of state '{}' could not be processed: {e}", hop.state));
-            if let Err(fail) = ember_orchestrator::pipeline::fail_execution(&self.env, &hop, error).await {
-                tracing::warn!(%execution, error = %fail, "could not record the execution's failure");
+            match ember_orchestrator::pipeline::fail_execution(&self.env, &hop, error).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(%execution, "the refused hop had recorded its transition already: the execution is as recorded")
+                }
+                Err(fail) => tracing::warn!(%execution, error = %fail, "could not record the execution's failure"),
             }
         }
-        let record =
-            json!({"execution": execution, "error": e.label(), "cause": e.to_string(), "redrive_count": redrive});
+        let record = json!({"kind": PARKED_FAILURE, "execution": execution, "error": e.label(), "cause": e.to_string(),
+                "redrive_count": redrive});
         self.park(msg, record.to_string().as_bytes(), e.label(), e.label()).await
     }
 }

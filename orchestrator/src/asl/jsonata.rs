@@ -180,32 +180,16 @@ fn eval_error(state_field: &str, expr: &str, detail: impl std::fmt::Display) -> 
 /// errors, as `Output/result`).
 pub fn evaluate(expr: &str, field: &str, b: Bindings<'_>) -> Result<Value, StatesError> {
     let arena = Bump::new();
-    // Step Functions' `$random` takes an optional seed, and Step Functions has no `$eval`
-    // (its docs: use `$parse`); the library binds its own built-ins after user functions, so
-    // a block rebinds those names for this expression.
-    let mut rebind = String::new();
-    if expr.contains("$random") {
-        rebind.push_str("$random := $__sfnRandom;\n");
-    }
-    if expr.contains("$eval") {
-        rebind.push_str("$eval := $__sfnNoEval;\n");
-    }
-    let wrapped;
-    let source = if rebind.is_empty() {
-        expr
-    } else {
-        wrapped = format!("({rebind}{expr}\n)");
-        wrapped.as_str()
-    };
+    // Registered functions and the variables shadow the library's built-ins: Step Functions'
+    // `$random` takes an optional seed, and Step Functions has no `$eval` (use `$parse`).
     let unsupported = || eval_error(field, expr, "the expression uses a feature Ember's JSONata does not support yet");
-    let j =
-        guarded(|| JsonAta::new(source, &arena)).ok_or_else(unsupported)?.map_err(|e| eval_error(field, expr, e))?;
+    let j = guarded(|| JsonAta::new(expr, &arena)).ok_or_else(unsupported)?.map_err(|e| eval_error(field, expr, e))?;
     j.register_function("partition", 2, fn_partition);
     j.register_function("range", 3, fn_range);
     j.register_function("hash", 2, fn_hash);
     j.register_function("parse", 1, fn_parse);
-    j.register_function("__sfnRandom", 1, fn_random);
-    j.register_function("__sfnNoEval", 1, fn_no_eval);
+    j.register_function("random", 1, fn_random);
+    j.register_function("eval", 1, fn_no_eval);
     for (k, v) in b.vars {
         j.assign_var(k, from_json(&arena, v));
     }
@@ -422,6 +406,8 @@ mod tests {
         assert_eq!(r1, eval("$random(7)", s.clone(), json!({})).unwrap());
         assert!(r1.as_f64().is_some_and(|x| (0.0..1.0).contains(&x)));
         assert_eq!(eval("$length($uuid())", s.clone(), json!({})).unwrap(), json!(36));
+        // Variables shadow built-ins (as in jsonata-js): `$count` is the variable here.
+        assert_eq!(eval("$count + 1", s.clone(), json!({"count": 42})).unwrap(), json!(43));
         let e = eval("$eval('1 + 1')", s.clone(), json!({})).unwrap_err();
         assert!(e.cause.contains("use $parse"), "{}", e.cause);
         let e = eval("$partition([1], 0)", s, json!({})).unwrap_err();

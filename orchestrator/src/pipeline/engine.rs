@@ -58,6 +58,8 @@ pub(crate) struct HopRun<'a> {
     pub events: Vec<RecordedEvent>,
     /// The variables after this state's `Assign` (`None`: unchanged), for the next hop.
     pub assigned: Option<Map<String, Value>>,
+    /// When this run of the execution started (its start, or its latest redrive's).
+    pub run_start_ms: u64,
 }
 
 /// Largest value one variable may hold, and all of one `Assign` together (Step Functions'
@@ -161,8 +163,10 @@ impl HopRun<'_> {
         let state = machine
             .state(&self.msg.state)
             .ok_or_else(|| PipelineError::Corrupt(format!("no state '{}' in this scope", self.msg.state)))?;
-        let max = self.env.options.max_hops;
-        let deadline = self.top.timeout_seconds.map(|t| self.meta.start_ms + t * 1000);
+        // A redrive continues the hop count and gets a fresh allowance, as it gets a fresh
+        // TimeoutSeconds.
+        let max = self.env.options.max_hops.saturating_mul(u64::from(self.msg.redrive) + 1);
+        let deadline = self.top.timeout_seconds.map(|t| self.run_start_ms + t * 1000);
         // Execution-wide limits end the execution: no Retry or Catch applies.
         let mut fatal = false;
         let step = if self.msg.hop > max {
@@ -704,6 +708,7 @@ impl HopRun<'_> {
                     }
                     WaitFor::TimestampPath(_) => return Err(StatesError::runtime("TimestampPath in a JSONata state")),
                 };
+                let seconds = path_numbers::check_wait_length(seconds)?;
                 let output = self.assign_and_output(&state.assign, &state.output, &states, input.clone())?;
                 let until_ms = self.now_ms + (seconds * 1000.0).round() as u64;
                 self.event("WaitScheduled", json!({"name": self.msg.state, "seconds": seconds, "until": ts(until_ms)}));

@@ -120,8 +120,24 @@ pub async fn record_hop(env: &Env, msg: &HopMessage) -> Result<(Transition, bool
     }
     let meta = load_meta(env, &msg.execution).await?;
     let def = env.definitions.get(&meta.definition, &hop_resources(env))?;
-    let run =
-        HopRun { env, meta: &meta, top: &def.machine, msg, now_ms: now_ms(env), events: Vec::new(), assigned: None };
+    // A redriven run has its own TimeoutSeconds, from when it was redriven.
+    let run_start_ms = match msg.redrive {
+        0 => meta.start_ms,
+        n => get_json::<Value>(env, &redrive_key(&msg.execution, n))
+            .await?
+            .and_then(|m| m["start_ms"].as_u64())
+            .unwrap_or(meta.start_ms),
+    };
+    let run = HopRun {
+        env,
+        meta: &meta,
+        top: &def.machine,
+        msg,
+        now_ms: now_ms(env),
+        events: Vec::new(),
+        assigned: None,
+        run_start_ms,
+    };
     let t = run.transition().await?;
     if put_json(env, &key, &t).await? {
         Ok((t, false))
@@ -333,23 +349,33 @@ pub struct Redrive {
 pub async fn redrive_execution(env: &Env, execution: &str, failure: Option<u32>) -> Result<Redrive, PipelineError> {
     let d = describe(env, execution).await?;
     let current = d.redrive_count;
-    if current > 0 && failure.is_some_and(|f| f < current) {
-        // Already redriven: resume its first hop if nothing of it was recorded.
+    let already = failure.is_some_and(|f| f < current);
+    if current > 0 && (already || d.status == ExecutionStatus::Running) {
         let marker: Option<Value> = get_json(env, &redrive_key(execution, current)).await?;
         let hop = marker.and_then(|m| serde_json::from_value::<HopMessage>(m["hop"].clone()).ok());
         let Some(hop) = hop else {
             return Err(PipelineError::Corrupt(format!("redrive {current} of {execution} has no hop")));
         };
-        if env.store.list(&transitions_prefix(&hop.records())).await?.is_empty() {
-            env.sender.send(vec![(hop.clone(), Duration::ZERO)]).await?;
+        let redriven = Redrive { execution: execution.to_string(), redrive_count: current, state: hop.state.clone() };
+        // A redrive whose first hop was never recorded (a crash right after its marker): send
+        // that hop again, whoever asks.
+        if d.status == ExecutionStatus::Running && env.store.list(&transitions_prefix(&hop.records())).await?.is_empty()
+        {
+            env.sender.send(vec![(hop, Duration::ZERO)]).await?;
+            return Ok(redriven);
         }
-        return Ok(Redrive { execution: execution.to_string(), redrive_count: current, state: hop.state });
+        // The failure this record is about was redriven already.
+        if already {
+            return Ok(redriven);
+        }
     }
     let last = records_id(execution, current);
     let mut failed: Option<HopMessage> = None;
+    // The transition that recorded the run's end (several branches may each have tried).
+    let end: Option<ExecutionEnd> = get_json(env, &end_key(&last)).await?;
     for key in env.store.list(&transitions_prefix(&last)).await? {
         if let Some(t) = get_json::<Transition>(env, &key).await? {
-            if matches!(t.end, Some(ExecutionEnd { result: Err(_), .. })) {
+            if end.is_some() && t.end == end && matches!(t.end, Some(ExecutionEnd { result: Err(_), .. })) {
                 failed = Some(t.message);
                 break;
             }
@@ -370,7 +396,8 @@ pub async fn redrive_execution(env: &Env, execution: &str, failure: Option<u32>)
     hop.retries.clear();
     hop.entered_time = None;
     hop.not_before = None;
-    put_json(env, &redrive_key(execution, n), &json!({"from_state": hop.state, "hop": hop})).await?;
+    let marker = json!({"from_state": hop.state, "hop": hop, "start_ms": now_ms(env)});
+    put_json(env, &redrive_key(execution, n), &marker).await?;
     let state = hop.state.clone();
     env.sender.send(vec![(hop, Duration::ZERO)]).await?;
     Ok(Redrive { execution: execution.to_string(), redrive_count: n, state })

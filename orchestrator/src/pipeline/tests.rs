@@ -520,3 +520,34 @@ async fn wait_longer_than_aws_schedules_fails() {
     assert_eq!(run.description.error.as_deref(), Some("States.Runtime"));
     assert_eq!(run.description.cause.as_deref(), Some("Wait state delay is too long."));
 }
+
+/// The same limit in a JSONata Wait (its Seconds an expression): no overflow, the same error.
+#[tokio::test]
+async fn a_jsonata_wait_longer_than_aws_schedules_fails() {
+    for seconds in ["{% 99999999999 %}", "{% 1e300 %}"] {
+        let def = json!({"QueryLanguage": "JSONata", "StartAt": "W",
+            "States": {"W": {"Type": "Wait", "Seconds": seconds, "End": true}}});
+        let run =
+            run_to_completion(Tools::builtin(), &def.to_string(), json!({}), DriverOptions::default()).await.unwrap();
+        assert_eq!(run.description.cause.as_deref(), Some("Wait state delay is too long."), "{seconds}");
+    }
+}
+
+/// A redriven run gets its own TimeoutSeconds, from the redrive: an execution that timed out
+/// does not time out again on its first redriven hop.
+#[tokio::test]
+async fn a_timed_out_execution_redrives_with_a_fresh_timeout() {
+    let (env, queue, _store) = env_with(Tools::builtin());
+    let def = r#"{"TimeoutSeconds": 10, "StartAt": "W", "States": {
+        "W": {"Type": "Wait", "Seconds": 20, "Next": "P"},
+        "P": {"Type": "Pass", "Result": "done", "End": true}}}"#;
+    let id = start_execution(&env, def, json!({}), StartOptions { name: Some("late") }).await.unwrap();
+    drain(&env, &queue).await;
+    let d = describe(&env, &id).await.unwrap();
+    assert_eq!((d.status, d.error.as_deref()), (ExecutionStatus::Failed, Some("States.Timeout")));
+    let r = redrive_execution(&env, &id, None).await.unwrap();
+    assert_eq!(r.state, "P");
+    drain(&env, &queue).await;
+    let d = describe(&env, &id).await.unwrap();
+    assert_eq!((d.status, d.output), (ExecutionStatus::Succeeded, Some(json!("done"))), "{:?}", d.error);
+}

@@ -114,10 +114,14 @@ impl<'a> JsonAta<'a> {
             input
         };
 
+        // A name the caller bound (a variable or a registered function) shadows the built-in,
+        // as bindings do in jsonata-js (Ember: a workflow variable named `count`).
         macro_rules! bind_native {
             ($name:literal, $arity:literal, $fn:ident) => {
-                self.frame
-                    .bind($name, Value::nativefn(&self.arena, $name, $arity, $fn));
+                if self.frame.lookup($name).is_none() {
+                    self.frame
+                        .bind($name, Value::nativefn(&self.arena, $name, $arity, $fn));
+                }
             };
         }
 
