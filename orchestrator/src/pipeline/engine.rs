@@ -10,7 +10,7 @@ use super::hop::*;
 use super::tools::{run_task, TaskContext};
 use super::{Env, PipelineError};
 use crate::asl::choice::Rule;
-use crate::asl::definition::{Kind, NumberSource, QueryLanguage, State, StateMachine, WaitFor};
+use crate::asl::definition::{Kind, MapLimitPaths, NumberSource, QueryLanguage, State, StateMachine, WaitFor};
 use crate::asl::jsonata::{self, Bindings};
 use crate::asl::path::{self, Scope};
 use crate::asl::{choice, names, path_numbers, retry, timestamp, StatesError};
@@ -486,19 +486,8 @@ impl HopRun<'_> {
                     None => json!({}),
                     Some(p) => path::query(p, &self.scope(&eff, &ctx))?,
                 };
-                let until_ms = self.now_ms + (seconds * 1000.0).round() as u64;
-                let (delay, not_before) = if seconds > MAX_QUEUE_DELAY_SECONDS {
-                    (MAX_QUEUE_DELAY_SECONDS, Some(ts(until_ms)))
-                } else {
-                    (seconds, None)
-                };
                 self.assign_jsonpath(&state.assign, &eff, &ctx)?;
-                self.event("WaitScheduled", json!({"name": self.msg.state, "seconds": seconds, "until": ts(until_ms)}));
-                match &state.next {
-                    Some(n) => Ok(Step::Next { state: n.clone(), output, delay, not_before }),
-                    // A Wait that ends its machine: its end takes effect now; there is no next hop to delay.
-                    None => Ok(Step::End { output }),
-                }
+                Ok(self.wait_step(state, seconds, output))
             }
             Kind::Succeed => {
                 let eff = self.effective_input(state, &ctx)?;
@@ -537,25 +526,7 @@ impl HopRun<'_> {
                     Some(p) => path::eval_template(p, &self.scope(&eff, &ctx))?,
                     None => eff,
                 };
-                self.event("ParallelStateStarted", json!({"name": self.msg.state, "branches": branches.len()}));
-                let sends = branches
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| Outgoing {
-                        message: self.branch_message(i, &b.start_at, input.clone()),
-                        delay_seconds: 0.0,
-                    })
-                    .collect();
-                Ok(Step::FanOut {
-                    fan: FanOut {
-                        count: branches.len(),
-                        pending: Vec::new(),
-                        max_concurrency: 0,
-                        tolerated_percentage: None,
-                        tolerated_count: None,
-                    },
-                    sends,
-                })
+                Ok(self.fan_out_branches(branches, input))
             }
             Kind::Map {
                 processor,
@@ -569,19 +540,8 @@ impl HopRun<'_> {
             } => {
                 let eff = self.effective_input(state, &ctx)?;
                 let scope = self.scope(&eff, &ctx);
-                let read = |p: &str| path::query(p, &scope);
-                let max_concurrency = match &limit_paths.max_concurrency {
-                    Some(p) => path_numbers::max_concurrency(&read(p)?, p)?,
-                    None => *max_concurrency,
-                };
-                let tolerated_percentage = match &limit_paths.tolerated_percentage {
-                    Some(p) => Some(path_numbers::tolerated_percentage(&read(p)?, p)?),
-                    None => *tolerated_percentage,
-                };
-                let tolerated_count = match &limit_paths.tolerated_count {
-                    Some(p) => Some(path_numbers::tolerated_count(&read(p)?, p)?),
-                    None => *tolerated_count,
-                };
+                let literal = (*max_concurrency, *tolerated_percentage, *tolerated_count);
+                let limits = map_limits(literal, limit_paths, |p, _| Ok((path::query(p, &scope)?, p.to_string())))?;
                 let items = path::query(items_path, &self.scope(&eff, &ctx))?;
                 let Value::Array(items) = items else {
                     return Err(StatesError::runtime(format!(
@@ -592,19 +552,13 @@ impl HopRun<'_> {
                 for (i, item) in items.iter().enumerate() {
                     inputs.push(match item_selector {
                         Some(sel) => {
-                            let mut c = ctx.clone();
-                            c["Map"] = json!({"Item": {"Index": i, "Value": item}});
+                            let c = item_context(&ctx, i, item);
                             path::eval_template(sel, &self.scope(&eff, &c))?
                         }
                         None => item.clone(),
                     });
                 }
-                self.event("MapStateStarted", json!({"name": self.msg.state, "length": inputs.len()}));
-                if inputs.is_empty() {
-                    return self.after_join(state, Vec::new(), &raw, &ctx);
-                }
-                let limits = (max_concurrency, tolerated_percentage, tolerated_count);
-                Ok(self.fan_out_items(&processor.start_at, limits, inputs))
+                self.start_map(state, &processor.start_at, limits, inputs, &raw, &ctx)
             }
         }
     }
@@ -710,17 +664,7 @@ impl HopRun<'_> {
                 };
                 let seconds = path_numbers::check_wait_length(seconds)?;
                 let output = self.assign_and_output(&state.assign, &state.output, &states, input.clone())?;
-                let until_ms = self.now_ms + (seconds * 1000.0).round() as u64;
-                self.event("WaitScheduled", json!({"name": self.msg.state, "seconds": seconds, "until": ts(until_ms)}));
-                let (delay, not_before) = if seconds > MAX_QUEUE_DELAY_SECONDS {
-                    (MAX_QUEUE_DELAY_SECONDS, Some(ts(until_ms)))
-                } else {
-                    (seconds, None)
-                };
-                match &state.next {
-                    Some(n) => Ok(Step::Next { state: n.clone(), output, delay, not_before }),
-                    None => Ok(Step::End { output }),
-                }
+                Ok(self.wait_step(state, seconds, output))
             }
             Kind::Succeed => {
                 let output = self.assign_and_output(&None, &state.output, &states, input.clone())?;
@@ -745,25 +689,7 @@ impl HopRun<'_> {
             }
             Kind::Parallel { branches } => {
                 let input = arguments(self)?;
-                self.event("ParallelStateStarted", json!({"name": self.msg.state, "branches": branches.len()}));
-                let sends = branches
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| Outgoing {
-                        message: self.branch_message(i, &b.start_at, input.clone()),
-                        delay_seconds: 0.0,
-                    })
-                    .collect();
-                Ok(Step::FanOut {
-                    fan: FanOut {
-                        count: branches.len(),
-                        pending: Vec::new(),
-                        max_concurrency: 0,
-                        tolerated_percentage: None,
-                        tolerated_count: None,
-                    },
-                    sends,
-                })
+                Ok(self.fan_out_branches(branches, input))
             }
             Kind::Map {
                 processor,
@@ -775,24 +701,12 @@ impl HopRun<'_> {
                 limit_paths,
                 ..
             } => {
-                let limit = |e: &Option<String>, field: &str| -> Result<Option<Value>, StatesError> {
-                    e.as_ref()
-                        .map(|e| jsonata::eval_template(&Value::String(e.clone()), field, self.bindings(&states)))
-                        .transpose()
-                };
-                let max_concurrency = match limit(&limit_paths.max_concurrency, "MaxConcurrency")? {
-                    Some(v) => path_numbers::max_concurrency(&v, "MaxConcurrency")?,
-                    None => *max_concurrency,
-                };
-                let tolerated_percentage = match limit(&limit_paths.tolerated_percentage, "ToleratedFailurePercentage")?
-                {
-                    Some(v) => Some(path_numbers::tolerated_percentage(&v, "ToleratedFailurePercentage")?),
-                    None => *tolerated_percentage,
-                };
-                let tolerated_count = match limit(&limit_paths.tolerated_count, "ToleratedFailureCount")? {
-                    Some(v) => Some(path_numbers::tolerated_count(&v, "ToleratedFailureCount")?),
-                    None => *tolerated_count,
-                };
+                // JSONata limits are `{% %}` expressions, kept where JSONPath keeps its paths.
+                let literal = (*max_concurrency, *tolerated_percentage, *tolerated_count);
+                let limits = map_limits(literal, limit_paths, |e, field| {
+                    let v = jsonata::eval_template(&Value::String(e.to_string()), field, self.bindings(&states))?;
+                    Ok((v, field.to_string()))
+                })?;
                 let list = match items {
                     Some(i) => jsonata::eval_template(i, "Items", self.bindings(&states))?,
                     None => input.clone(),
@@ -807,25 +721,67 @@ impl HopRun<'_> {
                 for (i, item) in list.into_iter().enumerate() {
                     inputs.push(match item_selector {
                         Some(sel) => {
-                            let mut c = ctx.clone();
-                            c["Map"] = json!({"Item": {"Index": i, "Value": item}});
-                            let item_states = json!({"input": input, "context": c});
+                            let item_states = json!({"input": input, "context": item_context(ctx, i, &item)});
                             jsonata::eval_template(sel, "ItemSelector", self.bindings(&item_states))?
                         }
                         None => item,
                     });
                 }
-                self.event("MapStateStarted", json!({"name": self.msg.state, "length": inputs.len()}));
-                if inputs.is_empty() {
-                    return self.after_join(state, Vec::new(), &input, ctx);
-                }
-                Ok(self.fan_out_items(
-                    &processor.start_at,
-                    (max_concurrency, tolerated_percentage, tolerated_count),
-                    inputs,
-                ))
+                self.start_map(state, &processor.start_at, limits, inputs, &input, ctx)
             }
         }
+    }
+
+    /// Starts a Parallel's branches, each with `input`.
+    fn fan_out_branches(&mut self, branches: &[StateMachine], input: Value) -> Step {
+        self.event("ParallelStateStarted", json!({"name": self.msg.state, "branches": branches.len()}));
+        let sends = branches
+            .iter()
+            .enumerate()
+            .map(|(i, b)| Outgoing { message: self.branch_message(i, &b.start_at, input.clone()), delay_seconds: 0.0 })
+            .collect();
+        let fan = FanOut {
+            count: branches.len(),
+            pending: Vec::new(),
+            max_concurrency: 0,
+            tolerated_percentage: None,
+            tolerated_count: None,
+        };
+        Step::FanOut { fan, sends }
+    }
+
+    /// A Wait's next step: the next hop delayed by `seconds` (re-delayed past the queue's
+    /// longest delay), or the end now if the Wait ends its machine.
+    fn wait_step(&mut self, state: &State, seconds: f64, output: Value) -> Step {
+        let until_ms = self.now_ms + (seconds * 1000.0).round() as u64;
+        self.event("WaitScheduled", json!({"name": self.msg.state, "seconds": seconds, "until": ts(until_ms)}));
+        let (delay, not_before) = if seconds > MAX_QUEUE_DELAY_SECONDS {
+            (MAX_QUEUE_DELAY_SECONDS, Some(ts(until_ms)))
+        } else {
+            (seconds, None)
+        };
+        match &state.next {
+            Some(n) => Step::Next { state: n.clone(), output, delay, not_before },
+            // A Wait that ends its machine: its end takes effect now; there is no next hop to delay.
+            None => Step::End { output },
+        }
+    }
+
+    /// Starts a Map on its item inputs (an empty Map ends at once with `[]`).
+    fn start_map(
+        &mut self,
+        state: &State,
+        start: &str,
+        limits: (u64, Option<f64>, Option<u64>),
+        inputs: Vec<Value>,
+        raw: &Value,
+        ctx: &Value,
+    ) -> Result<Step, StatesError> {
+        self.event("MapStateStarted", json!({"name": self.msg.state, "length": inputs.len()}));
+        if inputs.is_empty() {
+            return self.after_join(state, Vec::new(), raw, ctx);
+        }
+        Ok(self.fan_out_items(start, limits, inputs))
     }
 
     /// Starts a Map's items: all of them, or the first `MaxConcurrency` (0 = no limit) with
@@ -906,6 +862,37 @@ impl HopRun<'_> {
         };
         Ok(self.flow(state, self.output(state, raw, selected, ctx)?))
     }
+}
+
+/// The context object of Map item `index` (`$$.Map.Item`).
+fn item_context(ctx: &Value, index: usize, item: &Value) -> Value {
+    let mut c = ctx.clone();
+    c["Map"] = json!({"Item": {"Index": index, "Value": item}});
+    c
+}
+
+/// A Map's MaxConcurrency and tolerated failure percentage and count: the literals, or the
+/// values their `*Path` (JSONPath) or expression (JSONata) gives through `read(source,
+/// field)`, which answers the value and how to name where it came from in an error.
+fn map_limits(
+    literal: (u64, Option<f64>, Option<u64>),
+    from: &MapLimitPaths,
+    mut read: impl FnMut(&str, &str) -> Result<(Value, String), StatesError>,
+) -> Result<(u64, Option<f64>, Option<u64>), StatesError> {
+    let (mut max_concurrency, mut tolerated_percentage, mut tolerated_count) = literal;
+    if let Some(p) = &from.max_concurrency {
+        let (v, at) = read(p, "MaxConcurrency")?;
+        max_concurrency = path_numbers::max_concurrency(&v, &at)?;
+    }
+    if let Some(p) = &from.tolerated_percentage {
+        let (v, at) = read(p, "ToleratedFailurePercentage")?;
+        tolerated_percentage = Some(path_numbers::tolerated_percentage(&v, &at)?);
+    }
+    if let Some(p) = &from.tolerated_count {
+        let (v, at) = read(p, "ToleratedFailureCount")?;
+        tolerated_count = Some(path_numbers::tolerated_count(&v, &at)?);
+    }
+    Ok((max_concurrency, tolerated_percentage, tolerated_count))
 }
 
 /// The first hop of a Parallel branch or a Map item: state `start` of the branch at `scope`

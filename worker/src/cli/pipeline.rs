@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ember_orchestrator::asl::{validate, Severity};
-use ember_orchestrator::pipeline::{describe, history, start_execution, Env, Options, StartOptions, TaskRunner};
+use ember_orchestrator::pipeline::{describe, history, start_execution, Env, Options, StartOptions, TaskRunner, Tools};
 
 use super::backends::{QueueArgs, StoreArgs};
 use super::common::AwsArgs;
@@ -89,13 +89,7 @@ pub struct StartArgs {
     #[arg(long, env = "EMBER_PIPELINE_NAME")]
     pub name: Option<String>,
     #[command(flatten)]
-    pub aws: AwsArgs,
-    #[command(flatten)]
-    pub queue: QueueArgs,
-    #[command(flatten)]
-    pub pipeline_queue: PipelineQueueArgs,
-    #[command(flatten)]
-    pub store: StoreArgs,
+    pub at: ExecutionArgs,
     #[command(flatten)]
     pub tools: ToolArgs,
 }
@@ -105,6 +99,13 @@ pub struct RedriveArgs {
     /// The failed execution's id.
     pub id: String,
     #[command(flatten)]
+    pub at: ExecutionArgs,
+}
+
+/// Where executions are kept and their hops go: the commands that send hops.
+#[derive(Debug, clap::Args)]
+pub struct ExecutionArgs {
+    #[command(flatten)]
     pub aws: AwsArgs,
     #[command(flatten)]
     pub queue: QueueArgs,
@@ -112,6 +113,15 @@ pub struct RedriveArgs {
     pub pipeline_queue: PipelineQueueArgs,
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+impl ExecutionArgs {
+    /// The pipeline environment: the store, the pipeline queue, `tools`.
+    async fn env(&self, tools: Tools, max_hops: u64) -> anyhow::Result<Env> {
+        let (queue, store) =
+            tokio::try_join!(self.pipeline_queue.open(&self.queue, &self.aws), self.store.open(&self.aws))?;
+        Ok(HopHandler::env(queue, store, Arc::new(tools), max_hops))
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -145,9 +155,7 @@ pub async fn run(cmd: PipelineCommand) -> anyhow::Result<()> {
             let input: serde_json::Value = serde_json::from_str(&args.input).map_err(|e| {
                 anyhow::anyhow!("--input is not JSON ({e}); give an object like '{{\"question\": \"...\"}}'")
             })?;
-            let (queue, store) =
-                tokio::try_join!(args.pipeline_queue.open(&args.queue, &args.aws), args.store.open(&args.aws))?;
-            let env = HopHandler::env(queue, store, Arc::new(tools(&args.tools.http_allow)), args.tools.max_hops);
+            let env = args.at.env(tools(&args.tools.http_allow), args.tools.max_hops).await?;
             // The root of the execution's trace: every hop continues it.
             let span = tracing::info_span!(target: crate::telemetry::otel::TARGET, "pipeline start",
                 otel.kind = "producer", ember.pipeline.definition = %args.file.display());
@@ -167,10 +175,7 @@ pub async fn run(cmd: PipelineCommand) -> anyhow::Result<()> {
             Ok(())
         }
         PipelineCommand::Redrive(args) => {
-            let (queue, store) =
-                tokio::try_join!(args.pipeline_queue.open(&args.queue, &args.aws), args.store.open(&args.aws))?;
-            let env =
-                HopHandler::env(queue, store, Arc::new(tools(&[])), ember_orchestrator::pipeline::DEFAULT_MAX_HOPS);
+            let env = args.at.env(tools(&[]), ember_orchestrator::pipeline::DEFAULT_MAX_HOPS).await?;
             let r = ember_orchestrator::pipeline::redrive_execution(&env, &args.id, None).await?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())

@@ -433,28 +433,16 @@ impl Validator<'_> {
                 }
                 Kind::Task { resource, timeout, heartbeat }
             }
-            "Choice" => {
-                let mut choices = Vec::new();
-                match obj.get("Choices").and_then(Value::as_array).filter(|a| !a.is_empty()) {
-                    Some(rules) => {
-                        for (i, r) in rules.iter().enumerate() {
-                            let rat = format!("{at}/Choices/{i}");
-                            let mut problems = Vec::new();
-                            let rule = choice::parse_rule(r, &rat, true, &mut problems);
-                            for (l, m) in problems {
-                                self.err(l, m);
-                            }
-                            let assign = r.as_object().and_then(|o| self.assign(o, &rat, ql));
-                            if let (Some(rule), Some(next)) = (rule, r.get("Next").and_then(Value::as_str)) {
-                                choices.push(ChoiceRule { rule, next: next.to_string(), assign, output: None });
-                            }
-                        }
-                    }
-                    None => self.err(format!("{at}/Choices"), "Choices must be a non-empty array of rules"),
+            "Choice" => self.choice(obj, at, |v, r, rat| {
+                let mut problems = Vec::new();
+                let rule = choice::parse_rule(r, rat, true, &mut problems);
+                for (l, m) in problems {
+                    v.err(l, m);
                 }
-                let default = obj.get("Default").and_then(Value::as_str).map(str::to_string);
-                Kind::Choice { choices, default }
-            }
+                let assign = r.as_object().and_then(|o| v.assign(o, rat, ql));
+                let next = r.get("Next").and_then(Value::as_str)?;
+                Some(ChoiceRule { rule: rule?, next: next.to_string(), assign, output: None })
+            }),
             "Wait" => {
                 let given: Vec<&str> = ["Seconds", "Timestamp", "SecondsPath", "TimestampPath"]
                     .into_iter()
@@ -546,6 +534,29 @@ impl Validator<'_> {
             );
         }
         resource
+    }
+
+    /// A Choice state: its `Choices` (each read by `rule`, with its JSON location) and
+    /// `Default`.
+    fn choice(
+        &mut self,
+        obj: &Map<String, Value>,
+        at: &str,
+        mut rule: impl FnMut(&mut Self, &Value, &str) -> Option<ChoiceRule>,
+    ) -> Kind {
+        let mut choices = Vec::new();
+        match obj.get("Choices").and_then(Value::as_array).filter(|a| !a.is_empty()) {
+            Some(rules) => {
+                for (i, r) in rules.iter().enumerate() {
+                    if let Some(c) = rule(self, r, &format!("{at}/Choices/{i}")) {
+                        choices.push(c);
+                    }
+                }
+            }
+            None => self.err(format!("{at}/Choices"), "Choices must be a non-empty array of rules"),
+        }
+        let default = obj.get("Default").and_then(Value::as_str).map(str::to_string);
+        Kind::Choice { choices, default }
     }
 
     fn branches(&mut self, obj: &Map<String, Value>, at: &str) -> Vec<StateMachine> {

@@ -274,21 +274,7 @@ impl Validator<'_> {
                 let heartbeat = self.jsonata_number(obj, "HeartbeatSeconds", at, 1.0);
                 Kind::Task { resource, timeout, heartbeat }
             }
-            "Choice" => {
-                let mut choices = Vec::new();
-                match obj.get("Choices").and_then(Value::as_array).filter(|a| !a.is_empty()) {
-                    Some(rules) => {
-                        for (i, r) in rules.iter().enumerate() {
-                            if let Some(c) = self.jsonata_rule(r, &format!("{at}/Choices/{i}")) {
-                                choices.push(c);
-                            }
-                        }
-                    }
-                    None => self.err(format!("{at}/Choices"), "Choices must be a non-empty array of rules"),
-                }
-                let default = obj.get("Default").and_then(Value::as_str).map(str::to_string);
-                Kind::Choice { choices, default }
-            }
+            "Choice" => self.choice(obj, at, |v, r, rat| v.jsonata_rule(r, rat)),
             "Wait" => {
                 let given: Vec<&str> = ["Seconds", "Timestamp"].into_iter().filter(|k| obj.contains_key(*k)).collect();
                 if given.len() != 1 {
