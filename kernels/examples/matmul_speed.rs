@@ -7,10 +7,69 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use ember_kernels::cpu::{self, Format, Isa};
 
+/// Times `f` (one matmul of `n * k * m` multiply-adds) and prints its rate.
+fn time(
+    what: &str,
+    n: usize,
+    k: usize,
+    m: usize,
+    mut f: impl FnMut() -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let iters = (2e9 / (n * k * m) as f64).ceil() as usize;
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    let s = t0.elapsed().as_secs_f64() / iters as f64;
+    println!("{what} n={n} k={k} m={m}: {:.1} us, {:.2} GMAC/s", s * 1e6, (n * k * m) as f64 / s / 1e9);
+    Ok(())
+}
+
+/// The K-quant kernels (tiled AVX-512, portable) against candle's on one shape.
+fn k_quant(
+    (format, dtype): (cpu::KFormat, GgmlDType),
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+    let q = QTensor::quantize(&w, dtype)?;
+    let bytes = q.data()?.to_vec();
+    let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut y = vec![0f32; m * n];
+    #[cfg(target_arch = "x86_64")]
+    if cpu::ktiled::avx512::available() {
+        let t = cpu::ktiled::KTiled::new(format, &bytes, n, k);
+        time(&format!("tiled AVX-512 {format:?}"), n, k, m, || {
+            cpu::ktiled::matmul(&t, &cpu::KRows::quantize(&x, m, k), &mut y);
+            Ok(())
+        })?;
+    }
+    time(&format!("portable {format:?}"), n, k, m, || {
+        cpu::kquant::matmul_portable(format, &bytes, n, &cpu::KRows::quantize(&x, m, k), &mut y);
+        Ok(())
+    })?;
+    let qm = candle_core::quantized::QMatMul::from_qtensor(q)?;
+    let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu)?;
+    time(&format!("candle {format:?}"), n, k, m, || {
+        candle_core::Module::forward(&qm, &xt)?;
+        Ok(())
+    })
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, d: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
-    let (format, dtype) = match args.first().map(String::as_str).unwrap_or("q4_1") {
+    let name = args.first().map(String::as_str).unwrap_or("q4_1");
+    if let Some(kf) = match name {
+        "q4_k" => Some((cpu::KFormat::Q4K, GgmlDType::Q4K)),
+        "q5_k" => Some((cpu::KFormat::Q5K, GgmlDType::Q5K)),
+        "q6_k" => Some((cpu::KFormat::Q6K, GgmlDType::Q6K)),
+        _ => None,
+    } {
+        return k_quant(kf, arg(1, 576), arg(2, 1536), arg(3, 1));
+    }
+    let (format, dtype) = match name {
         "q4_0" => (Format::Q4_0, GgmlDType::Q4_0),
         "q5_0" => (Format::Q5_0, GgmlDType::Q5_0),
         "q8_0" => (Format::Q8_0, GgmlDType::Q8_0),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use ember_kernels::cpu::{self, Format, Isa, Q8Rows, QuantLinear, BLOCK};
+use ember_kernels::cpu::{self, kquant, Format, Isa, KFormat, KRows, Q8Rows, QuantLinear, BLOCK, QK_K};
 use rand::{Rng, SeedableRng};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -177,8 +177,8 @@ fn quant_linear_takes_batched_shapes_and_declines_what_it_cannot_do() -> TestRes
         tiled.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?,
         q.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?
     );
-    let (k_quant, _) = weights(&mut rng, GgmlDType::Q4K, 4, 256)?;
-    assert!(QuantLinear::new(k_quant).is_err(), "formats without a kernel stay on candle");
+    let (q2k, _) = weights(&mut rng, GgmlDType::Q2K, 4, 256)?;
+    assert!(QuantLinear::new(q2k).is_err(), "formats without a kernel stay on candle");
     Ok(())
 }
 
@@ -276,6 +276,198 @@ fn tiled_layout_and_kernel() -> TestResult {
             close(&y, &want, "AVX-512 tiled vs portable");
         } else {
             println!("AVX-512 VNNI not on this CPU: the tiled SIMD kernel was not tested");
+        }
+    }
+    Ok(())
+}
+
+const K_FORMATS: [(KFormat, GgmlDType); 3] =
+    [(KFormat::Q4K, GgmlDType::Q4K), (KFormat::Q5K, GgmlDType::Q5K), (KFormat::Q6K, GgmlDType::Q6K)];
+
+/// Random block bytes: every code, high bit and scale value occurs. `d` and `dmin` are set to
+/// small normal f16 values so that sums stay finite.
+fn random_k_blocks(rng: &mut impl Rng, format: KFormat, n: usize, k: usize) -> Vec<u8> {
+    let bb = format.block_bytes();
+    let mut bytes = vec![0u8; n * k / QK_K * bb];
+    rng.fill(&mut bytes[..]);
+    for blk in bytes.chunks_exact_mut(bb) {
+        for at in if format.has_mins() { vec![0, 2] } else { vec![format.d_at()] } {
+            let v = half::f16::from_f32(rng.random_range(1e-4f32..1e-2));
+            blk[at..at + 2].copy_from_slice(&v.to_bits().to_le_bytes());
+        }
+    }
+    bytes
+}
+
+/// The K-quant block layouts are read as candle reads them (the same dequantized values,
+/// exactly), and the tiled layout holds the file's codes and scales exactly.
+#[test]
+fn k_quant_layouts_match_candle() -> TestResult {
+    use ember_kernels::cpu::ktiled::{KTiled, TILE};
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for (format, dtype) in K_FORMATS {
+        let (n, k) = (19, QK_K * 3);
+        let (q, deq) = weights(&mut rng, dtype, n, k)?;
+        let bytes = q.data()?;
+        let mut ours = vec![0f32; n * k];
+        for (row, out) in bytes.chunks_exact(k / QK_K * format.block_bytes()).zip(ours.chunks_exact_mut(k)) {
+            kquant::dequantize_row(format, row, out);
+        }
+        assert_eq!(ours, deq, "seed {seed} {format:?}: the block layout is read as candle reads it");
+        // Random bytes too (every scale and code value), against the tiled layout.
+        let raw = random_k_blocks(&mut rng, format, n, k);
+        let t = KTiled::new(format, &raw, n, k);
+        let nb = k / QK_K;
+        let mut c = [0i32; QK_K];
+        for j in 0..n {
+            for b in 0..nb {
+                let blk = &raw[(j * nb + b) * format.block_bytes()..][..format.block_bytes()];
+                kquant::codes(format, blk, &mut c);
+                let (tc, ts, _, _) = t.block(j / TILE, b, j % TILE);
+                assert_eq!(tc, c, "seed {seed} {format:?} row {j} block {b}: codes");
+                assert_eq!(ts, kquant::scales(format, blk), "seed {seed} {format:?} row {j} block {b}: scales");
+            }
+            let (mut a, mut want) = (vec![0f32; k], vec![0f32; k]);
+            t.dequantize_row(j, &mut a);
+            kquant::dequantize_row(
+                format,
+                &raw[j * nb * format.block_bytes()..][..nb * format.block_bytes()],
+                &mut want,
+            );
+            assert_eq!(a, want, "seed {seed} {format:?} row {j}: tiled dequantize");
+        }
+        let bound = (t.size_in_bytes() as f64) / (raw.len() as f64 * n.div_ceil(TILE) as f64 * TILE as f64 / n as f64);
+        assert!(bound <= 1.03, "{format:?}: the tiled layout takes {bound:.3}x the file's bytes");
+    }
+    Ok(())
+}
+
+/// Q8_K activations as llama.cpp makes them: the scale from the signed value of largest
+/// magnitude, codes within -127..=127, sums of each 16 codes; dequantized, within half a
+/// step of the input.
+#[test]
+fn k_activations_follow_llama_cpp() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let x = random(&mut rng, 2 * QK_K * 2, 3.0);
+    let a = KRows::quantize(&x, 2, QK_K * 2);
+    for (b, xb) in x.chunks_exact(QK_K).enumerate() {
+        let max = xb.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+        assert_eq!(a.d[b], 1.0 / (-127.0 / max));
+        for (i, &v) in xb.iter().enumerate() {
+            let q = a.qs[b * QK_K + i];
+            assert!((-127..=127).contains(&q));
+            assert!((a.d[b] * q as f32 - v).abs() <= a.d[b].abs() * 0.5001, "{v} -> {q}");
+        }
+        for g in 0..16 {
+            let sum: i32 = a.qs[b * QK_K + 16 * g..][..16].iter().map(|&q| q as i32).sum();
+            assert_eq!(a.bsums[b * 16 + g], sum);
+        }
+    }
+    let zeros = KRows::quantize(&[0.0; QK_K], 1, QK_K);
+    assert!(zeros.d[0] == 0.0 && zeros.qs.iter().all(|&q| q == 0));
+}
+
+/// K-quant matmuls against the reference (candle dequantizes, f32 matmul), on random shapes,
+/// portable and (where the CPU has it) AVX-512 tiled; the two agree bit for bit, since they
+/// do the same exact integer sums and then the same fused float steps in the same order.
+///
+/// Tolerance: as for the 32-blocks above, with the Q8_K step: each activation is off by at
+/// most `d / 2`, `d = max|x| / 127` over its 256-block.
+#[test]
+fn k_quant_kernels_match_dequantize_then_matmul() -> TestResult {
+    use ember_kernels::cpu::ktiled::{self, KTiled};
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    #[cfg(target_arch = "x86_64")]
+    let simd = ktiled::avx512::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
+    if !simd {
+        println!("AVX-512 VNNI not on this CPU: the K-quant SIMD kernel was not tested");
+    }
+    for case in 0..24 {
+        let (format, dtype) = K_FORMATS[case % K_FORMATS.len()];
+        let n = rng.random_range(1..70);
+        let k = QK_K * rng.random_range(1..7);
+        let m = [1, 2, 3, 4, 5, 7, 9, 16, 17][rng.random_range(0..9)];
+        let (q, w) = weights(&mut rng, dtype, n, k)?;
+        let x_scale = [1e-3f32, 1.0, 30.0][rng.random_range(0..3)];
+        let x = random(&mut rng, m * k, x_scale);
+        let acts = KRows::quantize(&x, m, k);
+        let bytes = q.data()?;
+        let mut y = vec![0f32; m * n];
+        kquant::matmul_portable(format, &bytes, n, &acts, &mut y);
+        for r in 0..m {
+            let xr = &x[r * k..(r + 1) * k];
+            for j in 0..n {
+                let wj = &w[j * k..(j + 1) * k];
+                let want: f64 = wj.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let mut quant_err = 0f64;
+                for (wb, xb) in wj.chunks(QK_K).zip(xr.chunks(QK_K)) {
+                    let d = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                    quant_err += wb.iter().map(|w| w.abs() as f64).sum::<f64>() * d / 2.0;
+                }
+                let abs_sum: f64 = wj.iter().zip(xr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                let tol = quant_err * 1.001 + k as f64 * f32::EPSILON as f64 * (abs_sum + quant_err) + 1e-30;
+                let got = y[r * n + j] as f64;
+                assert!(
+                    (got - want).abs() <= tol,
+                    "seed {seed} case {case} {format:?} m={m} n={n} k={k} [{r},{j}]: {got} vs {want} (tol {tol})"
+                );
+            }
+        }
+        let t = KTiled::new(format, &bytes, n, k);
+        let mut portable_tiled = vec![0f32; m * n];
+        ktiled::matmul_portable(&t, &acts, &mut portable_tiled);
+        assert_eq!(portable_tiled, y, "seed {seed} case {case} {format:?}: the tiled layout, read portably");
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            let mut fast = vec![0f32; m * n];
+            ktiled::matmul(&t, &acts, &mut fast);
+            assert_eq!(fast, y, "seed {seed} case {case} {format:?} m={m} n={n} k={k}: AVX-512 vs portable");
+        }
+    }
+    // Random bytes: every scale, min and code value, signed Q6_K scales included.
+    for (format, _) in K_FORMATS {
+        let (n, k, m) = (37, QK_K * 2, 6);
+        let raw = random_k_blocks(&mut rng, format, n, k);
+        let acts = KRows::quantize(&random(&mut rng, m * k, 2.0), m, k);
+        let mut y = vec![0f32; m * n];
+        kquant::matmul_portable(format, &raw, n, &acts, &mut y);
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            let mut fast = vec![0f32; m * n];
+            ktiled::matmul(&KTiled::new(format, &raw, n, k), &acts, &mut fast);
+            assert_eq!(fast, y, "seed {seed} {format:?} random bytes: AVX-512 vs portable");
+        }
+    }
+    Ok(())
+}
+
+/// A K-quant `QuantLinear` (tiled where the CPU allows, else declined to candle) gives the
+/// same products as the portable kernel on the file's blocks, and the same embedding rows.
+#[test]
+fn k_quant_linear_layer() -> TestResult {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    for (format, dtype) in K_FORMATS {
+        let (q, _) = weights(&mut rng, dtype, 40, QK_K * 2)?;
+        let x = Tensor::from_vec(random(&mut rng, 3 * QK_K * 2, 1.0), (1, 3, QK_K * 2), &Device::Cpu)?;
+        let ids = Tensor::new(&[3u32, 0, 39], &Device::Cpu)?;
+        let want_rows = q.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?;
+        let portable = QuantLinear::with_isa(q.clone(), Isa::Scalar).ok_or("the portable path takes K-quants")?;
+        let want = portable.forward(&x)?;
+        assert_eq!(want.dims(), &[1, 3, 40]);
+        drop(portable);
+        // Held by nobody else now, so it can be repacked.
+        match QuantLinear::new(q) {
+            Ok(linear) => {
+                println!("{format:?}: {linear:?}");
+                assert!(linear.is_tiled(), "a K-quant layer is taken only to be tiled");
+                assert_eq!(linear.forward(&x)?.flatten_all()?.to_vec1::<f32>()?, want.flatten_all()?.to_vec1::<f32>()?);
+                assert_eq!(linear.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?, want_rows);
+            }
+            Err(_) => println!("{format:?}: no tiled kernel on this CPU, the layer stays on candle"),
         }
     }
     Ok(())

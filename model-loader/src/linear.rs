@@ -14,7 +14,8 @@ use crate::error::Result;
 /// One linear layer's weight `(out, in)`, and the code that multiplies by it.
 #[derive(Debug, Clone)]
 pub enum Linear {
-    /// Ember's CPU kernel: Q4_0, Q4_1, Q5_0 and Q8_0 on the CPU (any target).
+    /// Ember's CPU kernel: Q4_0, Q4_1, Q5_0 and Q8_0 on the CPU (any target); Q4_K, Q5_K and
+    /// Q6_K where the AVX-512 VNNI tiles take them.
     Ember(QuantLinear),
     /// Ember's CPU kernel for dense f16/bf16 weights (x86-64 with AVX2).
     EmberDense(DenseLinear),

@@ -7,6 +7,8 @@ use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::{bf16, f16};
 
+use super::kquant::{self, KFormat, KRows, QK_K};
+use super::ktiled::KTiled;
 use super::tiled::Tiled;
 use super::{dense_matmul, matmul, Format, Isa, Q8Rows, BLOCK};
 
@@ -40,18 +42,43 @@ fn output(mut dims: Vec<usize>, n: usize, y: Vec<f32>) -> candle_core::Result<Te
     Tensor::from_vec(y, dims, &Device::Cpu)
 }
 
-/// A linear layer whose weight is a CPU `QTensor` in one of the [`Format`]s, multiplied by
-/// Ember's kernels. On a CPU with AVX-512 VNNI the weight is repacked once into the tiled
-/// layout ([`super::tiled`], the same number of bytes) when nothing else holds the tensor;
-/// otherwise (a head tied to the embedding table, or another CPU) the kernels read the
-/// `QTensor`'s own blocks, so no bytes are ever held twice.
+/// A linear layer whose weight is a CPU `QTensor` in one of the [`Format`]s or
+/// [`KFormat`]s, multiplied by Ember's kernels. On a CPU with AVX-512 VNNI the weight is
+/// repacked once into the tiled layout ([`super::tiled`], [`super::ktiled`]: the file's bytes,
+/// within 3%) when nothing else holds the tensor; otherwise (a head tied to the embedding
+/// table, or another CPU) the kernels read the `QTensor`'s own blocks, so no bytes are ever
+/// held twice. K-quants are taken only where they can be tiled (or the portable path is
+/// forced): in place, candle's AVX2 K-quant kernels are as good as a block-by-block one.
 #[derive(Clone)]
 pub struct QuantLinear {
     weight: Weight,
-    format: Format,
+    kind: Kind,
     n: usize,
     k: usize,
     isa: Isa,
+}
+
+/// The weight format a [`QuantLinear`] multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// 32-weight blocks.
+    Block(Format),
+    /// 256-weight super-blocks.
+    Super(KFormat),
+}
+
+impl Kind {
+    fn of(dtype: candle_core::quantized::GgmlDType) -> Option<Self> {
+        Format::of(dtype).map(Kind::Block).or_else(|| KFormat::of(dtype).map(Kind::Super))
+    }
+
+    /// Weights per block: `k` must be a multiple.
+    fn block(self) -> usize {
+        match self {
+            Kind::Block(_) => BLOCK,
+            Kind::Super(_) => QK_K,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -59,15 +86,17 @@ enum Weight {
     Blocks(Arc<QTensor>),
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Tiled(Arc<Tiled>),
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    KTiled(Arc<KTiled>),
 }
 
 impl std::fmt::Debug for QuantLinear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let layout = match self.weight {
             Weight::Blocks(_) => "blocks",
-            Weight::Tiled(_) => "tiled",
+            Weight::Tiled(_) | Weight::KTiled(_) => "tiled",
         };
-        write!(f, "QuantLinear({:?} {layout}, {}x{}, {:?})", self.format, self.n, self.k, self.isa)
+        write!(f, "QuantLinear({:?} {layout}, {}x{}, {:?})", self.kind, self.n, self.k, self.isa)
     }
 }
 
@@ -82,17 +111,27 @@ impl QuantLinear {
         if !Self::takes(&weight, isa) || (isa == Isa::Scalar && !forced) {
             return Err(weight);
         }
+        #[cfg(target_arch = "x86_64")]
+        let tiles = isa != Isa::Scalar && super::tiled::avx512::available() && Arc::strong_count(&weight) == 1;
+        #[cfg(not(target_arch = "x86_64"))]
+        let tiles = false;
+        if matches!(Kind::of(weight.dtype()), Some(Kind::Super(_))) && !tiles && !forced {
+            return Err(weight);
+        }
         let Some(mut out) = Self::with_isa(weight.clone(), isa) else { return Err(weight) };
         drop(weight);
         #[cfg(target_arch = "x86_64")]
-        if isa != Isa::Scalar && super::tiled::avx512::available() {
+        if tiles {
             if let Weight::Blocks(q) = &out.weight {
                 // Only a tensor no one else holds: a second copy would double its memory.
                 if Arc::strong_count(q) == 1 {
                     if let Ok(bytes) = q.data() {
-                        let tiled = Tiled::new(out.format, &bytes, out.n, out.k);
+                        let tiled = match out.kind {
+                            Kind::Block(f) => Weight::Tiled(Arc::new(Tiled::new(f, &bytes, out.n, out.k))),
+                            Kind::Super(f) => Weight::KTiled(Arc::new(KTiled::new(f, &bytes, out.n, out.k))),
+                        };
                         drop(bytes);
-                        out.weight = Weight::Tiled(Arc::new(tiled));
+                        out.weight = tiled;
                     }
                 }
             }
@@ -103,69 +142,84 @@ impl QuantLinear {
     /// Whether the kernels on `isa` take this tensor.
     pub fn takes(weight: &QTensor, isa: Isa) -> bool {
         let Ok((_, k)) = weight.shape().dims2() else { return false };
-        Format::of(weight.dtype()).is_some()
-            && weight.device().is_cpu()
-            && k > 0
-            && k.is_multiple_of(BLOCK)
-            && Isa::available().contains(&isa)
+        let Some(kind) = Kind::of(weight.dtype()) else { return false };
+        weight.device().is_cpu() && k > 0 && k.is_multiple_of(kind.block()) && Isa::available().contains(&isa)
     }
 
     /// A layer on a chosen code path (it must be in [`Isa::available`]), reading the
-    /// `QTensor`'s blocks in place.
+    /// `QTensor`'s blocks in place (K-quants: with the portable kernel).
     pub fn with_isa(weight: Arc<QTensor>, isa: Isa) -> Option<Self> {
         if !Self::takes(&weight, isa) {
             return None;
         }
-        let format = Format::of(weight.dtype())?;
+        let kind = Kind::of(weight.dtype())?;
         let (n, k) = weight.shape().dims2().ok()?;
-        Some(Self { weight: Weight::Blocks(weight), format, n, k, isa })
+        Some(Self { weight: Weight::Blocks(weight), kind, n, k, isa })
     }
 
-    pub fn format(&self) -> Format {
-        self.format
+    pub fn kind(&self) -> Kind {
+        self.kind
     }
 
     /// Whether the weight was repacked into tiles.
     pub fn is_tiled(&self) -> bool {
-        matches!(self.weight, Weight::Tiled(_))
+        !matches!(self.weight, Weight::Blocks(_))
+    }
+
+    /// Bytes the weight holds in memory, in whichever layout.
+    pub fn size_in_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Blocks(q) => q.storage_size_in_bytes(),
+            Weight::Tiled(t) => t.size_in_bytes(),
+            Weight::KTiled(t) => t.size_in_bytes(),
+        }
     }
 
     /// Rows `ids` of the weight, dequantized to f32: `(ids..., k)`. For a weight that is also
     /// the token embedding table (a tied head), so the table is held once.
     pub fn embedding(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.weight {
-            Weight::Blocks(q) => q.embedding(ids),
-            Weight::Tiled(t) => {
-                let mut dims = ids.dims().to_vec();
-                let ids = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
-                let mut out = vec![0f32; ids.len() * self.k];
-                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(self.k)) {
-                    if id as usize >= self.n {
-                        candle_core::bail!("embedding: id {id} is out of range (0..{})", self.n);
-                    }
-                    t.dequantize_row(id as usize, row);
-                }
-                dims.push(self.k);
-                Tensor::from_vec(out, dims, &Device::Cpu)
+        let row: &dyn Fn(usize, &mut [f32]) = match &self.weight {
+            Weight::Blocks(q) => return q.embedding(ids),
+            Weight::Tiled(t) => &|j, out| t.dequantize_row(j, out),
+            Weight::KTiled(t) => &|j, out| t.dequantize_row(j, out),
+        };
+        let mut dims = ids.dims().to_vec();
+        let ids = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+        let mut out = vec![0f32; ids.len() * self.k];
+        for (&id, out) in ids.iter().zip(out.chunks_exact_mut(self.k)) {
+            if id as usize >= self.n {
+                candle_core::bail!("embedding: id {id} is out of range (0..{})", self.n);
             }
+            row(id as usize, out);
         }
+        dims.push(self.k);
+        Tensor::from_vec(out, dims, &Device::Cpu)
     }
 
     /// `x (..., k)` -> `(..., n)`, f32 (activations in another float dtype are converted).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (dims, x, m) = input_rows(x, self.k, "QuantLinear")?;
         let mut y = vec![0f32; m * self.n];
-        match &self.weight {
-            Weight::Blocks(q) => {
+        let (n, k) = (self.n, self.k);
+        match (&self.weight, self.kind) {
+            (Weight::Blocks(q), Kind::Block(f)) => {
                 let bytes = q.data()?;
-                with_f32(&x, |x| matmul(self.isa, self.format, &bytes, self.n, x, m, &mut y))?;
+                with_f32(&x, |x| matmul(self.isa, f, &bytes, n, x, m, &mut y))?;
+            }
+            (Weight::Blocks(q), Kind::Super(f)) => {
+                let bytes = q.data()?;
+                with_f32(&x, |x| kquant::matmul_portable(f, &bytes, n, &KRows::quantize(x, m, k), &mut y))?;
             }
             #[cfg(target_arch = "x86_64")]
-            Weight::Tiled(t) => with_f32(&x, |x| super::tiled::matmul_q8(t, &Q8Rows::quantize(x, m, self.k), &mut y))?,
+            (Weight::Tiled(t), _) => with_f32(&x, |x| super::tiled::matmul_q8(t, &Q8Rows::quantize(x, m, k), &mut y))?,
+            #[cfg(target_arch = "x86_64")]
+            (Weight::KTiled(t), _) => with_f32(&x, |x| super::ktiled::matmul(t, &KRows::quantize(x, m, k), &mut y))?,
             #[cfg(not(target_arch = "x86_64"))]
-            Weight::Tiled(_) => candle_core::bail!("tiled weights on a target without the tiled kernel"),
+            (Weight::Tiled(_) | Weight::KTiled(_), _) => {
+                candle_core::bail!("tiled weights on a target without the tiled kernel")
+            }
         }
-        output(dims, self.n, y)
+        output(dims, n, y)
     }
 }
 

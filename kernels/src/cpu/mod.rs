@@ -25,6 +25,8 @@
 
 pub mod dense;
 pub mod format;
+pub mod kquant;
+pub mod ktiled;
 mod linear;
 pub mod q8;
 pub mod scalar;
@@ -35,7 +37,8 @@ pub mod x86;
 use std::sync::OnceLock;
 
 pub use format::{Format, BLOCK};
-pub use linear::{DenseLinear, QuantLinear};
+pub use kquant::{KFormat, KRows, QK_K};
+pub use linear::{DenseLinear, Kind, QuantLinear};
 pub use q8::Q8Rows;
 
 /// Which code path runs the dot products.
