@@ -281,7 +281,16 @@ impl Model {
     /// attention runs per sequence, over that sequence's own cache. [`Model::forward`] is the
     /// one-sequence case. Returns the f32 logits of each sequence's last token,
     /// `(chunks.len(), vocab)`.
+    ///
+    /// On the CPU the pass runs inside candle's thread pool (`Device::with_context`): each
+    /// of candle's parallel ops (softmax, norms, elementwise) called from outside that pool
+    /// hands its work to a pool thread and sleeps on a futex until it is done, a wake-up per
+    /// op, hundreds per token.
     pub fn forward_ragged(&self, chunks: &[&[u32]], caches: &mut [&mut SeqCache]) -> Result<Tensor> {
+        self.device.clone().with_context(|| self.forward_ragged_here(chunks, caches))
+    }
+
+    fn forward_ragged_here(&self, chunks: &[&[u32]], caches: &mut [&mut SeqCache]) -> Result<Tensor> {
         let b = chunks.len();
         if b != caches.len() || b == 0 || chunks.iter().any(|c| c.is_empty()) {
             return Err(candle_core::Error::Msg(format!(

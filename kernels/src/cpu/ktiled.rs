@@ -265,6 +265,7 @@ pub mod avx512 {
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..nb {
                 let rec = base.add(b * rec_bytes);
+                crate::cpu::tiled::avx512::prefetch(rec, rec_bytes);
                 let mut isum = [_mm512_setzero_si512(); R];
                 let mut msum = [_mm512_setzero_si512(); R];
                 for s in 0..8 {

@@ -159,6 +159,27 @@ pub mod avx512 {
     use crate::cpu::format::{Format, BLOCK};
     use crate::cpu::q8::Q8Rows;
 
+    /// How far ahead of the record being read the kernels ask for the weights, in bytes. A
+    /// decode step streams every weight once from memory, in record order; the hardware
+    /// prefetcher alone left one core at about 9 GB/s on Q4_0 (n = 196,608, k = 576, one row,
+    /// `examples/matmul_speed.rs`), and asking 8 KiB ahead took the same matmul from 3.7-6.9 ms
+    /// to 3.1-3.9 ms (best of 4, on a shared machine); 16 KiB was no better.
+    pub(crate) const PREFETCH: usize = 8192;
+
+    /// Prefetches the `bytes` at `PREFETCH` past `rec`.
+    #[inline(always)]
+    pub(crate) unsafe fn prefetch(rec: *const u8, bytes: usize) {
+        // SAFETY (caller): SSE is enabled (every x86-64). A prefetch never faults, and
+        // `wrapping_add` makes no claim that the address is inside the allocation.
+        unsafe {
+            let mut off = 0;
+            while off < bytes {
+                _mm_prefetch::<_MM_HINT_T0>(rec.wrapping_add(PREFETCH + off) as *const i8);
+                off += 64;
+            }
+        }
+    }
+
     /// Whether this CPU runs the tiled kernel.
     pub fn available() -> bool {
         is_x86_feature_detected!("avx512f")
@@ -243,6 +264,7 @@ pub mod avx512 {
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..nb {
                 let rec = base.add(b * rec_bytes);
+                prefetch(rec, rec_bytes);
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(rec as *const __m256i));
                 let c = codes(w.format, rec);
                 let mw = _mm512_cvtph_ps(_mm256_loadu_si256(rec.add(32) as *const __m256i));
