@@ -58,13 +58,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn print_row(g: &Group) {
     let Some(e) = g.reports.iter().find(|r| r.policy == "ember") else { return };
-    let best = g.reports.iter().filter(|r| r.policy != "ember").min_by(|a, b| {
-        a.wait_p95_s.total_cmp(&b.wait_p95_s).then(a.worker_seconds.total_cmp(&b.worker_seconds))
-    });
-    let best = best.map_or_else(
-        || "-".to_string(),
-        |b| format!("{:.2} ({}, {:.0})", b.wait_p95_s, b.policy, b.worker_seconds),
-    );
+    let best = g
+        .reports
+        .iter()
+        .filter(|r| r.policy != "ember")
+        .min_by(|a, b| a.wait_p95_s.total_cmp(&b.wait_p95_s).then(a.worker_seconds.total_cmp(&b.worker_seconds)));
+    let best = best
+        .map_or_else(|| "-".to_string(), |b| format!("{:.2} ({}, {:.0})", b.wait_p95_s, b.policy, b.worker_seconds));
     println!(
         "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} |",
         g.trace,

@@ -408,7 +408,8 @@ mod tests {
 
     #[test]
     fn a_burst_is_met_at_its_own_rate_not_the_smoothed_one() {
-        let ready: Vec<WorkerView> = (0..2).map(|i| worker(&format!("w{i}"), WorkerState::Ready, Some(1), None)).collect();
+        let ready: Vec<WorkerView> =
+            (0..2).map(|i| worker(&format!("w{i}"), WorkerState::Ready, Some(1), None)).collect();
         let reason = |d: &Decision| serde_json::from_str::<serde_json::Value>(&d.reason).unwrap_or_default();
         let mut p = EmberPolicy::new(cfg());
         // A job every 2 s, each finished by the next decision (in flight 1).
