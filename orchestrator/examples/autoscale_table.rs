@@ -8,7 +8,9 @@
 //! ```
 //!
 //! With no trace given it runs the four shipped traces and `target/traces/azure-conv.csv` if
-//! present. `--ember-only` skips the peers (no best-peer column; much faster).
+//! present. `--ember-only` skips the peers (no best-peer column; much faster). Notes on stderr
+//! name any peer row cheaper than Ember at an equal or better p95, and any row below the bound
+//! at its own p95 (which would be a bug in the bound).
 
 use std::path::{Path, PathBuf};
 
@@ -56,8 +58,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The simulator's step: p95 waits within one step are equal.
+const STEP_S: f64 = 0.05;
+
 fn print_row(g: &Group) {
     let Some(e) = g.reports.iter().find(|r| r.policy == "ember") else { return };
+    for r in g.reports.iter().filter(|r| r.policy != "ember") {
+        if r.wait_p95_s <= e.wait_p95_s + STEP_S && r.worker_seconds < e.worker_seconds {
+            eprintln!(
+                "NOTE: {} at {} s: {} is cheaper than ember at an equal or better p95",
+                g.trace, g.cold_start_s, r.policy
+            );
+        }
+        if r.over_bound < 1.0 {
+            eprintln!("BUG: {} at {} s: {} is below the bound at its own p95", g.trace, g.cold_start_s, r.policy);
+        }
+    }
     let best = g
         .reports
         .iter()
