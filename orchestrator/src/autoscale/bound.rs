@@ -102,8 +102,8 @@
 //! clairvoyant policy starts workers exactly `c` before they are needed (within the trace),
 //! never holds a worker longer than the pieces above, and runs every busy worker at its best
 //! rate: at a p95 wait near zero a real schedule must keep free slots for arrivals, so its
-//! workers run part-full (on the diurnal and Azure traces about half full), which no piece
-//! above charges for.
+//! workers run part-full (Ember's busy workers hold about half their slots on the diurnal
+//! trace and two thirds on the Azure one), which no piece above charges for.
 
 use serde::Serialize;
 

@@ -23,8 +23,8 @@
 //! within seconds (and jumps at once to a decision's own rate when that decision saw more
 //! arrivals than the fast rate explains by three standard deviations of a Poisson count plus
 //! a worker's slots: a burst, which smoothing would meet only after it had queued), and a
-//! slow one of two cold starts, the time over which a worker let go now
-//! could be needed back before a new one would be ready. Both scaling up and scaling down
+//! slow one of two cold starts, the time over which a worker let go now could be needed back
+//! before a new one would be ready. Both scaling up and scaling down
 //! follow the larger, so a rise is met at once and a worker stays while the slow horizon still
 //! expects the load it carried: short for a 1 s cold start, minutes for a 90 s one.
 //!
@@ -37,9 +37,9 @@
 //! outweighs the expected idle cost until then) and lets it go otherwise. `nu` is smoothed
 //! over the slow horizon. A forecast can be wrong when the load stops, and a smoothed rate
 //! forgets slowly, so the worker also goes once no job has arrived for a cold start: by then
-//! its idle seconds have cost what a restart would (the deterministic ski-rental rule, which
-//! never pays more than twice what knowing the future would). With no arrival yet nothing
-//! runs.
+//! its idle seconds have cost what a restart would (the deterministic ski-rental rule: when
+//! the load has stopped for good it pays at most twice what knowing the future would). With
+//! no arrival yet nothing runs.
 //!
 //! Workers beyond the first that the count no longer needs are held briefly (the smaller of a
 //! cold start and three decisions) so that a count flickering between two decisions does not
