@@ -274,14 +274,19 @@ impl Policy for EmberPolicy {
         let restart_cost = fig.cold_start_s;
         let active = obs.active();
         let silent_s = self.last_arrival.map_or(0.0, |t| now - t);
+        // Which comparison decided the last worker (for the decision line).
+        let mut ski_rental = serde_json::Value::Null;
         if desired < 1.0 && active > 0 {
             if restart_cost < keep_cost {
                 rule = "ski-rental: let go";
+                ski_rental = "a cold start costs less than the expected idle wait".into();
             } else if silent_s >= restart_cost {
-                rule = "ski-rental: let go, no arrival for a cold start";
+                rule = "ski-rental: let go";
+                ski_rental = "no arrival for a cold start: the idle seconds have cost a restart".into();
             } else {
                 desired = 1.0;
                 rule = "ski-rental: keep";
+                ski_rental = "the expected idle wait costs less than a cold start".into();
             }
         }
         if desired < 1.0 && demand > 0 {
@@ -316,6 +321,7 @@ impl Policy for EmberPolicy {
             "forecast_fast": round3(self.fast.0),
             "forecast_slow": round3(self.slow.0),
             "arrival_events_per_s": round3(self.events.0),
+            "ski_rental": ski_rental,
             "burst": burst,
             "silent_s": round3(silent_s),
             "workers_for_backlog": backlog_n,
@@ -403,7 +409,9 @@ mod tests {
         // ...but 90 s without a job cost what a restart would: let it go.
         let d = decide(&mut p, 670.0, 0, 0, &idle);
         assert_eq!(d.drain, ["w1"], "{}", d.reason);
-        assert_eq!(rule(&d), "\"ski-rental: let go, no arrival for a cold start\"");
+        let v: serde_json::Value = serde_json::from_str(&d.reason).unwrap_or_default();
+        assert_eq!(v["rule"], "ski-rental: let go", "{v}");
+        assert!(v["ski_rental"].as_str().is_some_and(|s| s.starts_with("no arrival for a cold start")), "{v}");
     }
 
     #[test]
