@@ -20,8 +20,11 @@
 //!
 //! The arrival rate is not a queue metric: it is the change of the backlog plus the jobs the
 //! workers report finished, smoothed over two horizons: a fast one (10 s) that sees a rise
-//! within seconds, and a slow one of two cold starts, the time over which a worker let go now
-//! could be needed back before a new one would be ready. Both scaling up and scaling down
+//! within seconds (and jumps at once to a decision's own rate when that decision saw more
+//! arrivals than the fast rate explains by three standard deviations of a Poisson count plus
+//! a worker's slots: a burst, which smoothing would meet only after it had queued), and a
+//! slow one of two cold starts, the time over which a worker let go now could be needed back
+//! before a new one would be ready. Both scaling up and scaling down
 //! follow the larger, so a rise is met at once and a worker stays while the slow horizon still
 //! expects the load it carried: short for a 1 s cold start, minutes for a 90 s one.
 //!
@@ -32,7 +35,11 @@
 //! matters is how often an empty pool would be woken), the next comes in `1 / nu` s on average,
 //! so the policy keeps the worker while `c >= 1 / nu` (the expected cost of a cold start
 //! outweighs the expected idle cost until then) and lets it go otherwise. `nu` is smoothed
-//! over the slow horizon. With no arrival yet nothing runs.
+//! over the slow horizon. A forecast can be wrong when the load stops, and a smoothed rate
+//! forgets slowly, so the worker also goes once no job has arrived for a cold start: by then
+//! its idle seconds have cost what a restart would (the deterministic ski-rental rule: when
+//! the load has stopped for good it pays at most twice what knowing the future would). With
+//! no arrival yet nothing runs.
 //!
 //! Workers beyond the first that the count no longer needs are held briefly (the smaller of a
 //! cold start and three decisions) so that a count flickering between two decisions does not
@@ -54,6 +61,9 @@ const FAST_HORIZON_S: f64 = 10.0;
 const SLOW_HORIZON_COLD_STARTS: f64 = 2.0;
 /// One-sided 95% quantile of a normal: slots above the mean for a p95 target.
 const Z95: f64 = 1.645;
+/// Standard deviations of a Poisson count above the fast rate that make a decision's
+/// arrivals a burst (with a worker's slots on top, so a handful of jobs is not one).
+const BURST_SIGMAS: f64 = 3.0;
 /// The longest a surplus worker beyond the first is held, in decisions.
 const SURPLUS_HOLD_DECISIONS: f64 = 3.0;
 
@@ -106,6 +116,8 @@ pub struct EmberPolicy {
     fast: Rate,
     slow: Rate,
     events: Rate,
+    /// When a decision last saw an arrival.
+    last_arrival: Option<f64>,
     known: WorkerFigures,
     known_full: bool,
     surplus_since: Option<f64>,
@@ -137,6 +149,7 @@ impl EmberPolicy {
             fast,
             slow,
             events,
+            last_arrival: None,
             known,
             known_full: false,
             surplus_since: None,
@@ -211,6 +224,7 @@ impl Policy for EmberPolicy {
         let slow_horizon = (SLOW_HORIZON_COLD_STARTS * fig.cold_start_s).max(FAST_HORIZON_S);
         // Arrivals since the last tick: what the backlog gained plus what left it finished.
         let reported = self.finished_since_last(obs);
+        let mut burst = false;
         if let Some((t0, d0, f0)) = self.prev {
             let dt = now - t0;
             let finished = reported.map_or(f0 as f64 * dt / fig.job_s(), |n| n as f64);
@@ -226,8 +240,16 @@ impl Policy for EmberPolicy {
                 (raw - owed).max(0.0)
             };
             self.fast.update(arrivals, dt, FAST_HORIZON_S);
+            let expected = self.fast.0 * dt;
+            if dt > 0.0 && arrivals > expected + BURST_SIGMAS * expected.sqrt() + f64::from(fig.slots) {
+                self.fast.0 = self.fast.0.max(arrivals / dt);
+                burst = true;
+            }
             self.slow.update(arrivals, dt, slow_horizon);
             self.events.update(if arrivals >= 0.5 { 1.0 } else { 0.0 }, dt, slow_horizon);
+            if arrivals >= 0.5 {
+                self.last_arrival = Some(now);
+            }
         }
         // At the first look, what is queued is the backlog rule's: no rate is known yet.
         self.prev = Some((now, demand, in_flight));
@@ -251,12 +273,20 @@ impl Policy for EmberPolicy {
         let keep_cost = if self.events.0 > 0.0 { 1.0 / self.events.0 } else { f64::INFINITY };
         let restart_cost = fig.cold_start_s;
         let active = obs.active();
+        let silent_s = self.last_arrival.map_or(0.0, |t| now - t);
+        // Which comparison decided the last worker (for the decision line).
+        let mut ski_rental = serde_json::Value::Null;
         if desired < 1.0 && active > 0 {
-            if restart_cost >= keep_cost {
+            if restart_cost < keep_cost {
+                rule = "ski-rental: let go";
+                ski_rental = "a cold start costs less than the expected idle wait".into();
+            } else if silent_s >= restart_cost {
+                rule = "ski-rental: let go";
+                ski_rental = "no arrival for a cold start: the idle seconds have cost a restart".into();
+            } else {
                 desired = 1.0;
                 rule = "ski-rental: keep";
-            } else {
-                rule = "ski-rental: let go";
+                ski_rental = "the expected idle wait costs less than a cold start".into();
             }
         }
         if desired < 1.0 && demand > 0 {
@@ -291,6 +321,9 @@ impl Policy for EmberPolicy {
             "forecast_fast": round3(self.fast.0),
             "forecast_slow": round3(self.slow.0),
             "arrival_events_per_s": round3(self.events.0),
+            "ski_rental": ski_rental,
+            "burst": burst,
+            "silent_s": round3(silent_s),
             "workers_for_backlog": backlog_n,
             "workers_for_forecast": forecast_n,
             "target_wait_s": c.target_wait,
@@ -360,6 +393,45 @@ mod tests {
         // A 1 s cold start costs less: let it go.
         let (_, kept, why) = run(1.0);
         assert_eq!((kept, why.as_str()), (0, "\"ski-rental: let go\""));
+    }
+
+    #[test]
+    fn the_last_worker_goes_once_no_job_has_come_for_a_cold_start() {
+        let idle = [worker("w1", WorkerState::Ready, Some(0), Some(0.0))];
+        let mut p = EmberPolicy::new(PolicyConfig { cold_start: 90.0, ..cfg() });
+        // One job every 20 s for ten minutes (the last at 580 s), then none.
+        for k in 0..300u32 {
+            decide(&mut p, f64::from(k) * 2.0, u64::from(k % 10 == 0), 0, &idle);
+        }
+        // The smoothed rate still says a job comes every 20-odd seconds: keep it...
+        let d = decide(&mut p, 668.0, 0, 0, &idle);
+        assert_eq!((d.desired, rule(&d).as_str()), (1, "\"ski-rental: keep\""), "{}", d.reason);
+        // ...but 90 s without a job cost what a restart would: let it go.
+        let d = decide(&mut p, 670.0, 0, 0, &idle);
+        assert_eq!(d.drain, ["w1"], "{}", d.reason);
+        let v: serde_json::Value = serde_json::from_str(&d.reason).unwrap_or_default();
+        assert_eq!(v["rule"], "ski-rental: let go", "{v}");
+        assert!(v["ski_rental"].as_str().is_some_and(|s| s.starts_with("no arrival for a cold start")), "{v}");
+    }
+
+    #[test]
+    fn a_burst_is_met_at_its_own_rate_not_the_smoothed_one() {
+        let ready: Vec<WorkerView> =
+            (0..2).map(|i| worker(&format!("w{i}"), WorkerState::Ready, Some(1), None)).collect();
+        let reason = |d: &Decision| serde_json::from_str::<serde_json::Value>(&d.reason).unwrap_or_default();
+        let mut p = EmberPolicy::new(cfg());
+        // A job every 2 s, each finished by the next decision (in flight 1).
+        for k in 0..30u32 {
+            let d = decide(&mut p, f64::from(k) * 2.0, 0, 1, &ready);
+            assert_eq!(reason(&d)["burst"], false, "{}", d.reason);
+        }
+        // Then 60 jobs within one decision: the fast rate alone would read 60 / 2 s smoothed
+        // over 10 s, about 5.4 jobs/s; a burst is taken at its own 30 jobs/s.
+        let d = decide(&mut p, 60.0, 60, 1, &ready);
+        let v = reason(&d);
+        assert_eq!(v["burst"], true, "{v}");
+        assert!(v["forecast_fast"].as_f64().unwrap_or_default() >= 29.0, "{v}");
+        assert_eq!(d.desired, 10, "{v}");
     }
 
     #[test]

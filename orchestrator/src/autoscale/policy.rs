@@ -118,9 +118,12 @@ pub trait Policy: Send {
 }
 
 /// Turns a desired count into workers to start or drain. Workers to drain are chosen so
-/// that no running job is disturbed when avoidable: idle workers first (the longest idle
-/// first), then workers still starting (they hold no job), then workers whose load is unknown
-/// (the youngest first), then the least busy.
+/// that no running job is disturbed when avoidable and capacity stays where it is ready:
+/// workers still starting first (they hold no job, and an idle ready worker can take the next
+/// job at once where a starting one would make it wait out the rest of a cold start; a
+/// Kubernetes ReplicaSet also deletes not-ready pods before ready ones), then idle workers
+/// (the longest idle first), then workers whose load is unknown (the youngest first), then
+/// the least busy.
 pub fn plan(desired: u32, obs: &Observation<'_>, reason: impl Into<String>) -> Decision {
     let active = obs.active();
     let mut decision = Decision { desired, start: 0, drain: Vec::new(), reason: reason.into() };
@@ -137,8 +140,8 @@ pub fn plan(desired: u32, obs: &Observation<'_>, reason: impl Into<String>) -> D
 /// Lower drains first.
 fn drain_rank(w: &WorkerView) -> (u8, f64) {
     match (w.state, w.busy) {
-        (WorkerState::Ready, Some(0)) => (0, w.idle_since.unwrap_or(0.0)),
-        (WorkerState::Starting, _) => (1, -w.started_at),
+        (WorkerState::Starting, _) => (0, -w.started_at),
+        (WorkerState::Ready, Some(0)) => (1, w.idle_since.unwrap_or(0.0)),
         (_, None) => (2, -w.started_at),
         (_, Some(n)) => (3, f64::from(n)),
     }
@@ -210,7 +213,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn plan_drains_idle_workers_first_and_busy_last() {
+    fn plan_drains_starting_workers_first_then_idle_and_busy_last() {
         let ws = [
             worker("busy", WorkerState::Ready, Some(5), None),
             worker("idle-late", WorkerState::Ready, Some(0), Some(9.0)),
@@ -219,8 +222,9 @@ pub(crate) mod tests {
             worker("starting", WorkerState::Starting, None, None),
         ];
         let obs = Observation { now: 10.0, backlog: Backlog::default(), workers: &ws };
-        assert_eq!(plan(1, &obs, "x").drain, ["idle-early", "idle-late", "starting", "light"]);
-        assert_eq!(plan(4, &obs, "x").drain, ["idle-early"]);
+        assert_eq!(plan(1, &obs, "x").drain, ["starting", "idle-early", "idle-late", "light"]);
+        assert_eq!(plan(4, &obs, "x").drain, ["starting"]);
+        assert_eq!(plan(3, &obs, "x").drain, ["starting", "idle-early"]);
     }
 
     #[test]
