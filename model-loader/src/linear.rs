@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::quantized::QMatMul;
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use ember_kernels::cpu::{DenseLinear, QuantLinear};
 
 use crate::error::Result;
@@ -41,6 +41,27 @@ fn kernels_enabled() -> bool {
     }
 }
 
+/// Up to this many rows (a decode step, a small batch) f32 weights go through Ember's dense
+/// kernel; beyond it through candle's gemm, whose blocked f32 kernel is faster once the rows
+/// can share each loaded weight panel (prefill). At 2 threads candle's f32 matrix-vector
+/// product did not scale (17.7 tok/s at 1 thread and 17.6 at 2, BENCHMARKS.md).
+const DENSE_F32_MAX_ROWS: usize = 16;
+
+fn rows(x: &Tensor) -> usize {
+    x.dims().iter().rev().skip(1).product()
+}
+
+/// `x (b, t, k)` times a dense `weight (out, k)`, as `W · xᵀ`: the weight is the left operand,
+/// read in place, where candle's `x · Wᵀ` has the CPU gemm pack (copy) the whole weight matrix
+/// on every call once `x` has more than one row, which doubles the memory traffic of a
+/// batched decode step.
+fn gemm(weight: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let (b, t, k) = x.dims3()?;
+    let out = weight.dim(0)?;
+    let y = weight.matmul(&x.reshape((b * t, k))?.t()?)?;
+    Ok(y.t()?.reshape((b, t, out))?)
+}
+
 impl Linear {
     /// Picks the kernel for `weight`: Ember's where it takes the format (measured faster than
     /// candle's on every row count, see BENCHMARKS.md), candle's otherwise.
@@ -54,9 +75,9 @@ impl Linear {
                 Ok(ours) => Linear::Ember(ours),
                 Err(q) => Linear::Candle(QMatMul::QTensor(q)),
             },
-            // f32 stays on candle's gemm, which is as fast (BENCHMARKS.md); the kernel wins on
-            // f16 and bf16, which candle has no native arithmetic for on the CPU.
-            QMatMul::Tensor(t) if t.dtype() == candle_core::DType::F32 => Linear::Candle(QMatMul::Tensor(t)),
+            // f32 goes to the kernel for decode and to candle's gemm for prefill (`forward`);
+            // f16 and bf16, which candle has no native arithmetic for on the CPU, to the
+            // kernel always.
             QMatMul::Tensor(t) => match DenseLinear::new(&t) {
                 Some(ours) => Linear::EmberDense(ours),
                 None => Linear::Candle(QMatMul::Tensor(t)),
@@ -85,20 +106,15 @@ impl Linear {
         })
     }
 
-    /// `x (b, t, in)` -> `(b, t, out)`. Dense weights are multiplied as `W · xᵀ`: the weight
-    /// matrix is the left operand, read in place, where candle's `x · Wᵀ` has the CPU gemm
-    /// pack (copy) the whole weight matrix on every call once `x` has more than one row, which
-    /// doubles the memory traffic of a batched decode step.
+    /// `x (b, t, in)` -> `(b, t, out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Ember(w) => Ok(w.forward(x)?),
-            Linear::EmberDense(w) => Ok(w.forward(x)?),
-            Linear::Candle(QMatMul::Tensor(weight)) => {
-                let (b, t, k) = x.dims3()?;
-                let out = weight.dim(0)?;
-                let y = weight.matmul(&x.reshape((b * t, k))?.t()?)?;
-                Ok(y.t()?.reshape((b, t, out))?)
+            Linear::EmberDense(w) if w.weight().dtype() == DType::F32 && rows(x) > DENSE_F32_MAX_ROWS => {
+                gemm(w.weight(), x)
             }
+            Linear::EmberDense(w) => Ok(w.forward(x)?),
+            Linear::Candle(QMatMul::Tensor(weight)) => gemm(weight, x),
             Linear::Candle(w) => Ok(w.forward(x)?),
         }
     }

@@ -258,6 +258,11 @@ impl DenseLinear {
         Some(Self { weight: weight.contiguous().ok()?, n, k, simd })
     }
 
+    /// The weight tensor, as given (no copy was made).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// Rows `ids` of the weight, `(ids..., k)`, as candle's dense embedding.
     pub fn embedding(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let mut dims = ids.dims().to_vec();
