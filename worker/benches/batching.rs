@@ -13,7 +13,8 @@
 //!
 //! Settings (environment): EMBER_BENCH_THREADS (2), EMBER_BENCH_PROMPT (17),
 //! EMBER_BENCH_GEN (64), EMBER_BENCH_RUNS (2, best counts), EMBER_BENCH_MODEL (f32: hf-f32 and
-//! f32.gguf; or f16).
+//! f32.gguf; or f16; or a quantized file both load: q8_0, q4_0, q4_k_m, made by
+//! `scripts/fetch-model.sh`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -101,8 +102,10 @@ fn main() -> anyhow::Result<()> {
         (env_usize("EMBER_BENCH_PROMPT", 17), env_usize("EMBER_BENCH_GEN", 64), env_usize("EMBER_BENCH_RUNS", 2));
     let dtype = std::env::var("EMBER_BENCH_MODEL").unwrap_or_else(|_| "f32".into());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let dir = model_path(&format!("hf-{dtype}"))?;
+    // Dense weights: Ember loads the safetensors, llama.cpp the GGUF of the same weights. A
+    // quantized file (q8_0, q4_k_m, ...): both load the same GGUF.
     let gguf = model_path(&format!("{dtype}.gguf"))?;
+    let dir = if dtype.starts_with('q') { gguf.clone() } else { model_path(&format!("hf-{dtype}"))? };
     let engine = Arc::new(Engine::new(rt.block_on(load(&dir.to_string_lossy().parse()?, &LoadOptions::default()))?));
     let best = |f: &dyn Fn() -> anyhow::Result<f64>| -> anyhow::Result<f64> {
         let mut b: f64 = 0.0;
