@@ -249,9 +249,12 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
     let device = select_device(opts.device)?;
     let t0 = Instant::now();
     let require_manifest = opts.require_manifest || !opts.trusted_keys.is_empty();
+    let mut listed = None;
     if let (ModelRef::S3 { bucket, prefix }, true) = (reference, require_manifest) {
         let sdk = opts.aws_config()?;
-        s3::check_before_download(&s3::client(sdk), bucket, prefix, require_manifest, &opts.trusted_keys).await?;
+        listed = Some(
+            s3::check_before_download(&s3::client(sdk), bucket, prefix, require_manifest, &opts.trusted_keys).await?,
+        );
     }
     if let ModelRef::S3 { bucket, prefix } = reference {
         let wanted = match opts.stream {
@@ -264,7 +267,8 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
             let mut sink = device_sink(&device)?;
             let client = s3::client(sdk);
             let streamed =
-                s3::fetch_streaming(&client, bucket, prefix, &opts.fetch, &opts.trusted_keys, sink.as_mut()).await?;
+                s3::fetch_streaming(&client, bucket, prefix, &opts.fetch, &opts.trusted_keys, sink.as_mut(), listed)
+                    .await?;
             if require_manifest && !streamed.verified {
                 return Err(LoadError::ManifestRequired(reference.to_string()));
             }
@@ -276,7 +280,13 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
                 .map_err(|e| LoadError::BadConfig(format!("model build task failed: {e}")))?;
         }
     }
-    let mut files = fetch_files(reference, opts).await?;
+    let mut files = match (reference, listed) {
+        (ModelRef::S3 { bucket, prefix }, Some(listed)) => {
+            let sdk = opts.aws_config()?;
+            s3::fetch_listed(&s3::client(sdk), bucket, prefix, &opts.fetch, Some(listed)).await?
+        }
+        _ => fetch_files(reference, opts).await?,
+    };
     let cache_pin = files.pin.take();
     if require_manifest && files.get(crate::manifest::MANIFEST_FILE).is_none() {
         return Err(LoadError::ManifestRequired(reference.to_string()));
@@ -331,25 +341,26 @@ fn assemble(
             let dequantize = (dtype_choice != DTypeChoice::Auto).then_some(dtype);
             let weights = GgufWeights::new(&gguf_name, files.require(&gguf_name)?)?.with_dequantize(dequantize);
             let cfg = gguf_config(&weights.content)?;
-            let tokenizer = match files.get("tokenizer.json") {
-                Some(b) => tokenizer_from_bytes(b)?,
-                None => gguf_tokenizer(&weights.content)?,
-            };
             let tok_cfg = match files.get("tokenizer_config.json") {
                 Some(b) => TokenizerConfig::from_json(&String::from_utf8_lossy(b))?,
                 None => gguf_tokenizer_config(&weights.content),
             };
-            (build_model(&weights, &cfg, dtype, device)?, tokenizer, tok_cfg)
+            let tokenizer = || match files.get("tokenizer.json") {
+                Some(b) => tokenizer_from_bytes(b),
+                None => gguf_tokenizer(&weights.content),
+            };
+            let (model, tokenizer) = beside(tokenizer, || build_model(&weights, &cfg, dtype, device))?;
+            (model, tokenizer, tok_cfg)
         }
         None => {
             let cfg = HfConfig::from_json(&String::from_utf8_lossy(files.require("config.json")?))?.into_config()?;
-            let tokenizer = tokenizer_from_bytes(files.require("tokenizer.json")?)?;
+            let tokenizer_json = files.require("tokenizer.json")?;
             let tok_cfg = match files.get("tokenizer_config.json") {
                 Some(b) => TokenizerConfig::from_json(&String::from_utf8_lossy(b))?,
                 None => TokenizerConfig::default(),
             };
-            let model = match preloaded {
-                Some(tensors) => build_model(&crate::stream::PreloadedWeights::new(tensors), &cfg, dtype, device)?,
+            let build = || match preloaded {
+                Some(tensors) => build_model(&crate::stream::PreloadedWeights::new(tensors), &cfg, dtype, device),
                 None => {
                     let shards: Vec<(&str, &[u8])> = files
                         .files
@@ -363,9 +374,10 @@ fn assemble(
                             file: "model.safetensors".into(),
                         });
                     }
-                    build_model(&SafetensorsWeights::new(&shards)?, &cfg, dtype, device)?
+                    build_model(&SafetensorsWeights::new(&shards)?, &cfg, dtype, device)
                 }
             };
+            let (model, tokenizer) = beside(|| tokenizer_from_bytes(tokenizer_json), build)?;
             (model, tokenizer, tok_cfg)
         }
     };
@@ -388,6 +400,21 @@ fn assemble(
         "model loaded"
     );
     Ok(LoadedModel { name, model, tokenizer, chat_template, verified, timings, cache_pin: None })
+}
+
+/// Builds the model here while the tokenizer is parsed on a second thread: parsing a
+/// `tokenizer.json` (about 2 MB for Llama-family vocabularies) is CPU work of its own on the
+/// cold-start path, and the build does not need it.
+fn beside<T: Send>(
+    tokenizer: impl FnOnce() -> Result<T> + Send,
+    build: impl FnOnce() -> Result<Model>,
+) -> Result<(Model, T)> {
+    std::thread::scope(|s| {
+        let parsing = s.spawn(tokenizer);
+        let model = build();
+        let tokenizer = parsing.join().map_err(|_| LoadError::BadConfig("the tokenizer parser panicked".into()))?;
+        Ok((model?, tokenizer?))
+    })
 }
 
 /// The sink that puts streamed weights on `device`: pinned buffers and async copies on CUDA.

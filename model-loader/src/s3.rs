@@ -61,7 +61,9 @@ fn s3_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>
     LoadError::Aws(err)
 }
 
-struct Object {
+/// One model file under the prefix, as the LIST answered it.
+#[derive(Debug, Clone)]
+pub struct Object {
     key: String,
     name: String,
     size: u64,
@@ -109,13 +111,15 @@ async fn list(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result
 /// is unsigned or not validly signed by a trusted key. One LIST, and with keys two small GETs.
 /// The manifest that is downloaded with the weights is checked again: it could change between.
 /// A `.gguf` key on its own has no place for a manifest (put it in a folder with one).
+/// Answers the listing, which the download then uses instead of listing again (a LIST is a
+/// round trip on the cold-start path).
 pub async fn check_before_download(
     client: &aws_sdk_s3::Client,
     bucket: &str,
     prefix: &str,
     require_manifest: bool,
     trusted: &crate::signing::TrustedKeys,
-) -> Result<()> {
+) -> Result<Vec<Object>> {
     use crate::manifest::MANIFEST_FILE;
     use crate::signing::SIGNATURE_FILE;
 
@@ -126,10 +130,10 @@ pub async fn check_before_download(
         if require_manifest || !trusted.is_empty() {
             return Err(LoadError::ManifestRequired(model));
         }
-        return Ok(());
+        return Ok(objects);
     };
     if trusted.is_empty() {
-        return Ok(());
+        return Ok(objects);
     }
     let Some(signature) = find(SIGNATURE_FILE) else {
         return Err(LoadError::Unsigned(model));
@@ -140,7 +144,20 @@ pub async fn check_before_download(
     )
     .await?;
     trusted.verify(&model, &manifest, Some(&signature))?;
-    Ok(())
+    Ok(objects)
+}
+
+/// The objects of `listed`, or a fresh LIST when there is none.
+async fn listing(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+    listed: Option<Vec<Object>>,
+) -> Result<Vec<Object>> {
+    match listed {
+        Some(objects) => Ok(objects),
+        None => list(client, bucket, prefix).await,
+    }
 }
 
 /// The bytes `[start, end)` of an object, in parallel with nothing: one ranged GET (resumed
@@ -180,6 +197,7 @@ pub async fn fetch_streaming(
     opts: &FetchOptions,
     trusted: &crate::signing::TrustedKeys,
     sink: &mut dyn crate::stream::TensorSink,
+    listed: Option<Vec<Object>>,
 ) -> Result<Streamed> {
     use sha2::Digest;
 
@@ -187,7 +205,7 @@ pub async fn fetch_streaming(
     use crate::stream::{Offset, SafetensorsStream};
 
     let started = Instant::now();
-    let objects = list(client, bucket, prefix).await?;
+    let objects = listing(client, bucket, prefix, listed).await?;
     let (mut weights, small): (Vec<Object>, Vec<Object>) =
         objects.into_iter().partition(|o| o.name.ends_with(".safetensors"));
     if weights.is_empty() {
@@ -264,8 +282,19 @@ pub async fn fetch_streaming(
 /// Downloads (or takes from the local tier) every model file under `s3://bucket/prefix`: see
 /// [`crate::fetch`].
 pub async fn fetch(client: &aws_sdk_s3::Client, bucket: &str, prefix: &str, opts: &FetchOptions) -> Result<ModelFiles> {
+    fetch_listed(client, bucket, prefix, opts, None).await
+}
+
+/// [`fetch`] with the objects already listed (by [`check_before_download`]), or listing them.
+pub async fn fetch_listed(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+    opts: &FetchOptions,
+    listed: Option<Vec<Object>>,
+) -> Result<ModelFiles> {
     let started = Instant::now();
-    let objects = list(client, bucket, prefix).await?;
+    let objects = listing(client, bucket, prefix, listed).await?;
     let list_s = started.elapsed().as_secs_f64();
     let (large, small): (Vec<Object>, Vec<Object>) = objects.into_iter().partition(|o| is_weights(&o.name));
     let small_bytes =
