@@ -363,6 +363,8 @@ fn ember_generate(endpoint: &str, model: &ColdModel, cache: Option<&Path>) -> an
             "json",
             "--no-progress",
         ])
+        // `generate` logs warnings only by default; the breakdown is an info line.
+        .env("EMBER_LOG", "info")
         .env("AWS_ENDPOINT_URL", endpoint)
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
