@@ -53,14 +53,43 @@ fn block_decoding_matches_candle_dequantize() -> TestResult {
     Ok(())
 }
 
+/// `y (m, n)` against the f64 product of the dequantized weights `w (n, k)` and `x (m, k)`, within
+/// the bound below: activations quantized to 8 bits per `act_block` values, each off by at
+/// most `d / 2` with `d = max|x| of its block / 127`, so `|y - y_ref| <= Σ_i |w_i| * d(i) / 2`;
+/// on top of that, f32 rounding of sums of `k` terms in a different order, which
+/// `k * 2^-23 * Σ|w_i x_i|` bounds, generously.
+fn assert_near_reference(
+    w: &[f32],
+    x: &[f32],
+    (m, n, k): (usize, usize, usize),
+    act_block: usize,
+    y: &[f32],
+    what: &str,
+) {
+    for r in 0..m {
+        let xr = &x[r * k..(r + 1) * k];
+        for j in 0..n {
+            let wj = &w[j * k..(j + 1) * k];
+            let want: f64 = wj.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let mut quant_err = 0f64;
+            for (wb, xb) in wj.chunks(act_block).zip(xr.chunks(act_block)) {
+                let d = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                quant_err += wb.iter().map(|w| w.abs() as f64).sum::<f64>() * d / 2.0;
+            }
+            let abs_sum: f64 = wj.iter().zip(xr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+            let tol = quant_err * 1.001 + k as f64 * f32::EPSILON as f64 * (abs_sum + quant_err) + 1e-30;
+            let got = y[r * n + j] as f64;
+            assert!((got - want).abs() <= tol, "{what} [{r},{j}]: {got} vs {want} (tol {tol})");
+        }
+    }
+}
+
 /// Every path against the reference on random shapes: odd row counts (not multiples of the
 /// 4-row tile), odd output counts, k any multiple of the 32-element block.
 ///
 /// Tolerance, from the format: the weights are exactly the dequantized ones on both sides, so
-/// the only approximation is the activation quantization. Each activation `x_i` becomes
-/// `d * round(x_i / d)` with `d = max|x| of its block / 127`, off by at most `d / 2`; so
-/// `|y - y_ref| <= Σ_i |w_i| * d_block(i) / 2`. On top of that, f32 rounding of sums of
-/// `k` terms in a different order: `k * 2^-23 * Σ|w_i x_i|` bounds it, generously.
+/// the only approximation is the activation quantization to 8 bits per 32-block
+/// ([`assert_near_reference`] gives the bound).
 #[test]
 fn every_path_matches_dequantize_then_matmul() -> TestResult {
     let seed = seed();
@@ -78,25 +107,8 @@ fn every_path_matches_dequantize_then_matmul() -> TestResult {
         for isa in Isa::available() {
             let mut y = vec![0f32; m * n];
             cpu::matmul(isa, format, &bytes, n, &x, m, &mut y);
-            for r in 0..m {
-                let xr = &x[r * k..(r + 1) * k];
-                for j in 0..n {
-                    let wj = &w[j * k..(j + 1) * k];
-                    let want: f64 = wj.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let mut quant_err = 0f64;
-                    for (wb, xb) in wj.chunks(BLOCK).zip(xr.chunks(BLOCK)) {
-                        let d = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
-                        quant_err += wb.iter().map(|w| w.abs() as f64).sum::<f64>() * d / 2.0;
-                    }
-                    let abs_sum: f64 = wj.iter().zip(xr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
-                    let tol = quant_err * 1.001 + k as f64 * f32::EPSILON as f64 * (abs_sum + quant_err) + 1e-30;
-                    let got = y[r * n + j] as f64;
-                    assert!(
-                        (got - want).abs() <= tol,
-                        "seed {seed} case {case} {isa:?} {format:?} m={m} n={n} k={k} [{r},{j}]: {got} vs {want} (tol {tol})"
-                    );
-                }
-            }
+            let what = format!("seed {seed} case {case} {isa:?} {format:?} m={m} n={n} k={k}");
+            assert_near_reference(&w, &x, (m, n, k), BLOCK, &y, &what);
         }
     }
     Ok(())
@@ -398,25 +410,14 @@ fn k_quant_kernels_match_dequantize_then_matmul() -> TestResult {
         let bytes = q.data()?;
         let mut y = vec![0f32; m * n];
         kquant::matmul_portable(format, &bytes, n, &acts, &mut y);
-        for r in 0..m {
-            let xr = &x[r * k..(r + 1) * k];
-            for j in 0..n {
-                let wj = &w[j * k..(j + 1) * k];
-                let want: f64 = wj.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                let mut quant_err = 0f64;
-                for (wb, xb) in wj.chunks(QK_K).zip(xr.chunks(QK_K)) {
-                    let d = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
-                    quant_err += wb.iter().map(|w| w.abs() as f64).sum::<f64>() * d / 2.0;
-                }
-                let abs_sum: f64 = wj.iter().zip(xr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
-                let tol = quant_err * 1.001 + k as f64 * f32::EPSILON as f64 * (abs_sum + quant_err) + 1e-30;
-                let got = y[r * n + j] as f64;
-                assert!(
-                    (got - want).abs() <= tol,
-                    "seed {seed} case {case} {format:?} m={m} n={n} k={k} [{r},{j}]: {got} vs {want} (tol {tol})"
-                );
-            }
-        }
+        assert_near_reference(
+            &w,
+            &x,
+            (m, n, k),
+            QK_K,
+            &y,
+            &format!("seed {seed} case {case} {format:?} m={m} n={n} k={k}"),
+        );
         let t = KTiled::new(format, &bytes, n, k);
         let mut portable_tiled = vec![0f32; m * n];
         ktiled::matmul_portable(&t, &acts, &mut portable_tiled);

@@ -287,7 +287,7 @@ impl Model {
     /// hands its work to a pool thread and sleeps on a futex until it is done, a wake-up per
     /// op, hundreds per token.
     pub fn forward_ragged(&self, chunks: &[&[u32]], caches: &mut [&mut SeqCache]) -> Result<Tensor> {
-        self.device.clone().with_context(|| self.forward_ragged_here(chunks, caches))
+        self.device.with_context(|| self.forward_ragged_here(chunks, caches))
     }
 
     fn forward_ragged_here(&self, chunks: &[&[u32]], caches: &mut [&mut SeqCache]) -> Result<Tensor> {

@@ -19,8 +19,8 @@
 use super::format::f16_at;
 use super::kquant::{self, KFormat, KRows, Scales, QK_K};
 
-/// Rows per tile.
-pub const TILE: usize = 16;
+/// Rows per tile: the same tiles as the 32-block kernel's.
+pub use super::tiled::TILE;
 
 /// A K-quant weight matrix in the tiled layout.
 #[derive(Debug, Clone)]
@@ -345,28 +345,11 @@ pub mod avx512 {
 /// [`avx512::available`]), split over the thread pool by tiles.
 #[cfg(target_arch = "x86_64")]
 pub fn matmul(w: &KTiled, acts: &KRows, y: &mut [f32]) {
-    let (m, n) = (acts.rows, w.n);
-    assert!(acts.k == w.k && y.len() == m * n && avx512::available(), "K tiled matmul");
-    let out = super::SharedOut(y.as_mut_ptr());
-    let tiles = |range: std::ops::Range<usize>| {
-        let mut dots = [[0f32; TILE]; 4];
-        for t in range {
-            let rows = TILE.min(n - t * TILE);
-            for r0 in (0..m).step_by(4) {
-                let nr = 4.min(m - r0);
-                // SAFETY: the CPU's features were checked above.
-                unsafe { avx512::tile_dots(w, acts, t, r0, nr, &mut dots) };
-                for (r, d) in dots[..nr].iter().enumerate() {
-                    for (i, v) in d[..rows].iter().enumerate() {
-                        // SAFETY: row r0 + r < m, column 16t + i < n; tile t is this
-                        // thread's alone, so no other thread writes these columns.
-                        unsafe { *out.at((r0 + r) * n + t * TILE + i) = *v };
-                    }
-                }
-            }
-        }
-    };
-    super::by_output_rows(n.div_ceil(TILE), n * m * w.k, tiles);
+    assert!(acts.k == w.k && avx512::available(), "K tiled matmul");
+    // SAFETY: the CPU's features were checked above.
+    super::tiled::by_tiles(w.n, acts.rows, w.k, y, |t, r0, nr, dots| unsafe {
+        avx512::tile_dots(w, acts, t, r0, nr, dots)
+    });
 }
 
 /// Portable reading of the tiled layout with the arithmetic of [`kquant::matmul_portable`]

@@ -122,17 +122,16 @@ impl QuantLinear {
         drop(weight);
         #[cfg(target_arch = "x86_64")]
         if tiles {
+            // `tiles` checked that no one else holds the tensor: a second copy would double its
+            // memory.
             if let Weight::Blocks(q) = &out.weight {
-                // Only a tensor no one else holds: a second copy would double its memory.
-                if Arc::strong_count(q) == 1 {
-                    if let Ok(bytes) = q.data() {
-                        let tiled = match out.kind {
-                            Kind::Block(f) => Weight::Tiled(Arc::new(Tiled::new(f, &bytes, out.n, out.k))),
-                            Kind::Super(f) => Weight::KTiled(Arc::new(KTiled::new(f, &bytes, out.n, out.k))),
-                        };
-                        drop(bytes);
-                        out.weight = tiled;
-                    }
+                if let Ok(bytes) = q.data() {
+                    let tiled = match out.kind {
+                        Kind::Block(f) => Weight::Tiled(Arc::new(Tiled::new(f, &bytes, out.n, out.k))),
+                        Kind::Super(f) => Weight::KTiled(Arc::new(KTiled::new(f, &bytes, out.n, out.k))),
+                    };
+                    drop(bytes);
+                    out.weight = tiled;
                 }
             }
         }

@@ -335,18 +335,31 @@ pub mod avx512 {
 /// [`avx512::available`]), split over the thread pool by tiles.
 #[cfg(target_arch = "x86_64")]
 pub fn matmul_q8(w: &Tiled, acts: &Q8Rows, y: &mut [f32]) {
-    let (m, n) = (acts.rows, w.n);
-    assert!(acts.k == w.k && y.len() == m * n && avx512::available(), "tiled matmul");
+    assert!(acts.k == w.k && avx512::available(), "tiled matmul");
+    // SAFETY: the CPU's features were checked above.
+    by_tiles(w.n, acts.rows, w.k, y, |t, r0, nr, dots| unsafe { avx512::tile_dots(w, acts, t, r0, nr, dots) });
+}
+
+/// Fills `y (m, n)` tile by tile, split over the thread pool: `dots(tile, r0, rows, out)` puts
+/// the dot products of the tile's 16 weight rows with activation rows `r0..r0 + rows` (1 to 4)
+/// in `out[r][i]`. The driver of every tiled kernel (this one and [`super::ktiled`]).
+pub(crate) fn by_tiles(
+    n: usize,
+    m: usize,
+    k: usize,
+    y: &mut [f32],
+    dots: impl Fn(usize, usize, usize, &mut [[f32; TILE]; 4]) + Sync,
+) {
+    assert!(y.len() == m * n, "tiled matmul output");
     let out = super::SharedOut(y.as_mut_ptr());
     let tiles = |range: std::ops::Range<usize>| {
-        let mut dots = [[0f32; TILE]; 4];
+        let mut d = [[0f32; TILE]; 4];
         for t in range {
             let rows = TILE.min(n - t * TILE);
             for r0 in (0..m).step_by(4) {
                 let nr = 4.min(m - r0);
-                // SAFETY: the CPU's features were checked above.
-                unsafe { avx512::tile_dots(w, acts, t, r0, nr, &mut dots) };
-                for (r, d) in dots[..nr].iter().enumerate() {
+                dots(t, r0, nr, &mut d);
+                for (r, d) in d[..nr].iter().enumerate() {
                     for (i, v) in d[..rows].iter().enumerate() {
                         // SAFETY: row r0 + r < m, column 16t + i < n; tile t is this
                         // thread's alone, so no other thread writes these columns.
@@ -356,7 +369,7 @@ pub fn matmul_q8(w: &Tiled, acts: &Q8Rows, y: &mut [f32]) {
             }
         }
     };
-    super::by_output_rows(n.div_ceil(TILE), n * m * w.k, tiles);
+    super::by_output_rows(n.div_ceil(TILE), n * m * k, tiles);
 }
 
 /// Portable reference of [`matmul_q8`] on the tiled layout (tests).

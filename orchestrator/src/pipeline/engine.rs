@@ -542,7 +542,7 @@ impl HopRun<'_> {
                 let scope = self.scope(&eff, &ctx);
                 let literal = (*max_concurrency, *tolerated_percentage, *tolerated_count);
                 let limits = map_limits(literal, limit_paths, |p, _| Ok((path::query(p, &scope)?, p.to_string())))?;
-                let items = path::query(items_path, &self.scope(&eff, &ctx))?;
+                let items = path::query(items_path, &scope)?;
                 let Value::Array(items) = items else {
                     return Err(StatesError::runtime(format!(
                         "Map ItemsPath '{items_path}' must point to an array, found {items}"
