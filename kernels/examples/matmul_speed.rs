@@ -93,14 +93,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     #[cfg(target_arch = "x86_64")]
     if cpu::tiled::avx512::available() {
         let t = cpu::tiled::Tiled::new(format, &bytes, n, k);
-        let iters = (2e9 / (n * k * m) as f64).ceil() as usize;
-        let t0 = Instant::now();
-        for _ in 0..iters {
-            let acts = cpu::Q8Rows::quantize(&x, m, k);
-            cpu::tiled::matmul_q8(&t, &acts, &mut y);
+        time(&format!("tiled AVX-512 VNNI {format:?}"), n, k, m, || {
+            cpu::tiled::matmul_q8_vnni(&t, &cpu::Q8Rows::quantize(&x, m, k), &mut y);
+            Ok(())
+        })?;
+        if cpu::amx::available() && m >= cpu::amx::GROUP {
+            time(&format!("tiled AMX {format:?}"), n, k, m, || {
+                cpu::amx::matmul_q8(&t, &cpu::Q8Rows::quantize(&x, m, k), &mut y);
+                Ok(())
+            })?;
+        } else {
+            println!("AMX: not on this CPU, or fewer than {} rows", cpu::amx::GROUP);
         }
-        let s = t0.elapsed().as_secs_f64() / iters as f64;
-        println!("tiled AVX-512 {format:?}: {:.1} us, {:.2} GMAC/s", s * 1e6, (n * k * m) as f64 / s / 1e9);
     }
     drop(bytes);
     let qm = candle_core::quantized::QMatMul::from_qtensor(q)?;

@@ -293,6 +293,91 @@ fn tiled_layout_and_kernel() -> TestResult {
     Ok(())
 }
 
+/// The AMX prefill kernel gives the VNNI kernel's floats bit for bit (the same exact integer
+/// sums, then the same scale operations in the same order), at row counts around its groups
+/// of 16, on weights with a partial last tile.
+#[test]
+fn amx_kernel_equals_vnni_bit_for_bit() -> TestResult {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use ember_kernels::cpu::{amx, tiled};
+        if !amx::available() {
+            println!("AMX not on this CPU (or not granted by the OS): the AMX kernel was NOT tested");
+            return Ok(());
+        }
+        let seed = seed();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for (case, m) in [16, 17, 19, 20, 21, 31, 32, 33, 48, 50].into_iter().enumerate() {
+            let (format, dtype) = FORMATS[case % FORMATS.len()];
+            let (n, k) = (rng.random_range(1..70), BLOCK * rng.random_range(1..20));
+            let (q, _) = weights(&mut rng, dtype, n, k)?;
+            let t = tiled::Tiled::new(format, &q.data()?, n, k);
+            let acts = Q8Rows::quantize(&random(&mut rng, m * k, 1.0), m, k);
+            let (mut a, mut v) = (vec![0f32; m * n], vec![0f32; m * n]);
+            amx::matmul_q8(&t, &acts, &mut a);
+            tiled::matmul_q8_vnni(&t, &acts, &mut v);
+            for (i, (a, v)) in a.iter().zip(&v).enumerate() {
+                assert_eq!(a.to_bits(), v.to_bits(), "seed {seed} {format:?} n {n} k {k} m {m} at {i}: {a} vs {v}");
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    println!("not x86-64: the AMX kernel was NOT tested");
+    Ok(())
+}
+
+/// The SIMD activation quantizer gives the portable one's codes and scales bit for bit:
+/// random rows, rounding ties (values landing on k + 0.5 after scaling), zero blocks,
+/// infinities and NaN.
+#[test]
+fn activation_quantizer_simd_equals_portable() {
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let k = 4 * BLOCK;
+    for rows in [1, 3, 17] {
+        let mut x = random(&mut rng, rows * k, 3.0);
+        // Block 0 of row 0: amax 127, so the scale is 1 and every x.5 is a tie.
+        for (i, v) in x[..BLOCK].iter_mut().enumerate() {
+            *v = if i == 0 { 127.0 } else { i as f32 - 15.5 };
+        }
+        x[BLOCK..2 * BLOCK].fill(0.0);
+        x[2 * BLOCK + 3] = f32::NAN;
+        x[3 * BLOCK + 5] = f32::INFINITY;
+        let (fast, slow) = (Q8Rows::quantize(&x, rows, k), Q8Rows::quantize_portable(&x, rows, k));
+        assert_eq!(fast.qs, slow.qs, "seed {seed} rows {rows}");
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fast.d), bits(&slow.d), "seed {seed} rows {rows}");
+        assert_eq!(bits(&fast.s), bits(&slow.s), "seed {seed} rows {rows}");
+    }
+}
+
+/// The SIMD `silu(g) * u` against the portable one (the platform's `exp`): within 8 ulp
+/// (the vector `exp` is within 2 ulp of the true value, then an add, a divide and a multiply
+/// round once each), at random and extreme inputs; signs, zeros, infinities and NaN as the
+/// portable one.
+#[test]
+fn silu_mul_simd_matches_portable() {
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut g = random(&mut rng, 1000, 30.0);
+    let mut u = random(&mut rng, 1000, 5.0);
+    let specials = [0.0, -0.0, 1e-30, -1e-30, 88.0, 89.5, -88.0, -103.0, -120.0, 150.0, f32::INFINITY, f32::NAN];
+    g[..specials.len()].copy_from_slice(&specials);
+    u[..specials.len()].fill(1.5);
+    for n in [1000, 999, 17, 1] {
+        let (mut fast, mut slow) = (vec![0f32; n], vec![0f32; n]);
+        cpu::act::silu_mul(&g[..n], &u[..n], &mut fast);
+        cpu::act::silu_mul_portable(&g[..n], &u[..n], &mut slow);
+        for i in 0..n {
+            let (a, b) = (fast[i], slow[i]);
+            let ok = (a.is_nan() && b.is_nan())
+                || a == b
+                || (a - b).abs() <= 8.0 * f32::EPSILON * b.abs() + f32::MIN_POSITIVE;
+            assert!(ok, "seed {seed}: silu({}) * {} = {a}, portable {b}", g[i], u[i]);
+        }
+    }
+}
+
 const K_FORMATS: [(KFormat, GgmlDType); 3] =
     [(KFormat::Q4K, GgmlDType::Q4K), (KFormat::Q5K, GgmlDType::Q5K), (KFormat::Q6K, GgmlDType::Q6K)];
 

@@ -23,6 +23,9 @@
 //! # Ok(()) }
 //! ```
 
+pub mod act;
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod dense;
 pub mod format;
 pub mod kquant;
@@ -134,6 +137,10 @@ pub fn dense_matmul<T: DenseElement>(simd: bool, w: &[T], n: usize, k: usize, x:
     assert!(!simd || dense::x86::available(), "SIMD kernels on a CPU without them");
     #[cfg(not(target_arch = "x86_64"))]
     assert!(!simd, "no SIMD dense kernels on this target");
+    #[cfg(target_arch = "x86_64")]
+    if simd && m >= DENSE_BLOCK_MIN_ROWS && dense::x86::avx512::available() {
+        return dense_matmul_blocked(w, n, k, x, m, y);
+    }
     let out = SharedOut(y.as_mut_ptr());
     let rows = |range: std::ops::Range<usize>| {
         let mut dots = [0f32; dense::ROW_TILE];
@@ -160,6 +167,38 @@ pub fn dense_matmul<T: DenseElement>(simd: bool, w: &[T], n: usize, k: usize, x:
     by_output_rows(n, n * m * k, rows);
 }
 
+/// From this many activation rows on, dense weights go through the blocked AVX-512 kernel
+/// ([`dense::x86::avx512`]): each weight vector then serves four rows. Below it the row
+/// kernel, which a decode step's weight streaming bounds anyway.
+pub const DENSE_BLOCK_MIN_ROWS: usize = 4;
+
+/// [`dense_matmul`] on the blocked AVX-512 kernel (the CPU must have it), split over the
+/// thread pool by blocks of 4 weight rows.
+#[cfg(target_arch = "x86_64")]
+fn dense_matmul_blocked<T: DenseElement>(w: &[T], n: usize, k: usize, x: &[f32], m: usize, y: &mut [f32]) {
+    use dense::x86::avx512::{block_dots, MR, NR};
+    let out = SharedOut(y.as_mut_ptr());
+    let blocks = |range: std::ops::Range<usize>| {
+        let mut d = [[0f32; NR]; MR];
+        for b in range {
+            let j0 = b * NR;
+            for r0 in (0..m).step_by(MR) {
+                let rows = MR.min(m - r0);
+                // SAFETY: the caller checked the CPU's features; w is n * k, x is m * k.
+                unsafe { block_dots(w, n, k, j0, x, r0, rows, r0 == 0, &mut d) };
+                for (r, d) in d[..rows].iter().enumerate() {
+                    for (j, v) in d.iter().enumerate().take(n - j0) {
+                        // SAFETY: row r0 + r < m, column j0 + j < n; the block is this
+                        // thread's alone.
+                        unsafe { *out.at((r0 + r) * n + j0 + j) = *v };
+                    }
+                }
+            }
+        }
+    };
+    by_output_rows(n.div_ceil(NR), n * m * k, blocks);
+}
+
 /// Runs `rows` over the output rows (or row tiles) `0..n`, split across candle's thread pool, or on this
 /// thread when the product is small (`work` multiply-adds): waking the pool costs a few
 /// microseconds per dispatch.
@@ -173,9 +212,9 @@ pub(crate) fn by_output_rows(n: usize, work: usize, rows: impl Fn(std::ops::Rang
 
 /// A dense weight element the kernels read: f32, f16 or bf16.
 #[cfg(target_arch = "x86_64")]
-pub trait DenseElement: dense::x86::Load8 {}
+pub trait DenseElement: dense::x86::Load8 + dense::x86::avx512::Load16 {}
 #[cfg(target_arch = "x86_64")]
-impl<T: dense::x86::Load8> DenseElement for T {}
+impl<T: dense::x86::Load8 + dense::x86::avx512::Load16> DenseElement for T {}
 /// A dense weight element the kernels read: f32, f16 or bf16.
 #[cfg(not(target_arch = "x86_64"))]
 pub trait DenseElement: dense::Element {}

@@ -27,7 +27,7 @@ pub struct Tiled {
     pub format: Format,
     pub n: usize,
     pub k: usize,
-    data: Vec<u8>,
+    pub(crate) data: Vec<u8>,
 }
 
 /// Bytes of one tile's record for one block.
@@ -191,7 +191,7 @@ pub mod avx512 {
 
     /// The eight code vectors of a record (unsigned bytes; Q8_0's carry +128).
     #[inline(always)]
-    unsafe fn codes(format: Format, rec: *const u8) -> [__m512i; 8] {
+    pub(crate) unsafe fn codes(format: Format, rec: *const u8) -> [__m512i; 8] {
         // SAFETY (caller): rec points at one whole record of `format`; AVX-512 BW is enabled.
         unsafe {
             let mut c = [_mm512_setzero_si512(); 8];
@@ -335,6 +335,15 @@ pub mod avx512 {
 /// [`avx512::available`]), split over the thread pool by tiles.
 #[cfg(target_arch = "x86_64")]
 pub fn matmul_q8(w: &Tiled, acts: &Q8Rows, y: &mut [f32]) {
+    if acts.rows >= super::amx::GROUP && super::amx::available() {
+        return super::amx::matmul_q8(w, acts, y);
+    }
+    matmul_q8_vnni(w, acts, y)
+}
+
+/// [`matmul_q8`] on the AVX-512 VNNI kernel alone, whatever the row count (tests, benches).
+#[cfg(target_arch = "x86_64")]
+pub fn matmul_q8_vnni(w: &Tiled, acts: &Q8Rows, y: &mut [f32]) {
     assert!(acts.k == w.k && avx512::available(), "tiled matmul");
     // SAFETY: the CPU's features were checked above.
     by_tiles(w.n, acts.rows, w.k, y, |t, r0, nr, dots| unsafe { avx512::tile_dots(w, acts, t, r0, nr, dots) });
