@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Module, Tensor};
+use candle_core::{Module, Tensor};
 use ember_kernels::cpu::{DenseLinear, QuantLinear};
 
 use crate::error::Result;
@@ -41,16 +41,6 @@ fn kernels_enabled() -> bool {
     }
 }
 
-/// Up to this many rows (a decode step, a small batch) f32 weights go through Ember's dense
-/// kernel; beyond it through candle's gemm, whose blocked f32 kernel is faster once the rows
-/// can share each loaded weight panel (prefill). At 2 threads candle's f32 matrix-vector
-/// product did not scale (17.7 tok/s at 1 thread and 17.6 at 2, BENCHMARKS.md).
-const DENSE_F32_MAX_ROWS: usize = 16;
-
-fn rows(x: &Tensor) -> usize {
-    x.dims().iter().rev().skip(1).product()
-}
-
 /// `x (b, t, k)` times a dense `weight (out, k)`, as `W · xᵀ`: the weight is the left operand,
 /// read in place, where candle's `x · Wᵀ` has the CPU gemm pack (copy) the whole weight matrix
 /// on every call once `x` has more than one row, which doubles the memory traffic of a
@@ -75,9 +65,10 @@ impl Linear {
                 Ok(ours) => Linear::Ember(ours),
                 Err(q) => Linear::Candle(QMatMul::QTensor(q)),
             },
-            // f32 goes to the kernel for decode and to candle's gemm for prefill (`forward`);
-            // f16 and bf16, which candle has no native arithmetic for on the CPU, to the
-            // kernel always.
+            // f32, f16 and bf16 to the kernel at every row count: its blocked AVX-512 path
+            // beats candle's f32 gemm at 17, 64 and 200 rows on one thread (91-98 ms against
+            // 132-135 ms for a 17-token SmolLM2 prefill; `forward_speed` example), and candle
+            // has no native half-precision arithmetic on the CPU.
             QMatMul::Tensor(t) => match DenseLinear::new(&t) {
                 Some(ours) => Linear::EmberDense(ours),
                 None => Linear::Candle(QMatMul::Tensor(t)),
@@ -110,9 +101,6 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Ember(w) => Ok(w.forward(x)?),
-            Linear::EmberDense(w) if w.weight().dtype() == DType::F32 && rows(x) > DENSE_F32_MAX_ROWS => {
-                gemm(w.weight(), x)
-            }
             Linear::EmberDense(w) => Ok(w.forward(x)?),
             Linear::Candle(QMatMul::Tensor(weight)) => gemm(weight, x),
             Linear::Candle(w) => Ok(w.forward(x)?),

@@ -332,7 +332,7 @@ impl Model {
             }
             let y = Tensor::cat(&ys, 1)?.reshape((1, rows, width))?;
             (x, h) = self.add_norm(&x, &linear(&layer.o, &y)?, &layer.post_norm)?;
-            let mlp = (candle_nn::ops::silu(&linear(&layer.gate, &h)?)? * linear(&layer.up, &h)?)?;
+            let mlp = ember_kernels::cpu::act::silu_mul_tensors(&linear(&layer.gate, &h)?, &linear(&layer.up, &h)?)?;
             // The residual add closes the layer; the norm after it is the next layer's input
             // norm, or the final norm after the last layer.
             let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.input_norm);
