@@ -16,9 +16,10 @@
 //!
 //! Four blocks go through four C tiles before any is read back, so the tile unit is busy while
 //! the previous results drain (a tile store read back at once, or a tile load of bytes just
-//! written, waits for the stores to retire). A last group of fewer than 16 rows reads zero rows
-//! past the end. Fewer than 16 rows in all (a decode step, small batches) stay on the VNNI
-//! kernel, which is memory-bound there like this one.
+//! written, waits for the stores to retire). A tile pass costs about as much for one row as
+//! for sixteen: a last group of up to 8 rows goes to the VNNI kernel, a larger one reads zero
+//! rows past the end; fewer than 16 rows in all (a decode step, small batches) stay on the
+//! VNNI kernel.
 //!
 //! Rust has no stable AMX intrinsics or target features: the tile instructions are inline
 //! assembly and the CPU is checked through CPUID. Linux also wants each process to ask for the
@@ -36,8 +37,10 @@ use super::tiled::{avx512, record_bytes, Tiled, TILE};
 pub const GROUP: usize = 16;
 
 /// A last group of at most this many rows goes to the VNNI kernel: a tile pass costs about
-/// as much for one row as for sixteen, four VNNI rows about half of it.
-const VNNI_ROWS: usize = 4;
+/// as much for one row as for sixteen, about eight VNNI rows' worth (n 1536, k 576, one
+/// thread: 16 rows 65 us on AMX, 16 + 4 rows 95 us with the 4 on VNNI, 16 + 5 rows 125 us
+/// with the 5 on AMX; `examples/matmul_speed.rs`).
+const VNNI_ROWS: usize = 8;
 
 /// Blocks in flight: C tiles `tmm0..=3`.
 const INFLIGHT: usize = 4;
@@ -179,12 +182,15 @@ unsafe fn run(
         for r0 in (0..m).step_by(GROUP) {
             let valid = GROUP.min(m - r0);
             if valid <= VNNI_ROWS {
-                // SAFETY: the CPU has the VNNI kernel's features (`available` checked them).
-                unsafe { avx512::tile_dots(w, acts, t, r0, valid, &mut d4) };
-                for (r, d) in d4[..valid].iter().enumerate() {
-                    for (i, v) in d[..rows].iter().enumerate() {
-                        // SAFETY: row r0 + r < m, column 16t + i < n: this thread's tile.
-                        unsafe { *out.at((r0 + r) * n + t * TILE + i) = *v };
+                for r1 in (r0..m).step_by(4) {
+                    let nr = 4.min(m - r1);
+                    // SAFETY: the CPU has the VNNI kernel's features (`available` checked them).
+                    unsafe { avx512::tile_dots(w, acts, t, r1, nr, &mut d4) };
+                    for (r, d) in d4[..nr].iter().enumerate() {
+                        for (i, v) in d[..rows].iter().enumerate() {
+                            // SAFETY: row r1 + r < m, column 16t + i < n: this thread's tile.
+                            unsafe { *out.at((r1 + r) * n + t * TILE + i) = *v };
+                        }
                     }
                 }
                 continue;
