@@ -33,6 +33,12 @@ pub fn set_cpu_kernels(on: bool) {
     KERNELS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
+/// Whether f16/bf16 weights on the CPU go through Ember's dense kernel, which takes f32
+/// activations (and sums in f32) whatever the weights' dtype.
+pub fn dense_kernels_on() -> bool {
+    kernels_enabled() && DenseLinear::available()
+}
+
 fn kernels_enabled() -> bool {
     match KERNELS.load(Ordering::Relaxed) {
         1 => true,

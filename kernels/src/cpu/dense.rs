@@ -87,6 +87,9 @@ pub mod x86 {
 
     use crate::cpu::x86::hsum;
 
+    /// How far ahead of the weights being read the row kernel asks for them, in bytes.
+    const PREFETCH: usize = 8192;
+
     #[inline(always)]
     unsafe fn body<T: Load8, const R: usize>(w: &[T], x: &[f32], r0: usize, out: &mut [f32]) {
         let k = w.len();
@@ -100,6 +103,10 @@ pub mod x86 {
         // exist above) are readable.
         unsafe {
             while i + 16 <= k {
+                // The weights are one stream through the matrix (its rows are contiguous):
+                // ask for them 8 KiB ahead, as the tiled kernels do; past the end the address
+                // is never read (a prefetch does not fault).
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH / size_of::<T>()) as *const i8);
                 let w0 = T::load8(wp.add(i));
                 let w1 = T::load8(wp.add(i + 8));
                 for (r, acc) in acc.iter_mut().enumerate() {

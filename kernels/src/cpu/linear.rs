@@ -237,14 +237,19 @@ impl DenseLinear {
     /// None when the kernel does not take this weight (not 2-D on the CPU in f32/f16/bf16, or
     /// no SIMD kernel on this CPU).
     pub fn new(weight: &Tensor) -> Option<Self> {
-        #[cfg(target_arch = "x86_64")]
-        let simd = super::dense::x86::available() && Isa::detect() != Isa::Scalar;
-        #[cfg(not(target_arch = "x86_64"))]
-        let simd = false;
-        if !simd {
+        if !Self::available() {
             return None;
         }
-        Self::with_simd(weight, simd)
+        Self::with_simd(weight, true)
+    }
+
+    /// Whether [`DenseLinear::new`] takes dense CPU weights on this CPU (its SIMD kernel runs
+    /// here, and `EMBER_CPU_ISA=scalar` does not rule it out).
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return super::dense::x86::available() && Isa::detect() != Isa::Scalar;
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
 
     /// [`DenseLinear::new`] with the portable kernel (`simd` false) or the SIMD one (the CPU
