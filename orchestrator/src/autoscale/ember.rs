@@ -3,7 +3,7 @@
 //! It knows what a worker costs to start and what it can do, from the workers' own reports
 //! ([`super::WorkerReport`]: the cold start, the tokens per job, the concurrency and the
 //! tokens/s a full worker sustains), falling back to its configuration until the first
-//! report. Every decision (every 2 s) takes the larger of two worker counts:
+//! report. Every decision (every second) takes the larger of two worker counts:
 //!
 //! - **backlog**: enough workers that the jobs queued or running start within the user's
 //!   target wait (`--target-wait`, `W`): `m` ready workers with `K` slots each, finishing
@@ -40,6 +40,12 @@
 //! its idle seconds have cost what a restart would (the deterministic ski-rental rule: when
 //! the load has stopped for good it pays at most twice what knowing the future would). With
 //! no arrival yet nothing runs.
+//!
+//! The cold start a decision works with is never less than the age of the oldest worker still
+//! starting: workers report their cold start only once ready, and until then the configured
+//! figure may be far too short (0.9 s against a GPU's 90 s would have the policy add one worker
+//! a decision, each expecting to be ready at once, while the backlog grows). The decision
+//! line's `cold_start_from` says which figure was used.
 //!
 //! Workers beyond the first that the count no longer needs are held briefly (the smaller of a
 //! cold start and three decisions) so that a count flickering between two decisions does not
@@ -216,7 +222,15 @@ impl Policy for EmberPolicy {
     }
 
     fn decide(&mut self, obs: &Observation<'_>) -> Decision {
-        let fig = self.figures(obs);
+        let mut fig = self.figures(obs);
+        // A worker still starting has been starting for its age: the cold start is at least
+        // that, whatever was configured or reported before (the first workers report only once
+        // ready, and a configured 0.9 s would have the policy start one worker a decision
+        // through a 90 s cold start while the backlog grows).
+        let starting_age =
+            obs.workers.iter().filter(|w| w.state == WorkerState::Starting).map(|w| obs.now - w.started_at).fold(0.0, f64::max);
+        let cold_start_floor = starting_age > fig.cold_start_s;
+        fig.cold_start_s = fig.cold_start_s.max(starting_age);
         let c = self.cfg.clone();
         let now = obs.now;
         let demand = c.demand(&obs.backlog);
@@ -330,6 +344,7 @@ impl Policy for EmberPolicy {
             "idle_cost_ws": round3(keep_cost.min(1e9)),
             "cold_start_cost_ws": round3(restart_cost),
             "figures": if fig.reported { "reported" } else { "configured" },
+            "cold_start_from": if cold_start_floor { "a worker still starting" } else if fig.reported { "reported" } else { "configured" },
             "cold_start_s": round3(fig.cold_start_s),
             "job_s": round3(fig.job_s()),
             "slots": fig.slots,
@@ -465,6 +480,28 @@ mod tests {
         for key in ["rule", "forecast_jobs_per_s", "idle_cost_ws", "cold_start_cost_ws", "figures", "target_wait_s"] {
             assert!(v.get(key).is_some(), "{key} missing from {v}");
         }
+    }
+
+    #[test]
+    fn a_worker_still_starting_sets_a_floor_on_the_cold_start() {
+        let reason = |d: &Decision| serde_json::from_str::<serde_json::Value>(&d.reason).unwrap_or_default();
+        let mut p = EmberPolicy::new(cfg());
+        // 5 jobs a second from 0 s; the configured cold start is 0.9 s.
+        let d = decide(&mut p, 0.0, 5, 0, &[]);
+        assert_eq!((d.start, reason(&d)["cold_start_from"].as_str()), (1, Some("configured")), "{}", d.reason);
+        let mut starting = worker("w1", WorkerState::Starting, None, None);
+        starting.started_at = 0.0;
+        let mut last = d;
+        for k in 1..=20u32 {
+            last = decide(&mut p, f64::from(k), 5 * u64::from(k + 1), 0, std::slice::from_ref(&starting));
+        }
+        // After 20 s the worker is still starting: the cold start is at least 20 s, and the
+        // 100 jobs queued plus 20 s more of arrivals need more than one worker.
+        let v = reason(&last);
+        assert_eq!(v["cold_start_from"], "a worker still starting", "{v}");
+        assert!(v["cold_start_s"].as_f64().is_some_and(|c| c >= 20.0), "{v}");
+        assert!(v["backlog_at_ready"].as_f64().is_some_and(|b| b >= 180.0), "{v}");
+        assert!(last.desired >= 10, "{v}");
     }
 
     #[test]
