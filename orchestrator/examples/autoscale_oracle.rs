@@ -144,5 +144,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         r.worker_seconds / b.worker_seconds
     );
     println!("counts: {counts:?}");
+    println!("{b:?}");
     Ok(())
 }
