@@ -27,6 +27,8 @@
 //! before a new one would be ready. Both scaling up and scaling down
 //! follow the larger, so a rise is met at once and a worker stays while the slow horizon still
 //! expects the load it carried: short for a 1 s cold start, minutes for a 90 s one.
+//! Both are weighted averages corrected for the time before the first tick (an average begun
+//! at zero reads low for a horizon, just when the first workers are being sized).
 //!
 //! The last worker is the ski-rental problem: keeping it idle costs one worker-second per
 //! second; letting it go costs a cold start (`c` worker-seconds, and `c` seconds of wait for
@@ -100,15 +102,38 @@ impl WorkerFigures {
     }
 }
 
-/// An exponentially weighted arrival rate over irregular ticks.
+/// An exponentially weighted arrival rate over irregular ticks, corrected for the time before
+/// the first tick: an average started at zero reads low for a horizon (a 10 s horizon had the
+/// policy see a third of the Azure trace's rate 10 s in, and start one worker a decision), so
+/// the average is divided by the weight the observed ticks carry (as Adam corrects its moments).
 #[derive(Debug, Clone, Copy, Default)]
-struct Rate(f64);
+struct Rate {
+    raw: f64,
+    weight: f64,
+}
 
 impl Rate {
     fn update(&mut self, arrivals: f64, dt: f64, horizon: f64) {
         if dt > 0.0 {
             let w = 1.0 - (-dt / horizon).exp();
-            self.0 += w * (arrivals / dt - self.0);
+            self.raw += w * (arrivals / dt - self.raw);
+            self.weight += w * (1.0 - self.weight);
+        }
+    }
+
+    /// The rate, jobs (or events) per second.
+    fn get(&self) -> f64 {
+        if self.weight > 0.0 {
+            self.raw / self.weight
+        } else {
+            0.0
+        }
+    }
+
+    /// Raises the rate to at least `rate` (a burst seen at its own rate).
+    fn at_least(&mut self, rate: f64) {
+        if self.weight > 0.0 {
+            self.raw = self.raw.max(rate * self.weight);
         }
     }
 }
@@ -254,9 +279,9 @@ impl Policy for EmberPolicy {
                 (raw - owed).max(0.0)
             };
             self.fast.update(arrivals, dt, FAST_HORIZON_S);
-            let expected = self.fast.0 * dt;
+            let expected = self.fast.get() * dt;
             if dt > 0.0 && arrivals > expected + BURST_SIGMAS * expected.sqrt() + f64::from(fig.slots) {
-                self.fast.0 = self.fast.0.max(arrivals / dt);
+                self.fast.at_least(arrivals / dt);
                 burst = true;
             }
             self.slow.update(arrivals, dt, slow_horizon);
@@ -267,7 +292,7 @@ impl Policy for EmberPolicy {
         }
         // At the first look, what is queued is the backlog rule's: no rate is known yet.
         self.prev = Some((now, demand, in_flight));
-        let lambda = self.fast.0.max(self.slow.0);
+        let lambda = self.fast.get().max(self.slow.get());
         let slots = f64::from(fig.slots);
 
         // The backlog a worker started now meets when it is ready: what is queued, plus what
@@ -284,7 +309,7 @@ impl Policy for EmberPolicy {
         let mut desired = backlog_n.max(forecast_n);
         let mut rule = if backlog_n >= forecast_n { "backlog" } else { "forecast" };
         // Ski rental for the last worker.
-        let keep_cost = if self.events.0 > 0.0 { 1.0 / self.events.0 } else { f64::INFINITY };
+        let keep_cost = if self.events.get() > 0.0 { 1.0 / self.events.get() } else { f64::INFINITY };
         let restart_cost = fig.cold_start_s;
         let active = obs.active();
         let silent_s = self.last_arrival.map_or(0.0, |t| now - t);
@@ -332,9 +357,9 @@ impl Policy for EmberPolicy {
             "backlog": demand,
             "backlog_at_ready": round3(projected),
             "forecast_jobs_per_s": round3(lambda),
-            "forecast_fast": round3(self.fast.0),
-            "forecast_slow": round3(self.slow.0),
-            "arrival_events_per_s": round3(self.events.0),
+            "forecast_fast": round3(self.fast.get()),
+            "forecast_slow": round3(self.slow.get()),
+            "arrival_events_per_s": round3(self.events.get()),
             "ski_rental": ski_rental,
             "burst": burst,
             "silent_s": round3(silent_s),
@@ -480,6 +505,21 @@ mod tests {
         for key in ["rule", "forecast_jobs_per_s", "idle_cost_ws", "cold_start_cost_ws", "figures", "target_wait_s"] {
             assert!(v.get(key).is_some(), "{key} missing from {v}");
         }
+    }
+
+    #[test]
+    fn the_first_seconds_of_arrivals_are_taken_at_their_rate_not_averaged_with_a_zero() {
+        let reason = |d: &Decision| serde_json::from_str::<serde_json::Value>(&d.reason).unwrap_or_default();
+        let mut p = EmberPolicy::new(cfg());
+        let starting = [worker("w1", WorkerState::Starting, None, None)];
+        // 4 jobs a second, none finished: after 3 s the rate reads 4, not the 1.1 that a 10 s
+        // average started at zero would.
+        let mut last = decide(&mut p, 0.0, 0, 0, &starting);
+        for k in 1..=3u32 {
+            last = decide(&mut p, f64::from(k), 4 * u64::from(k), 0, &starting);
+        }
+        let v = reason(&last);
+        assert!(v["forecast_fast"].as_f64().is_some_and(|r| (r - 4.0).abs() < 1e-6), "{v}");
     }
 
     #[test]
