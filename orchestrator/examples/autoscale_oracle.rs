@@ -1,12 +1,17 @@
-//! A hindsight schedule: a fixed worker count per window of the trace, each the least that
-//! keeps the p95 wait of the jobs so far at or under a target, its workers started a cold
-//! start ahead. It is a real run on the simulator (so its worker-seconds are reachable), and
-//! tells whether a gap between a policy and the clairvoyant bound is the policy's waste or
-//! the bound's slack.
+//! A hindsight schedule: a fixed worker count per window of the trace, each the least (up to 10)
+//! that keeps the p95 wait of the jobs so far at or under a target, its workers started a cold
+//! start ahead. It is a real run on the simulator, so its worker-seconds are reachable (by a
+//! policy that knew the trace), and it tells whether a gap between a policy and the clairvoyant
+//! bound is the policy's waste or the bound's slack. It is no optimum: at long cold starts
+//! starting a cold start ahead holds workers through every dip shorter than one.
 //!
 //! ```text
 //! cargo run -p ember-orchestrator --release --example autoscale_oracle -- TRACE COLD_START_S WAIT_S [WINDOW_S]
+//! cargo run -p ember-orchestrator --release --example autoscale_oracle -- --ember-log TRACE COLD_START_S [EVERY_S]
 //! ```
+//!
+//! The second form runs Ember instead and prints its decisions (every start or drain, and one
+//! line every `EVERY_S` seconds) with the workers' states: how to see why it spent what it did.
 
 use std::path::Path;
 
@@ -92,21 +97,34 @@ impl Policy for Logged {
     }
 }
 
+/// As the comparison's rows: at most 10 workers.
+const MAX_WORKERS: u32 = 10;
+
+const USAGE: &str =
+    "usage: autoscale_oracle TRACE COLD_START_S WAIT_S [WINDOW_S] | --ember-log TRACE COLD_START_S [EVERY_S]";
+
+/// Ember at its defaults on `path`, its decisions on stderr (every start or drain, and one line
+/// every `every` seconds), its report on stdout.
+fn ember_log(path: &str, cold: &str, every: Option<&String>) -> Result<(), Box<dyn std::error::Error>> {
+    let trace = Trace::load(Path::new(path))?;
+    let model = WorkerModel { cold_start_s: cold.parse()?, ..WorkerModel::default() };
+    let every: f64 = every.map(|s| s.parse()).transpose()?.unwrap_or(60.0);
+    let inner = PolicyConfig::defaults(PolicyKind::Ember).build()?;
+    let mut p = Logged { inner, every, next: 0.0 };
+    let r = simulate(&trace, &mut p, &model, &SimOptions::default());
+    println!("{r:?}");
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().is_some_and(|a| a == "--ember-log") {
-        args.remove(0);
-        let trace = Trace::load(Path::new(&args[0]))?;
-        let model = WorkerModel { cold_start_s: args[1].parse()?, ..WorkerModel::default() };
-        let every: f64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(60.0);
-        let inner = PolicyConfig { max_workers: 10, ..PolicyConfig::defaults(PolicyKind::Ember) }.build()?;
-        let mut p = Logged { inner, every, next: 0.0 };
-        let r = simulate(&trace, &mut p, &model, &SimOptions::default());
-        println!("{r:?}");
-        return Ok(());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, path, cold, rest @ ..] = args.as_slice() {
+        if flag == "--ember-log" {
+            return ember_log(path, cold, rest.first());
+        }
     }
     let [path, cold, wait, rest @ ..] = args.as_slice() else {
-        return Err("usage: autoscale_oracle TRACE COLD_START_S WAIT_S [WINDOW_S]".into());
+        return Err(USAGE.into());
     };
     let trace = Trace::load(Path::new(path))?;
     let model = WorkerModel { cold_start_s: cold.parse()?, ..WorkerModel::default() };
@@ -116,8 +134,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut counts: Vec<u32> = Vec::new();
     for k in 0..windows {
         let upto = (k + 1) as f64 * window;
-        let mut chosen = 10;
-        for n in 0..=10u32 {
+        let mut chosen = MAX_WORKERS;
+        for n in 0..=MAX_WORKERS {
             counts.push(n);
             let r = run(&trace, &model, window, &counts, upto);
             counts.pop();

@@ -252,8 +252,12 @@ impl Policy for EmberPolicy {
         // that, whatever was configured or reported before (the first workers report only once
         // ready, and a configured 0.9 s would have the policy start one worker a decision
         // through a 90 s cold start while the backlog grows).
-        let starting_age =
-            obs.workers.iter().filter(|w| w.state == WorkerState::Starting).map(|w| obs.now - w.started_at).fold(0.0, f64::max);
+        let starting_age = obs
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Starting)
+            .map(|w| obs.now - w.started_at)
+            .fold(0.0, f64::max);
         let cold_start_floor = starting_age > fig.cold_start_s;
         fig.cold_start_s = fig.cold_start_s.max(starting_age);
         let c = self.cfg.clone();
