@@ -56,6 +56,12 @@
 //! a decision, each expecting to be ready at once, while the backlog grows). The decision
 //! line's `cold_start_from` says which figure was used.
 //!
+//! The job size (tokens per job, hence the seconds a job holds a slot) is the one of the jobs
+//! finished over the slow horizon, as the rate is: the mix of requests drifts (on the Azure
+//! trace the mean generated tokens per request moves between about 160 and 270 from one ten
+//! minutes to the next), and an average over every job the present workers ever finished
+//! lagged it by as long as they had lived, up to the whole hour at 30 and 90 s cold starts.
+//!
 //! No worker is let go while jobs wait in the queue: the count that says fewer came from rates
 //! the queue already contradicts, and a worker let go then, busy or not, is replaced within a
 //! few decisions (on the spike the slow rate asked for seven of ten full workers mid-burst; three
@@ -155,7 +161,11 @@ impl Rate {
 pub struct EmberPolicy {
     cfg: PolicyConfig,
     prev: Option<(f64, u64, u64)>,
-    done_seen: HashMap<String, u64>,
+    /// Each reporting worker's (jobs, tokens) at the last tick.
+    done_seen: HashMap<String, (u64, u64)>,
+    /// Jobs and tokens finished per second, over the slow horizon: the recent job size.
+    done_jobs: Rate,
+    done_tokens: Rate,
     fast: Rate,
     slow: Rate,
     events: Rate,
@@ -189,6 +199,8 @@ impl EmberPolicy {
             cfg,
             prev: None,
             done_seen: HashMap::new(),
+            done_jobs: Rate::default(),
+            done_tokens: Rate::default(),
             fast,
             slow,
             events,
@@ -232,20 +244,22 @@ impl EmberPolicy {
         f
     }
 
-    /// Jobs the workers finished since the last tick, when they report (None when no worker
-    /// reports: the caller estimates).
-    fn finished_since_last(&mut self, obs: &Observation<'_>) -> Option<u64> {
+    /// Jobs and their tokens the workers finished since the last tick, when they report (None
+    /// when no worker reports: the caller estimates).
+    fn finished_since_last(&mut self, obs: &Observation<'_>) -> Option<(u64, u64)> {
         let mut any = false;
-        let mut finished = 0;
+        let (mut jobs, mut tokens) = (0, 0);
         for w in obs.workers {
             if let Some(r) = w.report {
                 any = true;
-                let seen = self.done_seen.insert(w.id.clone(), r.jobs).unwrap_or(0);
-                finished += r.jobs.saturating_sub(seen);
+                let (seen_jobs, seen_tokens) =
+                    self.done_seen.insert(w.id.clone(), (r.jobs, r.tokens)).unwrap_or((0, 0));
+                jobs += r.jobs.saturating_sub(seen_jobs);
+                tokens += r.tokens.saturating_sub(seen_tokens);
             }
         }
         self.done_seen.retain(|id, _| obs.workers.iter().any(|w| &w.id == id));
-        any.then_some(finished)
+        any.then_some((jobs, tokens))
     }
 }
 
@@ -282,7 +296,11 @@ impl Policy for EmberPolicy {
         let mut burst = false;
         if let Some((t0, d0, f0)) = self.prev {
             let dt = now - t0;
-            let finished = reported.map_or(f0 as f64 * dt / fig.job_s(), |n| n as f64);
+            let finished = reported.map_or(f0 as f64 * dt / fig.job_s(), |(n, _)| n as f64);
+            if let Some((n, tokens)) = reported {
+                self.done_jobs.update(n as f64, dt, slow_horizon);
+                self.done_tokens.update(tokens as f64, dt, slow_horizon);
+            }
             let (owed, since) = self.unreported_finishes;
             let owed = if now - since <= REPORT_LAG_S { owed } else { 0.0 };
             let raw = demand as f64 - d0 as f64 + finished;
@@ -305,6 +323,12 @@ impl Policy for EmberPolicy {
             if arrivals >= 0.5 {
                 self.last_arrival = Some(now);
             }
+        }
+        // The job size of the last few cold starts, not of every job so far: the mix changes
+        // (module docs). Only beside a measured rate, as in `figures`.
+        if self.known_full && self.done_jobs.get() > 0.0 && self.done_tokens.get() > 0.0 {
+            fig.job_tokens = self.done_tokens.get() / self.done_jobs.get();
+            self.known.job_tokens = fig.job_tokens;
         }
         // At the first look, what is queued is the backlog rule's: no rate is known yet.
         self.prev = Some((now, demand, in_flight));
@@ -394,6 +418,7 @@ impl Policy for EmberPolicy {
             "cold_start_from": if cold_start_floor { "a worker still starting" } else if fig.reported { "reported" } else { "configured" },
             "cold_start_s": round3(fig.cold_start_s),
             "job_s": round3(fig.job_s()),
+            "job_tokens": round3(fig.job_tokens),
             "slots": fig.slots,
         });
         plan(desired.clamp(c.min(), c.max()), obs, reason.to_string())
@@ -564,6 +589,25 @@ mod tests {
         assert!(v["cold_start_s"].as_f64().is_some_and(|c| c >= 20.0), "{v}");
         assert!(v["backlog_at_ready"].as_f64().is_some_and(|b| b >= 180.0), "{v}");
         assert!(last.desired >= 10, "{v}");
+    }
+
+    #[test]
+    fn the_job_size_is_the_recent_one_not_the_average_of_every_job() {
+        let reason = |d: &Decision| serde_json::from_str::<serde_json::Value>(&d.reason).unwrap_or_default();
+        let mut p = EmberPolicy::new(cfg());
+        let mut report =
+            WorkerReport { cold_start_s: 0.9, concurrency: 8, full_tok_s: Some(198.3), ..WorkerReport::default() };
+        let mut last = None;
+        // A job a second: 256 tokens each for 100 s, then 128 for 100 s.
+        for t in 0..=200u32 {
+            let ws = [WorkerView { report: Some(report), ..worker("w1", WorkerState::Ready, Some(1), None) }];
+            last = Some(decide(&mut p, f64::from(t), 0, 1, &ws));
+            report.jobs += 1;
+            report.tokens += if t < 100 { 256 } else { 128 };
+        }
+        let v = last.map(|d| reason(&d)).unwrap_or_default();
+        // Every job so far averages 192 tokens; the last two cold starts' (10 s) are 128.
+        assert!(v["job_tokens"].as_f64().is_some_and(|x| (x - 128.0).abs() < 1.0), "{v}");
     }
 
     #[test]
