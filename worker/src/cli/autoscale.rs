@@ -69,7 +69,7 @@ pub struct PolicyOverrides {
     /// runpod-delay: seconds a job may wait before a worker is added (default 4).
     #[arg(long, env = "EMBER_AUTOSCALE_QUEUE_DELAY", allow_negative_numbers = true)]
     pub queue_delay: Option<f64>,
-    /// Seconds between decisions (ember 2, keda 15, runpod 1).
+    /// Seconds between decisions (ember 1, keda 15, runpod 1).
     #[arg(long, env = "EMBER_AUTOSCALE_INTERVAL", allow_negative_numbers = true)]
     pub interval: Option<f64>,
     /// keda: seconds between KEDA's polls, which activate (0 -> 1) and scale to zero (default 30).
