@@ -60,6 +60,18 @@ pub fn available() -> bool {
     })
 }
 
+/// Whether a matmul of `rows` activation rows goes to AMX: from one group of 16 on one
+/// thread, from two groups on more. On this project's 2-vCPU machines the tile unit did not
+/// scale to the second thread (a 128-token Q4_0 prefill: 130-138 ms on 1 thread, 126 ms on
+/// 2; the VNNI kernel 179-184 and 135-140 ms), so one group's gain over VNNI (about 1.5x on
+/// one thread) is not there to take on two. (16-sequence batched decode of the Q4_K_M file
+/// at 2 threads: 333 tok/s with AMX, 386 with `EMBER_CPU_AMX=off`, 341 with this rule; the
+/// machine's noise is as large.)
+pub fn takes(rows: usize) -> bool {
+    let min = if candle_core::utils::get_num_threads() > 1 { 2 * GROUP } else { GROUP };
+    rows >= min && available()
+}
+
 /// Asks Linux for the AMX tile data state for this process (every thread it has or will
 /// have). False when refused (an old kernel, or a sandbox that filters the call).
 fn request_tile_state() -> bool {

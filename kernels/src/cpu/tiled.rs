@@ -335,7 +335,7 @@ pub mod avx512 {
 /// [`avx512::available`]), split over the thread pool by tiles.
 #[cfg(target_arch = "x86_64")]
 pub fn matmul_q8(w: &Tiled, acts: &Q8Rows, y: &mut [f32]) {
-    if acts.rows >= super::amx::GROUP && super::amx::available() {
+    if super::amx::takes(acts.rows) {
         return super::amx::matmul_q8(w, acts, y);
     }
     matmul_q8_vnni(w, acts, y)
