@@ -21,10 +21,24 @@ pub struct HttpArgs {
     /// Require `Authorization: Bearer <KEY>` on the HTTP API (/health excepted).
     #[arg(long, env = "EMBER_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    #[command(flatten)]
+    pub admit: AdmitArgs,
+}
+
+/// How long an HTTP request (from `--http`, or a Lambda function URL) waits to be admitted:
+/// one definition for `serve` and `lambda`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdmitArgs {
     /// Milliseconds an HTTP request may wait for room in the batch (the KV cache budget and
     /// the batch size) before it is answered 429 with Retry-After.
     #[arg(long, env = "EMBER_HTTP_ADMIT_MS", default_value_t = 30_000)]
     pub http_admit_ms: u64,
+}
+
+impl AdmitArgs {
+    pub fn admit_within(&self) -> Duration {
+        Duration::from_millis(self.http_admit_ms)
+    }
 }
 
 impl HttpArgs {
@@ -41,7 +55,7 @@ impl HttpArgs {
                  model; set --api-key (EMBER_API_KEY)"
             );
         }
-        let opts = HttpOptions { api_key, admit_within: Duration::from_millis(self.http_admit_ms) };
+        let opts = HttpOptions { api_key, admit_within: self.admit.admit_within() };
         let server =
             HttpServer::bind(addr, opts).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--http): {e}"))?;
         let bound = server.local_addr()?;

@@ -69,10 +69,8 @@ pub struct LambdaArgs {
     /// whole (InvokeMode BUFFERED). It must match the URL's InvokeMode.
     #[arg(long, env = "EMBER_URL_STREAMING", value_parser = clap::builder::BoolishValueParser::new())]
     pub url_streaming: bool,
-    /// Milliseconds a function URL request may wait for room in the batch before it is
-    /// answered 429 with Retry-After.
-    #[arg(long, env = "EMBER_HTTP_ADMIT_MS", default_value_t = 30_000)]
-    pub http_admit_ms: u64,
+    #[command(flatten)]
+    pub admit: super::http::AdmitArgs,
 }
 
 impl LambdaArgs {
@@ -124,7 +122,7 @@ pub async fn run(args: LambdaArgs) -> anyhow::Result<()> {
     let batcher = Arc::new(Batcher::start(engine.clone(), batch)?);
     let tasks =
         Arc::new(ModelRunner::new(engine.clone(), Some(batcher.clone()), crate::pipeline::tools(&args.http_allow)));
-    let http = HttpOptions { api_key: None, admit_within: Duration::from_millis(args.http_admit_ms) };
+    let http = HttpOptions { api_key: None, admit_within: args.admit.admit_within() };
     let mode = if args.url_streaming { UrlMode::Streamed } else { UrlMode::Buffered };
     let urls = Arc::new(UrlRoutes::new(ready_routes(engine.clone(), batcher.clone(), http), mode));
     let handler =

@@ -29,7 +29,8 @@ use crate::job::{JobLimits, MAX_JOB_BODY_BYTES};
 use crate::openai::{models_body, unix_now};
 use crate::runner::Shutdown;
 use ember_engine::{Batcher, Engine};
-use respond::{json_response, server_error};
+pub(crate) use respond::json_response;
+use respond::server_error;
 
 /// How the server answers.
 #[derive(Debug, Clone)]

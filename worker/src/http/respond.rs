@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::job::{engine_error_answer, error_body, JobError};
 use ember_engine::EngineError;
 
-pub(super) fn json_response(status: u16, body: Value) -> Response {
+pub(crate) fn json_response(status: u16, body: Value) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }

@@ -105,10 +105,21 @@ impl UrlRoutes {
     /// went away) drops the request's batcher ticket, which frees its batch slot.
     pub async fn answer(&self, event: Value) -> Result<UrlAnswer, UrlError> {
         let event: LambdaFunctionUrlRequest = serde_json::from_value(event).map_err(UrlError::Event)?;
-        let request = http_request(event)?;
-        let response = match self.routes.clone().oneshot(request).await {
-            Ok(r) => r,
-            Err(never) => match never {},
+        let response = match http_request(event) {
+            Ok(request) => match self.routes.clone().oneshot(request).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            },
+            // A request the function URL passed on that is not valid HTTP (a body marked
+            // base64 that is not, an unknown method, a path that is no URI) is the client's
+            // error: answered 400 as a server answers it, not a failed invocation, which the
+            // function URL turns into a 502 with no body.
+            Err(e @ (UrlError::Method(_) | UrlError::Path(_) | UrlError::Base64(_) | UrlError::Request(_))) => {
+                tracing::warn!(error = %e, "function URL request refused");
+                let body = crate::job::error_body(&e.to_string(), "invalid_request_error", None, "bad_request");
+                crate::http::json_response(400, body)
+            }
+            Err(e) => return Err(e),
         };
         tracing::info!(status = response.status().as_u16(), mode = ?self.mode, "function URL request answered");
         match self.mode {
@@ -189,14 +200,18 @@ mod tests {
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-    fn event(method: &str, body: Option<&str>, base64: bool) -> Result<LambdaFunctionUrlRequest, serde_json::Error> {
+    fn event_json(method: &str, body: Option<&str>, base64: bool) -> Value {
         let mut e = json!({"rawPath": "/v1/chat/completions", "rawQueryString": "a=1",
             "headers": {"content-type": "application/json"}, "isBase64Encoded": base64,
             "requestContext": {"timeEpoch": 0, "http": {"method": method, "path": "/v1/chat/completions"}}});
         if let Some(b) = body {
             e["body"] = json!(b);
         }
-        serde_json::from_value(e)
+        e
+    }
+
+    fn event(method: &str, body: Option<&str>, base64: bool) -> Result<LambdaFunctionUrlRequest, serde_json::Error> {
+        serde_json::from_value(event_json(method, body, base64))
     }
 
     #[tokio::test]
@@ -208,6 +223,20 @@ mod tests {
         assert_eq!(body.await?, "{\"a\":1}");
         assert!(matches!(http_request(event("POST", Some("not base64!"), true)?), Err(UrlError::Base64(_))));
         assert!(matches!(http_request(event("", None, false)?), Err(UrlError::Method(_))));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_malformed_request_is_answered_400_not_failed() -> TestResult {
+        let routes = UrlRoutes::new(Router::new(), UrlMode::Buffered);
+        let answer = routes.answer(event_json("POST", Some("not base64!"), true)).await?;
+        let FunctionResponse::BufferedResponse(out) = answer else {
+            return Err("expected a buffered answer".into());
+        };
+        assert_eq!(out["statusCode"], 400);
+        let body: Value = serde_json::from_str(out["body"].as_str().ok_or("no body")?)?;
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("base64")), "{body}");
         Ok(())
     }
 
