@@ -31,7 +31,7 @@ use std::sync::OnceLock;
 
 use super::format::{Format, BLOCK};
 use super::q8::Q8Rows;
-use super::tiled::{avx512, record_bytes, Tiled, TILE};
+use super::tiled::{avx512, code_bias, record_bytes, Tiled, TILE};
 
 /// Activation rows per AMX group (the rows of tiles A and C).
 pub const GROUP: usize = 16;
@@ -120,7 +120,7 @@ pub fn matmul_q8(w: &Tiled, acts: &Q8Rows, y: &mut [f32]) {
     let corr: Vec<f32> = match w.format {
         Format::Q4_1 => acts.s.clone(),
         f => {
-            let bias = if f == Format::Q8_0 { 128.0 } else { f.bias() as f32 };
+            let bias = code_bias(f);
             acts.s.iter().map(|&s| -bias * s).collect()
         }
     };
@@ -169,28 +169,37 @@ unsafe fn run(
     unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
     let mut unpacked = if w.format == Format::Q8_0 { Vec::new() } else { vec![0u8; nb * 8 * 64] };
     let (mut d16, mut d4) = ([[0f32; TILE]; GROUP], [[0f32; TILE]; 4]);
+    let mut b_codes: Vec<*const u8> = Vec::with_capacity(nb);
     for t in tiles {
         let rows = TILE.min(n - t * TILE);
+        // `d[r][i]` is activation row r0 + r against weight row 16t + i.
+        let write = |r0: usize, d: &[[f32; TILE]]| {
+            for (r, d) in d.iter().enumerate() {
+                for (i, v) in d[..rows].iter().enumerate() {
+                    // SAFETY: row r0 + r < m, column 16t + i < n: this thread's tile.
+                    unsafe { *out.at((r0 + r) * n + t * TILE + i) = *v };
+                }
+            }
+        };
         // SAFETY: tile t's records are inside `w.data` (asserted above).
         let base = unsafe { w.data.as_ptr().add(t * nb * rec_bytes) };
         // Tile B of block b: Q8_0's codes in place, the others' unpacked once for every group.
-        let b_codes: Vec<*const u8> = (0..nb)
-            .map(|b| {
-                // SAFETY: record b of tile t is inside `w.data`; `unpacked` has 512 bytes per
-                // block; AVX-512 BW is enabled.
-                unsafe {
-                    let rec = base.add(b * rec_bytes);
-                    if w.format == Format::Q8_0 {
-                        return rec.add(32);
-                    }
-                    let dst = unpacked.as_mut_ptr().add(b * 512);
-                    for (g, c) in avx512::codes(w.format, rec).iter().enumerate() {
-                        _mm512_storeu_si512(dst.add(64 * g) as *mut _, *c);
-                    }
-                    dst as *const u8
+        b_codes.clear();
+        b_codes.extend((0..nb).map(|b| {
+            // SAFETY: record b of tile t is inside `w.data`; `unpacked` has 512 bytes per
+            // block; AVX-512 BW is enabled.
+            unsafe {
+                let rec = base.add(b * rec_bytes);
+                if w.format == Format::Q8_0 {
+                    return rec.add(32);
                 }
-            })
-            .collect();
+                let dst = unpacked.as_mut_ptr().add(b * 512);
+                for (g, c) in avx512::codes(w.format, rec).iter().enumerate() {
+                    _mm512_storeu_si512(dst.add(64 * g) as *mut _, *c);
+                }
+                dst as *const u8
+            }
+        }));
         for r0 in (0..m).step_by(GROUP) {
             let valid = GROUP.min(m - r0);
             if valid <= VNNI_ROWS {
@@ -198,12 +207,7 @@ unsafe fn run(
                     let nr = 4.min(m - r1);
                     // SAFETY: the CPU has the VNNI kernel's features (`available` checked them).
                     unsafe { avx512::tile_dots(w, acts, t, r1, nr, &mut d4) };
-                    for (r, d) in d4[..nr].iter().enumerate() {
-                        for (i, v) in d[..rows].iter().enumerate() {
-                            // SAFETY: row r1 + r < m, column 16t + i < n: this thread's tile.
-                            unsafe { *out.at((r1 + r) * n + t * TILE + i) = *v };
-                        }
-                    }
+                    write(r1, &d4[..nr]);
                 }
                 continue;
             }
@@ -216,12 +220,7 @@ unsafe fn run(
                     group::<false>(w, acts, codes, corr, base, &b_codes, r0, valid, &mut d16)
                 }
             };
-            for (r, d) in d16[..valid].iter().enumerate() {
-                for (i, v) in d[..rows].iter().enumerate() {
-                    // SAFETY: row r0 + r < m, column 16t + i < n: this thread's tile.
-                    unsafe { *out.at((r0 + r) * n + t * TILE + i) = *v };
-                }
-            }
+            write(r0, &d16[..valid]);
         }
     }
     // SAFETY: hands the tile state back (context switches save less); no tile is read after.
@@ -324,12 +323,7 @@ unsafe fn group<const FULL: bool>(
                     let isum = _mm512_cvtepi32_ps(_mm512_load_si512(isum.as_ptr() as *const _));
                     let da = _mm512_set1_ps(*acts.d.get_unchecked(i));
                     let corr = _mm512_set1_ps(*corr.get_unchecked(i));
-                    if w.format == Format::Q4_1 {
-                        *acc = _mm512_fmadd_ps(dw, _mm512_mul_ps(isum, da), *acc);
-                        *acc = _mm512_fmadd_ps(mw, corr, *acc);
-                    } else {
-                        *acc = _mm512_fmadd_ps(dw, _mm512_fmadd_ps(isum, da, corr), *acc);
-                    }
+                    *acc = avx512::scale_add(w.format, *acc, isum, dw, mw, da, corr);
                 }
             }
         }

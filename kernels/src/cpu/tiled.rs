@@ -151,11 +151,22 @@ impl Tiled {
     }
 }
 
+/// What the tiled codes are offset by: the format's bias, and Q8_0's +128 (stored unsigned
+/// for `vpdpbusd`); it comes off through the activation block sums.
+pub(crate) const fn code_bias(format: Format) -> f32 {
+    match format {
+        Format::Q4_0 => 8.0,
+        Format::Q5_0 => 16.0,
+        Format::Q8_0 => 128.0,
+        Format::Q4_1 => 0.0,
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub mod avx512 {
     use core::arch::x86_64::*;
 
-    use super::{record_bytes, Tiled, TILE};
+    use super::{code_bias, record_bytes, Tiled, TILE};
     use crate::cpu::format::{Format, BLOCK};
     use crate::cpu::q8::Q8Rows;
 
@@ -250,12 +261,7 @@ pub mod avx512 {
         let nb = w.k / BLOCK;
         let rec_bytes = record_bytes(w.format);
         assert!(acts.k == w.k && acts.rows >= r0 + R && w.data.len() >= (tile + 1) * nb * rec_bytes);
-        let bias = match w.format {
-            Format::Q4_0 => 8.0,
-            Format::Q5_0 => 16.0,
-            Format::Q8_0 => 128.0,
-            Format::Q4_1 => 0.0,
-        };
+        let bias = code_bias(w.format);
         // SAFETY: the record index stays below (tile + 1) * nb, the activation blocks below
         // (r0 + R) * nb (both asserted); AVX-512 F/BW/VNNI, F16C and FMA are enabled where
         // this inlines.
@@ -273,17 +279,37 @@ pub mod avx512 {
                     let isum = _mm512_cvtepi32_ps(isums(&c, acts.qs.as_ptr().add(i * BLOCK)));
                     let da = _mm512_set1_ps(*acts.d.get_unchecked(i));
                     let sa = *acts.s.get_unchecked(i);
-                    if w.format == Format::Q4_1 {
-                        *acc = _mm512_fmadd_ps(dw, _mm512_mul_ps(isum, da), *acc);
-                        *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(sa), *acc);
-                    } else {
-                        let t = _mm512_fmadd_ps(isum, da, _mm512_set1_ps(-bias * sa));
-                        *acc = _mm512_fmadd_ps(dw, t, *acc);
-                    }
+                    let corr = _mm512_set1_ps(if w.format == Format::Q4_1 { sa } else { -bias * sa });
+                    *acc = scale_add(w.format, *acc, isum, dw, mw, da, corr);
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
                 _mm512_storeu_ps(out[r].as_mut_ptr(), *acc);
+            }
+        }
+    }
+
+    /// One block's exact sums `isum` scaled into `acc`: `acc + dw * (isum * da + corr)`, or for
+    /// Q4_1 `acc + dw * (isum * da) + mw * corr`, where `corr` is what the block sum adds
+    /// (`-bias * s`, or Q4_1's `s`). The one definition of this step for the VNNI and AMX
+    /// kernels, which is why their floats agree bit for bit.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn scale_add(
+        format: Format,
+        acc: __m512,
+        isum: __m512,
+        dw: __m512,
+        mw: __m512,
+        da: __m512,
+        corr: __m512,
+    ) -> __m512 {
+        // SAFETY (caller): AVX-512 F and FMA are enabled.
+        unsafe {
+            if format == Format::Q4_1 {
+                _mm512_fmadd_ps(mw, corr, _mm512_fmadd_ps(dw, _mm512_mul_ps(isum, da), acc))
+            } else {
+                _mm512_fmadd_ps(dw, _mm512_fmadd_ps(isum, da, corr), acc)
             }
         }
     }
