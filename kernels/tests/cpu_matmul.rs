@@ -558,3 +558,88 @@ fn k_quant_linear_layer() -> TestResult {
     }
     Ok(())
 }
+
+/// A dense layer over borrowed bytes (a memory map, the download's landing area) is the same
+/// layer as over a tensor of the same values: the same outputs bit for bit and the same
+/// embedding rows; bytes that are not `n * k` aligned values of the dtype are declined.
+#[test]
+fn dense_layer_over_borrowed_bytes_equals_the_tensor_one() -> TestResult {
+    use candle_core::DType;
+    use ember_kernels::cpu::{DenseLinear, SharedBytes};
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for case in 0..12 {
+        let dtype = [DType::F32, DType::F16, DType::BF16][case % 3];
+        let (n, k, m) = (rng.random_range(1..40), rng.random_range(1..200), [1, 3, 4, 17][case % 4]);
+        let w = Tensor::from_vec(random(&mut rng, n * k, 0.2), (n, k), &Device::Cpu)?.to_dtype(dtype)?;
+        let raw: Vec<u8> = match dtype {
+            DType::F32 => w.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F16 => w.flatten_all()?.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            _ => w.flatten_all()?.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        // One byte in front, so the weight's place can be aligned or not.
+        let mut file = vec![0u8; 4];
+        file.extend_from_slice(&raw);
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(file);
+        let x = Tensor::from_vec(random(&mut rng, m * k, 3.0), (1, m, k), &Device::Cpu)?;
+        let ids = Tensor::from_vec(vec![0u32, (n - 1) as u32, (n / 2) as u32], 3, &Device::Cpu)?;
+        for simd in [false, cfg!(target_arch = "x86_64") && DenseLinear::new(&w).is_some()] {
+            let Some(tensor) = DenseLinear::with_simd(&w, simd) else { continue };
+            let bytes = SharedBytes::new(owner.clone(), 4..4 + raw.len()).ok_or("range")?;
+            let borrowed = DenseLinear::from_bytes_with_simd(bytes, dtype, n, k, simd).ok_or("declined")?;
+            assert!(borrowed.is_borrowed());
+            let (a, b) = (tensor.forward(&x)?, borrowed.forward(&x)?);
+            assert_eq!(
+                a.flatten_all()?.to_vec1::<f32>()?,
+                b.flatten_all()?.to_vec1::<f32>()?,
+                "seed {seed} case {case}"
+            );
+            let (ea, eb) = (tensor.embedding(&ids)?, borrowed.embedding(&ids)?);
+            assert_eq!((ea.dims(), ea.dtype()), (eb.dims(), eb.dtype()));
+            let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            assert_eq!(f32s(&ea)?, f32s(&eb)?, "seed {seed} case {case}: embedding");
+            assert!(borrowed.embedding(&Tensor::from_vec(vec![n as u32], 1, &Device::Cpu)?).is_err());
+            if dtype != DType::F32 || k > 1 {
+                let short = SharedBytes::new(owner.clone(), 4..4 + raw.len() - 2).ok_or("range")?;
+                assert!(DenseLinear::from_bytes_with_simd(short, dtype, n, k, simd).is_none(), "a short weight");
+            }
+            let odd = SharedBytes::new(owner.clone(), 3..3 + raw.len()).ok_or("range")?;
+            assert!(DenseLinear::from_bytes_with_simd(odd, dtype, n, k, simd).is_none(), "a misaligned weight");
+        }
+        assert!(SharedBytes::new(owner.clone(), 4..raw.len() + 5).is_none(), "a range past the end");
+    }
+    Ok(())
+}
+
+/// Tiling straight from a file's blocks gives the layer [`QuantLinear::new`] tiles from a
+/// `QTensor` of the same blocks: the same outputs bit for bit. Where this CPU has no
+/// AVX-512 VNNI tiles, both decline to tile and the test says so.
+#[test]
+fn tiling_from_file_blocks_equals_tiling_a_qtensor() -> TestResult {
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let formats = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K];
+    let mut tiled = 0;
+    for (case, dtype) in formats.into_iter().enumerate() {
+        let block = if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) { QK_K } else { BLOCK };
+        let (n, k, m) = (rng.random_range(1..40), block * rng.random_range(1..4), [1, 5, 17][case % 3]);
+        let w = Tensor::from_vec(random(&mut rng, n * k, 1.0), (n, k), &Device::Cpu)?;
+        let q = QTensor::quantize(&w, dtype)?;
+        let blocks = q.data()?.to_vec();
+        let Some(direct) = QuantLinear::tiled_from_blocks(dtype, &blocks, n, k) else {
+            let via = QuantLinear::new(Arc::new(q)).ok();
+            assert!(via.is_none_or(|l| !l.is_tiled()), "{dtype:?}: new tiles where from_blocks declined");
+            continue;
+        };
+        tiled += 1;
+        assert!(direct.is_tiled());
+        let via = QuantLinear::new(Arc::new(q)).map_err(|_| "new declined")?;
+        let x = Tensor::from_vec(random(&mut rng, m * k, 2.0), (1, m, k), &Device::Cpu)?;
+        let (a, b) =
+            (via.forward(&x)?.flatten_all()?.to_vec1::<f32>()?, direct.forward(&x)?.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(a, b, "seed {seed} {dtype:?}");
+        assert!(QuantLinear::tiled_from_blocks(dtype, &blocks[1..], n, k).is_none(), "short blocks");
+    }
+    println!("tiled from file blocks on {tiled} of {} formats (0: no AVX-512 VNNI on this CPU)", formats.len());
+    Ok(())
+}

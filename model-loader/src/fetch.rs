@@ -154,7 +154,7 @@ pub fn fill(job: Fill, mut files: ModelFiles) -> Result<ModelFiles> {
             (Landing::File { map, path }, Some(e)) => {
                 let map = map.make_read_only().map_err(|err| LoadError::io(&path, err))?;
                 e.commit(&obj.name, &path, &obj.etag, Option::clone(digest))?;
-                FileBytes::Mapped(map)
+                FileBytes::Mapped(std::sync::Arc::new(map))
             }
             (landing, _) => landing.into_bytes()?,
         };
@@ -221,10 +221,11 @@ impl Landing {
     fn into_bytes(self) -> Result<FileBytes> {
         match self {
             Self::File { map, path } => {
-                Ok(FileBytes::Mapped(map.make_read_only().map_err(|e| LoadError::io(&path, e))?))
+                Ok(FileBytes::Mapped(std::sync::Arc::new(map.make_read_only().map_err(|e| LoadError::io(&path, e))?)))
             }
             Self::Memory(map) => {
-                Ok(FileBytes::Mapped(map.make_read_only().map_err(|e| LoadError::io("<anonymous memory>", e))?))
+                let map = map.make_read_only().map_err(|e| LoadError::io("<anonymous memory>", e))?;
+                Ok(FileBytes::Mapped(std::sync::Arc::new(map)))
             }
             Self::Empty => Ok(FileBytes::Owned(Vec::new())),
         }
@@ -285,21 +286,24 @@ fn download(
     std::thread::scope(|s| {
         // One core is left to the download itself (its copies, TLS and HTTP parsing): one core
         // of SHA-256 (about 2 GB/s with SHA-NI) keeps up with this machine's loopback download.
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_sub(1).max(1);
-        for _ in 0..threads {
-            let (rx, failed, errors) = (&pool_rx, &failed, &errors);
-            s.spawn(move || loop {
-                let next = rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ()));
-                let Ok(Hash::Chunk { name, index, bytes }) = next else { return };
-                if let (Some(m), false) = (manifest, failed.load(Ordering::Relaxed)) {
-                    if let Err(e) = m.check_chunk(name, index, bytes) {
-                        failed.store(true, Ordering::Relaxed);
-                        if let Ok(mut errs) = errors.lock() {
-                            errs.push(e);
-                        }
+        // Once the last byte has landed that core is free, and hashes the chunks still queued.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = cores.saturating_sub(1).max(1);
+        let (rx, failed_ref, errors_ref) = (&pool_rx, &failed, &errors);
+        let hasher = move || loop {
+            let next = rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ()));
+            let Ok(Hash::Chunk { name, index, bytes }) = next else { return };
+            if let (Some(m), false) = (manifest, failed_ref.load(Ordering::Relaxed)) {
+                if let Err(e) = m.check_chunk(name, index, bytes) {
+                    failed_ref.store(true, Ordering::Relaxed);
+                    if let Ok(mut errs) = errors_ref.lock() {
+                        errs.push(e);
                     }
                 }
-            });
+            }
+        };
+        for _ in 0..threads {
+            s.spawn(hasher);
         }
         // A whole-file hasher per file that has a manifest entry but no chunk digests.
         let mut whole: BTreeMap<usize, mpsc::Sender<&[u8]>> = BTreeMap::new();
@@ -363,6 +367,9 @@ fn download(
         landed_s = started.elapsed().as_secs_f64();
         bar.finish_and_clear();
         drop(pool_tx);
+        for _ in threads..cores {
+            s.spawn(hasher);
+        }
         whole.clear();
         if let Err(e) = result {
             failed.store(true, Ordering::Relaxed);

@@ -10,7 +10,9 @@ use crate::signing::{TrustedKeys, SIGNATURE_FILE};
 /// One file's bytes.
 pub enum FileBytes {
     Owned(Vec<u8>),
-    Mapped(memmap2::Mmap),
+    /// Shared, so the model's weights can keep reading them after the files are dropped
+    /// ([`FileBytes::shared`]).
+    Mapped(std::sync::Arc<memmap2::Mmap>),
 }
 
 impl std::ops::Deref for FileBytes {
@@ -30,7 +32,16 @@ impl FileBytes {
         // replaces files by rename, so a concurrent writer cannot change mapped bytes. When
         // a manifest exists the bytes are also verified before use.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| LoadError::io(path, e))?;
-        Ok(Self::Mapped(map))
+        Ok(Self::Mapped(std::sync::Arc::new(map)))
+    }
+
+    /// The mapping behind these bytes, for a weight that reads them in place (None for bytes
+    /// held in a `Vec`).
+    pub fn shared(&self) -> Option<std::sync::Arc<memmap2::Mmap>> {
+        match self {
+            Self::Owned(_) => None,
+            Self::Mapped(m) => Some(m.clone()),
+        }
     }
 }
 
@@ -50,9 +61,37 @@ pub struct ModelFiles {
     /// One `.gguf` file taken out of a folder: a manifest here is the folder's, so only the
     /// files read from it must match, not every file it lists.
     pub lone_file: bool,
+    /// `tokenizer.json` being parsed on a thread of its own while the weights download (see
+    /// [`ModelFiles::parse_tokenizer_early`]).
+    pub early_tokenizer: std::sync::Mutex<Option<std::thread::JoinHandle<Result<tokenizers::Tokenizer>>>>,
 }
 
 impl ModelFiles {
+    /// Starts parsing `tokenizer.json` (about 2 MB of JSON for Llama-family vocabularies, tens
+    /// of milliseconds of CPU) on a thread of its own, so it is done by the time the weights
+    /// have downloaded instead of after. The parse reads bytes not yet checked against the
+    /// manifest; its result is used only once the load has checked them.
+    pub fn parse_tokenizer_early(&self) {
+        let Some(bytes) = self.get("tokenizer.json").map(<[u8]>::to_vec) else { return };
+        let parsing = std::thread::Builder::new()
+            .name("ember-tokenizer".into())
+            .spawn(move || crate::chat::tokenizer_from_bytes(&bytes));
+        if let (Ok(handle), Ok(mut slot)) = (parsing, self.early_tokenizer.lock()) {
+            *slot = Some(handle);
+        }
+    }
+
+    /// The tokenizer parsed by [`ModelFiles::parse_tokenizer_early`], else parsed now from
+    /// `bytes`.
+    pub fn tokenizer(&self, bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
+        let early = self.early_tokenizer.lock().ok().and_then(|mut slot| slot.take());
+        match early.map(std::thread::JoinHandle::join) {
+            Some(Ok(parsed)) => parsed,
+            Some(Err(_)) => Err(LoadError::BadConfig("the tokenizer parser panicked".into())),
+            None => crate::chat::tokenizer_from_bytes(bytes),
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<&[u8]> {
         self.files.iter().find(|(n, _)| n == name).map(|(_, b)| &**b)
     }

@@ -39,7 +39,7 @@ pub fn dense_kernels_on() -> bool {
     kernels_enabled() && DenseLinear::available()
 }
 
-fn kernels_enabled() -> bool {
+pub(crate) fn kernels_enabled() -> bool {
     match KERNELS.load(Ordering::Relaxed) {
         1 => true,
         2 => false,
@@ -87,6 +87,7 @@ impl Linear {
     pub fn path(&self) -> &'static str {
         match self {
             Linear::Ember(_) => "ember-cpu",
+            Linear::EmberDense(w) if w.is_borrowed() => "ember-cpu-dense-in-place",
             Linear::EmberDense(_) => "ember-cpu-dense",
             Linear::Candle(QMatMul::QTensor(_)) => "candle-quantized",
             Linear::Candle(_) => "candle-dense",

@@ -9,7 +9,7 @@ use tokenizers::Tokenizer;
 use crate::chat::{tokenizer_from_bytes, ChatTemplate, TokenizerConfig};
 use crate::config::{HfConfig, ModelConfig};
 use crate::error::{LoadError, Result};
-use crate::files::{local_files, ModelFiles};
+use crate::files::{local_files, FileBytes, ModelFiles};
 use crate::gguf::{gguf_config, gguf_tokenizer, gguf_tokenizer_config};
 use crate::model::Model;
 use crate::s3::{self, FetchOptions};
@@ -362,11 +362,11 @@ fn assemble(
             let build = || match preloaded {
                 Some(tensors) => build_model(&crate::stream::PreloadedWeights::new(tensors), &cfg, dtype, device),
                 None => {
-                    let shards: Vec<(&str, &[u8])> = files
+                    let shards: Vec<(&str, &FileBytes)> = files
                         .files
                         .iter()
                         .filter(|(n, _)| n.ends_with(".safetensors"))
-                        .map(|(n, b)| (n.as_str(), &**b))
+                        .map(|(n, b)| (n.as_str(), b))
                         .collect();
                     if shards.is_empty() {
                         return Err(LoadError::MissingFile {
@@ -374,10 +374,10 @@ fn assemble(
                             file: "model.safetensors".into(),
                         });
                     }
-                    build_model(&SafetensorsWeights::new(&shards)?, &cfg, dtype, device)
+                    build_model(&SafetensorsWeights::shared(&shards)?, &cfg, dtype, device)
                 }
             };
-            let (model, tokenizer) = beside(|| tokenizer_from_bytes(tokenizer_json), build)?;
+            let (model, tokenizer) = beside(|| files.tokenizer(tokenizer_json), build)?;
             (model, tokenizer, tok_cfg)
         }
     };

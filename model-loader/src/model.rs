@@ -159,19 +159,14 @@ impl Model {
         } else {
             weights
         };
-        let embed = Linear::new(source.matmul("model.embed_tokens.weight", weights, device)?);
+        let embed = source.linear("model.embed_tokens.weight", weights, device)?;
         // A tied head shares the embedding's weight (an `Arc`): the table is held once.
-        let lm_head = if cfg.tie_word_embeddings {
-            embed.clone()
-        } else {
-            Linear::new(source.matmul("lm_head.weight", weights, device)?)
-        };
+        let lm_head =
+            if cfg.tie_word_embeddings { embed.clone() } else { source.linear("lm_head.weight", weights, device)? };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let m = |n: &str| -> Result<Linear> {
-                Ok(Linear::new(source.matmul(&format!("{p}.{n}.weight"), weights, device)?))
-            };
+            let m = |n: &str| -> Result<Linear> { source.linear(&format!("{p}.{n}.weight"), weights, device) };
             layers.push(Layer {
                 input_norm: source.tensor(&format!("{p}.input_layernorm.weight"), act, device)?,
                 q: m("self_attn.q_proj")?,

@@ -304,6 +304,9 @@ pub async fn fetch_listed(
         files.files.push((o.name.clone(), FileBytes::Owned(b.to_vec())));
     }
     let small_s = started.elapsed().as_secs_f64() - list_s;
+    if large.iter().any(|o| o.name.ends_with(".safetensors")) {
+        files.parse_tokenizer_early();
+    }
     let job = crate::fetch::Fill {
         client: client.clone(),
         bucket: bucket.to_string(),

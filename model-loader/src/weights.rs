@@ -10,6 +10,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{LoadError, Result};
+use crate::files::FileBytes;
+use crate::linear::Linear;
+use ember_kernels::cpu::QuantLinear;
 
 /// Where the model's tensors come from.
 pub trait WeightSource {
@@ -17,6 +20,11 @@ pub trait WeightSource {
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     /// A linear layer's weight, kept quantized where the source is.
     fn matmul(&self, name: &str, dtype: DType, device: &Device) -> Result<QMatMul>;
+    /// A linear layer with its kernel picked ([`Linear::new`]); a source whose bytes outlive
+    /// the load may hand them to the layer instead of copying them.
+    fn linear(&self, name: &str, dtype: DType, device: &Device) -> Result<Linear> {
+        Ok(Linear::new(self.matmul(name, dtype, device)?))
+    }
     /// A plain tensor (norm scales, rope factors), converted to `dtype`.
     fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor>;
     /// Whether q/k projection rows are in llama.cpp's order, which pairs rotary dimensions
@@ -71,9 +79,14 @@ pub fn check_tensors(source: &dyn WeightSource, cfg: &ModelConfig) -> Result<()>
     Ok(())
 }
 
+/// The mapping a shard's bytes live in, shared with the layers that read them in place.
+type Owner = std::sync::Arc<memmap2::Mmap>;
+
 /// Safetensors files (one or several shards), read from memory or a memory map.
 pub struct SafetensorsWeights<'a> {
     views: HashMap<String, (String, safetensors::tensor::TensorView<'a>)>,
+    /// Per file, the mapping its bytes are in, when the layers may keep reading it.
+    owners: HashMap<String, Owner>,
 }
 
 impl<'a> SafetensorsWeights<'a> {
@@ -88,7 +101,45 @@ impl<'a> SafetensorsWeights<'a> {
                 views.insert(name, ((*file).to_string(), view));
             }
         }
-        Ok(Self { views })
+        Ok(Self { views, owners: HashMap::new() })
+    }
+
+    /// [`SafetensorsWeights::new`] over fetched files: dense layers that Ember's CPU kernel
+    /// runs in the file's own dtype read their weights where the file is mapped (the local
+    /// tier, a local folder, or the download's landing area) instead of a copy. The weights
+    /// are then held once, and the build does not write the model's bytes a second time.
+    pub fn shared(files: &[(&'a str, &'a FileBytes)]) -> Result<Self> {
+        let plain: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, &***b)).collect();
+        let mut weights = Self::new(&plain)?;
+        for (name, bytes) in files {
+            if let Some(owner) = bytes.shared() {
+                weights.owners.insert((*name).to_string(), owner);
+            }
+        }
+        Ok(weights)
+    }
+
+    /// A dense layer over the file's bytes, where that is possible: on the CPU, with Ember's
+    /// dense kernel, the file's dtype asked for, and the bytes aligned for it.
+    fn borrowed(&self, name: &str, dtype: DType, device: &Device) -> Option<Linear> {
+        let (file, view) = self.views.get(name)?;
+        let owner = self.owners.get(file)?;
+        if !device.is_cpu() || !crate::linear::dense_kernels_on() {
+            return None;
+        }
+        let file_dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            _ => return None,
+        };
+        let [n, k] = view.shape() else { return None };
+        if file_dtype != dtype {
+            return None;
+        }
+        let start = (view.data().as_ptr() as usize).checked_sub(owner.as_ptr() as usize)?;
+        let bytes = ember_kernels::cpu::SharedBytes::new(owner.clone(), start..start + view.data().len())?;
+        ember_kernels::cpu::DenseLinear::from_bytes(bytes, dtype, *n, *k).map(Linear::EmberDense)
     }
 
     fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
@@ -117,6 +168,13 @@ impl WeightSource for SafetensorsWeights<'_> {
 
     fn matmul(&self, name: &str, dtype: DType, device: &Device) -> Result<QMatMul> {
         Ok(QMatMul::Tensor(self.tensor(name, dtype, device)?))
+    }
+
+    fn linear(&self, name: &str, dtype: DType, device: &Device) -> Result<Linear> {
+        match self.borrowed(name, dtype, device) {
+            Some(layer) => Ok(layer),
+            None => Ok(Linear::new(self.matmul(name, dtype, device)?)),
+        }
     }
 
     fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
@@ -191,10 +249,32 @@ impl<'a> GgufWeights<'a> {
     }
 }
 
+impl GgufWeights<'_> {
+    /// A layer tiled from the tensor's blocks where they sit in the file, when Ember's kernels
+    /// tile this format on this CPU (see [`QuantLinear::tiled_from_blocks`]).
+    fn tiled(&self, hf_name: &str) -> Option<QuantLinear> {
+        let info = self.content.tensor_infos.get(&gguf_name(hf_name)?)?;
+        let (n, k) = info.shape.dims2().ok()?;
+        let size = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        let start = usize::try_from(self.content.tensor_data_offset.checked_add(info.offset)?).ok()?;
+        let blocks = self.bytes.get(start..start.checked_add(size)?)?;
+        QuantLinear::tiled_from_blocks(info.ggml_dtype, blocks, n, k)
+    }
+}
+
 impl WeightSource for GgufWeights<'_> {
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         let info = self.content.tensor_infos.get(&gguf_name(name)?)?;
         Some(info.shape.dims().to_vec())
+    }
+
+    fn linear(&self, name: &str, dtype: DType, device: &Device) -> Result<Linear> {
+        if self.dequantize.is_none() && device.is_cpu() && crate::linear::kernels_enabled() {
+            if let Some(layer) = self.tiled(name) {
+                return Ok(Linear::Ember(layer));
+            }
+        }
+        Ok(Linear::new(self.matmul(name, dtype, device)?))
     }
 
     fn matmul(&self, name: &str, dtype: DType, device: &Device) -> Result<QMatMul> {
@@ -220,6 +300,42 @@ impl WeightSource for GgufWeights<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dense weights in a mapped file are read where they are mapped, and keep the mapping
+    /// alive after the files are dropped; the same weights held in a `Vec` (or asked for in
+    /// another dtype) are copied as before. Both multiply alike.
+    #[test]
+    fn mapped_dense_weights_are_read_in_place() -> anyhow::Result<()> {
+        if !crate::linear::dense_kernels_on() {
+            println!("no dense kernel on this CPU: every layer is copied, nothing to check");
+            return Ok(());
+        }
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("model.safetensors");
+        let w = Tensor::arange(0f32, 96.0, &Device::Cpu)?.reshape((8, 12))?.affine(0.01, -0.3)?.to_dtype(DType::F16)?;
+        candle_core::safetensors::save(&HashMap::from([("w".to_string(), w.clone())]), &path)?;
+        let x = Tensor::arange(0f32, 24.0, &Device::Cpu)?.reshape((1, 2, 12))?.affine(0.1, -1.0)?;
+        let mapped = FileBytes::map(&path)?;
+        let layer = {
+            let weights = SafetensorsWeights::shared(&[("model.safetensors", &mapped)])?;
+            assert_eq!(
+                weights.linear("w", DType::F32, &Device::Cpu)?.path(),
+                "ember-cpu-dense",
+                "another dtype: a copy"
+            );
+            weights.linear("w", DType::F16, &Device::Cpu)?
+        };
+        drop(mapped);
+        assert_eq!(layer.path(), "ember-cpu-dense-in-place");
+        let owned = FileBytes::Owned(std::fs::read(&path)?);
+        let copied =
+            SafetensorsWeights::shared(&[("model.safetensors", &owned)])?.linear("w", DType::F16, &Device::Cpu)?;
+        assert_eq!(copied.path(), "ember-cpu-dense");
+        let (a, b) =
+            (layer.forward(&x)?.flatten_all()?.to_vec1::<f32>()?, copied.forward(&x)?.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(a, b);
+        Ok(())
+    }
 
     #[test]
     fn names_map_to_llama_cpp() {

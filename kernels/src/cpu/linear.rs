@@ -138,6 +138,42 @@ impl QuantLinear {
         Ok(out)
     }
 
+    /// The layer [`QuantLinear::new`] would make by tiling, built straight from the weight's
+    /// blocks as a GGUF file holds them (`n` rows of `k` weights): the tiles are the only copy,
+    /// where going through a `QTensor` writes the bytes twice more first. None where `new`
+    /// would not tile (another CPU, another format, `EMBER_CPU_ISA=scalar`, or `blocks` not
+    /// `n * k` weights' worth): the caller then builds the `QTensor`.
+    pub fn tiled_from_blocks(
+        dtype: candle_core::quantized::GgmlDType,
+        blocks: &[u8],
+        n: usize,
+        k: usize,
+    ) -> Option<Self> {
+        let kind = Kind::of(dtype)?;
+        let isa = Isa::detect();
+        #[cfg(target_arch = "x86_64")]
+        let tiles = isa != Isa::Scalar && super::tiled::avx512::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let tiles = false;
+        if !tiles || n == 0 || k == 0 || !k.is_multiple_of(kind.block()) {
+            return None;
+        }
+        let size = n.checked_mul(k)? / dtype.block_size() * dtype.type_size();
+        if blocks.len() != size {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let weight = match kind {
+                Kind::Block(f) => Weight::Tiled(Arc::new(Tiled::new(f, blocks, n, k))),
+                Kind::Super(f) => Weight::KTiled(Arc::new(KTiled::new(f, blocks, n, k))),
+            };
+            Some(Self { weight, kind, n, k, isa })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    }
+
     /// Whether the kernels on `isa` take this tensor.
     pub fn takes(weight: &QTensor, isa: Isa) -> bool {
         let Ok((_, k)) = weight.shape().dims2() else { return false };
@@ -222,15 +258,55 @@ impl QuantLinear {
     }
 }
 
+/// Bytes owned by something else (a memory-mapped file, the download's landing area) and
+/// kept alive by whoever holds this: a weight read where its bytes landed, never copied.
+#[derive(Clone)]
+pub struct SharedBytes {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    range: std::ops::Range<usize>,
+}
+
+impl SharedBytes {
+    /// Bytes `range` of `owner`; None when the range is not inside it.
+    pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: std::ops::Range<usize>) -> Option<Self> {
+        (range.start <= range.end && range.end <= (*owner).as_ref().len()).then_some(Self { owner, range })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &(*self.owner).as_ref()[self.range.clone()]
+    }
+}
+
+impl std::fmt::Debug for SharedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedBytes({:?})", self.range)
+    }
+}
+
+/// Where a [`DenseLinear`] weight lives.
+#[derive(Debug, Clone)]
+enum Dense {
+    Tensor(Tensor),
+    /// Row-major `(n, k)` values of the layer's dtype, checked aligned for it.
+    Bytes(SharedBytes),
+}
+
 /// A linear layer with a dense CPU weight `(n, k)` in f32, f16 or bf16, multiplied in place by
 /// Ember's FMA kernel (x86-64 with AVX2, FMA and F16C only: elsewhere [`DenseLinear::new`]
-/// declines and candle keeps the layer). Holds the weight tensor itself: no copy.
+/// declines and candle keeps the layer). Holds the weight tensor itself, or the bytes it was
+/// loaded from ([`DenseLinear::from_bytes`]): no copy either way.
 #[derive(Debug, Clone)]
 pub struct DenseLinear {
-    weight: Tensor,
+    weight: Dense,
+    dtype: DType,
     n: usize,
     k: usize,
     simd: bool,
+}
+
+/// `bytes` as values of `T`; None when misaligned or not a whole number of values.
+fn values<T: bytemuck::Pod>(bytes: &[u8]) -> Option<&[T]> {
+    bytemuck::try_cast_slice(bytes).ok()
 }
 
 impl DenseLinear {
@@ -259,19 +335,96 @@ impl DenseLinear {
         if !weight.device().is_cpu() || !matches!(weight.dtype(), DType::F32 | DType::F16 | DType::BF16) {
             return None;
         }
-        Some(Self { weight: weight.contiguous().ok()?, n, k, simd })
+        Some(Self { weight: Dense::Tensor(weight.contiguous().ok()?), dtype: weight.dtype(), n, k, simd })
     }
 
-    /// The weight tensor, as given (no copy was made).
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// A layer reading its `(n, k)` weight of `dtype` straight from `bytes` (row-major, as a
+    /// safetensors file holds it): a model loaded from a memory map or the download's landing
+    /// area holds its weights once, where they landed. None where [`DenseLinear::new`] would
+    /// decline, or when the bytes are not `n * k` aligned values of `dtype`.
+    pub fn from_bytes(bytes: SharedBytes, dtype: DType, n: usize, k: usize) -> Option<Self> {
+        if !Self::available() {
+            return None;
+        }
+        Self::from_bytes_with_simd(bytes, dtype, n, k, true)
     }
 
-    /// Rows `ids` of the weight, `(ids..., k)`, as candle's dense embedding.
+    /// [`DenseLinear::from_bytes`] on a chosen kernel, for the tests.
+    pub fn from_bytes_with_simd(bytes: SharedBytes, dtype: DType, n: usize, k: usize, simd: bool) -> Option<Self> {
+        let len = n.checked_mul(k)?;
+        let fits = match dtype {
+            DType::F32 => values::<f32>(bytes.bytes()).map(<[f32]>::len),
+            DType::F16 => values::<f16>(bytes.bytes()).map(<[f16]>::len),
+            DType::BF16 => values::<bf16>(bytes.bytes()).map(<[bf16]>::len),
+            _ => None,
+        };
+        (fits == Some(len)).then_some(Self { weight: Dense::Bytes(bytes), dtype, n, k, simd })
+    }
+
+    /// Whether the weight is read from borrowed bytes ([`DenseLinear::from_bytes`]).
+    pub fn is_borrowed(&self) -> bool {
+        matches!(self.weight, Dense::Bytes(_))
+    }
+
+    /// Runs `f` on the weight's values, whichever dtype and home they have.
+    fn with_weight<R>(&self, f: impl FnOnce(WeightValues<'_>) -> R) -> candle_core::Result<R> {
+        match &self.weight {
+            Dense::Tensor(t) => {
+                let (storage, layout) = t.storage_and_layout();
+                let Some((a, b)) = layout.contiguous_offsets() else {
+                    candle_core::bail!("DenseLinear: weight is not contiguous");
+                };
+                Ok(match &*storage {
+                    Storage::Cpu(CpuStorage::F32(w)) => f(WeightValues::F32(&w[a..b])),
+                    Storage::Cpu(CpuStorage::F16(w)) => f(WeightValues::F16(&w[a..b])),
+                    Storage::Cpu(CpuStorage::BF16(w)) => f(WeightValues::BF16(&w[a..b])),
+                    _ => candle_core::bail!("DenseLinear: weight is not f32/f16/bf16 on the CPU"),
+                })
+            }
+            Dense::Bytes(bytes) => {
+                let b = bytes.bytes();
+                // `from_bytes_with_simd` checked that the bytes cast to `n * k` values.
+                let cast = match self.dtype {
+                    DType::F32 => values(b).map(WeightValues::F32),
+                    DType::F16 => values(b).map(WeightValues::F16),
+                    DType::BF16 => values(b).map(WeightValues::BF16),
+                    _ => None,
+                };
+                match cast {
+                    Some(w) => Ok(f(w)),
+                    None => candle_core::bail!("DenseLinear: weight bytes are not {:?} values", self.dtype),
+                }
+            }
+        }
+    }
+
+    /// Rows `ids` of the weight, `(ids..., k)`, in the weight's dtype, as candle's dense
+    /// embedding.
     pub fn embedding(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let mut dims = ids.dims().to_vec();
         dims.push(self.k);
-        self.weight.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
+        if let Dense::Tensor(t) = &self.weight {
+            return t.index_select(&ids.flatten_all()?, 0)?.reshape(dims);
+        }
+        let ids = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= self.n) {
+            candle_core::bail!("embedding: id {id} is out of range (0..{})", self.n);
+        }
+        let k = self.k;
+        fn gather<T: candle_core::WithDType>(
+            w: &[T],
+            ids: &[u32],
+            k: usize,
+            dims: Vec<usize>,
+        ) -> candle_core::Result<Tensor> {
+            let rows: Vec<T> = ids.iter().flat_map(|&id| &w[id as usize * k..(id as usize + 1) * k]).copied().collect();
+            Tensor::from_vec(rows, dims, &Device::Cpu)
+        }
+        self.with_weight(|w| match w {
+            WeightValues::F32(w) => gather(w, &ids, k, dims),
+            WeightValues::F16(w) => gather(w, &ids, k, dims),
+            WeightValues::BF16(w) => gather(w, &ids, k, dims),
+        })?
     }
 
     /// `x (..., k)` -> `(..., n)` in `x`'s dtype; the sums are f32 whatever the dtypes.
@@ -280,19 +433,20 @@ impl DenseLinear {
         let (dims, x, m) = input_rows(x, self.k, "DenseLinear")?;
         let mut y = vec![0f32; m * self.n];
         let (n, k, simd) = (self.n, self.k, self.simd);
-        with_f32(&x, |x| -> candle_core::Result<()> {
-            let (storage, layout) = self.weight.storage_and_layout();
-            let Some((a, b)) = layout.contiguous_offsets() else {
-                candle_core::bail!("DenseLinear: weight is not contiguous");
-            };
-            match &*storage {
-                Storage::Cpu(CpuStorage::F32(w)) => dense_matmul::<f32>(simd, &w[a..b], n, k, x, m, &mut y),
-                Storage::Cpu(CpuStorage::F16(w)) => dense_matmul::<f16>(simd, &w[a..b], n, k, x, m, &mut y),
-                Storage::Cpu(CpuStorage::BF16(w)) => dense_matmul::<bf16>(simd, &w[a..b], n, k, x, m, &mut y),
-                _ => candle_core::bail!("DenseLinear: weight is not f32/f16/bf16 on the CPU"),
-            }
-            Ok(())
+        with_f32(&x, |x| {
+            self.with_weight(|w| match w {
+                WeightValues::F32(w) => dense_matmul::<f32>(simd, w, n, k, x, m, &mut y),
+                WeightValues::F16(w) => dense_matmul::<f16>(simd, w, n, k, x, m, &mut y),
+                WeightValues::BF16(w) => dense_matmul::<bf16>(simd, w, n, k, x, m, &mut y),
+            })
         })??;
         output(dims, n, y)?.to_dtype(dtype)
     }
+}
+
+/// A dense weight's values.
+enum WeightValues<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
 }

@@ -41,7 +41,7 @@ use std::sync::OnceLock;
 
 pub use format::{Format, BLOCK};
 pub use kquant::{KFormat, KRows, QK_K};
-pub use linear::{DenseLinear, Kind, QuantLinear};
+pub use linear::{DenseLinear, Kind, QuantLinear, SharedBytes};
 pub use q8::Q8Rows;
 
 /// Which code path runs the dot products.

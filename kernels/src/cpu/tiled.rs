@@ -61,27 +61,36 @@ impl Tiled {
                     out[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&blk[2..4]);
                     at = 64;
                 }
-                codes(format, blk, &mut c);
-                if format == Format::Q5_0 {
-                    for g in 0..8 {
-                        for i in 0..4 {
-                            out[at + 4 * r + i] |= (((c[4 * g + i] >> 4) & 1) as u8) << g;
+                match format {
+                    // Codes 4j + i and 16 + 4j + i are the low and high nibbles of file byte
+                    // 4j + i, which is then already the tile's byte: a copy, 4 bytes at a time.
+                    Format::Q4_0 | Format::Q4_1 => {
+                        let qs = &blk[bb - 16..];
+                        for j in 0..4 {
+                            out[at + 64 * j + 4 * r..][..4].copy_from_slice(&qs[4 * j..4 * j + 4]);
                         }
                     }
-                    at += 64;
-                }
-                if format == Format::Q8_0 {
-                    for g in 0..8 {
-                        for i in 0..4 {
-                            out[at + 64 * g + 4 * r + i] = (c[4 * g + i] + 128) as u8;
+                    // Code + 128 as a byte is the code's byte with its top bit flipped.
+                    Format::Q8_0 => {
+                        for g in 0..8 {
+                            for i in 0..4 {
+                                out[at + 64 * g + 4 * r + i] = blk[2 + 4 * g + i] ^ 0x80;
+                            }
                         }
                     }
-                } else {
-                    for j in 0..4 {
-                        for i in 0..4 {
-                            let lo = (c[4 * j + i] & 0x0F) as u8;
-                            let hi = (c[4 * (j + 4) + i] & 0x0F) as u8;
-                            out[at + 64 * j + 4 * r + i] = lo | (hi << 4);
+                    Format::Q5_0 => {
+                        codes(format, blk, &mut c);
+                        for g in 0..8 {
+                            for i in 0..4 {
+                                out[at + 4 * r + i] |= (((c[4 * g + i] >> 4) & 1) as u8) << g;
+                            }
+                        }
+                        for j in 0..4 {
+                            for i in 0..4 {
+                                let lo = (c[4 * j + i] & 0x0F) as u8;
+                                let hi = (c[4 * (j + 4) + i] & 0x0F) as u8;
+                                out[at + 64 + 64 * j + 4 * r + i] = lo | (hi << 4);
+                            }
                         }
                     }
                 }
