@@ -119,7 +119,9 @@ fn check_cuda_device(_ordinal: usize) -> Result<()> {
 /// Weight precision for safetensors models; GGUF models keep their quantization.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DTypeChoice {
-    /// Safetensors: f32 on the CPU, bf16 on CUDA. GGUF: keep the file's quantization.
+    /// Safetensors: bf16 on CUDA; on the CPU the file's dtype where Ember's dense kernel runs
+    /// it (x86-64 with AVX2/FMA/F16C: f16/bf16 weights read in place, f32 activations), else
+    /// f32. GGUF: keep the file's quantization.
     #[default]
     Auto,
     F32,
@@ -374,7 +376,16 @@ fn assemble(
                             file: "model.safetensors".into(),
                         });
                     }
-                    build_model(&SafetensorsWeights::shared(&shards)?, &cfg, dtype, device)
+                    let weights = SafetensorsWeights::shared(&shards)?;
+                    // `auto` on the CPU keeps a half-precision file's dtype where Ember's dense
+                    // kernel runs it: the weights are then read where they landed (no f32
+                    // copy, half the memory), and the arithmetic is the f32 path's, on the
+                    // same values.
+                    let dtype = match (dtype_choice, weights.dtype_of("model.embed_tokens.weight")) {
+                        (DTypeChoice::Auto, Some(file)) if device.is_cpu() && crate::linear::dense_kernels_on() => file,
+                        _ => dtype,
+                    };
+                    build_model(&weights, &cfg, dtype, device)
                 }
             };
             let (model, tokenizer) = beside(|| files.tokenizer(tokenizer_json), build)?;

@@ -119,6 +119,16 @@ impl<'a> SafetensorsWeights<'a> {
         Ok(weights)
     }
 
+    /// The dtype tensor `name` has in its file (None if absent or not a float dtype).
+    pub fn dtype_of(&self, name: &str) -> Option<DType> {
+        match self.views.get(name)?.1.dtype() {
+            safetensors::Dtype::F32 => Some(DType::F32),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+
     /// A dense layer over the file's bytes, where that is possible: on the CPU, with Ember's
     /// dense kernel, the file's dtype asked for, and the bytes aligned for it.
     fn borrowed(&self, name: &str, dtype: DType, device: &Device) -> Option<Linear> {
@@ -127,14 +137,8 @@ impl<'a> SafetensorsWeights<'a> {
         if !device.is_cpu() || !crate::linear::dense_kernels_on() {
             return None;
         }
-        let file_dtype = match view.dtype() {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::BF16 => DType::BF16,
-            _ => return None,
-        };
         let [n, k] = view.shape() else { return None };
-        if file_dtype != dtype {
+        if self.dtype_of(name)? != dtype {
             return None;
         }
         let start = (view.data().as_ptr() as usize).checked_sub(owner.as_ptr() as usize)?;

@@ -13,7 +13,8 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "EMBER_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Weight precision for safetensors models: auto (f32 on CPU, bf16 on CUDA), f32, f16, bf16.
+    /// Weight precision for safetensors models: auto (on CUDA bf16; on the CPU the file's own
+    /// dtype where Ember's dense kernel runs it, read in place, else f32), f32, f16, bf16.
     #[arg(long, env = "EMBER_DTYPE", default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
     pub dtype: String,
     /// Refuse weights that have no ember-manifest.json (SHA-256 of every file) instead of
