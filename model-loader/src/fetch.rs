@@ -61,6 +61,9 @@ pub struct FetchStats {
     pub download_s: f64,
     /// Verification left after the last byte landed.
     pub verify_tail_s: f64,
+    /// GGUF tensors tiled during the download, and the tiling left after the last byte.
+    pub tiled_early: usize,
+    pub tile_tail_s: f64,
     /// Weights taken from the local tier without hashing, and with hashing (changed on disk).
     pub cached_bytes: u64,
     pub rehashed_bytes: u64,
@@ -136,8 +139,8 @@ pub fn fill(job: Fill, mut files: ModelFiles) -> Result<ModelFiles> {
     }
     let t_download = Instant::now();
     let plan: Vec<(&Remote, Option<&FileDigest>)> = to_fetch.iter().map(|(o, d)| (*o, d.as_ref())).collect();
-    let (download_s, tail_s) = match download(&job, &plan, &mut landings, manifest.as_ref()) {
-        Ok(times) => times,
+    let (download_s, tail_s, tiled) = match download(&job, &plan, &mut landings, manifest.as_ref()) {
+        Ok(done) => done,
         Err(e) => {
             for landing in landings {
                 landing.discard();
@@ -148,6 +151,11 @@ pub fn fill(job: Fill, mut files: ModelFiles) -> Result<ModelFiles> {
     stats.downloaded_bytes = to_fetch.iter().map(|(o, _)| o.size).sum();
     stats.download_s = download_s.max(t_download.elapsed().as_secs_f64() - tail_s);
     stats.verify_tail_s = tail_s;
+    stats.tiled_early = tiled.layers.len();
+    stats.tile_tail_s = tiled.tail_s;
+    if let Ok(mut slot) = files.tiled.lock() {
+        *slot = tiled.layers;
+    }
 
     for ((obj, digest), landing) in to_fetch.iter().zip(landings) {
         let bytes = match (landing, entry.as_mut()) {
@@ -246,14 +254,23 @@ enum Hash<'a> {
     Chunk { name: &'a str, index: usize, bytes: &'a [u8] },
 }
 
-/// Downloads every planned file into its landing, verifying on the way. Returns the seconds
-/// until the last byte landed and the verification that ran after it.
+/// GGUF layers tiled during a download.
+#[derive(Default)]
+struct Tiled {
+    layers: std::collections::HashMap<String, ember_kernels::cpu::QuantLinear>,
+    /// Seconds of tiling left after the last byte landed.
+    tail_s: f64,
+}
+
+/// Downloads every planned file into its landing, verifying on the way (and tiling a GGUF
+/// file's tensors, when asked). Returns the seconds until the last byte landed, the
+/// verification that ran after it, and the tiles.
 fn download(
     job: &Fill,
     plan: &[(&Remote, Option<&FileDigest>)],
     landings: &mut [Landing],
     manifest: Option<&Manifest>,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, Tiled)> {
     struct Part<'a> {
         file: usize,
         index: usize,
@@ -280,6 +297,7 @@ fn download(
     let failed = AtomicBool::new(false);
     let errors: Mutex<Vec<LoadError>> = Mutex::new(Vec::new());
     let mut landed_s = 0.0;
+    let mut tiled = Tiled::default();
     // The chunk pool's queue: one thread per core takes from it.
     let (pool_tx, pool_rx) = mpsc::channel::<Hash<'_>>();
     let pool_rx = Mutex::new(pool_rx);
@@ -332,6 +350,24 @@ fn download(
                 }
             });
         }
+        // The GGUF file to tile as it lands (the first, when asked): its parts go to a thread
+        // of their own, which takes them in file order.
+        let tile_file = plan.iter().position(|(o, _)| job.opts.tile_gguf && o.name.ends_with(".gguf"));
+        let (tile_tx, tile_rx) = mpsc::channel::<(usize, &[u8])>();
+        let tiler = tile_file.map(|_| {
+            s.spawn(move || {
+                let mut tiler = crate::prebuild::GgufTiler::default();
+                let (mut next, mut held) = (0usize, BTreeMap::new());
+                for (index, bytes) in tile_rx {
+                    held.insert(index, bytes);
+                    while let Some(b) = held.remove(&next) {
+                        tiler.feed(b);
+                        next += 1;
+                    }
+                }
+                (tiler.finish(), Instant::now())
+            })
+        });
         // The parts of whole-hashed files wait here until they are next in file order.
         let mut waiting: BTreeMap<usize, (usize, BTreeMap<usize, &[u8]>)> = BTreeMap::new();
         let client = &job.client;
@@ -350,6 +386,9 @@ fn download(
                 }
                 let (file, index, bytes) = landed?;
                 bar.inc(bytes.len() as u64);
+                if tile_file == Some(file) {
+                    let _ = tile_tx.send((index, bytes));
+                }
                 if chunked[file] {
                     let name = plan[file].0.name.as_str();
                     let _ = pool_tx.send(Hash::Chunk { name, index, bytes });
@@ -371,6 +410,11 @@ fn download(
             s.spawn(hasher);
         }
         whole.clear();
+        drop(tile_tx);
+        if let Some(Ok((layers, done))) = tiler.map(|t| t.join()) {
+            let tail_s = done.saturating_duration_since(started).as_secs_f64() - landed_s;
+            tiled = Tiled { layers, tail_s: tail_s.max(0.0) };
+        }
         if let Err(e) = result {
             failed.store(true, Ordering::Relaxed);
             if let Ok(mut errs) = errors.lock() {
@@ -387,6 +431,6 @@ fn download(
     });
     match errors.into_iter().next() {
         Some(e) => Err(e),
-        None => Ok((landed_s, tail_s)),
+        None => Ok((landed_s, tail_s, tiled)),
     }
 }

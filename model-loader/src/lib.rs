@@ -23,6 +23,7 @@ pub mod linear;
 pub mod loader;
 pub mod manifest;
 pub mod model;
+pub mod prebuild;
 pub mod progress;
 pub mod quantize;
 pub mod s3;

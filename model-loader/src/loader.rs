@@ -283,9 +283,16 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
         }
     }
     let mut files = match (reference, listed) {
-        (ModelRef::S3 { bucket, prefix }, Some(listed)) => {
+        (ModelRef::S3 { bucket, prefix }, listed) => {
             let sdk = opts.aws_config()?;
-            s3::fetch_listed(&s3::client(sdk), bucket, prefix, &opts.fetch, Some(listed)).await?
+            // Quantized layers are tiled as the GGUF lands where the CPU kernels will run them
+            // (`EMBER_TILE_DURING_DOWNLOAD=0` leaves them to the build, to compare).
+            let tile_gguf = device.is_cpu()
+                && opts.dtype == DTypeChoice::Auto
+                && crate::linear::kernels_enabled()
+                && std::env::var("EMBER_TILE_DURING_DOWNLOAD").map_or(true, |v| v != "0");
+            let fetch = FetchOptions { tile_gguf, ..opts.fetch.clone() };
+            s3::fetch_listed(&s3::client(sdk), bucket, prefix, &fetch, listed).await?
         }
         _ => fetch_files(reference, opts).await?,
     };
@@ -341,7 +348,9 @@ fn assemble(
     let (model, tokenizer, tok_cfg) = match gguf {
         Some(gguf_name) => {
             let dequantize = (dtype_choice != DTypeChoice::Auto).then_some(dtype);
-            let weights = GgufWeights::new(&gguf_name, files.require(&gguf_name)?)?.with_dequantize(dequantize);
+            let tiled = files.tiled.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+            let weights =
+                GgufWeights::new(&gguf_name, files.require(&gguf_name)?)?.with_dequantize(dequantize).with_tiled(tiled);
             let cfg = gguf_config(&weights.content)?;
             let tok_cfg = match files.get("tokenizer_config.json") {
                 Some(b) => TokenizerConfig::from_json(&String::from_utf8_lossy(b))?,

@@ -25,11 +25,21 @@ pub struct FetchOptions {
     pub cache_max_bytes: Option<u64>,
     /// Draw a progress bar on a terminal.
     pub progress: bool,
+    /// Tile a GGUF file's quantized tensors for Ember's CPU kernels while it downloads
+    /// ([`crate::prebuild`]): set by the loader when the model will run them.
+    pub tile_gguf: bool,
 }
 
 impl Default for FetchOptions {
     fn default() -> Self {
-        Self { part_size: 16 << 20, concurrency: 8, cache_dir: None, cache_max_bytes: None, progress: true }
+        Self {
+            part_size: 16 << 20,
+            concurrency: 8,
+            cache_dir: None,
+            cache_max_bytes: None,
+            progress: true,
+            tile_gguf: false,
+        }
     }
 }
 

@@ -226,13 +226,22 @@ pub struct GgufWeights<'a> {
     file: String,
     /// Dequantize linear layers to this dtype at load instead of keeping them quantized.
     dequantize: Option<DType>,
+    /// Layers tiled while the file downloaded ([`crate::prebuild`]), by GGUF name: each is
+    /// taken by the first layer that asks for it.
+    tiled_early: std::sync::Mutex<HashMap<String, QuantLinear>>,
 }
 
 impl<'a> GgufWeights<'a> {
     pub fn new(file: &str, bytes: &'a [u8]) -> Result<Self> {
         let content = gguf_file::Content::read(&mut Cursor::new(bytes))
             .map_err(|e| LoadError::BadWeights { file: file.to_string(), message: e.to_string() })?;
-        Ok(Self { content, bytes, file: file.to_string(), dequantize: None })
+        Ok(Self { content, bytes, file: file.to_string(), dequantize: None, tiled_early: Default::default() })
+    }
+
+    /// Layers already tiled from this file's bytes (by GGUF tensor name), used instead of
+    /// tiling them again.
+    pub fn with_tiled(self, layers: HashMap<String, QuantLinear>) -> Self {
+        Self { tiled_early: std::sync::Mutex::new(layers), ..self }
     }
 
     /// Dequantize every weight to `dtype` at load (None keeps the file's quantization).
@@ -274,7 +283,8 @@ impl WeightSource for GgufWeights<'_> {
 
     fn linear(&self, name: &str, dtype: DType, device: &Device) -> Result<Linear> {
         if self.dequantize.is_none() && device.is_cpu() && crate::linear::kernels_enabled() {
-            if let Some(layer) = self.tiled(name) {
+            let early = gguf_name(name).and_then(|g| self.tiled_early.lock().ok()?.remove(&g));
+            if let Some(layer) = early.or_else(|| self.tiled(name)) {
                 return Ok(Linear::Ember(layer));
             }
         }

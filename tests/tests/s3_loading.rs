@@ -136,3 +136,52 @@ async fn weights_streamed_to_the_device_answer_the_same_and_are_verified() -> an
     assert!(matches!(&err, Some(LoadError::ChecksumMismatch { file, .. }) if file == "model.safetensors"), "{err:?}");
     Ok(())
 }
+
+/// A GGUF model from S3 on the CPU has its quantized layers tiled for Ember's kernels while
+/// the file downloads (in 16 MiB chunks, which the token table straddles), and answers exactly as
+/// the same file loaded from disk; a flipped byte still refuses the load, tiles or not.
+#[tokio::test(flavor = "multi_thread")]
+async fn gguf_tiled_while_downloading_answers_as_from_disk() -> anyhow::Result<()> {
+    let moto = MotoServer::start()?;
+    let aws = moto.aws_config().await;
+    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
+    s3.create_bucket().bucket("weights").send().await?;
+    let dir = tempfile::tempdir()?;
+    std::fs::copy(ember_tests::smollm_gguf()?, dir.path().join("model.gguf"))?;
+    ember_model_loader::manifest::Manifest::write_for_dir(dir.path())?;
+    upload_dir(&s3, "weights", "q4", dir.path()).await?;
+    let opts = LoadOptions {
+        aws: Some(aws.clone()),
+        fetch: FetchOptions { progress: false, ..Default::default() },
+        ..Default::default()
+    };
+    let reference: ModelRef = "s3://weights/q4".parse()?;
+    let loaded = load(&reference, &opts).await?;
+    assert!(loaded.verified);
+    let tiled = loaded.timings.fetch.tiled_early;
+    if ember_kernels::cpu::QuantLinear::tiled_from_blocks(
+        candle_core::quantized::GgmlDType::Q8_0,
+        &[0; 34 * 16],
+        16,
+        32,
+    )
+    .is_some()
+    {
+        // SmolLM2: 30 layers of 7 matrices, and the token table the head shares.
+        assert_eq!(tiled, 30 * 7 + 1, "layers tiled during the download");
+    } else {
+        println!("no tiled kernels on this CPU: nothing tiled during the download ({tiled})");
+    }
+    let from_s3 = answer(&Engine::new(loaded))?;
+    let local = LoadOptions::default();
+    let from_disk = answer(&Engine::new(load(&ModelRef::Local(dir.path().join("model.gguf")), &local).await?))?;
+    assert_eq!(from_s3, from_disk);
+
+    let mut bytes = std::fs::read(dir.path().join("model.gguf"))?;
+    let at = bytes.len() * 3 / 4;
+    bytes[at] ^= 0x01;
+    s3.put_object().bucket("weights").key("q4/model.gguf").body(ByteStream::from(bytes)).send().await?;
+    let err = load(&reference, &opts).await.err();
+    assert!(matches!(&err, Some(LoadError::ChunkMismatch { file, .. }) if file == "model.gguf"), "{err:?}");
+    Ok(())
+}

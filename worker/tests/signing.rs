@@ -246,6 +246,7 @@ async fn s3_models_are_refused_unsigned_untrusted_or_altered_before_their_weight
                 cache_dir: Some(cache.path().to_path_buf()),
                 cache_max_bytes: None,
                 progress: false,
+                ..Default::default()
             },
             ..trusting(keys)?
         })

@@ -168,6 +168,8 @@ impl FetchArgs {
                 in_lambda().then(|| fs_size(std::path::Path::new("/tmp")).map(|b| b / 10 * 9)).flatten()
             }),
             progress: !self.no_progress,
+            // The loader decides: it knows where the model runs.
+            tile_gguf: false,
         }
     }
 }

@@ -1,0 +1,187 @@
+//! GGUF weights tiled while the file still downloads.
+//!
+//! Ember's CPU kernels read quantized weights in their own tiled layout
+//! ([`ember_kernels::cpu::QuantLinear::tiled_from_blocks`]); building it is the largest part of
+//! a GGUF model's build (a pass over every weight byte, writing as many). [`GgufTiler`] is
+//! fed the file's bytes in order as they land, parses the header from the first of them, and
+//! tiles each tensor as soon as its last byte is in, so the build after the download only has
+//! the last tensors left. A tensor within one piece is tiled from it directly; one that spans
+//! pieces is gathered first (one copy of that tensor).
+//!
+//! The bytes are not yet verified when they are tiled: the tiles are used only if the whole
+//! download then passes its checks, as the fetch fails otherwise.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+
+use candle_core::quantized::{gguf_file, GgmlDType};
+use ember_kernels::cpu::QuantLinear;
+
+/// The most header bytes held while waiting for the header to parse; beyond that the file's
+/// tensors are left to the build (the header is metadata and tensor names, megabytes at most).
+const MAX_HEADER: usize = 64 << 20;
+
+/// One tensor to tile: its GGUF name, format, shape `(n, k)` and bytes in the file.
+struct Planned {
+    name: String,
+    dtype: GgmlDType,
+    n: usize,
+    k: usize,
+    start: u64,
+    len: u64,
+}
+
+/// Tiles a GGUF file's tensors from its bytes, fed in file order.
+#[derive(Default)]
+pub struct GgufTiler {
+    /// The file's first bytes, until the header parses.
+    header: Vec<u8>,
+    /// Tensors to tile, in file order (None until the header is in).
+    plan: Option<Vec<Planned>>,
+    next: usize,
+    /// The bytes so far of tensor `next`, when it spans pieces.
+    carry: Vec<u8>,
+    /// Bytes of the file fed so far.
+    pos: u64,
+    /// The header never parsed: nothing is tiled here.
+    gave_up: bool,
+    built: HashMap<String, QuantLinear>,
+}
+
+impl GgufTiler {
+    /// The next `bytes` of the file.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        let at = self.pos;
+        self.pos += bytes.len() as u64;
+        if self.gave_up {
+            return;
+        }
+        if self.plan.is_some() {
+            self.route(at, bytes);
+            return;
+        }
+        self.header.extend_from_slice(bytes);
+        match gguf_file::Content::read(&mut Cursor::new(&self.header)) {
+            Ok(content) => {
+                self.plan = Some(plan(&content));
+                let seen = std::mem::take(&mut self.header);
+                self.route(0, &seen);
+            }
+            Err(_) if self.header.len() < MAX_HEADER => {}
+            Err(_) => {
+                self.gave_up = true;
+                self.header = Vec::new();
+            }
+        }
+    }
+
+    /// The layers tiled so far, by GGUF tensor name.
+    pub fn finish(self) -> HashMap<String, QuantLinear> {
+        self.built
+    }
+
+    fn route(&mut self, at: u64, bytes: &[u8]) {
+        let end = at + bytes.len() as u64;
+        let Some(plan) = &self.plan else { return };
+        while let Some(t) = plan.get(self.next) {
+            if t.start >= end {
+                break;
+            }
+            let t_end = t.start + t.len;
+            let (from, to) = (t.start.max(at), t_end.min(end));
+            let piece = &bytes[(from - at) as usize..(to - at) as usize];
+            let whole = from == t.start && to == t_end;
+            let layer = if whole && self.carry.is_empty() {
+                QuantLinear::tiled_from_blocks(t.dtype, piece, t.n, t.k)
+            } else {
+                self.carry.extend_from_slice(piece);
+                if to < t_end {
+                    break;
+                }
+                let layer = QuantLinear::tiled_from_blocks(t.dtype, &self.carry, t.n, t.k);
+                self.carry = Vec::new();
+                layer
+            };
+            if let Some(layer) = layer {
+                self.built.insert(t.name.clone(), layer);
+            }
+            self.next += 1;
+        }
+    }
+}
+
+/// The header's tensors that the kernels tile, in file order.
+fn plan(content: &gguf_file::Content) -> Vec<Planned> {
+    let mut plan: Vec<Planned> = content
+        .tensor_infos
+        .iter()
+        .filter(|(_, info)| {
+            use GgmlDType::*;
+            matches!(info.ggml_dtype, Q4_0 | Q4_1 | Q5_0 | Q8_0 | Q4K | Q5K | Q6K)
+        })
+        .filter_map(|(name, info)| {
+            let (n, k) = info.shape.dims2().ok()?;
+            let len = (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
+            let start = content.tensor_data_offset.checked_add(info.offset)?;
+            Some(Planned { name: name.clone(), dtype: info.ggml_dtype, n, k, start, len })
+        })
+        .collect();
+    plan.sort_by_key(|t| t.start);
+    // Overlapping tensors (a malformed file) are left to the build, which reads each one alone.
+    let mut end = 0;
+    plan.retain(|t| {
+        let ok = t.start >= end;
+        end = end.max(t.start + t.len);
+        ok
+    });
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    /// A small GGUF file of two quantized tensors and a norm, fed in pieces of every size
+    /// from 1 byte up: every quantized tensor comes out tiled, equal to tiling it whole.
+    #[test]
+    fn tiles_equal_the_whole_file_s_whatever_the_pieces() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::arange(0f32, 64.0 * 32.0, &dev)?.reshape((32, 64))?.affine(0.001, -1.0)?;
+        let b = Tensor::arange(0f32, 32.0 * 64.0, &dev)?.reshape((64, 32))?.affine(-0.002, 1.5)?;
+        let qa = QTensor::quantize(&a, GgmlDType::Q4_1)?;
+        let qb = QTensor::quantize(&b, GgmlDType::Q8_0)?;
+        let norm = QTensor::quantize(&Tensor::ones(32, candle_core::DType::F32, &dev)?, GgmlDType::F32)?;
+        let mut file = Cursor::new(Vec::new());
+        let tensors = [("a.weight", &qa), ("norm.weight", &norm), ("b.weight", &qb)];
+        gguf_file::write(&mut file, &[], &tensors)?;
+        let file = file.into_inner();
+        let whole = {
+            let mut t = GgufTiler::default();
+            t.feed(&file);
+            t.finish()
+        };
+        if whole.is_empty() {
+            println!("no tiled kernels on this CPU: nothing is tiled, nothing to compare");
+            return Ok(());
+        }
+        assert_eq!(whole.len(), 2, "the two quantized tensors, not the norm");
+        let x = Tensor::arange(0f32, 64.0, &dev)?.reshape((1, 1, 64))?.affine(0.01, 0.0)?;
+        let want = whole["a.weight"].forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        for piece in [1, 7, 100, 1000, file.len() / 2] {
+            let mut t = GgufTiler::default();
+            for bytes in file.chunks(piece) {
+                t.feed(bytes);
+            }
+            let built = t.finish();
+            assert_eq!(built.len(), 2, "pieces of {piece} bytes");
+            assert_eq!(built["a.weight"].forward(&x)?.flatten_all()?.to_vec1::<f32>()?, want, "pieces of {piece}");
+        }
+        // A file cut short tiles what arrived whole and nothing else.
+        let mut t = GgufTiler::default();
+        t.feed(&file[..file.len() - 10]);
+        assert!(!t.finish().contains_key("b.weight"));
+        Ok(())
+    }
+}
