@@ -170,6 +170,7 @@ pub fn fill(job: Fill, mut files: ModelFiles) -> Result<ModelFiles> {
     }
     files.files.sort_by(|a, b| a.0.cmp(&b.0));
     files.verified = Some(manifest.is_some());
+    files.tier_dir = entry.as_ref().map(|e| e.dir().to_path_buf());
     files.pin = entry.map(|e| e.pin()).transpose()?;
     files.stats = stats;
     Ok(files)

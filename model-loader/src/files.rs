@@ -64,6 +64,8 @@ pub struct ModelFiles {
     /// `tokenizer.json` being parsed on a thread of its own while the weights download (see
     /// [`ModelFiles::parse_tokenizer_early`]).
     pub early_tokenizer: std::sync::Mutex<Option<std::thread::JoinHandle<Result<tokenizers::Tokenizer>>>>,
+    /// The local tier's folder for this model, when the weights files are its verified copies.
+    pub tier_dir: Option<std::path::PathBuf>,
     /// GGUF layers tiled while the file downloaded ([`crate::prebuild`]), by GGUF tensor name.
     pub tiled: std::sync::Mutex<std::collections::HashMap<String, ember_kernels::cpu::QuantLinear>>,
 }

@@ -31,6 +31,7 @@ pub mod signing;
 pub mod staging;
 pub mod stream;
 pub mod tier;
+pub mod tiles;
 pub mod weights;
 
 pub use chat::{ChatTemplate, Message};

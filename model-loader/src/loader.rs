@@ -1,5 +1,6 @@
 //! From a model reference to a built model: resolve, fetch, verify, parse, check, build.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -209,6 +210,9 @@ pub struct LoadTimings {
     pub build_s: f64,
     /// The fetch, stage by stage, with bytes (zero for local models).
     pub fetch: crate::fetch::FetchStats,
+    /// Quantized layers whose tiles were mapped from the local tier instead of made
+    /// ([`crate::tiles`]).
+    pub tiles_from_cache: usize,
 }
 
 /// A model ready to generate with.
@@ -221,6 +225,8 @@ pub struct LoadedModel {
     pub timings: LoadTimings,
     /// Keeps the local tier's copy from eviction while the model is loaded.
     pub cache_pin: Option<crate::tier::Pin>,
+    /// Writes the tiles made by this load into the local tier, for the next start.
+    tiles_writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl LoadedModel {
@@ -309,6 +315,9 @@ pub async fn load(reference: &ModelRef, opts: &LoadOptions) -> Result<LoadedMode
         .await
         .map_err(|e| LoadError::BadConfig(format!("model build task failed: {e}")))??;
     loaded.cache_pin = cache_pin;
+    if let (Some(pin), Some(writer)) = (loaded.cache_pin.as_mut(), loaded.tiles_writer.take()) {
+        pin.finish_before_release(writer);
+    }
     Ok(loaded)
 }
 
@@ -345,10 +354,22 @@ fn assemble(
     let streamed = preloaded.is_some();
     let t2 = Instant::now();
     let gguf = files.names().find(|n| n.ends_with(".gguf")).map(str::to_string);
+    let (mut tiles_writer, mut tiled_from_tier) = (None, 0);
     let (model, tokenizer, tok_cfg) = match gguf {
         Some(gguf_name) => {
             let dequantize = (dtype_choice != DTypeChoice::Auto).then_some(dtype);
-            let tiled = files.tiled.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+            let mut tiled = files.tiled.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+            // The local tier's copy, with its stamp now: tiles kept beside it by an earlier start
+            // are used if they were made from this very copy (see `crate::tiles`).
+            let cached = files
+                .tier_dir
+                .as_ref()
+                .map(|d| d.join(&gguf_name))
+                .and_then(|p| Some((crate::tier::Stamp::of(&std::fs::metadata(&p).ok()?), p)))
+                .filter(|_| dequantize.is_none() && device.is_cpu() && crate::linear::kernels_enabled());
+            let kept = cached.as_ref().and_then(|(stamp, path)| crate::tiles::read(path, *stamp));
+            let reused = kept.as_ref().map_or(0, HashMap::len);
+            tiled.extend(kept.unwrap_or_default());
             let weights =
                 GgufWeights::new(&gguf_name, files.require(&gguf_name)?)?.with_dequantize(dequantize).with_tiled(tiled);
             let cfg = gguf_config(&weights.content)?;
@@ -361,6 +382,18 @@ fn assemble(
                 None => gguf_tokenizer(&weights.content),
             };
             let (model, tokenizer) = beside(tokenizer, || build_model(&weights, &cfg, dtype, device))?;
+            // Tiles made now are kept for the next start, written after the load (the folder
+            // stays pinned until they are).
+            if let (Some((stamp, path)), 0) = (cached, reused) {
+                let layers = weights.tiled_layers();
+                if !layers.is_empty() {
+                    tiles_writer = std::thread::Builder::new()
+                        .name("ember-keep-tiles".into())
+                        .spawn(move || crate::tiles::write(&path, stamp, &layers))
+                        .ok();
+                }
+            }
+            tiled_from_tier = reused;
             (model, tokenizer, tok_cfg)
         }
         None => {
@@ -407,6 +440,7 @@ fn assemble(
         verify_s: verify_s.as_secs_f64(),
         build_s: t2.elapsed().as_secs_f64(),
         fetch: files.stats.clone(),
+        tiles_from_cache: tiled_from_tier,
     };
     tracing::info!(
         model = %name,
@@ -415,11 +449,12 @@ fn assemble(
         fetch_s = timings.fetch_s,
         verify_s = timings.verify_s,
         build_s = timings.build_s,
+        tiles_from_cache = tiled_from_tier,
         downloaded_bytes = timings.fetch.downloaded_bytes,
         cached_bytes = timings.fetch.cached_bytes,
         "model loaded"
     );
-    Ok(LoadedModel { name, model, tokenizer, chat_template, verified, timings, cache_pin: None })
+    Ok(LoadedModel { name, model, tokenizer, chat_template, verified, timings, cache_pin: None, tiles_writer })
 }
 
 /// Builds the model here while the tokenizer is parsed on a second thread: parsing a

@@ -17,6 +17,10 @@
 //!   process that uses a model holds a shared lock for as long as the model is loaded
 //!   ([`Pin`]). Files are written under a temporary name and renamed, and `entry.json` is
 //!   replaced by rename, so a crash leaves either the old state or the new one.
+//! - **Tiles beside a GGUF file.** A start that tiled a cached GGUF file for the CPU kernels
+//!   keeps the tiles beside it ([`crate::tiles`]: `<file>.tiles`, trusted by the same stamps),
+//!   so the next start maps them too. They take about the file's size again, and count
+//!   toward the limit.
 //! - **Size limit.** Before a fill, least recently used models are deleted until the new files
 //!   fit; a model whose lock another process holds (in use, or being filled) is never deleted.
 
@@ -101,6 +105,24 @@ pub struct Entry {
 #[derive(Debug)]
 pub struct Pin {
     _lock: File,
+    /// Work that writes into the model's folder after the load (the tiles kept for the next
+    /// start, [`crate::tiles`]): finished before the lock is let go.
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pin {
+    /// Holds `writer` until it is done, and the model's folder until then.
+    pub fn finish_before_release(&mut self, writer: std::thread::JoinHandle<()>) {
+        self.writer = Some(writer);
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
@@ -245,10 +267,16 @@ impl Entry {
         Ok(target)
     }
 
-    /// Forgets (and deletes) the cached copy of `name`.
+    /// Forgets (and deletes) the cached copy of `name`, and anything kept beside it.
     pub fn drop_file(&mut self, name: &str) {
         self.record.files.remove(name);
+        crate::tiles::remove(&self.path(name));
         let _ = std::fs::remove_file(self.path(name));
+    }
+
+    /// The model's folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Writes `entry.json` (by rename) and turns the exclusive lock into the shared one the
@@ -261,6 +289,6 @@ impl Entry {
         std::fs::write(&tmp, text).map_err(|e| LoadError::io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| LoadError::io(&path, e))?;
         flock(&self.lock, libc::LOCK_SH).map_err(|e| LoadError::io(&self.dir, e))?;
-        Ok(Pin { _lock: self.lock })
+        Ok(Pin { _lock: self.lock, writer: None })
     }
 }

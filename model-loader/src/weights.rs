@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io::Cursor;
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
@@ -229,13 +229,27 @@ pub struct GgufWeights<'a> {
     /// Layers tiled while the file downloaded ([`crate::prebuild`]), by GGUF name: each is
     /// taken by the first layer that asks for it.
     tiled_early: std::sync::Mutex<HashMap<String, QuantLinear>>,
+    /// Every tiled layer handed out (GGUF name, format, layer), to keep for a later start.
+    handed_out: std::sync::Mutex<Vec<(String, GgmlDType, QuantLinear)>>,
 }
 
 impl<'a> GgufWeights<'a> {
     pub fn new(file: &str, bytes: &'a [u8]) -> Result<Self> {
         let content = gguf_file::Content::read(&mut Cursor::new(bytes))
             .map_err(|e| LoadError::BadWeights { file: file.to_string(), message: e.to_string() })?;
-        Ok(Self { content, bytes, file: file.to_string(), dequantize: None, tiled_early: Default::default() })
+        Ok(Self {
+            content,
+            bytes,
+            file: file.to_string(),
+            dequantize: None,
+            tiled_early: Default::default(),
+            handed_out: Default::default(),
+        })
+    }
+
+    /// The tiled layers this source handed out: GGUF name, format, layer.
+    pub fn tiled_layers(&self) -> Vec<(String, GgmlDType, QuantLinear)> {
+        self.handed_out.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
     /// Layers already tiled from this file's bytes (by GGUF tensor name), used instead of
@@ -285,6 +299,10 @@ impl WeightSource for GgufWeights<'_> {
         if self.dequantize.is_none() && device.is_cpu() && crate::linear::kernels_enabled() {
             let early = gguf_name(name).and_then(|g| self.tiled_early.lock().ok()?.remove(&g));
             if let Some(layer) = early.or_else(|| self.tiled(name)) {
+                let info = gguf_name(name).and_then(|g| Some((self.content.tensor_infos.get(&g)?.ggml_dtype, g)));
+                if let (Some((dtype, g)), Ok(mut kept)) = (info, self.handed_out.lock()) {
+                    kept.push((g, dtype, layer.clone()));
+                }
                 return Ok(Linear::Ember(layer));
             }
         }

@@ -177,6 +177,21 @@ async fn gguf_tiled_while_downloading_answers_as_from_disk() -> anyhow::Result<(
     let from_disk = answer(&Engine::new(load(&ModelRef::Local(dir.path().join("model.gguf")), &local).await?))?;
     assert_eq!(from_s3, from_disk);
 
+    // With the local tier: the first start keeps its tiles there, the next maps them (no
+    // tiling) and answers the same.
+    let cache = tempfile::tempdir()?;
+    let cached = LoadOptions {
+        fetch: FetchOptions { cache_dir: Some(cache.path().into()), ..opts.fetch.clone() },
+        ..opts.clone()
+    };
+    let first = load(&reference, &cached).await?;
+    assert_eq!(first.timings.tiles_from_cache, 0);
+    drop(first); // its tiles are written by the time its hold on the folder is let go
+    let warm = load(&reference, &cached).await?;
+    assert_eq!(warm.timings.fetch.downloaded_bytes, 0);
+    assert_eq!(warm.timings.tiles_from_cache, tiled, "every layer tiled during the download is kept");
+    assert_eq!(answer(&Engine::new(warm))?, from_disk);
+
     let mut bytes = std::fs::read(dir.path().join("model.gguf"))?;
     let at = bytes.len() * 3 / 4;
     bytes[at] ^= 0x01;

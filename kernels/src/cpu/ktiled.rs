@@ -28,7 +28,7 @@ pub struct KTiled {
     pub format: KFormat,
     pub n: usize,
     pub k: usize,
-    data: Vec<u8>,
+    data: super::TileBytes,
 }
 
 /// Bytes before the first sub-block in a record.
@@ -107,7 +107,24 @@ impl KTiled {
                 }
             }
         }
-        KTiled { format, n, k, data }
+        KTiled { format, n, k, data: super::TileBytes::Owned(data) }
+    }
+
+    /// Tiles made before (by [`KTiled::new`] on an earlier start, then kept), read in place;
+    /// None when `bytes` is not the size `n` rows of `k` weights tile to.
+    pub fn from_shared(format: KFormat, bytes: super::SharedBytes, n: usize, k: usize) -> Option<Self> {
+        let size = n.div_ceil(TILE).checked_mul(k / QK_K)?.checked_mul(record_bytes(format))?;
+        (k.is_multiple_of(QK_K) && bytes.bytes().len() == size).then_some(KTiled {
+            format,
+            n,
+            k,
+            data: super::TileBytes::Shared(bytes),
+        })
+    }
+
+    /// The tiled bytes, to keep for a later start.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
     }
 
     /// Bytes held.

@@ -174,6 +174,39 @@ impl QuantLinear {
         None
     }
 
+    /// The tiles of a layer that has them (see [`QuantLinear::is_tiled`]), to keep for a later
+    /// start ([`QuantLinear::from_tiles`]).
+    pub fn tiles(&self) -> Option<&[u8]> {
+        match &self.weight {
+            Weight::Blocks(_) => None,
+            Weight::Tiled(t) => Some(t.bytes()),
+            Weight::KTiled(t) => Some(t.bytes()),
+        }
+    }
+
+    /// A layer over tiles kept from an earlier start ([`QuantLinear::tiles`], same
+    /// [`super::TILED_LAYOUT_VERSION`]), read where they are mapped. None where this CPU does
+    /// not run tiles, or the bytes are not the size the weight tiles to.
+    pub fn from_tiles(
+        dtype: candle_core::quantized::GgmlDType,
+        tiles: SharedBytes,
+        n: usize,
+        k: usize,
+    ) -> Option<Self> {
+        let kind = Kind::of(dtype)?;
+        let isa = Isa::detect();
+        #[cfg(target_arch = "x86_64")]
+        if isa != Isa::Scalar && super::tiled::avx512::available() {
+            let weight = match kind {
+                Kind::Block(f) => Weight::Tiled(Arc::new(Tiled::from_shared(f, tiles, n, k)?)),
+                Kind::Super(f) => Weight::KTiled(Arc::new(KTiled::from_shared(f, tiles, n, k)?)),
+            };
+            return Some(Self { weight, kind, n, k, isa });
+        }
+        let _ = (kind, isa, tiles, n, k);
+        None
+    }
+
     /// Whether the kernels on `isa` take this tensor.
     pub fn takes(weight: &QTensor, isa: Isa) -> bool {
         let Ok((_, k)) = weight.shape().dims2() else { return false };
@@ -194,6 +227,11 @@ impl QuantLinear {
 
     pub fn kind(&self) -> Kind {
         self.kind
+    }
+
+    /// The weight's `(n, k)`: output rows and input width.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
     }
 
     /// Whether the weight was repacked into tiles.

@@ -44,6 +44,28 @@ pub use kquant::{KFormat, KRows, QK_K};
 pub use linear::{DenseLinear, Kind, QuantLinear, SharedBytes};
 pub use q8::Q8Rows;
 
+/// Version of the tiled layouts ([`tiled`], [`ktiled`]): tiles stored on disk by an earlier
+/// build are read only if they carry this number. Bump it with any change to either layout.
+pub const TILED_LAYOUT_VERSION: u32 = 1;
+
+/// The bytes of a tiled weight: made at load, or read where they are mapped (tiles kept on
+/// disk from an earlier start).
+#[derive(Debug, Clone)]
+pub(crate) enum TileBytes {
+    Owned(Vec<u8>),
+    Shared(SharedBytes),
+}
+
+impl std::ops::Deref for TileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Owned(v) => v,
+            Self::Shared(s) => s.bytes(),
+        }
+    }
+}
+
 /// Which code path runs the dot products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {

@@ -27,7 +27,7 @@ pub struct Tiled {
     pub format: Format,
     pub n: usize,
     pub k: usize,
-    pub(crate) data: Vec<u8>,
+    pub(crate) data: super::TileBytes,
 }
 
 /// Bytes of one tile's record for one block.
@@ -96,7 +96,24 @@ impl Tiled {
                 }
             }
         }
-        Tiled { format, n, k, data }
+        Tiled { format, n, k, data: super::TileBytes::Owned(data) }
+    }
+
+    /// Tiles made before (by [`Tiled::new`] on an earlier start, then kept), read in place;
+    /// None when `bytes` is not the size `n` rows of `k` weights tile to.
+    pub fn from_shared(format: Format, bytes: super::SharedBytes, n: usize, k: usize) -> Option<Self> {
+        let size = n.div_ceil(TILE).checked_mul(k / BLOCK)?.checked_mul(record_bytes(format))?;
+        (k.is_multiple_of(BLOCK) && bytes.bytes().len() == size).then_some(Tiled {
+            format,
+            n,
+            k,
+            data: super::TileBytes::Shared(bytes),
+        })
+    }
+
+    /// The tiled bytes, to keep for a later start.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
     }
 
     /// Bytes held.
