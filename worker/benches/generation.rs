@@ -453,8 +453,8 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
         models.push(ColdModel::synthetic(seed)?);
     }
     println!("\n## Cold start: model from S3 (SeaweedFS on 127.0.0.1) to ready and to first token, median of {runs}");
-    println!("| model | MB | bare parallel download s | Ember to ready s | x bare | Ember to first token s | prefill s | warm start (local tier) s | page-cache read s | x read |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| model | MB | bare parallel download s | Ember to ready s | x bare | Ember to first token s | prefill s | warm start (local tier) s | page-cache read s | x read | warm to first token s |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut breakdowns = Vec::new();
     let only = std::env::var("EMBER_BENCH_COLD_MODELS").unwrap_or_default();
     for model in models.iter().filter(|m| only.is_empty() || only.split(',').any(|o| m.key.contains(o))) {
@@ -466,8 +466,8 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
             keys.push((key, std::fs::metadata(&path)?.len()));
         }
         let bytes: u64 = keys.iter().map(|(_, s)| s).sum();
-        let (mut bare, mut ready, mut first, mut prefill, mut warm, mut read) =
-            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut bare, mut ready, mut first, mut prefill, mut warm, mut read, mut warm_first) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut last, mut last_warm) = (String::new(), String::new());
         for _ in 0..runs {
             bare.push(bare_download(&s3, "bench", &keys).await?.as_secs_f64());
@@ -480,13 +480,15 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
             ember_generate(&endpoint, model, Some(cache.path()))?; // fills the local tier
             let hot = ember_generate(&endpoint, model, Some(cache.path()))?;
             warm.push(hot.ready_s);
+            warm_first.push(hot.first_token_s);
             last_warm = hot.breakdown;
             read.push(read_cached(cache.path())?.as_secs_f64());
         }
         let (b, r, f, p, w, rd) =
             (median(bare), median(ready), median(first), median(prefill), median(warm), median(read));
+        let wf = median(warm_first);
         println!(
-            "| {} | {:.0} | {b:.3} | {r:.3} | {:.2} | {f:.3} | {p:.3} | {w:.3} | {rd:.3} | {:.2} |",
+            "| {} | {:.0} | {b:.3} | {r:.3} | {:.2} | {f:.3} | {p:.3} | {w:.3} | {rd:.3} | {:.2} | {wf:.3} |",
             model.label,
             bytes as f64 / 1e6,
             r / b,
