@@ -139,7 +139,9 @@ pub fn fill(job: Fill, mut files: ModelFiles) -> Result<ModelFiles> {
     }
     let t_download = Instant::now();
     let plan: Vec<(&Remote, Option<&FileDigest>)> = to_fetch.iter().map(|(o, d)| (*o, d.as_ref())).collect();
-    let (download_s, tail_s, tiled) = match download(&job, &plan, &mut landings, manifest.as_ref()) {
+    // A GGUF file without a tokenizer.json beside it holds its tokenizer in its header.
+    let tokenizer_slot = files.get("tokenizer.json").is_none().then_some(&files.early_tokenizer);
+    let (download_s, tail_s, tiled) = match download(&job, &plan, &mut landings, manifest.as_ref(), tokenizer_slot) {
         Ok(done) => done,
         Err(e) => {
             for landing in landings {
@@ -271,6 +273,7 @@ fn download(
     plan: &[(&Remote, Option<&FileDigest>)],
     landings: &mut [Landing],
     manifest: Option<&Manifest>,
+    tokenizer_early: Option<&crate::files::PendingTokenizer>,
 ) -> Result<(f64, f64, Tiled)> {
     struct Part<'a> {
         file: usize,
@@ -299,6 +302,7 @@ fn download(
     let errors: Mutex<Vec<LoadError>> = Mutex::new(Vec::new());
     let mut landed_s = 0.0;
     let mut tiled = Tiled::default();
+    let tiles: Mutex<std::collections::HashMap<String, ember_kernels::cpu::QuantLinear>> = Mutex::default();
     // The chunk pool's queue: one thread per core takes from it.
     let (pool_tx, pool_rx) = mpsc::channel::<Hash<'_>>();
     let pool_rx = Mutex::new(pool_rx);
@@ -355,18 +359,51 @@ fn download(
         // of their own, which takes them in file order.
         let tile_file = plan.iter().position(|(o, _)| job.opts.tile_gguf && o.name.ends_with(".gguf"));
         let (tile_tx, tile_rx) = mpsc::channel::<(usize, &[u8])>();
+        // It finds the tensors each part completes; tiling them is shared by one thread per
+        // core, all at the lowest priority (see `prebuild::lower_priority`).
+        let tiles = &tiles;
         let tiler = tile_file.map(|_| {
             s.spawn(move || {
-                let mut tiler = crate::prebuild::GgufTiler::default();
-                let (mut next, mut held) = (0usize, BTreeMap::new());
-                for (index, bytes) in tile_rx {
-                    held.insert(index, bytes);
-                    while let Some(b) = held.remove(&next) {
-                        tiler.feed(b);
-                        next += 1;
+                crate::prebuild::lower_priority();
+                let (work_tx, work_rx) = mpsc::channel::<crate::prebuild::Ready<'_>>();
+                let work_rx = Mutex::new(work_rx);
+                std::thread::scope(|w| {
+                    for _ in 0..cores {
+                        let work_rx = &work_rx;
+                        w.spawn(move || {
+                            crate::prebuild::lower_priority();
+                            loop {
+                                let next = work_rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ()));
+                                let Ok(ready) = next else { return };
+                                if let (Some(layer), Ok(mut tiles)) = (ready.tile(), tiles.lock()) {
+                                    tiles.insert(ready.name, layer);
+                                }
+                            }
+                        });
                     }
-                }
-                (tiler.finish(), Instant::now())
+                    let mut tiler = crate::prebuild::GgufTiler::default();
+                    let (mut next, mut held) = (0usize, BTreeMap::new());
+                    for (index, bytes) in tile_rx {
+                        held.insert(index, bytes);
+                        while let Some(b) = held.remove(&next) {
+                            tiler.feed(b, &mut |ready| {
+                                let _ = work_tx.send(ready);
+                            });
+                            next += 1;
+                        }
+                        // The tokenizer needs only the header: built beside the rest of the file.
+                        if let (Some(header), Some(slot)) = (tiler.take_header(), tokenizer_early) {
+                            let building = std::thread::Builder::new()
+                                .name("ember-tokenizer".into())
+                                .spawn(move || crate::gguf::gguf_tokenizer(&header));
+                            if let (Ok(handle), Ok(mut slot)) = (building, slot.lock()) {
+                                *slot = Some(handle);
+                            }
+                        }
+                    }
+                    drop(work_tx);
+                });
+                Instant::now()
             })
         });
         // The parts of whole-hashed files wait here until they are next in file order.
@@ -412,8 +449,9 @@ fn download(
         }
         whole.clear();
         drop(tile_tx);
-        if let Some(Ok((layers, done))) = tiler.map(|t| t.join()) {
+        if let Some(Ok(done)) = tiler.map(|t| t.join()) {
             let tail_s = done.saturating_duration_since(started).as_secs_f64() - landed_s;
+            let layers = tiles.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
             tiled = Tiled { layers, tail_s: tail_s.max(0.0) };
         }
         if let Err(e) = result {

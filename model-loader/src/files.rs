@@ -45,6 +45,9 @@ impl FileBytes {
     }
 }
 
+/// A tokenizer being built on a thread of its own during the download.
+pub type PendingTokenizer = std::sync::Mutex<Option<std::thread::JoinHandle<Result<tokenizers::Tokenizer>>>>;
+
 /// The files of one model, by name relative to the model's root.
 #[derive(Default)]
 pub struct ModelFiles {
@@ -63,7 +66,7 @@ pub struct ModelFiles {
     pub lone_file: bool,
     /// `tokenizer.json` being parsed on a thread of its own while the weights download (see
     /// [`ModelFiles::parse_tokenizer_early`]).
-    pub early_tokenizer: std::sync::Mutex<Option<std::thread::JoinHandle<Result<tokenizers::Tokenizer>>>>,
+    pub early_tokenizer: PendingTokenizer,
     /// The local tier's folder for this model, when the weights files are its verified copies.
     pub tier_dir: Option<std::path::PathBuf>,
     /// GGUF layers tiled while the file downloaded ([`crate::prebuild`]), by GGUF tensor name.
@@ -88,12 +91,14 @@ impl ModelFiles {
     /// The tokenizer parsed by [`ModelFiles::parse_tokenizer_early`], else parsed now from
     /// `bytes`.
     pub fn tokenizer(&self, bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
-        let early = self.early_tokenizer.lock().ok().and_then(|mut slot| slot.take());
-        match early.map(std::thread::JoinHandle::join) {
-            Some(Ok(parsed)) => parsed,
-            Some(Err(_)) => Err(LoadError::BadConfig("the tokenizer parser panicked".into())),
-            None => crate::chat::tokenizer_from_bytes(bytes),
-        }
+        self.early_tokenizer().unwrap_or_else(|| crate::chat::tokenizer_from_bytes(bytes))
+    }
+
+    /// The tokenizer built during the download (from `tokenizer.json`, or a GGUF header), if
+    /// one was.
+    pub fn early_tokenizer(&self) -> Option<Result<tokenizers::Tokenizer>> {
+        let early = self.early_tokenizer.lock().ok().and_then(|mut slot| slot.take())?;
+        Some(early.join().unwrap_or_else(|_| Err(LoadError::BadConfig("the tokenizer parser panicked".into()))))
     }
 
     pub fn get(&self, name: &str) -> Option<&[u8]> {

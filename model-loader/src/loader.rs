@@ -379,7 +379,7 @@ fn assemble(
             };
             let tokenizer = || match files.get("tokenizer.json") {
                 Some(b) => tokenizer_from_bytes(b),
-                None => gguf_tokenizer(&weights.content),
+                None => files.early_tokenizer().unwrap_or_else(|| gguf_tokenizer(&weights.content)),
             };
             let (model, tokenizer) = beside(tokenizer, || build_model(&weights, &cfg, dtype, device))?;
             // Tiles made now are kept for the next start, written after the load (the folder

@@ -11,11 +11,26 @@
 //! The bytes are not yet verified when they are tiled: the tiles are used only if the whole
 //! download then passes its checks, as the fetch fails otherwise.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::io::Cursor;
 
 use candle_core::quantized::{gguf_file, GgmlDType};
 use ember_kernels::cpu::QuantLinear;
+
+/// Lowers the calling thread's priority to the least (nice 19): the tiler should take only
+/// the CPU the download, its hashing and everything else leave idle. Where the network is the
+/// bottleneck that is most of a core, and the tiles are done when the last byte lands; where
+/// the CPU is (a local object store on the same cores), tiling at equal priority slowed the
+/// download more than it saved.
+pub fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take and return plain integers and touch no memory; the
+    // thread id is this thread's own, so only its priority changes.
+    unsafe {
+        let tid = libc::gettid();
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+    }
+}
 
 /// The most header bytes held while waiting for the header to parse; beyond that the file's
 /// tensors are left to the build (the header is metadata and tensor names, megabytes at most).
@@ -31,7 +46,30 @@ struct Planned {
     len: u64,
 }
 
-/// Tiles a GGUF file's tensors from its bytes, fed in file order.
+/// A tensor whose bytes are all in: what tiling it takes.
+pub struct Ready<'a> {
+    /// GGUF tensor name.
+    pub name: String,
+    pub dtype: GgmlDType,
+    pub n: usize,
+    pub k: usize,
+    /// Its blocks: borrowed from the piece that held it whole, else gathered.
+    pub blocks: Cow<'a, [u8]>,
+}
+
+impl Ready<'_> {
+    /// The tiled layer (None where the kernels do not tile it here).
+    pub fn tile(&self) -> Option<QuantLinear> {
+        QuantLinear::tiled_from_blocks(self.dtype, &self.blocks, self.n, self.k)
+    }
+
+    fn into_owned(self) -> Ready<'static> {
+        Ready { name: self.name, dtype: self.dtype, n: self.n, k: self.k, blocks: Cow::Owned(self.blocks.into_owned()) }
+    }
+}
+
+/// Finds a GGUF file's quantized tensors in its bytes, fed in file order, and hands each one
+/// on as soon as its last byte is in.
 #[derive(Default)]
 pub struct GgufTiler {
     /// The file's first bytes, until the header parses.
@@ -45,27 +83,29 @@ pub struct GgufTiler {
     pos: u64,
     /// The header never parsed: nothing is tiled here.
     gave_up: bool,
-    built: HashMap<String, QuantLinear>,
+    /// The parsed header, until [`GgufTiler::take_header`] takes it.
+    parsed: Option<gguf_file::Content>,
 }
 
 impl GgufTiler {
-    /// The next `bytes` of the file.
-    pub fn feed(&mut self, bytes: &[u8]) {
+    /// The next `bytes` of the file; `out` gets every tensor they complete.
+    pub fn feed<'a>(&mut self, bytes: &'a [u8], out: &mut dyn FnMut(Ready<'a>)) {
         let at = self.pos;
         self.pos += bytes.len() as u64;
         if self.gave_up {
             return;
         }
         if self.plan.is_some() {
-            self.route(at, bytes);
+            self.route(at, bytes, out);
             return;
         }
         self.header.extend_from_slice(bytes);
         match gguf_file::Content::read(&mut Cursor::new(&self.header)) {
             Ok(content) => {
                 self.plan = Some(plan(&content));
+                self.parsed = Some(content);
                 let seen = std::mem::take(&mut self.header);
-                self.route(0, &seen);
+                self.route(0, &seen, &mut |ready| out(ready.into_owned()));
             }
             Err(_) if self.header.len() < MAX_HEADER => {}
             Err(_) => {
@@ -75,12 +115,13 @@ impl GgufTiler {
         }
     }
 
-    /// The layers tiled so far, by GGUF tensor name.
-    pub fn finish(self) -> HashMap<String, QuantLinear> {
-        self.built
+    /// The file's header, once, as soon as it has parsed (for work that needs only the
+    /// metadata, such as the tokenizer).
+    pub fn take_header(&mut self) -> Option<gguf_file::Content> {
+        self.parsed.take()
     }
 
-    fn route(&mut self, at: u64, bytes: &[u8]) {
+    fn route<'a>(&mut self, at: u64, bytes: &'a [u8], out: &mut dyn FnMut(Ready<'a>)) {
         let end = at + bytes.len() as u64;
         let Some(plan) = &self.plan else { return };
         while let Some(t) = plan.get(self.next) {
@@ -91,20 +132,16 @@ impl GgufTiler {
             let (from, to) = (t.start.max(at), t_end.min(end));
             let piece = &bytes[(from - at) as usize..(to - at) as usize];
             let whole = from == t.start && to == t_end;
-            let layer = if whole && self.carry.is_empty() {
-                QuantLinear::tiled_from_blocks(t.dtype, piece, t.n, t.k)
+            let blocks = if whole && self.carry.is_empty() {
+                Cow::Borrowed(piece)
             } else {
                 self.carry.extend_from_slice(piece);
                 if to < t_end {
                     break;
                 }
-                let layer = QuantLinear::tiled_from_blocks(t.dtype, &self.carry, t.n, t.k);
-                self.carry = Vec::new();
-                layer
+                Cow::Owned(std::mem::take(&mut self.carry))
             };
-            if let Some(layer) = layer {
-                self.built.insert(t.name.clone(), layer);
-            }
+            out(Ready { name: t.name.clone(), dtype: t.dtype, n: t.n, k: t.k, blocks });
             self.next += 1;
         }
     }
@@ -142,6 +179,7 @@ mod tests {
     use super::*;
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
+    use std::collections::HashMap;
 
     /// A small GGUF file of two quantized tensors and a norm, fed in pieces of every size
     /// from 1 byte up: every quantized tensor comes out tiled, equal to tiling it whole.
@@ -157,11 +195,19 @@ mod tests {
         let tensors = [("a.weight", &qa), ("norm.weight", &norm), ("b.weight", &qb)];
         gguf_file::write(&mut file, &[], &tensors)?;
         let file = file.into_inner();
-        let whole = {
+        let tile_in_pieces = |piece: usize| {
             let mut t = GgufTiler::default();
-            t.feed(&file);
-            t.finish()
+            let mut built = HashMap::new();
+            for bytes in file.chunks(piece) {
+                t.feed(bytes, &mut |ready| {
+                    if let Some(layer) = ready.tile() {
+                        built.insert(ready.name.clone(), layer);
+                    }
+                });
+            }
+            built
         };
+        let whole = tile_in_pieces(file.len());
         if whole.is_empty() {
             println!("no tiled kernels on this CPU: nothing is tiled, nothing to compare");
             return Ok(());
@@ -170,18 +216,15 @@ mod tests {
         let x = Tensor::arange(0f32, 64.0, &dev)?.reshape((1, 1, 64))?.affine(0.01, 0.0)?;
         let want = whole["a.weight"].forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
         for piece in [1, 7, 100, 1000, file.len() / 2] {
-            let mut t = GgufTiler::default();
-            for bytes in file.chunks(piece) {
-                t.feed(bytes);
-            }
-            let built = t.finish();
+            let built = tile_in_pieces(piece);
             assert_eq!(built.len(), 2, "pieces of {piece} bytes");
             assert_eq!(built["a.weight"].forward(&x)?.flatten_all()?.to_vec1::<f32>()?, want, "pieces of {piece}");
         }
-        // A file cut short tiles what arrived whole and nothing else.
+        // A file cut short hands on what arrived whole and nothing else.
         let mut t = GgufTiler::default();
-        t.feed(&file[..file.len() - 10]);
-        assert!(!t.finish().contains_key("b.weight"));
+        let mut names = Vec::new();
+        t.feed(&file[..file.len() - 10], &mut |ready| names.push(ready.name));
+        assert_eq!(names, ["a.weight"]);
         Ok(())
     }
 }

@@ -175,6 +175,15 @@ impl Tier {
             .unwrap_or_else(|| Record { origin: origin.to_string(), files: BTreeMap::new() });
         // The lock file's modification time is the entry's last use, for eviction.
         let _ = lock.set_modified(std::time::SystemTime::now());
+        // Whoever writes into the folder holds its lock (exclusive to fill it, shared while it
+        // writes the tiles of a model in use): with the exclusive lock held, a partial file is
+        // what a process that died mid-write left behind.
+        if let Ok(read) = std::fs::read_dir(&dir) {
+            for stale in read.flatten().filter(|e| e.file_name().to_string_lossy().contains(".partial-")) {
+                tracing::info!(file = %stale.path().display(), "cache: removing a partial file a stopped process left");
+                let _ = std::fs::remove_file(stale.path());
+            }
+        }
         Ok(Entry { dir, lock, record })
     }
 
@@ -290,5 +299,30 @@ impl Entry {
         std::fs::rename(&tmp, &path).map_err(|e| LoadError::io(&path, e))?;
         flock(&self.lock, libc::LOCK_SH).map_err(|e| LoadError::io(&self.dir, e))?;
         Ok(Pin { _lock: self.lock, writer: None })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A partial file a stopped process left in a model's folder is removed by the next
+    /// process that takes the folder's exclusive lock; finished files stay.
+    #[test]
+    fn partial_files_left_by_a_stopped_process_are_removed() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let tier = Tier { dir: dir.path().to_path_buf(), max_bytes: None };
+        let entry = tier.open("s3://b/m")?;
+        let folder = entry.dir().to_path_buf();
+        std::fs::write(folder.join("model.gguf.partial-999999"), b"half")?;
+        std::fs::write(folder.join("model.gguf.tiles.partial-999999"), b"half")?;
+        std::fs::write(folder.join("model.gguf"), b"whole")?;
+        drop(entry.pin()?);
+        let _again = tier.open("s3://b/m")?;
+        let mut names: Vec<String> =
+            std::fs::read_dir(&folder)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, ["entry.json", "lock", "model.gguf"]);
+        Ok(())
     }
 }
