@@ -11,12 +11,22 @@
 //!   `m >= D / (K + mu W)`. `D` is the backlog a worker started now will meet: what is queued
 //!   plus what arrives during its cold start beyond what the ready workers finish meanwhile,
 //!   `D + max(0, lambda - ready mu) c`;
-//! - **forecast**: enough slots for the arrivals forecast over the next cold start (a worker
-//!   started now helps only after it): with `lambda` jobs/s and a job holding a slot for `T`
-//!   s at full load, `lambda T` slots are busy on average (Little's law); the policy adds the
-//!   Poisson spread, `1.645 sqrt(lambda T)` (one-sided 95%), since the target is a p95. With
-//!   nothing queued, the forecast sizes only the workers beyond the first: whether the first
-//!   stays is the ski-rental rule's call.
+//! - **forecast**: enough slots for the jobs that will hold one when a worker started now is
+//!   ready, `h` = a cold start plus a decision interval from now (sooner, no decision can add
+//!   a slot). With `lambda` jobs/s and a job holding a slot for `T` s at full load, `a =
+//!   lambda T` slots are busy on average (Little's law). Over `h` seconds each of the `x`
+//!   jobs running now finishes with probability `p = 1 - exp(-h / T)`, and the arrivals still
+//!   held at `h` number `a p` on average (the M/M/inf queue from its present state; queued
+//!   jobs are the backlog rule's), so the slots held then are `x (1 - p) + a p` on average,
+//!   with variance `x p (1 - p) + a p`; the policy adds 1.645 standard deviations (one-sided
+//!   95%), since the target is a p95. At a long cold start (`h >> T`, `p` near 1) this is
+//!   the steady state, `a + 1.645 sqrt(a)`; at a short one the present occupancy is known and
+//!   only the spread of `h` seconds is left to cover (sizing every decision for the steady
+//!   state's spread, with `h` a fifth of `T`, kept about one worker more than needed on the
+//!   Azure trace at a 1 s cold start). At a burst (below) the jobs running are the load
+//!   before it, and the steady state at the burst's rate is used. With nothing queued, the
+//!   forecast sizes only the workers beyond the first: whether the first stays is the
+//!   ski-rental rule's call.
 //!
 //! The arrival rate is not a queue metric: it is the change of the backlog plus the jobs the
 //! workers report finished, smoothed over two horizons: a fast one (10 s) and a slow one of two
@@ -342,8 +352,20 @@ impl Policy for EmberPolicy {
         let growth = (lambda - ready * fig.jobs_per_s()).max(0.0) * fig.cold_start_s;
         let projected = demand as f64 + growth;
         let backlog_n = if demand == 0 { 0.0 } else { (projected / (slots + fig.jobs_per_s() * c.target_wait)).ceil() };
+        // The slots held when a worker started now could be ready (module docs).
         let busy_slots = lambda * fig.job_s();
-        let forecast_n = if busy_slots < 1e-3 { 0.0 } else { ((busy_slots + Z95 * busy_slots.sqrt()) / slots).ceil() };
+        let horizon = fig.cold_start_s + c.interval;
+        let p_done = 1.0 - (-horizon / fig.job_s()).exp();
+        // Queued jobs are the backlog rule's (they may wait up to the target); these are the
+        // jobs holding a slot.
+        let held_now = in_flight as f64;
+        // At a burst the jobs running now are the load before it: size for the burst's steady
+        // state (following the present occupancy there added the spike's workers a decision
+        // later, its p95 at a 1 s cold start 7.73 -> 8.00 s).
+        let p_done = if burst { 1.0 } else { p_done };
+        let held_mean = held_now * (1.0 - p_done) + busy_slots * p_done;
+        let held_sd = (held_now * p_done * (1.0 - p_done) + busy_slots * p_done).sqrt();
+        let forecast_n = if held_mean < 1e-3 { 0.0 } else { ((held_mean + Z95 * held_sd) / slots).ceil() };
         // Whether one worker should be there at all with nothing queued is the ski-rental
         // question below, not the forecast's: the forecast sizes the workers beyond the first.
         let forecast_n = if demand == 0 && forecast_n <= 1.0 { 0.0 } else { forecast_n };
@@ -411,6 +433,10 @@ impl Policy for EmberPolicy {
             "silent_s": round3(silent_s),
             "workers_for_backlog": backlog_n,
             "workers_for_forecast": forecast_n,
+            "slots_held_now": in_flight,
+            "slots_held_forecast": round3(held_mean),
+            "slots_held_sd": round3(held_sd),
+            "forecast_horizon_s": round3(horizon),
             "target_wait_s": c.target_wait,
             "idle_cost_ws": round3(keep_cost.min(1e9)),
             "cold_start_cost_ws": round3(restart_cost),
@@ -513,7 +539,8 @@ mod tests {
             assert_eq!(reason(&d)["burst"], false, "{}", d.reason);
         }
         // Then 60 jobs within one decision: the fast rate alone would read 60 / 2 s smoothed
-        // over 10 s, about 5.4 jobs/s; a burst is taken at its own 30 jobs/s.
+        // over 10 s, about 5.4 jobs/s; a burst is taken at its own 30 jobs/s (156 slots busy
+        // in its steady state, more than 10 workers).
         let d = decide(&mut p, 60.0, 60, 1, &ready);
         let v = reason(&d);
         assert_eq!(v["burst"], true, "{v}");
@@ -614,18 +641,51 @@ mod tests {
     fn no_worker_is_let_go_while_jobs_are_queued() {
         // Workers that report no job finished: no arrival beyond what is queued and running.
         let report = WorkerReport { cold_start_s: 0.9, concurrency: 8, ..WorkerReport::default() };
-        let ws: Vec<WorkerView> = (0..4)
-            .map(|i| WorkerView { report: Some(report), ..worker(&format!("w{i}"), WorkerState::Ready, Some(8), None) })
+        let ws: Vec<WorkerView> = (0..5)
+            .map(|i| WorkerView { report: Some(report), ..worker(&format!("w{i}"), WorkerState::Ready, Some(6), None) })
             .collect();
         let mut p = EmberPolicy::new(cfg());
         // 2 queued and 32 running: the backlog rule alone would ask for 3 workers (34 jobs at
-        // 8 + 1.55 x 5 each), but jobs are waiting, so all 4 stay (past the surplus hold).
+        // 8 + 1.55 x 5 each) and the forecast for 4 (22 of the 32 still running 1.9 s from
+        // now, 26 with the spread), but jobs are waiting, so all 5 stay (past the surplus hold).
         decide(&mut p, 0.0, 2, 32, &ws);
         let d = decide(&mut p, 10.0, 2, 32, &ws);
-        assert_eq!((d.desired, d.drain.len(), rule(&d).as_str()), (4, 0, "\"held: jobs queued\""), "{}", d.reason);
+        assert_eq!((d.desired, d.drain.len(), rule(&d).as_str()), (5, 0, "\"held: jobs queued\""), "{}", d.reason);
         // With the queue empty the surplus goes.
         let d = decide(&mut p, 20.0, 0, 32, &ws);
-        assert!(d.desired < 4, "{}", d.reason);
+        assert!(d.desired < 5, "{}", d.reason);
+    }
+
+    #[test]
+    fn the_forecast_starts_from_the_slots_held_now_when_a_cold_start_is_short() {
+        let reason = |d: &Decision| serde_json::from_str::<serde_json::Value>(&d.reason).unwrap_or_default();
+        // 8 workers holding 30 jobs, finishing (and receiving) 9.3 jobs a second of 128 tokens:
+        // at 198.3 tokens/s for 8 slots a job holds a slot 5.16 s, so 48 slots are busy on
+        // average, 59.4 with the 95% spread: 8 workers in the steady state.
+        let forecast_workers = |cold_start_s: f64| {
+            let mut p = EmberPolicy::new(cfg());
+            let mut report =
+                WorkerReport { cold_start_s, concurrency: 8, full_tok_s: Some(198.3), ..WorkerReport::default() };
+            let mut last = serde_json::Value::Null;
+            for t in 0..60u32 {
+                // 93 jobs every 10 s, on one worker's report.
+                report.jobs = u64::from(t) * 93 / 10;
+                report.tokens = report.jobs * 128;
+                let mut ws: Vec<WorkerView> =
+                    (0..8).map(|i| worker(&format!("w{i}"), WorkerState::Ready, Some(4), None)).collect();
+                ws[0].report = Some(report);
+                last = reason(&decide(&mut p, f64::from(t), 0, 30, &ws));
+            }
+            last
+        };
+        // A 90 s cold start: a worker started now meets the steady state.
+        let v = forecast_workers(90.0);
+        assert_eq!(v["workers_for_forecast"], 8.0, "{v}");
+        // A 1 s cold start: in 2 s a third of the 30 jobs held now finish and 15 of the
+        // arrivals are still held, 35.8 slots and a spread of 4.7: 6 workers.
+        let v = forecast_workers(1.0);
+        assert!(v["slots_held_forecast"].as_f64().is_some_and(|x| (x - 35.8).abs() < 1.0), "{v}");
+        assert_eq!(v["workers_for_forecast"], 6.0, "{v}");
     }
 
     #[test]
