@@ -40,10 +40,17 @@
 //! explains by three standard deviations of a Poisson count plus a worker's slots, it jumps to
 //! the decision's own rate and that decision forecasts from the larger of the two, since a
 //! burst would otherwise be met only after it had queued. What is already queued is the
-//! backlog rule's at once, whatever the forecast. The slow horizon is also the time over which
-//! a worker let go now could be needed back before a new one would be ready, so a worker stays
-//! while the slow rate still expects the load it carried: short for a 1 s cold start, minutes
-//! for a 90 s one. Both rates are weighted averages corrected for the time before the first
+//! backlog rule's at once, whatever the forecast. A burst that has passed leaves the slow rate
+//! as it found it: once the fast rate is back within the noise of the slow rate from before
+//! the burst (three standard deviations of a 10 s average of Poisson arrivals, plus one job in
+//! the 10 s), the slow rate comes back down to that rate. The
+//! burst's jobs were queued and are the backlog rule's; the slow rate's memory of them held
+//! workers for minutes after they were served (on the spike trace at a 30 s cold start, three
+//! workers for 26 s and two for 110 s after the queue had emptied). A burst whose rate is still
+//! up a slow horizon later was a new level of load, and the slow rate keeps it. The slow
+//! horizon is also the time over which a worker let go now could be needed back before a new
+//! one would be ready, so a worker stays while the slow rate still expects the load it
+//! carried: short for a 1 s cold start, minutes for a 90 s one. Both rates are weighted averages corrected for the time before the first
 //! tick (an average begun at zero reads low for a horizon, just when the first workers are
 //! being sized).
 //!
@@ -158,6 +165,13 @@ impl Rate {
         }
     }
 
+    /// Sets the rate to `rate` (the rate before a burst that has passed).
+    fn set(&mut self, rate: f64) {
+        if self.weight > 0.0 {
+            self.raw = rate * self.weight;
+        }
+    }
+
     /// Raises the rate to at least `rate` (a burst seen at its own rate).
     fn at_least(&mut self, rate: f64) {
         if self.weight > 0.0 {
@@ -178,6 +192,8 @@ pub struct EmberPolicy {
     done_tokens: Rate,
     fast: Rate,
     slow: Rate,
+    /// When the burst under way began, and the slow rate before it.
+    burst_from: Option<(f64, f64)>,
     events: Rate,
     /// When a decision last saw an arrival.
     last_arrival: Option<f64>,
@@ -213,6 +229,7 @@ impl EmberPolicy {
             done_tokens: Rate::default(),
             fast,
             slow,
+            burst_from: None,
             events,
             last_arrival: None,
             known,
@@ -303,7 +320,7 @@ impl Policy for EmberPolicy {
         let slow_horizon = (SLOW_HORIZON_COLD_STARTS * fig.cold_start_s).max(FAST_HORIZON_S);
         // Arrivals since the last tick: what the backlog gained plus what left it finished.
         let reported = self.finished_since_last(obs);
-        let mut burst = false;
+        let (mut burst, mut burst_passed) = (false, false);
         if let Some((t0, d0, f0)) = self.prev {
             let dt = now - t0;
             let finished = reported.map_or(f0 as f64 * dt / fig.job_s(), |(n, _)| n as f64);
@@ -325,10 +342,25 @@ impl Policy for EmberPolicy {
             self.fast.update(arrivals, dt, FAST_HORIZON_S);
             let expected = self.fast.get() * dt;
             if dt > 0.0 && arrivals > expected + BURST_SIGMAS * expected.sqrt() + f64::from(fig.slots) {
+                // The slow rate before the burst, to come back to once it has passed.
+                if self.burst_from.is_none() {
+                    self.burst_from = Some((now, self.slow.get()));
+                }
                 self.fast.at_least(arrivals / dt);
                 burst = true;
             }
             self.slow.update(arrivals, dt, slow_horizon);
+            // A burst that has passed leaves the slow rate as it found it (module docs).
+            if let Some((since, before)) = self.burst_from {
+                let calm = before + BURST_SIGMAS * (before / (2.0 * FAST_HORIZON_S)).sqrt() + 1.0 / FAST_HORIZON_S;
+                if now - since > slow_horizon {
+                    self.burst_from = None;
+                } else if !burst && self.fast.get() <= calm {
+                    self.slow.set(self.slow.get().min(before));
+                    self.burst_from = None;
+                    burst_passed = true;
+                }
+            }
             self.events.update(if arrivals >= 0.5 { 1.0 } else { 0.0 }, dt, slow_horizon);
             if arrivals >= 0.5 {
                 self.last_arrival = Some(now);
@@ -430,6 +462,7 @@ impl Policy for EmberPolicy {
             "arrival_events_per_s": round3(self.events.get()),
             "ski_rental": ski_rental,
             "burst": burst,
+            "burst_passed": burst_passed,
             "silent_s": round3(silent_s),
             "workers_for_backlog": backlog_n,
             "workers_for_forecast": forecast_n,
@@ -546,6 +579,42 @@ mod tests {
         assert_eq!(v["burst"], true, "{v}");
         assert!(v["forecast_fast"].as_f64().unwrap_or_default() >= 29.0, "{v}");
         assert_eq!(d.desired, 10, "{v}");
+    }
+
+    #[test]
+    fn a_burst_that_has_passed_leaves_the_slow_rate_as_it_found_it() {
+        let reason = |d: &Decision| serde_json::from_str::<serde_json::Value>(&d.reason).unwrap_or_default();
+        // A 30 s cold start (a 60 s slow horizon); a job every 2 s, finished within the second;
+        // at 60 s, 60 jobs at once (or, the second time, 30 a second from then on).
+        let run = |stays: bool| {
+            let mut p = EmberPolicy::new(PolicyConfig { cold_start: 30.0, ..cfg() });
+            let mut report = WorkerReport { cold_start_s: 30.0, concurrency: 8, ..WorkerReport::default() };
+            let (mut queued, mut passed, mut last) = (0u64, None, serde_json::Value::Null);
+            for t in 0..120u32 {
+                let arrivals = u64::from(t % 2 == 0) + if t == 60 || (stays && t > 60) { 60 } else { 0 };
+                // The workers finish the background job and up to 12 queued ones a second.
+                let served = (queued + arrivals).min(13);
+                queued = queued + arrivals - served;
+                report.jobs += served;
+                report.tokens += served * 128;
+                let ws = [WorkerView { report: Some(report), ..worker("w1", WorkerState::Ready, Some(0), None) }];
+                last = reason(&decide(&mut p, f64::from(t), queued, 0, &ws));
+                if last["burst_passed"] == true {
+                    passed = Some(t);
+                }
+            }
+            (passed, last["forecast_slow"].as_f64().unwrap_or(f64::NAN))
+        };
+        // The 60 jobs are served within 5 s; the fast rate (raised to the burst's 61 jobs/s) is
+        // back within the noise of 0.5 jobs/s some 45 s later, and the slow rate with it (its
+        // memory of the burst alone would still read about 0.9 jobs/s at 120 s).
+        let (passed, slow) = run(false);
+        assert!(passed.is_some_and(|t| t > 65 && t < 110), "{passed:?}");
+        assert!((0.3..0.7).contains(&slow), "{passed:?} {slow}");
+        // A burst that does not pass is a new level of load: the slow rate keeps it.
+        let (passed, slow) = run(true);
+        assert_eq!(passed, None);
+        assert!(slow > 10.0, "{slow}");
     }
 
     #[test]
