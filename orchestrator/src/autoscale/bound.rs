@@ -103,7 +103,7 @@
 //! never holds a worker longer than the pieces above, and runs every busy worker at its best
 //! rate: at a p95 wait near zero a real schedule must keep free slots for arrivals, so its
 //! workers run part-full (Ember's busy workers hold about half their slots on the diurnal
-//! trace and two thirds on the Azure one), which no piece above charges for. How far that
+//! trace and three quarters on the Azure one), which no piece above charges for. How far that
 //! leaves the bound from what is reachable: a hindsight schedule run on the simulator (a fixed
 //! count per 10 s window, each the least that keeps the p95 wait so far, started a cold start
 //! ahead: `examples/autoscale_oracle.rs`) needs 1.51x the bound on the diurnal trace at a 1 s

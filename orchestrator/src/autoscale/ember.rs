@@ -11,12 +11,22 @@
 //!   `m >= D / (K + mu W)`. `D` is the backlog a worker started now will meet: what is queued
 //!   plus what arrives during its cold start beyond what the ready workers finish meanwhile,
 //!   `D + max(0, lambda - ready mu) c`;
-//! - **forecast**: enough slots for the arrivals forecast over the next cold start (a worker
-//!   started now helps only after it): with `lambda` jobs/s and a job holding a slot for `T`
-//!   s at full load, `lambda T` slots are busy on average (Little's law); the policy adds the
-//!   Poisson spread, `1.645 sqrt(lambda T)` (one-sided 95%), since the target is a p95. With
-//!   nothing queued, the forecast sizes only the workers beyond the first: whether the first
-//!   stays is the ski-rental rule's call.
+//! - **forecast**: enough slots for the jobs that will hold one when a worker started now is
+//!   ready, `h` = a cold start plus a decision interval from now (sooner, no decision can add
+//!   a slot). With `lambda` jobs/s and a job holding a slot for `T` s at full load, `a =
+//!   lambda T` slots are busy on average (Little's law). Over `h` seconds each of the `x`
+//!   jobs running now finishes with probability `p = 1 - exp(-h / T)`, and the arrivals still
+//!   held at `h` number `a p` on average (the M/M/inf queue from its present state; queued
+//!   jobs are the backlog rule's), so the slots held then are `x (1 - p) + a p` on average,
+//!   with variance `x p (1 - p) + a p`; the policy adds 1.645 standard deviations (one-sided
+//!   95%), since the target is a p95. At a long cold start (`h >> T`, `p` near 1) this is
+//!   the steady state, `a + 1.645 sqrt(a)`; at a short one the present occupancy is known and
+//!   only the spread of `h` seconds is left to cover (sizing every decision for the steady
+//!   state's spread, with `h` a fifth of `T`, kept about one worker more than needed on the
+//!   Azure trace at a 1 s cold start). At a burst (below) the jobs running are the load
+//!   before it, and the steady state at the burst's rate is used. With nothing queued, the
+//!   forecast sizes only the workers beyond the first: whether the first stays is the
+//!   ski-rental rule's call.
 //!
 //! The arrival rate is not a queue metric: it is the change of the backlog plus the jobs the
 //! workers report finished, smoothed over two horizons: a fast one (10 s) and a slow one of two
@@ -30,10 +40,17 @@
 //! explains by three standard deviations of a Poisson count plus a worker's slots, it jumps to
 //! the decision's own rate and that decision forecasts from the larger of the two, since a
 //! burst would otherwise be met only after it had queued. What is already queued is the
-//! backlog rule's at once, whatever the forecast. The slow horizon is also the time over which
-//! a worker let go now could be needed back before a new one would be ready, so a worker stays
-//! while the slow rate still expects the load it carried: short for a 1 s cold start, minutes
-//! for a 90 s one. Both rates are weighted averages corrected for the time before the first
+//! backlog rule's at once, whatever the forecast. A burst that has passed leaves the slow rate
+//! as it found it: once the fast rate is back within the noise of the slow rate from before
+//! the burst (three standard deviations of a 10 s average of Poisson arrivals, plus one job in
+//! the 10 s), the slow rate comes back down to that rate. The
+//! burst's jobs were queued and are the backlog rule's; the slow rate's memory of them held
+//! workers for minutes after they were served (on the spike trace at a 30 s cold start, three
+//! workers for 26 s and two for 110 s after the queue had emptied). A burst whose rate is still
+//! up a slow horizon later was a new level of load, and the slow rate keeps it. The slow
+//! horizon is also the time over which a worker let go now could be needed back before a new
+//! one would be ready, so a worker stays while the slow rate still expects the load it
+//! carried: short for a 1 s cold start, minutes for a 90 s one. Both rates are weighted averages corrected for the time before the first
 //! tick (an average begun at zero reads low for a horizon, just when the first workers are
 //! being sized).
 //!
@@ -148,6 +165,13 @@ impl Rate {
         }
     }
 
+    /// Sets the rate to `rate` (the rate before a burst that has passed).
+    fn set(&mut self, rate: f64) {
+        if self.weight > 0.0 {
+            self.raw = rate * self.weight;
+        }
+    }
+
     /// Raises the rate to at least `rate` (a burst seen at its own rate).
     fn at_least(&mut self, rate: f64) {
         if self.weight > 0.0 {
@@ -168,6 +192,8 @@ pub struct EmberPolicy {
     done_tokens: Rate,
     fast: Rate,
     slow: Rate,
+    /// When the burst under way began, and the slow rate before it.
+    burst_from: Option<(f64, f64)>,
     events: Rate,
     /// When a decision last saw an arrival.
     last_arrival: Option<f64>,
@@ -203,6 +229,7 @@ impl EmberPolicy {
             done_tokens: Rate::default(),
             fast,
             slow,
+            burst_from: None,
             events,
             last_arrival: None,
             known,
@@ -293,7 +320,7 @@ impl Policy for EmberPolicy {
         let slow_horizon = (SLOW_HORIZON_COLD_STARTS * fig.cold_start_s).max(FAST_HORIZON_S);
         // Arrivals since the last tick: what the backlog gained plus what left it finished.
         let reported = self.finished_since_last(obs);
-        let mut burst = false;
+        let (mut burst, mut burst_passed) = (false, false);
         if let Some((t0, d0, f0)) = self.prev {
             let dt = now - t0;
             let finished = reported.map_or(f0 as f64 * dt / fig.job_s(), |(n, _)| n as f64);
@@ -315,10 +342,25 @@ impl Policy for EmberPolicy {
             self.fast.update(arrivals, dt, FAST_HORIZON_S);
             let expected = self.fast.get() * dt;
             if dt > 0.0 && arrivals > expected + BURST_SIGMAS * expected.sqrt() + f64::from(fig.slots) {
+                // The slow rate before the burst, to come back to once it has passed.
+                if self.burst_from.is_none() {
+                    self.burst_from = Some((now, self.slow.get()));
+                }
                 self.fast.at_least(arrivals / dt);
                 burst = true;
             }
             self.slow.update(arrivals, dt, slow_horizon);
+            // A burst that has passed leaves the slow rate as it found it (module docs).
+            if let Some((since, before)) = self.burst_from {
+                let calm = before + BURST_SIGMAS * (before / (2.0 * FAST_HORIZON_S)).sqrt() + 1.0 / FAST_HORIZON_S;
+                if now - since > slow_horizon {
+                    self.burst_from = None;
+                } else if !burst && self.fast.get() <= calm {
+                    self.slow.set(self.slow.get().min(before));
+                    self.burst_from = None;
+                    burst_passed = true;
+                }
+            }
             self.events.update(if arrivals >= 0.5 { 1.0 } else { 0.0 }, dt, slow_horizon);
             if arrivals >= 0.5 {
                 self.last_arrival = Some(now);
@@ -342,8 +384,20 @@ impl Policy for EmberPolicy {
         let growth = (lambda - ready * fig.jobs_per_s()).max(0.0) * fig.cold_start_s;
         let projected = demand as f64 + growth;
         let backlog_n = if demand == 0 { 0.0 } else { (projected / (slots + fig.jobs_per_s() * c.target_wait)).ceil() };
+        // The slots held when a worker started now could be ready (module docs).
         let busy_slots = lambda * fig.job_s();
-        let forecast_n = if busy_slots < 1e-3 { 0.0 } else { ((busy_slots + Z95 * busy_slots.sqrt()) / slots).ceil() };
+        let horizon = fig.cold_start_s + c.interval;
+        let p_done = 1.0 - (-horizon / fig.job_s()).exp();
+        // Queued jobs are the backlog rule's (they may wait up to the target); these are the
+        // jobs holding a slot.
+        let held_now = in_flight as f64;
+        // At a burst the jobs running now are the load before it: size for the burst's steady
+        // state (following the present occupancy there added the spike's workers a decision
+        // later, its p95 at a 1 s cold start 7.73 -> 8.00 s).
+        let p_done = if burst { 1.0 } else { p_done };
+        let held_mean = held_now * (1.0 - p_done) + busy_slots * p_done;
+        let held_sd = (held_now * p_done * (1.0 - p_done) + busy_slots * p_done).sqrt();
+        let forecast_n = if held_mean < 1e-3 { 0.0 } else { ((held_mean + Z95 * held_sd) / slots).ceil() };
         // Whether one worker should be there at all with nothing queued is the ski-rental
         // question below, not the forecast's: the forecast sizes the workers beyond the first.
         let forecast_n = if demand == 0 && forecast_n <= 1.0 { 0.0 } else { forecast_n };
@@ -408,9 +462,14 @@ impl Policy for EmberPolicy {
             "arrival_events_per_s": round3(self.events.get()),
             "ski_rental": ski_rental,
             "burst": burst,
+            "burst_passed": burst_passed,
             "silent_s": round3(silent_s),
             "workers_for_backlog": backlog_n,
             "workers_for_forecast": forecast_n,
+            "slots_held_now": in_flight,
+            "slots_held_forecast": round3(held_mean),
+            "slots_held_sd": round3(held_sd),
+            "forecast_horizon_s": round3(horizon),
             "target_wait_s": c.target_wait,
             "idle_cost_ws": round3(keep_cost.min(1e9)),
             "cold_start_cost_ws": round3(restart_cost),
@@ -513,12 +572,49 @@ mod tests {
             assert_eq!(reason(&d)["burst"], false, "{}", d.reason);
         }
         // Then 60 jobs within one decision: the fast rate alone would read 60 / 2 s smoothed
-        // over 10 s, about 5.4 jobs/s; a burst is taken at its own 30 jobs/s.
+        // over 10 s, about 5.4 jobs/s; a burst is taken at its own 30 jobs/s (156 slots busy
+        // in its steady state, more than 10 workers).
         let d = decide(&mut p, 60.0, 60, 1, &ready);
         let v = reason(&d);
         assert_eq!(v["burst"], true, "{v}");
         assert!(v["forecast_fast"].as_f64().unwrap_or_default() >= 29.0, "{v}");
         assert_eq!(d.desired, 10, "{v}");
+    }
+
+    #[test]
+    fn a_burst_that_has_passed_leaves_the_slow_rate_as_it_found_it() {
+        let reason = |d: &Decision| serde_json::from_str::<serde_json::Value>(&d.reason).unwrap_or_default();
+        // A 30 s cold start (a 60 s slow horizon); a job every 2 s, finished within the second;
+        // at 60 s, 60 jobs at once (or, the second time, 30 a second from then on).
+        let run = |stays: bool| {
+            let mut p = EmberPolicy::new(PolicyConfig { cold_start: 30.0, ..cfg() });
+            let mut report = WorkerReport { cold_start_s: 30.0, concurrency: 8, ..WorkerReport::default() };
+            let (mut queued, mut passed, mut last) = (0u64, None, serde_json::Value::Null);
+            for t in 0..120u32 {
+                let arrivals = u64::from(t % 2 == 0) + if t == 60 || (stays && t > 60) { 60 } else { 0 };
+                // The workers finish the background job and up to 12 queued ones a second.
+                let served = (queued + arrivals).min(13);
+                queued = queued + arrivals - served;
+                report.jobs += served;
+                report.tokens += served * 128;
+                let ws = [WorkerView { report: Some(report), ..worker("w1", WorkerState::Ready, Some(0), None) }];
+                last = reason(&decide(&mut p, f64::from(t), queued, 0, &ws));
+                if last["burst_passed"] == true {
+                    passed = Some(t);
+                }
+            }
+            (passed, last["forecast_slow"].as_f64().unwrap_or(f64::NAN))
+        };
+        // The 60 jobs are served within 5 s; the fast rate (raised to the burst's 61 jobs/s) is
+        // back within the noise of 0.5 jobs/s some 45 s later, and the slow rate with it (its
+        // memory of the burst alone would still read about 0.9 jobs/s at 120 s).
+        let (passed, slow) = run(false);
+        assert!(passed.is_some_and(|t| t > 65 && t < 110), "{passed:?}");
+        assert!((0.3..0.7).contains(&slow), "{passed:?} {slow}");
+        // A burst that does not pass is a new level of load: the slow rate keeps it.
+        let (passed, slow) = run(true);
+        assert_eq!(passed, None);
+        assert!(slow > 10.0, "{slow}");
     }
 
     #[test]
@@ -614,18 +710,51 @@ mod tests {
     fn no_worker_is_let_go_while_jobs_are_queued() {
         // Workers that report no job finished: no arrival beyond what is queued and running.
         let report = WorkerReport { cold_start_s: 0.9, concurrency: 8, ..WorkerReport::default() };
-        let ws: Vec<WorkerView> = (0..4)
-            .map(|i| WorkerView { report: Some(report), ..worker(&format!("w{i}"), WorkerState::Ready, Some(8), None) })
+        let ws: Vec<WorkerView> = (0..5)
+            .map(|i| WorkerView { report: Some(report), ..worker(&format!("w{i}"), WorkerState::Ready, Some(6), None) })
             .collect();
         let mut p = EmberPolicy::new(cfg());
         // 2 queued and 32 running: the backlog rule alone would ask for 3 workers (34 jobs at
-        // 8 + 1.55 x 5 each), but jobs are waiting, so all 4 stay (past the surplus hold).
+        // 8 + 1.55 x 5 each) and the forecast for 4 (22 of the 32 still running 1.9 s from
+        // now, 26 with the spread), but jobs are waiting, so all 5 stay (past the surplus hold).
         decide(&mut p, 0.0, 2, 32, &ws);
         let d = decide(&mut p, 10.0, 2, 32, &ws);
-        assert_eq!((d.desired, d.drain.len(), rule(&d).as_str()), (4, 0, "\"held: jobs queued\""), "{}", d.reason);
+        assert_eq!((d.desired, d.drain.len(), rule(&d).as_str()), (5, 0, "\"held: jobs queued\""), "{}", d.reason);
         // With the queue empty the surplus goes.
         let d = decide(&mut p, 20.0, 0, 32, &ws);
-        assert!(d.desired < 4, "{}", d.reason);
+        assert!(d.desired < 5, "{}", d.reason);
+    }
+
+    #[test]
+    fn the_forecast_starts_from_the_slots_held_now_when_a_cold_start_is_short() {
+        let reason = |d: &Decision| serde_json::from_str::<serde_json::Value>(&d.reason).unwrap_or_default();
+        // 8 workers holding 30 jobs, finishing (and receiving) 9.3 jobs a second of 128 tokens:
+        // at 198.3 tokens/s for 8 slots a job holds a slot 5.16 s, so 48 slots are busy on
+        // average, 59.4 with the 95% spread: 8 workers in the steady state.
+        let forecast_workers = |cold_start_s: f64| {
+            let mut p = EmberPolicy::new(cfg());
+            let mut report =
+                WorkerReport { cold_start_s, concurrency: 8, full_tok_s: Some(198.3), ..WorkerReport::default() };
+            let mut last = serde_json::Value::Null;
+            for t in 0..60u32 {
+                // 93 jobs every 10 s, on one worker's report.
+                report.jobs = u64::from(t) * 93 / 10;
+                report.tokens = report.jobs * 128;
+                let mut ws: Vec<WorkerView> =
+                    (0..8).map(|i| worker(&format!("w{i}"), WorkerState::Ready, Some(4), None)).collect();
+                ws[0].report = Some(report);
+                last = reason(&decide(&mut p, f64::from(t), 0, 30, &ws));
+            }
+            last
+        };
+        // A 90 s cold start: a worker started now meets the steady state.
+        let v = forecast_workers(90.0);
+        assert_eq!(v["workers_for_forecast"], 8.0, "{v}");
+        // A 1 s cold start: in 2 s a third of the 30 jobs held now finish and 15 of the
+        // arrivals are still held, 35.8 slots and a spread of 4.7: 6 workers.
+        let v = forecast_workers(1.0);
+        assert!(v["slots_held_forecast"].as_f64().is_some_and(|x| (x - 35.8).abs() < 1.0), "{v}");
+        assert_eq!(v["workers_for_forecast"], 6.0, "{v}");
     }
 
     #[test]
