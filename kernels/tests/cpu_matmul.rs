@@ -577,7 +577,8 @@ fn dense_layer_over_borrowed_bytes_equals_the_tensor_one() -> TestResult {
             DType::F16 => w.flatten_all()?.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
             _ => w.flatten_all()?.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
         };
-        // One byte in front, so the weight's place can be aligned or not.
+        // Four bytes in front, so the weight's place is aligned for every dtype, and one byte
+        // less is not.
         let mut file = vec![0u8; 4];
         file.extend_from_slice(&raw);
         let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(file);

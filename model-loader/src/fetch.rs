@@ -126,7 +126,13 @@ pub fn fill(job: Fill, mut files: ModelFiles) -> Result<ModelFiles> {
         }
     }
     if let (Some(t), Some(e)) = (&tier, &entry) {
-        t.make_room(to_fetch.iter().map(|(o, _)| o.size).sum(), e);
+        // A GGUF file's tiles, kept beside it after the load, take about its size again.
+        let tiles: u64 = to_fetch
+            .iter()
+            .filter(|(o, _)| job.opts.tile_gguf && job.opts.keep_tiles && o.name.ends_with(".gguf"))
+            .map(|(o, _)| o.size)
+            .sum();
+        t.make_room(to_fetch.iter().map(|(o, _)| o.size).sum::<u64>() + tiles, e);
     }
     stats.cache_s = t_cache.elapsed().as_secs_f64();
 
@@ -173,6 +179,16 @@ pub fn fill(job: Fill, mut files: ModelFiles) -> Result<ModelFiles> {
     files.files.sort_by(|a, b| a.0.cmp(&b.0));
     files.verified = Some(manifest.is_some());
     files.tier_dir = entry.as_ref().map(|e| e.dir().to_path_buf());
+    if let Some(e) = &entry {
+        for obj in &job.objects {
+            if let Some(stamp) = e.stamp(&obj.name) {
+                files.tier_stamps.insert(obj.name.clone(), stamp);
+            }
+        }
+    }
+    files.tier_max_bytes = tier.as_ref().and_then(|t| t.max_bytes);
+    files.keep_tiles = job.opts.keep_tiles;
+    files.in_place = true;
     files.pin = entry.map(|e| e.pin()).transpose()?;
     files.stats = stats;
     Ok(files)
@@ -251,6 +267,14 @@ impl Landing {
     }
 }
 
+/// Records that a thread finished now (the latest finish wins).
+fn note_end(at: &Mutex<Option<Instant>>) {
+    if let Ok(mut at) = at.lock() {
+        let now = Instant::now();
+        *at = Some(at.map_or(now, |t| t.max(now)));
+    }
+}
+
 /// Work for the hashing threads.
 enum Hash<'a> {
     /// Check chunk `index` of `name`.
@@ -303,6 +327,12 @@ fn download(
     let mut landed_s = 0.0;
     let mut tiled = Tiled::default();
     let tiles: Mutex<std::collections::HashMap<String, ember_kernels::cpu::QuantLinear>> = Mutex::default();
+    // When the last hashing thread and the last tiling thread finished.
+    let (hashed_at, tiled_at) = (Mutex::new(None), Mutex::new(None));
+    let tile_file = plan.iter().position(|(o, _)| job.opts.tile_gguf && o.name.ends_with(".gguf"));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (work_tx, work_rx) = mpsc::sync_channel::<crate::prebuild::Ready<'_>>(cores);
+    let work_rx = Mutex::new(work_rx);
     // The chunk pool's queue: one thread per core takes from it.
     let (pool_tx, pool_rx) = mpsc::channel::<Hash<'_>>();
     let pool_rx = Mutex::new(pool_rx);
@@ -310,12 +340,15 @@ fn download(
         // One core is left to the download itself (its copies, TLS and HTTP parsing): one core
         // of SHA-256 (about 2 GB/s with SHA-NI) keeps up with this machine's loopback download.
         // Once the last byte has landed that core is free, and hashes the chunks still queued.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = cores.saturating_sub(1).max(1);
         let (rx, failed_ref, errors_ref) = (&pool_rx, &failed, &errors);
+        let hashed_at = &hashed_at;
         let hasher = move || loop {
             let next = rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ()));
-            let Ok(Hash::Chunk { name, index, bytes }) = next else { return };
+            let Ok(Hash::Chunk { name, index, bytes }) = next else {
+                note_end(hashed_at);
+                return;
+            };
             if let (Some(m), false) = (manifest, failed_ref.load(Ordering::Relaxed)) {
                 if let Err(e) = m.check_chunk(name, index, bytes) {
                     failed_ref.store(true, Ordering::Relaxed);
@@ -342,6 +375,7 @@ fn download(
                     hasher.update(bytes);
                     size += bytes.len() as u64;
                 }
+                note_end(hashed_at);
                 if failed.load(Ordering::Relaxed) || size != obj.size {
                     return; // the download failed: its error is the one to report
                 }
@@ -355,57 +389,58 @@ fn download(
                 }
             });
         }
-        // The GGUF file to tile as it lands (the first, when asked): its parts go to a thread
-        // of their own, which takes them in file order.
-        let tile_file = plan.iter().position(|(o, _)| job.opts.tile_gguf && o.name.ends_with(".gguf"));
+        // The GGUF file to tile as it lands (when asked): its parts go to a thread of their
+        // own, which takes them in file order.
         let (tile_tx, tile_rx) = mpsc::channel::<(usize, &[u8])>();
-        // It finds the tensors each part completes; tiling them is shared by one thread per
-        // core, all at the lowest priority (see `prebuild::lower_priority`).
-        let tiles = &tiles;
-        let tiler = tile_file.map(|_| {
-            s.spawn(move || {
-                crate::prebuild::lower_priority();
-                let (work_tx, work_rx) = mpsc::channel::<crate::prebuild::Ready<'_>>();
-                let work_rx = Mutex::new(work_rx);
-                std::thread::scope(|w| {
-                    for _ in 0..cores {
-                        let work_rx = &work_rx;
-                        w.spawn(move || {
-                            crate::prebuild::lower_priority();
-                            loop {
-                                let next = work_rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ()));
-                                let Ok(ready) = next else { return };
-                                if let (Some(layer), Ok(mut tiles)) = (ready.tile(), tiles.lock()) {
-                                    tiles.insert(ready.name, layer);
-                                }
-                            }
-                        });
-                    }
-                    let mut tiler = crate::prebuild::GgufTiler::default();
-                    let (mut next, mut held) = (0usize, BTreeMap::new());
-                    for (index, bytes) in tile_rx {
-                        held.insert(index, bytes);
-                        while let Some(b) = held.remove(&next) {
-                            tiler.feed(b, &mut |ready| {
-                                let _ = work_tx.send(ready);
-                            });
-                            next += 1;
-                        }
-                        // The tokenizer needs only the header: built beside the rest of the file.
-                        if let (Some(header), Some(slot)) = (tiler.take_header(), tokenizer_early) {
-                            let building = std::thread::Builder::new()
-                                .name("ember-tokenizer".into())
-                                .spawn(move || crate::gguf::gguf_tokenizer(&header));
-                            if let (Ok(handle), Ok(mut slot)) = (building, slot.lock()) {
-                                *slot = Some(handle);
-                            }
-                        }
-                    }
-                    drop(work_tx);
+        // That thread finds the tensors each part completes, in file order; tiling them is shared
+        // by one thread per core at the lowest priority (`prebuild::lower_priority`), and once
+        // the last byte has landed this thread joins in at its own. The queue between them is
+        // short, so tensors gathered across parts wait in it a few at a time, not the file.
+        let (tiles, tiled_at) = (&tiles, &tiled_at);
+        let work_rx = &work_rx;
+        let tile_one = move |ready: crate::prebuild::Ready<'_>| {
+            if let (Some(layer), Ok(mut tiles)) = (ready.tile(), tiles.lock()) {
+                tiles.insert(ready.name, layer);
+            }
+        };
+        let tile_queued = move || {
+            while let Ok(ready) = work_rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ())) {
+                tile_one(ready);
+            }
+            note_end(tiled_at);
+        };
+        if tile_file.is_some() {
+            for _ in 0..cores {
+                s.spawn(move || {
+                    crate::prebuild::lower_priority();
+                    tile_queued();
                 });
-                Instant::now()
-            })
-        });
+            }
+            s.spawn(move || {
+                let mut tiler = crate::prebuild::GgufTiler::default();
+                let (mut next, mut held) = (0usize, BTreeMap::new());
+                for (index, bytes) in tile_rx {
+                    held.insert(index, bytes);
+                    while let Some(b) = held.remove(&next) {
+                        tiler.feed(b, &mut |ready| {
+                            let _ = work_tx.send(ready);
+                        });
+                        next += 1;
+                    }
+                    // The tokenizer needs only the header: built beside the rest of the file.
+                    if let (Some(header), Some(slot)) = (tiler.take_header(), tokenizer_early) {
+                        let building = std::thread::Builder::new()
+                            .name("ember-tokenizer".into())
+                            .spawn(move || crate::gguf::gguf_tokenizer(&header));
+                        if let (Ok(handle), Ok(mut slot)) = (building, slot.lock()) {
+                            *slot = Some(handle);
+                        }
+                    }
+                }
+            });
+        } else {
+            drop((work_tx, tile_rx));
+        }
         // The parts of whole-hashed files wait here until they are next in file order.
         let mut waiting: BTreeMap<usize, (usize, BTreeMap<usize, &[u8]>)> = BTreeMap::new();
         let client = &job.client;
@@ -449,10 +484,8 @@ fn download(
         }
         whole.clear();
         drop(tile_tx);
-        if let Some(Ok(done)) = tiler.map(|t| t.join()) {
-            let tail_s = done.saturating_duration_since(started).as_secs_f64() - landed_s;
-            let layers = tiles.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
-            tiled = Tiled { layers, tail_s: tail_s.max(0.0) };
+        if tile_file.is_some() {
+            tile_queued();
         }
         if let Err(e) = result {
             failed.store(true, Ordering::Relaxed);
@@ -461,7 +494,15 @@ fn download(
             }
         }
     });
-    let tail_s = started.elapsed().as_secs_f64() - landed_s;
+    let after = |at: &Mutex<Option<Instant>>| {
+        let end = at.lock().ok().and_then(|t| *t).map_or(0.0, |t| t.saturating_duration_since(started).as_secs_f64());
+        (end - landed_s).max(0.0)
+    };
+    let tail_s = after(&hashed_at);
+    if tile_file.is_some() {
+        let layers = tiles.into_inner().unwrap_or_default();
+        tiled = Tiled { layers, tail_s: after(&tiled_at) };
+    }
     let mut errors = errors.into_inner().unwrap_or_default();
     // A failed check names the first bad chunk in file order; a download error comes first.
     errors.sort_by_key(|e| match e {

@@ -28,9 +28,13 @@ impl std::ops::Deref for FileBytes {
 impl FileBytes {
     pub fn map(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| LoadError::io(path, e))?;
-        // SAFETY: the map is read-only and model files are never written in place: the cache
-        // replaces files by rename, so a concurrent writer cannot change mapped bytes. When
-        // a manifest exists the bytes are also verified before use.
+        // SAFETY: the map is read-only, and Rust code only ever sees it as `&[u8]` of plain
+        // bytes, which any content is valid for. It rests on files not being written in place
+        // while mapped: the local tier replaces its files only by rename; a local model folder
+        // is the user's, and the README asks them to replace weights in use by `mv`, never by
+        // writing into them (a truncated file would fault on access). Where a local folder's
+        // bytes are verified (a manifest, trusted keys), layers copy them once they are
+        // (`ModelFiles::in_place`), so a later write cannot change verified weights.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| LoadError::io(path, e))?;
         Ok(Self::Mapped(std::sync::Arc::new(map)))
     }
@@ -67,8 +71,19 @@ pub struct ModelFiles {
     /// `tokenizer.json` being parsed on a thread of its own while the weights download (see
     /// [`ModelFiles::parse_tokenizer_early`]).
     pub early_tokenizer: PendingTokenizer,
-    /// The local tier's folder for this model, when the weights files are its verified copies.
+    /// Whether layers may keep reading the weights files' mappings for the model's life
+    /// instead of copying them at the build: set for the download's landing and the local tier
+    /// (files Ember alone writes, by rename), and for a local folder only when nothing in it is
+    /// verified (no manifest, no trusted keys: a write after a check would reach the model).
+    pub in_place: bool,
+    /// The local tier's folder for this model, when the weights files are its verified copies,
+    /// and each weights file's stamp there when it was verified.
     pub tier_dir: Option<std::path::PathBuf>,
+    pub tier_stamps: std::collections::HashMap<String, crate::tier::Stamp>,
+    /// The local tier's size limit (to keep tiles only where they fit), and whether to keep
+    /// tiles there at all ([`crate::s3::FetchOptions::keep_tiles`]).
+    pub tier_max_bytes: Option<u64>,
+    pub keep_tiles: bool,
     /// GGUF layers tiled while the file downloaded ([`crate::prebuild`]), by GGUF tensor name.
     pub tiled: std::sync::Mutex<std::collections::HashMap<String, ember_kernels::cpu::QuantLinear>>,
 }

@@ -243,6 +243,10 @@ pub async fn fetch_files(reference: &ModelRef, opts: &LoadOptions) -> Result<Mod
             if !opts.trusted_keys.is_empty() {
                 files.add_folder_manifest(path)?;
             }
+            // Bytes checked against a manifest are copied once checked (see `in_place`).
+            files.in_place = files.get(crate::manifest::MANIFEST_FILE).is_none()
+                && opts.trusted_keys.is_empty()
+                && !opts.require_manifest;
             Ok(files)
         }
         ModelRef::S3 { bucket, prefix } => {
@@ -359,13 +363,13 @@ fn assemble(
         Some(gguf_name) => {
             let dequantize = (dtype_choice != DTypeChoice::Auto).then_some(dtype);
             let mut tiled = files.tiled.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
-            // The local tier's copy, with its stamp now: tiles kept beside it by an earlier start
-            // are used if they were made from this very copy (see `crate::tiles`).
+            // The local tier's copy, with the stamp it was verified with: tiles kept beside it by
+            // an earlier start are used if they were made from that very copy (`crate::tiles`).
             let cached = files
                 .tier_dir
                 .as_ref()
-                .map(|d| d.join(&gguf_name))
-                .and_then(|p| Some((crate::tier::Stamp::of(&std::fs::metadata(&p).ok()?), p)))
+                .zip(files.tier_stamps.get(&gguf_name))
+                .map(|(d, stamp)| (*stamp, d.join(&gguf_name)))
                 .filter(|_| dequantize.is_none() && device.is_cpu() && crate::linear::kernels_enabled());
             let kept = cached.as_ref().and_then(|(stamp, path)| crate::tiles::read(path, *stamp));
             let reused = kept.as_ref().map_or(0, HashMap::len);
@@ -384,12 +388,13 @@ fn assemble(
             let (model, tokenizer) = beside(tokenizer, || build_model(&weights, &cfg, dtype, device))?;
             // Tiles made now are kept for the next start, written after the load (the folder
             // stays pinned until they are).
-            if let (Some((stamp, path)), 0) = (cached, reused) {
+            if let (Some((stamp, path)), 0, true) = (cached, reused, files.keep_tiles) {
                 let layers = weights.tiled_layers();
+                let max = files.tier_max_bytes;
                 if !layers.is_empty() {
                     tiles_writer = std::thread::Builder::new()
                         .name("ember-keep-tiles".into())
-                        .spawn(move || crate::tiles::write(&path, stamp, &layers))
+                        .spawn(move || crate::tiles::write(&path, stamp, &layers, max))
                         .ok();
                 }
             }
@@ -418,7 +423,12 @@ fn assemble(
                             file: "model.safetensors".into(),
                         });
                     }
-                    let weights = SafetensorsWeights::shared(&shards)?;
+                    let weights = if files.in_place {
+                        SafetensorsWeights::shared(&shards)?
+                    } else {
+                        let plain: Vec<(&str, &[u8])> = shards.iter().map(|(n, b)| (*n, &***b)).collect();
+                        SafetensorsWeights::new(&plain)?
+                    };
                     // `auto` on the CPU keeps a half-precision file's dtype where Ember's dense
                     // kernel runs it: the weights are then read where they landed (no f32
                     // copy, half the memory), and the arithmetic is the f32 path's, on the

@@ -215,10 +215,17 @@ mod tests {
         assert_eq!(whole.len(), 2, "the two quantized tensors, not the norm");
         let x = Tensor::arange(0f32, 64.0, &dev)?.reshape((1, 1, 64))?.affine(0.01, 0.0)?;
         let want = whole["a.weight"].forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let xb = Tensor::arange(0f32, 32.0, &dev)?.reshape((1, 1, 32))?.affine(-0.02, 0.3)?;
+        let want_b = whole["b.weight"].forward(&xb)?.flatten_all()?.to_vec1::<f32>()?;
+        // The same tiles as tiling each tensor's blocks alone, as the build does.
+        let alone =
+            QuantLinear::tiled_from_blocks(GgmlDType::Q8_0, &qb.data()?, 64, 32).ok_or_else(|| anyhow::anyhow!("b"))?;
+        assert_eq!(alone.forward(&xb)?.flatten_all()?.to_vec1::<f32>()?, want_b);
         for piece in [1, 7, 100, 1000, file.len() / 2] {
             let built = tile_in_pieces(piece);
             assert_eq!(built.len(), 2, "pieces of {piece} bytes");
             assert_eq!(built["a.weight"].forward(&x)?.flatten_all()?.to_vec1::<f32>()?, want, "pieces of {piece}");
+            assert_eq!(built["b.weight"].forward(&xb)?.flatten_all()?.to_vec1::<f32>()?, want_b, "pieces of {piece}");
         }
         // A file cut short hands on what arrived whole and nothing else.
         let mut t = GgufTiler::default();

@@ -28,6 +28,8 @@ pub struct FetchOptions {
     /// Tile a GGUF file's quantized tensors for Ember's CPU kernels while it downloads
     /// ([`crate::prebuild`]): set by the loader when the model will run them.
     pub tile_gguf: bool,
+    /// Keep a GGUF model's tiles in the local tier for the next start ([`crate::tiles`]).
+    pub keep_tiles: bool,
 }
 
 impl Default for FetchOptions {
@@ -39,6 +41,7 @@ impl Default for FetchOptions {
             cache_max_bytes: None,
             progress: true,
             tile_gguf: false,
+            keep_tiles: true,
         }
     }
 }
@@ -307,6 +310,10 @@ pub async fn fetch_listed(
     let objects = listing(client, bucket, prefix, listed).await?;
     let list_s = started.elapsed().as_secs_f64();
     let (large, small): (Vec<Object>, Vec<Object>) = objects.into_iter().partition(|o| is_weights(&o.name));
+    let ggufs: Vec<String> = large.iter().filter(|o| o.name.ends_with(".gguf")).map(|o| o.name.clone()).collect();
+    if ggufs.len() > 1 {
+        return Err(LoadError::AmbiguousModel { dir: format!("s3://{bucket}/{prefix}").into(), files: ggufs });
+    }
     let small_bytes =
         futures::future::try_join_all(small.iter().map(|o| get_range(client, bucket, &o.key, 0, o.size))).await?;
     let mut files = ModelFiles { origin: format!("s3://{bucket}/{prefix}"), ..Default::default() };

@@ -231,6 +231,13 @@ impl Tier {
     }
 }
 
+/// Bytes the whole cache at `root` holds (every model's folder).
+pub fn total_size(root: &Path) -> u64 {
+    std::fs::read_dir(root)
+        .map(|r| r.flatten().map(|e| e.path()).filter(|p| p.is_dir()).map(|p| dir_size(&p)).sum())
+        .unwrap_or(0)
+}
+
 fn dir_size(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|r| r.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
@@ -286,6 +293,11 @@ impl Entry {
     /// The model's folder.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The stamp `name` had when it was verified (or last committed).
+    pub fn stamp(&self, name: &str) -> Option<Stamp> {
+        self.record.files.get(name).map(|f| f.stamp)
     }
 
     /// Writes `entry.json` (by rename) and turns the exclusive lock into the shared one the

@@ -121,9 +121,19 @@ pub fn read(gguf: &Path, source: Stamp) -> Option<HashMap<String, QuantLinear>> 
 }
 
 /// Writes `layers` (GGUF name, format, tiled layer) beside `gguf`, whose stamp is `source`:
-/// under temporary names, then renamed into place, the stamp last. Errors are logged, not
-/// returned: the tiles are an optimization, and the next start tiles again without them.
-pub fn write(gguf: &Path, source: Stamp, layers: &[(String, GgmlDType, QuantLinear)]) {
+/// under temporary names, then renamed into place, the stamp last. Nothing is written when the
+/// cache (`gguf`'s folder's parent) would then hold more than `max_bytes`. Errors are logged,
+/// not returned: the tiles are an optimization, and the next start tiles again without them.
+pub fn write(gguf: &Path, source: Stamp, layers: &[(String, GgmlDType, QuantLinear)], max_bytes: Option<u64>) {
+    let size: u64 = layers.iter().filter_map(|(_, _, l)| l.tiles()).map(|t| t.len() as u64).sum();
+    let root = gguf.parent().and_then(Path::parent);
+    if let (Some(max), Some(root)) = (max_bytes, root) {
+        let held = crate::tier::total_size(root);
+        if held + size > max {
+            tracing::info!(file = %gguf.display(), bytes = size, held, max_bytes = max, "cache: no room for the tiled weights under the cache limit; the next start tiles again");
+            return;
+        }
+    }
     if let Err(e) = try_write(gguf, source, layers) {
         tracing::warn!(file = %gguf.display(), error = %e, "cache: could not keep the tiled weights for the next start");
     }
@@ -173,9 +183,15 @@ fn try_write(gguf: &Path, source: Stamp, layers: &[(String, GgmlDType, QuantLine
     std::fs::rename(&stamp_tmp, stamp_to)
 }
 
+/// A temporary name beside `path`, unique to this write: processes in different containers
+/// sharing a cache volume can have the same pid, and two of them can hold the folder's shared
+/// lock at once.
 fn partial(path: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let mut p = path.as_os_str().to_owned();
-    p.push(format!(".partial-{}", std::process::id()));
+    p.push(format!(".partial-{}-{nanos:x}-{}", std::process::id(), COUNT.fetch_add(1, Ordering::Relaxed)));
     PathBuf::from(p)
 }
 
@@ -219,7 +235,7 @@ mod tests {
         let source = Stamp::of(&std::fs::metadata(&gguf)?);
         let layers =
             vec![("blk.0.a".to_string(), GgmlDType::Q4_1, a.clone()), ("blk.0.b".into(), GgmlDType::Q6K, b.clone())];
-        write(&gguf, source, &layers);
+        write(&gguf, source, &layers, None);
         let back = read(&gguf, source).ok_or_else(|| anyhow::anyhow!("tiles not read back"))?;
         assert_eq!(back.len(), 2);
         assert_eq!(out(&back["blk.0.a"])?, out(&a)?);
@@ -229,18 +245,20 @@ mod tests {
         std::fs::write(&gguf, b"a different file")?;
         assert!(read(&gguf, Stamp::of(&std::fs::metadata(&gguf)?)).is_none(), "tiles of a replaced source");
 
-        // The tiles file changed in place after it was written.
-        write(&gguf, source, &layers);
+        // The tiles file changed in place after it was written (a byte added: the size changes
+        // too, so this holds on kernels whose change times are coarser than the test).
+        write(&gguf, source, &layers, None);
         assert!(read(&gguf, source).is_some());
-        let tiles = tiles_path(&gguf);
-        let mut bytes = std::fs::read(&tiles)?;
-        let last = bytes.len() - 1;
-        bytes[last] ^= 1;
-        std::fs::OpenOptions::new().write(true).open(&tiles)?.write_all(&bytes)?;
+        std::fs::OpenOptions::new().append(true).open(tiles_path(&gguf))?.write_all(&[0])?;
         assert!(read(&gguf, source).is_none(), "tiles changed on disk");
 
+        // No room under the cache limit: nothing written.
+        remove(&gguf);
+        write(&gguf, source, &layers, Some(1024));
+        assert!(!tiles_path(&gguf).exists(), "tiles over the cache limit");
+
         // No stamp: never trusted.
-        write(&gguf, source, &layers);
+        write(&gguf, source, &layers, None);
         std::fs::remove_file(stamp_path(&gguf))?;
         assert!(read(&gguf, source).is_none(), "tiles without their stamp");
         remove(&gguf);

@@ -297,7 +297,15 @@ impl WeightSource for GgufWeights<'_> {
 
     fn linear(&self, name: &str, dtype: DType, device: &Device) -> Result<Linear> {
         if self.dequantize.is_none() && device.is_cpu() && crate::linear::kernels_enabled() {
-            let early = gguf_name(name).and_then(|g| self.tiled_early.lock().ok()?.remove(&g));
+            let info = gguf_name(name).and_then(|g| self.content.tensor_infos.get(&g));
+            // A layer tiled before (during the download, or kept in the tier) must be this
+            // tensor's: same shape and format, else it is tiled again here.
+            let fits = |l: &QuantLinear| {
+                info.is_some_and(|i| {
+                    i.shape.dims2().ok() == Some(l.shape()) && QuantLinear::tiled_kind(i.ggml_dtype) == Some(l.kind())
+                })
+            };
+            let early = gguf_name(name).and_then(|g| self.tiled_early.lock().ok()?.remove(&g)).filter(fits);
             if let Some(layer) = early.or_else(|| self.tiled(name)) {
                 let info = gguf_name(name).and_then(|g| Some((self.content.tensor_infos.get(&g)?.ggml_dtype, g)));
                 if let (Some((dtype, g)), Ok(mut kept)) = (info, self.handed_out.lock()) {

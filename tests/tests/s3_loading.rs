@@ -192,6 +192,15 @@ async fn gguf_tiled_while_downloading_answers_as_from_disk() -> anyhow::Result<(
     assert_eq!(warm.timings.tiles_from_cache, tiled, "every layer tiled during the download is kept");
     assert_eq!(answer(&Engine::new(warm))?, from_disk);
 
+    // Two GGUF files under one prefix: which to load is the user's call, not a guess.
+    let gguf = ember_tests::smollm_gguf()?;
+    for key in ["two/a.gguf", "two/b.gguf"] {
+        s3.put_object().bucket("weights").key(key).body(ByteStream::from_path(&gguf).await?).send().await?;
+    }
+    let two = LoadOptions { require_manifest: false, ..opts.clone() };
+    let err = load(&"s3://weights/two".parse()?, &two).await.err();
+    assert!(matches!(&err, Some(LoadError::AmbiguousModel { files, .. }) if files.len() == 2), "{err:?}");
+
     let mut bytes = std::fs::read(dir.path().join("model.gguf"))?;
     let at = bytes.len() * 3 / 4;
     bytes[at] ^= 0x01;

@@ -154,7 +154,10 @@ impl QuantLinear {
         #[cfg(target_arch = "x86_64")]
         let tiles = isa != Isa::Scalar && super::tiled::avx512::available();
         #[cfg(not(target_arch = "x86_64"))]
-        let tiles = false;
+        let tiles = {
+            let _ = isa;
+            false
+        };
         if !tiles || n == 0 || k == 0 || !k.is_multiple_of(kind.block()) {
             return None;
         }
@@ -227,6 +230,12 @@ impl QuantLinear {
 
     pub fn kind(&self) -> Kind {
         self.kind
+    }
+
+    /// The [`Kind`] a layer of GGUF format `dtype` has (None for formats the kernels do not
+    /// take).
+    pub fn tiled_kind(dtype: candle_core::quantized::GgmlDType) -> Option<Kind> {
+        Kind::of(dtype)
     }
 
     /// The weight's `(n, k)`: output rows and input width.

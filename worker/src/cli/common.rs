@@ -170,6 +170,9 @@ impl FetchArgs {
             progress: !self.no_progress,
             // The loader decides: it knows where the model runs.
             tile_gguf: false,
+            // A Lambda sandbox's /tmp starts empty and is rarely loaded from twice: tiles kept
+            // there would only take space from the cache.
+            keep_tiles: !in_lambda(),
         }
     }
 }
