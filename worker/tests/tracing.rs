@@ -156,6 +156,7 @@ fn jobs_through_sqs_on_two_workers_are_one_trace_each_with_the_right_parents() -
         assert_eq!(spans.len(), stages, "trace {trace}: {:?}", spans.iter().map(|s| &s["name"]).collect::<Vec<_>>());
 
         let submit = one("submit")?;
+        assert_eq!(attr(submit, "messaging.system"), Some("aws_sqs"), "the queue is SQS (moto)");
         let custom_id = attr(submit, "ember.custom_id").unwrap_or_default().to_string();
         match custom_id.as_str() {
             "continued" => {
@@ -179,6 +180,13 @@ fn jobs_through_sqs_on_two_workers_are_one_trace_each_with_the_right_parents() -
         assert_eq!(attr(generation, "gen_ai.request.max_tokens"), Some("4"));
         assert!(attr(generation, "gen_ai.usage.input_tokens").is_some());
         assert!(attr(generation, "gen_ai.usage.output_tokens").is_some());
+        // An array of reasons, one per choice.
+        let reasons = &generation["attributes"]["gen_ai.response.finish_reasons"];
+        let reasons: Value = match reasons.as_str() {
+            Some(text) => serde_json::from_str(text).unwrap_or(Value::Null),
+            None => reasons.clone(),
+        };
+        assert!(reasons == json!(["length"]) || reasons == json!(["stop"]), "{generation}");
         for name in ["queue wait", "validation", "result write", "delete"] {
             assert_eq!(parent(one(name)?), Some(id(job)), "{name} is a child of the job");
         }

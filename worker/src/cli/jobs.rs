@@ -297,7 +297,7 @@ async fn send_lines(
     let todo: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].answer.is_none()).collect();
     for chunk in todo.chunks(MAX_BATCH) {
         // One trace per job, started here or continued from the line's own `traceparent`.
-        let spans: Vec<tracing::Span> = chunk.iter().map(|&i| submit_span(&lines[i])).collect();
+        let spans: Vec<tracing::Span> = chunk.iter().map(|&i| submit_span(&lines[i], queue.system())).collect();
         let batch = chunk
             .iter()
             .zip(&spans)
@@ -343,12 +343,12 @@ async fn send_lines(
 
 /// The span of one line's submission: the root of its job's trace, or a child of the
 /// `traceparent` in the line's `ember` metadata.
-fn submit_span(line: &Line) -> tracing::Span {
+fn submit_span(line: &Line, system: &'static str) -> tracing::Span {
     let span = tracing::info_span!(
         target: otel::TARGET,
         "submit",
         otel.kind = "producer",
-        messaging.system = "aws_sqs",
+        messaging.system = system,
         messaging.operation.type = "send",
         messaging.message.id = tracing::field::Empty,
         ember.line = line.number,

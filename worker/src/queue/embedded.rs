@@ -261,6 +261,11 @@ impl EmbeddedQueue {
 
 #[async_trait::async_trait]
 impl Queue for EmbeddedQueue {
+    /// Not a well-known system in the conventions: Ember's own queue, in a local SQLite file.
+    fn system(&self) -> &'static str {
+        "ember_embedded"
+    }
+
     async fn send(&self, body: Vec<u8>, delay: Option<Duration>) -> Result<MessageId, QueueError> {
         check_delay(delay)?;
         check_size(&body, self.opts.max_body_bytes)?;

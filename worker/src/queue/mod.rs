@@ -153,6 +153,10 @@ pub struct QueueDepth {
 pub trait Queue: Send + Sync {
     /// Sends one message, hidden for `delay` first.
     async fn send(&self, body: Vec<u8>, delay: Option<Duration>) -> Result<MessageId, QueueError>;
+    /// The messaging system, as OpenTelemetry's `messaging.system` names it.
+    fn system(&self) -> &'static str {
+        "aws_sqs"
+    }
 
     /// Sends messages, [`MAX_BATCH`] per request.
     async fn send_batch(&self, messages: Vec<OutgoingMessage>) -> Vec<Result<MessageId, QueueError>>;

@@ -25,6 +25,7 @@ use crate::telemetry::otel::TARGET;
 use ember_engine::EngineError;
 use ember_engine::{Batcher, Engine};
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Where jobs that fail for good are sent.
 #[derive(Clone)]
@@ -181,7 +182,13 @@ impl JobHandler {
             Ok(c) => {
                 span.record("gen_ai.usage.input_tokens", c.usage.prompt_tokens);
                 span.record("gen_ai.usage.output_tokens", c.usage.completion_tokens);
-                span.record("gen_ai.response.finish_reasons", format!("{:?}", c.finish_reason).to_lowercase());
+                // An array in the GenAI conventions (one reason per choice): `tracing` fields
+                // are scalars, so it is set on the OpenTelemetry span directly.
+                let reason = opentelemetry::StringValue::from(format!("{:?}", c.finish_reason).to_lowercase());
+                span.set_attribute(
+                    "gen_ai.response.finish_reasons",
+                    opentelemetry::Value::Array(opentelemetry::Array::String(vec![reason])),
+                );
             }
             Err(e) => {
                 span.record("otel.status_code", "error");
@@ -256,7 +263,6 @@ fn generation_span(job: &ValidJob) -> tracing::Span {
         gen_ai.request.top_p = f64::from(job.request.sampling.top_p),
         gen_ai.usage.input_tokens = tracing::field::Empty,
         gen_ai.usage.output_tokens = tracing::field::Empty,
-        gen_ai.response.finish_reasons = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
         error.type = tracing::field::Empty,
     )
