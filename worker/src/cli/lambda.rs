@@ -160,7 +160,11 @@ async fn invocation(
     let span = otel::invocation_span(&context.request_id, &context.invoked_function_arn, trigger, records);
     let answer = async {
         if trigger == "http" {
-            return handlers.urls.answer(payload).await.map_err(|e| {
+            // Answer a cancel margin before the deadline, as a batch's generations stop then.
+            let cut = usable_deadline(context.deadline, std::time::SystemTime::now())
+                .and_then(|d| d.duration_since(std::time::SystemTime::now()).ok())
+                .map(|left| tokio::time::Instant::now() + left.saturating_sub(opts.cancel_margin));
+            return handlers.urls.answer(payload, cut).await.map_err(|e| {
                 tracing::warn!(label = e.label(), error = %e, "function URL request not answered");
                 Diagnostic { error_type: e.label().into(), error_message: e.to_string() }
             });

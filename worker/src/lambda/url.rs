@@ -24,7 +24,7 @@
 //! let event = serde_json::json!({"rawPath": "/health", "headers": {}, "isBase64Encoded": false,
 //!     "requestContext": {"timeEpoch": 0, "http": {"method": "GET", "path": "/health"}}});
 //! assert!(is_url_request(&event));
-//! let answer = urls.answer(event).await?; // a lambda_runtime::FunctionResponse
+//! let answer = urls.answer(event, None).await?; // a lambda_runtime::FunctionResponse
 //! # let _ = answer; Ok(()) }
 //! ```
 
@@ -45,8 +45,19 @@ pub enum UrlMode {
     Streamed,
 }
 
+/// A streamed answer's body.
+pub type AnswerStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<bytes::Bytes, axum::Error>> + Send>>;
+
 /// What the handler answers a function URL request with: a JSON response object, or a stream.
-pub type UrlAnswer = FunctionResponse<Value, BodyDataStream>;
+pub type UrlAnswer = FunctionResponse<Value, AnswerStream>;
+
+/// What a request that reached the invocation's deadline is answered with: a 504 before any
+/// of the answer was sent, or this event at the end of a stream already under way.
+fn deadline_message() -> String {
+    "the answer was not done by the function's deadline (its timeout, less a margin to answer \
+     in): ask for fewer tokens (max_tokens), or raise the function's timeout"
+        .to_string()
+}
 
 /// Why a function URL event got no HTTP answer; the invocation fails with it.
 #[derive(Debug, thiserror::Error)]
@@ -101,14 +112,24 @@ impl UrlRoutes {
         self.mode
     }
 
-    /// Answers one function URL event. Dropping a streamed answer before its end (the client
-    /// went away) drops the request's batcher ticket, which frees its batch slot.
-    pub async fn answer(&self, event: Value) -> Result<UrlAnswer, UrlError> {
+    /// Answers one function URL event, by `cut` at the latest (the invocation's deadline less
+    /// a margin; None: no limit). A request still unanswered then gets a 504 with an OpenAI
+    /// error body, and a stream under way gets an error event and ends, where Lambda would
+    /// otherwise kill the invocation and the client see a bare 502. Dropping a streamed answer
+    /// before its end (the client went away, or the cut) drops the request's batcher ticket,
+    /// which frees its batch slot.
+    pub async fn answer(&self, event: Value, cut: Option<tokio::time::Instant>) -> Result<UrlAnswer, UrlError> {
         let event: LambdaFunctionUrlRequest = serde_json::from_value(event).map_err(UrlError::Event)?;
+        let late = || {
+            tracing::warn!(mode = ?self.mode, "function URL request cut at the invocation's deadline");
+            let body = crate::job::error_body(&deadline_message(), "server_error", None, "timeout");
+            crate::http::json_response(504, body)
+        };
         let response = match http_request(event) {
-            Ok(request) => match self.routes.clone().oneshot(request).await {
-                Ok(r) => r,
-                Err(never) => match never {},
+            Ok(request) => match until(cut, self.routes.clone().oneshot(request)).await {
+                Some(Ok(r)) => r,
+                Some(Err(never)) => match never {},
+                None => late(),
             },
             // A request the function URL passed on that is not valid HTTP (a body marked
             // base64 that is not, an unknown method, a path that is no URI) is the client's
@@ -123,9 +144,20 @@ impl UrlRoutes {
         };
         tracing::info!(status = response.status().as_u16(), mode = ?self.mode, "function URL request answered");
         match self.mode {
-            UrlMode::Streamed => Ok(FunctionResponse::StreamingResponse(streamed(response))),
-            UrlMode::Buffered => Ok(FunctionResponse::BufferedResponse(buffered(response).await?)),
+            UrlMode::Streamed => Ok(FunctionResponse::StreamingResponse(streamed(response, cut))),
+            UrlMode::Buffered => match until(cut, buffered(response)).await {
+                Some(out) => Ok(FunctionResponse::BufferedResponse(out?)),
+                None => Ok(FunctionResponse::BufferedResponse(buffered(late()).await?)),
+            },
         }
+    }
+}
+
+/// `work`'s output, unless `cut` comes first.
+async fn until<F: std::future::Future>(cut: Option<tokio::time::Instant>, work: F) -> Option<F::Output> {
+    match cut {
+        Some(at) => tokio::time::timeout_at(at, work).await.ok(),
+        None => Some(work.await),
     }
 }
 
@@ -156,14 +188,33 @@ pub fn http_request(event: LambdaFunctionUrlRequest) -> Result<Request<Body>, Ur
 }
 
 /// The answer as a stream: status and headers first (the metadata prelude), then the body as
-/// it is made.
-pub fn streamed(response: Response) -> StreamResponse<BodyDataStream> {
+/// it is made, up to `cut`: a body still going then gets a server-sent error event (the shape
+/// OpenAI's streams use for errors) and ends, without the `[DONE]` a finished stream has.
+pub fn streamed(response: Response, cut: Option<tokio::time::Instant>) -> StreamResponse<AnswerStream> {
+    use futures::StreamExt;
     let (parts, body) = response.into_parts();
     let mut headers = parts.headers;
     // Lambda frames a streamed body itself.
     headers.remove(header::CONTENT_LENGTH);
     let prelude = MetadataPrelude { status_code: parts.status, headers, cookies: Vec::new() };
-    StreamResponse { metadata_prelude: prelude, stream: body.into_data_stream() }
+    let Some(at) = cut else {
+        return StreamResponse { metadata_prelude: prelude, stream: Box::pin(body.into_data_stream()) };
+    };
+    // State: the body, until it ends or is cut (then None).
+    let stream = futures::stream::unfold(Some(body.into_data_stream()), move |state| async move {
+        let mut body: BodyDataStream = state?;
+        tokio::select! {
+            // What the body has ready goes out first, even once the cut is past.
+            biased;
+            item = body.next() => item.map(|item| (item, Some(body))),
+            _ = tokio::time::sleep_until(at) => {
+                tracing::warn!("function URL stream cut at the invocation's deadline");
+                let error = crate::job::error_body(&deadline_message(), "server_error", None, "timeout");
+                Some((Ok(bytes::Bytes::from(format!("data: {error}\n\n"))), None))
+            }
+        }
+    });
+    StreamResponse { metadata_prelude: prelude, stream: Box::pin(stream) }
 }
 
 /// The whole answer, as a `LambdaFunctionUrlResponse` object.
@@ -229,7 +280,7 @@ mod tests {
     #[tokio::test]
     async fn a_malformed_request_is_answered_400_not_failed() -> TestResult {
         let routes = UrlRoutes::new(Router::new(), UrlMode::Buffered);
-        let answer = routes.answer(event_json("POST", Some("not base64!"), true)).await?;
+        let answer = routes.answer(event_json("POST", Some("not base64!"), true), None).await?;
         let FunctionResponse::BufferedResponse(out) = answer else {
             return Err("expected a buffered answer".into());
         };
@@ -237,6 +288,72 @@ mod tests {
         let body: Value = serde_json::from_str(out["body"].as_str().ok_or("no body")?)?;
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("base64")), "{body}");
+        Ok(())
+    }
+
+    /// A request still unanswered at the cut gets a 504 with an OpenAI error body, in either
+    /// mode, instead of running into Lambda's timeout (a bare 502). Time is paused: the cut
+    /// comes when nothing else can happen, whatever the machine's speed.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_unanswered_at_the_deadline_gets_a_504() -> TestResult {
+        let never = axum::routing::post(std::future::pending::<&'static str>);
+        for mode in [UrlMode::Buffered, UrlMode::Streamed] {
+            let routes = UrlRoutes::new(Router::new().route("/v1/chat/completions", never.clone()), mode);
+            let cut = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            let answer = routes.answer(event_json("POST", Some("{}"), false), Some(cut)).await?;
+            let (status, body) = match answer {
+                FunctionResponse::BufferedResponse(out) => {
+                    (out["statusCode"].clone(), out["body"].as_str().unwrap_or("").to_string())
+                }
+                FunctionResponse::StreamingResponse(s) => {
+                    let chunks: Vec<_> = futures::StreamExt::collect::<Vec<_>>(s.stream).await;
+                    let text: String = chunks
+                        .into_iter()
+                        .map(|c| c.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                        .collect::<Result<_, _>>()?;
+                    (json!(s.metadata_prelude.status_code.as_u16()), text)
+                }
+            };
+            assert_eq!(status, 504, "{mode:?}");
+            let body: Value = serde_json::from_str(&body)?;
+            assert_eq!(body["error"]["code"], "timeout", "{mode:?}");
+            assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("max_tokens")), "{body}");
+        }
+        Ok(())
+    }
+
+    /// A stream under way at the cut ends with an error event after what was already sent,
+    /// and without `[DONE]`; a stream that ends before the cut is left as it is.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_under_way_at_the_deadline_ends_with_an_error_event() -> TestResult {
+        use futures::StreamExt;
+        fn first() -> impl futures::Stream<Item = Result<&'static str, std::convert::Infallible>> + Send {
+            futures::stream::iter([Ok("data: {\"n\":1}\n\n")])
+        }
+        let routes = |body: fn() -> Body| {
+            let handler = axum::routing::post(move || async move { body() });
+            UrlRoutes::new(Router::new().route("/v1/chat/completions", handler), UrlMode::Streamed)
+        };
+        let read = |answer: UrlAnswer| async move {
+            let FunctionResponse::StreamingResponse(s) = answer else { return Err("not a stream".to_string()) };
+            let chunks: Vec<_> = s.stream.collect().await;
+            chunks
+                .into_iter()
+                .map(|c| c.map(|b| String::from_utf8_lossy(&b).into_owned()).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let cut = || Some(tokio::time::Instant::now() + std::time::Duration::from_secs(5));
+
+        let stalls = routes(|| Body::from_stream(first().chain(futures::stream::pending())));
+        let chunks = read(stalls.answer(event_json("POST", Some("{}"), false), cut()).await?).await?;
+        assert_eq!(chunks.len(), 2, "{chunks:?}");
+        assert_eq!(chunks[0], "data: {\"n\":1}\n\n");
+        let event: Value = serde_json::from_str(chunks[1].trim().trim_start_matches("data: "))?;
+        assert_eq!(event["error"]["code"], "timeout");
+
+        let ends = routes(|| Body::from_stream(first()));
+        let chunks = read(ends.answer(event_json("POST", Some("{}"), false), cut()).await?).await?;
+        assert_eq!(chunks, ["data: {\"n\":1}\n\n"]);
         Ok(())
     }
 
