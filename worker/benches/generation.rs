@@ -448,7 +448,9 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
             &[("model.gguf", model_path("SmolLM2-135M-Instruct.Q4_1.gguf")?)],
         )?,
     ];
-    if !std::env::var("EMBER_BENCH_SKIP").unwrap_or_default().contains("synthetic") {
+    let only = std::env::var("EMBER_BENCH_COLD_MODELS").unwrap_or_default();
+    let wanted = |key: &str| only.is_empty() || only.split(',').any(|o| key.contains(o));
+    if !std::env::var("EMBER_BENCH_SKIP").unwrap_or_default().contains("synthetic") && wanted("synthetic") {
         println!("(making the synthetic checkpoint, seed {seed}: EMBER_BENCH_SEED)");
         models.push(ColdModel::synthetic(seed)?);
     }
@@ -456,8 +458,7 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
     println!("| model | MB | bare parallel download s | Ember to ready s | x bare | Ember to first token s | prefill s | warm start (local tier) s | page-cache read s | x read | warm to first token s |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut breakdowns = Vec::new();
-    let only = std::env::var("EMBER_BENCH_COLD_MODELS").unwrap_or_default();
-    for model in models.iter().filter(|m| only.is_empty() || only.split(',').any(|o| m.key.contains(o))) {
+    for model in models.iter().filter(|m| wanted(&m.key)) {
         let mut keys = Vec::new();
         for (name, path) in model.files()? {
             let key = format!("{}/{name}", model.key);

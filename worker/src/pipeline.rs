@@ -443,7 +443,7 @@ impl HopHandler {
     /// Sends `body` to the pipeline DLQ with `reason`: [`Outcome::Poisoned`] with `label` once
     /// it is there, a retry of the message if the DLQ could not take it.
     async fn park(&self, msg: &ReceivedMessage, body: &[u8], reason: &str, label: &str) -> Outcome {
-        match send_to_dlq(self.queue.as_ref(), body, reason).await {
+        match send_to_dlq(self.queue.as_ref(), msg, body, reason).await {
             Ok(()) => Outcome::Poisoned { label: label.into() },
             Err(e) => Outcome::Retry { after: retry_backoff(msg.receive_count), label: e.label().into() },
         }

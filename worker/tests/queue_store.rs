@@ -247,7 +247,7 @@ async fn depth(b: &Backend) -> Result<()> {
     q.send(b"c".to_vec(), Some(Duration::from_secs(60))).await?;
     let opts = ReceiveOptions { max_messages: 1, ..wait(5) };
     ensure!(q.receive(&opts).await?.len() == 1);
-    q.send_to_dlq(b"bad".to_vec(), "invalid job: messages is empty").await?;
+    q.send_to_dlq(b"bad".to_vec(), "invalid job: messages is empty", None).await?;
     let depth = q.depth().await?;
     ensure!(depth == QueueDepth { visible: 1, in_flight: 1, delayed: 1, dlq_visible: 1 }, "depth {depth:?}");
     Ok(())
@@ -255,8 +255,11 @@ async fn depth(b: &Backend) -> Result<()> {
 
 async fn redrive_sent_to_dlq(b: &Backend) -> Result<()> {
     let q = b.queue("redrive", 30, 5).await?;
+    // The first keeps the trace it was in through the DLQ and back.
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     for i in 0..3 {
-        q.send_to_dlq(format!("dead-{i}").into_bytes(), "terminal: unknown model").await?;
+        let traceparent = (i == 0).then_some(trace);
+        q.send_to_dlq(format!("dead-{i}").into_bytes(), "terminal: unknown model", traceparent).await?;
     }
     ensure!(q.depth().await?.dlq_visible == 3);
     ensure!(q.redrive().await? == 3, "redrive did not move three");
@@ -265,6 +268,15 @@ async fn redrive_sent_to_dlq(b: &Backend) -> Result<()> {
         let batch = q.receive(&wait(5)).await?;
         ensure!(!batch.is_empty(), "only {} came back", got.len());
         got.extend(batch);
+    }
+    for m in &got {
+        let expected = (m.body == b"dead-0").then_some(trace);
+        ensure!(
+            m.traceparent.as_deref() == expected,
+            "{:?}: traceparent {:?}",
+            String::from_utf8_lossy(&m.body),
+            m.traceparent
+        );
     }
     delete_all(&*q, &got).await?;
     ensure!(q.depth().await? == QueueDepth::default(), "not empty after redrive and delete");
@@ -333,7 +345,7 @@ async fn sqs_refuses_bytes(b: &Backend) -> Result<()> {
 async fn sqs_open_finds_dlq(b: &Backend) -> Result<()> {
     let Backend::Sqs(client) = b else { bail!("not SQS") };
     let created = b.queue("open", 30, 5).await?;
-    created.send_to_dlq(b"x".to_vec(), "reason").await?;
+    created.send_to_dlq(b"x".to_vec(), "reason", None).await?;
     let opened = SqsQueue::open(client.clone(), "open").await?;
     ensure!(opened.dlq_url().is_some_and(|u| u.ends_with("open-dlq")), "DLQ {:?}", opened.dlq_url());
     ensure!(opened.depth().await?.dlq_visible == 1);

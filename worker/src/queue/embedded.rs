@@ -373,8 +373,14 @@ impl Queue for EmbeddedQueue {
         Ok(())
     }
 
-    async fn send_to_dlq(&self, body: Vec<u8>, reason: &str) -> Result<MessageId, QueueError> {
-        let row = Row { body, delay_ms: 0, reason: Some(reason.to_string()), traceparent: None };
+    async fn send_to_dlq(
+        &self,
+        body: Vec<u8>,
+        reason: &str,
+        traceparent: Option<&str>,
+    ) -> Result<MessageId, QueueError> {
+        let row =
+            Row { body, delay_ms: 0, reason: Some(reason.to_string()), traceparent: traceparent.map(str::to_string) };
         let mut ids = self.insert(true, vec![row]).await?;
         ids.pop().ok_or_else(|| QueueError::MalformedResponse("the new message id".into()))
     }

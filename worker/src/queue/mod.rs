@@ -175,8 +175,14 @@ pub trait Queue: Send + Sync {
     async fn change_visibility(&self, receipt: &ReceiptHandle, timeout: Duration) -> Result<(), QueueError>;
 
     /// Puts a body straight into the dead-letter queue with a reason (a terminal error: no
-    /// point in waiting for `maxReceiveCount` deliveries). The caller then deletes the original.
-    async fn send_to_dlq(&self, body: Vec<u8>, reason: &str) -> Result<MessageId, QueueError>;
+    /// point in waiting for `maxReceiveCount` deliveries), in the trace the job was in
+    /// (`traceparent`), which a redrive carries back. The caller then deletes the original.
+    async fn send_to_dlq(
+        &self,
+        body: Vec<u8>,
+        reason: &str,
+        traceparent: Option<&str>,
+    ) -> Result<MessageId, QueueError>;
 
     /// Message counts of the queue and its DLQ.
     async fn depth(&self) -> Result<QueueDepth, QueueError>;

@@ -131,17 +131,22 @@ impl SqsQueue {
         body: Vec<u8>,
         delay: Option<Duration>,
         reason: Option<&str>,
+        traceparent: Option<&str>,
     ) -> Result<MessageId, QueueError> {
         check_delay(delay)?;
         let reason = reason.map(|r| MessageAttributeValue::builder().data_type("String").string_value(clean_reason(r)));
         let reason = reason.map(|r| r.build()).transpose().map_err(|e| QueueError::InvalidArgument(e.to_string()))?;
+        let mut attributes = trace_attribute(traceparent.map(str::to_string)).unwrap_or_default();
+        if let Some(r) = reason {
+            attributes.insert(DLQ_REASON_ATTRIBUTE.to_string(), r);
+        }
         let out = self
             .client
             .send_message()
             .queue_url(url)
             .message_body(sqs_text(body)?)
             .set_delay_seconds(delay.map(ceil_secs))
-            .set_message_attributes(reason.map(|r| HashMap::from([(DLQ_REASON_ATTRIBUTE.to_string(), r)])))
+            .set_message_attributes((!attributes.is_empty()).then_some(attributes))
             .send()
             .await
             .map_err(|e| sdk_error("SendMessage", url, e))?;
@@ -289,7 +294,7 @@ impl SqsQueue {
 #[async_trait::async_trait]
 impl Queue for SqsQueue {
     async fn send(&self, body: Vec<u8>, delay: Option<Duration>) -> Result<MessageId, QueueError> {
-        self.send_one(&self.url, body, delay, None).await
+        self.send_one(&self.url, body, delay, None, None).await
     }
 
     async fn send_batch(&self, messages: Vec<OutgoingMessage>) -> Vec<Result<MessageId, QueueError>> {
@@ -317,8 +322,13 @@ impl Queue for SqsQueue {
         Ok(())
     }
 
-    async fn send_to_dlq(&self, body: Vec<u8>, reason: &str) -> Result<MessageId, QueueError> {
-        self.send_one(self.dlq()?, body, None, Some(reason)).await
+    async fn send_to_dlq(
+        &self,
+        body: Vec<u8>,
+        reason: &str,
+        traceparent: Option<&str>,
+    ) -> Result<MessageId, QueueError> {
+        self.send_one(self.dlq()?, body, None, Some(reason), traceparent).await
     }
 
     async fn depth(&self) -> Result<QueueDepth, QueueError> {

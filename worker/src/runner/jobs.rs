@@ -116,7 +116,7 @@ impl JobHandler {
             return outcome;
         }
         match &self.dead_letters {
-            DeadLetters::Queue(queue) => match send_to_dlq(queue.as_ref(), &msg.body, label).await {
+            DeadLetters::Queue(queue) => match send_to_dlq(queue.as_ref(), msg, &msg.body, label).await {
                 Ok(_) => Outcome::Poisoned { label: label.to_string() },
                 Err(e) => {
                     tracing::warn!(message_id = %msg.id, error = %e, "could not send to the DLQ; will retry");
@@ -359,12 +359,19 @@ impl Handler for JobHandler {
     }
 }
 
-/// Sends the body as it is; a queue that carries only text (SQS) gets it with the invalid
-/// UTF-8 sequences replaced (the error result already names the offset).
-pub(crate) async fn send_to_dlq(queue: &dyn Queue, body: &[u8], label: &str) -> Result<(), crate::queue::QueueError> {
-    match queue.send_to_dlq(body.to_vec(), label).await {
+/// Sends the body as it is, in the trace `msg` came with (a redriven job stays in it); a
+/// queue that carries only text (SQS) gets it with the invalid UTF-8 sequences replaced (the
+/// error result already names the offset).
+pub(crate) async fn send_to_dlq(
+    queue: &dyn Queue,
+    msg: &ReceivedMessage,
+    body: &[u8],
+    label: &str,
+) -> Result<(), crate::queue::QueueError> {
+    let trace = msg.traceparent.as_deref();
+    match queue.send_to_dlq(body.to_vec(), label, trace).await {
         Err(crate::queue::QueueError::BodyNotUtf8 { .. }) => {
-            queue.send_to_dlq(String::from_utf8_lossy(body).into_owned().into_bytes(), label).await.map(|_| ())
+            queue.send_to_dlq(String::from_utf8_lossy(body).into_owned().into_bytes(), label, trace).await.map(|_| ())
         }
         other => other.map(|_| ()),
     }
