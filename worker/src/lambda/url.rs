@@ -182,6 +182,11 @@ pub fn http_request(event: LambdaFunctionUrlRequest) -> Result<Request<Body>, Ur
     };
     let mut request = Request::builder().method(method).uri(uri).body(Body::from(body))?;
     *request.headers_mut() = event.headers;
+    // Function URLs (payload format 2.0) take the request's cookies out of its headers.
+    let cookies = event.cookies.unwrap_or_default().join("; ");
+    if let (false, Ok(value)) = (cookies.is_empty(), axum::http::HeaderValue::from_str(&cookies)) {
+        request.headers_mut().insert(header::COOKIE, value);
+    }
     // The body is whole here, whatever the client's framing was.
     request.headers_mut().remove(header::TRANSFER_ENCODING);
     Ok(request)
@@ -270,6 +275,11 @@ mod tests {
         let r = http_request(event("POST", Some("{\"a\":1}"), false)?)?;
         assert_eq!((r.method(), r.uri().path(), r.uri().query()), (&Method::POST, "/v1/chat/completions", Some("a=1")));
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        assert!(!r.headers().contains_key(header::COOKIE));
+        let mut with_cookies = event_json("GET", None, false);
+        with_cookies["cookies"] = json!(["a=1", "b=2"]);
+        let r = http_request(serde_json::from_value(with_cookies)?)?;
+        assert_eq!(r.headers()[header::COOKIE], "a=1; b=2");
         let body = axum::body::to_bytes(http_request(event("POST", Some("eyJhIjoxfQ=="), true)?)?.into_body(), 64);
         assert_eq!(body.await?, "{\"a\":1}");
         assert!(matches!(http_request(event("POST", Some("not base64!"), true)?), Err(UrlError::Base64(_))));
