@@ -152,10 +152,7 @@ fn plan(content: &gguf_file::Content) -> Vec<Planned> {
     let mut plan: Vec<Planned> = content
         .tensor_infos
         .iter()
-        .filter(|(_, info)| {
-            use GgmlDType::*;
-            matches!(info.ggml_dtype, Q4_0 | Q4_1 | Q5_0 | Q8_0 | Q4K | Q5K | Q6K)
-        })
+        .filter(|(_, info)| QuantLinear::tiled_kind(info.ggml_dtype).is_some())
         .filter_map(|(name, info)| {
             let (n, k) = info.shape.dims2().ok()?;
             let len = (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;

@@ -150,16 +150,11 @@ impl<'a> SafetensorsWeights<'a> {
         let Some((file, view)) = self.views.get(name) else {
             return Err(LoadError::MissingTensor { name: name.into() });
         };
-        let dtype = match view.dtype() {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::BF16 => DType::BF16,
-            other => {
-                return Err(LoadError::BadTensorDtype {
-                    name: format!("{name} (in {file})"),
-                    dtype: format!("{other:?}"),
-                })
-            }
+        let Some(dtype) = self.dtype_of(name) else {
+            return Err(LoadError::BadTensorDtype {
+                name: format!("{name} (in {file})"),
+                dtype: format!("{:?}", view.dtype()),
+            });
         };
         Ok(Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)?)
     }

@@ -100,6 +100,26 @@ impl std::fmt::Debug for QuantLinear {
     }
 }
 
+/// Whether the tiled kernels run on this CPU on `isa` (AVX-512 VNNI, not the portable path).
+fn runs_tiles(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return isa != Isa::Scalar && super::tiled::avx512::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        false
+    }
+}
+
+/// `n` rows of `k` weights of `kind`, as GGUF blocks, repacked into the tiled layout.
+#[cfg(target_arch = "x86_64")]
+fn tile(kind: Kind, blocks: &[u8], n: usize, k: usize) -> Weight {
+    match kind {
+        Kind::Block(f) => Weight::Tiled(Arc::new(Tiled::new(f, blocks, n, k))),
+        Kind::Super(f) => Weight::KTiled(Arc::new(KTiled::new(f, blocks, n, k))),
+    }
+}
+
 impl QuantLinear {
     /// Gives the tensor back when the kernels do not take it (not on the CPU, another
     /// format, not 2-D, rows not whole blocks): the caller keeps candle's matmul for it.
@@ -111,10 +131,7 @@ impl QuantLinear {
         if !Self::takes(&weight, isa) || (isa == Isa::Scalar && !forced) {
             return Err(weight);
         }
-        #[cfg(target_arch = "x86_64")]
-        let tiles = isa != Isa::Scalar && super::tiled::avx512::available() && Arc::strong_count(&weight) == 1;
-        #[cfg(not(target_arch = "x86_64"))]
-        let tiles = false;
+        let tiles = runs_tiles(isa) && Arc::strong_count(&weight) == 1;
         if matches!(Kind::of(weight.dtype()), Some(Kind::Super(_))) && !tiles && !forced {
             return Err(weight);
         }
@@ -126,10 +143,7 @@ impl QuantLinear {
             // memory.
             if let Weight::Blocks(q) = &out.weight {
                 if let Ok(bytes) = q.data() {
-                    let tiled = match out.kind {
-                        Kind::Block(f) => Weight::Tiled(Arc::new(Tiled::new(f, &bytes, out.n, out.k))),
-                        Kind::Super(f) => Weight::KTiled(Arc::new(KTiled::new(f, &bytes, out.n, out.k))),
-                    };
+                    let tiled = tile(out.kind, &bytes, out.n, out.k);
                     drop(bytes);
                     out.weight = tiled;
                 }
@@ -151,14 +165,7 @@ impl QuantLinear {
     ) -> Option<Self> {
         let kind = Kind::of(dtype)?;
         let isa = Isa::detect();
-        #[cfg(target_arch = "x86_64")]
-        let tiles = isa != Isa::Scalar && super::tiled::avx512::available();
-        #[cfg(not(target_arch = "x86_64"))]
-        let tiles = {
-            let _ = isa;
-            false
-        };
-        if !tiles || n == 0 || k == 0 || !k.is_multiple_of(kind.block()) {
+        if !runs_tiles(isa) || n == 0 || k == 0 || !k.is_multiple_of(kind.block()) {
             return None;
         }
         let size = n.checked_mul(k)? / dtype.block_size() * dtype.type_size();
@@ -166,13 +173,7 @@ impl QuantLinear {
             return None;
         }
         #[cfg(target_arch = "x86_64")]
-        {
-            let weight = match kind {
-                Kind::Block(f) => Weight::Tiled(Arc::new(Tiled::new(f, blocks, n, k))),
-                Kind::Super(f) => Weight::KTiled(Arc::new(KTiled::new(f, blocks, n, k))),
-            };
-            Some(Self { weight, kind, n, k, isa })
-        }
+        return Some(Self { weight: tile(kind, blocks, n, k), kind, n, k, isa });
         #[cfg(not(target_arch = "x86_64"))]
         None
     }
@@ -198,16 +199,22 @@ impl QuantLinear {
     ) -> Option<Self> {
         let kind = Kind::of(dtype)?;
         let isa = Isa::detect();
+        if !runs_tiles(isa) {
+            return None;
+        }
         #[cfg(target_arch = "x86_64")]
-        if isa != Isa::Scalar && super::tiled::avx512::available() {
+        {
             let weight = match kind {
                 Kind::Block(f) => Weight::Tiled(Arc::new(Tiled::from_shared(f, tiles, n, k)?)),
                 Kind::Super(f) => Weight::KTiled(Arc::new(KTiled::from_shared(f, tiles, n, k)?)),
             };
-            return Some(Self { weight, kind, n, k, isa });
+            Some(Self { weight, kind, n, k, isa })
         }
-        let _ = (kind, isa, tiles, n, k);
-        None
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (kind, tiles, n, k);
+            None
+        }
     }
 
     /// Whether the kernels on `isa` take this tensor.
