@@ -325,7 +325,6 @@ fn download(
     let failed = AtomicBool::new(false);
     let errors: Mutex<Vec<LoadError>> = Mutex::new(Vec::new());
     let mut landed_s = 0.0;
-    let mut tiled = Tiled::default();
     let tiles: Mutex<std::collections::HashMap<String, ember_kernels::cpu::QuantLinear>> = Mutex::default();
     // When the last hashing thread and the last tiling thread finished.
     let (hashed_at, tiled_at) = (Mutex::new(None), Mutex::new(None));
@@ -398,7 +397,12 @@ fn download(
         // short, so tensors gathered across parts wait in it a few at a time, not the file.
         let (tiles, tiled_at) = (&tiles, &tiled_at);
         let work_rx = &work_rx;
+        let failed_ref = &failed;
         let tile_one = move |ready: crate::prebuild::Ready<'_>| {
+            // After a failed check the tiles would be thrown away: the queue is only drained.
+            if failed_ref.load(Ordering::Relaxed) {
+                return;
+            }
             if let (Some(layer), Ok(mut tiles)) = (ready.tile(), tiles.lock()) {
                 tiles.insert(ready.name, layer);
             }
@@ -499,10 +503,10 @@ fn download(
         (end - landed_s).max(0.0)
     };
     let tail_s = after(&hashed_at);
-    if tile_file.is_some() {
-        let layers = tiles.into_inner().unwrap_or_default();
-        tiled = Tiled { layers, tail_s: after(&tiled_at) };
-    }
+    let tiled = match tile_file {
+        Some(_) => Tiled { layers: tiles.into_inner().unwrap_or_default(), tail_s: after(&tiled_at) },
+        None => Tiled::default(),
+    };
     let mut errors = errors.into_inner().unwrap_or_default();
     // A failed check names the first bad chunk in file order; a download error comes first.
     errors.sort_by_key(|e| match e {
