@@ -421,11 +421,9 @@ pub(crate) fn by_tiles(
                 let nr = 4.min(m - r0);
                 dots(t, r0, nr, &mut d);
                 for (r, d) in d[..nr].iter().enumerate() {
-                    for (i, v) in d[..rows].iter().enumerate() {
-                        // SAFETY: row r0 + r < m, column 16t + i < n; tile t is this
-                        // thread's alone, so no other thread writes these columns.
-                        unsafe { *out.at((r0 + r) * n + t * TILE + i) = *v };
-                    }
+                    // SAFETY: row r0 + r < m, columns 16t..16t + rows < n; tile t is this
+                    // thread's alone, so no other thread writes these columns.
+                    unsafe { out.write((r0 + r) * n + t * TILE, &d[..rows]) };
                 }
             }
         }
