@@ -104,6 +104,42 @@ impl Linear {
         })
     }
 
+    /// Several layers on one input `x (b, t, in)`: each layer's `(b, t, out)`. Layers all on
+    /// Ember's quantized kernels share one quantization of `x`
+    /// ([`QuantLinear::forward_shared`]); otherwise each runs alone.
+    pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let quant: Vec<&QuantLinear> = layers
+            .iter()
+            .filter_map(|l| match l {
+                Linear::Ember(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        if quant.len() == layers.len() {
+            return Ok(QuantLinear::forward_shared(&quant, x)?);
+        }
+        layers.iter().map(|l| l.forward(x)).collect()
+    }
+
+    /// [`Linear::forward_shared`] answering each layer's output as row-major f32 values
+    /// (`b * t` rows of `out`), for the CPU code that works on them in place.
+    pub fn forward_rows(layers: &[&Linear], x: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let quant: Vec<&QuantLinear> = layers
+            .iter()
+            .filter_map(|l| match l {
+                Linear::Ember(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        if quant.len() == layers.len() {
+            return Ok(QuantLinear::forward_rows(&quant, x)?);
+        }
+        layers
+            .iter()
+            .map(|l| Ok(l.forward(x)?.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?))
+            .collect()
+    }
+
     /// `x (b, t, in)` -> `(b, t, out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
