@@ -6,6 +6,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use ember_kernels::cpu::attention::{self, KvLayer, Rope};
+
 use crate::config::{Llama3RopeScaling, ModelConfig};
 use crate::error::Result;
 use crate::linear::Linear;
@@ -36,6 +38,9 @@ pub struct Model {
     dtype: DType,
     device: Device,
     fused_norm: bool,
+    /// The rotary tables as plain f32 rows when attention runs on Ember's CPU code
+    /// ([`Model::set_cpu_attention`]).
+    cpu_rope: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// The keys and values one sequence has seen so far.
@@ -59,6 +64,9 @@ pub struct SeqCache {
     /// Grow by concatenation, a copy of the whole cache per layer per step: how the cache
     /// worked before 2026-11-30, kept as the baseline the generation benchmark measures.
     concat: bool,
+    /// Per layer, when attention runs on Ember's CPU code: keys and values in f32, in
+    /// buffers that grow as `layers` do.
+    cpu: Vec<KvLayer>,
 }
 
 /// One layer's keys (f32) and values, `(kv_heads, capacity, head_dim)`; the first
@@ -185,6 +193,11 @@ impl Model {
             None => None,
         };
         let (cos, sin) = rope_tables(cfg, rope_factors.as_deref(), act, device)?;
+        let cpu_rope = if device.is_cpu() && act == DType::F32 && crate::linear::kernels_enabled() {
+            Some((cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?))
+        } else {
+            None
+        };
         Ok(Self {
             cfg: cfg.clone(),
             embed,
@@ -197,6 +210,7 @@ impl Model {
             dtype: act,
             device: device.clone(),
             fused_norm: device.is_cuda(),
+            cpu_rope,
         })
     }
 
@@ -226,9 +240,8 @@ impl Model {
     fn project(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let heads = |w: &Linear, n: usize| -> Result<Tensor> {
-            Ok(linear(w, x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
+        let heads =
+            |y: &Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) };
         let rope = |x: Tensor| -> Result<Tensor> {
             Ok(if self.rope_interleaved {
                 candle_nn::rotary_emb::rope_i(&x, cos, sin)?
@@ -236,7 +249,10 @@ impl Model {
                 candle_nn::rotary_emb::rope(&x, cos, sin)?
             })
         };
-        Ok((rope(heads(&layer.q, nh)?)?, rope(heads(&layer.k, nkv)?)?, heads(&layer.v, nkv)?))
+        let [q, k, v]: [Tensor; 3] = Linear::forward_shared(&[&layer.q, &layer.k, &layer.v], x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("q, k and v projections: expected three outputs".into()))?;
+        Ok((rope(heads(&q, nh)?)?, rope(heads(&k, nkv)?)?, heads(&v, nkv)?))
     }
 
     /// Attention of one sequence: its new queries `(1, heads, t, head_dim)` against its cache
@@ -329,16 +345,26 @@ impl Model {
         let eps = self.cfg.rms_norm_eps as f32;
         let first_norm = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
         let mut h = candle_nn::ops::rms_norm(&x, first_norm, eps)?;
+        let cpu_rope = self.cpu_rope.as_ref().filter(|_| caches.iter().all(|c| !c.concat));
+        let row_positions: Vec<usize> = positions.to_vec1::<u32>()?.into_iter().map(|p| p as usize).collect();
         for (l, layer) in self.layers.iter().enumerate() {
-            let (q, k, v) = self.project(layer, &h, &cos, &sin)?;
-            let mut ys = Vec::with_capacity(b);
-            for (cache, (at, t, mask)) in caches.iter_mut().zip(&spans) {
-                let pick = |x: &Tensor| x.narrow(2, *at, *t);
-                ys.push(self.attend(&pick(&q)?, &pick(&k)?, &pick(&v)?, mask.as_ref(), cache, l)?);
-            }
-            let y = Tensor::cat(&ys, 1)?.reshape((1, rows, width))?;
+            let y = if let Some((cos, sin)) = cpu_rope {
+                let rope = Rope { cos, sin, interleaved: self.rope_interleaved };
+                self.attend_cpu(layer, l, &h, rope, &row_positions, &spans, caches)?
+            } else {
+                let (q, k, v) = self.project(layer, &h, &cos, &sin)?;
+                let mut ys = Vec::with_capacity(b);
+                for (cache, (at, t, mask)) in caches.iter_mut().zip(&spans) {
+                    let pick = |x: &Tensor| x.narrow(2, *at, *t);
+                    ys.push(self.attend(&pick(&q)?, &pick(&k)?, &pick(&v)?, mask.as_ref(), cache, l)?);
+                }
+                Tensor::cat(&ys, 1)?.reshape((1, rows, width))?
+            };
             (x, h) = self.add_norm(&x, &linear(&layer.o, &y)?, &layer.post_norm)?;
-            let mlp = ember_kernels::cpu::act::silu_mul_tensors(&linear(&layer.gate, &h)?, &linear(&layer.up, &h)?)?;
+            let [gate, up]: [Tensor; 2] = Linear::forward_shared(&[&layer.gate, &layer.up], &h)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("gate and up projections: expected two outputs".into()))?;
+            let mlp = ember_kernels::cpu::act::silu_mul_tensors(&gate, &up)?;
             // The residual add closes the layer; the norm after it is the next layer's input
             // norm, or the final norm after the last layer.
             let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.input_norm);
@@ -351,6 +377,59 @@ impl Model {
         let x = h.squeeze(0)?.index_select(&lasts, 0)?.unsqueeze(0)?;
         let logits = linear(&self.lm_head, &x)?;
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Projections, rotary embedding, cache append and attention of one layer on Ember's CPU
+    /// code ([`ember_kernels::cpu::attention`]): the rows stay in the projections' layout and
+    /// no candle op runs between the q/k/v matmuls and the output projection. `h` is
+    /// `(1, rows, hidden)`; `spans` as in [`Model::forward_ragged`]. Returns `(1, rows, heads *
+    /// head_dim)`, before the output projection.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_cpu(
+        &self,
+        layer: &Layer,
+        l: usize,
+        h: &Tensor,
+        rope: Rope,
+        positions: &[usize],
+        spans: &[(usize, usize, Option<Tensor>)],
+        caches: &mut [&mut SeqCache],
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let [mut q, mut k, v]: [Vec<f32>; 3] = Linear::forward_rows(&[&layer.q, &layer.k, &layer.v], h)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("q, k and v projections: expected three outputs".into()))?;
+        rope.apply(&mut q, nh, hd, positions);
+        rope.apply(&mut k, nkv, hd, positions);
+        let mut y = vec![0f32; q.len()];
+        let (qw, kw) = (nh * hd, nkv * hd);
+        for (cache, (at, t, _)) in caches.iter_mut().zip(spans) {
+            let len = cache.len;
+            if cache.cpu.len() != self.layers.len() {
+                cache.cpu = (0..self.layers.len()).map(|_| KvLayer::new(nkv, hd)).collect();
+            }
+            let reserve = cache.reserve;
+            let kv = &mut cache.cpu[l];
+            let grown = (2 * kv.capacity()).max(len + t).max(MIN_KV_CAPACITY);
+            let grown = reserve.map_or(grown, |r| grown.min(r.max(len + t)));
+            let rows = *at..at + t;
+            kv.append(len, &k[rows.start * kw..rows.end * kw], &v[rows.start * kw..rows.end * kw], grown);
+            let out = &mut y[rows.start * qw..rows.end * qw];
+            attention::attend(&q[rows.start * qw..rows.end * qw], kv, len, nh, self.cfg.sliding_window, out);
+        }
+        Ok(Tensor::from_vec(y, (1, positions.len(), qw), &self.device)?)
+    }
+
+    /// Whether attention runs on Ember's CPU code ([`ember_kernels::cpu::attention`]): on by
+    /// default on the CPU with f32 activations and Ember's kernels on; off runs candle's ops,
+    /// to compare the two. A sequence's cache must not switch between the two.
+    pub fn set_cpu_attention(&mut self, on: bool) -> Result<()> {
+        self.cpu_rope = if on && self.device.is_cpu() && self.dtype == DType::F32 {
+            Some((self.cos.flatten_all()?.to_vec1::<f32>()?, self.sin.flatten_all()?.to_vec1::<f32>()?))
+        } else {
+            None
+        };
+        Ok(())
     }
 
     /// `(x + delta, rms_norm(x + delta) * weight)`: one fused kernel when [`Model::fused_norm`]
