@@ -61,6 +61,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, d: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(d);
     let name = args.first().map(String::as_str).unwrap_or("q4_1");
+    #[cfg(target_arch = "x86_64")]
+    if name == "model" {
+        return match args.get(1).map(String::as_str) {
+            Some("q4_0") => model_stream(Format::Q4_0, GgmlDType::Q4_0),
+            Some("q4_1") => model_stream(Format::Q4_1, GgmlDType::Q4_1),
+            _ => model_stream(Format::Q8_0, GgmlDType::Q8_0),
+        };
+    }
     if let Some(kf) = match name {
         "q4_k" => Some((cpu::KFormat::Q4K, GgmlDType::Q4K)),
         "q5_k" => Some((cpu::KFormat::Q5K, GgmlDType::Q5K)),
@@ -116,5 +124,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let s = t0.elapsed().as_secs_f64() / iters as f64;
     println!("candle {format:?}: {:.1} us, {:.2} GMAC/s", s * 1e6, (n * k * m) as f64 / s / 1e9);
+    Ok(())
+}
+
+/// Decode through a SmolLM2-135M-shaped stack of tiled matrices (30 layers, tied head), m = 1,
+/// one thread's worth of the per-token weight stream: `matmul_speed model q8_0`.
+#[cfg(target_arch = "x86_64")]
+pub fn model_stream(format: Format, dtype: GgmlDType) -> Result<(), Box<dyn std::error::Error>> {
+    let shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)];
+    let mut mats = Vec::new();
+    let mut proto = Vec::new();
+    for &(n, k) in &shapes {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+        proto.push((n, k, QTensor::quantize(&w, dtype)?.data()?.to_vec()));
+    }
+    for _ in 0..30 {
+        for (n, k, b) in &proto {
+            mats.push(cpu::tiled::Tiled::new(format, b, *n, *k));
+        }
+    }
+    let w = Tensor::randn(0f32, 1.0, (49152, 576), &Device::Cpu)?;
+    mats.push(cpu::tiled::Tiled::new(format, &QTensor::quantize(&w, dtype)?.data()?, 49152, 576));
+    let bytes: usize = mats.iter().map(|m| m.size_in_bytes()).sum();
+    let x: Vec<f32> = (0..1536).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut y = vec![0f32; 49152];
+    let (mut best, mut total) = (f64::MAX, 0.0);
+    for _ in 0..50 {
+        let t0 = Instant::now();
+        for m in &mats {
+            let a = cpu::Q8Rows::quantize(&x[..m.k], 1, m.k);
+            cpu::tiled::matmul_q8_vnni(m, &a, &mut y[..m.n]);
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+        total += t0.elapsed().as_secs_f64();
+    }
+    println!(
+        "{format:?} model stream: best {:.2} ms a token ({:.2} GB/s), mean {:.2} ms ({} MB)",
+        best * 1e3,
+        bytes as f64 / best / 1e9,
+        total / 50.0 * 1e3,
+        bytes >> 20
+    );
     Ok(())
 }
