@@ -116,7 +116,7 @@ const FAST_HORIZON_S: f64 = 10.0;
 /// is back within one cold start, so the load of the last few cold starts is what a worker
 /// kept now is for.
 const SLOW_HORIZON_COLD_STARTS: f64 = 2.0;
-/// One-sided 95% quantile of a normal: slots above the mean for a p95 target.
+/// One-sided 95% quantile of a normal: the forecast's quantile before any arrival steers it.
 const Z95: f64 = 1.645;
 /// Standard deviations of a Poisson count above the fast rate that make a decision's
 /// arrivals a burst (with a worker's slots on top, so a handful of jobs is not one).
