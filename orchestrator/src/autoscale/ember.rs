@@ -18,8 +18,9 @@
 //!   jobs running now finishes with probability `p = 1 - exp(-h / T)`, and the arrivals still
 //!   held at `h` number `a p` on average (the M/M/inf queue from its present state; queued
 //!   jobs are the backlog rule's), so the slots held then are `x (1 - p) + a p` on average,
-//!   with variance `x p (1 - p) + a p`; the policy adds 1.645 standard deviations (one-sided
-//!   95%), since the target is a p95. At a long cold start (`h >> T`, `p` near 1) this is
+//!   with variance `x p (1 - p) + a p`; the policy adds a quantile of standard deviations,
+//!   1.645 (one-sided 95%) at first, since the target is a p95, then steered (below). At a
+//!   long cold start (`h >> T`, `p` near 1) this is
 //!   the steady state, `a + 1.645 sqrt(a)`; at a short one the present occupancy is known and
 //!   only the spread of `h` seconds is left to cover (sizing every decision for the steady
 //!   state's spread, with `h` a fifth of `T`, kept about one worker more than needed on the
@@ -27,6 +28,19 @@
 //!   before it, and the steady state at the burst's rate is used. With nothing queued, the
 //!   forecast sizes only the workers beyond the first: whether the first stays is the
 //!   ski-rental rule's call.
+//!
+//! The forecast's quantile starts at 1.645 and is then steered by what the pool shows: a p95
+//! wait allows 5% of the jobs to wait, and how many arrivals find every slot taken depends
+//! on more than the Poisson spread (workers are whole, a job at part fill is shorter than at
+//! full load, the load drifts), so a fixed quantile left some traces with budget unspent and
+//! others short of it. Every arrival that finds every ready slot taken, with no worker on its
+//! way, moves the quantile up; every one that finds a free slot moves it down, so that 4% of
+//! them find none ([`MISS_SHARE`]; the rest of the 5% is left to the jobs that wait for a
+//! cold start and to bursts, which this does not count). The decision samples the pool once a
+//! second; with arrivals at random times, the share of decisions that see it full is the
+//! share of arrivals that found it full. Arrivals before the pool first had a free slot (they
+//! queue behind the first cold start) and during a burst are the backlog rule's and are not
+//! counted. The decision line gives `forecast_quantile_sd` and `arrivals_found_full`.
 //!
 //! The arrival rate is not a queue metric: it is the change of the backlog plus the jobs the
 //! workers report finished, smoothed over two horizons: a fast one (10 s) and a slow one of two
@@ -102,13 +116,23 @@ const FAST_HORIZON_S: f64 = 10.0;
 /// is back within one cold start, so the load of the last few cold starts is what a worker
 /// kept now is for.
 const SLOW_HORIZON_COLD_STARTS: f64 = 2.0;
-/// One-sided 95% quantile of a normal: slots above the mean for a p95 target.
+/// One-sided 95% quantile of a normal: the forecast's quantile before any arrival steers it.
 const Z95: f64 = 1.645;
 /// Standard deviations of a Poisson count above the fast rate that make a decision's
 /// arrivals a burst (with a worker's slots on top, so a handful of jobs is not one).
 const BURST_SIGMAS: f64 = 3.0;
 /// The longest a surplus worker beyond the first is held, in decisions.
 const SURPLUS_HOLD_DECISIONS: f64 = 3.0;
+/// The share of arrivals the forecast's quantile is steered to leave without a free slot: a
+/// p95 allows 5% of jobs to wait; the rest of it is left to the jobs that wait for a cold
+/// start (the first worker's, the ski-rental's restarts) and to bursts, which the quantile does
+/// not see.
+const MISS_SHARE: f64 = 0.04;
+/// How far one arrival moves the quantile (in standard deviations): a thousand arrivals that
+/// all find a free slot lower it by 0.08, a hundred that find none raise it by 0.19.
+const QUANTILE_STEP: f64 = 0.002;
+/// The range the quantile is steered in.
+const QUANTILE_RANGE: (f64, f64) = (0.0, 3.0);
 
 /// The per-worker figures the policy works with, and where they came from.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -197,6 +221,14 @@ pub struct EmberPolicy {
     events: Rate,
     /// When a decision last saw an arrival.
     last_arrival: Option<f64>,
+    /// The forecast's quantile (standard deviations above the mean), steered by its misses.
+    z: f64,
+    /// Arrivals the steering counted, and those of them that found every ready slot taken.
+    seen_ready: f64,
+    seen_full: f64,
+    /// Whether the pool has once had a free slot: before, arrivals queue behind the first
+    /// cold start, which is no miss of the quantile's.
+    caught_up: bool,
     known: WorkerFigures,
     known_full: bool,
     surplus_since: Option<f64>,
@@ -232,6 +264,10 @@ impl EmberPolicy {
             burst_from: None,
             events,
             last_arrival: None,
+            z: Z95,
+            seen_ready: 0.0,
+            seen_full: 0.0,
+            caught_up: false,
             known,
             known_full: false,
             surplus_since: None,
@@ -287,6 +323,34 @@ impl EmberPolicy {
         }
         self.done_seen.retain(|id, _| obs.workers.iter().any(|w| &w.id == id));
         any.then_some((jobs, tokens))
+    }
+
+    /// Moves the forecast's quantile up for each arrival that found every ready slot taken
+    /// with no worker on its way, and down for each that found one, so that over many
+    /// arrivals [`MISS_SHARE`] of them find none (the decision samples the pool once a
+    /// second; with arrivals at random times, the share of decisions that see it full is the
+    /// share of arrivals that found it full).
+    fn steer_quantile(&mut self, obs: &Observation<'_>, slots: u32, arrivals: f64) {
+        let ready = obs.workers.iter().filter(|w| w.state == WorkerState::Ready);
+        let (n_ready, free) =
+            ready.fold((0u32, 0u64), |(n, f), w| (n + 1, f + u64::from(slots.saturating_sub(w.busy.unwrap_or(0)))));
+        let full = free == 0 || obs.backlog.visible > free;
+        if n_ready > 0 && !full {
+            self.caught_up = true;
+        }
+        // A worker on its way was asked for: the wait is its cold start's, not the quantile's.
+        let starting = obs.workers.iter().any(|w| w.state == WorkerState::Starting);
+        if !self.caught_up || n_ready == 0 || starting || arrivals <= 0.0 {
+            return;
+        }
+        self.seen_ready += arrivals;
+        if full {
+            self.seen_full += arrivals;
+            self.z += QUANTILE_STEP * arrivals * (1.0 - MISS_SHARE);
+        } else {
+            self.z -= QUANTILE_STEP * arrivals * MISS_SHARE;
+        }
+        self.z = self.z.clamp(QUANTILE_RANGE.0, QUANTILE_RANGE.1);
     }
 }
 
@@ -361,6 +425,10 @@ impl Policy for EmberPolicy {
                     burst_passed = true;
                 }
             }
+            // The forecast's misses steer its quantile (module docs).
+            if !burst && self.burst_from.is_none() {
+                self.steer_quantile(obs, fig.slots, arrivals);
+            }
             self.events.update(if arrivals >= 0.5 { 1.0 } else { 0.0 }, dt, slow_horizon);
             if arrivals >= 0.5 {
                 self.last_arrival = Some(now);
@@ -397,7 +465,7 @@ impl Policy for EmberPolicy {
         let p_done = if burst { 1.0 } else { p_done };
         let held_mean = held_now * (1.0 - p_done) + busy_slots * p_done;
         let held_sd = (held_now * p_done * (1.0 - p_done) + busy_slots * p_done).sqrt();
-        let forecast_n = if held_mean < 1e-3 { 0.0 } else { ((held_mean + Z95 * held_sd) / slots).ceil() };
+        let forecast_n = if held_mean < 1e-3 { 0.0 } else { ((held_mean + self.z * held_sd) / slots).ceil() };
         // Whether one worker should be there at all with nothing queued is the ski-rental
         // question below, not the forecast's: the forecast sizes the workers beyond the first.
         let forecast_n = if demand == 0 && forecast_n <= 1.0 { 0.0 } else { forecast_n };
@@ -469,6 +537,9 @@ impl Policy for EmberPolicy {
             "slots_held_now": in_flight,
             "slots_held_forecast": round3(held_mean),
             "slots_held_sd": round3(held_sd),
+            "forecast_quantile_sd": round3(self.z),
+            "arrivals_found_full": round3(if self.seen_ready > 0.0 { self.seen_full / self.seen_ready } else { 0.0 }),
+            "arrivals_found_full_target": MISS_SHARE,
             "forecast_horizon_s": round3(horizon),
             "target_wait_s": c.target_wait,
             "idle_cost_ws": round3(keep_cost.min(1e9)),
@@ -755,6 +826,42 @@ mod tests {
         let v = forecast_workers(1.0);
         assert!(v["slots_held_forecast"].as_f64().is_some_and(|x| (x - 35.8).abs() < 1.0), "{v}");
         assert_eq!(v["workers_for_forecast"], 6.0, "{v}");
+    }
+
+    #[test]
+    fn arrivals_that_find_every_slot_taken_raise_the_forecast_and_free_slots_lower_it() {
+        let reason = |d: &Decision| serde_json::from_str::<serde_json::Value>(&d.reason).unwrap_or_default();
+        // Three ready workers, 4 jobs arriving and 4 finishing a second (reported), for ten
+        // minutes: in one run every slot is taken at each decision, in the other 8 are free.
+        let run = |busy: u32| {
+            let mut p = EmberPolicy::new(PolicyConfig { cold_start: 30.0, ..cfg() });
+            let mut report =
+                WorkerReport { cold_start_s: 30.0, concurrency: 8, full_tok_s: Some(198.3), ..WorkerReport::default() };
+            let mut last = serde_json::Value::Null;
+            for t in 0..=600u32 {
+                // The first decisions see free slots in both runs (the pool has caught up).
+                let b = if t <= 1 { 0 } else { busy };
+                report.jobs = u64::from(t) * 4;
+                report.tokens = report.jobs * 128;
+                let mut ws: Vec<WorkerView> =
+                    (0..3).map(|i| worker(&format!("w{i}"), WorkerState::Ready, Some(b), None)).collect();
+                ws[0].report = Some(report);
+                last = reason(&decide(&mut p, f64::from(t), 0, u64::from(3 * b), &ws));
+            }
+            last
+        };
+        let (full, free) = (run(8), run(16 / 3));
+        let sd = |v: &serde_json::Value| v["forecast_quantile_sd"].as_f64().unwrap_or(f64::NAN);
+        assert!(full["arrivals_found_full"].as_f64().is_some_and(|x| x > 0.99), "{full}");
+        assert_eq!(free["arrivals_found_full"], 0.0, "{free}");
+        // 2,400 arrivals, all without a slot: the quantile is at its top, 3 standard
+        // deviations; all with one: down by 0.19 from 1.645.
+        assert!((sd(&full) - 3.0).abs() < 1e-9, "{full}");
+        assert!((sd(&free) - (1.645 - 2400.0 * 0.002 * 0.04)).abs() < 2e-3, "{free}");
+        // The same load (4 jobs/s of 5.2 s: 20.7 slots on average, 4.5 sd) asks for one more
+        // worker where the arrivals found no slot: 34.3 slots (5 workers) against 27.4 (4).
+        assert_eq!(full["workers_for_forecast"], 5.0, "{full}");
+        assert_eq!(free["workers_for_forecast"], 4.0, "{free}");
     }
 
     #[test]
