@@ -10,7 +10,7 @@
 //! only buffers are the cache and the output, and the heads and rows split over the thread
 //! pool.
 //!
-//! The arithmetic is written once ([`attend_body`]), with 16 lanes of partial sums in a fixed
+//! The arithmetic is written once (`attend_body`), with 16 lanes of partial sums in a fixed
 //! order: the AVX-512 build of it (runtime-detected) and the portable one give the same
 //! floats bit for bit (tested), as Rust never fuses a multiply and an add on its own.
 
