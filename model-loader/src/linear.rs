@@ -140,6 +140,34 @@ impl Linear {
             .collect()
     }
 
+    /// Several layers on `m` rows of plain f32 values (`x`: `m x in`), each answering
+    /// `m x out`: the CPU forward pass, which keeps its activations as plain rows. Layers all
+    /// on Ember's quantized kernels share one quantization of `x`.
+    pub fn forward_slice(layers: &[&Linear], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+        let quant: Vec<&QuantLinear> = layers
+            .iter()
+            .filter_map(|l| match l {
+                Linear::Ember(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        if quant.len() == layers.len() {
+            return Ok(QuantLinear::forward_slice(&quant, x, m)?);
+        }
+        layers
+            .iter()
+            .map(|l| match l {
+                Linear::Ember(w) => Ok(QuantLinear::forward_slice(&[w], x, m)?.pop().unwrap_or_default()),
+                Linear::EmberDense(w) => Ok(w.forward_slice(x, m)?),
+                Linear::Candle(_) => {
+                    let k = x.len().checked_div(m).unwrap_or(0);
+                    let t = Tensor::from_slice(x, (1, m, k), &candle_core::Device::Cpu)?;
+                    Ok(l.forward(&t)?.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
+                }
+            })
+            .collect()
+    }
+
     /// `x (b, t, in)` -> `(b, t, out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {

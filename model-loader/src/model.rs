@@ -38,9 +38,18 @@ pub struct Model {
     dtype: DType,
     device: Device,
     fused_norm: bool,
-    /// The rotary tables as plain f32 rows when attention runs on Ember's CPU code
-    /// ([`Model::set_cpu_attention`]).
-    cpu_rope: Option<(Vec<f32>, Vec<f32>)>,
+    /// What the CPU forward pass reads as plain f32 values, when it runs
+    /// ([`Model::set_cpu_forward`]).
+    cpu: Option<CpuParts>,
+}
+
+/// The rotary tables and the norms' weights as plain f32 values, for the CPU forward pass.
+struct CpuParts {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    input_norms: Vec<Vec<f32>>,
+    post_norms: Vec<Vec<f32>>,
+    norm: Vec<f32>,
 }
 
 /// The keys and values one sequence has seen so far.
@@ -64,8 +73,7 @@ pub struct SeqCache {
     /// Grow by concatenation, a copy of the whole cache per layer per step: how the cache
     /// worked before 2026-11-30, kept as the baseline the generation benchmark measures.
     concat: bool,
-    /// Per layer, when attention runs on Ember's CPU code: keys and values in f32, in
-    /// buffers that grow as `layers` do.
+    /// Per layer, for the CPU forward pass: keys and values in f32, token by token.
     cpu: Vec<KvLayer>,
 }
 
@@ -193,12 +201,7 @@ impl Model {
             None => None,
         };
         let (cos, sin) = rope_tables(cfg, rope_factors.as_deref(), act, device)?;
-        let cpu_rope = if device.is_cpu() && act == DType::F32 && crate::linear::kernels_enabled() {
-            Some((cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?))
-        } else {
-            None
-        };
-        Ok(Self {
+        let mut model = Self {
             cfg: cfg.clone(),
             embed,
             layers,
@@ -210,8 +213,10 @@ impl Model {
             dtype: act,
             device: device.clone(),
             fused_norm: device.is_cuda(),
-            cpu_rope,
-        })
+            cpu: None,
+        };
+        model.set_cpu_forward(crate::linear::kernels_enabled())?;
+        Ok(model)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -321,6 +326,9 @@ impl Model {
             ))
             .into());
         }
+        if let Some(cpu) = self.cpu.as_ref().filter(|_| !self.fused_norm && caches.iter().all(|c| !c.concat)) {
+            return self.forward_cpu(cpu, chunks, caches);
+        }
         let tokens: Vec<u32> = chunks.concat();
         let rows = tokens.len();
         let ids = Tensor::new(tokens.as_slice(), &self.device)?.unsqueeze(0)?;
@@ -345,21 +353,14 @@ impl Model {
         let eps = self.cfg.rms_norm_eps as f32;
         let first_norm = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
         let mut h = candle_nn::ops::rms_norm(&x, first_norm, eps)?;
-        let cpu_rope = self.cpu_rope.as_ref().filter(|_| caches.iter().all(|c| !c.concat));
-        let row_positions: Vec<usize> = positions.to_vec1::<u32>()?.into_iter().map(|p| p as usize).collect();
         for (l, layer) in self.layers.iter().enumerate() {
-            let y = if let Some((cos, sin)) = cpu_rope {
-                let rope = Rope { cos, sin, interleaved: self.rope_interleaved };
-                self.attend_cpu(layer, l, &h, rope, &row_positions, &spans, caches)?
-            } else {
-                let (q, k, v) = self.project(layer, &h, &cos, &sin)?;
-                let mut ys = Vec::with_capacity(b);
-                for (cache, (at, t, mask)) in caches.iter_mut().zip(&spans) {
-                    let pick = |x: &Tensor| x.narrow(2, *at, *t);
-                    ys.push(self.attend(&pick(&q)?, &pick(&k)?, &pick(&v)?, mask.as_ref(), cache, l)?);
-                }
-                Tensor::cat(&ys, 1)?.reshape((1, rows, width))?
-            };
+            let (q, k, v) = self.project(layer, &h, &cos, &sin)?;
+            let mut ys = Vec::with_capacity(b);
+            for (cache, (at, t, mask)) in caches.iter_mut().zip(&spans) {
+                let pick = |x: &Tensor| x.narrow(2, *at, *t);
+                ys.push(self.attend(&pick(&q)?, &pick(&k)?, &pick(&v)?, mask.as_ref(), cache, l)?);
+            }
+            let y = Tensor::cat(&ys, 1)?.reshape((1, rows, width))?;
             (x, h) = self.add_norm(&x, &linear(&layer.o, &y)?, &layer.post_norm)?;
             let [gate, up]: [Tensor; 2] = Linear::forward_shared(&[&layer.gate, &layer.up], &h)?
                 .try_into()
@@ -379,53 +380,91 @@ impl Model {
         Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
     }
 
-    /// Projections, rotary embedding, cache append and attention of one layer on Ember's CPU
-    /// code ([`ember_kernels::cpu::attention`]): the rows stay in the projections' layout and
-    /// no candle op runs between the q/k/v matmuls and the output projection. `h` is
-    /// `(1, rows, hidden)`; `spans` as in [`Model::forward_ragged`]. Returns `(1, rows, heads *
-    /// head_dim)`, before the output projection.
-    #[allow(clippy::too_many_arguments)]
-    fn attend_cpu(
-        &self,
-        layer: &Layer,
-        l: usize,
-        h: &Tensor,
-        rope: Rope,
-        positions: &[usize],
-        spans: &[(usize, usize, Option<Tensor>)],
-        caches: &mut [&mut SeqCache],
-    ) -> Result<Tensor> {
+    /// [`Model::forward_ragged`] on the CPU in f32, with every activation a plain row-major
+    /// buffer (`rows x width`): the matmuls read and write them in place
+    /// ([`Linear::forward_slice`]), q/k/v and gate/up each share one quantization of their
+    /// input, and the rotary embedding, cache, attention ([`ember_kernels::cpu::attention`]),
+    /// residual adds and norms ([`ember_kernels::cpu::rows`]) run on the rows between them.
+    /// Through candle ops the same pass ran about 40 ops a layer, each allocating its output
+    /// tensor: about 3 ms of a 17-token SmolLM2 prefill on this machine, which two threads do
+    /// not shorten, against 12-19 ms for its matmuls.
+    fn forward_cpu(&self, cpu: &CpuParts, chunks: &[&[u32]], caches: &mut [&mut SeqCache]) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let [mut q, mut k, v]: [Vec<f32>; 3] = Linear::forward_rows(&[&layer.q, &layer.k, &layer.v], h)?
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("q, k and v projections: expected three outputs".into()))?;
-        rope.apply(&mut q, nh, hd, positions);
-        rope.apply(&mut k, nkv, hd, positions);
-        let mut y = vec![0f32; q.len()];
-        let (qw, kw) = (nh * hd, nkv * hd);
-        for (cache, (at, t, _)) in caches.iter_mut().zip(spans) {
-            let len = cache.len;
+        let (hidden, qw, kw) = (self.cfg.hidden_size, nh * hd, nkv * hd);
+        let eps = self.cfg.rms_norm_eps as f32;
+        let tokens: Vec<u32> = chunks.concat();
+        let rows = tokens.len();
+        let ids = Tensor::new(tokens.as_slice(), &self.device)?;
+        let mut x: Vec<f32> = self.embed.embedding(&ids)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        // Per sequence: its first row in the batch and its length; per row, its position.
+        let (mut spans, mut positions, mut lasts) = (Vec::new(), Vec::with_capacity(rows), Vec::new());
+        for (chunk, cache) in chunks.iter().zip(caches.iter_mut()) {
             if cache.cpu.len() != self.layers.len() {
                 cache.cpu = (0..self.layers.len()).map(|_| KvLayer::new(nkv, hd)).collect();
             }
-            let reserve = cache.reserve;
-            let kv = &mut cache.cpu[l];
-            let grown = (2 * kv.capacity()).max(len + t).max(MIN_KV_CAPACITY);
-            let grown = reserve.map_or(grown, |r| grown.min(r.max(len + t)));
-            let rows = *at..at + t;
-            kv.append(len, &k[rows.start * kw..rows.end * kw], &v[rows.start * kw..rows.end * kw], grown);
-            let out = &mut y[rows.start * qw..rows.end * qw];
-            attention::attend(&q[rows.start * qw..rows.end * qw], kv, len, nh, self.cfg.sliding_window, out);
+            spans.push((positions.len(), chunk.len()));
+            positions.extend(cache.len..cache.len + chunk.len());
+            lasts.push(positions.len() - 1);
         }
-        Ok(Tensor::from_vec(y, (1, positions.len(), qw), &self.device)?)
+        let rope = Rope { cos: &cpu.cos, sin: &cpu.sin, interleaved: self.rope_interleaved };
+        let one = |out: Vec<Vec<f32>>, what: &str| -> Result<Vec<f32>> {
+            out.into_iter().next().ok_or_else(|| candle_core::Error::Msg(format!("{what}: no output")).into())
+        };
+        let mut h = vec![0f32; x.len()];
+        let first_norm = cpu.input_norms.first().unwrap_or(&cpu.norm);
+        ember_kernels::cpu::rows::add_rms_norm(&mut x, None, first_norm, eps, &mut h);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let [mut q, mut k, v]: [Vec<f32>; 3] = Linear::forward_slice(&[&layer.q, &layer.k, &layer.v], &h, rows)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("q, k and v projections: expected three outputs".into()))?;
+            rope.apply(&mut q, nh, hd, &positions);
+            rope.apply(&mut k, nkv, hd, &positions);
+            let mut y = vec![0f32; rows * qw];
+            for (cache, &(at, t)) in caches.iter_mut().zip(&spans) {
+                let (len, reserve) = (cache.len, cache.reserve);
+                let kv = &mut cache.cpu[l];
+                let grown = (2 * len).max(len + t).max(MIN_KV_CAPACITY);
+                let grown = reserve.map_or(grown, |r| grown.min(r.max(len + t)));
+                kv.append(&k[at * kw..(at + t) * kw], &v[at * kw..(at + t) * kw], grown);
+                let out = &mut y[at * qw..(at + t) * qw];
+                attention::attend(&q[at * qw..(at + t) * qw], kv, len, nh, self.cfg.sliding_window, out);
+            }
+            let o = one(Linear::forward_slice(&[&layer.o], &y, rows)?, "output projection")?;
+            ember_kernels::cpu::rows::add_rms_norm(&mut x, Some(&o), &cpu.post_norms[l], eps, &mut h);
+            let [gate, up]: [Vec<f32>; 2] = Linear::forward_slice(&[&layer.gate, &layer.up], &h, rows)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("gate and up projections: expected two outputs".into()))?;
+            let mut mlp = vec![0f32; gate.len()];
+            ember_kernels::cpu::act::silu_mul(&gate, &up, &mut mlp);
+            let down = one(Linear::forward_slice(&[&layer.down], &mlp, rows)?, "down projection")?;
+            // The residual add closes the layer; the norm after it is the next layer's input
+            // norm, or the final norm after the last layer.
+            let next_norm = cpu.input_norms.get(l + 1).unwrap_or(&cpu.norm);
+            ember_kernels::cpu::rows::add_rms_norm(&mut x, Some(&down), next_norm, eps, &mut h);
+        }
+        for (cache, chunk) in caches.iter_mut().zip(chunks) {
+            cache.len += chunk.len();
+        }
+        let last: Vec<f32> = lasts.iter().flat_map(|&r| h[r * hidden..(r + 1) * hidden].iter().copied()).collect();
+        let logits = one(Linear::forward_slice(&[&self.lm_head], &last, lasts.len())?, "output layer")?;
+        let vocab = logits.len() / lasts.len();
+        Ok(Tensor::from_vec(logits, (lasts.len(), vocab), &self.device)?)
     }
 
-    /// Whether attention runs on Ember's CPU code ([`ember_kernels::cpu::attention`]): on by
-    /// default on the CPU with f32 activations and Ember's kernels on; off runs candle's ops,
-    /// to compare the two. A sequence's cache must not switch between the two.
-    pub fn set_cpu_attention(&mut self, on: bool) -> Result<()> {
-        self.cpu_rope = if on && self.device.is_cpu() && self.dtype == DType::F32 {
-            Some((self.cos.flatten_all()?.to_vec1::<f32>()?, self.sin.flatten_all()?.to_vec1::<f32>()?))
+    /// Whether the forward pass runs on plain f32 rows (`Model::forward_cpu`): on by default on
+    /// the CPU with f32 activations and Ember's kernels on; off runs candle's ops, to compare
+    /// the two (as does [`Model::set_fused_norm`], an op of candle's path). A sequence's cache
+    /// must not switch between the two.
+    pub fn set_cpu_forward(&mut self, on: bool) -> Result<()> {
+        self.cpu = if on && self.device.is_cpu() && self.dtype == DType::F32 {
+            let values = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
+            Some(CpuParts {
+                cos: values(&self.cos)?,
+                sin: values(&self.sin)?,
+                input_norms: self.layers.iter().map(|l| values(&l.input_norm)).collect::<Result<_>>()?,
+                post_norms: self.layers.iter().map(|l| values(&l.post_norm)).collect::<Result<_>>()?,
+                norm: values(&self.norm)?,
+            })
         } else {
             None
         };

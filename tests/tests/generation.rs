@@ -78,18 +78,18 @@ async fn the_fused_add_norm_answers_paris_in_f32_and_f16() -> anyhow::Result<()>
     Ok(())
 }
 
-/// Attention on Ember's CPU code (the default on the CPU in f32: rotary embedding, cache and
-/// attention over plain rows) and on candle's ops give the same logits, up to the order of
-/// float sums, over a prompt and the steps after it. On f32 weights: on a quantized file the
+/// The CPU forward pass on plain rows (the default on the CPU in f32: Ember's attention, norms
+/// and residual adds between the matmuls) and the same pass through candle's ops give the same
+/// logits, up to the order of float sums, over a prompt and the steps after it. On f32 weights: on a quantized file the
 /// activations are rounded to 8-bit codes before each matmul, so a last-bit difference can
 /// move a code and the logits then differ by much more than rounding (by up to 1.2 on the
 /// Q4_1 file, with the same greedy tokens; the llama.cpp checks below run that path).
 #[tokio::test(flavor = "multi_thread")]
-async fn cpu_attention_and_candle_ops_give_the_same_logits() -> anyhow::Result<()> {
+async fn cpu_forward_and_candle_ops_give_the_same_logits() -> anyhow::Result<()> {
     let opts = LoadOptions { dtype: DTypeChoice::Auto, ..Default::default() };
     let mut loaded = load(&ModelRef::Local(smollm_hf("f32")?), &opts).await?;
     let mut run = |on: bool| -> anyhow::Result<Vec<Vec<f32>>> {
-        loaded.model.set_cpu_attention(on)?;
+        loaded.model.set_cpu_forward(on)?;
         let mut cache = ember_model_loader::SeqCache::new();
         let mut logits = vec![loaded.model.forward(&PROMPT_IDS, &mut cache)?.to_vec1::<f32>()?];
         for _ in 0..8 {

@@ -46,15 +46,15 @@ impl Rope<'_> {
     }
 }
 
-/// One layer's cached keys and values for one sequence, f32, `(kv_heads, capacity, head_dim)`:
-/// the first `len` tokens of each head are filled (the caller keeps `len`).
+/// One layer's cached keys and values for one sequence, f32, token by token in the
+/// projections' layout (`tokens x kv_heads x head_dim`): appending a step is one copy of its
+/// rows, and a buffer that grows copies only the tokens it holds (never zeroes room ahead).
 #[derive(Debug, Default)]
 pub struct KvLayer {
     k: Vec<f32>,
     v: Vec<f32>,
     heads: usize,
     head_dim: usize,
-    capacity: usize,
 }
 
 impl KvLayer {
@@ -62,53 +62,52 @@ impl KvLayer {
         Self { heads, head_dim, ..Self::default() }
     }
 
-    /// Tokens the buffers hold room for.
-    pub fn capacity(&self) -> usize {
-        self.capacity
+    /// A layer with room for `tokens` tokens before it grows.
+    pub fn with_capacity(heads: usize, head_dim: usize, tokens: usize) -> Self {
+        let n = tokens * heads * head_dim;
+        Self { k: Vec::with_capacity(n), v: Vec::with_capacity(n), heads, head_dim }
     }
 
-    /// Bytes held.
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.k.len() / (self.heads * self.head_dim).max(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.k.is_empty()
+    }
+
+    /// Bytes held (room ahead included).
     pub fn size_in_bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * std::mem::size_of::<f32>()
+        (self.k.capacity() + self.v.capacity()) * std::mem::size_of::<f32>()
     }
 
-    /// Appends `t` tokens' keys and values (`t x heads x head_dim`, the projections' layout)
-    /// after the first `len`. When they do not fit, the buffers are replaced by ones of
-    /// `grown` tokens (at least `len + t`), the filled part copied over.
-    pub fn append(&mut self, len: usize, k: &[f32], v: &[f32], grown: usize) {
-        let (h, d) = (self.heads, self.head_dim);
-        let t = k.len() / (h * d);
-        assert!(k.len() == t * h * d && v.len() == k.len() && len <= self.capacity, "kv append");
-        if len + t > self.capacity {
-            let cap = grown.max(len + t);
-            let mut nk = vec![0f32; h * cap * d];
-            let mut nv = vec![0f32; h * cap * d];
-            for head in 0..h {
-                let (from, to) = (head * self.capacity * d, head * cap * d);
-                nk[to..to + len * d].copy_from_slice(&self.k[from..from + len * d]);
-                nv[to..to + len * d].copy_from_slice(&self.v[from..from + len * d]);
-            }
-            (self.k, self.v, self.capacity) = (nk, nv, cap);
+    /// Appends `t` tokens' keys and values (`t x heads x head_dim`, the projections' layout).
+    /// When they do not fit, the buffers grow to `grown` tokens (at least what they must
+    /// hold).
+    pub fn append(&mut self, k: &[f32], v: &[f32], grown: usize) {
+        let row = self.heads * self.head_dim;
+        assert!(row > 0 && k.len().is_multiple_of(row) && v.len() == k.len(), "kv append");
+        let need = self.k.len() + k.len();
+        if need > self.k.capacity() {
+            let want = (grown * row).max(need);
+            self.k.reserve_exact(want - self.k.len());
+            self.v.reserve_exact(want - self.v.len());
         }
-        for (i, (kr, vr)) in k.chunks_exact(h * d).zip(v.chunks_exact(h * d)).enumerate() {
-            for head in 0..h {
-                let at = (head * self.capacity + len + i) * d;
-                self.k[at..at + d].copy_from_slice(&kr[head * d..(head + 1) * d]);
-                self.v[at..at + d].copy_from_slice(&vr[head * d..(head + 1) * d]);
-            }
-        }
+        self.k.extend_from_slice(k);
+        self.v.extend_from_slice(v);
     }
 
-    /// Keys and values of head `head`, tokens `0..n`.
-    fn head(&self, head: usize, n: usize) -> (&[f32], &[f32]) {
-        let at = head * self.capacity * self.head_dim;
-        let range = at..at + n * self.head_dim;
-        (&self.k[range.clone()], &self.v[range])
+    /// Key and value `head_dim` values of token `j`, head `g`.
+    #[inline(always)]
+    fn at(&self, j: usize, g: usize) -> (&[f32], &[f32]) {
+        let at = (j * self.heads + g) * self.head_dim;
+        (&self.k[at..at + self.head_dim], &self.v[at..at + self.head_dim])
     }
 }
 
 /// Causal attention of `t` query rows `q` (`t x heads x head_dim`) at positions
-/// `start..start + t` over the first `start + t` tokens of `kv` (whose `heads` are the
+/// `start..start + t` over the `start + t` tokens of `kv` (whose `heads` are the
 /// key/value heads; query head `h` reads key/value head `h / (heads / kv_heads)`), each row
 /// seeing at most the last `window` tokens when the model has a sliding window. Scores are
 /// scaled by `1 / sqrt(head_dim)`; writes `out` (`t x heads x head_dim`).
@@ -120,7 +119,7 @@ pub fn attend(q: &[f32], kv: &KvLayer, start: usize, heads: usize, window: Optio
             && out.len() == q.len()
             && kv.heads > 0
             && heads.is_multiple_of(kv.heads)
-            && start + t <= kv.capacity,
+            && start + t == kv.len(),
         "attention shapes"
     );
     let o = super::SharedOut(out.as_mut_ptr());
@@ -142,7 +141,7 @@ pub fn attend(q: &[f32], kv: &KvLayer, start: usize, heads: usize, window: Optio
 /// [`attend`] on the portable build of the arithmetic, on this thread (tests).
 pub fn attend_portable(q: &[f32], kv: &KvLayer, start: usize, heads: usize, window: Option<usize>, out: &mut [f32]) {
     let t = q.len() / (heads * kv.head_dim);
-    assert!(out.len() == q.len() && start + t <= kv.capacity, "attention shapes");
+    assert!(out.len() == q.len() && start + t == kv.len(), "attention shapes");
     let job = Job { q, kv, start, heads, window, out: super::SharedOut(out.as_mut_ptr()) };
     // SAFETY: one thread writes every item's outputs, inside `out`.
     unsafe { attend_body(&job, 0..heads * t) };
@@ -183,13 +182,12 @@ unsafe fn attend_body(job: &Job, items: std::ops::Range<usize>) {
         let first = job.window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let g = head / group;
         let q = &job.q[(row * heads + head) * d..][..d];
-        let (keys, values) = kv.head(g, pos + 1);
         // Plain loops, not iterator adaptors: a closure is a function of its own, which may
         // not be inlined here and then runs without this function's target features.
         scores.clear();
         let mut max = f32::NEG_INFINITY;
         for j in first..=pos {
-            let s = dot(q, &keys[j * d..(j + 1) * d]) * scale;
+            let s = dot(q, kv.at(j, g).0) * scale;
             max = max.max(s);
             scores.push(s);
         }
@@ -201,9 +199,10 @@ unsafe fn attend_body(job: &Job, items: std::ops::Range<usize>) {
         acc.iter_mut().for_each(|a| *a = 0.0);
         for (i, j) in (first..=pos).enumerate() {
             let p = scores[i] / sum;
-            let v = &values[j * d..(j + 1) * d];
-            for c in 0..d {
-                acc[c] += p * v[c];
+            // Zipped, not indexed: indexing both left a bounds check in the loop, which the
+            // compiler then kept scalar (7% of a decode step).
+            for (a, v) in acc.iter_mut().zip(kv.at(j, g).1) {
+                *a += p * v;
             }
         }
         // SAFETY: the caller's contract: item (row, head)'s outputs are this thread's.
@@ -320,7 +319,7 @@ mod tests {
                         &k_rows[len * kv_heads * d..(len + t) * kv_heads * d],
                         &v_rows[len * kv_heads * d..(len + t) * kv_heads * d],
                     );
-                    kv.append(len, kr, vr, (2 * kv.capacity()).max(4));
+                    kv.append(kr, vr, (2 * kv.len()).max(4));
                     let q = &q_rows[len * heads * d..(len + t) * heads * d];
                     let mut out = vec![0f32; q.len()];
                     attend(q, &kv, len, heads, window, &mut out);

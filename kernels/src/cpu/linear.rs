@@ -313,7 +313,19 @@ impl QuantLinear {
             candle_core::bail!("QuantLinear: layers of input widths {k} and {} share one input", other.k);
         }
         let (_, x, m) = input_rows(x, k, "QuantLinear")?;
-        with_f32(&x, |x| -> candle_core::Result<Vec<Vec<f32>>> {
+        with_f32(&x, |x| Self::forward_slice(layers, x, m))?
+    }
+
+    /// [`QuantLinear::forward_rows`] on `m` rows of plain values (`x`: `m x k`, row-major).
+    pub fn forward_slice(layers: &[&QuantLinear], x: &[f32], m: usize) -> candle_core::Result<Vec<Vec<f32>>> {
+        let Some(first) = layers.first() else {
+            return Ok(Vec::new());
+        };
+        let k = first.k;
+        if layers.iter().any(|l| l.k != k) || x.len() != m * k {
+            candle_core::bail!("QuantLinear: {} values are not {m} rows of every layer's input width {k}", x.len());
+        }
+        {
             let mut q8: Option<Q8Rows> = None;
             let mut krows: Option<KRows> = None;
             let mut ys = Vec::with_capacity(layers.len());
@@ -342,7 +354,7 @@ impl QuantLinear {
                 ys.push(y);
             }
             Ok(ys)
-        })?
+        }
     }
 }
 
@@ -519,16 +531,23 @@ impl DenseLinear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let (dims, x, m) = input_rows(x, self.k, "DenseLinear")?;
+        let y = with_f32(&x, |x| self.forward_slice(x, m))??;
+        output(dims, self.n, y)?.to_dtype(dtype)
+    }
+
+    /// `m` rows of plain values (`x`: `m x k`) -> `m x n`.
+    pub fn forward_slice(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        if x.len() != m * self.k {
+            candle_core::bail!("DenseLinear: {} values are not {m} rows of {}", x.len(), self.k);
+        }
         let mut y = vec![0f32; m * self.n];
         let (n, k, simd) = (self.n, self.k, self.simd);
-        with_f32(&x, |x| {
-            self.with_weight(|w| match w {
-                WeightValues::F32(w) => dense_matmul::<f32>(simd, w, n, k, x, m, &mut y),
-                WeightValues::F16(w) => dense_matmul::<f16>(simd, w, n, k, x, m, &mut y),
-                WeightValues::BF16(w) => dense_matmul::<bf16>(simd, w, n, k, x, m, &mut y),
-            })
-        })??;
-        output(dims, n, y)?.to_dtype(dtype)
+        self.with_weight(|w| match w {
+            WeightValues::F32(w) => dense_matmul::<f32>(simd, w, n, k, x, m, &mut y),
+            WeightValues::F16(w) => dense_matmul::<f16>(simd, w, n, k, x, m, &mut y),
+            WeightValues::BF16(w) => dense_matmul::<bf16>(simd, w, n, k, x, m, &mut y),
+        })?;
+        Ok(y)
     }
 }
 

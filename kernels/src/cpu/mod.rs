@@ -33,6 +33,7 @@ pub mod kquant;
 pub mod ktiled;
 mod linear;
 pub mod q8;
+pub mod rows;
 pub mod scalar;
 pub mod tiled;
 #[cfg(target_arch = "x86_64")]
