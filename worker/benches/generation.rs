@@ -17,7 +17,8 @@
 //! `ember model import-gguf ... hf-bf16 --dtype bf16`.
 //!
 //! Settings (environment): EMBER_BENCH_THREADS (`1,2`), EMBER_BENCH_PROMPT (17 tokens),
-//! EMBER_BENCH_GEN (128 tokens), EMBER_BENCH_RUNS (3; the best run counts for both sides),
+//! EMBER_BENCH_GEN (128 tokens), EMBER_BENCH_RUNS (3; the best run counts for both sides, and
+//! the two sides' runs alternate),
 //! EMBER_BENCH_FORMATS (comma list of row labels, all by default), EMBER_BENCH_SKIP (comma
 //! list of `speed`, `cold`, `candle`, `kv`), EMBER_BENCH_KV_RUNS (1).
 
@@ -48,54 +49,100 @@ struct Speed {
     decode_tps: f64,
 }
 
-/// Ember in this process: prefill P tokens, then decode G tokens greedily (EOS ignored, as
-/// the llama.cpp side does).
-async fn ember_speed(model: &Path, dtype: DTypeChoice, p: usize, g: usize, runs: usize) -> anyhow::Result<Speed> {
-    let loaded = load(&ModelRef::Local(model.to_path_buf()), &LoadOptions { dtype, ..Default::default() }).await?;
-    let text = PROMPT_TEXT.repeat(4);
-    let enc = loaded.tokenizer.encode(text, false).map_err(anyhow::Error::msg)?;
-    let mut prompt = vec![loaded.config().bos_token_id.unwrap_or(1)];
-    prompt.extend(enc.get_ids().iter().take(p.saturating_sub(1)));
-    let mut best = Speed { prefill_tps: 0.0, decode_tps: 0.0 };
-    for run in 0..=runs {
+impl Speed {
+    const ZERO: Speed = Speed { prefill_tps: 0.0, decode_tps: 0.0 };
+
+    fn best(self, other: Speed) -> Speed {
+        Speed {
+            prefill_tps: self.prefill_tps.max(other.prefill_tps),
+            decode_tps: self.decode_tps.max(other.decode_tps),
+        }
+    }
+}
+
+/// Ember in this process, the model loaded once: each run prefills P tokens, then decodes G
+/// tokens greedily (EOS ignored, as the llama.cpp side does).
+struct EmberBench {
+    loaded: ember_model_loader::LoadedModel,
+    prompt: Vec<u32>,
+}
+
+impl EmberBench {
+    /// Loads the model and runs once to warm up.
+    async fn load(model: &Path, dtype: DTypeChoice, p: usize, g: usize) -> anyhow::Result<Self> {
+        let loaded = load(&ModelRef::Local(model.to_path_buf()), &LoadOptions { dtype, ..Default::default() }).await?;
+        let text = PROMPT_TEXT.repeat(4);
+        let enc = loaded.tokenizer.encode(text, false).map_err(anyhow::Error::msg)?;
+        let mut prompt = vec![loaded.config().bos_token_id.unwrap_or(1)];
+        prompt.extend(enc.get_ids().iter().take(p.saturating_sub(1)));
+        let bench = Self { loaded, prompt };
+        bench.run(g)?;
+        Ok(bench)
+    }
+
+    fn run(&self, g: usize) -> anyhow::Result<Speed> {
         let mut cache = SeqCache::new();
         let t0 = Instant::now();
-        let logits = loaded.model.forward(&prompt, &mut cache)?;
+        let logits = self.loaded.model.forward(&self.prompt, &mut cache)?;
         let mut next = ember_model_loader::model::argmax(&logits)?;
         let prefill = t0.elapsed();
         let t1 = Instant::now();
         for _ in 0..g {
-            let logits = loaded.model.forward(&[next], &mut cache)?;
+            let logits = self.loaded.model.forward(&[next], &mut cache)?;
             next = ember_model_loader::model::argmax(&logits)?;
         }
         let decode = t1.elapsed();
-        if run == 0 {
-            continue; // warm-up
-        }
-        best.prefill_tps = best.prefill_tps.max(prompt.len() as f64 / prefill.as_secs_f64());
-        best.decode_tps = best.decode_tps.max(g as f64 / decode.as_secs_f64());
+        Ok(Speed {
+            prefill_tps: self.prompt.len() as f64 / prefill.as_secs_f64(),
+            decode_tps: g as f64 / decode.as_secs_f64(),
+        })
     }
-    Ok(best)
 }
 
-/// llama.cpp through scripts/llamacpp-bench.mjs, best of `runs` processes.
-fn llama_cpp_speed(model: &Path, threads: usize, p: usize, g: usize, runs: usize) -> anyhow::Result<Speed> {
-    let mut best = Speed { prefill_tps: 0.0, decode_tps: 0.0 };
-    for _ in 0..runs {
-        let out = Command::new("node")
-            .arg(root().join("scripts/llamacpp-bench.mjs"))
-            .args(["--model", &model.to_string_lossy(), "--threads", &threads.to_string()])
-            .args(["--prompt-tokens", &p.to_string(), "--gen-tokens", &g.to_string()])
-            .output()
-            .context("running node (install peers with scripts/install-peers.sh)")?;
-        if !out.status.success() {
-            bail!("llama.cpp bench failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        best.prefill_tps = best.prefill_tps.max(v["prefill_tps"].as_f64().unwrap_or(0.0));
-        best.decode_tps = best.decode_tps.max(v["decode_tps"].as_f64().unwrap_or(0.0));
+/// Ember's best of `runs` (after a warm-up run).
+async fn ember_speed(model: &Path, dtype: DTypeChoice, p: usize, g: usize, runs: usize) -> anyhow::Result<Speed> {
+    let bench = EmberBench::load(model, dtype, p, g).await?;
+    (0..runs).try_fold(Speed::ZERO, |best, _| Ok(best.best(bench.run(g)?)))
+}
+
+/// One llama.cpp process through scripts/llamacpp-bench.mjs (it warms up itself).
+fn llama_cpp_once(model: &Path, threads: usize, p: usize, g: usize) -> anyhow::Result<Speed> {
+    let out = Command::new("node")
+        .arg(root().join("scripts/llamacpp-bench.mjs"))
+        .args(["--model", &model.to_string_lossy(), "--threads", &threads.to_string()])
+        .args(["--prompt-tokens", &p.to_string(), "--gen-tokens", &g.to_string()])
+        .output()
+        .context("running node (install peers with scripts/install-peers.sh)")?;
+    if !out.status.success() {
+        bail!("llama.cpp bench failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(best)
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(Speed {
+        prefill_tps: v["prefill_tps"].as_f64().unwrap_or(0.0),
+        decode_tps: v["decode_tps"].as_f64().unwrap_or(0.0),
+    })
+}
+
+/// Ember and llama.cpp on the same weights, their runs taken in turn (Ember, llama.cpp, Ember,
+/// ...), best of `runs` each. This machine's speed drifts by tens of percent over minutes; run
+/// all of one engine's runs and then the other's, and the ratio measured the drift as much as
+/// the engines (the Q4_0 decode ratio went from 0.93 to 1.48 between two such runs).
+async fn ember_and_llama_cpp(
+    ember_model: &Path,
+    dtype: DTypeChoice,
+    peer_model: &Path,
+    threads: usize,
+    p: usize,
+    g: usize,
+    runs: usize,
+) -> anyhow::Result<(Speed, Speed)> {
+    let bench = EmberBench::load(ember_model, dtype, p, g).await?;
+    let (mut e, mut l) = (Speed::ZERO, Speed::ZERO);
+    for _ in 0..runs {
+        e = e.best(bench.run(g)?);
+        l = l.best(llama_cpp_once(peer_model, threads, p, g)?);
+    }
+    Ok((e, l))
 }
 
 /// The weights compared: label, Ember's file, its dtype, llama.cpp's file.
@@ -146,8 +193,8 @@ async fn speed_table(threads: usize, p: usize, g: usize, runs: usize, skip: &str
             continue;
         }
         set_cpu_kernels(true);
-        let e = ember_speed(&model_path(ember_file)?, dtype, p, g, runs).await?;
-        let l = llama_cpp_speed(&model_path(peer_file)?, threads, p, g, runs)?;
+        let (e, l) =
+            ember_and_llama_cpp(&model_path(ember_file)?, dtype, &model_path(peer_file)?, threads, p, g, runs).await?;
         let candle = if with_candle {
             set_cpu_kernels(false);
             let c = ember_speed(&model_path(ember_file)?, dtype, p, g, runs).await?;
