@@ -127,7 +127,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Decode through a SmolLM2-135M-shaped stack of tiled matrices (30 layers, tied head), m = 1,
+/// Decode through a SmolLM2-135M-shaped stack of tiled matrices (30 layers, a Q8_0 head), m = 1,
 /// one thread's worth of the per-token weight stream: `matmul_speed model q8_0`.
 #[cfg(target_arch = "x86_64")]
 pub fn model_stream(format: Format, dtype: GgmlDType) -> Result<(), Box<dyn std::error::Error>> {
@@ -143,8 +143,9 @@ pub fn model_stream(format: Format, dtype: GgmlDType) -> Result<(), Box<dyn std:
             mats.push(cpu::tiled::Tiled::new(format, b, *n, *k));
         }
     }
+    // The head in Q8_0, as in the GGUF files of every 32-block format here.
     let w = Tensor::randn(0f32, 1.0, (49152, 576), &Device::Cpu)?;
-    mats.push(cpu::tiled::Tiled::new(format, &QTensor::quantize(&w, dtype)?.data()?, 49152, 576));
+    mats.push(cpu::tiled::Tiled::new(Format::Q8_0, &QTensor::quantize(&w, GgmlDType::Q8_0)?.data()?, 49152, 576));
     let bytes: usize = mats.iter().map(|m| m.size_in_bytes()).sum();
     let x: Vec<f32> = (0..1536).map(|i| (i as f32 * 0.37).sin()).collect();
     let mut y = vec![0f32; 49152];
