@@ -61,7 +61,9 @@ struct CpuParts {
 /// to less than the final length: amortized, a step costs the same at token 2,000 as at
 /// token 2. Keys are kept in f32, the precision attention scores are computed in, so a
 /// half-precision model does not convert the whole cache on every step; values stay in the
-/// model's dtype.
+/// model's dtype. The CPU forward pass in f32 (`Model::forward_cpu`) keeps its own layers
+/// ([`KvLayer`]: keys and values in f32, token by token, growing the same way); a sequence
+/// uses one kind or the other, whichever its model runs.
 ///
 /// Not `Clone`: a buffer is written in place, and a clone would share it.
 #[derive(Debug, Default)]
