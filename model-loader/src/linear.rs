@@ -104,54 +104,33 @@ impl Linear {
         })
     }
 
+    /// The layers as Ember's quantized layers, when every one of them is: those share one
+    /// quantization of their input.
+    fn all_quant<'a>(layers: &[&'a Linear]) -> Option<Vec<&'a QuantLinear>> {
+        layers
+            .iter()
+            .map(|l| match l {
+                Linear::Ember(w) => Some(w),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Several layers on one input `x (b, t, in)`: each layer's `(b, t, out)`. Layers all on
     /// Ember's quantized kernels share one quantization of `x`
     /// ([`QuantLinear::forward_shared`]); otherwise each runs alone.
     pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-        let quant: Vec<&QuantLinear> = layers
-            .iter()
-            .filter_map(|l| match l {
-                Linear::Ember(w) => Some(w),
-                _ => None,
-            })
-            .collect();
-        if quant.len() == layers.len() {
+        if let Some(quant) = Self::all_quant(layers) {
             return Ok(QuantLinear::forward_shared(&quant, x)?);
         }
         layers.iter().map(|l| l.forward(x)).collect()
-    }
-
-    /// [`Linear::forward_shared`] answering each layer's output as row-major f32 values
-    /// (`b * t` rows of `out`), for the CPU code that works on them in place.
-    pub fn forward_rows(layers: &[&Linear], x: &Tensor) -> Result<Vec<Vec<f32>>> {
-        let quant: Vec<&QuantLinear> = layers
-            .iter()
-            .filter_map(|l| match l {
-                Linear::Ember(w) => Some(w),
-                _ => None,
-            })
-            .collect();
-        if quant.len() == layers.len() {
-            return Ok(QuantLinear::forward_rows(&quant, x)?);
-        }
-        layers
-            .iter()
-            .map(|l| Ok(l.forward(x)?.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?))
-            .collect()
     }
 
     /// Several layers on `m` rows of plain f32 values (`x`: `m x in`), each answering
     /// `m x out`: the CPU forward pass, which keeps its activations as plain rows. Layers all
     /// on Ember's quantized kernels share one quantization of `x`.
     pub fn forward_slice(layers: &[&Linear], x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
-        let quant: Vec<&QuantLinear> = layers
-            .iter()
-            .filter_map(|l| match l {
-                Linear::Ember(w) => Some(w),
-                _ => None,
-            })
-            .collect();
-        if quant.len() == layers.len() {
+        if let Some(quant) = Self::all_quant(layers) {
             return Ok(QuantLinear::forward_slice(&quant, x, m)?);
         }
         layers

@@ -62,12 +62,6 @@ impl KvLayer {
         Self { heads, head_dim, ..Self::default() }
     }
 
-    /// A layer with room for `tokens` tokens before it grows.
-    pub fn with_capacity(heads: usize, head_dim: usize, tokens: usize) -> Self {
-        let n = tokens * heads * head_dim;
-        Self { k: Vec::with_capacity(n), v: Vec::with_capacity(n), heads, head_dim }
-    }
-
     /// Tokens held.
     pub fn len(&self) -> usize {
         self.k.len() / (self.heads * self.head_dim).max(1)
@@ -75,11 +69,6 @@ impl KvLayer {
 
     pub fn is_empty(&self) -> bool {
         self.k.is_empty()
-    }
-
-    /// Bytes held (room ahead included).
-    pub fn size_in_bytes(&self) -> usize {
-        (self.k.capacity() + self.v.capacity()) * std::mem::size_of::<f32>()
     }
 
     /// Appends `t` tokens' keys and values (`t x heads x head_dim`, the projections' layout).

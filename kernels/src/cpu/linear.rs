@@ -297,26 +297,17 @@ impl QuantLinear {
     /// quantized it again (a 17-token SmolLM2 prefill quantizes its activations 211 times,
     /// about 4% of its time on one thread).
     pub fn forward_shared(layers: &[&QuantLinear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        let dims = x.dims().to_vec();
-        let ys = Self::forward_rows(layers, x)?;
-        layers.iter().zip(ys).map(|(l, y)| output(dims.clone(), l.n, y)).collect()
-    }
-
-    /// [`QuantLinear::forward_shared`] answering each layer's output as its row-major values
-    /// (`rows x n`), for code that works on them in place.
-    pub fn forward_rows(layers: &[&QuantLinear], x: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
         let Some(first) = layers.first() else {
             return Ok(Vec::new());
         };
-        let k = first.k;
-        if let Some(other) = layers.iter().find(|l| l.k != k) {
-            candle_core::bail!("QuantLinear: layers of input widths {k} and {} share one input", other.k);
-        }
-        let (_, x, m) = input_rows(x, k, "QuantLinear")?;
-        with_f32(&x, |x| Self::forward_slice(layers, x, m))?
+        let dims = x.dims().to_vec();
+        let (_, x, m) = input_rows(x, first.k, "QuantLinear")?;
+        let ys = with_f32(&x, |x| Self::forward_slice(layers, x, m))??;
+        layers.iter().zip(ys).map(|(l, y)| output(dims.clone(), l.n, y)).collect()
     }
 
-    /// [`QuantLinear::forward_rows`] on `m` rows of plain values (`x`: `m x k`, row-major).
+    /// [`QuantLinear::forward_shared`] on `m` rows of plain values (`x`: `m x k`, row-major),
+    /// answering each layer's `m x n` values.
     pub fn forward_slice(layers: &[&QuantLinear], x: &[f32], m: usize) -> candle_core::Result<Vec<Vec<f32>>> {
         let Some(first) = layers.first() else {
             return Ok(Vec::new());
