@@ -33,8 +33,16 @@ pub enum LoadError {
     BadConfig(String),
     #[error("`{file}` failed its checksum: the manifest says sha256 {expected}, the bytes hash to {actual}; the file is corrupt or was changed, fetch it again")]
     ChecksumMismatch { file: String, expected: String, actual: String },
-    #[error("`{file}` failed its checksum in chunk {chunk} (bytes {start}..{end}): the manifest says sha256 {expected}, the bytes hash to {actual}; the file is corrupt or was changed, fetch it again")]
-    ChunkMismatch { file: String, chunk: usize, start: u64, end: u64, expected: String, actual: String },
+    #[error("`{file}` failed its checksum in chunk {chunk} (bytes {start}..{end}): the manifest says {hash} {expected}, the bytes hash to {actual}; the file is corrupt or was changed, fetch it again")]
+    ChunkMismatch {
+        file: String,
+        chunk: usize,
+        start: u64,
+        end: u64,
+        hash: &'static str,
+        expected: String,
+        actual: String,
+    },
     #[error("`{file}` has {actual} bytes but the manifest says {expected}")]
     SizeMismatch { file: String, expected: u64, actual: u64 },
     #[error("`{}` is a file but not a model: --model takes a model directory (config.json, tokenizer.json, model.safetensors), a .gguf file, or s3://bucket/prefix", .0.display())]

@@ -277,12 +277,7 @@ pub async fn fetch_streaming(
         parser.finish()?;
         base += parser.tensor_count();
         if let (Some(m), None) = (&manifest, chunked) {
-            let digest = FileDigest {
-                sha256: hex::encode(hasher.finalize()),
-                size: obj.size,
-                chunk_size: None,
-                chunks: Vec::new(),
-            };
+            let digest = FileDigest::whole(hex::encode(hasher.finalize()), obj.size);
             m.check(&obj.name, &digest)?;
         }
     }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use aws_sdk_s3::primitives::ByteStream;
 use ember_engine::{Engine, GenerateRequest, Prompt, SamplingParams};
+use ember_model_loader::manifest::{Manifest, MANIFEST_FILE};
 use ember_model_loader::{load, DTypeChoice, FetchOptions, LoadError, LoadOptions, Message, ModelRef, StreamWeights};
 use ember_tests::{smollm_hf, MotoServer};
 
@@ -34,6 +35,22 @@ async fn model_in_moto() -> anyhow::Result<(MotoServer, aws_config::SdkConfig, a
     let dir = smollm_hf("f16")?;
     upload_dir(&s3, "weights", "smollm2", &dir).await?;
     Ok((moto, aws, s3, dir))
+}
+
+/// The load failed on `model.safetensors`' byte `at`: in the chunk that holds it when the
+/// model's manifest has chunk digests (`ember model import-gguf` writes them), else the file.
+fn assert_refused_at(err: &Option<LoadError>, dir: &Path, at: u64) -> anyhow::Result<()> {
+    let manifest = Manifest::from_json(&std::fs::read(dir.join(MANIFEST_FILE))?)?;
+    match (manifest.entry("model.safetensors")?.chunking(), err) {
+        (Some(size), Some(LoadError::ChunkMismatch { file, chunk, start, end, .. })) => {
+            assert_eq!(file, "model.safetensors");
+            assert_eq!(*chunk as u64, at / size, "the flipped byte {at} is in chunk {}", at / size);
+            assert!((*start..*end).contains(&at), "{err:?}");
+        }
+        (None, Some(LoadError::ChecksumMismatch { file, .. })) => assert_eq!(file, "model.safetensors"),
+        (chunking, _) => panic!("byte {at} flipped (chunk size {chunking:?}): expected its refusal, got {err:?}"),
+    }
+    Ok(())
 }
 
 fn options(aws: aws_config::SdkConfig, cache: Option<&Path>) -> LoadOptions {
@@ -93,7 +110,7 @@ async fn model_from_s3_matches_disk_and_is_verified() -> anyhow::Result<()> {
     s3.put_object().bucket("weights").key("smollm2/model.safetensors").body(ByteStream::from(weights)).send().await?;
     let err = load(&reference, &options(aws.clone(), None)).await.err();
     let text = err.as_ref().map(ToString::to_string).unwrap_or_default();
-    assert!(matches!(&err, Some(LoadError::ChecksumMismatch { file, .. }) if file == "model.safetensors"), "{err:?}");
+    assert_refused_at(&err, &dir, middle as u64)?;
     assert!(text.contains("model.safetensors"), "{text}");
 
     // Missing bucket and missing prefix are named.
@@ -133,7 +150,7 @@ async fn weights_streamed_to_the_device_answer_the_same_and_are_verified() -> an
     weights[near_end] ^= 0x40;
     s3.put_object().bucket("weights").key("smollm2/model.safetensors").body(ByteStream::from(weights)).send().await?;
     let err = load(&reference, &streaming(aws)).await.err();
-    assert!(matches!(&err, Some(LoadError::ChecksumMismatch { file, .. }) if file == "model.safetensors"), "{err:?}");
+    assert_refused_at(&err, &dir, near_end as u64)?;
     Ok(())
 }
 

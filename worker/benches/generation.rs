@@ -378,6 +378,25 @@ impl ColdModel {
         Ok(Self { label: "synthetic Llama 1.1B, f16 safetensors".into(), key: "synthetic".into(), dir, dtype: "f16" })
     }
 
+    /// The same model with a version 2 manifest (SHA-256 chunk digests, as manifests were
+    /// before BLAKE3), to show what the hash costs a cold start.
+    fn with_sha256_chunks(mut self, label: &str, key: &str) -> anyhow::Result<Self> {
+        use ember_model_loader::manifest::{ChunkHash, Manifest, MANIFEST_FILE};
+        let path = self.dir.path().join(MANIFEST_FILE);
+        let mut manifest = Manifest::from_json(&std::fs::read(&path)?)?;
+        manifest.version = 2;
+        for (name, digest) in manifest.files.iter_mut() {
+            if let Some(size) = digest.chunk_size.filter(|_| !digest.chunks_blake3.is_empty()) {
+                let bytes = std::fs::read(self.dir.path().join(name))?;
+                digest.chunks = bytes.chunks(size as usize).map(|c| ChunkHash::Sha256.digest(c)).collect();
+                digest.chunks_blake3.clear();
+            }
+        }
+        std::fs::write(&path, serde_json::to_vec_pretty(&manifest)?)?;
+        (self.label, self.key) = (label.into(), key.into());
+        Ok(self)
+    }
+
     fn files(&self) -> anyhow::Result<Vec<(String, PathBuf)>> {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(self.dir.path())? {
@@ -488,6 +507,8 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
     let seed = std::env::var("EMBER_BENCH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
     let mut models = vec![
         ColdModel::new("SmolLM2 f16 safetensors", "smollm2-f16", "f16", &names.map(|n| (n, hf.join(n))))?,
+        ColdModel::new("", "", "f16", &names.map(|n| (n, hf.join(n))))?
+            .with_sha256_chunks("SmolLM2 f16 safetensors, version 2 manifest (SHA-256 chunks)", "smollm2-f16-sha256")?,
         ColdModel::new(
             "SmolLM2 Q4_1 GGUF",
             "smollm2-q4_1",

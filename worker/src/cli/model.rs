@@ -50,7 +50,8 @@ pub enum ModelCommand {
         #[arg(long = "type", env = "EMBER_QUANTIZE_TYPE")]
         ty: String,
     },
-    /// Write ember-manifest.json (SHA-256 and size of every file) into a model directory.
+    /// Write ember-manifest.json (SHA-256 and size of every file, BLAKE3 of every 16 MiB chunk of
+    /// larger files) into a model directory.
     Manifest {
         /// The model directory.
         dir: PathBuf,
