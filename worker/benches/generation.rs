@@ -20,7 +20,11 @@
 //! EMBER_BENCH_GEN (128 tokens), EMBER_BENCH_RUNS (3; the best run counts for both sides, and
 //! the two sides' runs alternate),
 //! EMBER_BENCH_FORMATS (comma list of row labels, all by default), EMBER_BENCH_SKIP (comma
-//! list of `speed`, `cold`, `candle`, `kv`), EMBER_BENCH_KV_RUNS (1).
+//! list of `speed`, `cold`, `candle`, `kv`, `synthetic`), EMBER_BENCH_KV_RUNS (1),
+//! EMBER_BENCH_COLD_MODELS (comma list of cold-start model keys), EMBER_BENCH_SEED (the
+//! synthetic checkpoint's), EMBER_BENCH_LINK_MBIT (cold start over a link of that many Mbit/s
+//! instead of the bare loopback: SeaweedFS's S3 replies are shaped with `tc` on `lo`, which
+//! needs root; the shaping is removed when the bench ends).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -240,6 +244,39 @@ impl Drop for Seaweed {
     fn drop(&mut self) {
         let _ =
             Command::new(root().join("scripts/seaweed.sh")).args(["stop", &self.dir.path().to_string_lossy()]).status();
+    }
+}
+
+/// Limits what SeaweedFS's S3 port sends over `lo` to `mbit` Mbit/s (an HTB class with a `u32`
+/// filter on the source port, everything else unlimited), as a network link would: on the bare
+/// loopback the download, its server and the hashing share this machine's two cores, so the
+/// cores are the slowest link; over a link such as S3 from Lambda the network is. Removed on drop.
+struct LinkShaper;
+
+impl LinkShaper {
+    fn new(port: u16, mbit: u64) -> anyhow::Result<Self> {
+        let tc = |args: &str| -> anyhow::Result<()> {
+            let out = Command::new("tc").args(args.split_whitespace()).output().context("running tc (iproute2)")?;
+            if !out.status.success() {
+                bail!(
+                    "`tc {args}` failed (EMBER_BENCH_LINK_MBIT needs root and no other qdisc on lo): {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(())
+        };
+        tc("qdisc add dev lo root handle 1: htb default 10 r2q 100000")?;
+        let shaper = Self; // from here on, dropping it removes the qdisc
+        tc("class add dev lo parent 1: classid 1:10 htb rate 100gbit")?;
+        tc(&format!("class add dev lo parent 1: classid 1:20 htb rate {mbit}mbit burst 256k cburst 256k"))?;
+        tc(&format!("filter add dev lo protocol ip parent 1: prio 1 u32 match ip sport {port} 0xffff flowid 1:20"))?;
+        Ok(shaper)
+    }
+}
+
+impl Drop for LinkShaper {
+    fn drop(&mut self) {
+        let _ = Command::new("tc").args(["qdisc", "del", "dev", "lo", "root"]).status();
     }
 }
 
@@ -522,7 +559,12 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
         println!("(making the synthetic checkpoint, seed {seed}: EMBER_BENCH_SEED)");
         models.push(ColdModel::synthetic(seed)?);
     }
-    println!("\n## Cold start: model from S3 (SeaweedFS on 127.0.0.1) to ready and to first token, median of {runs}");
+    let link = std::env::var("EMBER_BENCH_LINK_MBIT").ok().map(|v| v.parse::<u64>()).transpose()?;
+    let _shaper = link.map(|mbit| LinkShaper::new(weed.port, mbit)).transpose()?;
+    let over = link.map_or("the bare loopback".to_string(), |m| format!("a {m} Mbit/s link (tc on lo)"));
+    println!(
+        "\n## Cold start: model from S3 (SeaweedFS on 127.0.0.1, over {over}) to ready and to first token, median of {runs}"
+    );
     println!("| model | MB | bare parallel download s | Ember to ready s | x bare | Ember to first token s | prefill s | warm start (local tier) s | page-cache read s | x read | warm to first token s |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut breakdowns = Vec::new();
