@@ -116,6 +116,22 @@
 //! against the token argument's 9,355: the spans are long enough (at the slowest rate) that the
 //! arrivals alone allow full workers, so what forces part-full workers is that a policy cannot
 //! see the arrivals coming, which no clairvoyant bound can charge for.
+//!
+//! A second sound argument was tried and left out (2026-12-01, issue 17 round 6): in a
+//! maximal stretch of `P` every worker starts inside it and pays its cold start there, and
+//! the `n` jobs started in it generate all their tokens there (or, handed back, at least
+//! `grace * r_min`) at most `R(min(n, K))` tokens/s per ready worker, so the stretch costs at
+//! least `c + max(d + max(0, a_l - a_f - W), n x_min / R(min(n, K)))`, priced through the same
+//! dynamic programme (late jobs inside a run too). It is tight where a sparse stream waits to
+//! share a worker (four jobs 1 s apart, `W` 3 s, `c` 1 s: `1 + 512 / 121` worker-seconds,
+//! where the arguments above give 3.6), but on the shipped traces it set the bound only on
+//! the idle trace at 30 s (+0.45%): on the spike (711, 1,359 and 1,554 worker-s at 1, 30 and
+//! 90 s, against 785, 1,388 and 1,576) the 5% late jobs and the burst, whose extra workers a
+//! stretch's `max` does not add to its length, leave it under the arguments above.
+//!
+//! The test `no_schedule_beats_the_bound_at_its_own_p95` runs fixed schedules that switch
+//! workers on and off (batches of a sparse stream, workers drained while busy) and checks
+//! that none finishes its jobs for less than the bound at its own p95.
 
 use serde::Serialize;
 
@@ -465,6 +481,85 @@ mod tests {
         assert!((b.worker_seconds - b.coverage_s - b.beyond_one_s).abs() < 1e-9, "{b:?}");
         // 7 jobs in 15 s are 4.5 s of a full worker: nothing beyond one worker.
         assert_eq!(b.beyond_one_s, 0.0, "{b:?}");
+    }
+
+    /// A schedule fixed in advance: `counts[k]` workers through window `k`, each started a
+    /// cold start ahead, one kept while jobs remain after the last window.
+    struct Schedule {
+        window: f64,
+        counts: Vec<u32>,
+        lead: f64,
+    }
+
+    impl crate::autoscale::Policy for Schedule {
+        fn name(&self) -> &str {
+            "schedule"
+        }
+
+        fn interval(&self) -> f64 {
+            0.5
+        }
+
+        fn decide(&mut self, obs: &crate::autoscale::Observation<'_>) -> crate::autoscale::Decision {
+            let first = (obs.now / self.window).floor() as usize;
+            let last = ((obs.now + self.lead) / self.window).floor() as usize;
+            let mut want = (first..=last).filter_map(|k| self.counts.get(k)).copied().max().unwrap_or(0);
+            if first >= self.counts.len() && obs.backlog.visible + obs.backlog.in_flight > 0 {
+                want = want.max(1);
+            }
+            crate::autoscale::plan(want, obs, "schedule")
+        }
+    }
+
+    /// Schedules that switch workers on and off in every pattern (seeded, the seed printed):
+    /// batches of a sparse stream, a burst on a background, workers drained while busy. No run
+    /// that finishes every job costs less than the bound at its own p95.
+    #[test]
+    fn no_schedule_beats_the_bound_at_its_own_p95() -> Result<(), Box<dyn std::error::Error>> {
+        use crate::autoscale::sim::{simulate, SimOptions};
+        let seed: u64 = 17;
+        println!("seed {seed}");
+        let mut state = seed;
+        let mut next = move || {
+            // xorshift64
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let spike = r#"{"name": "spike", "seed": 7, "tokens": 128, "segments": [
+            {"from_s": 0, "to_s": 300, "rate_per_s": 0.5},
+            {"from_s": 150, "to_s": 155, "jobs": 60}]}"#;
+        let mixed = r#"{"name": "mixed", "seed": 11, "segments": [
+            {"from_s": 0, "to_s": 300, "rate_per_s": 0.2, "tokens": 40},
+            {"from_s": 0, "to_s": 300, "rate_per_s": 0.3, "tokens": 300}]}"#;
+        let traces = [Trace::from_json("spike", spike, "spike.json")?, Trace::from_json("mixed", mixed, "mixed.json")?];
+        let mut runs = 0;
+        for t in &traces {
+            for cold_start_s in [1.0, 30.0] {
+                let m = model(cold_start_s);
+                for k in 0..12 {
+                    let window = [2.0, 4.0, 8.0, 16.0][k % 4];
+                    let windows = (t.duration / window).ceil() as usize;
+                    // On and off: a third of the windows with no worker, the rest 1 or 2.
+                    let counts: Vec<u32> = (0..windows).map(|_| (next() % 6) as u32 / 2).collect();
+                    let mut p = Schedule { window, counts, lead: cold_start_s };
+                    let r = simulate(t, &mut p, &m, &SimOptions::default());
+                    if r.done != r.jobs {
+                        continue;
+                    }
+                    runs += 1;
+                    let b = lower_bound(t, &m, r.wait_p95_s);
+                    assert!(
+                        r.worker_seconds >= b.worker_seconds,
+                        "seed {seed}: {} at {cold_start_s} s, window {window}: {r:?} below {b:?}",
+                        t.name
+                    );
+                }
+            }
+        }
+        assert!(runs >= 30, "{runs} runs finished");
+        Ok(())
     }
 
     /// Every policy, at its defaults and tuned, on traces of bursts, Poisson arrivals, sparse
