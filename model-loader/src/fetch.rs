@@ -6,8 +6,9 @@
 //!   place when verified), or anonymous memory when there is no cache. Every part writes its
 //!   body into its own slice of that area as the bytes come off the connection: no assembly
 //!   buffer, no second copy.
-//! - **Verified as it lands.** With chunk digests in the manifest, each part is one chunk and
-//!   is hashed by a pool of threads (one per core) the moment it lands, so verification runs
+//! - **Verified as it lands.** With chunk digests in the manifest, each part is one chunk (or
+//!   a quarter of one, for a GGUF file tiled during the download: `TILED_PARTS_PER_CHUNK`),
+//!   and each chunk is hashed by a pool of threads (one per core) the moment it lands, so verification runs
 //!   beside the download instead of after it, and a bad chunk stops the download and is named.
 //!   A file without chunk digests is hashed whole by a thread of its own, in order, as its
 //!   parts become contiguous.
@@ -277,9 +278,15 @@ fn note_end(at: &Mutex<Option<Instant>>) {
 
 /// Work for the hashing threads.
 enum Hash<'a> {
-    /// Check chunk `index` of `name`.
-    Chunk { name: &'a str, index: usize, bytes: &'a [u8] },
+    /// Check chunk `index` of `name`, which landed as `pieces` (in order).
+    Chunk { name: &'a str, index: usize, pieces: Vec<&'a [u8]> },
 }
+
+/// Parts per chunk of a GGUF file tiled during the download. Parts in flight share the link and
+/// land together, so with one part per chunk a small file (a few chunks, all in flight) lands
+/// whole at the very end, and its tiling and hashing wait for the last byte; quarter-chunk
+/// parts (4 MiB with 16 MiB chunks) land in waves through the download instead.
+const TILED_PARTS_PER_CHUNK: u64 = 4;
 
 /// GGUF layers tiled during a download.
 #[derive(Default)]
@@ -306,12 +313,23 @@ fn download(
         dest: &'a mut [u8],
     }
     let started = Instant::now();
+    let tile_file = plan.iter().position(|(o, _)| job.opts.tile_gguf && o.name.ends_with(".gguf"));
     let mut parts = Vec::new();
     let mut chunked = Vec::with_capacity(plan.len());
+    // Per file with chunk digests: parts per chunk, and each chunk's pieces as they land.
+    let mut per_chunk = vec![(1u64, 1u64); plan.len()];
+    type Landed<'a> = BTreeMap<usize, Vec<(usize, &'a [u8])>>;
+    let mut pieces: Vec<Landed<'_>> = vec![BTreeMap::new(); plan.len()];
     for (file, ((obj, digest), landing)) in plan.iter().zip(landings.iter_mut()).enumerate() {
         let chunk = digest.and_then(FileDigest::chunking);
         chunked.push(chunk.is_some());
-        let size = chunk.unwrap_or(job.opts.part_size.max(1) as u64) as usize;
+        let split = if tile_file == Some(file) && chunk.is_some_and(|c| c % TILED_PARTS_PER_CHUNK == 0) {
+            TILED_PARTS_PER_CHUNK
+        } else {
+            1
+        };
+        let size = chunk.map_or(job.opts.part_size.max(1) as u64, |c| c / split) as usize;
+        per_chunk[file] = (size as u64, split);
         let dest = landing.bytes_mut();
         if dest.len() as u64 != obj.size {
             return Err(LoadError::BadConfig(format!("landing for `{}` has the wrong size", obj.name)));
@@ -328,7 +346,6 @@ fn download(
     let tiles: Mutex<std::collections::HashMap<String, ember_kernels::cpu::QuantLinear>> = Mutex::default();
     // When the last hashing thread and the last tiling thread finished.
     let (hashed_at, tiled_at) = (Mutex::new(None), Mutex::new(None));
-    let tile_file = plan.iter().position(|(o, _)| job.opts.tile_gguf && o.name.ends_with(".gguf"));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (work_tx, work_rx) = mpsc::sync_channel::<crate::prebuild::Ready<'_>>(cores);
     let work_rx = Mutex::new(work_rx);
@@ -345,12 +362,12 @@ fn download(
         let hashed_at = &hashed_at;
         let hasher = move || loop {
             let next = rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ()));
-            let Ok(Hash::Chunk { name, index, bytes }) = next else {
+            let Ok(Hash::Chunk { name, index, pieces }) = next else {
                 note_end(hashed_at);
                 return;
             };
             if let (Some(m), false) = (manifest, failed_ref.load(Ordering::Relaxed)) {
-                if let Err(e) = m.check_chunk(name, index, bytes) {
+                if let Err(e) = m.check_chunk_pieces(name, index, &pieces) {
                     failed_ref.store(true, Ordering::Relaxed);
                     if let Ok(mut errs) = errors_ref.lock() {
                         errs.push(e);
@@ -467,8 +484,20 @@ fn download(
                     let _ = tile_tx.send((index, bytes));
                 }
                 if chunked[file] {
-                    let name = plan[file].0.name.as_str();
-                    let _ = pool_tx.send(Hash::Chunk { name, index, bytes });
+                    // A chunk is hashed once all its parts have landed.
+                    let (obj, (part, split)) = (plan[file].0, per_chunk[file]);
+                    let chunk = index / split as usize;
+                    let landed = pieces[file].entry(chunk).or_default();
+                    landed.push((index, bytes));
+                    // The chunk's parts: `split`, or fewer in a short last chunk.
+                    let chunk_start = chunk as u64 * split * part;
+                    if landed.len() as u64 == (obj.size - chunk_start).min(split * part).div_ceil(part) {
+                        let mut landed = pieces[file].remove(&chunk).unwrap_or_default();
+                        landed.sort_by_key(|(i, _)| *i);
+                        let name = obj.name.as_str();
+                        let pieces = landed.into_iter().map(|(_, b)| b).collect();
+                        let _ = pool_tx.send(Hash::Chunk { name, index: chunk, pieces });
+                    }
                 } else if let Some(tx) = whole.get(&file) {
                     let (next, held) = waiting.entry(file).or_default();
                     held.insert(index, bytes);

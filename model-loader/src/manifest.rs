@@ -61,9 +61,26 @@ impl ChunkHash {
     }
 
     pub fn digest(self, bytes: &[u8]) -> String {
+        self.digest_pieces(&[bytes])
+    }
+
+    /// The digest of `pieces` one after another (a chunk that landed in parts).
+    pub fn digest_pieces(self, pieces: &[&[u8]]) -> String {
         match self {
-            Self::Blake3 => blake3::hash(bytes).to_hex().to_string(),
-            Self::Sha256 => hex::encode(Sha256::digest(bytes)),
+            Self::Blake3 => {
+                let mut hasher = blake3::Hasher::new();
+                for p in pieces {
+                    hasher.update(p);
+                }
+                hasher.finalize().to_hex().to_string()
+            }
+            Self::Sha256 => {
+                let mut hasher = Sha256::new();
+                for p in pieces {
+                    hasher.update(p);
+                }
+                hex::encode(hasher.finalize())
+            }
         }
     }
 }
@@ -171,19 +188,24 @@ impl Manifest {
     /// Checks chunk `index` of `name` (the bytes at `index * chunk_size`), naming the chunk and
     /// its byte range on a mismatch.
     pub fn check_chunk(&self, name: &str, index: usize, bytes: &[u8]) -> Result<()> {
+        self.check_chunk_pieces(name, index, &[bytes])
+    }
+
+    /// [`Manifest::check_chunk`] for a chunk that landed in several pieces, in order.
+    pub fn check_chunk_pieces(&self, name: &str, index: usize, pieces: &[&[u8]]) -> Result<()> {
         let entry = self.entry(name)?;
         let Some((chunk, hash, expected)) = entry.chunk_digests().and_then(|(c, h, d)| Some((c, h, d.get(index)?)))
         else {
             return Err(LoadError::BadConfig(format!("the manifest has no chunk {index} for `{name}`")));
         };
-        let actual = hash.digest(bytes);
+        let actual = hash.digest_pieces(pieces);
         if !expected.eq_ignore_ascii_case(&actual) {
             let start = index as u64 * chunk;
             return Err(LoadError::ChunkMismatch {
                 file: name.into(),
                 chunk: index,
                 start,
-                end: start + bytes.len() as u64,
+                end: start + pieces.iter().map(|p| p.len() as u64).sum::<u64>(),
                 hash: hash.name(),
                 expected: expected.clone(),
                 actual,
@@ -303,6 +325,23 @@ mod chunk_tests {
                 Err(LoadError::ChunkMismatch { file, chunk: 2, start: 8, end: 12, .. }) if file == "w.bin" => {}
                 other => panic!("{hash:?}: a flipped byte 9 must be refused as chunk 2 (bytes 8..12): {other:?}"),
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_chunk_that_landed_in_pieces_hashes_as_one() -> Result<()> {
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + i / 255) as u8).collect();
+        for hash in [ChunkHash::Blake3, ChunkHash::Sha256] {
+            let (a, rest) = bytes.split_at(1024);
+            let (b, c) = rest.split_at(4097);
+            assert_eq!(hash.digest_pieces(&[a, b, c]), hash.digest(&bytes), "{hash:?}");
+        }
+        let m = Manifest { version: 3, files: [("w".to_string(), entry(b"0123456789abcd", ChunkHash::Blake3))].into() };
+        m.check_chunk_pieces("w", 1, &[b"45", b"67"])?;
+        match m.check_chunk_pieces("w", 1, &[b"45", b"76"]) {
+            Err(LoadError::ChunkMismatch { chunk: 1, start: 4, end: 8, .. }) => {}
+            other => panic!("a bad piece must fail its chunk (bytes 4..8): {other:?}"),
         }
         Ok(())
     }

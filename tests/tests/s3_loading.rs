@@ -219,10 +219,19 @@ async fn gguf_tiled_while_downloading_answers_as_from_disk() -> anyhow::Result<(
     assert!(matches!(&err, Some(LoadError::AmbiguousModel { files, .. }) if files.len() == 2), "{err:?}");
 
     let mut bytes = std::fs::read(dir.path().join("model.gguf"))?;
+    let bytes_len = bytes.len() as u64;
     let at = bytes.len() * 3 / 4;
     bytes[at] ^= 0x01;
     s3.put_object().bucket("weights").key("q4/model.gguf").body(ByteStream::from(bytes)).send().await?;
+    // Named by its whole 16 MiB chunk, though a tiled GGUF file arrives in quarter-chunk parts.
     let err = load(&reference, &opts).await.err();
-    assert!(matches!(&err, Some(LoadError::ChunkMismatch { file, .. }) if file == "model.gguf"), "{err:?}");
+    let at = at as u64;
+    let chunk_size = ember_model_loader::manifest::CHUNK_SIZE;
+    assert!(
+        matches!(&err, Some(LoadError::ChunkMismatch { file, chunk, start, end, .. })
+            if file == "model.gguf" && *chunk as u64 == at / chunk_size && (*start..*end).contains(&at)
+                && *end - *start == chunk_size.min(bytes_len - *start)),
+        "{err:?}"
+    );
     Ok(())
 }
