@@ -417,7 +417,7 @@ impl ColdModel {
 
     /// The same model with a version 2 manifest (SHA-256 chunk digests, as manifests were
     /// before BLAKE3), to show what the hash costs a cold start.
-    fn with_sha256_chunks(mut self, label: &str, key: &str) -> anyhow::Result<Self> {
+    fn with_sha256_chunks(self) -> anyhow::Result<Self> {
         use ember_model_loader::manifest::{ChunkHash, Manifest, MANIFEST_FILE};
         let path = self.dir.path().join(MANIFEST_FILE);
         let mut manifest = Manifest::from_json(&std::fs::read(&path)?)?;
@@ -430,7 +430,6 @@ impl ColdModel {
             }
         }
         std::fs::write(&path, serde_json::to_vec_pretty(&manifest)?)?;
-        (self.label, self.key) = (label.into(), key.into());
         Ok(self)
     }
 
@@ -544,8 +543,13 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
     let seed = std::env::var("EMBER_BENCH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
     let mut models = vec![
         ColdModel::new("SmolLM2 f16 safetensors", "smollm2-f16", "f16", &names.map(|n| (n, hf.join(n))))?,
-        ColdModel::new("", "", "f16", &names.map(|n| (n, hf.join(n))))?
-            .with_sha256_chunks("SmolLM2 f16 safetensors, version 2 manifest (SHA-256 chunks)", "smollm2-f16-sha256")?,
+        ColdModel::new(
+            "SmolLM2 f16 safetensors, version 2 manifest (SHA-256 chunks)",
+            "smollm2-f16-sha256",
+            "f16",
+            &names.map(|n| (n, hf.join(n))),
+        )?
+        .with_sha256_chunks()?,
         ColdModel::new(
             "SmolLM2 Q4_1 GGUF",
             "smollm2-q4_1",
