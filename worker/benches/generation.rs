@@ -24,7 +24,13 @@
 //! EMBER_BENCH_COLD_MODELS (comma list of cold-start model keys), EMBER_BENCH_SEED (the
 //! synthetic checkpoint's), EMBER_BENCH_LINK_MBIT (cold start over a link of that many Mbit/s
 //! instead of the bare loopback: SeaweedFS's S3 replies are shaped with `tc` on `lo`, which
-//! needs root; the shaping is removed when the bench ends).
+//! needs root; the shaping is removed when the bench ends), EMBER_BENCH_SETTLE_MS (3000: the
+//! pause before each measured step of the cold start, so that each pays for fresh memory as a
+//! new instance does; see `settle`).
+//!
+//! The cold start's floor is a bare parallel download of the same bytes in a new process (the
+//! bench binary started again), landing in fresh memory and timed from `main`, as Ember's start
+//! is; the same download in the bench's own long-running process is printed beside it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -305,6 +311,147 @@ async fn bare_download(s3: &aws_sdk_s3::Client, bucket: &str, keys: &[(String, u
     Ok(t0.elapsed())
 }
 
+/// Fresh anonymous memory for a file's bytes, as Ember's landing is made (huge pages advised).
+struct FreshMemory {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl FreshMemory {
+    fn new(len: usize) -> anyhow::Result<Self> {
+        if len == 0 {
+            return Ok(Self { ptr: std::ptr::NonNull::dangling().as_ptr(), len });
+        }
+        // SAFETY: a new private anonymous mapping; nothing else refers to its address.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            bail!("mmap of {len} bytes failed: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: advice on the mapping just made; a refusal changes nothing.
+        let _ = unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+        Ok(Self { ptr: ptr.cast(), len })
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` is a live mapping (or dangling for an empty one) of `len` bytes, owned
+        // by `self`, which `&mut self` borrows exclusively.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for FreshMemory {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: the mapping made in `new`, unmapped once; no slice of it outlives `self`.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+}
+
+/// The bare download as a new process does it (the bench binary started again with
+/// `EMBER_BENCH_BARE_CHILD=<endpoint>` and `EMBER_BENCH_BARE_KEYS=key=size;...`): its own
+/// runtime and S3 client, then the same ranged GETs, each body copied into fresh memory as it
+/// arrives, timed from `main` as Ember's `ready_s` is. A process that starts cold pays for
+/// fresh memory (page faults; on a VM whose host backs guest memory lazily, host faults too),
+/// which a download into a long-running process's reused buffers does not; Ember's start pays
+/// it, so its floor should. Prints `bare_s <seconds>`.
+fn bare_child(started: Instant, endpoint: &str) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let keys: Vec<(String, u64)> = std::env::var("EMBER_BENCH_BARE_KEYS")?
+        .split(';')
+        .filter_map(|kv| kv.rsplit_once('=').and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?))))
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let aws = aws_config_for(endpoint).await;
+        let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
+        let mut memory =
+            keys.iter().map(|(_, size)| FreshMemory::new(*size as usize)).collect::<anyhow::Result<Vec<_>>>()?;
+        let part = 16usize << 20;
+        let mut parts = Vec::new();
+        for ((key, _), mem) in keys.iter().zip(memory.iter_mut()) {
+            for (i, dest) in mem.bytes_mut().chunks_mut(part).enumerate() {
+                parts.push((key.as_str(), i * part, dest));
+            }
+        }
+        let s3 = &s3;
+        let mut stream = futures::stream::iter(parts.into_iter().map(|(key, start, dest)| async move {
+            let range = format!("bytes={start}-{}", start + dest.len() - 1);
+            let mut body = s3.get_object().bucket("bench").key(key).range(range).send().await?.body;
+            let mut at = 0;
+            while let Some(bytes) = body.try_next().await? {
+                let Some(to) = dest.get_mut(at..at + bytes.len()) else { bail!("{key}: more bytes than asked") };
+                to.copy_from_slice(&bytes);
+                at += bytes.len();
+            }
+            if at != dest.len() {
+                bail!("{key}: {at} bytes of {} at {start}", dest.len());
+            }
+            anyhow::Ok(())
+        }))
+        .buffer_unordered(8);
+        while let Some(done) = stream.next().await {
+            done?;
+        }
+        anyhow::Ok(())
+    })?;
+    println!("bare_s {:.6}", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Waits before a measured step of the cold-start table (`EMBER_BENCH_SETTLE_MS`, 3000 by
+/// default). On a VM whose host backs guest memory lazily and takes back what the guest frees
+/// (Firecracker with free page reporting, as AWS Lambda runs; this machine's `virtio_balloon`),
+/// memory freed in the last second or so is still backed and fast to touch, and older memory
+/// costs a host fault per page on first touch (about 0.3-0.8 GB/s here against 7 GB/s and more
+/// for just-freed memory, `/tmp/touch`-style timing in BENCHMARKS.md). Without a pause, each step
+/// would inherit whatever the step before it freed; with one, each pays for fresh memory as a
+/// new instance does.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(env_usize("EMBER_BENCH_SETTLE_MS", 3000) as u64));
+}
+
+/// GB/s of first touches (one write per 4 KiB page) on 512 MiB of fresh anonymous memory
+/// after a [`settle`], then on the same amount again just after freeing it: how much a new
+/// process pays for fresh memory on this machine.
+fn fresh_memory_gb_s() -> anyhow::Result<(f64, f64)> {
+    let touch = || -> anyhow::Result<f64> {
+        let mut mem = FreshMemory::new(512 << 20)?;
+        let bytes = mem.bytes_mut();
+        let t0 = Instant::now();
+        for page in bytes.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        std::hint::black_box(&bytes[..]);
+        Ok(bytes.len() as f64 / 1e9 / t0.elapsed().as_secs_f64())
+    };
+    settle();
+    Ok((touch()?, touch()?))
+}
+
+/// Runs [`bare_child`] and returns its seconds.
+fn bare_download_fresh(endpoint: &str, keys: &[(String, u64)]) -> anyhow::Result<f64> {
+    let list = keys.iter().map(|(k, s)| format!("{k}={s}")).collect::<Vec<_>>().join(";");
+    let out = Command::new(std::env::current_exe()?)
+        .env("EMBER_BENCH_BARE_CHILD", endpoint)
+        .env("EMBER_BENCH_BARE_KEYS", list)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match stdout.lines().find_map(|l| l.strip_prefix("bare_s ")) {
+        Some(s) if out.status.success() => Ok(s.trim().parse()?),
+        _ => bail!("the bare download child failed: {}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -566,11 +713,15 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
     let link = std::env::var("EMBER_BENCH_LINK_MBIT").ok().map(|v| v.parse::<u64>()).transpose()?;
     let _shaper = link.map(|mbit| LinkShaper::new(weed.port, mbit)).transpose()?;
     let over = link.map_or("the bare loopback".to_string(), |m| format!("a {m} Mbit/s link (tc on lo)"));
+    let (settled, reused) = fresh_memory_gb_s()?;
+    println!(
+        "\nFresh memory on this machine: first touches at {settled:.2} GB/s after a pause, {reused:.2} GB/s on memory freed just before (EMBER_BENCH_SETTLE_MS pauses before each step below)"
+    );
     println!(
         "\n## Cold start: model from S3 (SeaweedFS on 127.0.0.1, over {over}) to ready and to first token, median of {runs}"
     );
-    println!("| model | MB | bare parallel download s | Ember to ready s | x bare | Ember to first token s | prefill s | warm start (local tier) s | page-cache read s | x read | warm to first token s |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| model | MB | bare download, new process s | Ember to ready s | x bare | bare download in the bench's process s | x that | Ember to first token s | prefill s | warm start (local tier) s | page-cache read s | x read | warm to first token s |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut breakdowns = Vec::new();
     for model in models.iter().filter(|m| wanted(&m.key)) {
         let mut keys = Vec::new();
@@ -581,11 +732,15 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
             keys.push((key, std::fs::metadata(&path)?.len()));
         }
         let bytes: u64 = keys.iter().map(|(_, s)| s).sum();
-        let (mut bare, mut ready, mut first, mut prefill, mut warm, mut read, mut warm_first) =
-            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut bare, mut fresh, mut ready, mut first, mut prefill, mut warm, mut read, mut warm_first) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut last, mut last_warm) = (String::new(), String::new());
         for _ in 0..runs {
+            settle();
             bare.push(bare_download(&s3, "bench", &keys).await?.as_secs_f64());
+            settle();
+            fresh.push(bare_download_fresh(&endpoint, &keys)?);
+            settle();
             let cold = ember_generate(&endpoint, model, None)?;
             ready.push(cold.ready_s);
             first.push(cold.first_token_s);
@@ -593,19 +748,22 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
             last = cold.breakdown;
             let cache = tempfile::tempdir()?;
             ember_generate(&endpoint, model, Some(cache.path()))?; // fills the local tier
+            settle();
             let hot = ember_generate(&endpoint, model, Some(cache.path()))?;
             warm.push(hot.ready_s);
             warm_first.push(hot.first_token_s);
             last_warm = hot.breakdown;
+            settle();
             read.push(read_cached(cache.path())?.as_secs_f64());
         }
         let (b, r, f, p, w, rd) =
             (median(bare), median(ready), median(first), median(prefill), median(warm), median(read));
-        let wf = median(warm_first);
+        let (wf, fr) = (median(warm_first), median(fresh));
         println!(
-            "| {} | {:.0} | {b:.3} | {r:.3} | {:.2} | {f:.3} | {p:.3} | {w:.3} | {rd:.3} | {:.2} | {wf:.3} |",
+            "| {} | {:.0} | {fr:.3} | {r:.3} | {:.2} | {b:.3} | {:.2} | {f:.3} | {p:.3} | {w:.3} | {rd:.3} | {:.2} | {wf:.3} |",
             model.label,
             bytes as f64 / 1e6,
+            r / fr,
             r / b,
             w / rd
         );
@@ -651,6 +809,10 @@ async fn kv_cache_table(threads: usize, p: usize, runs: usize) -> anyhow::Result
 }
 
 fn main() -> anyhow::Result<()> {
+    let started = Instant::now();
+    if let Ok(endpoint) = std::env::var("EMBER_BENCH_BARE_CHILD") {
+        return bare_child(started, &endpoint);
+    }
     let threads = std::env::var("EMBER_BENCH_THREADS").unwrap_or_else(|_| "1,2".into());
     let p = env_usize("EMBER_BENCH_PROMPT", 17);
     let g = env_usize("EMBER_BENCH_GEN", 128);
