@@ -644,3 +644,48 @@ fn tiling_from_file_blocks_equals_tiling_a_qtensor() -> TestResult {
     println!("tiled from file blocks on {tiled} of {} formats (0: no AVX-512 VNNI on this CPU)", formats.len());
     Ok(())
 }
+
+/// Tiles written over the blocks they come from (what a GGUF download does in memory of its
+/// own, `tile_into` then `from_tiles`) make the same layer as tiling into new memory, for
+/// every 32-weight format with rows a multiple of 16; other row counts and the K-quants, whose
+/// tiles would not fit where the blocks were, are declined. Where this CPU has no AVX-512
+/// VNNI tiles, everything is declined and the test says so.
+#[test]
+fn tiles_written_over_their_blocks_equal_tiles_of_their_own() -> TestResult {
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut placed = 0;
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K] {
+        let block = if dtype == GgmlDType::Q4K { QK_K } else { BLOCK };
+        for n in [16 * rng.random_range(1..4), 16 * rng.random_range(1..4) + rng.random_range(1..16)] {
+            let k = block * rng.random_range(1..4);
+            let w = Tensor::from_vec(random(&mut rng, n * k, 1.0), (n, k), &Device::Cpu)?;
+            let blocks = QTensor::quantize(&w, dtype)?.data()?.to_vec();
+            let mut over = blocks.clone();
+            let Some(len) = QuantLinear::tiles_in_place_len(dtype, n, k) else {
+                let mut out = vec![7u8; blocks.len()];
+                assert!(QuantLinear::tile_into(dtype, &blocks, n, k, &mut out).is_none(), "{dtype:?} n {n}");
+                assert!(out.iter().all(|&b| b == 7), "{dtype:?} n {n}: a declined tile_into leaves its output");
+                assert!(
+                    dtype == GgmlDType::Q4K
+                        || n % 16 != 0
+                        || QuantLinear::tiled_from_blocks(dtype, &blocks, n, k).is_none()
+                );
+                continue;
+            };
+            assert_eq!(len, blocks.len(), "{dtype:?}: in place means the blocks' own size");
+            QuantLinear::tile_into(dtype, &blocks, n, k, &mut over).ok_or("tile_into declined")?;
+            let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(over);
+            let shared = ember_kernels::cpu::SharedBytes::new(owner, 0..len).ok_or("range")?;
+            let in_place = QuantLinear::from_tiles(dtype, shared, n, k).ok_or("from_tiles declined")?;
+            let own = QuantLinear::tiled_from_blocks(dtype, &blocks, n, k).ok_or("tiled_from_blocks declined")?;
+            assert_eq!(in_place.tiles(), own.tiles(), "seed {seed} {dtype:?} n {n} k {k}: the same tiles");
+            let x = Tensor::from_vec(random(&mut rng, 3 * k, 2.0), (1, 3, k), &Device::Cpu)?;
+            let f = |l: &QuantLinear| l.forward(&x)?.flatten_all()?.to_vec1::<f32>();
+            assert_eq!(f(&in_place)?, f(&own)?, "seed {seed} {dtype:?} n {n} k {k}");
+            placed += 1;
+        }
+    }
+    println!("tiled in place in {placed} cases (0: no AVX-512 VNNI on this CPU)");
+    Ok(())
+}

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
+use candle_core::quantized::GgmlDType;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
@@ -64,6 +65,8 @@ pub struct FetchStats {
     pub verify_tail_s: f64,
     /// GGUF tensors tiled during the download, and the tiling left after the last byte.
     pub tiled_early: usize,
+    /// Of those, the tensors tiled where they landed (no memory of their own; `InPlace`).
+    pub tiled_in_place: usize,
     pub tile_tail_s: f64,
     /// Weights taken from the local tier without hashing, and with hashing (changed on disk).
     pub cached_bytes: u64,
@@ -148,7 +151,8 @@ pub fn fill(job: Fill, mut files: ModelFiles) -> Result<ModelFiles> {
     let plan: Vec<(&Remote, Option<&FileDigest>)> = to_fetch.iter().map(|(o, d)| (*o, d.as_ref())).collect();
     // A GGUF file without a tokenizer.json beside it holds its tokenizer in its header.
     let tokenizer_slot = files.get("tokenizer.json").is_none().then_some(&files.early_tokenizer);
-    let (download_s, tail_s, tiled) = match download(&job, &plan, &mut landings, manifest.as_ref(), tokenizer_slot) {
+    let (download_s, tail_s, mut tiled) = match download(&job, &plan, &mut landings, manifest.as_ref(), tokenizer_slot)
+    {
         Ok(done) => done,
         Err(e) => {
             for landing in landings {
@@ -160,11 +164,10 @@ pub fn fill(job: Fill, mut files: ModelFiles) -> Result<ModelFiles> {
     stats.downloaded_bytes = to_fetch.iter().map(|(o, _)| o.size).sum();
     stats.download_s = download_s.max(t_download.elapsed().as_secs_f64() - tail_s);
     stats.verify_tail_s = tail_s;
-    stats.tiled_early = tiled.layers.len();
+    stats.tiled_early = tiled.layers.len() + tiled.in_place.len();
+    stats.tiled_in_place = tiled.in_place.len();
     stats.tile_tail_s = tiled.tail_s;
-    if let Ok(mut slot) = files.tiled.lock() {
-        *slot = tiled.layers;
-    }
+    let mut layers = tiled.layers;
 
     for ((obj, digest), landing) in to_fetch.iter().zip(landings) {
         let bytes = match (landing, entry.as_mut()) {
@@ -175,7 +178,24 @@ pub fn fill(job: Fill, mut files: ModelFiles) -> Result<ModelFiles> {
             }
             (landing, _) => landing.into_bytes()?,
         };
+        // Tiles written over their blocks are read where they are; the blocks are gone, so a
+        // layer that cannot be made from them fails the load instead of reading tiles as blocks.
+        if let (FileBytes::Mapped(map), true) = (&bytes, obj.name.ends_with(".gguf")) {
+            let owner: std::sync::Arc<dyn AsRef<[u8]> + Send + Sync> = map.clone();
+            for (name, dtype, n, k, range) in std::mem::take(&mut tiled.in_place) {
+                let layer = ember_kernels::cpu::SharedBytes::new(owner.clone(), range)
+                    .and_then(|tiles| ember_kernels::cpu::QuantLinear::from_tiles(dtype, tiles, n, k))
+                    .ok_or_else(|| LoadError::BadWeights {
+                        file: obj.name.clone(),
+                        message: format!("{name}: its tiles, made where it landed, could not be read back"),
+                    })?;
+                layers.insert(name, layer);
+            }
+        }
         files.files.push((obj.name.clone(), bytes));
+    }
+    if let Ok(mut slot) = files.tiled.lock() {
+        *slot = layers;
     }
     files.files.sort_by(|a, b| a.0.cmp(&b.0));
     files.verified = Some(manifest.is_some());
@@ -239,6 +259,10 @@ impl Landing {
         Ok(Self::Memory(map))
     }
 
+    fn is_memory(&self) -> bool {
+        matches!(self, Self::Memory(_))
+    }
+
     fn bytes_mut(&mut self) -> &mut [u8] {
         match self {
             Self::File { map, .. } | Self::Memory(map) => map,
@@ -292,8 +316,147 @@ const TILED_PARTS_PER_CHUNK: u64 = 4;
 #[derive(Default)]
 struct Tiled {
     layers: std::collections::HashMap<String, ember_kernels::cpu::QuantLinear>,
+    /// Layers whose tiles were written over their own blocks in the landing: GGUF name,
+    /// format, shape and byte range, made into layers once the landing is read-only.
+    in_place: Vec<Placed>,
     /// Seconds of tiling left after the last byte landed.
     tail_s: f64,
+}
+
+/// A tensor tiled where it landed: GGUF name, format, shape `(n, k)` and byte range.
+type Placed = (String, GgmlDType, usize, usize, std::ops::Range<usize>);
+
+/// The landing of a GGUF file tiled in place: its address, shared by the parts the download
+/// writes and the tiling that writes tiles over verified tensors.
+#[derive(Clone, Copy)]
+struct LandingPtr {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the pointer is an anonymous mapping owned by the download's landing, which outlives
+// every thread of the download (they are scoped); which thread touches which bytes when is
+// the protocol of `InPlace`: the download writes each part's bytes, the hashers and the
+// header parser read them, and a tensor's bytes are written by the tiling only after every
+// reader of them is done.
+unsafe impl Send for LandingPtr {}
+// SAFETY: as for `Send`: concurrent access is to disjoint bytes, ordered through `InPlace`.
+unsafe impl Sync for LandingPtr {}
+
+/// A GGUF file whose quantized tensors are tiled where they landed, each as soon as every
+/// chunk it lies in has been verified: the tiles take exactly the blocks' bytes (the 32-weight
+/// formats with rows a multiple of 16), so the tiles need no memory of their own. A new process
+/// pays for every page of fresh memory it touches (a page fault and zeroing; on a VM whose host
+/// backs guest memory lazily, as Firecracker's, a host fault too), and tiles in fresh memory
+/// doubled what a GGUF start touched. Only for a landing in anonymous memory (a tier file keeps
+/// the file's bytes) with chunk digests (each chunk's readers are done once it is hashed).
+///
+/// The protocol that keeps every access to the landing apart: a part's bytes are written by
+/// its download only; the hashers read a chunk's bytes once all its parts have landed; the
+/// header parser reads the first parts, and the plan (which tensors) exists only after it has
+/// finished; a tensor is handed to the tiling only when its chunks are all hashed and the plan
+/// exists, so no reader of its bytes is left, and only the tiling touches them from then on,
+/// each tensor by one thread. The mutex orders each step before the next.
+struct InPlace {
+    base: LandingPtr,
+    chunk: u64,
+    state: Mutex<InPlaceState>,
+}
+
+#[derive(Default)]
+struct InPlaceState {
+    hashed: Vec<bool>,
+    /// The tensors, once the header has parsed, each with whether it was handed on.
+    plan: Option<Vec<(crate::prebuild::Planned, bool)>>,
+}
+
+impl InPlace {
+    /// Tensors whose chunks are now all hashed and that were not handed on yet.
+    fn take_ready(&self, state: &mut InPlaceState) -> Vec<crate::prebuild::Planned> {
+        let hashed = &state.hashed;
+        let Some(plan) = state.plan.as_mut() else { return Vec::new() };
+        let mut ready = Vec::new();
+        for (t, handed) in plan.iter_mut().filter(|(_, handed)| !*handed) {
+            let (first, last) = (t.start / self.chunk, (t.start + t.len.max(1) - 1) / self.chunk);
+            if (first..=last).all(|c| hashed.get(c as usize).copied().unwrap_or(false)) {
+                *handed = true;
+                ready.push(t.clone());
+            }
+        }
+        ready
+    }
+
+    /// Chunk `index` has been hashed (and its pieces dropped): the tensors it completes.
+    fn chunk_hashed(&self, index: usize) -> Vec<crate::prebuild::Planned> {
+        let Ok(mut state) = self.state.lock() else { return Vec::new() };
+        if let Some(h) = state.hashed.get_mut(index) {
+            *h = true;
+        }
+        self.take_ready(&mut state)
+    }
+
+    /// The header has parsed: the tensors whose chunks are already hashed.
+    fn planned(&self, plan: Vec<crate::prebuild::Planned>) -> Vec<crate::prebuild::Planned> {
+        let Ok(mut state) = self.state.lock() else { return Vec::new() };
+        state.plan = Some(plan.into_iter().map(|t| (t, false)).collect());
+        self.take_ready(&mut state)
+    }
+
+    /// Tiles tensor `t` where it lies, through `scratch`; or, where its tiles would not fit
+    /// (or it is read as blocks later: the embedding table), into a layer of its own.
+    fn tile(&self, t: &crate::prebuild::Planned, scratch: &mut Vec<u8>) -> TiledOne {
+        use ember_kernels::cpu::QuantLinear;
+        let (start, len) = (t.start as usize, t.len as usize);
+        if start.checked_add(len).is_none_or(|end| end > self.base.len) {
+            return TiledOne::None;
+        }
+        // SAFETY: inside the landing (checked above); every chunk holding these bytes has been
+        // hashed, so the download, the hashers and the header parser are done with them, and
+        // this thread alone was handed the tensor (`InPlace`'s protocol).
+        let blocks = unsafe { std::slice::from_raw_parts(self.base.ptr.add(start), len) };
+        let fits = QuantLinear::tiles_in_place_len(t.dtype, t.n, t.k) == Some(len);
+        if !fits || t.name == "token_embd.weight" {
+            return QuantLinear::tiled_from_blocks(t.dtype, blocks, t.n, t.k).map_or(TiledOne::None, TiledOne::Owned);
+        }
+        scratch.resize(len, 0);
+        if QuantLinear::tile_into(t.dtype, blocks, t.n, t.k, scratch).is_none() {
+            return TiledOne::None;
+        }
+        // SAFETY: as above; `blocks` is not used from here on, and no other reference to these
+        // bytes is used again until the landing is made read-only after the download.
+        let dest = unsafe { std::slice::from_raw_parts_mut(self.base.ptr.add(start), len) };
+        dest.copy_from_slice(scratch);
+        TiledOne::InPlace(start..start + len)
+    }
+}
+
+/// A landed part handed to the GGUF header parser and tiler: its bytes, or, for an
+/// [`InPlace`] file, only their address (see the feeder in [`download`]).
+enum FedPart<'a> {
+    Slice(&'a [u8]),
+    Raw(ConstPtr, usize),
+}
+
+/// A part's address, sent to the feeder thread.
+#[derive(Clone, Copy)]
+struct ConstPtr(*const u8);
+
+// SAFETY: only an address; the feeder makes a slice of it under `InPlace`'s protocol.
+unsafe impl Send for ConstPtr {}
+
+/// What tiling one tensor of an [`InPlace`] file made.
+enum TiledOne {
+    InPlace(std::ops::Range<usize>),
+    Owned(ember_kernels::cpu::QuantLinear),
+    None,
+}
+
+/// Work for the tiling threads.
+enum TileWork<'a> {
+    /// A tensor whose bytes have landed, tiled into memory of its own.
+    Landed(crate::prebuild::Ready<'a>),
+    /// A tensor of an [`InPlace`] file whose chunks are verified, tiled where it lies.
+    InPlace(crate::prebuild::Planned),
 }
 
 /// Downloads every planned file into its landing, verifying on the way (and tiling a GGUF
@@ -314,6 +477,14 @@ fn download(
     }
     let started = Instant::now();
     let tile_file = plan.iter().position(|(o, _)| job.opts.tile_gguf && o.name.ends_with(".gguf"));
+    // Tiled where it lands (see `InPlace`), unless `EMBER_TILE_IN_PLACE=0` (to compare).
+    let in_place_file = tile_file.filter(|&f| {
+        manifest.is_some()
+            && landings[f].is_memory()
+            && plan[f].1.and_then(FileDigest::chunking).is_some_and(|c| c % TILED_PARTS_PER_CHUNK == 0)
+            && std::env::var("EMBER_TILE_IN_PLACE").map_or(true, |v| v != "0")
+    });
+    let mut in_place: Option<InPlace> = None;
     let mut parts = Vec::new();
     let mut chunked = Vec::with_capacity(plan.len());
     // Per file with chunk digests: parts per chunk, and each chunk's pieces as they land.
@@ -334,10 +505,27 @@ fn download(
         if dest.len() as u64 != obj.size {
             return Err(LoadError::BadConfig(format!("landing for `{}` has the wrong size", obj.name)));
         }
-        for (index, dest) in dest.chunks_mut(size).enumerate() {
-            parts.push(Part { file, index, start: (index * size) as u64, dest });
+        if in_place_file == Some(file) {
+            // Every part is made from one pointer, which the tiling writes through later.
+            let base = LandingPtr { ptr: dest.as_mut_ptr(), len: dest.len() };
+            let chunk = split * size as u64;
+            let hashed = vec![false; (base.len as u64).div_ceil(chunk) as usize];
+            in_place = Some(InPlace { base, chunk, state: Mutex::new(InPlaceState { hashed, plan: None }) });
+            for (index, start) in (0..base.len).step_by(size.max(1)).enumerate() {
+                // SAFETY: `start..start + len` lies inside the landing, and the parts are
+                // disjoint; each is written by its own download, as `chunks_mut` would give.
+                let dest = unsafe { std::slice::from_raw_parts_mut(base.ptr.add(start), size.min(base.len - start)) };
+                parts.push(Part { file, index, start: start as u64, dest });
+            }
+        } else {
+            for (index, dest) in dest.chunks_mut(size).enumerate() {
+                parts.push(Part { file, index, start: (index * size) as u64, dest });
+            }
         }
     }
+    let in_place = in_place.as_ref();
+    let in_place_name = in_place_file.map(|f| plan[f].0.name.as_str());
+    let placed: Mutex<Vec<Placed>> = Mutex::default();
     let total: u64 = plan.iter().map(|(o, _)| o.size).sum();
     let bar = crate::s3::progress_bar(job.opts.progress, total);
     let failed = AtomicBool::new(false);
@@ -347,7 +535,10 @@ fn download(
     // When the last hashing thread and the last tiling thread finished.
     let (hashed_at, tiled_at) = (Mutex::new(None), Mutex::new(None));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (work_tx, work_rx) = mpsc::sync_channel::<crate::prebuild::Ready<'_>>(cores);
+    // Short for tensors gathered across parts (their copies wait in it); long for an in-place
+    // file's tensors (names and ranges only), so that a hasher never waits on the tiling.
+    let queue = if in_place.is_some() { 4096 } else { cores };
+    let (work_tx, work_rx) = mpsc::sync_channel::<TileWork<'_>>(queue);
     let work_rx = Mutex::new(work_rx);
     // The chunk pool's queue: one thread per core takes from it.
     let (pool_tx, pool_rx) = mpsc::channel::<Hash<'_>>();
@@ -360,23 +551,38 @@ fn download(
         let threads = cores.saturating_sub(1).max(1);
         let (rx, failed_ref, errors_ref) = (&pool_rx, &failed, &errors);
         let hashed_at = &hashed_at;
-        let hasher = move || loop {
+        // A hasher; with a sender, it also hands on the tensors of an in-place file that each
+        // chunk it verifies completes.
+        let hasher = move |tiling: Option<mpsc::SyncSender<TileWork<'_>>>| loop {
             let next = rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ()));
             let Ok(Hash::Chunk { name, index, pieces }) = next else {
                 note_end(hashed_at);
                 return;
             };
             if let (Some(m), false) = (manifest, failed_ref.load(Ordering::Relaxed)) {
-                if let Err(e) = m.check_chunk_pieces(name, index, &pieces) {
-                    failed_ref.store(true, Ordering::Relaxed);
-                    if let Ok(mut errs) = errors_ref.lock() {
-                        errs.push(e);
+                let checked = m.check_chunk_pieces(name, index, &pieces);
+                drop(pieces);
+                match checked {
+                    Ok(()) => {
+                        if let (Some(ip), Some(tx), true) = (in_place, &tiling, in_place_name == Some(name)) {
+                            for t in ip.chunk_hashed(index) {
+                                let _ = tx.send(TileWork::InPlace(t));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        failed_ref.store(true, Ordering::Relaxed);
+                        if let Ok(mut errs) = errors_ref.lock() {
+                            errs.push(e);
+                        }
                     }
                 }
             }
         };
+        let hasher_tx = || in_place.map(|_| work_tx.clone());
         for _ in 0..threads {
-            s.spawn(hasher);
+            let tx = hasher_tx();
+            s.spawn(move || hasher(tx));
         }
         // A whole-file hasher per file that has a manifest entry but no chunk digests.
         let mut whole: BTreeMap<usize, mpsc::Sender<&[u8]>> = BTreeMap::new();
@@ -407,7 +613,7 @@ fn download(
         }
         // The GGUF file to tile as it lands (when asked): its parts go to a thread of their
         // own, which takes them in file order.
-        let (tile_tx, tile_rx) = mpsc::channel::<(usize, &[u8])>();
+        let (tile_tx, tile_rx) = mpsc::channel::<(usize, FedPart<'_>)>();
         // That thread finds the tensors each part completes, in file order; tiling them is shared
         // by one thread per core at the lowest priority (`prebuild::lower_priority`), and once
         // the last byte has landed this thread joins in at its own. The queue between them is
@@ -415,18 +621,33 @@ fn download(
         let (tiles, tiled_at) = (&tiles, &tiled_at);
         let work_rx = &work_rx;
         let failed_ref = &failed;
-        let tile_one = move |ready: crate::prebuild::Ready<'_>| {
+        let placed = &placed;
+        let tile_one = move |work: TileWork<'_>, scratch: &mut Vec<u8>| {
             // After a failed check the tiles would be thrown away: the queue is only drained.
             if failed_ref.load(Ordering::Relaxed) {
                 return;
             }
-            if let (Some(layer), Ok(mut tiles)) = (ready.tile(), tiles.lock()) {
-                tiles.insert(ready.name, layer);
+            let (name, layer) = match work {
+                TileWork::Landed(ready) => (ready.name.clone(), ready.tile()),
+                TileWork::InPlace(t) => match in_place.map_or(TiledOne::None, |ip| ip.tile(&t, scratch)) {
+                    TiledOne::InPlace(range) => {
+                        if let Ok(mut placed) = placed.lock() {
+                            placed.push((t.name, t.dtype, t.n, t.k, range));
+                        }
+                        return;
+                    }
+                    TiledOne::Owned(layer) => (t.name, Some(layer)),
+                    TiledOne::None => return,
+                },
+            };
+            if let (Some(layer), Ok(mut tiles)) = (layer, tiles.lock()) {
+                tiles.insert(name, layer);
             }
         };
         let tile_queued = move || {
-            while let Ok(ready) = work_rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ())) {
-                tile_one(ready);
+            let mut scratch = Vec::new();
+            while let Ok(work) = work_rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ())) {
+                tile_one(work, &mut scratch);
             }
             note_end(tiled_at);
         };
@@ -437,16 +658,39 @@ fn download(
                     tile_queued();
                 });
             }
+            let feeder_tx = work_tx.clone();
             s.spawn(move || {
-                let mut tiler = crate::prebuild::GgufTiler::default();
+                let work_tx = feeder_tx;
+                let mut tiler = match in_place {
+                    Some(_) => crate::prebuild::GgufTiler::header_only(),
+                    None => crate::prebuild::GgufTiler::default(),
+                };
                 let (mut next, mut held) = (0usize, BTreeMap::new());
-                for (index, bytes) in tile_rx {
-                    held.insert(index, bytes);
-                    while let Some(b) = held.remove(&next) {
+                let mut planned = false;
+                for (index, landed) in tile_rx {
+                    if planned {
+                        continue; // an in-place file's header is in: its bytes are not read here
+                    }
+                    held.insert(index, landed);
+                    while let Some(landed) = held.remove(&next) {
+                        let b = match landed {
+                            FedPart::Slice(b) => b,
+                            // SAFETY: the part has landed (the download is done with it), and no
+                            // tensor is tiled in place before the plan below is handed over, so
+                            // nothing writes these bytes while they are read here.
+                            FedPart::Raw(ptr, len) => unsafe { std::slice::from_raw_parts(ptr.0, len) },
+                        };
                         tiler.feed(b, &mut |ready| {
-                            let _ = work_tx.send(ready);
+                            let _ = work_tx.send(TileWork::Landed(ready));
                         });
                         next += 1;
+                    }
+                    if let (Some(ip), Some(plan)) = (in_place, in_place.and_then(|_| tiler.take_plan())) {
+                        planned = true;
+                        held.clear();
+                        for t in ip.planned(plan) {
+                            let _ = work_tx.send(TileWork::InPlace(t));
+                        }
                     }
                     // The tokenizer needs only the header: built beside the rest of the file.
                     if let (Some(header), Some(slot)) = (tiler.take_header(), tokenizer_early) {
@@ -460,7 +704,7 @@ fn download(
                 }
             });
         } else {
-            drop((work_tx, tile_rx));
+            drop(tile_rx);
         }
         // The parts of whole-hashed files wait here until they are next in file order.
         let mut waiting: BTreeMap<usize, (usize, BTreeMap<usize, &[u8]>)> = BTreeMap::new();
@@ -481,7 +725,13 @@ fn download(
                 let (file, index, bytes) = landed?;
                 bar.inc(bytes.len() as u64);
                 if tile_file == Some(file) {
-                    let _ = tile_tx.send((index, bytes));
+                    let landed = match in_place {
+                        // Only the address: the bytes may be tiled over before the header
+                        // parser gets to them, and it reads them only while it has no plan.
+                        Some(_) => FedPart::Raw(ConstPtr(bytes.as_ptr()), bytes.len()),
+                        None => FedPart::Slice(bytes),
+                    };
+                    let _ = tile_tx.send((index, landed));
                 }
                 if chunked[file] {
                     // A chunk is hashed once all its parts have landed.
@@ -513,8 +763,11 @@ fn download(
         bar.finish_and_clear();
         drop(pool_tx);
         for _ in threads..cores {
-            s.spawn(hasher);
+            let tx = hasher_tx();
+            s.spawn(move || hasher(tx));
         }
+        // The hashers and the feeder hold the senders the tiling waits on from here.
+        drop(work_tx);
         whole.clear();
         drop(tile_tx);
         if tile_file.is_some() {
@@ -533,7 +786,11 @@ fn download(
     };
     let tail_s = after(&hashed_at);
     let tiled = match tile_file {
-        Some(_) => Tiled { layers: tiles.into_inner().unwrap_or_default(), tail_s: after(&tiled_at) },
+        Some(_) => Tiled {
+            layers: tiles.into_inner().unwrap_or_default(),
+            in_place: placed.into_inner().unwrap_or_default(),
+            tail_s: after(&tiled_at),
+        },
         None => Tiled::default(),
     };
     let mut errors = errors.into_inner().unwrap_or_default();

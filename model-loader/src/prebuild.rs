@@ -37,13 +37,14 @@ pub fn lower_priority() {
 const MAX_HEADER: usize = 64 << 20;
 
 /// One tensor to tile: its GGUF name, format, shape `(n, k)` and bytes in the file.
-struct Planned {
-    name: String,
-    dtype: GgmlDType,
-    n: usize,
-    k: usize,
-    start: u64,
-    len: u64,
+#[derive(Debug, Clone)]
+pub(crate) struct Planned {
+    pub name: String,
+    pub dtype: GgmlDType,
+    pub n: usize,
+    pub k: usize,
+    pub start: u64,
+    pub len: u64,
 }
 
 /// A tensor whose bytes are all in: what tiling it takes.
@@ -85,9 +86,25 @@ pub struct GgufTiler {
     gave_up: bool,
     /// The parsed header, until [`GgufTiler::take_header`] takes it.
     parsed: Option<gguf_file::Content>,
+    /// Parse the header only: nothing is routed, and the plan waits for
+    /// [`GgufTiler::take_plan`] (the tensors are then tiled where they land, once verified).
+    header_only: bool,
 }
 
 impl GgufTiler {
+    /// A tiler that only parses the header (see [`GgufTiler::take_plan`]).
+    pub(crate) fn header_only() -> Self {
+        Self { header_only: true, ..Self::default() }
+    }
+
+    /// The tensors to tile, in file order, once the header has parsed (header-only tilers;
+    /// once). Nothing more is read after that: later bytes are ignored.
+    pub(crate) fn take_plan(&mut self) -> Option<Vec<Planned>> {
+        let plan = self.plan.take()?;
+        self.gave_up = true;
+        Some(plan)
+    }
+
     /// The next `bytes` of the file; `out` gets every tensor they complete.
     pub fn feed<'a>(&mut self, bytes: &'a [u8], out: &mut dyn FnMut(Ready<'a>)) {
         let at = self.pos;
@@ -96,7 +113,9 @@ impl GgufTiler {
             return;
         }
         if self.plan.is_some() {
-            self.route(at, bytes, out);
+            if !self.header_only {
+                self.route(at, bytes, out);
+            }
             return;
         }
         self.header.extend_from_slice(bytes);
@@ -105,7 +124,9 @@ impl GgufTiler {
                 self.plan = Some(plan(&content));
                 self.parsed = Some(content);
                 let seen = std::mem::take(&mut self.header);
-                self.route(0, &seen, &mut |ready| out(ready.into_owned()));
+                if !self.header_only {
+                    self.route(0, &seen, &mut |ready| out(ready.into_owned()));
+                }
             }
             Err(_) if self.header.len() < MAX_HEADER => {}
             Err(_) => {

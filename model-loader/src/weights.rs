@@ -300,7 +300,7 @@ impl WeightSource for GgufWeights<'_> {
                     i.shape.dims2().ok() == Some(l.shape()) && QuantLinear::tiled_kind(i.ggml_dtype) == Some(l.kind())
                 })
             };
-            let early = gguf_name(name).and_then(|g| self.tiled_early.lock().ok()?.remove(&g)).filter(fits);
+            let early = gguf_name(name).and_then(|g| self.tiled_early.lock().ok()?.get(&g).cloned()).filter(fits);
             if let Some(layer) = early.or_else(|| self.tiled(name)) {
                 let info = gguf_name(name).and_then(|g| Some((self.content.tensor_infos.get(&g)?.ggml_dtype, g)));
                 if let (Some((dtype, g)), Ok(mut kept)) = (info, self.handed_out.lock()) {

@@ -178,6 +178,39 @@ impl QuantLinear {
         None
     }
 
+    /// The bytes [`QuantLinear::tile_into`] writes for `n` rows of `k` weights of `dtype`, when
+    /// this CPU runs tiles and they take exactly the bytes of the GGUF blocks (the 32-weight
+    /// formats with `n` a multiple of 16): the tiles can then replace the blocks where they
+    /// lie. None otherwise (K-quants, whose tiles are laid out differently, included).
+    pub fn tiles_in_place_len(dtype: candle_core::quantized::GgmlDType, n: usize, k: usize) -> Option<usize> {
+        let Some(Kind::Block(f)) = Kind::of(dtype) else { return None };
+        if !runs_tiles(Isa::detect()) || n == 0 || k == 0 || !k.is_multiple_of(BLOCK) {
+            return None;
+        }
+        let blocks = n.checked_mul(k)? / dtype.block_size() * dtype.type_size();
+        (Tiled::len(f, n, k) == blocks).then_some(blocks)
+    }
+
+    /// Writes the tiles [`QuantLinear::tiled_from_blocks`] would make into `out`
+    /// ([`QuantLinear::tiles_in_place_len`] bytes), for [`QuantLinear::from_tiles`] to read
+    /// where they are put. None (and `out` untouched) where that length is None or differs.
+    pub fn tile_into(
+        dtype: candle_core::quantized::GgmlDType,
+        blocks: &[u8],
+        n: usize,
+        k: usize,
+        out: &mut [u8],
+    ) -> Option<()> {
+        let len = Self::tiles_in_place_len(dtype, n, k)?;
+        let Some(Kind::Block(f)) = Kind::of(dtype) else { return None };
+        if blocks.len() != len || out.len() != len {
+            return None;
+        }
+        out.fill(0);
+        Tiled::fill(f, blocks, n, k, out);
+        Some(())
+    }
+
     /// The tiles of a layer that has them (see [`QuantLinear::is_tiled`]), to keep for a later
     /// start ([`QuantLinear::from_tiles`]).
     pub fn tiles(&self) -> Option<&[u8]> {

@@ -43,12 +43,24 @@ pub const fn record_bytes(format: Format) -> usize {
 impl Tiled {
     /// Repacks `n` rows of `k / 32` GGUF blocks of `format`.
     pub fn new(format: Format, blocks: &[u8], n: usize, k: usize) -> Self {
+        let mut data = vec![0u8; Self::len(format, n, k)];
+        Self::fill(format, blocks, n, k, &mut data);
+        Tiled { format, n, k, data: super::TileBytes::Owned(data) }
+    }
+
+    /// Bytes the tiles of `n` rows of `k / 32` blocks take (the blocks' own size when `n` is a
+    /// multiple of [`TILE`]).
+    pub fn len(format: Format, n: usize, k: usize) -> usize {
+        n.div_ceil(TILE) * (k / BLOCK) * record_bytes(format)
+    }
+
+    /// Writes the tiles of `blocks` into `data` ([`Tiled::len`] bytes, zeroed).
+    pub fn fill(format: Format, blocks: &[u8], n: usize, k: usize, data: &mut [u8]) {
         let nb = k / BLOCK;
         let bb = format.block_bytes();
         assert!(k.is_multiple_of(BLOCK) && blocks.len() == n * nb * bb, "tiled sizes");
-        let tiles = n.div_ceil(TILE);
+        assert_eq!(data.len(), Self::len(format, n, k), "tiled output size");
         let rec = record_bytes(format);
-        let mut data = vec![0u8; tiles * nb * rec];
         let mut c = [0i32; BLOCK];
         for row in 0..n {
             let (t, r) = (row / TILE, row % TILE);
@@ -96,7 +108,6 @@ impl Tiled {
                 }
             }
         }
-        Tiled { format, n, k, data: super::TileBytes::Owned(data) }
     }
 
     /// Tiles made before (by [`Tiled::new`] on an earlier start, then kept), read in place;
