@@ -402,8 +402,9 @@ impl InPlace {
         self.take_ready(&mut state)
     }
 
-    /// Tiles tensor `t` where it lies, through `scratch`; or, where its tiles would not fit
-    /// (or it is read as blocks later: the embedding table), into a layer of its own.
+    /// Tiles tensor `t` where it lies, through `scratch`; or, where its tiles would not fit,
+    /// into a layer of its own. (Every tensor of the plan is read only through its tiled layer
+    /// from here on: the embedding table too, whose rows are looked up in its tiles.)
     fn tile(&self, t: &crate::prebuild::Planned, scratch: &mut Vec<u8>) -> TiledOne {
         use ember_kernels::cpu::QuantLinear;
         let (start, len) = (t.start as usize, t.len as usize);
@@ -415,7 +416,7 @@ impl InPlace {
         // this thread alone was handed the tensor (`InPlace`'s protocol).
         let blocks = unsafe { std::slice::from_raw_parts(self.base.ptr.add(start), len) };
         let fits = QuantLinear::tiles_in_place_len(t.dtype, t.n, t.k) == Some(len);
-        if !fits || t.name == "token_embd.weight" {
+        if !fits {
             return QuantLinear::tiled_from_blocks(t.dtype, blocks, t.n, t.k).map_or(TiledOne::None, TiledOne::Owned);
         }
         scratch.resize(len, 0);
