@@ -311,50 +311,13 @@ async fn bare_download(s3: &aws_sdk_s3::Client, bucket: &str, keys: &[(String, u
     Ok(t0.elapsed())
 }
 
-/// Fresh anonymous memory for a file's bytes, as Ember's landing is made (huge pages advised).
-struct FreshMemory {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl FreshMemory {
-    fn new(len: usize) -> anyhow::Result<Self> {
-        if len == 0 {
-            return Ok(Self { ptr: std::ptr::NonNull::dangling().as_ptr(), len });
-        }
-        // SAFETY: a new private anonymous mapping; nothing else refers to its address.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            bail!("mmap of {len} bytes failed: {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: advice on the mapping just made; a refusal changes nothing.
-        let _ = unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
-        Ok(Self { ptr: ptr.cast(), len })
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` is a live mapping (or dangling for an empty one) of `len` bytes, owned
-        // by `self`, which `&mut self` borrows exclusively.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for FreshMemory {
-    fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: the mapping made in `new`, unmapped once; no slice of it outlives `self`.
-            unsafe { libc::munmap(self.ptr.cast(), self.len) };
-        }
-    }
+/// Fresh anonymous memory for `len` bytes, made as the loader's landing is (`Landing::memory`
+/// in `model-loader/src/fetch.rs`: an anonymous map with huge pages advised).
+fn fresh_memory(len: usize) -> anyhow::Result<memmap2::MmapMut> {
+    let map = memmap2::MmapMut::map_anon(len.max(1))?;
+    // Advice only: a refusal changes nothing.
+    let _ = map.advise(memmap2::Advice::HugePage);
+    Ok(map)
 }
 
 /// The bare download as a new process does it (the bench binary started again with
@@ -366,20 +329,22 @@ impl Drop for FreshMemory {
 /// it, so its floor should. Prints `bare_s <seconds>`.
 fn bare_child(started: Instant, endpoint: &str) -> anyhow::Result<()> {
     use futures::StreamExt;
-    let keys: Vec<(String, u64)> = std::env::var("EMBER_BENCH_BARE_KEYS")?
+    let keys = std::env::var("EMBER_BENCH_BARE_KEYS")?
         .split(';')
-        .filter_map(|kv| kv.rsplit_once('=').and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?))))
-        .collect();
+        .map(|kv| match kv.rsplit_once('=') {
+            Some((k, v)) => Ok((k.to_string(), v.parse::<usize>()?)),
+            None => bail!("EMBER_BENCH_BARE_KEYS: `{kv}` is not key=size"),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let aws = aws_config_for(endpoint).await;
         let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
-        let mut memory =
-            keys.iter().map(|(_, size)| FreshMemory::new(*size as usize)).collect::<anyhow::Result<Vec<_>>>()?;
+        let mut memory = keys.iter().map(|(_, size)| fresh_memory(*size)).collect::<anyhow::Result<Vec<_>>>()?;
         let part = 16usize << 20;
         let mut parts = Vec::new();
-        for ((key, _), mem) in keys.iter().zip(memory.iter_mut()) {
-            for (i, dest) in mem.bytes_mut().chunks_mut(part).enumerate() {
+        for ((key, size), mem) in keys.iter().zip(memory.iter_mut()) {
+            for (i, dest) in mem[..*size].chunks_mut(part).enumerate() {
                 parts.push((key.as_str(), i * part, dest));
             }
         }
@@ -412,8 +377,8 @@ fn bare_child(started: Instant, endpoint: &str) -> anyhow::Result<()> {
 /// default). On a VM whose host backs guest memory lazily and takes back what the guest frees
 /// (Firecracker with free page reporting, as AWS Lambda runs; this machine's `virtio_balloon`),
 /// memory freed in the last second or so is still backed and fast to touch, and older memory
-/// costs a host fault per page on first touch (about 0.3-0.8 GB/s here against 7 GB/s and more
-/// for just-freed memory, `/tmp/touch`-style timing in BENCHMARKS.md). Without a pause, each step
+/// costs a host fault per page on first touch (the bench prints both rates first, from
+/// `fresh_memory_gb_s`; BENCHMARKS.md has this machine's). Without a pause, each step
 /// would inherit whatever the step before it freed; with one, each pays for fresh memory as a
 /// new instance does.
 fn settle() {
@@ -425,8 +390,8 @@ fn settle() {
 /// process pays for fresh memory on this machine.
 fn fresh_memory_gb_s() -> anyhow::Result<(f64, f64)> {
     let touch = || -> anyhow::Result<f64> {
-        let mut mem = FreshMemory::new(512 << 20)?;
-        let bytes = mem.bytes_mut();
+        let mut mem = fresh_memory(512 << 20)?;
+        let bytes = &mut mem[..];
         let t0 = Instant::now();
         for page in bytes.chunks_mut(4096) {
             page[0] = 1;

@@ -183,12 +183,17 @@ impl QuantLinear {
     /// formats with `n` a multiple of 16): the tiles can then replace the blocks where they
     /// lie. None otherwise (K-quants, whose tiles are laid out differently, included).
     pub fn tiles_in_place_len(dtype: candle_core::quantized::GgmlDType, n: usize, k: usize) -> Option<usize> {
+        Self::in_place(dtype, n, k).map(|(_, len)| len)
+    }
+
+    /// The format and byte length of [`QuantLinear::tiles_in_place_len`].
+    fn in_place(dtype: candle_core::quantized::GgmlDType, n: usize, k: usize) -> Option<(Format, usize)> {
         let Some(Kind::Block(f)) = Kind::of(dtype) else { return None };
         if !runs_tiles(Isa::detect()) || n == 0 || k == 0 || !k.is_multiple_of(BLOCK) {
             return None;
         }
         let blocks = n.checked_mul(k)? / dtype.block_size() * dtype.type_size();
-        (Tiled::len(f, n, k) == blocks).then_some(blocks)
+        (Tiled::len(f, n, k) == blocks).then_some((f, blocks))
     }
 
     /// Writes the tiles [`QuantLinear::tiled_from_blocks`] would make into `out`
@@ -201,8 +206,7 @@ impl QuantLinear {
         k: usize,
         out: &mut [u8],
     ) -> Option<()> {
-        let len = Self::tiles_in_place_len(dtype, n, k)?;
-        let Some(Kind::Block(f)) = Kind::of(dtype) else { return None };
+        let (f, len) = Self::in_place(dtype, n, k)?;
         if blocks.len() != len || out.len() != len {
             return None;
         }
