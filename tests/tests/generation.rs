@@ -5,7 +5,10 @@
 //! answer "The capital of France is Paris." (tokens below); llama.cpp (node-llama-cpp 3.22.1)
 //! on the Q4_1 file itself, whose matmuls quantize activations to 8 bits, answers
 //! "L'Étoile, la Marseillaise, ..." because the first step is a near-tie (logits 25.33 for
-//! "The" against 25.24 for "L" unquantized).
+//! "The" against 25.24 for "L" unquantized). Where the quantized files meet further near-ties
+//! (Q4_1 and Q4_K_M), Ember is checked step by step against llama.cpp's tokens instead of on
+//! a whole greedy run, as a different summation order (another CPU's SIMD path) may rightly
+//! pick the other token of a tie.
 
 use ember_engine::{Engine, FinishReason, GenerateRequest, Prompt, SamplingParams};
 use ember_model_loader::{load, DTypeChoice, LoadOptions, Message, ModelRef};
@@ -124,14 +127,18 @@ async fn gguf_dequantized_at_load_answers_paris() -> anyhow::Result<()> {
     assert_paris(smollm_gguf()?, DTypeChoice::F32).await
 }
 
+/// Q4_1 against llama.cpp, teacher-forced as Q4_K_M is below (`follows_llama_cpp_step_by_step`).
+/// A whole greedy run matched llama.cpp's ten tokens on the AVX-512 machine this test was
+/// written on, but not on an AVX2 one (AMD EPYC Zen 3, 2026-12-02): the tenth step is a
+/// near-tie, where Ember's AVX2 path put token 315 at 19.28 against llama.cpp's 7712 at 19.19,
+/// and the portable path (`EMBER_CPU_ISA=scalar`) 7712 at 19.59 against 315 at 19.40. Which of
+/// two tokens 0.1 apart comes first depends on the summation order, so only a near-tie may
+/// differ; a wrong kernel moves logits by whole units (see the Q4_K_M test).
 #[tokio::test(flavor = "multi_thread")]
-async fn gguf_q4_1_matches_llama_cpp_token_for_token() -> anyhow::Result<()> {
+async fn gguf_q4_1_follows_llama_cpp_step_by_step() -> anyhow::Result<()> {
     let engine = engine(smollm_gguf()?, DTypeChoice::Auto).await?;
     assert_eq!(engine.encode_prompt(&capital_of_france(1).prompt)?, PROMPT_IDS);
-    let done = engine.generate(&capital_of_france(LLAMA_CPP_Q4_1.len()))?;
-    assert_eq!(done.tokens, LLAMA_CPP_Q4_1, "got {:?}", done.text);
-    assert_eq!(done.finish_reason, FinishReason::Length);
-    Ok(())
+    follows_llama_cpp_step_by_step(smollm_gguf()?, &LLAMA_CPP_Q4_1).await
 }
 
 /// Quantized formats through Ember's CPU kernels (Q8_0, Q4_0; Q4_1 above) against llama.cpp
@@ -164,13 +171,19 @@ const LLAMA_CPP_Q4_K_M: [u32; 10] = [60, 23, 39614, 1141, 552, 365, 504, 4206, 2
 /// from the kernel, or reading one Q6_K scale for the next, fails this test; the exactness of each kernel is checked in ember-kernels.
 #[tokio::test(flavor = "multi_thread")]
 async fn q4_k_m_follows_llama_cpp_step_by_step() -> anyhow::Result<()> {
+    follows_llama_cpp_step_by_step(ember_tests::model_path("q4_k_m.gguf")?, &LLAMA_CPP_Q4_K_M).await
+}
+
+/// At every step Ember's logits are computed after llama.cpp's tokens so far (`want`), and
+/// llama.cpp's next token must be Ember's first choice or within `NEAR_TIE` of it, at no more
+/// than two of the steps.
+async fn follows_llama_cpp_step_by_step(path: std::path::PathBuf, want: &[u32]) -> anyhow::Result<()> {
     const NEAR_TIE: f32 = 1.0;
-    let path = ember_tests::model_path("q4_k_m.gguf")?;
     let loaded = load(&ModelRef::Local(path), &LoadOptions { dtype: DTypeChoice::Auto, ..Default::default() }).await?;
     let mut cache = ember_model_loader::SeqCache::with_reserve(64);
     let mut input = PROMPT_IDS.to_vec();
     let mut first_choices = 0;
-    for (step, &want) in LLAMA_CPP_Q4_K_M.iter().enumerate() {
+    for (step, &want) in want.iter().enumerate() {
         let logits = loaded.model.forward(&input, &mut cache)?.to_vec1::<f32>()?;
         let (best, top) = logits.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
         let theirs = logits[want as usize];
@@ -183,8 +196,8 @@ async fn q4_k_m_follows_llama_cpp_step_by_step() -> anyhow::Result<()> {
         first_choices += usize::from(best == want as usize);
         input = vec![want];
     }
-    println!("Ember's first choice is llama.cpp's at {first_choices} of {} steps", LLAMA_CPP_Q4_K_M.len());
-    assert!(first_choices + 2 >= LLAMA_CPP_Q4_K_M.len(), "more than two steps differ");
+    println!("Ember's first choice is llama.cpp's at {first_choices} of {} steps", want.len());
+    assert!(first_choices + 2 >= want.len(), "more than two steps differ");
     Ok(())
 }
 
