@@ -30,7 +30,11 @@
 //!
 //! The cold start's floor is a bare parallel download of the same bytes in a new process (the
 //! bench binary started again), landing in fresh memory and timed from `main`, as Ember's start
-//! is; the same download in the bench's own long-running process is printed beside it.
+//! is; the same download in the bench's own long-running process is printed beside it. The
+//! new-process download runs just before and just after each Ember start: "x bare" is the
+//! median start over the median of all those downloads, "x bare, paired" the median over runs
+//! of each start over the mean of its two neighbours, which follows the host's memory
+//! reclaim (it drifts over minutes; see `settle`) where the first does not.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -685,8 +689,8 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
     println!(
         "\n## Cold start: model from S3 (SeaweedFS on 127.0.0.1, over {over}) to ready and to first token, median of {runs}"
     );
-    println!("| model | MB | bare download, new process s | Ember to ready s | x bare | bare download in the bench's process s | x that | Ember to first token s | prefill s | warm start (local tier) s | page-cache read s | x read | warm to first token s |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| model | MB | bare download, new process s (range) | Ember to ready s | x bare | x bare, paired | bare download in the bench's process s | x that | Ember to first token s | prefill s | warm start (local tier) s | page-cache read s | x read | warm to first token s |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut breakdowns = Vec::new();
     for model in models.iter().filter(|m| wanted(&m.key)) {
         let mut keys = Vec::new();
@@ -700,13 +704,18 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
         let (mut bare, mut fresh, mut ready, mut first, mut prefill, mut warm, mut read, mut warm_first) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut last, mut last_warm) = (String::new(), String::new());
+        let mut paired = vec![];
         for _ in 0..runs {
             settle();
             bare.push(bare_download(&s3, "bench", &keys).await?.as_secs_f64());
             settle();
-            fresh.push(bare_download_fresh(&endpoint, &keys)?);
+            let before = bare_download_fresh(&endpoint, &keys)?;
             settle();
             let cold = ember_generate(&endpoint, model, None)?;
+            settle();
+            let after = bare_download_fresh(&endpoint, &keys)?;
+            fresh.extend([before, after]);
+            paired.push(cold.ready_s / ((before + after) / 2.0));
             ready.push(cold.ready_s);
             first.push(cold.first_token_s);
             prefill.push(cold.prefill_s);
@@ -723,11 +732,14 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
         }
         let (b, r, f, p, w, rd) =
             (median(bare), median(ready), median(first), median(prefill), median(warm), median(read));
-        let (wf, fr) = (median(warm_first), median(fresh));
+        let spread = fresh.iter().copied().fold(f64::INFINITY, f64::min)..fresh.iter().copied().fold(0.0, f64::max);
+        let (wf, fr, pr) = (median(warm_first), median(fresh), median(paired));
         println!(
-            "| {} | {:.0} | {fr:.3} | {r:.3} | {:.2} | {b:.3} | {:.2} | {f:.3} | {p:.3} | {w:.3} | {rd:.3} | {:.2} | {wf:.3} |",
+            "| {} | {:.0} | {fr:.3} ({:.3}-{:.3}) | {r:.3} | {:.2} | {pr:.2} | {b:.3} | {:.2} | {f:.3} | {p:.3} | {w:.3} | {rd:.3} | {:.2} | {wf:.3} |",
             model.label,
             bytes as f64 / 1e6,
+            spread.start,
+            spread.end,
             r / fr,
             r / b,
             w / rd
