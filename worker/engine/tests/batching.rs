@@ -175,9 +175,9 @@ fn a_long_prompt_is_prefilled_in_chunks_with_the_same_answer_alone_and_batched()
     Ok(())
 }
 
-/// In `text`, the first word (with its leading space) that comes again: the word after its
-/// first use, and the word after its second (" la Marseillaise" and " la femme" in "L'Étoile,
-/// la Marseillaise, la femme"), when those two differ.
+/// In `text`, the first word (with its leading space) that comes again: that word with the
+/// word after its first use, and with the word after its second (" la Marseillaise," and " la
+/// femme," in "L'Étoile, la Marseillaise, la femme, ..."), when those two differ.
 fn repeat_and_stop(text: &str) -> Option<(String, String)> {
     let starts: Vec<usize> = text.match_indices(' ').map(|(i, _)| i).chain([text.len()]).collect();
     let word = |n: usize| &text[starts[n]..starts[n + 1]];
@@ -217,7 +217,7 @@ fn interactive_requests_go_first_and_stream_their_text() -> anyhow::Result<()> {
     // let go: taken from this model's own greedy answer on this CPU ("L'Étoile, la Marseillaise,
     // la femme, ..." with AVX-512, "L'Étoile, la Marseur, la France, ..." with AVX2; the
     // Q4_1 test in tests/tests/generation.rs says why they differ), as the first repeated word
-    // and the word after its repeat (" la femme"; `held` is " la Marseillaise").
+    // and the word after its repeat (" la femme,"; `held` is " la Marseillaise,").
     let free = engine.generate(&GenerateRequest { max_tokens: 30, ..request(0) })?;
     let (held, stop) =
         repeat_and_stop(&free.text).ok_or_else(|| anyhow::anyhow!("no repeated word to stop at in {:?}", free.text))?;
