@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use ember_tests::{aws_config_for, aws_env, smollm_hf, MotoServer};
 use serde_json::{json, Value};
 
-const JOBS: usize = 200;
+const JOBS: usize = 60;
 const MAX_WORKERS: u64 = 3;
 
 fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -159,9 +159,9 @@ fn a_burst_scales_the_local_pool_from_zero_to_max_and_back_without_killing_jobs(
     wait_for(&lines, &mut seen, Duration::from_secs(300), "the maximum of workers", |d| {
         d["workers"].as_u64() == Some(MAX_WORKERS)
     })?;
-    // The prediction: 200 jobs at 8 per worker and about 1.55 jobs/s each (the configured
-    // figures: no worker has reported yet) ask for 200 / (8 + 1.55 x 5) -> 13 workers or more
-    // (the backlog rule; the forecast rule sees 200 arrivals in a second and asks for more
+    // The prediction: 60 jobs at 8 per worker and about 1.55 jobs/s each (the configured
+    // figures: no worker has reported yet) ask for 60 / (8 + 1.55 x 5) -> 3.8 workers or more
+    // (the backlog rule; the forecast rule sees 60 arrivals in a second and asks for more
     // still), capped at the maximum and all started at once. The backlog only shrinks from
     // there, so no worker is started again: MAX_WORKERS cold starts in all (checked below).
     let first = seen.iter().find(|d| d["start"].as_u64().is_some_and(|n| n > 0)).context("no start")?;
