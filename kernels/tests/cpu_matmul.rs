@@ -646,7 +646,7 @@ fn tiling_from_file_blocks_equals_tiling_a_qtensor() -> TestResult {
 }
 
 /// Tiles written over the blocks they come from (what a GGUF download does in memory of its
-/// own, `tile_into` then `from_tiles`) make the same layer as tiling into new memory, for
+/// own, `tile_in_place` then `from_tiles`) make the same layer as tiling into new memory, for
 /// every 32-weight format with rows a multiple of 16; other row counts and the K-quants, whose
 /// tiles would not fit where the blocks were, are declined. Where this CPU has no AVX-512
 /// VNNI tiles, everything is declined and the test says so.
@@ -663,9 +663,8 @@ fn tiles_written_over_their_blocks_equal_tiles_of_their_own() -> TestResult {
             let blocks = QTensor::quantize(&w, dtype)?.data()?.to_vec();
             let mut over = blocks.clone();
             let Some(len) = QuantLinear::tiles_in_place_len(dtype, n, k) else {
-                let mut out = vec![7u8; blocks.len()];
-                assert!(QuantLinear::tile_into(dtype, &blocks, n, k, &mut out).is_none(), "{dtype:?} n {n}");
-                assert!(out.iter().all(|&b| b == 7), "{dtype:?} n {n}: a declined tile_into leaves its output");
+                assert!(QuantLinear::tile_in_place(dtype, &mut over, n, k).is_none(), "{dtype:?} n {n}");
+                assert!(over == blocks, "{dtype:?} n {n}: a declined tile_in_place leaves the blocks");
                 assert!(
                     dtype == GgmlDType::Q4K
                         || n % 16 != 0
@@ -674,7 +673,8 @@ fn tiles_written_over_their_blocks_equal_tiles_of_their_own() -> TestResult {
                 continue;
             };
             assert_eq!(len, blocks.len(), "{dtype:?}: in place means the blocks' own size");
-            QuantLinear::tile_into(dtype, &blocks, n, k, &mut over).ok_or("tile_into declined")?;
+            assert!(QuantLinear::tile_in_place(dtype, &mut over[1..], n, k).is_none(), "short blocks");
+            QuantLinear::tile_in_place(dtype, &mut over, n, k).ok_or("tile_in_place declined")?;
             let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(over);
             let shared = ember_kernels::cpu::SharedBytes::new(owner, 0..len).ok_or("range")?;
             let in_place = QuantLinear::from_tiles(dtype, shared, n, k).ok_or("from_tiles declined")?;

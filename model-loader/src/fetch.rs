@@ -151,8 +151,8 @@ pub fn fill(job: Fill, mut files: ModelFiles) -> Result<ModelFiles> {
     let plan: Vec<(&Remote, Option<&FileDigest>)> = to_fetch.iter().map(|(o, d)| (*o, d.as_ref())).collect();
     // A GGUF file without a tokenizer.json beside it holds its tokenizer in its header.
     let tokenizer_slot = files.get("tokenizer.json").is_none().then_some(&files.early_tokenizer);
-    let (download_s, tail_s, mut tiled) = match download(&job, &plan, &mut landings, manifest.as_ref(), tokenizer_slot)
-    {
+    let early = Early { tokenizer: tokenizer_slot, header: &files.early_header };
+    let (download_s, tail_s, mut tiled) = match download(&job, &plan, &mut landings, manifest.as_ref(), early) {
         Ok(done) => done,
         Err(e) => {
             for landing in landings {
@@ -402,32 +402,30 @@ impl InPlace {
         self.take_ready(&mut state)
     }
 
-    /// Tiles tensor `t` where it lies, through `scratch`; or, where its tiles would not fit,
+    /// Tiles tensor `t` where it lies, one tile of rows at a time
+    /// ([`ember_kernels::cpu::QuantLinear::tile_in_place`]); or, where its tiles would not fit,
     /// into a layer of its own. (Every tensor of the plan is read only through its tiled layer
     /// from here on: the embedding table too, whose rows are looked up in its tiles.)
-    fn tile(&self, t: &crate::prebuild::Planned, scratch: &mut Vec<u8>) -> TiledOne {
+    fn tile(&self, t: &crate::prebuild::Planned) -> TiledOne {
         use ember_kernels::cpu::QuantLinear;
         let (start, len) = (t.start as usize, t.len as usize);
         if start.checked_add(len).is_none_or(|end| end > self.base.len) {
             return TiledOne::None;
         }
-        // SAFETY: inside the landing (checked above); every chunk holding these bytes has been
-        // hashed, so the download, the hashers and the header parser are done with them, and
-        // this thread alone was handed the tensor (`InPlace`'s protocol).
-        let blocks = unsafe { std::slice::from_raw_parts(self.base.ptr.add(start), len) };
-        let fits = QuantLinear::tiles_in_place_len(t.dtype, t.n, t.k) == Some(len);
-        if !fits {
+        if QuantLinear::tiles_in_place_len(t.dtype, t.n, t.k) != Some(len) {
+            // SAFETY: inside the landing (checked above); every chunk holding these bytes has
+            // been hashed, so the download, the hashers and the header parser are done with
+            // them, and this thread alone was handed the tensor (`InPlace`'s protocol).
+            let blocks = unsafe { std::slice::from_raw_parts(self.base.ptr.add(start), len) };
             return QuantLinear::tiled_from_blocks(t.dtype, blocks, t.n, t.k).map_or(TiledOne::None, TiledOne::Owned);
         }
-        scratch.resize(len, 0);
-        if QuantLinear::tile_into(t.dtype, blocks, t.n, t.k, scratch).is_none() {
-            return TiledOne::None;
+        // SAFETY: as above; and no other reference to these bytes is used again until the
+        // landing is made read-only after the download.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(self.base.ptr.add(start), len) };
+        match QuantLinear::tile_in_place(t.dtype, bytes, t.n, t.k) {
+            Some(()) => TiledOne::InPlace(start..start + len),
+            None => TiledOne::None,
         }
-        // SAFETY: as above; `blocks` is not used from here on, and no other reference to these
-        // bytes is used again until the landing is made read-only after the download.
-        let dest = unsafe { std::slice::from_raw_parts_mut(self.base.ptr.add(start), len) };
-        dest.copy_from_slice(scratch);
-        TiledOne::InPlace(start..start + len)
     }
 }
 
@@ -460,6 +458,14 @@ enum TileWork<'a> {
     InPlace(crate::prebuild::Planned),
 }
 
+/// Where a download leaves what it learns from a GGUF file's header before the last byte: the
+/// tokenizer built from it (when there is no `tokenizer.json`), and the header itself.
+#[derive(Clone, Copy)]
+struct Early<'a> {
+    tokenizer: Option<&'a crate::files::PendingTokenizer>,
+    header: &'a crate::files::EarlyHeader,
+}
+
 /// Downloads every planned file into its landing, verifying on the way (and tiling a GGUF
 /// file's tensors, when asked). Returns the seconds until the last byte landed, the
 /// verification that ran after it, and the tiles.
@@ -468,7 +474,7 @@ fn download(
     plan: &[(&Remote, Option<&FileDigest>)],
     landings: &mut [Landing],
     manifest: Option<&Manifest>,
-    tokenizer_early: Option<&crate::files::PendingTokenizer>,
+    early: Early<'_>,
 ) -> Result<(f64, f64, Tiled)> {
     struct Part<'a> {
         file: usize,
@@ -623,14 +629,14 @@ fn download(
         let work_rx = &work_rx;
         let failed_ref = &failed;
         let placed = &placed;
-        let tile_one = move |work: TileWork<'_>, scratch: &mut Vec<u8>| {
+        let tile_one = move |work: TileWork<'_>| {
             // After a failed check the tiles would be thrown away: the queue is only drained.
             if failed_ref.load(Ordering::Relaxed) {
                 return;
             }
             let (name, layer) = match work {
                 TileWork::Landed(ready) => (ready.name.clone(), ready.tile()),
-                TileWork::InPlace(t) => match in_place.map_or(TiledOne::None, |ip| ip.tile(&t, scratch)) {
+                TileWork::InPlace(t) => match in_place.map_or(TiledOne::None, |ip| ip.tile(&t)) {
                     TiledOne::InPlace(range) => {
                         if let Ok(mut placed) = placed.lock() {
                             placed.push((t.name, t.dtype, t.n, t.k, range));
@@ -646,9 +652,8 @@ fn download(
             }
         };
         let tile_queued = move || {
-            let mut scratch = Vec::new();
             while let Ok(work) = work_rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ())) {
-                tile_one(work, &mut scratch);
+                tile_one(work);
             }
             note_end(tiled_at);
         };
@@ -693,13 +698,19 @@ fn download(
                             let _ = work_tx.send(TileWork::InPlace(t));
                         }
                     }
-                    // The tokenizer needs only the header: built beside the rest of the file.
-                    if let (Some(header), Some(slot)) = (tiler.take_header(), tokenizer_early) {
-                        let building = std::thread::Builder::new()
-                            .name("ember-tokenizer".into())
-                            .spawn(move || crate::gguf::gguf_tokenizer(&header));
-                        if let (Ok(handle), Ok(mut slot)) = (building, slot.lock()) {
-                            *slot = Some(handle);
+                    if let Some(header) = tiler.take_header().map(std::sync::Arc::new) {
+                        // The tokenizer needs only the header: built beside the rest of the file.
+                        if let Some(slot) = early.tokenizer {
+                            let header = header.clone();
+                            let building = std::thread::Builder::new()
+                                .name("ember-tokenizer".into())
+                                .spawn(move || crate::gguf::gguf_tokenizer(&header));
+                            if let (Ok(handle), Ok(mut slot)) = (building, slot.lock()) {
+                                *slot = Some(handle);
+                            }
+                        }
+                        if let (Some(f), Ok(mut slot)) = (tile_file, early.header.lock()) {
+                            *slot = Some((plan[f].0.name.clone(), header));
                         }
                     }
                 }

@@ -52,6 +52,9 @@ impl FileBytes {
 /// A tokenizer being built on a thread of its own during the download.
 pub type PendingTokenizer = std::sync::Mutex<Option<std::thread::JoinHandle<Result<tokenizers::Tokenizer>>>>;
 
+/// A GGUF file's header parsed during its download: the file's name and its header.
+pub type EarlyHeader = std::sync::Mutex<Option<(String, std::sync::Arc<candle_core::quantized::gguf_file::Content>)>>;
+
 /// The files of one model, by name relative to the model's root.
 #[derive(Default)]
 pub struct ModelFiles {
@@ -71,6 +74,10 @@ pub struct ModelFiles {
     /// `tokenizer.json` being parsed on a thread of its own while the weights download (see
     /// [`ModelFiles::parse_tokenizer_early`]).
     pub early_tokenizer: PendingTokenizer,
+    /// A GGUF file's header as the download parsed it from the file's first parts (which the
+    /// download then verified in place, with the rest: a load whose check fails never uses
+    /// it), so the build does not parse it again.
+    pub early_header: EarlyHeader,
     /// Whether layers may keep reading the weights files' mappings for the model's life
     /// instead of copying them at the build: set for the download's landing and the local tier
     /// (files Ember alone writes, by rename), and for a local folder only when nothing in it is
@@ -114,6 +121,18 @@ impl ModelFiles {
     pub fn early_tokenizer(&self) -> Option<Result<tokenizers::Tokenizer>> {
         let early = self.early_tokenizer.lock().ok().and_then(|mut slot| slot.take())?;
         Some(early.join().unwrap_or_else(|_| Err(LoadError::BadConfig("the tokenizer parser panicked".into()))))
+    }
+
+    /// The header of GGUF file `name` parsed during its download, if it was.
+    pub fn early_header(&self, name: &str) -> Option<std::sync::Arc<candle_core::quantized::gguf_file::Content>> {
+        let mut slot = self.early_header.lock().ok()?;
+        match slot.take() {
+            Some((file, header)) if file == name => Some(header),
+            other => {
+                *slot = other;
+                None
+            }
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&[u8]> {

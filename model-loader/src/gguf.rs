@@ -39,11 +39,13 @@ fn md_str<'a>(ct: &'a Content, key: &str) -> Result<&'a str> {
     md(ct, key)?.to_string().map(String::as_str).map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}")))
 }
 
-fn md_strings(ct: &Content, key: &str) -> Result<Vec<String>> {
+/// A string array of the metadata, borrowed: a vocabulary is tens of thousands of strings,
+/// copied once where they are kept, not on every read.
+fn md_strings<'a>(ct: &'a Content, key: &str) -> Result<Vec<&'a str>> {
     let values = md(ct, key)?.to_vec().map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}")))?;
     values
         .iter()
-        .map(|v| v.to_string().cloned().map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}"))))
+        .map(|v| v.to_string().map(String::as_str).map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}"))))
         .collect()
 }
 
@@ -100,7 +102,7 @@ pub fn gguf_tokenizer(ct: &Content) -> Result<Tokenizer> {
     let tokens = md_strings(ct, "tokenizer.ggml.tokens")?;
     let merges: Vec<(String, String)> = md_strings(ct, "tokenizer.ggml.merges")?
         .into_iter()
-        .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+        .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())))
         .collect();
     let types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
         Some(v) => v
@@ -111,7 +113,8 @@ pub fn gguf_tokenizer(ct: &Content) -> Result<Tokenizer> {
             .collect(),
         None => vec![1; tokens.len()],
     };
-    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let vocab: tokenizers::models::bpe::Vocab =
+        tokens.iter().enumerate().map(|(i, t)| ((*t).to_owned(), i as u32)).collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
@@ -138,7 +141,7 @@ pub fn gguf_tokenizer(ct: &Content) -> Result<Tokenizer> {
         .iter()
         .zip(&types)
         .filter(|(_, t)| **t == 3 || **t == 4)
-        .map(|(tok, t)| AddedToken::from(tok.clone(), *t == 3))
+        .map(|(tok, t)| AddedToken::from(*tok, *t == 3))
         .collect();
     tokenizer.add_special_tokens(specials).map_err(|e| LoadError::Tokenizer(format!("GGUF special tokens: {e}")))?;
     Ok(tokenizer)
@@ -147,8 +150,9 @@ pub fn gguf_tokenizer(ct: &Content) -> Result<Tokenizer> {
 /// `tokenizer_config.json` equivalent from GGUF metadata.
 pub fn gguf_tokenizer_config(ct: &Content) -> TokenizerConfig {
     let tokens = md_strings(ct, "tokenizer.ggml.tokens").unwrap_or_default();
-    let token =
-        |key: &str| md_u32(ct, key).ok().and_then(|id| tokens.get(id as usize)).map(|t| SpecialToken::Text(t.clone()));
+    let token = |key: &str| {
+        md_u32(ct, key).ok().and_then(|id| tokens.get(id as usize)).map(|t| SpecialToken::Text((*t).to_owned()))
+    };
     TokenizerConfig {
         chat_template: md_str(ct, "tokenizer.chat_template").ok().map(|t| ChatTemplateField::One(t.to_string())),
         bos_token: token("tokenizer.ggml.bos_token_id"),

@@ -374,8 +374,13 @@ fn assemble(
             let kept = cached.as_ref().and_then(|(stamp, path)| crate::tiles::read(path, *stamp));
             let reused = kept.as_ref().map_or(0, HashMap::len);
             tiled.extend(kept.unwrap_or_default());
-            let weights =
-                GgufWeights::new(&gguf_name, files.require(&gguf_name)?)?.with_dequantize(dequantize).with_tiled(tiled);
+            let bytes = files.require(&gguf_name)?;
+            let weights = match files.early_header(&gguf_name) {
+                Some(header) => GgufWeights::parsed(&gguf_name, bytes, header),
+                None => GgufWeights::new(&gguf_name, bytes)?,
+            }
+            .with_dequantize(dequantize)
+            .with_tiled(tiled);
             let cfg = gguf_config(&weights.content)?;
             let tok_cfg = match files.get("tokenizer_config.json") {
                 Some(b) => TokenizerConfig::from_json(&String::from_utf8_lossy(b))?,

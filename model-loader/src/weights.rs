@@ -216,7 +216,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 
 /// A GGUF file held in memory or memory-mapped.
 pub struct GgufWeights<'a> {
-    pub content: gguf_file::Content,
+    pub content: std::sync::Arc<gguf_file::Content>,
     bytes: &'a [u8],
     file: String,
     /// Dequantize linear layers to this dtype at load instead of keeping them quantized.
@@ -232,14 +232,21 @@ impl<'a> GgufWeights<'a> {
     pub fn new(file: &str, bytes: &'a [u8]) -> Result<Self> {
         let content = gguf_file::Content::read(&mut Cursor::new(bytes))
             .map_err(|e| LoadError::BadWeights { file: file.to_string(), message: e.to_string() })?;
-        Ok(Self {
+        Ok(Self::parsed(file, bytes, std::sync::Arc::new(content)))
+    }
+
+    /// [`GgufWeights::new`] with the header already parsed from these very bytes (during the
+    /// download, [`crate::files::ModelFiles::early_header`]): a GGUF header holds the whole
+    /// vocabulary and merges, and parsing it a second time is tens of MB of fresh allocations.
+    pub fn parsed(file: &str, bytes: &'a [u8], content: std::sync::Arc<gguf_file::Content>) -> Self {
+        Self {
             content,
             bytes,
             file: file.to_string(),
             dequantize: None,
             tiled_early: Default::default(),
             handed_out: Default::default(),
-        })
+        }
     }
 
     /// The tiled layers this source handed out: GGUF name, format, layer.

@@ -9,7 +9,7 @@ use half::{bf16, f16};
 
 use super::kquant::{self, KFormat, KRows, QK_K};
 use super::ktiled::KTiled;
-use super::tiled::Tiled;
+use super::tiled::{Tiled, TILE};
 use super::{dense_matmul, matmul, Format, Isa, Q8Rows, BLOCK};
 
 /// `x (..., k)` as f32 row-major values, and the number of rows.
@@ -178,7 +178,7 @@ impl QuantLinear {
         None
     }
 
-    /// The bytes [`QuantLinear::tile_into`] writes for `n` rows of `k` weights of `dtype`, when
+    /// The bytes [`QuantLinear::tile_in_place`] rewrites for `n` rows of `k` weights of `dtype`, when
     /// this CPU runs tiles and they take exactly the bytes of the GGUF blocks (the 32-weight
     /// formats with `n` a multiple of 16): the tiles can then replace the blocks where they
     /// lie. None otherwise (K-quants, whose tiles are laid out differently, included).
@@ -196,22 +196,26 @@ impl QuantLinear {
         (Tiled::len(f, n, k) == blocks).then_some((f, blocks))
     }
 
-    /// Writes the tiles [`QuantLinear::tiled_from_blocks`] would make into `out`
-    /// ([`QuantLinear::tiles_in_place_len`] bytes), for [`QuantLinear::from_tiles`] to read
-    /// where they are put. None (and `out` untouched) where that length is None or differs.
-    pub fn tile_into(
-        dtype: candle_core::quantized::GgmlDType,
-        blocks: &[u8],
-        n: usize,
-        k: usize,
-        out: &mut [u8],
-    ) -> Option<()> {
+    /// Rewrites `bytes`, the GGUF blocks of `n` rows of `k` weights of `dtype`, into the tiles
+    /// [`QuantLinear::tiled_from_blocks`] would make ([`QuantLinear::tiles_in_place_len`]
+    /// bytes), for [`QuantLinear::from_tiles`] to read where they are. The tile of rows
+    /// `16t..16t + 16` takes exactly those rows' block bytes, so the rewrite goes one tile at a
+    /// time through a scratch of one tile (a few KB, in cache): no memory beyond it is touched,
+    /// where a scratch of the whole tensor would be fresh memory for a new process (and one
+    /// more pass over the tensor). None (and `bytes` untouched) where that length is None or
+    /// differs.
+    pub fn tile_in_place(dtype: candle_core::quantized::GgmlDType, bytes: &mut [u8], n: usize, k: usize) -> Option<()> {
         let (f, len) = Self::in_place(dtype, n, k)?;
-        if blocks.len() != len || out.len() != len {
+        if bytes.len() != len {
             return None;
         }
-        out.fill(0);
-        Tiled::fill(f, blocks, n, k, out);
+        let group = Tiled::len(f, TILE, k);
+        let mut scratch = vec![0u8; group];
+        for rows in bytes.chunks_exact_mut(group) {
+            scratch.fill(0);
+            Tiled::fill(f, rows, TILE, k, &mut scratch);
+            rows.copy_from_slice(&scratch);
+        }
         Some(())
     }
 

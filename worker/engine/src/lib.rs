@@ -103,8 +103,11 @@ pub struct Completion {
 pub struct Engine {
     pub loaded: LoadedModel,
     eos: Vec<u32>,
-    /// The tokenizer with special-token matching off: message content goes through it.
-    text_tokenizer: tokenizers::Tokenizer,
+    /// The tokenizer with special-token matching off: message content that holds special-token
+    /// text goes through it. Made on first use: it is a whole copy of the tokenizer (tens of MB
+    /// of vocabulary and merges for a 49k-token BPE), which a cold start would otherwise pay
+    /// for before its first token, for content that rarely needs it.
+    text_tokenizer: std::sync::OnceLock<tokenizers::Tokenizer>,
     /// The text of every special token, to tell whether content needs `text_tokenizer`.
     special_texts: Vec<String>,
 }
@@ -126,8 +129,6 @@ impl Engine {
                 }
             }
         }
-        let mut text_tokenizer = loaded.tokenizer.clone();
-        text_tokenizer.set_encode_special_tokens(true);
         let special_texts = loaded
             .tokenizer
             .get_added_tokens_decoder()
@@ -135,7 +136,15 @@ impl Engine {
             .filter(|t| t.special)
             .map(|t| t.content)
             .collect();
-        Self { loaded, eos, text_tokenizer, special_texts }
+        Self { loaded, eos, text_tokenizer: std::sync::OnceLock::new(), special_texts }
+    }
+
+    fn text_tokenizer(&self) -> &tokenizers::Tokenizer {
+        self.text_tokenizer.get_or_init(|| {
+            let mut t = self.loaded.tokenizer.clone();
+            t.set_encode_special_tokens(true);
+            t
+        })
     }
 
     pub fn context_length(&self) -> usize {
@@ -195,7 +204,7 @@ impl Engine {
                 .parse()
                 .map_err(|_| EngineError::Tokenizer("the chat template changed a message's content marker".into()))?;
             let content = messages.get(index).map(|m| m.content.as_str()).unwrap_or_default();
-            ids.extend(self.tokenize(&self.text_tokenizer, content)?);
+            ids.extend(self.tokenize(self.text_tokenizer(), content)?);
             rest = &after[close + CONTENT_CLOSE.len_utf8()..];
         }
         ids.extend(self.tokenize(&self.loaded.tokenizer, rest)?);
