@@ -100,10 +100,11 @@ pub fn gguf_tokenizer(ct: &Content) -> Result<Tokenizer> {
         )));
     }
     let tokens = md_strings(ct, "tokenizer.ggml.tokens")?;
-    let merges: Vec<(String, String)> = md_strings(ct, "tokenizer.ggml.merges")?
-        .into_iter()
-        .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())))
-        .collect();
+    let merged = md_strings(ct, "tokenizer.ggml.merges")?;
+    // Sized once (a collect through the filter would grow it by doubling: megabytes of fresh
+    // memory touched and dropped during a cold start).
+    let mut merges: Vec<(String, String)> = Vec::with_capacity(merged.len());
+    merges.extend(merged.into_iter().filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned()))));
     let types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
         Some(v) => v
             .to_vec()

@@ -118,11 +118,21 @@ impl GgufTiler {
             }
             return;
         }
+        if self.header.is_empty() {
+            // The header is most often whole in the first piece: parse it there, without
+            // copying the piece (a part is megabytes of fresh memory to touch).
+            if let Ok(content) = gguf_file::Content::read(&mut Cursor::new(bytes)) {
+                self.parsed_header(content);
+                if !self.header_only {
+                    self.route(0, bytes, out);
+                }
+                return;
+            }
+        }
         self.header.extend_from_slice(bytes);
         match gguf_file::Content::read(&mut Cursor::new(&self.header)) {
             Ok(content) => {
-                self.plan = Some(plan(&content));
-                self.parsed = Some(content);
+                self.parsed_header(content);
                 let seen = std::mem::take(&mut self.header);
                 if !self.header_only {
                     self.route(0, &seen, &mut |ready| out(ready.into_owned()));
@@ -134,6 +144,11 @@ impl GgufTiler {
                 self.header = Vec::new();
             }
         }
+    }
+
+    fn parsed_header(&mut self, content: gguf_file::Content) {
+        self.plan = Some(plan(&content));
+        self.parsed = Some(content);
     }
 
     /// The file's header, once, as soon as it has parsed (for work that needs only the
