@@ -118,19 +118,25 @@ impl GgufTiler {
             }
             return;
         }
-        if self.header.is_empty() {
-            // The header is most often whole in the first piece: parse it there, without
-            // copying the piece (a part is megabytes of fresh memory to touch).
-            if let Ok(content) = gguf_file::Content::read(&mut Cursor::new(bytes)) {
+        // The header is most often whole in the first piece: parse it there, without copying
+        // the piece (a part is megabytes of fresh memory to touch). Later pieces are added to
+        // the bytes held so far.
+        let parsed = if self.header.is_empty() {
+            let parsed = gguf_file::Content::read(&mut Cursor::new(bytes));
+            if let Ok(content) = parsed {
                 self.parsed_header(content);
                 if !self.header_only {
                     self.route(0, bytes, out);
                 }
                 return;
             }
-        }
-        self.header.extend_from_slice(bytes);
-        match gguf_file::Content::read(&mut Cursor::new(&self.header)) {
+            self.header.extend_from_slice(bytes);
+            parsed
+        } else {
+            self.header.extend_from_slice(bytes);
+            gguf_file::Content::read(&mut Cursor::new(&self.header))
+        };
+        match parsed {
             Ok(content) => {
                 self.parsed_header(content);
                 let seen = std::mem::take(&mut self.header);
