@@ -53,7 +53,7 @@ impl FileBytes {
 pub type PendingTokenizer = std::sync::Mutex<Option<std::thread::JoinHandle<Result<tokenizers::Tokenizer>>>>;
 
 /// A GGUF file's header parsed during its download: the file's name and its header.
-pub type EarlyHeader = std::sync::Mutex<Option<(String, std::sync::Arc<candle_core::quantized::gguf_file::Content>)>>;
+pub type EarlyHeader = std::sync::Mutex<Option<(String, std::sync::Arc<crate::gguf_header::GgufHeader>)>>;
 
 /// The files of one model, by name relative to the model's root.
 #[derive(Default)]
@@ -124,7 +124,7 @@ impl ModelFiles {
     }
 
     /// The header of GGUF file `name` parsed during its download, if it was.
-    pub fn early_header(&self, name: &str) -> Option<std::sync::Arc<candle_core::quantized::gguf_file::Content>> {
+    pub fn early_header(&self, name: &str) -> Option<std::sync::Arc<crate::gguf_header::GgufHeader>> {
         let mut slot = self.early_header.lock().ok()?;
         match slot.take() {
             Some((file, header)) if file == name => Some(header),

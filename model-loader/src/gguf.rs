@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use tokenizers::models::bpe::BPE;
@@ -19,38 +19,37 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 use crate::chat::{ChatTemplateField, SpecialToken, TokenizerConfig};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{LoadError, Result};
+use crate::gguf_header::{GgufHeader, StringArray};
 use crate::manifest::Manifest;
 use crate::model::unpermute_qk;
 use crate::weights::{check_tensors, expected_tensors, GgufWeights, WeightSource};
 
-fn md<'a>(ct: &'a Content, key: &str) -> Result<&'a Value> {
-    ct.metadata.get(key).ok_or_else(|| LoadError::BadConfig(format!("GGUF metadata has no `{key}`")))
+fn md<'a>(ct: &'a GgufHeader, key: &str) -> Result<&'a Value> {
+    ct.content.metadata.get(key).ok_or_else(|| LoadError::BadConfig(format!("GGUF metadata has no `{key}`")))
 }
 
-fn md_u32(ct: &Content, key: &str) -> Result<u32> {
+fn md_u32(ct: &GgufHeader, key: &str) -> Result<u32> {
     md(ct, key)?.to_u32().map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}")))
 }
 
-fn md_f32(ct: &Content, key: &str) -> Result<f32> {
+fn md_f32(ct: &GgufHeader, key: &str) -> Result<f32> {
     md(ct, key)?.to_f32().map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}")))
 }
 
-fn md_str<'a>(ct: &'a Content, key: &str) -> Result<&'a str> {
+fn md_str<'a>(ct: &'a GgufHeader, key: &str) -> Result<&'a str> {
     md(ct, key)?.to_string().map(String::as_str).map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}")))
 }
 
-/// A string array of the metadata, borrowed: a vocabulary is tens of thousands of strings,
-/// copied once where they are kept, not on every read.
-fn md_strings<'a>(ct: &'a Content, key: &str) -> Result<Vec<&'a str>> {
-    let values = md(ct, key)?.to_vec().map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}")))?;
-    values
-        .iter()
-        .map(|v| v.to_string().map(String::as_str).map_err(|e| LoadError::BadConfig(format!("GGUF `{key}`: {e}"))))
-        .collect()
+/// A string array of the metadata (a vocabulary, its merges), packed as the header holds it.
+fn md_strings<'a>(ct: &'a GgufHeader, key: &str) -> Result<&'a StringArray> {
+    ct.strings(key).ok_or_else(|| match ct.content.metadata.get(key) {
+        Some(_) => LoadError::BadConfig(format!("GGUF `{key}` is not an array of strings")),
+        None => LoadError::BadConfig(format!("GGUF metadata has no `{key}`")),
+    })
 }
 
 /// The model config from GGUF metadata.
-pub fn gguf_config(ct: &Content) -> Result<ModelConfig> {
+pub fn gguf_config(ct: &GgufHeader) -> Result<ModelConfig> {
     let arch = md_str(ct, "general.architecture")?;
     let architecture = match arch {
         "llama" => Architecture::Llama,
@@ -62,7 +61,7 @@ pub fn gguf_config(ct: &Content) -> Result<ModelConfig> {
     let hidden = md_u32(ct, &k("embedding_length"))? as usize;
     let vocab_size = match md_u32(ct, &k("vocab_size")) {
         Ok(v) => v as usize,
-        Err(_) => md(ct, "tokenizer.ggml.tokens")?.to_vec().map(Vec::len).unwrap_or(0),
+        Err(_) => md_strings(ct, "tokenizer.ggml.tokens")?.len(),
     };
     let cfg = ModelConfig {
         architecture,
@@ -78,7 +77,7 @@ pub fn gguf_config(ct: &Content) -> Result<ModelConfig> {
         rope_scaling: None,
         max_position_embeddings: md_u32(ct, &k("context_length")).map(|v| v as usize).unwrap_or(4096),
         sliding_window: md_u32(ct, &k("attention.sliding_window")).ok().map(|v| v as usize),
-        tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
+        tie_word_embeddings: !ct.content.tensor_infos.contains_key("output.weight"),
         bos_token_id: md_u32(ct, "tokenizer.ggml.bos_token_id").ok(),
         eos_token_ids: md_u32(ct, "tokenizer.ggml.eos_token_id").ok().into_iter().collect(),
     };
@@ -92,7 +91,7 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 
 /// Builds a `tokenizers` tokenizer from GGUF's byte-level BPE metadata (GPT-2 style vocab
 /// and merges). SentencePiece GGUF vocabularies are not rebuilt: ship a tokenizer.json.
-pub fn gguf_tokenizer(ct: &Content) -> Result<Tokenizer> {
+pub fn gguf_tokenizer(ct: &GgufHeader) -> Result<Tokenizer> {
     let model = md_str(ct, "tokenizer.ggml.model")?;
     if model != "gpt2" {
         return Err(LoadError::Tokenizer(format!(
@@ -104,8 +103,8 @@ pub fn gguf_tokenizer(ct: &Content) -> Result<Tokenizer> {
     // Sized once (a collect through the filter would grow it by doubling: megabytes of fresh
     // memory touched and dropped during a cold start).
     let mut merges: Vec<(String, String)> = Vec::with_capacity(merged.len());
-    merges.extend(merged.into_iter().filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned()))));
-    let types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
+    merges.extend(merged.iter().filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned()))));
+    let types: Vec<i32> = match ct.content.metadata.get("tokenizer.ggml.token_type") {
         Some(v) => v
             .to_vec()
             .map_err(|e| LoadError::BadConfig(format!("GGUF token types: {e}")))?
@@ -115,7 +114,7 @@ pub fn gguf_tokenizer(ct: &Content) -> Result<Tokenizer> {
         None => vec![1; tokens.len()],
     };
     let vocab: tokenizers::models::bpe::Vocab =
-        tokens.iter().enumerate().map(|(i, t)| ((*t).to_owned(), i as u32)).collect();
+        tokens.iter().enumerate().map(|(i, t)| (t.to_owned(), i as u32)).collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
@@ -142,17 +141,18 @@ pub fn gguf_tokenizer(ct: &Content) -> Result<Tokenizer> {
         .iter()
         .zip(&types)
         .filter(|(_, t)| **t == 3 || **t == 4)
-        .map(|(tok, t)| AddedToken::from(*tok, *t == 3))
+        .map(|(tok, t)| AddedToken::from(tok, *t == 3))
         .collect();
     tokenizer.add_special_tokens(specials).map_err(|e| LoadError::Tokenizer(format!("GGUF special tokens: {e}")))?;
     Ok(tokenizer)
 }
 
 /// `tokenizer_config.json` equivalent from GGUF metadata.
-pub fn gguf_tokenizer_config(ct: &Content) -> TokenizerConfig {
-    let tokens = md_strings(ct, "tokenizer.ggml.tokens").unwrap_or_default();
+pub fn gguf_tokenizer_config(ct: &GgufHeader) -> TokenizerConfig {
+    let tokens = md_strings(ct, "tokenizer.ggml.tokens").ok();
     let token = |key: &str| {
-        md_u32(ct, key).ok().and_then(|id| tokens.get(id as usize)).map(|t| SpecialToken::Text((*t).to_owned()))
+        let id = md_u32(ct, key).ok()?;
+        tokens?.get(id as usize).map(|t| SpecialToken::Text(t.to_owned()))
     };
     TokenizerConfig {
         chat_template: md_str(ct, "tokenizer.chat_template").ok().map(|t| ChatTemplateField::One(t.to_string())),
@@ -174,10 +174,10 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, opts: ImportOptions) -> Result<M
     let bytes = std::fs::read(gguf).map_err(|e| LoadError::io(gguf, e))?;
     let name = gguf.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let weights = GgufWeights::new(&name, &bytes)?;
-    let cfg = gguf_config(&weights.content)?;
+    let cfg = gguf_config(&weights.header)?;
     check_tensors(&weights, &cfg)?;
-    let tokenizer = gguf_tokenizer(&weights.content)?;
-    let tok_cfg = gguf_tokenizer_config(&weights.content);
+    let tokenizer = gguf_tokenizer(&weights.header)?;
+    let tok_cfg = gguf_tokenizer_config(&weights.header);
     std::fs::create_dir_all(out_dir).map_err(|e| LoadError::io(out_dir, e))?;
 
     let cpu = Device::Cpu;
@@ -238,19 +238,19 @@ pub fn convert_gguf(src: &Path, dst: &Path, dtype: GgmlDType) -> Result<()> {
     let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let weights = GgufWeights::new(&name, &bytes)?;
     let cpu = Device::Cpu;
-    let mut names: Vec<&String> = weights.content.tensor_infos.keys().collect();
+    let mut names: Vec<&String> = weights.header.content.tensor_infos.keys().collect();
     names.sort();
     let mut tensors = Vec::with_capacity(names.len());
     let mut reader = std::io::Cursor::new(&bytes[..]);
     for n in names {
-        let q = weights.content.tensor(&mut reader, n, &cpu)?;
+        let q = weights.header.content.tensor(&mut reader, n, &cpu)?;
         // Norm vectors stay f32, as llama.cpp's converter keeps them.
         let target = if q.shape().rank() == 1 { GgmlDType::F32 } else { dtype };
         let t = q.dequantize(&cpu)?;
         tensors.push((n.as_str(), QTensor::quantize(&t, target)?));
     }
     let file_type = Value::U32(if dtype == GgmlDType::F16 { 1 } else { 0 });
-    write_gguf(dst, &weights.content.metadata, file_type, &tensors)
+    write_gguf(dst, &weights.header.metadata(), file_type, &tensors)
 }
 
 /// Writes a GGUF file: `metadata` as it was but for `general.file_type`, which becomes

@@ -19,6 +19,7 @@ pub mod error;
 pub mod fetch;
 pub mod files;
 pub mod gguf;
+pub mod gguf_header;
 pub mod linear;
 pub mod loader;
 pub mod manifest;

@@ -381,14 +381,14 @@ fn assemble(
             }
             .with_dequantize(dequantize)
             .with_tiled(tiled);
-            let cfg = gguf_config(&weights.content)?;
+            let cfg = gguf_config(&weights.header)?;
             let tok_cfg = match files.get("tokenizer_config.json") {
                 Some(b) => TokenizerConfig::from_json(&String::from_utf8_lossy(b))?,
-                None => gguf_tokenizer_config(&weights.content),
+                None => gguf_tokenizer_config(&weights.header),
             };
             let tokenizer = || match files.get("tokenizer.json") {
                 Some(b) => tokenizer_from_bytes(b),
-                None => files.early_tokenizer().unwrap_or_else(|| gguf_tokenizer(&weights.content)),
+                None => files.early_tokenizer().unwrap_or_else(|| gguf_tokenizer(&weights.header)),
             };
             let (model, tokenizer) = beside(tokenizer, || build_model(&weights, &cfg, dtype, device))?;
             // Tiles made now are kept for the next start, written after the load (the folder

@@ -12,10 +12,11 @@
 //! download then passes its checks, as the fetch fails otherwise.
 
 use std::borrow::Cow;
-use std::io::Cursor;
 
 use candle_core::quantized::{gguf_file, GgmlDType};
 use ember_kernels::cpu::QuantLinear;
+
+use crate::gguf_header::GgufHeader;
 
 /// Lowers the calling thread's priority to the least (nice 19): the tiler should take only
 /// the CPU the download, its hashing and everything else leave idle. Where the network is the
@@ -85,7 +86,7 @@ pub struct GgufTiler {
     /// The header never parsed: nothing is tiled here.
     gave_up: bool,
     /// The parsed header, until [`GgufTiler::take_header`] takes it.
-    parsed: Option<gguf_file::Content>,
+    parsed: Option<GgufHeader>,
     /// Parse the header only: nothing is routed, and the plan waits for
     /// [`GgufTiler::take_plan`] (the tensors are then tiled where they land, once verified).
     header_only: bool,
@@ -122,7 +123,7 @@ impl GgufTiler {
         // the piece (a part is megabytes of fresh memory to touch). Later pieces are added to
         // the bytes held so far.
         let parsed = if self.header.is_empty() {
-            let parsed = gguf_file::Content::read(&mut Cursor::new(bytes));
+            let parsed = GgufHeader::read(bytes);
             if let Ok(content) = parsed {
                 self.parsed_header(content);
                 if !self.header_only {
@@ -134,7 +135,7 @@ impl GgufTiler {
             parsed
         } else {
             self.header.extend_from_slice(bytes);
-            gguf_file::Content::read(&mut Cursor::new(&self.header))
+            GgufHeader::read(&self.header)
         };
         match parsed {
             Ok(content) => {
@@ -152,14 +153,14 @@ impl GgufTiler {
         }
     }
 
-    fn parsed_header(&mut self, content: gguf_file::Content) {
-        self.plan = Some(plan(&content));
+    fn parsed_header(&mut self, content: GgufHeader) {
+        self.plan = Some(plan(&content.content));
         self.parsed = Some(content);
     }
 
     /// The file's header, once, as soon as it has parsed (for work that needs only the
     /// metadata, such as the tokenizer).
-    pub fn take_header(&mut self) -> Option<gguf_file::Content> {
+    pub fn take_header(&mut self) -> Option<GgufHeader> {
         self.parsed.take()
     }
 
@@ -219,6 +220,7 @@ mod tests {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
     use std::collections::HashMap;
+    use std::io::Cursor;
 
     /// A small GGUF file of two quantized tensors and a norm, fed in pieces of every size
     /// from 1 byte up: every quantized tensor comes out tiled, equal to tiling it whole.

@@ -106,7 +106,7 @@ pub fn quantize_gguf(src: &Path, dst: &Path, target: QuantType) -> Result<()> {
     let bytes = std::fs::read(src).map_err(|e| LoadError::io(src, e))?;
     let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let weights = GgufWeights::new(&name, &bytes)?;
-    let infos = &weights.content.tensor_infos;
+    let infos = &weights.header.content.tensor_infos;
     let output = if infos.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
     let layers = infos.keys().filter_map(|n| n.strip_prefix("blk.")?.split('.').next()?.parse::<usize>().ok()).max();
     let layers = layers.map_or(0, |l| l + 1);
@@ -116,7 +116,7 @@ pub fn quantize_gguf(src: &Path, dst: &Path, target: QuantType) -> Result<()> {
     let mut tensors = Vec::with_capacity(names.len());
     let mut reader = std::io::Cursor::new(&bytes[..]);
     for n in names {
-        let q = weights.content.tensor(&mut reader, n, &cpu)?;
+        let q = weights.header.content.tensor(&mut reader, n, &cpu)?;
         let dims = q.shape().dims().to_vec();
         let ty = match dims.as_slice() {
             [_, cols] => target.tensor_type(n, *cols, layers, output),
@@ -125,7 +125,7 @@ pub fn quantize_gguf(src: &Path, dst: &Path, target: QuantType) -> Result<()> {
         let t = if q.dtype() == ty { q } else { QTensor::quantize(&q.dequantize(&cpu)?, ty)? };
         tensors.push((n.as_str(), t));
     }
-    crate::gguf::write_gguf(dst, &weights.content.metadata, Value::U32(target.file_type()), &tensors)
+    crate::gguf::write_gguf(dst, &weights.header.metadata(), Value::U32(target.file_type()), &tensors)
 }
 
 #[cfg(test)]

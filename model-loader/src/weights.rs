@@ -5,12 +5,13 @@
 use std::collections::HashMap;
 use std::io::Cursor;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{LoadError, Result};
 use crate::files::FileBytes;
+use crate::gguf_header::GgufHeader;
 use crate::linear::Linear;
 use ember_kernels::cpu::QuantLinear;
 
@@ -216,7 +217,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 
 /// A GGUF file held in memory or memory-mapped.
 pub struct GgufWeights<'a> {
-    pub content: std::sync::Arc<gguf_file::Content>,
+    pub header: std::sync::Arc<GgufHeader>,
     bytes: &'a [u8],
     file: String,
     /// Dequantize linear layers to this dtype at load instead of keeping them quantized.
@@ -230,17 +231,17 @@ pub struct GgufWeights<'a> {
 
 impl<'a> GgufWeights<'a> {
     pub fn new(file: &str, bytes: &'a [u8]) -> Result<Self> {
-        let content = gguf_file::Content::read(&mut Cursor::new(bytes))
-            .map_err(|e| LoadError::BadWeights { file: file.to_string(), message: e.to_string() })?;
-        Ok(Self::parsed(file, bytes, std::sync::Arc::new(content)))
+        let header =
+            GgufHeader::read(bytes).map_err(|message| LoadError::BadWeights { file: file.to_string(), message })?;
+        Ok(Self::parsed(file, bytes, std::sync::Arc::new(header)))
     }
 
     /// [`GgufWeights::new`] with the header already parsed from these very bytes (during the
     /// download, [`crate::files::ModelFiles::early_header`]): a GGUF header holds the whole
     /// vocabulary and merges, and parsing it a second time is tens of MB of fresh allocations.
-    pub fn parsed(file: &str, bytes: &'a [u8], content: std::sync::Arc<gguf_file::Content>) -> Self {
+    pub fn parsed(file: &str, bytes: &'a [u8], header: std::sync::Arc<GgufHeader>) -> Self {
         Self {
-            content,
+            header,
             bytes,
             file: file.to_string(),
             dequantize: None,
@@ -269,10 +270,11 @@ impl<'a> GgufWeights<'a> {
     /// The quantized tensor under its Hugging Face name.
     pub fn qtensor(&self, hf_name: &str, device: &Device) -> Result<QTensor> {
         let name = gguf_name(hf_name).ok_or_else(|| LoadError::MissingTensor { name: hf_name.into() })?;
-        if !self.content.tensor_infos.contains_key(&name) {
+        if !self.header.content.tensor_infos.contains_key(&name) {
             return Err(LoadError::MissingTensor { name: format!("{hf_name} (GGUF `{name}`)") });
         }
-        self.content
+        self.header
+            .content
             .tensor(&mut Cursor::new(self.bytes), &name, device)
             .map_err(|e| LoadError::BadWeights { file: self.file.clone(), message: format!("{name}: {e}") })
     }
@@ -282,10 +284,10 @@ impl GgufWeights<'_> {
     /// A layer tiled from the tensor's blocks where they sit in the file, when Ember's kernels
     /// tile this format on this CPU (see [`QuantLinear::tiled_from_blocks`]).
     fn tiled(&self, hf_name: &str) -> Option<QuantLinear> {
-        let info = self.content.tensor_infos.get(&gguf_name(hf_name)?)?;
+        let info = self.header.content.tensor_infos.get(&gguf_name(hf_name)?)?;
         let (n, k) = info.shape.dims2().ok()?;
         let size = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-        let start = usize::try_from(self.content.tensor_data_offset.checked_add(info.offset)?).ok()?;
+        let start = usize::try_from(self.header.content.tensor_data_offset.checked_add(info.offset)?).ok()?;
         let blocks = self.bytes.get(start..start.checked_add(size)?)?;
         QuantLinear::tiled_from_blocks(info.ggml_dtype, blocks, n, k)
     }
@@ -293,13 +295,13 @@ impl GgufWeights<'_> {
 
 impl WeightSource for GgufWeights<'_> {
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        let info = self.content.tensor_infos.get(&gguf_name(name)?)?;
+        let info = self.header.content.tensor_infos.get(&gguf_name(name)?)?;
         Some(info.shape.dims().to_vec())
     }
 
     fn linear(&self, name: &str, dtype: DType, device: &Device) -> Result<Linear> {
         if self.dequantize.is_none() && device.is_cpu() && crate::linear::kernels_enabled() {
-            let info = gguf_name(name).and_then(|g| self.content.tensor_infos.get(&g));
+            let info = gguf_name(name).and_then(|g| self.header.content.tensor_infos.get(&g));
             // A layer tiled before (during the download, or kept in the tier) must be this
             // tensor's: same shape and format, else it is tiled again here.
             let fits = |l: &QuantLinear| {
@@ -309,7 +311,8 @@ impl WeightSource for GgufWeights<'_> {
             };
             let early = gguf_name(name).and_then(|g| self.tiled_early.lock().ok()?.get(&g).cloned()).filter(fits);
             if let Some(layer) = early.or_else(|| self.tiled(name)) {
-                let info = gguf_name(name).and_then(|g| Some((self.content.tensor_infos.get(&g)?.ggml_dtype, g)));
+                let info =
+                    gguf_name(name).and_then(|g| Some((self.header.content.tensor_infos.get(&g)?.ggml_dtype, g)));
                 if let (Some((dtype, g)), Ok(mut kept)) = (info, self.handed_out.lock()) {
                     kept.push((g, dtype, layer.clone()));
                 }
