@@ -104,15 +104,19 @@ pub fn gguf_tokenizer(ct: &GgufHeader) -> Result<Tokenizer> {
     // memory touched and dropped during a cold start).
     let mut merges: Vec<(String, String)> = Vec::with_capacity(merged.len());
     merges.extend(merged.iter().filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned()))));
-    let types: Vec<i32> = match ct.content.metadata.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()
-            .map_err(|e| LoadError::BadConfig(format!("GGUF token types: {e}")))?
-            .iter()
-            .map(|t| t.to_i32().unwrap_or(1))
-            .collect(),
-        None => vec![1; tokens.len()],
-    };
+    // GGUF writes the token types as i32 (kept packed); any other array counts as all normal.
+    let types: std::borrow::Cow<[i32]> =
+        match (ct.i32s("tokenizer.ggml.token_type"), md(ct, "tokenizer.ggml.token_type")) {
+            (Some(types), _) => types.into(),
+            (None, Ok(v)) => v
+                .to_vec()
+                .map_err(|e| LoadError::BadConfig(format!("GGUF token types: {e}")))?
+                .iter()
+                .map(|t| t.to_i32().unwrap_or(1))
+                .collect::<Vec<i32>>()
+                .into(),
+            (None, Err(_)) => vec![1; tokens.len()].into(),
+        };
     let vocab: tokenizers::models::bpe::Vocab =
         tokens.iter().enumerate().map(|(i, t)| (t.to_owned(), i as u32)).collect();
     let bpe = BPE::builder()
@@ -139,7 +143,7 @@ pub fn gguf_tokenizer(ct: &GgufHeader) -> Result<Tokenizer> {
     // Control (3) and user-defined (4) tokens must never be split by the BPE.
     let specials: Vec<AddedToken> = tokens
         .iter()
-        .zip(&types)
+        .zip(types.iter())
         .filter(|(_, t)| **t == 3 || **t == 4)
         .map(|(tok, t)| AddedToken::from(tok, *t == 3))
         .collect();

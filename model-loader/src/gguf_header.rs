@@ -18,7 +18,8 @@ const MAX_ARRAY_ELEMENTS: u64 = 1 << 30;
 const MAX_TENSOR_DIMS: u32 = 4;
 const MAX_VALUE_DEPTH: usize = 64;
 
-/// GGUF's type number for a string.
+/// GGUF's type numbers for an i32 and a string.
+const I32: u32 = 5;
 const STRING: u32 = 8;
 /// GGUF's type number for an array.
 const ARRAY: u32 = 9;
@@ -26,11 +27,19 @@ const ARRAY: u32 = 9;
 /// A GGUF file's header.
 #[derive(Debug)]
 pub struct GgufHeader {
-    /// The tensors, and every metadata entry but the string arrays (see
-    /// [`GgufHeader::strings`]).
+    /// The tensors, and every metadata entry but the arrays of strings and of i32 (see
+    /// [`GgufHeader::strings`] and [`GgufHeader::i32s`]).
     pub content: Content,
-    /// The metadata's string arrays, by key.
-    strings: HashMap<String, StringArray>,
+    /// The metadata's arrays of strings and of i32, by key.
+    packed: HashMap<String, Packed>,
+}
+
+/// A metadata array kept packed.
+#[derive(Debug)]
+enum Packed {
+    Strings(StringArray),
+    /// A vocabulary's token types.
+    I32(Vec<i32>),
 }
 
 /// An array of strings in one buffer.
@@ -76,14 +85,29 @@ impl GgufHeader {
 
     /// The metadata's string array under `key`, if it is one.
     pub fn strings(&self, key: &str) -> Option<&StringArray> {
-        self.strings.get(key)
+        match self.packed.get(key)? {
+            Packed::Strings(s) => Some(s),
+            Packed::I32(_) => None,
+        }
     }
 
-    /// Every metadata entry, string arrays too, as candle's [`Value`]s (to write a file).
+    /// The metadata's i32 array under `key`, if it is one.
+    pub fn i32s(&self, key: &str) -> Option<&[i32]> {
+        match self.packed.get(key)? {
+            Packed::I32(v) => Some(v),
+            Packed::Strings(_) => None,
+        }
+    }
+
+    /// Every metadata entry, packed arrays too, as candle's [`Value`]s (to write a file).
     pub fn metadata(&self) -> HashMap<String, Value> {
         let mut all = self.content.metadata.clone();
-        for (key, strings) in &self.strings {
-            all.insert(key.clone(), Value::Array(strings.iter().map(|s| Value::String(s.to_owned())).collect()));
+        for (key, packed) in &self.packed {
+            let items = match packed {
+                Packed::Strings(strings) => strings.iter().map(|s| Value::String(s.to_owned())).collect(),
+                Packed::I32(values) => values.iter().map(|&v| Value::I32(v)).collect(),
+            };
+            all.insert(key.clone(), Value::Array(items));
         }
         all
     }
@@ -116,27 +140,30 @@ fn read(bytes: &[u8]) -> Result<GgufHeader, String> {
         ));
     }
     let mut metadata = HashMap::with_capacity(kv_count as usize);
-    let mut strings = HashMap::new();
+    let mut packed = HashMap::new();
     for _ in 0..kv_count {
         let key = r.string()?;
         let kind = r.u32()?;
-        if kind == ARRAY {
+        // A later entry of the same key replaces an earlier one, as in candle's reader.
+        let array = if kind == ARRAY {
             let item = r.u32()?;
             let len = r.array_length(item)?;
-            if item == STRING {
-                let packed = r.strings(len)?;
-                metadata.remove(&key);
-                strings.insert(key, packed);
-            } else {
-                let value = r.array_items(item, len, 0)?;
-                strings.remove(&key);
-                metadata.insert(key, value);
+            match item {
+                STRING => Packed::Strings(r.strings(len)?),
+                I32 => Packed::I32(r.i32s(len)?),
+                _ => {
+                    packed.remove(&key);
+                    metadata.insert(key, r.array_items(item, len, 0)?);
+                    continue;
+                }
             }
         } else {
-            let value = r.value(kind, 0)?;
-            strings.remove(&key);
-            metadata.insert(key, value);
-        }
+            packed.remove(&key);
+            metadata.insert(key, r.value(kind, 0)?);
+            continue;
+        };
+        metadata.remove(&key);
+        packed.insert(key, array);
     }
     let mut tensor_infos = HashMap::with_capacity(tensor_count as usize);
     for _ in 0..tensor_count {
@@ -164,7 +191,7 @@ fn read(bytes: &[u8]) -> Result<GgufHeader, String> {
         return Err("gguf: general.alignment is 0".into());
     }
     let tensor_data_offset = (r.at as u64).div_ceil(alignment) * alignment;
-    Ok(GgufHeader { content: Content { magic, metadata, tensor_infos, tensor_data_offset }, strings })
+    Ok(GgufHeader { content: Content { magic, metadata, tensor_infos, tensor_data_offset }, packed })
 }
 
 /// GGML's type numbers, as candle maps them.
@@ -257,7 +284,11 @@ impl<'a> Reader<'a> {
         while let [rest @ .., 0] = s {
             s = rest;
         }
-        Ok(String::from_utf8_lossy(s))
+        // Valid UTF-8 (nearly always) is checked by the faster of the two scans.
+        Ok(match std::str::from_utf8(s) {
+            Ok(s) => std::borrow::Cow::Borrowed(s),
+            Err(_) => String::from_utf8_lossy(s),
+        })
     }
 
     /// `len` strings, packed.
@@ -270,6 +301,12 @@ impl<'a> Reader<'a> {
         }
         packed.text.shrink_to_fit();
         Ok(packed)
+    }
+
+    /// `len` i32s.
+    fn i32s(&mut self, len: u64) -> Result<Vec<i32>, String> {
+        let bytes = self.take(len as usize * 4)?;
+        Ok(bytes.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 
     /// An array's length, after its item type: refused when `len` items of that type cannot
@@ -434,7 +471,10 @@ mod tests {
         assert_eq!(tokens.len(), 300);
         assert_eq!((tokens.get(0), tokens.get(299), tokens.get(300)), (Some("t0"), Some("t299"), None));
         assert_eq!(tokens.iter().map(str::len).sum::<usize>(), (0..300).map(|i| format!("t{i}").len()).sum::<usize>());
-        assert!(header.strings("types").is_none() && header.content.metadata.contains_key("types"));
+        let types = header.i32s("types").ok_or_else(|| anyhow::anyhow!("types not packed"))?;
+        assert_eq!(types, (0..300).map(|i| i % 5).collect::<Vec<i32>>());
+        assert!(header.strings("types").is_none() && header.i32s("tokens").is_none());
+        assert!(header.content.metadata.contains_key("nested") && !header.content.metadata.contains_key("types"));
         assert!(!header.content.metadata.contains_key("tokens"));
         assert_eq!(header.content.metadata["nul"].to_string()?, "ends in NULs");
         assert_eq!(header.content.tensor_infos["c.weight"].shape.dims(), [2, 3, 32]);
