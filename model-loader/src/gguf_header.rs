@@ -1,12 +1,13 @@
 //! A GGUF header read straight from the file's bytes: candle's [`Content`] for the tensors and
-//! the metadata, with the metadata's string arrays (a vocabulary, its merges) kept packed.
+//! the metadata, with the metadata's arrays of strings and of i32 (a vocabulary, its merges,
+//! its token types) kept packed.
 //!
 //! It reads what [`Content::read`] reads (same checks and limits, same values), with less
 //! memory. candle keeps each array entry as a [`Value`] and each string in an allocation of its
-//! own: a 49k-token vocabulary and its merges came to about 8 MB of fresh memory and 150k
-//! allocations, tens of milliseconds of a cold start spent while the weights still download
-//! (BENCHMARKS.md, "Cold start: the GGUF header parsed in the first part"). Here a string
-//! array is one buffer and the offsets of its ends.
+//! own: a 49k-token vocabulary, its merges and its token types came to about 8 MB of fresh
+//! memory and 150k allocations, made while the weights still download (BENCHMARKS.md, "Cold
+//! start: a GGUF header with its vocabulary packed"). Here a string array is one buffer and
+//! the offsets of its ends, and an i32 array is a `Vec<i32>`.
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic, DEFAULT_ALIGNMENT};
 use candle_core::quantized::GgmlDType;
