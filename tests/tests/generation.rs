@@ -218,6 +218,38 @@ async fn gguf_tokenizer_matches_llama_cpp_on_digits_and_unicode() -> anyhow::Res
     Ok(())
 }
 
+/// Ember's GGUF header reader, which keeps the vocabulary, merges and token types packed,
+/// reads the real files as candle's reader does: every metadata entry, every tensor's format,
+/// shape and offset, and where the tensor data starts.
+#[test]
+fn packed_gguf_headers_read_the_real_files_as_candle_does() -> anyhow::Result<()> {
+    for name in ["SmolLM2-135M-Instruct.Q4_1.gguf", "q8_0.gguf", "q4_0.gguf", "q4_k_m.gguf"] {
+        let bytes = std::fs::read(ember_tests::model_path(name)?)?;
+        let ours = ember_model_loader::gguf_header::GgufHeader::read(&bytes).map_err(anyhow::Error::msg)?;
+        let theirs = candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&bytes))?;
+        // The vocabulary and its merges are the packed arrays.
+        let packed = |key: &str| ours.strings(key).map(|s| s.len());
+        assert_eq!(
+            (packed("tokenizer.ggml.tokens"), ours.i32s("tokenizer.ggml.token_type").map(<[i32]>::len)),
+            (Some(49152), Some(49152)),
+            "{name}"
+        );
+        assert!(packed("tokenizer.ggml.merges").is_some_and(|n| n > 40_000), "{name}: merges");
+        let metadata = ours.metadata();
+        assert_eq!(metadata.len(), theirs.metadata.len(), "{name}");
+        for (key, value) in &theirs.metadata {
+            assert_eq!(format!("{:?}", metadata.get(key)), format!("{:?}", Some(value)), "{name}: `{key}`");
+        }
+        assert_eq!(ours.content.tensor_infos.len(), theirs.tensor_infos.len(), "{name}");
+        for (tensor, info) in &theirs.tensor_infos {
+            let mine = ours.content.tensor_infos.get(tensor).map(|i| (i.ggml_dtype, i.shape.dims().to_vec(), i.offset));
+            assert_eq!(mine, Some((info.ggml_dtype, info.shape.dims().to_vec(), info.offset)), "{name}: {tensor}");
+        }
+        assert_eq!(ours.content.tensor_data_offset, theirs.tensor_data_offset, "{name}");
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_sequences_max_tokens_and_seeds() -> anyhow::Result<()> {
     let engine = engine(smollm_hf("f32")?, DTypeChoice::F32).await?;
