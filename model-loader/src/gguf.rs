@@ -104,19 +104,17 @@ pub fn gguf_tokenizer(ct: &GgufHeader) -> Result<Tokenizer> {
     // memory touched and dropped during a cold start).
     let mut merges: Vec<(String, String)> = Vec::with_capacity(merged.len());
     merges.extend(merged.iter().filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned()))));
-    // GGUF writes the token types as i32 (kept packed); any other array counts as all normal.
-    let types: std::borrow::Cow<[i32]> =
-        match (ct.i32s("tokenizer.ggml.token_type"), md(ct, "tokenizer.ggml.token_type")) {
-            (Some(types), _) => types.into(),
-            (None, Ok(v)) => v
-                .to_vec()
-                .map_err(|e| LoadError::BadConfig(format!("GGUF token types: {e}")))?
-                .iter()
-                .map(|t| t.to_i32().unwrap_or(1))
-                .collect::<Vec<i32>>()
-                .into(),
-            (None, Err(_)) => vec![1; tokens.len()].into(),
-        };
+    // GGUF writes the token types as i32 (kept packed). Types stored as anything else count
+    // as normal tokens; a value that is not an array is refused.
+    let types: &[i32] = match ct.i32s("tokenizer.ggml.token_type") {
+        Some(types) => types,
+        None => {
+            if let Ok(v) = md(ct, "tokenizer.ggml.token_type") {
+                v.to_vec().map_err(|e| LoadError::BadConfig(format!("GGUF token types: {e}")))?;
+            }
+            &[]
+        }
+    };
     let vocab: tokenizers::models::bpe::Vocab =
         tokens.iter().enumerate().map(|(i, t)| (t.to_owned(), i as u32)).collect();
     let bpe = BPE::builder()
@@ -143,7 +141,7 @@ pub fn gguf_tokenizer(ct: &GgufHeader) -> Result<Tokenizer> {
     // Control (3) and user-defined (4) tokens must never be split by the BPE.
     let specials: Vec<AddedToken> = tokens
         .iter()
-        .zip(types.iter())
+        .zip(types)
         .filter(|(_, t)| **t == 3 || **t == 4)
         .map(|(tok, t)| AddedToken::from(tok, *t == 3))
         .collect();

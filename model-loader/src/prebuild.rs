@@ -124,8 +124,8 @@ impl GgufTiler {
         // the bytes held so far.
         let parsed = if self.header.is_empty() {
             let parsed = GgufHeader::read(bytes);
-            if let Ok(content) = parsed {
-                self.parsed_header(content);
+            if let Ok(header) = parsed {
+                self.parsed_header(header);
                 if !self.header_only {
                     self.route(0, bytes, out);
                 }
@@ -138,8 +138,8 @@ impl GgufTiler {
             GgufHeader::read(&self.header)
         };
         match parsed {
-            Ok(content) => {
-                self.parsed_header(content);
+            Ok(header) => {
+                self.parsed_header(header);
                 let seen = std::mem::take(&mut self.header);
                 if !self.header_only {
                     self.route(0, &seen, &mut |ready| out(ready.into_owned()));
@@ -153,9 +153,9 @@ impl GgufTiler {
         }
     }
 
-    fn parsed_header(&mut self, content: GgufHeader) {
-        self.plan = Some(plan(&content.content));
-        self.parsed = Some(content);
+    fn parsed_header(&mut self, header: GgufHeader) {
+        self.plan = Some(plan(&header.content));
+        self.parsed = Some(header);
     }
 
     /// The file's header, once, as soon as it has parsed (for work that needs only the
