@@ -702,9 +702,10 @@ fn download(
                         // The tokenizer needs only the header: built beside the rest of the file.
                         if let Some(slot) = early.tokenizer {
                             let header = header.clone();
-                            let building = std::thread::Builder::new()
-                                .name("ember-tokenizer".into())
-                                .spawn(move || crate::gguf::gguf_tokenizer(&header));
+                            let building =
+                                std::thread::Builder::new().name("ember-tokenizer".into()).spawn(move || {
+                                    crate::gguf::gguf_byte_bpe(&header).map(crate::tokenizer::Tokenizer::from)
+                                });
                             if let (Ok(handle), Ok(mut slot)) = (building, slot.lock()) {
                                 *slot = Some(handle);
                             }

@@ -50,7 +50,7 @@ impl FileBytes {
 }
 
 /// A tokenizer being built on a thread of its own during the download.
-pub type PendingTokenizer = std::sync::Mutex<Option<std::thread::JoinHandle<Result<tokenizers::Tokenizer>>>>;
+pub type PendingTokenizer = std::sync::Mutex<Option<std::thread::JoinHandle<Result<crate::tokenizer::Tokenizer>>>>;
 
 /// A GGUF file's header parsed during its download: the file's name and its header.
 pub type EarlyHeader = std::sync::Mutex<Option<(String, std::sync::Arc<crate::gguf_header::GgufHeader>)>>;
@@ -104,7 +104,7 @@ impl ModelFiles {
         let Some(bytes) = self.get("tokenizer.json").map(<[u8]>::to_vec) else { return };
         let parsing = std::thread::Builder::new()
             .name("ember-tokenizer".into())
-            .spawn(move || crate::chat::tokenizer_from_bytes(&bytes));
+            .spawn(move || crate::chat::tokenizer_from_bytes(&bytes).map(crate::tokenizer::Tokenizer::from));
         if let (Ok(handle), Ok(mut slot)) = (parsing, self.early_tokenizer.lock()) {
             *slot = Some(handle);
         }
@@ -112,13 +112,13 @@ impl ModelFiles {
 
     /// The tokenizer parsed by [`ModelFiles::parse_tokenizer_early`], else parsed now from
     /// `bytes`.
-    pub fn tokenizer(&self, bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
-        self.early_tokenizer().unwrap_or_else(|| crate::chat::tokenizer_from_bytes(bytes))
+    pub fn tokenizer(&self, bytes: &[u8]) -> Result<crate::tokenizer::Tokenizer> {
+        self.early_tokenizer().unwrap_or_else(|| crate::chat::tokenizer_from_bytes(bytes).map(Into::into))
     }
 
     /// The tokenizer built during the download (from `tokenizer.json`, or a GGUF header), if
     /// one was.
-    pub fn early_tokenizer(&self) -> Option<Result<tokenizers::Tokenizer>> {
+    pub fn early_tokenizer(&self) -> Option<Result<crate::tokenizer::Tokenizer>> {
         let early = self.early_tokenizer.lock().ok().and_then(|mut slot| slot.take())?;
         Some(early.join().unwrap_or_else(|_| Err(LoadError::BadConfig("the tokenizer parser panicked".into()))))
     }

@@ -16,6 +16,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
+use crate::bpe::{ByteBpe, GPT2_SPLIT, LLAMA3_SPLIT};
 use crate::chat::{ChatTemplateField, SpecialToken, TokenizerConfig};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{LoadError, Result};
@@ -85,12 +86,41 @@ pub fn gguf_config(ct: &GgufHeader) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-/// llama.cpp's pre-tokenizer regexes, by the name GGUF stores in `tokenizer.ggml.pre`.
-const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The tokenizer a GGUF model loads with: Ember's byte-level BPE over the header's packed
+/// vocabulary ([`ByteBpe`], which encodes and decodes as [`gguf_tokenizer`] does, for a
+/// fraction of its build). SentencePiece GGUF vocabularies are not rebuilt: ship a
+/// tokenizer.json.
+pub fn gguf_byte_bpe(ct: &GgufHeader) -> Result<ByteBpe> {
+    let model = md_str(ct, "tokenizer.ggml.model")?;
+    if model != "gpt2" {
+        return Err(LoadError::Tokenizer(format!(
+            "GGUF tokenizer model `{model}` is not rebuilt by Ember; put the model's tokenizer.json next to the .gguf file"
+        )));
+    }
+    let tokens = md_strings(ct, "tokenizer.ggml.tokens")?;
+    let merges = md_strings(ct, "tokenizer.ggml.merges")?;
+    let types = token_types(ct)?;
+    let pre = md_str(ct, "tokenizer.ggml.pre").unwrap_or("default");
+    ByteBpe::new(tokens, merges, types, pre).map_err(|e| LoadError::Tokenizer(format!("GGUF BPE vocabulary: {e}")))
+}
+
+/// GGUF writes the token types as i32 (kept packed). Types stored as anything else count as
+/// normal tokens; a value that is not an array is refused.
+fn token_types(ct: &GgufHeader) -> Result<&[i32]> {
+    match ct.i32s("tokenizer.ggml.token_type") {
+        Some(types) => Ok(types),
+        None => {
+            if let Ok(v) = md(ct, "tokenizer.ggml.token_type") {
+                v.to_vec().map_err(|e| LoadError::BadConfig(format!("GGUF token types: {e}")))?;
+            }
+            Ok(&[])
+        }
+    }
+}
 
 /// Builds a `tokenizers` tokenizer from GGUF's byte-level BPE metadata (GPT-2 style vocab
-/// and merges). SentencePiece GGUF vocabularies are not rebuilt: ship a tokenizer.json.
+/// and merges), for `ember model import` to write as tokenizer.json. SentencePiece GGUF
+/// vocabularies are not rebuilt: ship a tokenizer.json.
 pub fn gguf_tokenizer(ct: &GgufHeader) -> Result<Tokenizer> {
     let model = md_str(ct, "tokenizer.ggml.model")?;
     if model != "gpt2" {
@@ -104,17 +134,7 @@ pub fn gguf_tokenizer(ct: &GgufHeader) -> Result<Tokenizer> {
     // memory touched and dropped during a cold start).
     let mut merges: Vec<(String, String)> = Vec::with_capacity(merged.len());
     merges.extend(merged.iter().filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned()))));
-    // GGUF writes the token types as i32 (kept packed). Types stored as anything else count
-    // as normal tokens; a value that is not an array is refused.
-    let types: &[i32] = match ct.i32s("tokenizer.ggml.token_type") {
-        Some(types) => types,
-        None => {
-            if let Ok(v) = md(ct, "tokenizer.ggml.token_type") {
-                v.to_vec().map_err(|e| LoadError::BadConfig(format!("GGUF token types: {e}")))?;
-            }
-            &[]
-        }
-    };
+    let types = token_types(ct)?;
     let vocab: tokenizers::models::bpe::Vocab =
         tokens.iter().enumerate().map(|(i, t)| (t.to_owned(), i as u32)).collect();
     let bpe = BPE::builder()

@@ -13,6 +13,7 @@
 //! ```
 
 pub mod aws;
+pub mod bpe;
 pub mod chat;
 pub mod config;
 pub mod error;
@@ -33,6 +34,7 @@ pub mod staging;
 pub mod stream;
 pub mod tier;
 pub mod tiles;
+pub mod tokenizer;
 pub mod weights;
 
 pub use chat::{ChatTemplate, Message};
@@ -42,3 +44,4 @@ pub use loader::{load, select_device, DTypeChoice, DeviceChoice, LoadOptions, Lo
 pub use model::{Model, SeqCache};
 pub use s3::FetchOptions;
 pub use signing::TrustedKeys;
+pub use tokenizer::Tokenizer;

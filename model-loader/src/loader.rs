@@ -4,14 +4,14 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device};
-use tokenizers::Tokenizer;
 
 use crate::chat::{tokenizer_from_bytes, ChatTemplate, TokenizerConfig};
 use crate::config::{HfConfig, ModelConfig};
 use crate::error::{LoadError, Result};
 use crate::files::{local_files, FileBytes, ModelFiles};
-use crate::gguf::{gguf_config, gguf_tokenizer, gguf_tokenizer_config};
+use crate::gguf::{gguf_byte_bpe, gguf_config, gguf_tokenizer_config};
 use crate::model::Model;
 use crate::s3::{self, FetchOptions};
 use crate::weights::{check_tensors, GgufWeights, SafetensorsWeights, WeightSource};
@@ -387,8 +387,8 @@ fn assemble(
                 None => gguf_tokenizer_config(&weights.header),
             };
             let tokenizer = || match files.get("tokenizer.json") {
-                Some(b) => tokenizer_from_bytes(b),
-                None => files.early_tokenizer().unwrap_or_else(|| gguf_tokenizer(&weights.header)),
+                Some(b) => tokenizer_from_bytes(b).map(Tokenizer::from),
+                None => files.early_tokenizer().unwrap_or_else(|| gguf_byte_bpe(&weights.header).map(Tokenizer::from)),
             };
             let (model, tokenizer) = beside(tokenizer, || build_model(&weights, &cfg, dtype, device))?;
             // Tiles made now are kept for the next start, written after the load (the folder

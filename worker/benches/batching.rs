@@ -35,9 +35,9 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn prompt(engine: &Engine, p: usize) -> anyhow::Result<Vec<u32>> {
-    let enc = engine.loaded.tokenizer.encode(TEXT.repeat(4), false).map_err(anyhow::Error::msg)?;
+    let enc = engine.loaded.tokenizer.encode(&TEXT.repeat(4))?;
     let mut tokens = vec![engine.loaded.config().bos_token_id.unwrap_or(1)];
-    tokens.extend(enc.get_ids().iter().take(p.saturating_sub(1)));
+    tokens.extend(enc.iter().take(p.saturating_sub(1)));
     Ok(tokens)
 }
 

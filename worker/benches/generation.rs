@@ -86,9 +86,9 @@ impl EmberBench {
     async fn load(model: &Path, dtype: DTypeChoice, p: usize, g: usize) -> anyhow::Result<Self> {
         let loaded = load(&ModelRef::Local(model.to_path_buf()), &LoadOptions { dtype, ..Default::default() }).await?;
         let text = PROMPT_TEXT.repeat(4);
-        let enc = loaded.tokenizer.encode(text, false).map_err(anyhow::Error::msg)?;
+        let enc = loaded.tokenizer.encode(&text)?;
         let mut prompt = vec![loaded.config().bos_token_id.unwrap_or(1)];
-        prompt.extend(enc.get_ids().iter().take(p.saturating_sub(1)));
+        prompt.extend(enc.iter().take(p.saturating_sub(1)));
         let bench = Self { loaded, prompt };
         bench.run(g)?;
         Ok(bench)
@@ -760,8 +760,8 @@ async fn cold_start(runs: usize) -> anyhow::Result<()> {
 async fn kv_cache_table(threads: usize, p: usize, runs: usize) -> anyhow::Result<()> {
     let model = model_path("hf-f32")?;
     let loaded = load(&ModelRef::Local(model), &LoadOptions { dtype: DTypeChoice::F32, ..Default::default() }).await?;
-    let enc = loaded.tokenizer.encode(PROMPT_TEXT.repeat(4), false).map_err(anyhow::Error::msg)?;
-    let prompt: Vec<u32> = enc.get_ids().iter().copied().take(p).collect();
+    let enc = loaded.tokenizer.encode(&PROMPT_TEXT.repeat(4))?;
+    let prompt: Vec<u32> = enc.iter().copied().take(p).collect();
     let decode_tps = |g: usize, concat: bool| -> anyhow::Result<f64> {
         let mut best = 0f64;
         for _ in 0..runs {

@@ -27,7 +27,7 @@ pub mod sampling;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use ember_model_loader::{LoadedModel, Message, SeqCache};
+use ember_model_loader::{LoadedModel, Message, SeqCache, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 pub use batch::{BatchStats, Batcher, BatcherOptions, Event, Priority, Submit, Ticket};
@@ -107,7 +107,7 @@ pub struct Engine {
     /// text goes through it. Made on first use: it is a whole copy of the tokenizer (tens of MB
     /// of vocabulary and merges for a 49k-token BPE), which a cold start would otherwise pay
     /// for before its first token, for content that rarely needs it.
-    text_tokenizer: std::sync::OnceLock<tokenizers::Tokenizer>,
+    text_tokenizer: std::sync::OnceLock<Tokenizer>,
     /// The text of every special token, to tell whether content needs `text_tokenizer`.
     special_texts: Vec<String>,
 }
@@ -129,22 +129,12 @@ impl Engine {
                 }
             }
         }
-        let special_texts = loaded
-            .tokenizer
-            .get_added_tokens_decoder()
-            .into_values()
-            .filter(|t| t.special)
-            .map(|t| t.content)
-            .collect();
+        let special_texts = loaded.tokenizer.special_tokens();
         Self { loaded, eos, text_tokenizer: std::sync::OnceLock::new(), special_texts }
     }
 
-    fn text_tokenizer(&self) -> &tokenizers::Tokenizer {
-        self.text_tokenizer.get_or_init(|| {
-            let mut t = self.loaded.tokenizer.clone();
-            t.set_encode_special_tokens(true);
-            t
-        })
+    fn text_tokenizer(&self) -> &Tokenizer {
+        self.text_tokenizer.get_or_init(|| self.loaded.tokenizer.with_special_tokens_as_text())
     }
 
     pub fn context_length(&self) -> usize {
@@ -171,10 +161,9 @@ impl Engine {
         self.tokenize(&self.loaded.tokenizer, &text)
     }
 
-    fn tokenize(&self, tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>, EngineError> {
+    fn tokenize(&self, tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, EngineError> {
         // Templates write their special tokens as text; adding them again would double BOS.
-        let enc = tokenizer.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        tokenizer.encode(text).map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     fn has_special_text(&self, messages: &[Message]) -> bool {
@@ -469,7 +458,7 @@ struct Detokenizer {
 
 impl Detokenizer {
     /// Adds the text of the tokens of `out` not yet read.
-    fn push(&mut self, tokenizer: &tokenizers::Tokenizer, out: &[u32]) -> Result<(), EngineError> {
+    fn push(&mut self, tokenizer: &Tokenizer, out: &[u32]) -> Result<(), EngineError> {
         let decode = |ids: &[u32]| tokenizer.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()));
         let known = decode(&out[self.prefix..self.read])?;
         let window = decode(&out[self.prefix..])?;
@@ -483,7 +472,7 @@ impl Detokenizer {
 
     /// The whole text at the end: what is still waiting (an incomplete character the model
     /// never finished) is added as the decoder renders it.
-    fn finish(mut self, tokenizer: &tokenizers::Tokenizer, out: &[u32]) -> String {
+    fn finish(mut self, tokenizer: &Tokenizer, out: &[u32]) -> String {
         if self.read < out.len() {
             if let (Ok(known), Ok(window)) =
                 (tokenizer.decode(&out[self.prefix..self.read], true), tokenizer.decode(&out[self.prefix..], true))
@@ -521,27 +510,34 @@ impl Detokenizer {
 mod tests {
     use super::*;
 
-    /// The incremental text is the whole decode, token by token, on the real tokenizer: text
-    /// with characters split across byte tokens (accents, CJK, an emoji), special tokens
-    /// (skipped) and spaces; and what was streamed so far is always a prefix of the result.
+    /// The incremental text is the whole decode, token by token, on the real tokenizers (the
+    /// model's tokenizer.json, and the BPE built from its GGUF file): text with characters
+    /// split across byte tokens (accents, CJK, an emoji), special tokens (skipped) and
+    /// spaces; and what was streamed so far is always a prefix of the result.
     #[test]
     fn incremental_text_is_the_whole_decode() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let dir = ember_tests::smollm_hf("f32")?;
-        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))?;
-        for text in [
-            "The capital of France is Paris.",
-            "Un café, s'il vous plaît: naïve façade, 日本語のテキスト, and a cup ☕ 🎉!",
-            "<|im_start|>assistant\nHello<|im_end|>  two  spaces\n\nand lines",
-        ] {
-            let ids = tokenizer.encode(text, false)?.get_ids().to_vec();
+        let json: Tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))?.into();
+        let gguf = std::fs::read(ember_tests::smollm_gguf()?)?;
+        let header = ember_model_loader::gguf_header::GgufHeader::read(&gguf)?;
+        let bpe: Tokenizer = ember_model_loader::gguf::gguf_byte_bpe(&header)?.into();
+        for (tokenizer, text) in [&json, &bpe].into_iter().flat_map(|t| {
+            [
+                "The capital of France is Paris.",
+                "Un café, s'il vous plaît: naïve façade, 日本語のテキスト, and a cup ☕ 🎉!",
+                "<|im_start|>assistant\nHello<|im_end|>  two  spaces\n\nand lines",
+            ]
+            .map(|text| (t, text))
+        }) {
+            let ids = tokenizer.encode(text)?;
             let mut d = Detokenizer::default();
             let mut streamed = String::new();
             for n in 1..=ids.len() {
-                d.push(&tokenizer, &ids[..n])?;
+                d.push(tokenizer, &ids[..n])?;
                 assert!(d.as_str().starts_with(&streamed), "{text:?}: text so far changed");
                 streamed = d.as_str().to_string();
             }
-            assert_eq!(d.finish(&tokenizer, &ids), tokenizer.decode(&ids, true)?, "{text:?}");
+            assert_eq!(d.finish(tokenizer, &ids), tokenizer.decode(&ids, true)?, "{tokenizer:?} {text:?}");
         }
         Ok(())
     }
