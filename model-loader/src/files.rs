@@ -104,7 +104,7 @@ impl ModelFiles {
         let Some(bytes) = self.get("tokenizer.json").map(<[u8]>::to_vec) else { return };
         let parsing = std::thread::Builder::new()
             .name("ember-tokenizer".into())
-            .spawn(move || crate::chat::tokenizer_from_bytes(&bytes).map(crate::tokenizer::Tokenizer::from));
+            .spawn(move || crate::tokenizer::Tokenizer::from_json(&bytes));
         if let (Ok(handle), Ok(mut slot)) = (parsing, self.early_tokenizer.lock()) {
             *slot = Some(handle);
         }
@@ -113,7 +113,7 @@ impl ModelFiles {
     /// The tokenizer parsed by [`ModelFiles::parse_tokenizer_early`], else parsed now from
     /// `bytes`.
     pub fn tokenizer(&self, bytes: &[u8]) -> Result<crate::tokenizer::Tokenizer> {
-        self.early_tokenizer().unwrap_or_else(|| crate::chat::tokenizer_from_bytes(bytes).map(Into::into))
+        self.early_tokenizer().unwrap_or_else(|| crate::tokenizer::Tokenizer::from_json(bytes))
     }
 
     /// The tokenizer built during the download (from `tokenizer.json`, or a GGUF header), if

@@ -137,12 +137,15 @@ pub fn gguf_tokenizer(ct: &GgufHeader) -> Result<Tokenizer> {
     let types = token_types(ct)?;
     let vocab: tokenizers::models::bpe::Vocab =
         tokens.iter().enumerate().map(|(i, t)| (t.to_owned(), i as u32)).collect();
+    let pre = md_str(ct, "tokenizer.ggml.pre").unwrap_or("default");
+    // llama.cpp takes a word that is in the vocabulary whole, merges or not, for Llama 3's
+    // pre-tokenizer (as Llama 3's own tokenizer.json does).
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
+        .ignore_merges(matches!(pre, "llama3" | "llama-bpe"))
         .build()
         .map_err(|e| LoadError::Tokenizer(format!("GGUF BPE vocabulary: {e}")))?;
     let mut tokenizer = Tokenizer::new(bpe);
-    let pre = md_str(ct, "tokenizer.ggml.pre").unwrap_or("default");
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
         let s = Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
             .map_err(|e| LoadError::Tokenizer(format!("pre-tokenizer regex: {e}")))?;

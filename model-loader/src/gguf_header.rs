@@ -71,7 +71,7 @@ impl StringArray {
         (0..self.len()).map(|i| self.get(i).unwrap_or_default())
     }
 
-    fn push(&mut self, s: &str) {
+    pub(crate) fn push(&mut self, s: &str) {
         self.text.push_str(s);
         self.ends.push(self.text.len());
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device};
 
-use crate::chat::{tokenizer_from_bytes, ChatTemplate, TokenizerConfig};
+use crate::chat::{ChatTemplate, TokenizerConfig};
 use crate::config::{HfConfig, ModelConfig};
 use crate::error::{LoadError, Result};
 use crate::files::{local_files, FileBytes, ModelFiles};
@@ -387,7 +387,7 @@ fn assemble(
                 None => gguf_tokenizer_config(&weights.header),
             };
             let tokenizer = || match files.get("tokenizer.json") {
-                Some(b) => tokenizer_from_bytes(b).map(Tokenizer::from),
+                Some(b) => Tokenizer::from_json(b),
                 None => files.early_tokenizer().unwrap_or_else(|| gguf_byte_bpe(&weights.header).map(Tokenizer::from)),
             };
             let (model, tokenizer) = beside(tokenizer, || build_model(&weights, &cfg, dtype, device))?;

@@ -1,5 +1,6 @@
-//! The tokenizer a loaded model uses: Hugging Face's, from a `tokenizer.json`, or Ember's own
-//! byte-level BPE built from a GGUF header's vocabulary ([`crate::bpe`]).
+//! The tokenizer a loaded model uses: Ember's own byte-level BPE ([`crate::bpe`]), built from a
+//! GGUF header's vocabulary or from a `tokenizer.json` it reproduces exactly, or else Hugging
+//! Face's.
 
 use std::sync::Arc;
 
@@ -35,8 +36,8 @@ impl From<ByteBpe> for Tokenizer {
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self.kind {
-            Kind::Hf(_) => "Tokenizer(tokenizer.json)",
-            Kind::Bpe(..) => "Tokenizer(GGUF byte-level BPE)",
+            Kind::Hf(_) => "Tokenizer(Hugging Face tokenizers)",
+            Kind::Bpe(..) => "Tokenizer(Ember byte-level BPE)",
         })
     }
 }
@@ -46,6 +47,16 @@ fn tokenizer_error(e: impl std::fmt::Display) -> LoadError {
 }
 
 impl Tokenizer {
+    /// A `tokenizer.json`: Ember's byte-level BPE when the file is one that encodes exactly as
+    /// Hugging Face's tokenizer does ([`ByteBpe::from_tokenizer_json`]: SmolLM, Llama 3, GPT-2
+    /// and Qwen-style files without a normalizer), else Hugging Face's.
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        match ByteBpe::from_tokenizer_json(bytes) {
+            Some(bpe) => Ok(bpe.into()),
+            None => crate::chat::tokenizer_from_bytes(bytes).map(Into::into),
+        }
+    }
+
     /// The ids of `text`, special-token text included as its token (no BOS or other tokens
     /// added: templates write their own).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {

@@ -315,19 +315,27 @@ async fn special_tokens_in_message_content_are_text_unless_allowed() -> anyhow::
     Ok(())
 }
 
-/// Ember's byte-level BPE for GGUF vocabularies (what a GGUF model loads with) gives the ids
-/// and the text of the `tokenizers` tokenizer rebuilt from the same header, on the real
-/// 49k-token vocabulary: for each pre-tokenizer a header can name (SmolLM's, Llama 3's,
-/// GPT-2's), with user-defined tokens added, on seeded random text (letters of several
-/// scripts, digits and other numerals, contractions, whitespace runs, emoji, special-token
-/// text whole and cut) and on the README, with special tokens matched and as plain text; and
-/// decoding random ids, with special tokens kept and skipped.
+/// Ember's byte-level BPE (what a GGUF model loads with, and a model whose tokenizer.json is
+/// such a BPE) gives the ids and the text of the `tokenizers` tokenizer, on the real 49k-token
+/// vocabulary: from a GGUF header against the tokenizer rebuilt from it, for each
+/// pre-tokenizer a header can name (SmolLM's, Llama 3's, GPT-2's) and with user-defined tokens;
+/// from tokenizer.json against Hugging Face's reading of the same file, as SmolLM ships it
+/// and changed to Llama 3's shape (a split pattern, whole words kept, merges as strings) and
+/// to GPT-2's with plain added tokens and one past the vocabulary. On seeded random text
+/// (letters of several scripts, digits and other numerals, contractions, whitespace runs,
+/// emoji, special-token text whole and cut), every token's own text and the README, with
+/// special tokens matched and as plain text; and decoding random ids, special tokens kept and
+/// skipped. A tokenizer.json
+/// it does not reproduce (a normalizer) is left to Hugging Face's.
 #[test]
-fn gguf_byte_bpe_encodes_and_decodes_as_the_rebuilt_tokenizer() -> anyhow::Result<()> {
+fn byte_bpe_encodes_and_decodes_as_the_tokenizers_crate() -> anyhow::Result<()> {
     use candle_core::quantized::gguf_file::Value;
+    use ember_model_loader::bpe::{ByteBpe, LLAMA3_SPLIT};
+    use ember_model_loader::chat::tokenizer_from_bytes;
     use ember_model_loader::gguf::{gguf_byte_bpe, gguf_tokenizer};
     use ember_model_loader::gguf_header::GgufHeader;
     use ember_model_loader::Tokenizer;
+    use serde_json::json;
 
     let seed = std::env::var("EMBER_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_b9e0_u64);
     println!("seed {seed} (EMBER_TEST_SEED)");
@@ -345,14 +353,14 @@ fn gguf_byte_bpe_encodes_and_decodes_as_the_rebuilt_tokenizer() -> anyhow::Resul
     let vocab = real.strings("tokenizer.ggml.tokens").map(|s| s.len()).unwrap_or(0);
     let types = real.i32s("tokenizer.ggml.token_type").map(<[i32]>::to_vec).unwrap_or_default();
     assert_eq!((vocab, types.len()), (49152, 49152));
-    // User-defined tokens (type 4), which SmolLM has none of: a few common words, matched
-    // whole before the BPE.
+    let id_of = |word: &str| {
+        real.strings("tokenizer.ggml.tokens")
+            .and_then(|s| s.iter().position(|t| t == word))
+            .ok_or_else(|| anyhow::anyhow!("{word} is not in the vocabulary"))
+    };
+    // User-defined tokens, which SmolLM has none of: a few common words, matched whole
+    // before the BPE.
     let user_defined = ["ing", "Hello", "the", "ĠParis"];
-    let mut with_user = types.clone();
-    for word in user_defined {
-        let id = real.strings("tokenizer.ggml.tokens").and_then(|s| s.iter().position(|t| t == word));
-        with_user[id.ok_or_else(|| anyhow::anyhow!("{word} is not in the vocabulary"))?] = 4;
-    }
     let fragments = [
         "Hello",
         " world",
@@ -411,6 +419,7 @@ fn gguf_byte_bpe_encodes_and_decodes_as_the_rebuilt_tokenizer() -> anyhow::Resul
         "<|im_",
         "im_end|>",
         "<|im_start|><|im_end|>",
+        "<|extra|>",
         "\u{a0}",
         "\u{2028}",
         "\u{0}",
@@ -423,25 +432,25 @@ fn gguf_byte_bpe_encodes_and_decodes_as_the_rebuilt_tokenizer() -> anyhow::Resul
     texts.push(std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?);
     texts.push(String::new());
 
-    for (pre, types) in [("smollm", &types), ("llama3", &types), ("gpt2", &types), ("smollm", &with_user)] {
-        // The header as the file has it, with this pre-tokenizer and these token types.
-        let mut metadata = real.metadata();
-        metadata.insert("tokenizer.ggml.pre".into(), Value::String(pre.into()));
-        metadata
-            .insert("tokenizer.ggml.token_type".into(), Value::Array(types.iter().map(|t| Value::I32(*t)).collect()));
-        let entries: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let mut bytes = std::io::Cursor::new(Vec::new());
-        candle_core::quantized::gguf_file::write(&mut bytes, &entries, &[])?;
-        let header = GgufHeader::read(bytes.get_ref()).map_err(anyhow::Error::msg)?;
-        let ours: Tokenizer = gguf_byte_bpe(&header)?.into();
-        let theirs: Tokenizer = gguf_tokenizer(&header)?.into();
-        assert_eq!(ours.special_tokens().len(), 17, "{pre}");
+    let mut compare = |label: &str, ours: Tokenizer, theirs: Tokenizer, vocab: usize| -> anyhow::Result<()> {
+        assert!(format!("{ours:?}").contains("byte-level BPE"), "{label}: {ours:?}");
+        let mut specials = ours.special_tokens();
+        let mut theirs_specials = theirs.special_tokens();
+        specials.sort();
+        theirs_specials.sort();
+        assert_eq!(specials, theirs_specials, "{label}");
         let as_text = (ours.with_special_tokens_as_text(), theirs.with_special_tokens_as_text());
         for text in &texts {
             let ids = ours.encode(text)?;
-            assert_eq!(ids, theirs.encode(text)?, "{pre}: {text:?}");
-            assert_eq!(as_text.0.encode(text)?, as_text.1.encode(text)?, "{pre}, special tokens as text: {text:?}");
-            assert_eq!(ours.decode(&ids, false)?, theirs.decode(&ids, false)?, "{pre}: {text:?}");
+            assert_eq!(ids, theirs.encode(text)?, "{label}: {text:?}");
+            assert_eq!(as_text.0.encode(text)?, as_text.1.encode(text)?, "{label}, special tokens as text: {text:?}");
+            assert_eq!(ours.decode(&ids, false)?, theirs.decode(&ids, false)?, "{label}: {text:?}");
+        }
+        // Every token's own text: a word that is a token but that the merges do not build
+        // whole tells whether whole words are kept (Llama 3's `ignore_merges`).
+        for id in 0..vocab as u32 {
+            let text = theirs.decode(&[id], false)?;
+            assert_eq!(ours.encode(&text)?, theirs.encode(&text)?, "{label}: token {id} {text:?}");
         }
         for _ in 0..300 {
             // Mostly ids from the whole vocabulary, some special tokens, some past its end.
@@ -453,9 +462,66 @@ fn gguf_byte_bpe_encodes_and_decodes_as_the_rebuilt_tokenizer() -> anyhow::Resul
                 })
                 .collect();
             for skip in [false, true] {
-                assert_eq!(ours.decode(&ids, skip)?, theirs.decode(&ids, skip)?, "{pre}: {ids:?} skip {skip}");
+                assert_eq!(ours.decode(&ids, skip)?, theirs.decode(&ids, skip)?, "{label}: {ids:?} skip {skip}");
             }
         }
+        Ok(())
+    };
+
+    // From GGUF headers: the file's, with this pre-tokenizer and these token types.
+    let mut with_user = types.clone();
+    for word in user_defined {
+        with_user[id_of(word)?] = 4;
     }
+    for (pre, types) in [("smollm", &types), ("llama3", &types), ("gpt2", &types), ("smollm", &with_user)] {
+        let mut metadata = real.metadata();
+        metadata.insert("tokenizer.ggml.pre".into(), Value::String(pre.into()));
+        metadata
+            .insert("tokenizer.ggml.token_type".into(), Value::Array(types.iter().map(|t| Value::I32(*t)).collect()));
+        let entries: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        candle_core::quantized::gguf_file::write(&mut bytes, &entries, &[])?;
+        let header = GgufHeader::read(bytes.get_ref()).map_err(anyhow::Error::msg)?;
+        let label = format!("GGUF {pre}, {} user-defined", types.iter().filter(|&&t| t == 4).count());
+        compare(&label, gguf_byte_bpe(&header)?.into(), gguf_tokenizer(&header)?.into(), vocab)?;
+    }
+
+    // From tokenizer.json: the file, and the file changed.
+    let shipped: serde_json::Value = serde_json::from_slice(&std::fs::read(smollm_hf("f32")?.join("tokenizer.json"))?)?;
+    let mut llama3 = shipped.clone();
+    llama3["pre_tokenizer"] = json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]});
+    llama3["model"]["ignore_merges"] = json!(true);
+    let merges: Vec<String> = shipped["model"]["merges"]
+        .as_array()
+        .map(|m| m.iter().filter_map(|p| Some(format!("{} {}", p[0].as_str()?, p[1].as_str()?))).collect())
+        .unwrap_or_default();
+    llama3["model"]["merges"] = json!(merges);
+    let mut gpt2 = shipped.clone();
+    gpt2["pre_tokenizer"] =
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    if let Some(added) = gpt2["added_tokens"].as_array_mut() {
+        for word in user_defined {
+            added.push(json!({"id": id_of(word)?, "content": word, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": true, "special": false}));
+        }
+        added.push(json!({"id": vocab, "content": "<|extra|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true}));
+    }
+    for (label, file, vocab) in
+        [("shipped", &shipped, vocab), ("Llama 3 shape", &llama3, vocab), ("GPT-2 shape", &gpt2, vocab + 1)]
+    {
+        let bytes = serde_json::to_vec(file)?;
+        let ours = ByteBpe::from_tokenizer_json(&bytes)
+            .ok_or_else(|| anyhow::anyhow!("{label}: not read as a byte-level BPE"))?;
+        compare(&format!("tokenizer.json, {label}"), ours.into(), tokenizer_from_bytes(&bytes)?.into(), vocab)?;
+        assert!(format!("{:?}", Tokenizer::from_json(&bytes)?).contains("byte-level BPE"), "{label}");
+    }
+    let mut normalized = shipped.clone();
+    normalized["normalizer"] = json!({"type": "NFC"});
+    let bytes = serde_json::to_vec(&normalized)?;
+    assert!(ByteBpe::from_tokenizer_json(&bytes).is_none(), "a normalizer is not reproduced");
+    assert!(format!("{:?}", Tokenizer::from_json(&bytes)?).contains("Hugging Face"));
     Ok(())
 }

@@ -104,9 +104,9 @@ pub struct Engine {
     pub loaded: LoadedModel,
     eos: Vec<u32>,
     /// The tokenizer with special-token matching off: message content that holds special-token
-    /// text goes through it. Made on first use: it is a whole copy of the tokenizer (tens of MB
-    /// of vocabulary and merges for a 49k-token BPE), which a cold start would otherwise pay
-    /// for before its first token, for content that rarely needs it.
+    /// text goes through it. Made on first use: for Hugging Face's tokenizer it is a whole copy
+    /// (tens of MB of vocabulary and merges for a 49k-token BPE), which a cold start would
+    /// otherwise pay for before its first token, for content that rarely needs it.
     text_tokenizer: std::sync::OnceLock<Tokenizer>,
     /// The text of every special token, to tell whether content needs `text_tokenizer`.
     special_texts: Vec<String>,
