@@ -1,4 +1,4 @@
-//! Byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen), built for a cold start: straight from a GGUF
+//! Byte-level BPE (GPT-2, SmolLM, Llama 3), built for a cold start: straight from a GGUF
 //! header's packed vocabulary (`tokenizer.ggml.model` `gpt2`), or from a `tokenizer.json` of
 //! that kind.
 //!
@@ -723,8 +723,8 @@ impl ByteBpe {
     /// The tokenizer of a `tokenizer.json` that is a byte-level BPE this type encodes exactly
     /// as `tokenizers` does: a BPE model without dropout, unknown token, subword affixes or
     /// byte fallback; no normalizer, truncation or padding; GPT-2's byte-level pre-tokenizer
-    /// (alone, after single digits as SmolLM's, or after one `Split` pattern as Llama 3's and
-    /// Qwen's); the byte-level decoder; added tokens that are special and matched as written,
+    /// (alone, after single digits as SmolLM's, or after one `Split` pattern as Llama 3's);
+    /// the byte-level decoder; added tokens that are special and matched as written,
     /// or plain and matched after normalization, none stripping spaces or whole-word only;
     /// ids without gaps. None for any other file, which `tokenizers` then reads (the post
     /// processor is not read: Ember encodes without adding special tokens).

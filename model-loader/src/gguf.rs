@@ -91,53 +91,59 @@ pub fn gguf_config(ct: &GgufHeader) -> Result<ModelConfig> {
 /// fraction of its build). SentencePiece GGUF vocabularies are not rebuilt: ship a
 /// tokenizer.json.
 pub fn gguf_byte_bpe(ct: &GgufHeader) -> Result<ByteBpe> {
+    let v = gpt2_vocabulary(ct)?;
+    ByteBpe::new(v.tokens, v.merges, v.types, v.pre)
+        .map_err(|e| LoadError::Tokenizer(format!("GGUF BPE vocabulary: {e}")))
+}
+
+/// A GGUF header's byte-level BPE vocabulary.
+struct Gpt2Vocabulary<'a> {
+    tokens: &'a StringArray,
+    /// `"left right"`, in rank order.
+    merges: &'a StringArray,
+    /// GGUF's token types: may be empty.
+    types: &'a [i32],
+    /// `tokenizer.ggml.pre`, the pre-tokenizer's name.
+    pre: &'a str,
+}
+
+fn gpt2_vocabulary(ct: &GgufHeader) -> Result<Gpt2Vocabulary<'_>> {
     let model = md_str(ct, "tokenizer.ggml.model")?;
     if model != "gpt2" {
         return Err(LoadError::Tokenizer(format!(
             "GGUF tokenizer model `{model}` is not rebuilt by Ember; put the model's tokenizer.json next to the .gguf file"
         )));
     }
-    let tokens = md_strings(ct, "tokenizer.ggml.tokens")?;
-    let merges = md_strings(ct, "tokenizer.ggml.merges")?;
-    let types = token_types(ct)?;
-    let pre = md_str(ct, "tokenizer.ggml.pre").unwrap_or("default");
-    ByteBpe::new(tokens, merges, types, pre).map_err(|e| LoadError::Tokenizer(format!("GGUF BPE vocabulary: {e}")))
-}
-
-/// GGUF writes the token types as i32 (kept packed). Types stored as anything else count as
-/// normal tokens; a value that is not an array is refused.
-fn token_types(ct: &GgufHeader) -> Result<&[i32]> {
-    match ct.i32s("tokenizer.ggml.token_type") {
-        Some(types) => Ok(types),
+    // GGUF writes the token types as i32 (kept packed). Types stored as anything else count
+    // as normal tokens; a value that is not an array is refused.
+    let types = match ct.i32s("tokenizer.ggml.token_type") {
+        Some(types) => types,
         None => {
             if let Ok(v) = md(ct, "tokenizer.ggml.token_type") {
                 v.to_vec().map_err(|e| LoadError::BadConfig(format!("GGUF token types: {e}")))?;
             }
-            Ok(&[])
+            &[]
         }
-    }
+    };
+    Ok(Gpt2Vocabulary {
+        tokens: md_strings(ct, "tokenizer.ggml.tokens")?,
+        merges: md_strings(ct, "tokenizer.ggml.merges")?,
+        types,
+        pre: md_str(ct, "tokenizer.ggml.pre").unwrap_or("default"),
+    })
 }
 
 /// Builds a `tokenizers` tokenizer from GGUF's byte-level BPE metadata (GPT-2 style vocab
 /// and merges), for `ember model import` to write as tokenizer.json. SentencePiece GGUF
 /// vocabularies are not rebuilt: ship a tokenizer.json.
 pub fn gguf_tokenizer(ct: &GgufHeader) -> Result<Tokenizer> {
-    let model = md_str(ct, "tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(LoadError::Tokenizer(format!(
-            "GGUF tokenizer model `{model}` is not rebuilt by Ember; put the model's tokenizer.json next to the .gguf file"
-        )));
-    }
-    let tokens = md_strings(ct, "tokenizer.ggml.tokens")?;
-    let merged = md_strings(ct, "tokenizer.ggml.merges")?;
+    let Gpt2Vocabulary { tokens, merges: merged, types, pre } = gpt2_vocabulary(ct)?;
     // Sized once (a collect through the filter would grow it by doubling: megabytes of fresh
-    // memory touched and dropped during a cold start).
+    // memory touched and dropped).
     let mut merges: Vec<(String, String)> = Vec::with_capacity(merged.len());
     merges.extend(merged.iter().filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned()))));
-    let types = token_types(ct)?;
     let vocab: tokenizers::models::bpe::Vocab =
         tokens.iter().enumerate().map(|(i, t)| (t.to_owned(), i as u32)).collect();
-    let pre = md_str(ct, "tokenizer.ggml.pre").unwrap_or("default");
     // llama.cpp takes a word that is in the vocabulary whole, merges or not, for Llama 3's
     // pre-tokenizer (as Llama 3's own tokenizer.json does).
     let bpe = BPE::builder()

@@ -48,8 +48,8 @@ fn tokenizer_error(e: impl std::fmt::Display) -> LoadError {
 
 impl Tokenizer {
     /// A `tokenizer.json`: Ember's byte-level BPE when the file is one that encodes exactly as
-    /// Hugging Face's tokenizer does ([`ByteBpe::from_tokenizer_json`]: SmolLM, Llama 3, GPT-2
-    /// and Qwen-style files without a normalizer), else Hugging Face's.
+    /// Hugging Face's tokenizer does ([`ByteBpe::from_tokenizer_json`]: SmolLM, Llama 3 and
+    /// GPT-2 style files without a normalizer), else Hugging Face's.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
         match ByteBpe::from_tokenizer_json(bytes) {
             Some(bpe) => Ok(bpe.into()),
