@@ -32,8 +32,7 @@ pub struct Model {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
-    cos: Tensor,
-    sin: Tensor,
+    rope: RopeTables,
     rope_interleaved: bool,
     dtype: DType,
     device: Device,
@@ -201,15 +200,14 @@ impl Model {
             Some(_) => Some(source.tensor("rope_freqs.weight", DType::F32, device)?.to_vec1::<f32>()?),
             None => None,
         };
-        let (cos, sin) = rope_tables(cfg, rope_factors.as_deref(), act, device)?;
+        let rope = RopeTables::new(inv_freqs(cfg, rope_factors.as_deref()), cfg.max_position_embeddings, act, device)?;
         let mut model = Self {
             cfg: cfg.clone(),
             embed,
             layers,
             norm,
             lm_head,
-            cos,
-            sin,
+            rope,
             rope_interleaved: source.rope_interleaved(),
             dtype: act,
             device: device.clone(),
@@ -347,9 +345,10 @@ impl Model {
             positions.extend((start..start + t).map(|p| p as u32));
             lasts.push(positions.len() as u32 - 1);
         }
+        let (cos, sin) = self.rope.rows(positions.iter().max().map_or(0, |&p| p as usize + 1))?;
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
-        let cos = self.cos.index_select(&positions, 0)?;
-        let sin = self.sin.index_select(&positions, 0)?;
+        let cos = cos.index_select(&positions, 0)?;
+        let sin = sin.index_select(&positions, 0)?;
         let width = self.cfg.num_attention_heads * self.cfg.head_dim;
         let eps = self.cfg.rms_norm_eps as f32;
         let first_norm = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
@@ -407,8 +406,9 @@ impl Model {
             positions.extend(cache.len..cache.len + chunk.len());
             lasts.push(positions.len() - 1);
         }
-        let (cos_storage, cos_layout) = self.cos.storage_and_layout();
-        let (sin_storage, sin_layout) = self.sin.storage_and_layout();
+        let (cos, sin) = self.rope.rows(positions.iter().max().map_or(0, |&p| p + 1))?;
+        let (cos_storage, cos_layout) = cos.storage_and_layout();
+        let (sin_storage, sin_layout) = sin.storage_and_layout();
         let (Storage::Cpu(CpuStorage::F32(cos)), Storage::Cpu(CpuStorage::F32(sin)), Some(c), Some(s)) =
             (&*cos_storage, &*sin_storage, cos_layout.contiguous_offsets(), sin_layout.contiguous_offsets())
         else {
@@ -557,14 +557,53 @@ fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
     }
 }
 
-fn rope_tables(cfg: &ModelConfig, factors: Option<&[f32]>, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
-    let freqs = inv_freqs(cfg, factors);
-    let n = cfg.max_position_embeddings;
-    let (cos, sin) = rope_angles(&freqs, n);
-    let half = freqs.len();
-    let cos = Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?;
-    let sin = Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?;
-    Ok((cos, sin))
+/// The rotary tables, `cos` and `sin` rows by position, made as far as positions are asked
+/// for: a long context is not paid for at load (131,072 positions for Llama 3.1 would be 67 MB
+/// of f32 tables, fresh memory at every start, where a start needs a few thousand rows).
+struct RopeTables {
+    freqs: Vec<f64>,
+    /// The context: the most rows the tables hold.
+    limit: usize,
+    dtype: DType,
+    device: Device,
+    tables: std::sync::RwLock<(Tensor, Tensor)>,
+}
+
+/// Rows made at load; a forward pass that reaches past the rows made doubles them (or more).
+const ROPE_ROWS_AT_LOAD: usize = 4096;
+
+impl RopeTables {
+    fn new(freqs: Vec<f64>, limit: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let tables = Self::make(&freqs, limit.min(ROPE_ROWS_AT_LOAD), dtype, device)?;
+        Ok(Self { freqs, limit, dtype, device: device.clone(), tables: std::sync::RwLock::new(tables) })
+    }
+
+    fn make(freqs: &[f64], n: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = rope_angles(freqs, n);
+        let half = freqs.len();
+        let cos = Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// The tables with at least `rows` rows (at most the context: positions past it fail
+    /// where they are looked up, as with a table of the whole context).
+    fn rows(&self, rows: usize) -> Result<(Tensor, Tensor)> {
+        let want = rows.min(self.limit);
+        let poisoned = || candle_core::Error::Msg("the rotary tables' lock was poisoned".into());
+        {
+            let tables = self.tables.read().map_err(|_| poisoned())?;
+            if tables.0.dim(0)? >= want {
+                return Ok(tables.clone());
+            }
+        }
+        let mut tables = self.tables.write().map_err(|_| poisoned())?;
+        let held = tables.0.dim(0)?;
+        if held < want {
+            *tables = Self::make(&self.freqs, want.max(2 * held).min(self.limit), self.dtype, &self.device)?;
+        }
+        Ok(tables.clone())
+    }
 }
 
 /// `cos(p f)` and `sin(p f)` for positions `0..n` (rows) and each frequency `f` (columns).
@@ -614,6 +653,32 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rotary tables are made to the rows a forward pass asks for (doubling, never past the
+    /// context), and their rows are those of a table of the whole context made at once.
+    #[test]
+    fn rope_tables_grow_to_the_rows_asked_for_and_no_further() -> Result<()> {
+        let freqs: Vec<f64> = (0..32).map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / 64.0)).collect();
+        let limit = 3 * ROPE_ROWS_AT_LOAD;
+        let rope = RopeTables::new(freqs.clone(), limit, DType::F32, &Device::Cpu)?;
+        let (whole_cos, whole_sin) = rope_angles(&freqs, limit);
+        // (rows asked for, rows held after): made at load, doubled, grown past a doubling,
+        // capped at the context.
+        for (asked, held) in [
+            (1, ROPE_ROWS_AT_LOAD),
+            (ROPE_ROWS_AT_LOAD, ROPE_ROWS_AT_LOAD),
+            (ROPE_ROWS_AT_LOAD + 1, 2 * ROPE_ROWS_AT_LOAD),
+            (limit - 1, limit),
+            (limit + 10, limit),
+        ] {
+            let (cos, sin) = rope.rows(asked)?;
+            assert_eq!(cos.dims(), [held, freqs.len()], "asked for {asked}");
+            // Each row is the same whatever the table's length.
+            assert_eq!(cos.flatten_all()?.to_vec1::<f32>()?, whole_cos[..held * freqs.len()], "asked for {asked}");
+            assert_eq!(sin.flatten_all()?.to_vec1::<f32>()?, whole_sin[..held * freqs.len()], "asked for {asked}");
+        }
+        Ok(())
+    }
 
     /// The rotated table against each angle's own sine and cosine, over the head sizes and
     /// bases of SmolLM2, Llama 2 and Llama 3, at positions well past the first exact reseed.
