@@ -44,7 +44,7 @@ enum PreTokenizer {
     Pattern(Regex),
 }
 
-/// A byte-level BPE tokenizer over a GGUF vocabulary.
+/// A byte-level BPE tokenizer over a GGUF header's vocabulary or a tokenizer.json's.
 #[derive(Debug, Clone)]
 pub struct ByteBpe {
     tokens: StringArray,
