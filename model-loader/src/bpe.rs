@@ -63,9 +63,6 @@ pub struct ByteBpe {
     /// A word that is a token of the vocabulary is that token, merges or not (llama.cpp's
     /// `ignore_merges`, which it sets for Llama 3's pre-tokenizer; `tokenizers` has it too).
     ignore_merges: bool,
-    /// GPT-2's byte-to-character map and its inverse.
-    byte_chars: [char; 256],
-    char_bytes: [Option<u8>; 512],
     /// Control tokens, then user-defined ones: matched in text before the BPE.
     control: AddedTokens,
     user_defined: AddedTokens,
@@ -161,30 +158,37 @@ fn table_size(n: usize) -> (usize, u32) {
 }
 
 /// GPT-2's map from bytes to characters: printable Latin-1 to itself, the rest to U+0100 on.
-fn byte_chars() -> [char; 256] {
-    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+const BYTE_CHARS: [char; 256] = {
     let mut chars = ['\0'; 256];
     let mut next = 256u32;
-    for b in 0..=255u8 {
-        chars[usize::from(b)] = if printable(b) {
-            char::from(b)
+    let mut b = 0;
+    while b < 256 {
+        let printable = matches!(b as u8, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        chars[b] = if printable {
+            b as u8 as char
         } else {
-            let c = char::from_u32(next).unwrap_or('\0');
             next += 1;
-            c
+            // Below U+0200: always a char.
+            match char::from_u32(next - 1) {
+                Some(c) => c,
+                None => '\0',
+            }
         };
+        b += 1;
     }
     chars
-}
+};
 
-/// The inverse of [`byte_chars`], by code point (all are below U+0200).
-fn char_bytes() -> [Option<u8>; 512] {
+/// The inverse of [`BYTE_CHARS`], by code point (all are below U+0200).
+const CHAR_BYTES: [Option<u8>; 512] = {
     let mut bytes = [None; 512];
-    for (b, c) in byte_chars().iter().enumerate() {
-        bytes[*c as usize] = u8::try_from(b).ok();
+    let mut b = 0;
+    while b < 256 {
+        bytes[BYTE_CHARS[b] as usize] = Some(b as u8);
+        b += 1;
     }
     bytes
-}
+};
 
 impl ByteBpe {
     /// Builds the tokenizer from a GGUF vocabulary, its merges (`"left right"`, in rank order),
@@ -228,8 +232,6 @@ impl ByteBpe {
             model_len,
             byte_ids: [EMPTY; 256],
             ignore_merges,
-            byte_chars: byte_chars(),
-            char_bytes: char_bytes(),
             control: AddedTokens::default(),
             user_defined: AddedTokens::default(),
             control_ids: Vec::new(),
@@ -276,8 +278,7 @@ impl ByteBpe {
         }
 
         let mut utf8 = [0u8; 4];
-        let chars = bpe.byte_chars;
-        for (b, c) in chars.iter().enumerate() {
+        for (b, c) in BYTE_CHARS.iter().enumerate() {
             bpe.byte_ids[b] = bpe.model_lookup([c.encode_utf8(&mut utf8).as_bytes(), b""]).unwrap_or(EMPTY);
         }
         Ok(bpe)
@@ -468,7 +469,7 @@ impl ByteBpe {
         }
         const NONE: usize = usize::MAX;
         if self.ignore_merges {
-            let mapped: String = word.bytes().map(|b| self.byte_chars[usize::from(b)]).collect();
+            let mapped: String = word.bytes().map(|b| BYTE_CHARS[usize::from(b)]).collect();
             if let Some(id) = self.model_lookup([mapped.as_bytes(), b""]) {
                 ids.push(id);
                 return;
@@ -537,7 +538,7 @@ impl ByteBpe {
             }
             let start = bytes.len();
             for c in text.chars() {
-                match self.char_bytes.get(c as usize).copied().flatten() {
+                match CHAR_BYTES.get(c as usize).copied().flatten() {
                     Some(b) => bytes.push(b),
                     None => {
                         bytes.truncate(start);

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device};
 
 use crate::chat::{ChatTemplate, TokenizerConfig};
@@ -14,6 +13,7 @@ use crate::files::{local_files, FileBytes, ModelFiles};
 use crate::gguf::{gguf_byte_bpe, gguf_config, gguf_tokenizer_config};
 use crate::model::Model;
 use crate::s3::{self, FetchOptions};
+use crate::tokenizer::Tokenizer;
 use crate::weights::{check_tensors, GgufWeights, SafetensorsWeights, WeightSource};
 
 /// Where a model is.
