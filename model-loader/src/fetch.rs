@@ -7,9 +7,12 @@
 //!   body into its own slice of that area as the bytes come off the connection: no assembly
 //!   buffer, no second copy.
 //! - **Verified as it lands.** With chunk digests in the manifest, each part is one chunk (or
-//!   a quarter of one, for a GGUF file tiled during the download: `TILED_PARTS_PER_CHUNK`),
-//!   and each chunk is hashed by a pool of threads (one per core) the moment it lands, so verification runs
-//!   beside the download instead of after it, and a bad chunk stops the download and is named.
+//!   a quarter of one, for a GGUF file tiled during the download: `TILED_PARTS_PER_CHUNK`).
+//!   With BLAKE3 chunk digests each part is hashed as its bytes arrive, while they are still in
+//!   cache, as one subtree of its chunk's BLAKE3 tree; once a chunk's parts are in, a pool of
+//!   threads (one per core) merges their subtrees and compares (SHA-256 chunks of a version 2
+//!   manifest are hashed there whole). Verification runs beside the download instead of after
+//!   it, and a bad chunk stops the download and is named.
 //!   A file without chunk digests is hashed whole by a thread of its own, in order, as its
 //!   parts become contiguous.
 //! - **Local tier first.** A file cached and verified before, and unchanged on disk since
@@ -302,8 +305,10 @@ fn note_end(at: &Mutex<Option<Instant>>) {
 
 /// Work for the hashing threads.
 enum Hash<'a> {
-    /// Check chunk `index` of `name`, which landed as `pieces` (in order).
-    Chunk { name: &'a str, index: usize, pieces: Vec<&'a [u8]> },
+    /// Check chunk `index` of `name`, which landed as `pieces` (in order), each hashed as it
+    /// landed when `subtrees` has its offset in the chunk, length and hasher (else the pieces
+    /// are hashed here).
+    Chunk { name: &'a str, index: usize, pieces: Vec<&'a [u8]>, subtrees: Vec<(u64, u64, blake3::Hasher)> },
 }
 
 /// Parts per chunk of a GGUF file tiled during the download. Parts in flight share the link and
@@ -496,7 +501,10 @@ fn download(
     let mut chunked = Vec::with_capacity(plan.len());
     // Per file with chunk digests: parts per chunk, and each chunk's pieces as they land.
     let mut per_chunk = vec![(1u64, 1u64); plan.len()];
-    type Landed<'a> = BTreeMap<usize, Vec<(usize, &'a [u8])>>;
+    // Per file: whether each part is hashed as it lands (BLAKE3 chunks in parts that are whole
+    // subtrees of the chunk's tree; see `manifest::blake3_of_subtrees`).
+    let mut hash_landing = vec![false; plan.len()];
+    type Landed<'a> = BTreeMap<usize, Vec<(usize, &'a [u8], Option<blake3::Hasher>)>>;
     let mut pieces: Vec<Landed<'_>> = vec![BTreeMap::new(); plan.len()];
     for (file, ((obj, digest), landing)) in plan.iter().zip(landings.iter_mut()).enumerate() {
         let chunk = digest.and_then(FileDigest::chunking);
@@ -508,6 +516,12 @@ fn download(
         };
         let size = chunk.map_or(job.opts.part_size.max(1) as u64, |c| c / split) as usize;
         per_chunk[file] = (size as u64, split);
+        hash_landing[file] = manifest.is_some()
+            && digest
+                .and_then(FileDigest::chunk_digests)
+                .is_some_and(|(_, h, _)| h == crate::manifest::ChunkHash::Blake3)
+            && size.is_power_of_two()
+            && size >= blake3::CHUNK_LEN;
         let dest = landing.bytes_mut();
         if dest.len() as u64 != obj.size {
             return Err(LoadError::BadConfig(format!("landing for `{}` has the wrong size", obj.name)));
@@ -562,13 +576,13 @@ fn download(
         // chunk it verifies completes.
         let hasher = move |tiling: Option<mpsc::SyncSender<TileWork<'_>>>| loop {
             let next = rx.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ()));
-            let Ok(Hash::Chunk { name, index, pieces }) = next else {
+            let Ok(Hash::Chunk { name, index, pieces, subtrees }) = next else {
                 note_end(hashed_at);
                 return;
             };
             if let (Some(m), false) = (manifest, failed_ref.load(Ordering::Relaxed)) {
-                let checked = m.check_chunk_pieces(name, index, &pieces);
-                drop(pieces);
+                let checked = m.check_chunk_hashed(name, index, &pieces, &subtrees);
+                drop((pieces, subtrees));
                 match checked {
                     Ok(()) => {
                         if let (Some(ip), Some(tx), true) = (in_place, &tiling, in_place_name == Some(name)) {
@@ -724,18 +738,29 @@ fn download(
         let client = &job.client;
         let bucket = job.bucket.as_str();
         let result = job.runtime.block_on(async {
+            let (hash_landing, per_chunk) = (&hash_landing, &per_chunk);
             let mut fetches = futures::stream::iter(parts.into_iter().map(|part| async move {
                 let key = &plan[part.file].0.key;
-                crate::s3::get_into(client, bucket, key, part.start, &mut *part.dest).await?;
+                // Hashed as it lands: a subtree of its chunk's tree, at its offset in the chunk.
+                let mut hasher = hash_landing[part.file].then(|| {
+                    let (size, split) = per_chunk[part.file];
+                    let mut h = blake3::Hasher::new();
+                    let offset = part.start % (size * split);
+                    if offset > 0 {
+                        blake3::hazmat::HasherExt::set_input_offset(&mut h, offset);
+                    }
+                    h
+                });
+                crate::s3::get_into_hashing(client, bucket, key, part.start, &mut *part.dest, hasher.as_mut()).await?;
                 let bytes: &[u8] = part.dest;
-                Ok::<_, LoadError>((part.file, part.index, bytes))
+                Ok::<_, LoadError>((part.file, part.index, bytes, hasher))
             }))
             .buffer_unordered(job.opts.concurrency.max(1));
             while let Some(landed) = fetches.next().await {
                 if failed.load(Ordering::Relaxed) {
                     return Ok(()); // a chunk failed its check: stop downloading
                 }
-                let (file, index, bytes) = landed?;
+                let (file, index, bytes, hasher) = landed?;
                 bar.inc(bytes.len() as u64);
                 if tile_file == Some(file) {
                     let landed = match in_place {
@@ -751,15 +776,22 @@ fn download(
                     let (obj, (part, split)) = (plan[file].0, per_chunk[file]);
                     let chunk = index / split as usize;
                     let landed = pieces[file].entry(chunk).or_default();
-                    landed.push((index, bytes));
+                    landed.push((index, bytes, hasher));
                     // The chunk's parts: `split`, or fewer in a short last chunk.
                     let chunk_start = chunk as u64 * split * part;
                     if landed.len() as u64 == (obj.size - chunk_start).min(split * part).div_ceil(part) {
                         let mut landed = pieces[file].remove(&chunk).unwrap_or_default();
-                        landed.sort_by_key(|(i, _)| *i);
+                        landed.sort_by_key(|(i, _, _)| *i);
                         let name = obj.name.as_str();
-                        let pieces = landed.into_iter().map(|(_, b)| b).collect();
-                        let _ = pool_tx.send(Hash::Chunk { name, index: chunk, pieces });
+                        let mut subtrees = Vec::new();
+                        let mut chunk_pieces = Vec::with_capacity(landed.len());
+                        for (i, b, h) in landed {
+                            if let Some(h) = h {
+                                subtrees.push((i as u64 * part - chunk_start, b.len() as u64, h));
+                            }
+                            chunk_pieces.push(b);
+                        }
+                        let _ = pool_tx.send(Hash::Chunk { name, index: chunk, pieces: chunk_pieces, subtrees });
                     }
                 } else if let Some(tx) = whole.get(&file) {
                     let (next, held) = waiting.entry(file).or_default();

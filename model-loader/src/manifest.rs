@@ -85,6 +85,42 @@ impl ChunkHash {
     }
 }
 
+/// The BLAKE3 digest of a `len`-byte input from hashers that each took one piece of it: a
+/// piece's offset, its length, and a hasher fed exactly its bytes after
+/// `HasherExt::set_input_offset(offset)`. BLAKE3 is a tree of 1 KiB chunks in which the left
+/// subtree of every node holds the largest power of two of chunks that leaves the right one
+/// non-empty, so pieces of one power-of-two size (at least 1 KiB) at multiples of it are whole
+/// subtrees: their chaining values are merged up to the root, and no byte is hashed twice.
+/// None when the pieces do not cover the input that way.
+pub fn blake3_of_subtrees(pieces: &[(u64, u64, blake3::Hasher)], len: u64) -> Option<blake3::Hash> {
+    use blake3::hazmat::{
+        left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
+    };
+    const CHUNK: u64 = blake3::CHUNK_LEN as u64;
+    type Pieces = [(u64, u64, blake3::Hasher)];
+    fn piece(pieces: &Pieces, start: u64, len: u64) -> Option<&blake3::Hasher> {
+        pieces.iter().find(|(o, l, _)| *o == start && *l == len).map(|(_, _, h)| h)
+    }
+    fn node(pieces: &Pieces, start: u64, len: u64) -> Option<ChainingValue> {
+        if let Some(h) = piece(pieces, start, len) {
+            return start.is_multiple_of(CHUNK).then(|| h.finalize_non_root());
+        }
+        if len <= CHUNK {
+            return None;
+        }
+        let left = left_subtree_len(len);
+        Some(merge_subtrees_non_root(&node(pieces, start, left)?, &node(pieces, start + left, len - left)?, Mode::Hash))
+    }
+    if let Some(h) = piece(pieces, 0, len) {
+        return Some(h.finalize());
+    }
+    if len <= CHUNK {
+        return None;
+    }
+    let left = left_subtree_len(len);
+    Some(merge_subtrees_root(&node(pieces, 0, left)?, &node(pieces, left, len - left)?, Mode::Hash))
+}
+
 impl FileDigest {
     /// The digest of a whole file, without chunk digests.
     pub fn whole(sha256: String, size: u64) -> Self {
@@ -214,6 +250,45 @@ impl Manifest {
         Ok(())
     }
 
+    /// [`Manifest::check_chunk_pieces`] for a chunk whose pieces were hashed as they landed
+    /// (see [`blake3_of_subtrees`]): `subtrees` holds each piece's offset in the chunk, length
+    /// and hasher. Where the chunk's digest is not BLAKE3, or the pieces are not whole subtrees
+    /// of its tree, the pieces' bytes are hashed instead.
+    pub fn check_chunk_hashed(
+        &self,
+        name: &str,
+        index: usize,
+        pieces: &[&[u8]],
+        subtrees: &[(u64, u64, blake3::Hasher)],
+    ) -> Result<()> {
+        let entry = self.entry(name)?;
+        let Some((chunk, hash, expected)) = entry.chunk_digests().and_then(|(c, h, d)| Some((c, h, d.get(index)?)))
+        else {
+            return Err(LoadError::BadConfig(format!("the manifest has no chunk {index} for `{name}`")));
+        };
+        let len = pieces.iter().map(|p| p.len() as u64).sum::<u64>();
+        let merged = match hash {
+            ChunkHash::Blake3 if !subtrees.is_empty() => {
+                blake3_of_subtrees(subtrees, len).map(|h| h.to_hex().to_string())
+            }
+            _ => None,
+        };
+        let actual = merged.unwrap_or_else(|| hash.digest_pieces(pieces));
+        if !expected.eq_ignore_ascii_case(&actual) {
+            let start = index as u64 * chunk;
+            return Err(LoadError::ChunkMismatch {
+                file: name.into(),
+                chunk: index,
+                start,
+                end: start + len,
+                hash: hash.name(),
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks every byte of `name` against the manifest: chunk by chunk (in parallel, naming
     /// the first bad chunk) when it has chunk digests, else the whole file.
     pub fn check_bytes(&self, name: &str, bytes: &[u8]) -> Result<()> {
@@ -325,6 +400,76 @@ mod chunk_tests {
                 Err(LoadError::ChunkMismatch { file, chunk: 2, start: 8, end: 12, .. }) if file == "w.bin" => {}
                 other => panic!("{hash:?}: a flipped byte 9 must be refused as chunk 2 (bytes 8..12): {other:?}"),
             }
+        }
+        Ok(())
+    }
+
+    /// Pieces hashed where they landed, each with its offset, merge to `blake3::hash` of the
+    /// whole: every power-of-two piece size from 1 KiB, on inputs that end at, just before and
+    /// just after a piece boundary, and on one piece covering everything (finalized as the root).
+    #[test]
+    fn pieces_hashed_as_they_land_merge_to_the_digest_of_the_whole() {
+        use blake3::hazmat::HasherExt;
+        let bytes: Vec<u8> = (0..70_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        for piece in [1024u64, 2048, 4096, 16384] {
+            for len in [1, 1023, 1024, 1025, 3 * 1024, 4096 * 3 + 1, 16384 * 4, 16384 * 4 - 1, 69_999] {
+                let input = &bytes[..len as usize];
+                let pieces: Vec<(u64, u64, blake3::Hasher)> = input
+                    .chunks(piece as usize)
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let mut h = blake3::Hasher::new();
+                        if i > 0 {
+                            h.set_input_offset(i as u64 * piece);
+                        }
+                        h.update(p);
+                        (i as u64 * piece, p.len() as u64, h)
+                    })
+                    .collect();
+                assert_eq!(
+                    blake3_of_subtrees(&pieces, len),
+                    Some(blake3::hash(input)),
+                    "pieces of {piece}, {len} bytes"
+                );
+            }
+        }
+        // Pieces that are not whole subtrees (1,000 bytes) are declined, not merged wrongly.
+        let mut first = blake3::Hasher::new();
+        first.update(&bytes[..1000]);
+        let mut second = blake3::Hasher::new();
+        second.update(&bytes[1000..2000]);
+        assert_eq!(blake3_of_subtrees(&[(0, 1000, first), (1000, 1000, second)], 2000), None);
+    }
+
+    #[test]
+    fn a_chunk_hashed_as_it_landed_is_checked_and_a_flipped_byte_named() -> Result<()> {
+        use blake3::hazmat::HasherExt;
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 31 + i / 97) as u8).collect();
+        let digests = bytes.chunks(8192).map(|c| ChunkHash::Blake3.digest(c)).collect();
+        let whole = FileDigest::whole(hex::encode(Sha256::digest(&bytes)), bytes.len() as u64);
+        let m = Manifest {
+            version: 3,
+            files: [("w".to_string(), FileDigest { chunk_size: Some(8192), chunks_blake3: digests, ..whole })].into(),
+        };
+        let hashed = |chunk: &[u8]| -> Vec<(u64, u64, blake3::Hasher)> {
+            chunk
+                .chunks(2048)
+                .enumerate()
+                .map(|(i, p)| {
+                    let mut h = blake3::Hasher::new();
+                    h.set_input_offset(i as u64 * 2048).update(p);
+                    (i as u64 * 2048, p.len() as u64, h)
+                })
+                .collect()
+        };
+        let pieces: Vec<&[u8]> = bytes[..8192].chunks(2048).collect();
+        m.check_chunk_hashed("w", 0, &pieces, &hashed(&bytes[..8192]))?;
+        m.check_chunk_hashed("w", 1, &[&bytes[8192..]], &hashed(&bytes[8192..]))?;
+        let mut bad = bytes[..8192].to_vec();
+        bad[5000] ^= 0x10;
+        match m.check_chunk_hashed("w", 0, &pieces, &hashed(&bad)) {
+            Err(LoadError::ChunkMismatch { chunk: 0, start: 0, end: 8192, .. }) => {}
+            other => panic!("a byte flipped as it landed must fail chunk 0: {other:?}"),
         }
         Ok(())
     }

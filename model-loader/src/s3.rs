@@ -358,10 +358,30 @@ pub(crate) async fn get_into(
     start: u64,
     dest: &mut [u8],
 ) -> Result<()> {
+    get_into_hashing(client, bucket, key, start, dest, None).await
+}
+
+/// How many landed bytes [`get_into_hashing`] lets wait before it hashes them: enough for
+/// BLAKE3's widest SIMD path (16 chunks of 1 KiB), few enough to be still in the core's cache.
+const HASH_STEP: usize = 64 << 10;
+
+/// [`get_into`] that also feeds every byte, in order, to `hasher` as it lands, while the bytes
+/// are still in cache: hashing then costs no second pass over memory, and the part's digest is
+/// ready with its last byte.
+pub(crate) async fn get_into_hashing(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    start: u64,
+    dest: &mut [u8],
+    mut hasher: Option<&mut blake3::Hasher>,
+) -> Result<()> {
     let mut at = 0usize;
+    let mut hashed = 0usize;
     let mut failures = 0;
     while at < dest.len() {
-        let (written, outcome) = get_some(client, bucket, key, start + at as u64, &mut dest[at..]).await;
+        let (written, outcome) =
+            get_some(client, bucket, key, start, dest, at, &mut hashed, hasher.as_deref_mut()).await;
         at += written;
         match outcome {
             Ok(()) if at == dest.len() => break,
@@ -388,21 +408,31 @@ pub(crate) async fn get_into(
             }
         }
     }
+    if let Some(h) = hasher {
+        h.update(&dest[hashed..]);
+    }
     Ok(())
 }
 
 /// Tries to resume a part this many times in a row without receiving a byte.
 const RESUME_ATTEMPTS: u32 = 3;
 
-/// One ranged GET into `dest`: how many bytes landed, and how it ended (a body shorter than
-/// asked is a retryable error).
+/// One ranged GET into `part[from..]` (the object's bytes from `part_start + from`): how many
+/// bytes landed, and how it ended (a body shorter than asked is a retryable error). With a
+/// hasher, `part[*hashed..]` is hashed whenever [`HASH_STEP`] bytes wait.
+#[allow(clippy::too_many_arguments)]
 async fn get_some(
     client: &aws_sdk_s3::Client,
     bucket: &str,
     key: &str,
-    start: u64,
-    dest: &mut [u8],
+    part_start: u64,
+    part: &mut [u8],
+    from: usize,
+    hashed: &mut usize,
+    mut hasher: Option<&mut blake3::Hasher>,
 ) -> (usize, Result<()>) {
+    let start = part_start + from as u64;
+    let (before, dest) = part.split_at_mut(from);
     let end = start + dest.len() as u64;
     let resp =
         match client.get_object().bucket(bucket).key(key).range(format!("bytes={}-{}", start, end - 1)).send().await {
@@ -423,6 +453,18 @@ async fn get_some(
                 };
                 slot.copy_from_slice(&bytes);
                 at += bytes.len();
+                if let Some(h) = hasher.as_deref_mut() {
+                    // Bytes before `from` landed in an earlier GET of this part.
+                    let waiting = from + at - *hashed;
+                    if waiting >= HASH_STEP {
+                        let first = hashed.saturating_sub(from);
+                        if *hashed < from {
+                            h.update(&before[*hashed..]);
+                        }
+                        h.update(&dest[first..at]);
+                        *hashed = from + at;
+                    }
+                }
             }
             Ok(None) if at == dest.len() => return (at, Ok(())),
             Ok(None) => {
